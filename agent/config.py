@@ -1,0 +1,48 @@
+"""Agent configuration: one frozen record built by ``hptctl agent``/``hptctl up``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+
+def _default_slots() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentConfig:
+    controller: str
+    """``host:port`` of the controller."""
+    name: str = field(default_factory=socket.gethostname)
+    """Node name, unique in the cluster."""
+    address: str = "127.0.0.1"
+    """Address other nodes reach this node's ranks on (MASTER_ADDR when rank 0 lives here)."""
+    slots: int = field(default_factory=_default_slots)
+    """How many ranks this node may run at once."""
+    run_dir: str = ""
+    """Where the agent keeps its socket, rank logs and error files; default a fresh temp dir."""
+    token: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    """PEM files for TLS to the controller (CA) and mTLS (client certificate and key)."""
+    lease_s: float = 0.0
+    """Self-fence after losing the controller this long; 0 takes the controller's value."""
+    stop_grace_s: float = 5.0
+    """Default seconds between SIGTERM and SIGKILL when stopping ranks."""
+    warm_ranks: bool = True
+    """Keep one pre-started Python (torch imported) per slot to cut restart time."""
+
+    def __post_init__(self) -> None:
+        if not self.controller or ":" not in self.controller:
+            raise ValueError(f"controller ({self.controller!r}) must be host:port")
+        if not self.name:
+            raise ValueError("name must not be empty")
+        if self.slots < 1:
+            raise ValueError(f"slots ({self.slots}) must be >= 1")
+        if self.lease_s < 0:
+            raise ValueError(f"lease_s ({self.lease_s}) must be >= 0")
+        if self.stop_grace_s < 0:
+            raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be >= 0")

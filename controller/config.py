@@ -1,0 +1,57 @@
+"""Controller configuration: one frozen record built by ``hptctl controller``/``hptctl up``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7470
+"""The control plane's default port on loopback; ``HPT_CONTROLLER`` or ``--controller`` override."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ControllerConfig:
+    host: str = DEFAULT_HOST
+    """Address to bind. Anything but loopback needs TLS (or ``insecure=True``)."""
+    port: int = DEFAULT_PORT
+    """Port to bind; 0 picks a free one (the bound port is returned by ``Controller.start``)."""
+    redis_url: str = ""
+    """``redis://host:port/db`` to keep state in Redis; empty keeps it in this process."""
+    heartbeat_period_s: float = 0.5
+    """How often agents send a heartbeat."""
+    heartbeat_misses: int = 4
+    """An agent silent for ``heartbeat_period_s * heartbeat_misses`` seconds is declared lost."""
+    agent_lease_s: float = 10.0
+    """Agents kill their ranks after losing the controller for this long (self-fencing)."""
+    reconcile_period_s: float = 0.1
+    """Upper bound between two passes of the control loop (events wake it sooner)."""
+    token: str = ""
+    """Bearer token checked on every RPC when set."""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    """PEM files: server certificate and key; client CA to require mTLS."""
+    insecure: bool = False
+    """Allow a non-loopback bind without TLS."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    log_lines_per_rank: int = 20_000
+    """Log lines the controller keeps in memory per (job, rank)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port ({self.port}) must be in 0..65535")
+        if self.heartbeat_period_s <= 0:
+            raise ValueError(f"heartbeat_period_s ({self.heartbeat_period_s}) must be > 0")
+        if self.heartbeat_misses < 2:
+            raise ValueError(f"heartbeat_misses ({self.heartbeat_misses}) must be >= 2")
+        if self.agent_lease_s <= self.heartbeat_timeout_s:
+            raise ValueError(
+                f"agent_lease_s ({self.agent_lease_s}) must be > the heartbeat timeout "
+                f"({self.heartbeat_timeout_s})"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        return self.heartbeat_period_s * self.heartbeat_misses
