@@ -1,0 +1,103 @@
+"""hpt: fault-tolerant job runner and checkpoint service for PyTorch training.
+
+What a training script uses::
+
+    import hpt
+    ctx = hpt.init()          # process group up, connected to the local agent
+    for step in range(ctx.restore_step, steps):
+        ...
+        hpt.step(step + 1)    # completed steps; the agent sees progress (hangs, stragglers)
+
+A plain torchrun-style script (reading RANK, WORLD_SIZE, MASTER_ADDR...) runs unchanged under
+hpt; ``hpt.init`` adds progress reports and a named error on crash.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+from hpt._rank import AgentChannel, install_error_file_hook
+
+__all__ = ["Context", "init", "step", "current"]
+
+_context: Context | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    job_id: str
+    attempt: int
+    node: str
+    restore_step: int
+    """Completed steps in the restored state (0 when starting fresh)."""
+    channel: AgentChannel | None
+
+
+def init(
+    backend: str | None = None,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    *,
+    init_process_group: bool = True,
+) -> Context:
+    """Connect to the local agent (when run by hpt) and set up ``torch.distributed``.
+
+    Args:
+        backend: ``"gloo"``/``"nccl"``; default nccl when CUDA is available, else gloo.
+        timeout: deadline for the rendezvous and for every collective.
+        init_process_group: set False if the script initialises the process group itself.
+
+    Returns:
+        The rank's Context (also available later from ``hpt.current()``).
+    """
+    global _context
+    env = os.environ
+    rank = int(env.get("RANK", "0"))
+    world = int(env.get("WORLD_SIZE", "1"))
+    error_file = env.get("HPT_ERROR_FILE")
+    if error_file:
+        install_error_file_hook(error_file)
+    channel = None
+    if env.get("HPT_AGENT_SOCKET"):
+        channel = AgentChannel(
+            env["HPT_AGENT_SOCKET"],
+            {"job_id": env.get("HPT_JOB_ID", ""), "attempt": int(env.get("HPT_ATTEMPT", "1")),
+             "rank": rank, "pid": os.getpid()},
+        )
+    if init_process_group and "MASTER_ADDR" in env:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    _context = Context(
+        rank=rank,
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+        job_id=env.get("HPT_JOB_ID", ""),
+        attempt=int(env.get("HPT_ATTEMPT", "1")),
+        node=env.get("HPT_NODE", ""),
+        restore_step=0,
+        channel=channel,
+    )
+    return _context
+
+
+def current() -> Context | None:
+    return _context
+
+
+def step(completed: int) -> None:
+    """Report that ``completed`` steps are done. Cheap; never raises into the training loop."""
+    ctx = _context
+    if ctx is not None and ctx.channel is not None:
+        ctx.channel.send({"op": "step", "step": completed, "at": time.time()})

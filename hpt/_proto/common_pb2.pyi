@@ -156,7 +156,9 @@ class JobSpec(_message.Message):
     max_restarts: _builtins.int
     workdir: _builtins.str
     node_wait_timeout_s: _builtins.float
+    """unset: 300"""
     stop_grace_s: _builtins.float
+    """unset: 5"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -172,14 +174,21 @@ class JobSpec(_message.Message):
         max_restarts: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         workdir: _builtins.str = ...,
-        node_wait_timeout_s: _builtins.float = ...,
-        stop_grace_s: _builtins.float = ...,
+        node_wait_timeout_s: _builtins.float | None = ...,
+        stop_grace_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
+    _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__stop_grace_s: _TypeAlias = _typing.Literal["stop_grace_s"]  # noqa: Y015
+    _WhichOneofArgType__stop_grace_s: _TypeAlias = _typing.Literal["_stop_grace_s", b"_stop_grace_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__node_wait_timeout_s) -> _WhichOneofReturnType__node_wait_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stop_grace_s) -> _WhichOneofReturnType__stop_grace_s | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 

@@ -1,0 +1,278 @@
+"""The node agent: registers with the controller, heartbeats, launches and stops ranks.
+
+It holds one bidirectional stream to the controller (``AgentService.Connect``): registration
+and heartbeats go up (every rank's status, step progress and output), launch and stop commands
+come down, each fenced by (job, attempt). A rank that ends triggers a heartbeat at once. If the
+stream breaks the agent reconnects with bounded exponential backoff and re-registers with the
+ranks it still runs, so a restarted controller adopts them. If it cannot reach the controller
+for longer than its lease it kills its ranks (self-fencing): a controller that declared this
+node lost has restarted the job elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt.agent.config import AgentConfig
+from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
+from hpt.agent.rank_socket import RankSocketServer
+from hpt.agent.warm import WarmPool
+
+log = logging.getLogger(__name__)
+
+_LOG_BYTES_PER_HEARTBEAT = 256 * 1024
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_CAP_S = 1.0
+_RANK_STATE = {
+    RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
+    RankPhase.RUNNING: common_pb2.RANK_STATE_RUNNING,
+    RankPhase.SUCCEEDED: common_pb2.RANK_STATE_SUCCEEDED,
+    RankPhase.FAILED: common_pb2.RANK_STATE_FAILED,
+    RankPhase.STOPPED: common_pb2.RANK_STATE_STOPPED,
+}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self._owns_run_dir = not cfg.run_dir
+        self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="hpt-agent-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._lease_s = cfg.lease_s
+        self._period_s = 0.5
+        self._last_contact = time.monotonic()
+        self._connected = threading.Event()
+        self._fenced = False
+        self._warm = WarmPool(cfg.slots) if cfg.warm_ranks else None
+        self.socket_path = str(self.run_dir / "agent.sock")
+        self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
+                                 agent_socket=self.socket_path, on_change=self._changed.set,
+                                 warm_pool=self._warm)
+        self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self) -> None:
+        """Serve until ``stop()``; reconnects to the controller as needed."""
+        self._rank_socket.start()
+        fence = threading.Thread(target=self._fence_loop, name="hpt-fence", daemon=True)
+        fence.start()
+        backoff = _BACKOFF_FIRST_S
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                self._session()
+                if self._stop.is_set():
+                    break
+                if time.monotonic() - started > 5.0:
+                    backoff = _BACKOFF_FIRST_S
+                self._stop.wait(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, _BACKOFF_CAP_S)
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._changed.set()
+
+    def _shutdown(self) -> None:
+        self.launcher.stop_all(grace_s=self.cfg.stop_grace_s, reason="agent shutting down")
+        if not self.launcher.wait_all(self.cfg.stop_grace_s + 5.0):
+            log.error("[-/-/%s/-] ranks survived SIGKILL past the deadline", self.cfg.name)
+        self._rank_socket.close()
+        if self._warm is not None:
+            self._warm.close()
+        if self._owns_run_dir:
+            import shutil
+
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # ---------------------------------------------------------------- controller stream
+
+    def _channel(self) -> grpc.Channel:
+        cfg = self.cfg
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        if cfg.tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(cfg.tls_ca).read_bytes(),
+                private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
+                certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
+            )
+            return grpc.secure_channel(cfg.controller, creds, options=options)
+        return grpc.insecure_channel(cfg.controller, options=options)
+
+    def _session(self) -> None:
+        outbox: queue.Queue[agent_pb2.AgentMessage | None] = queue.Queue()
+        ended = threading.Event()
+
+        def requests():  # type: ignore[no-untyped-def]
+            yield agent_pb2.AgentMessage(register=self._register_message())
+            while True:
+                msg = outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        metadata = [("authorization", f"Bearer {self.cfg.token}")] if self.cfg.token else None
+        channel = self._channel()
+        beat = threading.Thread(target=self._heartbeat_loop, args=(outbox, ended), daemon=True,
+                                name="hpt-heartbeat")
+        try:
+            responses = agent_pb2_grpc.AgentServiceStub(channel).Connect(
+                requests(), metadata=metadata
+            )
+            for msg in responses:
+                self._last_contact = time.monotonic()
+                kind = msg.WhichOneof("kind")
+                if kind == "registered":
+                    self._on_registered(msg.registered)
+                    beat.start()
+                elif kind == "launch":
+                    self._on_launch(msg.launch)
+                elif kind == "stop":
+                    s = msg.stop
+                    self.launcher.stop(s.job_id, s.attempt, grace_s=s.grace_s, reason=s.reason)
+                if self._stop.is_set():
+                    break
+        except grpc.RpcError as exc:
+            if not self._stop.is_set():
+                log.warning("[-/-/%s/-] controller stream ended: %s", self.cfg.name,
+                            exc.code() if hasattr(exc, "code") else exc)
+        finally:
+            self._connected.clear()
+            ended.set()
+            outbox.put(None)
+            self._changed.set()
+            if beat.is_alive():
+                beat.join(timeout=5.0)
+            channel.close()
+
+    def _on_registered(self, reg: agent_pb2.Registered) -> None:
+        self._period_s = reg.heartbeat_period_s or self._period_s
+        if not self.cfg.lease_s:
+            self._lease_s = reg.lease_s
+        self._fenced = False
+        self._connected.set()
+        log.info("[-/-/%s/-] registered with %s (heartbeat %.2fs, lease %.1fs)", self.cfg.name,
+                 self.cfg.controller, self._period_s, self._lease_s)
+
+    def _register_message(self) -> agent_pb2.Register:
+        return agent_pb2.Register(
+            node=self.cfg.name,
+            address=self.cfg.address,
+            slots=self.cfg.slots,
+            hostname=socket.gethostname(),
+            ranks=[_report(r) for r in self.launcher.ranks()],
+            free_port=free_port(self.cfg.address),
+        )
+
+    def _heartbeat_loop(self, outbox: queue.Queue, ended: threading.Event) -> None:  # type: ignore[type-arg]
+        seq = 0
+        while not ended.is_set() and not self._stop.is_set():
+            self._changed.wait(self._period_s)
+            self._changed.clear()
+            if ended.is_set():
+                return
+            seq += 1
+            ranks = self.launcher.ranks()
+            logs, dropped = self.launcher.outbox.take(_LOG_BYTES_PER_HEARTBEAT)
+            outbox.put(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(
+                        seq=seq,
+                        ranks=[_report(r) for r in ranks],
+                        logs=[
+                            agent_pb2.LogChunk(job_id=j, attempt=a, rank=r, stream=s, text=t)
+                            for j, a, r, s, t in logs
+                        ],
+                        free_port=free_port(self.cfg.address),
+                        dropped_log_bytes=dropped,
+                    )
+                )
+            )
+            self.launcher.reported(ranks)
+
+    def _on_launch(self, msg: agent_pb2.Launch) -> None:
+        spec = LaunchSpec(
+            job_id=msg.job_id,
+            attempt=msg.attempt,
+            command=tuple(msg.command),
+            env=dict(msg.env),
+            ranks=tuple((r.rank, r.local_rank) for r in msg.ranks),
+            world_size=msg.world_size,
+            local_world_size=msg.local_world_size,
+            master_addr=msg.master_addr,
+            master_port=msg.master_port,
+            workdir=msg.workdir,
+            node_rank=msg.node_rank,
+            num_nodes=msg.num_nodes,
+        )
+        if not spec.command or not spec.ranks:
+            log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
+                      spec.attempt, self.cfg.name)
+            return
+        self.launcher.launch(spec)
+
+    # ---------------------------------------------------------------- ranks and fencing
+
+    def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
+        if msg["op"] == "step":
+            step, at = msg.get("step"), msg.get("at")
+            if not isinstance(step, int) or not isinstance(at, int | float):
+                raise ValueError("step.step must be an int and step.at a number")
+            self.launcher.record_step(hello["job_id"], hello["attempt"], hello["rank"], step, at)
+
+    def _fence_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            if self._fenced:
+                continue
+            silent = time.monotonic() - self._last_contact
+            if self._lease_s and silent > self._lease_s and self.launcher.alive():
+                log.error("[-/-/%s/-] no controller for %.1fs (lease %.1fs): killing every rank",
+                          self.cfg.name, silent, self._lease_s)
+                self.launcher.stop_all(grace_s=0.0, reason="self-fenced: controller unreachable")
+                self._fenced = True
+
+
+def _report(proc: RankProcess) -> agent_pb2.RankReport:
+    status = common_pb2.RankStatus(
+        rank=proc.rank,
+        local_rank=proc.local_rank,
+        node=proc.node,
+        pid=proc.pid,
+        state=_RANK_STATE[proc.phase],
+        step=proc.step,
+        step_at=proc.step_at,
+    )
+    if proc.ended:
+        status.exit_reason = proc.exit_reason()
+        status.exit.CopyFrom(
+            common_pb2.ExitInfo(
+                exit_code=proc.exit_code,
+                signal=proc.signal,
+                error_type=proc.error_type,
+                error_message=proc.error_message,
+                traceback=proc.traceback,
+                ended_at=proc.ended_at,
+            )
+        )
+    return agent_pb2.RankReport(job_id=proc.job_id, attempt=proc.attempt, status=status)

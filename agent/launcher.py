@@ -1,0 +1,364 @@
+"""Launch, watch and stop rank processes on this node.
+
+Each rank runs in its own session (so its process group is the rank and everything it spawned);
+stopping sends SIGTERM to the group, waits the grace period, then SIGKILLs the group, and a rank
+that ends has its group SIGKILLed too so nothing it left behind outlives it. Output goes to a
+file per rank and to a bounded outbox the agent ships to the controller. A rank that raised
+writes an error file (``HPT_ERROR_FILE``, written by ``hpt.init``'s excepthook) that the
+launcher reads back to name the exception.
+
+Where possible a rank starts from a warm interpreter (``warm.py``: torch already imported)
+instead of a fresh ``python``; that removes the import floor from every restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpt.agent.warm import WarmPool
+
+log = logging.getLogger(__name__)
+
+_ERROR_FILE_MAX_BYTES = 64 * 1024
+_LOG_OUTBOX_MAX_BYTES = 4 * 1024 * 1024
+_PYTHON_NAMES = frozenset({"python", "python3", f"python3.{sys.version_info.minor}"})
+
+
+class RankPhase:
+    """Closed vocabulary of a rank's life on this node (mirrors the wire RankState names)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaunchSpec:
+    job_id: str
+    attempt: int
+    command: tuple[str, ...]
+    env: dict[str, str]
+    ranks: tuple[tuple[int, int], ...]
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    workdir: str
+    node_rank: int
+    num_nodes: int
+
+
+@dataclass(kw_only=True, slots=True)
+class RankProcess:
+    job_id: str
+    attempt: int
+    rank: int
+    local_rank: int
+    node: str
+    pid: int = 0
+    phase: str = RankPhase.PENDING
+    exit_code: int = 0
+    signal: str = ""
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    ended_at: float = 0.0
+    started_at: float = 0.0
+    step: int = -1
+    step_at: float = 0.0
+    stop_requested: bool = False
+    stop_reason: str = ""
+    reports_after_end: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    error_file: Path | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.job_id, self.attempt, self.rank)
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in RankPhase.TERMINAL
+
+    def exit_reason(self) -> str:
+        if self.phase == RankPhase.STOPPED:
+            return f"stopped: {self.stop_reason}" if self.stop_reason else "stopped"
+        if self.phase == RankPhase.SUCCEEDED:
+            return "exited 0"
+        how = f"killed by {self.signal}" if self.signal else f"exited with code {self.exit_code}"
+        if self.error_type:
+            return f"{how}: {self.error_type}: {self.error_message}"
+        return how
+
+
+@dataclass(slots=True)
+class LogOutbox:
+    """Bounded buffer of output chunks awaiting the next heartbeat; drops oldest when full."""
+
+    chunks: deque[tuple[str, int, int, str, str]] = field(default_factory=deque)
+    size: int = 0
+    dropped_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def put(self, job_id: str, attempt: int, rank: int, stream: str, text: str) -> None:
+        with self.lock:
+            self.chunks.append((job_id, attempt, rank, stream, text))
+            self.size += len(text)
+            while self.size > _LOG_OUTBOX_MAX_BYTES and self.chunks:
+                dropped = self.chunks.popleft()
+                self.size -= len(dropped[4])
+                self.dropped_bytes += len(dropped[4])
+
+    def take(self, max_bytes: int) -> tuple[list[tuple[str, int, int, str, str]], int]:
+        with self.lock:
+            out, total = [], 0
+            while self.chunks and total < max_bytes:
+                chunk = self.chunks.popleft()
+                total += len(chunk[4])
+                out.append(chunk)
+            self.size -= total
+            dropped, self.dropped_bytes = self.dropped_bytes, 0
+            return out, dropped
+
+
+class Launcher:
+    def __init__(
+        self,
+        *,
+        node: str,
+        run_dir: Path,
+        agent_socket: str,
+        on_change: Callable[[], None],
+        warm_pool: WarmPool | None = None,
+    ) -> None:
+        self.node = node
+        self.run_dir = run_dir
+        self.agent_socket = agent_socket
+        self.outbox = LogOutbox()
+        self._on_change = on_change
+        self._warm = warm_pool
+        self._lock = threading.Lock()
+        self._ranks: dict[tuple[str, int, int], RankProcess] = {}
+        self._highest_attempt: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- queries
+
+    def ranks(self) -> list[RankProcess]:
+        with self._lock:
+            return list(self._ranks.values())
+
+    def alive(self) -> list[RankProcess]:
+        return [r for r in self.ranks() if not r.ended]
+
+    def find(self, job_id: str, attempt: int, rank: int) -> RankProcess | None:
+        with self._lock:
+            return self._ranks.get((job_id, attempt, rank))
+
+    def record_step(self, job_id: str, attempt: int, rank: int, step: int, at: float) -> None:
+        proc = self.find(job_id, attempt, rank)
+        if proc is not None and step > proc.step:
+            proc.step, proc.step_at = step, at
+
+    def reported(self, ranks: list[RankProcess]) -> None:
+        """Called after a heartbeat carrying ``ranks`` went out on a live stream; records that
+        ended and were reported a few times are forgotten."""
+        with self._lock:
+            for r in ranks:
+                if r.ended:
+                    r.reports_after_end += 1
+                    if r.reports_after_end >= 4:
+                        self._ranks.pop(r.key, None)
+
+    # ---------------------------------------------------------------- launch
+
+    def launch(self, spec: LaunchSpec) -> list[RankProcess]:
+        with self._lock:
+            highest = self._highest_attempt.get(spec.job_id, 0)
+            if spec.attempt <= highest:
+                log.warning("[%s/%d/%s/-] launch refused: attempt %d already seen", spec.job_id,
+                            spec.attempt, self.node, highest)
+                return []
+            self._highest_attempt[spec.job_id] = spec.attempt
+        # fencing: anything of an older attempt of this job still alive here goes now
+        self.stop(spec.job_id, spec.attempt - 1, grace_s=0.0, reason="superseded")
+        started = []
+        for rank, local_rank in spec.ranks:
+            proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
+                               local_rank=local_rank, node=self.node)
+            with self._lock:
+                self._ranks[proc.key] = proc
+            self._start(proc, spec)
+            started.append(proc)
+        self._on_change()
+        return started
+
+    def _start(self, proc: RankProcess, spec: LaunchSpec) -> None:
+        rank_dir = self.run_dir / "jobs" / spec.job_id / f"attempt-{spec.attempt}"
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        proc.error_file = rank_dir / f"rank-{proc.rank}.error.json"
+        env = dict(os.environ)
+        env.update(spec.env)
+        env.update(
+            RANK=str(proc.rank),
+            LOCAL_RANK=str(proc.local_rank),
+            GROUP_RANK=str(spec.node_rank),
+            NODE_RANK=str(spec.node_rank),
+            WORLD_SIZE=str(spec.world_size),
+            LOCAL_WORLD_SIZE=str(spec.local_world_size),
+            MASTER_ADDR=spec.master_addr,
+            MASTER_PORT=str(spec.master_port),
+            TORCHELASTIC_RESTART_COUNT=str(spec.attempt - 1),
+            HPT_JOB_ID=spec.job_id,
+            HPT_ATTEMPT=str(spec.attempt),
+            HPT_NODE=self.node,
+            HPT_AGENT_SOCKET=self.agent_socket,
+            HPT_ERROR_FILE=str(proc.error_file),
+            PYTHONUNBUFFERED="1",
+        )
+        argv = list(spec.command)
+        if argv[0] in _PYTHON_NAMES:
+            argv[0] = sys.executable
+        cwd = spec.workdir or None
+        proc.started_at = time.time()
+        try:
+            popen = None
+            if self._warm is not None:
+                popen = self._warm.take(argv, env, cwd)
+            if popen is None:
+                if cwd is not None and not Path(cwd).is_dir():
+                    raise NotADirectoryError(f"workdir {cwd!r} does not exist on {self.node}")
+                if shutil.which(argv[0], path=env.get("PATH")) is None and not Path(argv[0]).exists():
+                    raise FileNotFoundError(f"command {argv[0]!r} not found on {self.node}")
+                popen = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, start_new_session=True,
+                )
+        except OSError as exc:
+            proc.phase, proc.exit_code, proc.ended_at = RankPhase.FAILED, 127, time.time()
+            proc.error_type, proc.error_message = "LaunchError", str(exc)
+            log.error("[%s/%d/%s/%d] launch failed: %s", proc.job_id, proc.attempt, self.node,
+                      proc.rank, exc)
+            return
+        proc.proc, proc.pid, proc.phase = popen, popen.pid, RankPhase.RUNNING
+        log_path = rank_dir / f"rank-{proc.rank}.log"
+        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            threading.Thread(target=self._pump, args=(proc, stream, pipe, log_path), daemon=True,
+                             name=f"hpt-log-{proc.rank}-{stream}").start()
+        threading.Thread(target=self._wait, args=(proc,), daemon=True,
+                         name=f"hpt-wait-{proc.rank}").start()
+
+    def _pump(self, proc: RankProcess, stream: str, pipe, log_path: Path) -> None:  # type: ignore[no-untyped-def]
+        with open(log_path, "ab") as sink:
+            for raw in iter(pipe.readline, b""):
+                sink.write(raw)
+                sink.flush()
+                self.outbox.put(proc.job_id, proc.attempt, proc.rank, stream,
+                                raw.decode(errors="replace"))
+        pipe.close()
+
+    def _wait(self, proc: RankProcess) -> None:
+        assert proc.proc is not None
+        code = proc.proc.wait()
+        _kill_group(proc.pid, signal.SIGKILL)  # whatever the rank left in its group goes too
+        proc.ended_at = time.time()
+        proc.exit_code = code
+        if code < 0:
+            proc.signal = signal.Signals(-code).name
+        self._read_error_file(proc)
+        if proc.stop_requested:
+            proc.phase = RankPhase.STOPPED
+        elif code == 0:
+            proc.phase = RankPhase.SUCCEEDED
+        else:
+            proc.phase = RankPhase.FAILED
+        log.info("[%s/%d/%s/%d] %s", proc.job_id, proc.attempt, self.node, proc.rank,
+                 proc.exit_reason())
+        self._on_change()
+
+    def _read_error_file(self, proc: RankProcess) -> None:
+        path = proc.error_file
+        if path is None or not path.is_file() or path.stat().st_size > _ERROR_FILE_MAX_BYTES:
+            return
+        try:
+            record = json.loads(path.read_text())
+            proc.error_type = str(record.get("type", ""))[:200]
+            proc.error_message = str(record.get("message", ""))[:2000]
+            proc.traceback = str(record.get("traceback", ""))[:_ERROR_FILE_MAX_BYTES]
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("[%s/%d/%s/%d] unreadable error file %s: %s", proc.job_id, proc.attempt,
+                        self.node, proc.rank, path, exc)
+
+    # ---------------------------------------------------------------- stop
+
+    def stop(self, job_id: str, max_attempt: int, *, grace_s: float, reason: str) -> int:
+        """SIGTERM every live rank of ``job_id`` with attempt <= ``max_attempt``; SIGKILL the
+        group after ``grace_s``. Returns how many were signalled. Never blocks."""
+        targets = []
+        with self._lock:
+            self._highest_attempt[job_id] = max(self._highest_attempt.get(job_id, 0), max_attempt)
+            for proc in self._ranks.values():
+                if proc.job_id == job_id and proc.attempt <= max_attempt and not proc.ended:
+                    if not proc.stop_requested:
+                        proc.stop_requested, proc.stop_reason = True, reason
+                    targets.append(proc)
+        for proc in targets:
+            self._terminate(proc, grace_s)
+        return len(targets)
+
+    def stop_all(self, *, grace_s: float, reason: str) -> None:
+        for job_id in {p.job_id for p in self.alive()}:
+            self.stop(job_id, 1 << 31, grace_s=grace_s, reason=reason)
+
+    def wait_all(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.ranks():
+            if proc.proc is None:
+                continue
+            try:
+                proc.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+    def _terminate(self, proc: RankProcess, grace_s: float) -> None:
+        if proc.pid <= 0:
+            proc.phase = RankPhase.STOPPED
+            self._on_change()
+            return
+        if grace_s <= 0:
+            _kill_group(proc.pid, signal.SIGKILL)
+            return
+        _kill_group(proc.pid, signal.SIGTERM)
+
+        def escalate() -> None:
+            assert proc.proc is not None
+            try:
+                proc.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("[%s/%d/%s/%d] still alive %.1fs after SIGTERM: SIGKILL",
+                            proc.job_id, proc.attempt, self.node, proc.rank, grace_s)
+                _kill_group(proc.pid, signal.SIGKILL)
+
+        threading.Thread(target=escalate, daemon=True, name=f"hpt-stop-{proc.rank}").start()
+
+
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,149 @@
+"""Warm rank interpreters: Python processes with torch already imported, waiting for a rank.
+
+``import torch`` costs 1.7-1.9 s on our machines and dominates a restart. The agent keeps one
+idle interpreter per slot; a launch of ``python [-u] script.py ...`` or ``python -m mod ...``
+hands it the argv, environment and working directory as one JSON line on its stdin, and the
+interpreter runs the script as ``__main__`` (like ``python script.py`` would). Anything it
+cannot reproduce exactly falls back to a cold ``subprocess.Popen``: another interpreter,
+interpreter flags, or an environment variable only read at interpreter start-up.
+
+Run as ``python -m hpt.agent.warm`` (that is the child side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+# Read once when an interpreter or torch starts: a job that sets them differently gets a cold start.
+_STARTUP_ONLY = (
+    "PYTHONHASHSEED", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONOPTIMIZE",
+    "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "PYTHONMALLOC", "PYTHONSAFEPATH",
+    "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "TORCH_CPP_LOG_LEVEL", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
+)
+_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class WarmPool:
+    """Keeps ``size`` idle warm interpreters; ``take`` turns one into a rank."""
+
+    def __init__(self, size: int, *, base_env: dict[str, str] | None = None) -> None:
+        self._size = size
+        self._env = dict(os.environ if base_env is None else base_env)
+        self._env["PYTHONUNBUFFERED"] = "1"
+        self._idle: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fill()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "hpt.agent.warm"],
+            env=self._env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def _fill(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._idle = [p for p in self._idle if p.poll() is None]
+            missing = self._size - len(self._idle)
+            self._idle.extend(self._spawn() for _ in range(missing))
+
+    def take(self, argv: list[str], env: dict[str, str], cwd: str | None) -> subprocess.Popen[bytes] | None:
+        """Hand the rank to an idle interpreter and return it, or None when a cold start is
+        needed (the caller then spawns normally). A replacement starts in the background."""
+        if not self.can_run(argv, env, cwd):
+            return None
+        with self._lock:
+            idle = [p for p in self._idle if p.poll() is None]
+            if not idle:
+                return None
+            proc = idle[0]
+            self._idle.remove(proc)
+        request = json.dumps({"argv": argv[1:], "env": env, "cwd": cwd}).encode() + b"\n"
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(request)
+            proc.stdin.close()
+        except OSError:
+            proc.kill()
+            proc.wait()
+            return None
+        threading.Thread(target=self._fill, daemon=True, name="hpt-warm-fill").start()
+        return proc
+
+    def can_run(self, argv: list[str], env: dict[str, str], cwd: str | None) -> bool:
+        if len(argv) < 2 or argv[0] != sys.executable:
+            return False
+        rest = argv[1:]
+        if rest[0] == "-u":
+            rest = rest[1:]
+        if not rest or (rest[0].startswith("-") and rest[0] != "-m") or rest[0] == "-m" and len(rest) < 2:
+            return False
+        if cwd is not None and not os.path.isdir(cwd):
+            return False
+        return all(env.get(k) == self._env.get(k) for k in _STARTUP_ONLY)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for proc in idle:
+            proc.kill()
+        for proc in idle:
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def _serve() -> int:
+    import runpy
+
+    import torch  # noqa: F401  (the point of a warm interpreter)
+    import torch.distributed  # noqa: F401
+    import torch.nn  # noqa: F401
+    import torch.optim  # noqa: F401
+
+    import hpt  # noqa: F401
+
+    line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
+    if not line:
+        return 0  # the pool closed us before handing out a rank
+    request = json.loads(line)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if request["cwd"]:
+        os.chdir(request["cwd"])
+    args = list(request["argv"])
+    if args[0] == "-u":
+        args = args[1:]
+    if args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        script = os.path.abspath(args[0])
+        sys.argv = [args[0], *args[1:]]
+        sys.path[0] = os.path.dirname(script)
+        runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())

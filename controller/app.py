@@ -1,0 +1,112 @@
+"""The controller process: store, reconciler and gRPC server wired together.
+
+``Controller(cfg).start()`` returns the bound port; ``wait_for_termination()`` blocks until
+``stop()`` (or a crash of the control loop, which stops the server so the process exits and its
+supervisor restarts it: state is in the store).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from hpt.controller.config import ControllerConfig
+from hpt.controller.reconcile import Reconciler
+from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
+from hpt.controller.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+_SERVICES = (
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig, store: Store | None = None) -> None:
+        if not is_loopback(cfg.host) and not cfg.tls_cert and not cfg.insecure:
+            raise ValueError(
+                f"host ({cfg.host}) is not loopback: give tls_cert/tls_key, or insecure=True"
+            )
+        self.cfg = cfg
+        self.store = store if store is not None else open_store(cfg.redis_url)
+        self.reconciler = Reconciler(cfg, self.store)
+        self._server: grpc.Server | None = None
+        self._done = threading.Event()
+        self.port = 0
+
+    def start(self) -> int:
+        cfg = self.cfg
+        self.reconciler.load()
+        interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="hpt-rpc"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=1024,
+        )
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.reconciler), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())],
+                root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        for service in (*_SERVICES, ""):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self.reconciler.on_crash = lambda exc: self._done.set()
+        self.reconciler.start()
+        log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
+                 "redis" if cfg.redis_url else "embedded")
+        return self.port
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        """Block until stopped (or the control loop crashed); True if it ended."""
+        return self._done.wait(timeout_s)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 5.0)
+        self.reconciler.stop()
+        self.store.close()
+        self._done.set()

@@ -1,0 +1,310 @@
+"""Model <-> protobuf, in one place. Generated classes go no further than here and server.py."""
+
+from __future__ import annotations
+
+from hpt._proto import common_pb2 as pb
+from hpt.controller.model import (
+    Attempt,
+    AttemptState,
+    Event,
+    ExitInfo,
+    Fault,
+    FaultClass,
+    FaultKind,
+    Job,
+    JobSpec,
+    JobState,
+    Node,
+    NodeState,
+    Rank,
+    RankState,
+    StateChange,
+)
+
+# Wire enums are prefixed (JOB_STATE_RUNNING); the model's values are the bare names.
+_JOB = {s: pb.JobState.Value(f"JOB_STATE_{s.value}") for s in JobState}
+_ATTEMPT = {s: pb.AttemptState.Value(f"ATTEMPT_STATE_{s.value}") for s in AttemptState}
+_RANK = {s: pb.RankState.Value(f"RANK_STATE_{s.value}") for s in RankState}
+_NODE = {s: pb.NodeState.Value(f"NODE_STATE_{s.value}") for s in NodeState}
+_JOB_BACK = {v: k for k, v in _JOB.items()}
+_ATTEMPT_BACK = {v: k for k, v in _ATTEMPT.items()}
+_RANK_BACK = {v: k for k, v in _RANK.items()}
+_NODE_BACK = {v: k for k, v in _NODE.items()}
+
+
+def rank_state_from_proto(value: int) -> RankState:
+    try:
+        return _RANK_BACK[value]
+    except KeyError:
+        raise ValueError(f"rank state ({value}) is not a known RankState") from None
+
+
+def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
+    """Raises ValueError naming the field when the spec is invalid."""
+    return JobSpec(
+        command=tuple(msg.command),
+        nodes=msg.nodes,
+        procs_per_node=msg.procs_per_node,
+        min_nodes=msg.min_nodes,
+        max_restarts=msg.max_restarts,
+        env=tuple(sorted(msg.env.items())),
+        name=msg.name,
+        workdir=msg.workdir,
+        node_wait_timeout_s=(
+            msg.node_wait_timeout_s if msg.HasField("node_wait_timeout_s") else 300.0
+        ),
+        stop_grace_s=msg.stop_grace_s if msg.HasField("stop_grace_s") else 5.0,
+    )
+
+
+def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=spec.name,
+        command=list(spec.command),
+        nodes=spec.nodes,
+        procs_per_node=spec.procs_per_node,
+        min_nodes=spec.min_nodes,
+        max_restarts=spec.max_restarts,
+        env=dict(spec.env),
+        workdir=spec.workdir,
+        node_wait_timeout_s=spec.node_wait_timeout_s,
+        stop_grace_s=spec.stop_grace_s,
+    )
+
+
+def exit_to_proto(info: ExitInfo) -> pb.ExitInfo:
+    return pb.ExitInfo(
+        exit_code=info.exit_code,
+        signal=info.signal,
+        error_type=info.error_type,
+        error_message=info.error_message,
+        traceback=info.traceback,
+        ended_at=info.ended_at,
+    )
+
+
+def exit_from_proto(msg: pb.ExitInfo) -> ExitInfo:
+    return ExitInfo(
+        exit_code=msg.exit_code,
+        signal=msg.signal,
+        error_type=msg.error_type,
+        error_message=msg.error_message,
+        traceback=msg.traceback,
+        ended_at=msg.ended_at,
+    )
+
+
+def fault_to_proto(fault: Fault) -> pb.Fault:
+    return pb.Fault(
+        kind=fault.kind.value,
+        node=fault.node,
+        rank=fault.rank,
+        message=fault.message,
+        detected_at=fault.detected_at,
+        occurred_at=fault.occurred_at,
+        classification=fault.classification.value,
+        attempt=fault.attempt,
+    )
+
+
+def fault_from_proto(msg: pb.Fault) -> Fault | None:
+    if not msg.kind:
+        return None
+    return Fault(
+        kind=FaultKind(msg.kind),
+        node=msg.node,
+        rank=msg.rank,
+        message=msg.message,
+        detected_at=msg.detected_at,
+        occurred_at=msg.occurred_at,
+        classification=FaultClass(msg.classification),
+        attempt=msg.attempt,
+    )
+
+
+def _history_to_proto(history: list[StateChange]) -> list[pb.StateChange]:
+    return [pb.StateChange(state=h.state, at=h.at, reason=h.reason) for h in history]
+
+
+def _history_from_proto(history) -> list[StateChange]:  # type: ignore[no-untyped-def]
+    return [StateChange(h.state, h.at, h.reason) for h in history]
+
+
+def rank_to_proto(rank: Rank) -> pb.RankStatus:
+    msg = pb.RankStatus(
+        rank=rank.rank,
+        local_rank=rank.local_rank,
+        node=rank.node,
+        pid=rank.pid,
+        state=_RANK[rank.state],
+        step=rank.step,
+        step_at=rank.step_at,
+        exit_reason=rank.exit_reason,
+    )
+    if rank.exit is not None:
+        msg.exit.CopyFrom(exit_to_proto(rank.exit))
+    return msg
+
+
+def rank_from_proto(msg: pb.RankStatus) -> Rank:
+    return Rank(
+        rank=msg.rank,
+        local_rank=msg.local_rank,
+        node=msg.node,
+        pid=msg.pid,
+        state=rank_state_from_proto(msg.state),
+        exit=exit_from_proto(msg.exit) if msg.HasField("exit") else None,
+        step=msg.step,
+        step_at=msg.step_at,
+        exit_reason=msg.exit_reason,
+    )
+
+
+def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
+    msg = pb.Attempt(
+        number=attempt.number,
+        state=_ATTEMPT[attempt.state],
+        nodes=attempt.nodes,
+        master_addr=attempt.master_addr,
+        master_port=attempt.master_port,
+        world_size=attempt.world_size,
+        ranks=[rank_to_proto(r) for r in attempt.ranks],
+        history=_history_to_proto(attempt.history),
+        started_at=attempt.started_at,
+        first_step_at=attempt.first_step_at,
+        ended_at=attempt.ended_at,
+    )
+    if attempt.cause is not None:
+        msg.cause.CopyFrom(fault_to_proto(attempt.cause))
+    return msg
+
+
+def attempt_from_proto(msg: pb.Attempt) -> Attempt:
+    return Attempt(
+        number=msg.number,
+        state=_ATTEMPT_BACK[msg.state],
+        nodes=list(msg.nodes),
+        master_addr=msg.master_addr,
+        master_port=msg.master_port,
+        world_size=msg.world_size,
+        ranks=[rank_from_proto(r) for r in msg.ranks],
+        history=_history_from_proto(msg.history),
+        started_at=msg.started_at,
+        first_step_at=msg.first_step_at,
+        ended_at=msg.ended_at,
+        cause=fault_from_proto(msg.cause),
+    )
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    msg = pb.Job(
+        id=job.id,
+        spec=spec_to_proto(job.spec),
+        state=_JOB[job.state],
+        attempts=[attempt_to_proto(a) for a in job.attempts],
+        history=_history_to_proto(job.history),
+        created_at=job.created_at,
+        reason=job.reason,
+        restarts=job.restarts,
+        deadline_at=job.deadline_at,
+        cancel_requested=job.cancel_requested,
+    )
+    if job.root_cause is not None:
+        msg.root_cause.CopyFrom(fault_to_proto(job.root_cause))
+    return msg
+
+
+def job_from_proto(msg: pb.Job) -> Job:
+    return Job(
+        id=msg.id,
+        spec=spec_from_proto(msg.spec),
+        state=_JOB_BACK[msg.state],
+        attempts=[attempt_from_proto(a) for a in msg.attempts],
+        history=_history_from_proto(msg.history),
+        created_at=msg.created_at,
+        reason=msg.reason,
+        root_cause=fault_from_proto(msg.root_cause),
+        restarts=msg.restarts,
+        deadline_at=msg.deadline_at,
+        cancel_requested=msg.cancel_requested,
+    )
+
+
+def node_to_proto(node: Node) -> pb.Node:
+    return pb.Node(
+        name=node.name,
+        address=node.address,
+        state=_NODE[node.state],
+        slots=node.slots,
+        last_seen_at=node.last_seen_at,
+        reason=node.reason,
+        hostname=node.hostname,
+    )
+
+
+def node_from_proto(msg: pb.Node) -> Node:
+    return Node(
+        name=msg.name,
+        address=msg.address,
+        state=_NODE_BACK[msg.state],
+        slots=msg.slots,
+        last_seen_at=msg.last_seen_at,
+        reason=msg.reason,
+        hostname=msg.hostname,
+    )
+
+
+def event_to_proto(event: Event) -> pb.Event:
+    return pb.Event(
+        seq=event.seq,
+        at=event.at,
+        kind=event.kind,
+        job_id=event.job_id,
+        attempt=event.attempt,
+        node=event.node,
+        rank=event.rank,
+        message=event.message,
+    )
+
+
+def event_from_proto(msg: pb.Event, seq: int) -> Event:
+    return Event(
+        seq=seq,
+        at=msg.at,
+        kind=msg.kind,
+        job_id=msg.job_id,
+        attempt=msg.attempt,
+        node=msg.node,
+        rank=msg.rank,
+        message=msg.message,
+    )
+
+
+def job_to_bytes(job: Job) -> bytes:
+    return job_to_proto(job).SerializeToString()
+
+
+def job_from_bytes(data: bytes) -> Job:
+    msg = pb.Job()
+    msg.ParseFromString(data)
+    return job_from_proto(msg)
+
+
+def node_to_bytes(node: Node) -> bytes:
+    return node_to_proto(node).SerializeToString()
+
+
+def node_from_bytes(data: bytes) -> Node:
+    msg = pb.Node()
+    msg.ParseFromString(data)
+    return node_from_proto(msg)
+
+
+def event_to_bytes(event: Event) -> bytes:
+    return event_to_proto(event).SerializeToString()
+
+
+def event_from_bytes(data: bytes, seq: int) -> Event:
+    msg = pb.Event()
+    msg.ParseFromString(data)
+    return event_from_proto(msg, seq)

@@ -1,0 +1,400 @@
+"""The controller's view of the world: jobs, attempts, ranks, nodes and faults.
+
+Plain dataclasses mutated only by the reconciler (``reconcile.py``) under its lock; ``convert.py``
+is the one place that maps them to and from the wire/storage protobufs. Every job and attempt
+state change goes through ``set_state``, which refuses edges missing from the transition tables
+and appends ``(state, at, reason)`` to the record's history: that history is the fault record
+``hptctl describe`` shows.
+
+Job states::
+
+    PENDING ──► RUNNING ──► SUCCEEDED
+       │          │  ▲
+       │          ▼  │
+       │       RECOVERING
+       │          │
+       └──────────┴──► FAILED / CANCELLED
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+MAX_NODES = 1024
+MAX_PROCS_PER_NODE = 64
+MAX_RESTARTS = 1000
+MAX_COMMAND_ARGS = 256
+MAX_ARG_BYTES = 16 * 1024
+MAX_ENV_VARS = 256
+MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_NODE_WAIT_S = 7 * 24 * 3600.0
+MAX_GRACE_S = 3600.0
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RESTART_COUNT",
+    }
+)
+RESERVED_ENV_PREFIX = "HPT_"
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state change that the transition table does not allow (a bug in the caller)."""
+
+
+class JobState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+JOB_TRANSITIONS: dict[JobState, dict[JobState, str]] = {
+    JobState.PENDING: {
+        JobState.RUNNING: "placed on enough nodes; first attempt launched",
+        JobState.FAILED: "no placement before the node-wait deadline",
+        JobState.CANCELLED: "cancelled by the user before it ran",
+    },
+    JobState.RUNNING: {
+        JobState.SUCCEEDED: "every rank of the current attempt exited 0",
+        JobState.RECOVERING: "a fault ended the attempt; restarts remain",
+        JobState.FAILED: "a fault with no restarts left, or an unrecoverable one",
+        JobState.CANCELLED: "cancelled by the user; ranks stopped",
+    },
+    JobState.RECOVERING: {
+        JobState.RUNNING: "old attempt stopped everywhere; next attempt launched",
+        JobState.FAILED: "not enough healthy nodes before the deadline",
+        JobState.CANCELLED: "cancelled by the user while recovering",
+    },
+    JobState.SUCCEEDED: {},
+    JobState.FAILED: {},
+    JobState.CANCELLED: {},
+}
+
+
+class AttemptState(str, Enum):
+    LAUNCHING = "LAUNCHING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.STOPPED)
+
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, dict[AttemptState, str]] = {
+    AttemptState.LAUNCHING: {
+        AttemptState.RUNNING: "every rank reported running",
+        AttemptState.STOPPING: "a fault or cancel before every rank started",
+        AttemptState.SUCCEEDED: "ranks finished before all were seen running",
+    },
+    AttemptState.RUNNING: {
+        AttemptState.SUCCEEDED: "every rank exited 0",
+        AttemptState.STOPPING: "a fault or cancel: stop sent to every node",
+    },
+    AttemptState.STOPPING: {
+        AttemptState.FAILED: "every rank ended; the attempt ended by a fault",
+        AttemptState.STOPPED: "every rank ended; the attempt was cancelled",
+    },
+    AttemptState.SUCCEEDED: {},
+    AttemptState.FAILED: {},
+    AttemptState.STOPPED: {},
+}
+
+
+class RankState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    LOST = "LOST"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (RankState.PENDING, RankState.RUNNING)
+
+
+class NodeState(str, Enum):
+    READY = "READY"
+    LOST = "LOST"
+    QUARANTINED = "QUARANTINED"
+    UNKNOWN = "UNKNOWN"
+    """Known from the store after a controller restart, not yet re-registered."""
+
+
+class FaultKind(str, Enum):
+    RANK_EXIT = "rank_exit"
+    NODE_LOST = "node_lost"
+    RANK_LOST = "rank_lost"
+
+
+class FaultClass(str, Enum):
+    USER = "user"
+    PLATFORM = "platform"
+    INFRA = "infra"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobSpec:
+    """What a user asked to run; validated on construction, stored unchanged."""
+
+    command: tuple[str, ...]
+    """argv of every rank; ``python`` resolves to the agent's interpreter."""
+    nodes: int = 1
+    """Nodes wanted (the maximum when elastic)."""
+    procs_per_node: int = 1
+    """Ranks per node."""
+    min_nodes: int = 0
+    """Fewest nodes the job may shrink to after a fault; 0 means ``nodes`` (not elastic)."""
+    max_restarts: int = 3
+    """Attempts after the first before the job fails."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra environment for every rank, sorted by name."""
+    name: str = ""
+    """DNS-1123 label; empty means one is derived from the job id."""
+    workdir: str = ""
+    """Working directory of the ranks on every node; empty means the agent's."""
+    node_wait_timeout_s: float = 300.0
+    """How long a job waits for enough healthy nodes before it fails."""
+    stop_grace_s: float = 5.0
+    """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError("command must not be empty")
+        if len(self.command) > MAX_COMMAND_ARGS:
+            raise ValueError(f"command has {len(self.command)} args, at most {MAX_COMMAND_ARGS}")
+        for i, arg in enumerate(self.command):
+            if "\x00" in arg or len(arg.encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"command[{i}] must be <= {MAX_ARG_BYTES} bytes without NUL")
+        if not self.command[0]:
+            raise ValueError("command[0] must not be empty")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValueError(f"nodes ({self.nodes}) must be in 1..{MAX_NODES}")
+        if not 1 <= self.procs_per_node <= MAX_PROCS_PER_NODE:
+            raise ValueError(
+                f"procs_per_node ({self.procs_per_node}) must be in 1..{MAX_PROCS_PER_NODE}"
+            )
+        if not 0 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) must be in 0..nodes ({self.nodes})")
+        if not 0 <= self.max_restarts <= MAX_RESTARTS:
+            raise ValueError(f"max_restarts ({self.max_restarts}) must be in 0..{MAX_RESTARTS}")
+        if len(self.env) > MAX_ENV_VARS:
+            raise ValueError(f"env has {len(self.env)} variables, at most {MAX_ENV_VARS}")
+        for key, value in self.env:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"env name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
+            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"env name {key!r} is reserved: hpt sets it for every rank")
+            if "\x00" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
+                raise ValueError(f"env[{key}] must be <= {MAX_ENV_VALUE_BYTES} bytes without NUL")
+        if self.name and not _DNS1123.match(self.name):
+            raise ValueError(
+                f"name ({self.name!r}) must be a DNS-1123 label: lowercase letters, digits "
+                "and '-', at most 63, starting and ending with a letter or digit"
+            )
+        if self.workdir and (not self.workdir.startswith("/") or "\x00" in self.workdir):
+            raise ValueError(f"workdir ({self.workdir!r}) must be an absolute path")
+        if not 0 < self.node_wait_timeout_s <= MAX_NODE_WAIT_S:
+            raise ValueError(
+                f"node_wait_timeout_s ({self.node_wait_timeout_s}) must be in (0, {MAX_NODE_WAIT_S}]"
+            )
+        if not 0 <= self.stop_grace_s <= MAX_GRACE_S:
+            raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be in 0..{MAX_GRACE_S}")
+
+    @property
+    def effective_min_nodes(self) -> int:
+        return self.min_nodes or self.nodes
+
+
+@dataclass(kw_only=True, slots=True)
+class ExitInfo:
+    exit_code: int
+    signal: str = ""
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    ended_at: float = 0.0
+
+    def describe(self) -> str:
+        how = f"killed by {self.signal}" if self.signal else f"exited with code {self.exit_code}"
+        if self.error_type:
+            return f"{how}: {self.error_type}: {self.error_message}".rstrip(": ")
+        return how
+
+
+@dataclass(kw_only=True, slots=True)
+class Fault:
+    kind: FaultKind
+    attempt: int
+    node: str = ""
+    rank: int = -1
+    message: str = ""
+    detected_at: float = 0.0
+    occurred_at: float = 0.0
+    classification: FaultClass = FaultClass.INFRA
+
+    def where(self) -> str:
+        return f"rank {self.rank} on {self.node}" if self.rank >= 0 else f"node {self.node}"
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    state: str
+    at: float
+    reason: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Rank:
+    rank: int
+    local_rank: int
+    node: str
+    pid: int = 0
+    state: RankState = RankState.PENDING
+    exit: ExitInfo | None = None
+    step: int = -1
+    step_at: float = 0.0
+    exit_reason: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Attempt:
+    number: int
+    nodes: list[str]
+    master_addr: str
+    master_port: int
+    world_size: int
+    ranks: list[Rank]
+    state: AttemptState = AttemptState.LAUNCHING
+    history: list[StateChange] = field(default_factory=list)
+    started_at: float = 0.0
+    first_step_at: float = 0.0
+    ended_at: float = 0.0
+    cause: Fault | None = None
+
+    def set_state(self, new: AttemptState, reason: str, now: float) -> AttemptState:
+        return _transition(self, ATTEMPT_TRANSITIONS, new, reason, now)
+
+    def ranks_on(self, node: str) -> list[Rank]:
+        return [r for r in self.ranks if r.node == node]
+
+    @property
+    def all_ended(self) -> bool:
+        return all(r.state.is_terminal for r in self.ranks)
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    id: str
+    spec: JobSpec
+    state: JobState = JobState.PENDING
+    attempts: list[Attempt] = field(default_factory=list)
+    history: list[StateChange] = field(default_factory=list)
+    created_at: float = 0.0
+    reason: str = ""
+    root_cause: Fault | None = None
+    restarts: int = 0
+    deadline_at: float = 0.0
+    cancel_requested: bool = False
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def set_state(self, new: JobState, reason: str, now: float) -> JobState:
+        previous = _transition(self, JOB_TRANSITIONS, new, reason, now)
+        self.reason = reason
+        return previous
+
+
+@dataclass(kw_only=True, slots=True)
+class Node:
+    name: str
+    address: str
+    slots: int
+    state: NodeState = NodeState.READY
+    last_seen_at: float = 0.0
+    reason: str = ""
+    hostname: str = ""
+
+
+def _transition(record, table, new, reason: str, now: float):  # type: ignore[no-untyped-def]
+    previous = record.state
+    if new not in table[previous]:
+        raise IllegalTransitionError(
+            f"{type(record).__name__} {previous.value} -> {new.value} is not allowed ({reason})"
+        )
+    record.state = new
+    record.history.append(StateChange(new.value, now, reason))
+    return previous
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    """One line of the event log: every attempt, fault, decision and node change."""
+
+    kind: str
+    at: float
+    message: str
+    job_id: str = ""
+    attempt: int = 0
+    node: str = ""
+    rank: int = -1
+    seq: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaunchCommand:
+    job_id: str
+    attempt: int
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    ranks: tuple[tuple[int, int], ...]
+    """(rank, local_rank) pairs this node runs."""
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    workdir: str
+    node_rank: int
+    num_nodes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StopCommand:
+    job_id: str
+    attempt: int
+    """Stop every rank of the job whose attempt is <= this one."""
+    grace_s: float
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankReport:
+    """What an agent says about one rank of one (job, attempt)."""
+
+    job_id: str
+    attempt: int
+    rank: Rank

@@ -1,0 +1,75 @@
+"""Failure and scaling policy: what to do with a job after a fault. Pure functions.
+
+The reconciler asks; these answer with a ``Decision`` carrying a one-line reason that goes into
+the job's history and the event log. Nothing here reads a clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from hpt.controller.model import Fault, Job
+from hpt.controller.scheduler import Capacity, place
+
+
+class Action(str, Enum):
+    RESTART = "RESTART"
+    """Launch the next attempt on ``Decision.nodes``."""
+    WAIT_FOR_NODES = "WAIT_FOR_NODES"
+    """Too few healthy nodes; wait until ``Decision.deadline_at``."""
+    FAIL = "FAIL"
+    """Give up; the job ends FAILED with ``Decision.reason``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str
+    nodes: tuple[str, ...] = ()
+    deadline_at: float = 0.0
+
+
+def decide_after_fault(job: Job, fault: Fault) -> Decision | None:
+    """Called once when a fault ends an attempt. ``FAIL`` when no restarts remain, else ``None``
+    (the job recovers; ``decide_placement`` picks nodes once the old attempt is stopped)."""
+    limit = job.spec.max_restarts
+    if job.restarts >= limit:
+        return Decision(
+            Action.FAIL,
+            f"max_restarts ({limit}) reached; root cause: {fault.kind.value} of "
+            f"{fault.where()}: {fault.message}",
+        )
+    return None
+
+
+def decide_placement(job: Job, capacity: list[Capacity], now: float) -> Decision:
+    """Called while a job is PENDING or RECOVERING with its previous attempt fully stopped."""
+    spec = job.spec
+    nodes = place(
+        capacity,
+        procs_per_node=spec.procs_per_node,
+        min_nodes=spec.effective_min_nodes,
+        max_nodes=spec.nodes,
+    )
+    if nodes is not None:
+        shrink = "" if len(nodes) == spec.nodes else f" (shrunk from {spec.nodes})"
+        return Decision(
+            Action.RESTART,
+            f"placed on {len(nodes)} node(s){shrink}: {', '.join(nodes)}",
+            nodes=tuple(nodes),
+        )
+    usable = sum(1 for c in capacity if c.free_slots >= spec.procs_per_node)
+    deadline = job.deadline_at or now + spec.node_wait_timeout_s
+    if now >= deadline:
+        return Decision(
+            Action.FAIL,
+            f"only {usable} node(s) with {spec.procs_per_node} free slots, min_nodes is "
+            f"{spec.effective_min_nodes}; gave up after node_wait_timeout_s "
+            f"({spec.node_wait_timeout_s:g})",
+        )
+    return Decision(
+        Action.WAIT_FOR_NODES,
+        f"waiting for nodes: {usable} usable, {spec.effective_min_nodes} needed",
+        deadline_at=deadline,
+    )

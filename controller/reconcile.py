@@ -1,0 +1,596 @@
+"""The control loop: observe what agents report, then act on every job.
+
+Agent streams and RPC handlers feed observations in (``register``, ``heartbeat``,
+``disconnect``, ``submit``, ``cancel``) under one lock and wake the loop. Each pass of the loop
+runs two phases (Ray's reconciler pattern): passive transitions first (nodes whose heartbeats
+stopped are LOST, their ranks with them), then active ones per job (launch, detect the fault,
+stop the attempt everywhere, decide with ``policy``, relaunch). Every state change is persisted
+as protobuf bytes with compare-and-set, and every attempt, fault and decision is an event.
+
+A restarted controller builds the same state from the store (``load``) and agent
+re-registration: ranks an agent still runs for the current attempt simply carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hpt.controller import convert, policy
+from hpt.controller.config import ControllerConfig
+from hpt.controller.model import (
+    Attempt,
+    AttemptState,
+    Event,
+    Fault,
+    FaultClass,
+    FaultKind,
+    Job,
+    JobSpec,
+    JobState,
+    LaunchCommand,
+    Node,
+    NodeState,
+    Rank,
+    RankReport,
+    RankState,
+    StopCommand,
+)
+from hpt.controller.scheduler import Capacity
+from hpt.controller.store import ConflictError, Store
+from hpt.controller.streams import EventLog, LogBuffer
+
+log = logging.getLogger(__name__)
+
+_RESEND_STOP_AFTER_S = 5.0
+_FLUSH_PERIOD_S = 0.5
+
+
+class AgentLink(Protocol):
+    """The command half of one agent's stream; implemented by the gRPC servicer."""
+
+    def send(self, command: LaunchCommand | StopCommand) -> None:
+        """Queue a command; never blocks. Called by the loop under the reconciler's lock."""
+
+    def close(self) -> None:
+        """End the stream (a newer registration of the same node replaced it)."""
+
+
+@dataclass(slots=True)
+class _NodeRuntime:
+    node: Node
+    link: AgentLink | None = None
+    last_heartbeat: float = 0.0  # monotonic
+    disconnected_at: float = 0.0  # monotonic, 0 while connected
+    free_port: int = 0
+
+
+@dataclass(slots=True)
+class _StopSent:
+    at: float  # monotonic
+    nodes: set[str] = field(default_factory=set)
+
+
+class Reconciler:
+    def __init__(
+        self, cfg: ControllerConfig, store: Store, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.lock = threading.RLock()
+        self.jobs: dict[str, Job] = {}
+        self.nodes: dict[str, _NodeRuntime] = {}
+        self.events = EventLog(store)
+        self.logs = LogBuffer(cfg.log_lines_per_rank)
+        self._clock = clock
+        self._versions: dict[str, int] = {}
+        self._dirty_jobs: set[str] = set()
+        self._dirty_nodes: set[str] = set()
+        self._last_flush = 0.0
+        self._stops: dict[tuple[str, int], _StopSent] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.crashed: BaseException | None = None
+        self.on_crash: Callable[[BaseException], None] = lambda exc: None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def load(self) -> None:
+        """Rebuild state from the store; called once before the loop and the server start."""
+        now_mono = time.monotonic()
+        with self.lock:
+            for key, item in self.store.scan("jobs/").items():
+                job = convert.job_from_bytes(item.value)
+                self.jobs[job.id] = job
+                self._versions[key] = item.version
+            for key, item in self.store.scan("nodes/").items():
+                node = convert.node_from_bytes(item.value)
+                self._versions[key] = item.version
+                if node.state in (NodeState.READY, NodeState.UNKNOWN):
+                    node.state = NodeState.UNKNOWN
+                    node.reason = "controller restarted; waiting for the agent to re-register"
+                self.nodes[node.name] = _NodeRuntime(node, last_heartbeat=now_mono)
+        active = sum(1 for j in self.jobs.values() if not j.state.is_terminal)
+        if self.jobs or self.nodes:
+            log.info(
+                "loaded %d job(s) (%d active) and %d node(s) from the store",
+                len(self.jobs),
+                active,
+                len(self.nodes),
+            )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hpt-reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        with self.lock:
+            self._flush(force=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._wake.wait(self.cfg.reconcile_period_s)
+                self._wake.clear()
+                with self.lock:
+                    self.reconcile_once()
+        except BaseException as exc:  # the loop is the controller: die loudly, never limp on
+            log.critical("control loop crashed", exc_info=True)
+            self.crashed = exc
+            self.on_crash(exc)
+
+    def reconcile_once(self) -> None:
+        """One pass: passive node checks, then every job's active step, then persist."""
+        now = self._clock()
+        self._sync_nodes(time.monotonic(), now)
+        for job in list(self.jobs.values()):
+            self._step(job, now)
+        self._flush()
+
+    # ---------------------------------------------------------------- inputs (RPC threads)
+
+    def submit(self, spec: JobSpec) -> str:
+        now = self._clock()
+        with self.lock:
+            job_id = f"{spec.name or 'job'}-{secrets.token_hex(4)}"
+            job = Job(id=job_id, spec=spec, created_at=now, reason="submitted")
+            self.store.put(f"jobs/{job_id}", convert.job_to_bytes(job), expected_version=0)
+            self._versions[f"jobs/{job_id}"] = 1
+            self.jobs[job_id] = job
+            self._emit("job_submitted", job, message=f"{spec.nodes}x{spec.procs_per_node} ranks: "
+                       f"{' '.join(spec.command)}")
+        self.wake()
+        return job_id
+
+    def cancel(self, job_id: str, grace_s: float | None) -> Job:
+        with self.lock:
+            job = self.jobs[job_id]
+            if not job.state.is_terminal and not job.cancel_requested:
+                job.cancel_requested = True
+                self._cancel_grace = grace_s
+                self._emit("cancel_requested", job, message="cancel requested by the user")
+                self._dirty_jobs.add(job.id)
+                self._step(job, self._clock(), cancel_grace_s=grace_s)
+        self.wake()
+        return job
+
+    def register(
+        self, node: Node, link: AgentLink, reports: list[RankReport], free_port: int
+    ) -> None:
+        mono = time.monotonic()
+        with self.lock:
+            runtime = self.nodes.get(node.name)
+            previous_state = runtime.node.state if runtime else None
+            if runtime is not None and runtime.link is not None and runtime.link is not link:
+                runtime.link.close()
+            if runtime is None:
+                runtime = self.nodes[node.name] = _NodeRuntime(node)
+            else:
+                runtime.node = node
+            node.state = NodeState.READY
+            node.reason = "registered"
+            node.last_seen_at = self._clock()
+            runtime.link = link
+            runtime.last_heartbeat = mono
+            runtime.disconnected_at = 0.0
+            runtime.free_port = free_port
+            self._dirty_nodes.add(node.name)
+            self.events.emit(
+                Event(
+                    kind="node_registered",
+                    at=self._clock(),
+                    node=node.name,
+                    message=f"{node.slots} slots at {node.address}"
+                    + (f" (was {previous_state.value})" if previous_state else ""),
+                )
+            )
+            reported = {(r.job_id, r.attempt, r.rank.rank) for r in reports}
+            self._forget_unreported(node.name, reported)
+            for report in reports:
+                self._apply_report(node.name, report)
+        self.wake()
+
+    def heartbeat(
+        self,
+        node: str,
+        reports: list[RankReport],
+        logs: list[tuple[str, int, int, str, str]],
+        free_port: int,
+    ) -> None:
+        with self.lock:
+            runtime = self.nodes.get(node)
+            if runtime is None or runtime.link is None:
+                return
+            runtime.last_heartbeat = time.monotonic()
+            runtime.node.last_seen_at = self._clock()
+            if free_port:
+                runtime.free_port = free_port
+            for report in reports:
+                self._apply_report(node, report)
+        for job_id, attempt, rank, stream, text in logs:
+            self.logs.append(job_id, attempt, rank, stream, text)
+        self.wake()
+
+    def disconnect(self, node: str, link: AgentLink) -> None:
+        with self.lock:
+            runtime = self.nodes.get(node)
+            if runtime is not None and runtime.link is link:
+                runtime.link = None
+                runtime.disconnected_at = time.monotonic()
+        self.wake()
+
+    # ---------------------------------------------------------------- passive phase
+
+    def _apply_report(self, node: str, report: RankReport) -> None:
+        job = self.jobs.get(report.job_id)
+        attempt = None
+        if job is not None and 1 <= report.attempt <= len(job.attempts):
+            attempt = job.attempts[report.attempt - 1]
+        seen = report.rank
+        if attempt is None or not 0 <= seen.rank < len(attempt.ranks):
+            log.warning(
+                "[%s/%s/%s/%s] stale or unknown rank report refused; stopping it",
+                report.job_id,
+                report.attempt,
+                node,
+                seen.rank,
+            )
+            self._send(node, StopCommand(job_id=report.job_id, attempt=report.attempt,
+                                         grace_s=0.0, reason="unknown job or attempt"))
+            return
+        rank = attempt.ranks[seen.rank]
+        if rank.node != node:
+            log.warning("[%s/%s/%s/%s] report from a node that does not host this rank",
+                        report.job_id, report.attempt, node, seen.rank)
+            return
+        assert job is not None
+        if seen.step > rank.step:
+            rank.step, rank.step_at = seen.step, seen.step_at
+            if not attempt.first_step_at:
+                attempt.first_step_at = seen.step_at
+                self._emit("first_step", job, attempt=attempt.number,
+                           message=f"first step of attempt {attempt.number}")
+            self._dirty_jobs.add(job.id)
+        if rank.state.is_terminal or seen.state == rank.state and seen.pid == rank.pid:
+            if seen.state == RankState.RUNNING and rank.state.is_terminal:
+                # a rank we gave up on (node declared lost) is alive again: fence it
+                self._send(node, StopCommand(job_id=job.id, attempt=attempt.number, grace_s=0.0,
+                                             reason="rank was declared lost"))
+            return
+        rank.pid = seen.pid or rank.pid
+        rank.state = seen.state
+        self._dirty_jobs.add(job.id)
+        if seen.state.is_terminal:
+            rank.exit = seen.exit
+            rank.exit_reason = seen.exit_reason or (seen.exit.describe() if seen.exit else "")
+            self._emit("rank_exited", job, attempt=attempt.number, node=node, rank=rank.rank,
+                       message=f"{seen.state.value}: {rank.exit_reason}")
+        if attempt.state == AttemptState.LAUNCHING and all(
+            r.state != RankState.PENDING for r in attempt.ranks
+        ):
+            attempt.set_state(AttemptState.RUNNING, "every rank started", self._clock())
+
+    def _forget_unreported(self, node: str, reported: set[tuple[str, int, int]]) -> None:
+        """On registration, ranks placed on ``node`` that its agent no longer knows ended."""
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                for rank in attempt.ranks_on(node):
+                    key = (job.id, attempt.number, rank.rank)
+                    if rank.state.is_terminal or key in reported:
+                        continue
+                    if attempt.state == AttemptState.STOPPING:
+                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped"
+                    else:
+                        rank.state = RankState.LOST
+                        rank.exit_reason = "agent re-registered without this rank"
+                    self._dirty_jobs.add(job.id)
+
+    def _sync_nodes(self, mono: float, now: float) -> None:
+        timeout = self.cfg.heartbeat_timeout_s
+        for runtime in self.nodes.values():
+            node = runtime.node
+            if node.state not in (NodeState.READY, NodeState.UNKNOWN):
+                continue
+            silent = mono - runtime.last_heartbeat
+            if runtime.disconnected_at and mono - runtime.disconnected_at > self.cfg.heartbeat_period_s:
+                reason = "stream closed and not re-established"
+            elif silent > timeout:
+                reason = f"no heartbeat for {silent:.1f}s (timeout {timeout:g}s)"
+            else:
+                continue
+            node.state, node.reason = NodeState.LOST, reason
+            self._dirty_nodes.add(node.name)
+            self.events.emit(Event(kind="node_lost", at=now, node=node.name, message=reason))
+            self._lose_ranks_on(node.name, now, reason)
+
+    def _lose_ranks_on(self, node: str, now: float, reason: str) -> None:
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                for rank in attempt.ranks_on(node):
+                    if not rank.state.is_terminal:
+                        rank.state = RankState.LOST
+                        rank.exit_reason = f"node lost: {reason}"
+                        rank.exit = None
+                        self._dirty_jobs.add(job.id)
+
+    # ---------------------------------------------------------------- active phase
+
+    def _step(self, job: Job, now: float, cancel_grace_s: float | None = None) -> None:
+        for attempt in job.attempts:
+            if attempt.state == AttemptState.STOPPING:
+                self._finish_stopping(job, attempt, now)
+        if job.state.is_terminal:
+            return
+        current = job.current
+        if job.cancel_requested:
+            self._step_cancel(job, current, now, cancel_grace_s)
+            return
+        if job.state == JobState.PENDING:
+            self._try_place(job, now)
+        elif job.state == JobState.RUNNING and current is not None:
+            self._step_running(job, current, now)
+        elif job.state == JobState.RECOVERING and (current is None or current.state.is_terminal):
+            self._try_place(job, now)
+
+    def _step_cancel(
+        self, job: Job, current: Attempt | None, now: float, grace_s: float | None
+    ) -> None:
+        if current is not None and not current.state.is_terminal:
+            if current.state != AttemptState.STOPPING:
+                grace = job.spec.stop_grace_s if grace_s is None else grace_s
+                self._stop_attempt(job, current, "cancelled by the user", now, grace)
+            return
+        job.set_state(JobState.CANCELLED, "cancelled by the user; every rank stopped", now)
+        self._dirty_jobs.add(job.id)
+        self._emit("job_cancelled", job, message="every rank stopped")
+
+    def _step_running(self, job: Job, attempt: Attempt, now: float) -> None:
+        if all(r.state == RankState.SUCCEEDED for r in attempt.ranks):
+            attempt.set_state(AttemptState.SUCCEEDED, "every rank exited 0", now)
+            attempt.ended_at = now
+            job.set_state(JobState.SUCCEEDED, f"attempt {attempt.number} finished", now)
+            self._dirty_jobs.add(job.id)
+            self._emit("job_succeeded", job, attempt=attempt.number,
+                       message=f"after {job.restarts} restart(s)")
+            return
+        fault = _earliest_fault(attempt, now)
+        if fault is None:
+            return
+        attempt.cause = fault
+        job.root_cause = fault
+        self._emit("fault", job, attempt=attempt.number, node=fault.node, rank=fault.rank,
+                   message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
+        decision = policy.decide_after_fault(job, fault)
+        self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
+                           job.spec.stop_grace_s)
+        if decision is not None:
+            job.set_state(JobState.FAILED, decision.reason, now)
+            self._emit("job_failed", job, attempt=attempt.number, message=decision.reason)
+            return
+        job.restarts += 1
+        reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
+                  f"{fault.where()}: {fault.message}")
+        job.set_state(JobState.RECOVERING, reason, now)
+        self._emit("recovering", job, attempt=attempt.number, message=reason)
+
+    def _try_place(self, job: Job, now: float) -> None:
+        decision = policy.decide_placement(job, self._capacity(), now)
+        if decision.action == policy.Action.RESTART:
+            self._launch(job, list(decision.nodes), now, decision.reason)
+        elif decision.action == policy.Action.FAIL:
+            job.set_state(JobState.FAILED, decision.reason, now)
+            self._dirty_jobs.add(job.id)
+            self._emit("job_failed", job, message=decision.reason)
+        elif job.deadline_at != decision.deadline_at:
+            job.deadline_at = decision.deadline_at
+            self._dirty_jobs.add(job.id)
+            self._emit("waiting_for_nodes", job, message=decision.reason)
+
+    def _capacity(self) -> list[Capacity]:
+        used: dict[str, int] = {}
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                if attempt.state.is_terminal:
+                    continue
+                for rank in attempt.ranks:
+                    if not rank.state.is_terminal:
+                        used[rank.node] = used.get(rank.node, 0) + 1
+        return [
+            Capacity(name, rt.node.slots - used.get(name, 0))
+            for name, rt in sorted(self.nodes.items())
+            if rt.node.state == NodeState.READY and rt.link is not None
+        ]
+
+    def _launch(self, job: Job, nodes: list[str], now: float, reason: str) -> None:
+        spec = job.spec
+        number = len(job.attempts) + 1
+        master = self.nodes[nodes[0]]
+        previous_port = job.current.master_port if job.current else 0
+        port = master.free_port
+        if not port or port == previous_port:
+            port = random.randint(20000, 59999)
+        ppn = spec.procs_per_node
+        ranks = [
+            Rank(rank=i * ppn + local, local_rank=local, node=node)
+            for i, node in enumerate(nodes)
+            for local in range(ppn)
+        ]
+        attempt = Attempt(
+            number=number,
+            nodes=nodes,
+            master_addr=master.node.address,
+            master_port=port,
+            world_size=len(ranks),
+            ranks=ranks,
+            started_at=now,
+        )
+        attempt.history.append(
+            _state_change(AttemptState.LAUNCHING.value, now, reason)
+        )
+        job.attempts.append(attempt)
+        job.deadline_at = 0.0
+        for i, node in enumerate(nodes):
+            self._send(
+                node,
+                LaunchCommand(
+                    job_id=job.id,
+                    attempt=number,
+                    command=spec.command,
+                    env=spec.env,
+                    ranks=tuple((r.rank, r.local_rank) for r in attempt.ranks_on(node)),
+                    world_size=attempt.world_size,
+                    local_world_size=ppn,
+                    master_addr=attempt.master_addr,
+                    master_port=port,
+                    workdir=spec.workdir,
+                    node_rank=i,
+                    num_nodes=len(nodes),
+                ),
+            )
+        job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
+        self._dirty_jobs.add(job.id)
+        self._emit("attempt_launched", job, attempt=number,
+                   message=f"world size {attempt.world_size}; {reason}")
+
+    def _stop_attempt(
+        self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float
+    ) -> None:
+        attempt.set_state(AttemptState.STOPPING, reason, now)
+        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+        for node in attempt.nodes:
+            if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
+                                            grace_s=grace_s, reason=reason)):
+                sent.nodes.add(node)
+        self._dirty_jobs.add(job.id)
+        self._finish_stopping(job, attempt, now)
+
+    def _finish_stopping(self, job: Job, attempt: Attempt, now: float) -> None:
+        if not attempt.all_ended:
+            sent = self._stops.get((job.id, attempt.number))
+            if sent is None or time.monotonic() - sent.at > job.spec.stop_grace_s + _RESEND_STOP_AFTER_S:
+                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+                for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
+                    self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
+                                                 grace_s=0.0, reason="stop not confirmed"))
+            return
+        self._stops.pop((job.id, attempt.number), None)
+        if attempt.cause is not None:
+            refined = _earliest_fault(attempt, now, include_stopped=False)
+            if refined is not None and refined.occurred_at < attempt.cause.occurred_at:
+                attempt.cause = refined
+                job.root_cause = refined
+            attempt.set_state(AttemptState.FAILED, f"ended by {attempt.cause.kind.value}", now)
+        else:
+            attempt.set_state(AttemptState.STOPPED, "every rank stopped", now)
+        attempt.ended_at = now
+        self._dirty_jobs.add(job.id)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _send(self, node: str, command: LaunchCommand | StopCommand) -> bool:
+        runtime = self.nodes.get(node)
+        if runtime is None or runtime.link is None:
+            return False
+        runtime.link.send(command)
+        return True
+
+    def _emit(self, kind: str, job: Job, *, attempt: int = 0, node: str = "", rank: int = -1,
+              message: str) -> None:
+        self.events.emit(Event(kind=kind, at=self._clock(), job_id=job.id,
+                               attempt=attempt or (job.current.number if job.current else 0),
+                               node=node, rank=rank, message=message))
+
+    def _flush(self, force: bool = False) -> None:
+        mono = time.monotonic()
+        if not force and mono - self._last_flush < _FLUSH_PERIOD_S and not any(
+            self.jobs[j].state.is_terminal for j in self._dirty_jobs if j in self.jobs
+        ):
+            # step progress alone is flushed at most every _FLUSH_PERIOD_S; state changes too
+            # (they are rare and carry the fault record) go out on the same beat
+            pass
+        self._last_flush = mono
+        for job_id in sorted(self._dirty_jobs):
+            self._put(f"jobs/{job_id}", convert.job_to_bytes(self.jobs[job_id]))
+        for name in sorted(self._dirty_nodes):
+            self._put(f"nodes/{name}", convert.node_to_bytes(self.nodes[name].node))
+        self._dirty_jobs.clear()
+        self._dirty_nodes.clear()
+
+    def _put(self, key: str, value: bytes) -> None:
+        try:
+            self._versions[key] = self.store.put(
+                key, value, expected_version=self._versions.get(key, 0)
+            )
+        except ConflictError:
+            # another controller wrote this record: we are not the only leader
+            log.error("store conflict on %s: another controller is writing; taking its copy", key)
+            item = self.store.get(key)
+            if item is not None:
+                self._versions[key] = item.version
+
+
+def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untyped-def]
+    from hpt.controller.model import StateChange
+
+    return StateChange(state, at, reason)
+
+
+def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) -> Fault | None:
+    """The earliest failure of the attempt: the root cause (later ones are usually its echo)."""
+    faults = []
+    for rank in attempt.ranks:
+        if rank.state == RankState.FAILED:
+            exit_ = rank.exit
+            classification = FaultClass.USER if exit_ and exit_.error_type else FaultClass.INFRA
+            if exit_ and exit_.signal in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT"):
+                classification = FaultClass.PLATFORM
+            faults.append(Fault(kind=FaultKind.RANK_EXIT, attempt=attempt.number, node=rank.node,
+                                rank=rank.rank, message=rank.exit_reason, detected_at=now,
+                                occurred_at=exit_.ended_at if exit_ else now,
+                                classification=classification))
+        elif rank.state == RankState.LOST:
+            kind = FaultKind.NODE_LOST if rank.exit_reason.startswith("node lost") else FaultKind.RANK_LOST
+            faults.append(Fault(kind=kind, attempt=attempt.number, node=rank.node, rank=rank.rank,
+                                message=rank.exit_reason, detected_at=now, occurred_at=now,
+                                classification=FaultClass.INFRA))
+        elif rank.state == RankState.STOPPED and include_stopped and attempt.state != AttemptState.STOPPING:
+            faults.append(Fault(kind=FaultKind.RANK_LOST, attempt=attempt.number, node=rank.node,
+                                rank=rank.rank, message=rank.exit_reason or "stopped by its agent",
+                                detected_at=now, occurred_at=now, classification=FaultClass.INFRA))
+    if not faults:
+        return None
+    return min(faults, key=lambda f: (f.occurred_at, f.rank))

@@ -1,0 +1,259 @@
+"""gRPC servicers: decode, call the reconciler, encode. Nothing else lives here."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import re
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from hpt.controller import convert
+from hpt.controller.model import (
+    LaunchCommand,
+    Node,
+    NodeState,
+    RankReport,
+    StopCommand,
+)
+from hpt.controller.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_MAX_SLOTS = 4096
+_MAX_REPORTS = 4096
+_STREAM_POLL_S = 0.5
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted, so
+    Kubernetes probes work without the secret)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):  # type: ignore[no-untyped-def]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        if method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
+                return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return self._deny_stream
+        if handler.response_streaming:
+            return self._deny_unary_stream
+        return self._deny_unary
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, rec: Reconciler) -> None:
+        self._rec = rec
+
+    def SubmitJob(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            spec = convert.spec_from_proto(request.spec)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec.{exc}")
+        return jobs_pb2.SubmitJobResponse(job_id=self._rec.submit(spec))
+
+    def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+        with self._rec.lock:
+            job = self._rec.jobs.get(request.job_id)
+            if job is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
+            return convert.job_to_proto(job)
+
+    def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        with self._rec.lock:
+            jobs = sorted(self._rec.jobs.values(), key=lambda j: j.created_at)
+            return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
+
+    def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+        if request.grace_s < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grace_s must be >= 0")
+        if request.job_id not in self._rec.jobs:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
+        self._rec.cancel(request.job_id, request.grace_s if request.grace_s > 0 else None)
+        return self.GetJob(jobs_pb2.GetJobRequest(job_id=request.job_id), context)
+
+    def ListNodes(self, request, context):  # type: ignore[no-untyped-def]
+        with self._rec.lock:
+            nodes = [rt.node for _, rt in sorted(self._rec.nodes.items())]
+            return jobs_pb2.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in nodes])
+
+    def StreamLogs(self, request, context):  # type: ignore[no-untyped-def]
+        if request.job_id not in self._rec.jobs:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
+        rank = request.rank if request.has_rank else None
+
+        def active() -> bool:
+            if not request.follow or not context.is_active():
+                return False
+            with self._rec.lock:
+                return not self._rec.jobs[request.job_id].state.is_terminal
+
+        for line in self._rec.logs.follow(request.job_id, rank, active=active):
+            yield jobs_pb2.LogLine(
+                attempt=line.attempt, rank=line.rank, stream=line.stream, text=line.text
+            )
+
+    def StreamEvents(self, request, context):  # type: ignore[no-untyped-def]
+        cursor = request.after_seq
+        while True:
+            events = self._rec.events.read(cursor)
+            for event in events:
+                cursor = event.seq
+                if not request.job_id or event.job_id == request.job_id:
+                    yield convert.event_to_proto(event)
+            if not request.follow or not context.is_active():
+                return
+            if not events:
+                self._rec.events.wait_beyond(cursor, _STREAM_POLL_S)
+
+
+class _Link:
+    """One agent's command queue; the servicer's generator drains it onto the stream."""
+
+    _CLOSE = object()
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.queue: queue.Queue[object] = queue.Queue()
+
+    def send(self, command: LaunchCommand | StopCommand) -> None:
+        self.queue.put(_command_to_proto(command))
+
+    def close(self) -> None:
+        self.queue.put(self._CLOSE)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, rec: Reconciler) -> None:
+        self._rec = rec
+
+    def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return
+        if first.WhichOneof("kind") != "register":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be register")
+        reg = first.register
+        try:
+            node, reports = _decode_register(reg)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
+        link = _Link(node.name)
+        cfg = self._rec.cfg
+        yield agent_pb2.ControllerMessage(
+            registered=agent_pb2.Registered(
+                node=node.name,
+                heartbeat_period_s=cfg.heartbeat_period_s,
+                lease_s=cfg.agent_lease_s,
+            )
+        )
+        self._rec.register(node, link, reports, reg.free_port)
+        reader = threading.Thread(
+            target=self._read, args=(node.name, link, request_iterator), daemon=True,
+            name=f"hpt-agent-{node.name}",
+        )
+        reader.start()
+        try:
+            while context.is_active():
+                try:
+                    item = link.queue.get(timeout=_STREAM_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is _Link._CLOSE:
+                    return
+                yield item
+        finally:
+            self._rec.disconnect(node.name, link)
+
+    def _read(self, node: str, link: _Link, request_iterator: Iterator) -> None:  # type: ignore[type-arg]
+        try:
+            for msg in request_iterator:
+                if msg.WhichOneof("kind") != "heartbeat":
+                    log.warning("[-/-/%s/-] unexpected %s message ignored", node,
+                                msg.WhichOneof("kind"))
+                    continue
+                hb = msg.heartbeat
+                try:
+                    reports = _decode_reports(hb.ranks)
+                except ValueError as exc:
+                    log.warning("[-/-/%s/-] bad heartbeat refused: %s", node, exc)
+                    continue
+                logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
+                self._rec.heartbeat(node, reports, logs, hb.free_port)
+                link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
+        except grpc.RpcError:
+            pass  # the stream ended; Connect's finally reports the disconnect
+        finally:
+            link.close()
+
+
+def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
+    if not _NODE_NAME.match(reg.node):
+        raise ValueError(f"node ({reg.node!r}) must match {_NODE_NAME.pattern}")
+    if not 1 <= reg.slots <= _MAX_SLOTS:
+        raise ValueError(f"slots ({reg.slots}) must be in 1..{_MAX_SLOTS}")
+    if not reg.address or len(reg.address) > 255:
+        raise ValueError("address must be a host name or IP address")
+    node = Node(name=reg.node, address=reg.address, slots=reg.slots, state=NodeState.READY,
+                hostname=reg.hostname[:255])
+    return node, _decode_reports(reg.ranks)
+
+
+def _decode_reports(reports) -> list[RankReport]:  # type: ignore[no-untyped-def]
+    if len(reports) > _MAX_REPORTS:
+        raise ValueError(f"ranks ({len(reports)}) must be at most {_MAX_REPORTS}")
+    out = []
+    for r in reports:
+        if not r.job_id or r.attempt < 1:
+            raise ValueError("ranks[].job_id and attempt must be set")
+        out.append(RankReport(job_id=r.job_id, attempt=r.attempt,
+                              rank=convert.rank_from_proto(r.status)))
+    return out
+
+
+def _command_to_proto(command: LaunchCommand | StopCommand) -> agent_pb2.ControllerMessage:
+    if isinstance(command, StopCommand):
+        return agent_pb2.ControllerMessage(
+            stop=agent_pb2.Stop(job_id=command.job_id, attempt=command.attempt,
+                                grace_s=command.grace_s, reason=command.reason)
+        )
+    return agent_pb2.ControllerMessage(
+        launch=agent_pb2.Launch(
+            job_id=command.job_id,
+            attempt=command.attempt,
+            command=list(command.command),
+            env=dict(command.env),
+            ranks=[agent_pb2.LaunchRank(rank=r, local_rank=lr) for r, lr in command.ranks],
+            world_size=command.world_size,
+            local_world_size=command.local_world_size,
+            master_addr=command.master_addr,
+            master_port=command.master_port,
+            workdir=command.workdir,
+            node_rank=command.node_rank,
+            num_nodes=command.num_nodes,
+        )
+    )
+
+
+__all__ = ["AgentServicer", "JobServicer", "TokenInterceptor"]

@@ -1,0 +1,80 @@
+"""Rank side of the agent socket: what ``hpt.init()`` and ``hpt.step()`` talk through.
+
+Never raises into the training loop: a failure to reach the agent is latched (``error``) and
+the rank carries on; progress reports are then simply missing, which the agent treats like a
+rank that makes no progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class AgentChannel:
+    def __init__(self, path: str, hello: dict[str, Any]) -> None:
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5.0)
+            sock.connect(path)
+            self._sock = sock
+        except OSError as exc:
+            self.error = exc
+            log.warning("hpt: cannot reach the agent at %s: %s", path, exc)
+            return
+        self.send({"op": "hello", **hello})
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._sock is None:
+            return
+        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self.error = exc
+                self._sock.close()
+                self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+def install_error_file_hook(path: str) -> None:
+    """On an uncaught exception, write ``{type, message, traceback, time}`` to ``path`` (read
+    back by the agent to name the failure), then defer to the previous hook."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
+        try:
+            record = {
+                "type": exc_type.__name__,
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc_type, exc, tb)),
+                "time": time.time(),
+                "pid": os.getpid(),
+            }
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
