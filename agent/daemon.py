@@ -27,6 +27,7 @@ from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
 from hpt.agent.config import AgentConfig
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
 from hpt.agent.rank_socket import RankSocketServer
+from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,16 @@ class Agent:
         self._last_contact = time.monotonic()
         self._connected = threading.Event()
         self._fenced = False
-        self._warm = WarmPool(cfg.slots) if cfg.warm_ranks else None
+        self._spawner = Spawner()
+        self._warm = (
+            WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled)
+            if cfg.warm_ranks
+            else None
+        )
         self.socket_path = str(self.run_dir / "agent.sock")
         self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
                                  agent_socket=self.socket_path, on_change=self._changed.set,
-                                 warm_pool=self._warm)
+                                 spawner=self._spawner, warm_pool=self._warm)
         self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
 
     # ---------------------------------------------------------------- lifecycle
@@ -101,6 +107,7 @@ class Agent:
         self._rank_socket.close()
         if self._warm is not None:
             self._warm.close()
+        self._spawner.close()
         if self._owns_run_dir:
             import shutil
 
@@ -234,6 +241,10 @@ class Agent:
 
     # ---------------------------------------------------------------- ranks and fencing
 
+    def _ranks_settled(self) -> bool:
+        """Every live rank has reported a step (or ended): start-up is over on this node."""
+        return all(r.step >= 0 or r.ended for r in self.launcher.ranks())
+
     def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
         if msg["op"] == "step":
             step, at = msg.get("step"), msg.get("at")
@@ -262,6 +273,7 @@ def _report(proc: RankProcess) -> agent_pb2.RankReport:
         state=_RANK_STATE[proc.phase],
         step=proc.step,
         step_at=proc.step_at,
+        first_step_at=proc.first_step_at,
     )
     if proc.ended:
         status.exit_reason = proc.exit_reason()

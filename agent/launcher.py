@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class RankProcess:
     started_at: float = 0.0
     step: int = -1
     step_at: float = 0.0
+    first_step_at: float = 0.0
     stop_requested: bool = False
     stop_reason: str = ""
     reports_after_end: int = 0
@@ -144,8 +146,10 @@ class Launcher:
         run_dir: Path,
         agent_socket: str,
         on_change: Callable[[], None],
+        spawner: Spawner,
         warm_pool: WarmPool | None = None,
     ) -> None:
+        self._spawner = spawner
         self.node = node
         self.run_dir = run_dir
         self.agent_socket = agent_socket
@@ -173,6 +177,8 @@ class Launcher:
         proc = self.find(job_id, attempt, rank)
         if proc is not None and step > proc.step:
             proc.step, proc.step_at = step, at
+            if not proc.first_step_at:
+                proc.first_step_at = at
 
     def reported(self, ranks: list[RankProcess]) -> None:
         """Called after a heartbeat carrying ``ranks`` went out on a live stream; records that
@@ -212,6 +218,8 @@ class Launcher:
         rank_dir.mkdir(parents=True, exist_ok=True)
         proc.error_file = rank_dir / f"rank-{proc.rank}.error.json"
         env = dict(os.environ)
+        # torch's libuv TCPStore server takes ~0.5 s to come up; the classic one ~10 ms
+        env["USE_LIBUV"] = "0"
         env.update(spec.env)
         env.update(
             RANK=str(proc.rank),
@@ -244,7 +252,7 @@ class Launcher:
                     raise NotADirectoryError(f"workdir {cwd!r} does not exist on {self.node}")
                 if shutil.which(argv[0], path=env.get("PATH")) is None and not Path(argv[0]).exists():
                     raise FileNotFoundError(f"command {argv[0]!r} not found on {self.node}")
-                popen = subprocess.Popen(
+                popen = self._spawner.popen(
                     argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, start_new_session=True,
                 )

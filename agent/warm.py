@@ -18,6 +18,10 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+
+from hpt.agent.spawn import Spawner
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +38,30 @@ _MAX_REQUEST_BYTES = 4 * 1024 * 1024
 class WarmPool:
     """Keeps ``size`` idle warm interpreters; ``take`` turns one into a rank."""
 
-    def __init__(self, size: int, *, base_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        spawner: Spawner,
+        *,
+        base_env: dict[str, str] | None = None,
+        settled: Callable[[], bool] = lambda: True,
+        settle_timeout_s: float = 30.0,
+    ) -> None:
         self._size = size
+        self._spawner = spawner
+        self._settled = settled
+        self._settle_timeout_s = settle_timeout_s
+        self._refilling = threading.Lock()
         self._env = dict(os.environ if base_env is None else base_env)
         self._env["PYTHONUNBUFFERED"] = "1"
         self._idle: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._wake = threading.Event()
         self._fill()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+        return self._spawner.popen(
             [sys.executable, "-m", "hpt.agent.warm"],
             env=self._env,
             stdin=subprocess.PIPE,
@@ -81,8 +98,21 @@ class WarmPool:
             proc.kill()
             proc.wait()
             return None
-        threading.Thread(target=self._fill, daemon=True, name="hpt-warm-fill").start()
+        threading.Thread(target=self._refill, daemon=True, name="hpt-warm-fill").start()
         return proc
+
+    def _refill(self) -> None:
+        # Replacements import torch (~2 s of CPU each): start them once the ranks just launched
+        # are past their own start-up, so they do not compete with it.
+        if not self._refilling.acquire(blocking=False):
+            return
+        try:
+            deadline = time.monotonic() + self._settle_timeout_s
+            while not self._closed and time.monotonic() < deadline and not self._settled():
+                self._wake.wait(0.2)
+            self._fill()
+        finally:
+            self._refilling.release()
 
     def can_run(self, argv: list[str], env: dict[str, str], cwd: str | None) -> bool:
         if len(argv) < 2 or argv[0] != sys.executable:
@@ -99,6 +129,7 @@ class WarmPool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._wake.set()
             idle, self._idle = self._idle, []
         for proc in idle:
             proc.kill()
@@ -107,6 +138,19 @@ class WarmPool:
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+def _prime_torch() -> None:
+    """Pay torch's lazy first-use costs now (the first optimizer step imports torch._dynamo:
+    ~0.8 s). Touches no RNG and leaves no state behind."""
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    (param * 2.0).sum().backward()
+    for opt in (torch.optim.SGD([param], lr=0.1), torch.optim.Adam([param]),
+                torch.optim.AdamW([param])):
+        opt.step()
+        opt.zero_grad()
 
 
 def _serve() -> int:
@@ -119,6 +163,7 @@ def _serve() -> int:
 
     import hpt  # noqa: F401
 
+    _prime_torch()
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
     if not line:
         return 0  # the pool closed us before handing out a rank

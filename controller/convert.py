@@ -139,6 +139,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         state=_RANK[rank.state],
         step=rank.step,
         step_at=rank.step_at,
+        first_step_at=rank.first_step_at,
         exit_reason=rank.exit_reason,
     )
     if rank.exit is not None:
@@ -156,6 +157,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         exit=exit_from_proto(msg.exit) if msg.HasField("exit") else None,
         step=msg.step,
         step_at=msg.step_at,
+        first_step_at=msg.first_step_at,
         exit_reason=msg.exit_reason,
     )
 

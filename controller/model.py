@@ -276,6 +276,7 @@ class Rank:
     exit: ExitInfo | None = None
     step: int = -1
     step_at: float = 0.0
+    first_step_at: float = 0.0
     exit_reason: str = ""
 
 

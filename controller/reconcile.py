@@ -127,6 +127,13 @@ class Reconciler:
             )
 
     def start(self) -> None:
+        # Nodes known from the store get a full heartbeat timeout more than usual, counted from
+        # now (the server is up), to reconnect: their agents back off up to 1 s between tries.
+        grace_until = time.monotonic() + self.cfg.heartbeat_timeout_s
+        with self.lock:
+            for runtime in self.nodes.values():
+                if runtime.node.state == NodeState.UNKNOWN:
+                    runtime.last_heartbeat = grace_until
         self._thread = threading.Thread(target=self._run, name="hpt-reconcile", daemon=True)
         self._thread.start()
 
@@ -280,8 +287,9 @@ class Reconciler:
         assert job is not None
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at
+            rank.first_step_at = seen.first_step_at or seen.step_at
             if not attempt.first_step_at:
-                attempt.first_step_at = seen.step_at
+                attempt.first_step_at = rank.first_step_at
                 self._emit("first_step", job, attempt=attempt.number,
                            message=f"first step of attempt {attempt.number}")
             self._dirty_jobs.add(job.id)

@@ -245,6 +245,7 @@ class RankStatus(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     STEP_AT_FIELD_NUMBER: _builtins.int
     EXIT_REASON_FIELD_NUMBER: _builtins.int
+    FIRST_STEP_AT_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -256,6 +257,8 @@ class RankStatus(_message.Message):
     """wall clock of that report"""
     exit_reason: _builtins.str
     """one line in words"""
+    first_step_at: _builtins.float
+    """wall clock of the rank's first step report in this attempt"""
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
     def __init__(
@@ -270,10 +273,11 @@ class RankStatus(_message.Message):
         step: _builtins.int = ...,
         step_at: _builtins.float = ...,
         exit_reason: _builtins.str = ...,
+        first_step_at: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "local_rank", b"local_rank", "node", b"node", "pid", b"pid", "rank", b"rank", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "pid", b"pid", "rank", b"rank", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,775 @@
+"""``hptctl``: the command line of hpt.
+
+Client commands (``submit``, ``ls``, ``status``, ``describe``, ``logs``, ``cancel``, ``nodes``,
+``events``) talk to the controller through :mod:`hpt.client`; daemon commands (``up``,
+``controller``, ``agent``) run the control plane in this process; ``demo`` starts a local cluster,
+runs a job, kills a rank and shows the recovery (see :mod:`hpt._demo`).
+
+Exit codes: 0 success; 1 failure (an RPC error, or a job that failed while a command waited for
+it); 2 usage error (bad flags, or a spec the controller refused as INVALID_ARGUMENT). Errors go to
+stderr as one line ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import grpc
+from rich.table import Table
+from rich.text import Text
+
+from hpt import client as hc
+from hpt._cli_util import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    age,
+    cell,
+    clock,
+    console,
+    duration,
+    error_line,
+    event_line,
+    fault_what,
+    fault_where,
+    kv_table,
+    rpc_error,
+    table,
+    wait_for_job,
+)
+from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
+
+_CANCEL_MARGIN_S = 30.0
+"""``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
+_DEFAULT_STOP_GRACE_S = 5.0
+
+
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class _Main(click.Group):
+    """The root group: turns every failure into one ``error:`` line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        code = self._run(args, prog_name, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:  # bare ``hptctl``: show the help, as click 8.1 did
+            click.echo(e.format_message())
+            return EXIT_OK
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            error_line(e.format_message() + hint)
+            return EXIT_USAGE
+        except click.ClickException as e:
+            error_line(e.format_message())
+            return e.exit_code
+        except click.Abort:
+            return EXIT_INTERRUPTED
+        return rv if isinstance(rv, int) else EXIT_OK
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """hpt: run PyTorch jobs on a cluster and keep them alive."""
+
+
+# --- shared options --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Conn:
+    controller: str | None
+    token_file: str | None
+    tls_ca: str | None
+
+    def open(self) -> hc.JobClient:
+        try:
+            addr = hc.resolve_controller(self.controller)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--controller'") from None
+        token = ""
+        if self.token_file:
+            try:
+                token = hc.read_token_file(self.token_file)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="'--token-file'") from None
+        try:
+            return hc.JobClient.connect(addr, token=token, tls_ca=self.tls_ca or "")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--tls-ca'") from None
+
+
+def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--controller``, ``--token-file`` and ``--tls-ca``, passed on as ``conn``."""
+
+    @click.option(
+        "--controller",
+        metavar="HOST:PORT",
+        help=f"Controller address [default: ${hc.CONTROLLER_ENV} or {hc.DEFAULT_CONTROLLER}].",
+    )
+    @click.option(
+        "--token-file",
+        envvar=hc.TOKEN_FILE_ENV,
+        type=click.Path(exists=True, dir_okay=False),
+        help=f"File holding the bearer token [env: {hc.TOKEN_FILE_ENV}].",
+    )
+    @click.option(
+        "--tls-ca",
+        type=click.Path(exists=True, dir_okay=False),
+        help="PEM CA of the controller's certificate; enables TLS.",
+    )
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        controller: str | None,
+        token_file: str | None,
+        tls_ca: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        return f(*args, conn=_Conn(controller, token_file, tls_ca), **kwargs)
+
+    return wrapper
+
+
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+
+
+@contextlib.contextmanager
+def _session(conn: _Conn) -> Iterator[hc.JobClient]:
+    """A connected client; RPC errors inside become ``CliError`` with a clear message."""
+    client = conn.open()
+    try:
+        yield client
+    except grpc.RpcError as e:
+        raise rpc_error(e, client.address) from None
+    finally:
+        client.close()
+
+
+def _status_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        ("id", d["id"]),
+        ("name", d["name"]),
+        ("state", d["state"]),
+        ("reason", d["reason"]),
+        ("attempt", d["attempt"]),
+        ("restarts", d["restarts"]),
+        ("world size", d["world_size"]),
+        ("nodes", d["nodes"]),
+        ("created", clock(d["created_at"])),
+    ]
+
+
+def _attempts_table(attempts: list[dict[str, Any]], title: str) -> Table:
+    t = table(
+        "#", "STATE", "NODES", "WORLD", "STARTED", "FIRST STEP", "ENDED", "CAUSE", title=title
+    )
+    for a in attempts:
+        cause = a["cause"]
+        t.add_row(
+            *map(cell, (a["number"], a["state"], a["nodes"], a["world_size"])),
+            *map(cell, (clock(a["started_at"]), clock(a["first_step_at"]))),
+            cell(clock(a["ended_at"])),
+            cell(f"{fault_what(cause)} ({fault_where(cause)})" if cause else None),
+        )
+    return t
+
+
+def _ranks_table(ranks: list[dict[str, Any]], title: str) -> Table:
+    t = table("RANK", "NODE", "PID", "STATE", "STEP", "EXIT", title=title)
+    for r in ranks:
+        t.add_row(
+            *map(cell, (r["rank"], r["node"], r["pid"], r["state"], r["step"])),
+            cell(r["exit_reason"]),
+        )
+    return t
+
+
+def _faults_table(faults: list[dict[str, Any]], title: str) -> Table:
+    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", title=title)
+    for f in faults:
+        t.add_row(
+            *map(cell, (f["attempt"], fault_what(f), fault_where(f), f["classification"])),
+            cell(clock(f["detected_at"])),
+            cell(duration(f["recovery_s"])),
+        )
+    return t
+
+
+def _history_table(history: list[dict[str, Any]], title: str) -> Table:
+    t = table("AT", "STATE", "REASON", title=title)
+    for h in history:
+        t.add_row(*map(cell, (clock(h["at"]), h["state"], h["reason"])))
+    return t
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+# --- client commands -------------------------------------------------------------------------
+
+
+def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} must be KEY=VALUE", ctx, param)
+        if not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
+            raise click.BadParameter(f"{key!r} is not a valid variable name", ctx, param)
+        if key in env:
+            raise click.BadParameter(f"{key!r} is given twice", ctx, param)
+        env[key] = value
+    return env
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-n",
+    "--nodes",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Nodes to run on.",
+)
+@click.option(
+    "-p",
+    "--procs-per-node",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Ranks per node.",
+)
+@click.option(
+    "--min-nodes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Fewest nodes to continue on after a fault [default: NODES].",
+)
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    callback=_parse_env,
+    metavar="KEY=VALUE",
+    help="Environment variable for every rank (repeatable).",
+)
+@click.option("--name", default="", help="Job name.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Working directory of the ranks [default: current directory].",
+)
+@click.option(
+    "--node-wait",
+    type=float,
+    default=None,
+    help="Seconds to wait for enough nodes [default: 300].",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=None,
+    help="Seconds between SIGTERM and SIGKILL when stopping ranks [default: 5].",
+)
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
+@click.argument(
+    "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
+)
+@client_options
+def submit(
+    conn: _Conn,
+    nodes: int,
+    procs_per_node: int,
+    min_nodes: int | None,
+    max_restarts: int,
+    env: dict[str, str],
+    name: str,
+    workdir: str | None,
+    node_wait: float | None,
+    grace: float | None,
+    wait: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
+    with _session(conn) as client:
+        job_id = client.submit(
+            command=command,
+            nodes=nodes,
+            procs_per_node=procs_per_node,
+            min_nodes=min_nodes,
+            max_restarts=max_restarts,
+            env=env,
+            name=name,
+            workdir=os.path.abspath(workdir or os.getcwd()),
+            node_wait_timeout_s=node_wait,
+            stop_grace_s=grace,
+        )
+        click.echo(job_id)
+        if not wait:
+            return
+        job = wait_for_job(client, job_id, on_change=_echo_progress)
+    d = hc.job_to_dict(job)
+    if d["state"] != "SUCCEEDED":
+        raise CliError(f"job {job_id} {d['state']}: {d['reason'] or 'no reason given'}")
+
+
+def _echo_progress(d: dict[str, Any]) -> None:
+    reason = f": {d['reason']}" if d["reason"] else ""
+    click.echo(
+        f"job {d['id']} {d['state']} (attempt {d['attempt']}, restarts {d['restarts']}, "
+        f"world size {d['world_size']}){reason}",
+        err=True,
+    )
+
+
+@main.command("ls")
+@output_option
+@client_options
+def ls_(conn: _Conn, output: str) -> None:
+    """List jobs."""
+    with _session(conn) as client:
+        jobs = [hc.job_to_dict(j) for j in client.list()]
+    if output == "json":
+        _echo_json(jobs)
+        return
+    t = table("ID", "NAME", "STATE", "ATTEMPT", "RESTARTS", "WORLD", "NODES", "AGE", "REASON")
+    for d in jobs:
+        t.add_row(
+            *map(cell, (d["id"], d["name"], d["state"], d["attempt"], d["restarts"])),
+            *map(cell, (d["world_size"], d["nodes"], age(d["created_at"]))),
+            cell(d["reason"]),
+        )
+    console().print(t)
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@output_option
+@client_options
+def status(conn: _Conn, job_id: str, output: str) -> None:
+    """Show the state of a job."""
+    with _session(conn) as client:
+        d = hc.job_to_dict(client.get(job_id))
+    if output == "json":
+        _echo_json(d)
+    else:
+        console().print(kv_table(_status_rows(d)))
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@output_option
+@client_options
+def describe(conn: _Conn, job_id: str, output: str) -> None:
+    """Show a job in detail: attempts, ranks, faults and history."""
+    with _session(conn) as client:
+        d = hc.job_to_dict(client.get(job_id), detail=True)
+    if output == "json":
+        _echo_json(d)
+        return
+    out = console()
+    spec = d["spec"]
+    rows = _status_rows(d) + [
+        ("command", " ".join(spec["command"])),
+        (
+            "requested",
+            f"{spec['nodes']} nodes x {spec['procs_per_node']} procs "
+            f"(min {spec['min_nodes']} nodes, max {spec['max_restarts']} restarts)",
+        ),
+        ("workdir", spec["workdir"]),
+    ]
+    if d["root_cause"]:
+        rc = d["root_cause"]
+        rows.append(
+            ("root cause", f"{fault_what(rc)} ({fault_where(rc)}, {rc['classification'] or '-'})")
+        )
+    out.print(kv_table(rows, title="Job"))
+    sections = (
+        ("Attempts", d["attempts"], _attempts_table),
+        (f"Ranks (attempt {d['attempt']})", d["ranks"], _ranks_table),
+        ("Faults", d["faults"], _faults_table),
+        ("History", d["history"], _history_table),
+    )
+    for title, rows, render in sections:
+        out.print()
+        out.print(render(rows, title) if rows else Text(f"{title}: none"))
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="Only this rank.")
+@client_options
+def logs(conn: _Conn, job_id: str, follow: bool, rank: int | None) -> None:
+    """Print the output of a job's ranks."""
+    with _session(conn) as client:
+        for line in client.logs(job_id, follow=follow, rank=rank):
+            text = line.text.removesuffix("\n")
+            click.echo(text if rank is not None else f"[rank {line.rank}] {text}")
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--grace",
+    type=float,
+    default=0.0,
+    help="Seconds between SIGTERM and SIGKILL [default: the job's].",
+)
+@client_options
+def cancel(conn: _Conn, job_id: str, grace: float) -> None:
+    """Stop a job and wait until it reports CANCELLED."""
+    with _session(conn) as client:
+        job = client.cancel(job_id, grace_s=grace)
+        grace_s = grace or job.spec.stop_grace_s or _DEFAULT_STOP_GRACE_S
+        job = wait_for_job(client, job_id, timeout_s=grace_s + _CANCEL_MARGIN_S)
+    state = hc.job_state_name(job.state)
+    if state == "CANCELLED":
+        click.echo(f"job {job_id} cancelled")
+    else:
+        click.echo(f"job {job_id} had already ended: {state}", err=True)
+
+
+@main.command()
+@output_option
+@client_options
+def nodes(conn: _Conn, output: str) -> None:
+    """List the agents (nodes) and their state."""
+    with _session(conn) as client:
+        found = [hc.node_to_dict(n) for n in client.nodes()]
+    if output == "json":
+        _echo_json(found)
+        return
+    t = table("NAME", "STATE", "ADDRESS", "SLOTS", "LAST SEEN", "REASON")
+    for n in found:
+        t.add_row(
+            *map(cell, (n["name"], n["state"], n["address"], n["slots"])),
+            cell(age(n["last_seen_at"])),
+            cell(n["reason"]),
+        )
+    console().print(t)
+
+
+@main.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new events.")
+@click.option("--job", "job_id", metavar="JOB", default="", help="Only this job's events.")
+@output_option
+@client_options
+def events(conn: _Conn, follow: bool, job_id: str, output: str) -> None:
+    """Show the event log: submissions, launches, faults, restarts."""
+    with _session(conn) as client:
+        stream = (hc.event_to_dict(e) for e in client.events(follow=follow, job_id=job_id))
+        if output == "json":
+            for e in stream:
+                click.echo(json.dumps(e))
+        elif follow:
+            for e in stream:
+                click.echo(event_line(e))
+        else:
+            t = table("SEQ", "AT", "KIND", "JOB", "ATTEMPT", "NODE", "RANK", "MESSAGE")
+            for e in stream:
+                t.add_row(
+                    *map(cell, (e["seq"], clock(e["at"]), e["kind"], e["job_id"])),
+                    *map(cell, (e["attempt"] or None, e["node"], e["rank"])),
+                    cell(e["message"]),
+                )
+            console().print(t)
+
+
+# --- daemons ---------------------------------------------------------------------------------
+
+
+def _token_from(path: str | None, option: str = "'--token-file'") -> str:
+    if not path:
+        return ""
+    try:
+        return hc.read_token_file(path)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+
+def _config_error(e: ValueError) -> CliError:
+    return CliError(f"invalid configuration: {e}", EXIT_USAGE)
+
+
+@main.command()
+@click.option(
+    "--agents",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Agents (nodes) to start on this machine.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--host", default=DEFAULT_HOST, show_default=True)
+@click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Require this bearer token on every RPC.",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ranks each agent may run [default: CPU count].",
+)
+def up(
+    agents: int, port: int, host: str, redis_url: str, token_file: str | None, slots: int | None
+) -> None:
+    """Run a controller and AGENTS local agents until Ctrl-C (a cluster on one machine)."""
+    from hpt import _daemons
+    from hpt.controller.config import ControllerConfig
+
+    try:
+        cfg = ControllerConfig(
+            host=host, port=port, redis_url=redis_url, token=_token_from(token_file)
+        )
+    except ValueError as e:
+        raise _config_error(e) from None
+
+    def agent_argv(controller_addr: str, i: int) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "hpt.cli",
+            "agent",
+            "--controller",
+            controller_addr,
+            "--name",
+            f"node-{i}",
+        ]
+        if slots is not None:
+            argv += ["--slots", str(slots)]
+        if token_file:
+            argv += ["--token-file", os.path.abspath(token_file)]
+        return argv
+
+    _daemons.run_control_plane(cfg, num_agents=agents, agent_argv=agent_argv)
+
+
+@main.command()
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Require this bearer token on every RPC.",
+)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM CA of client certificates; requires mTLS.",
+)
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without TLS.")
+@click.option(
+    "--heartbeat-period", type=float, default=None, help="Seconds between agent heartbeats."
+)
+@click.option(
+    "--agent-lease",
+    type=float,
+    default=None,
+    help="Seconds agents keep ranks alive without the controller.",
+)
+def controller(
+    host: str,
+    port: int,
+    redis_url: str,
+    token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    insecure: bool,
+    heartbeat_period: float | None,
+    agent_lease: float | None,
+) -> None:
+    """Run the controller only (as the Helm chart does)."""
+    from hpt import _daemons
+    from hpt.controller.config import ControllerConfig
+
+    kwargs: dict[str, Any] = {}
+    if heartbeat_period is not None:
+        kwargs["heartbeat_period_s"] = heartbeat_period
+    if agent_lease is not None:
+        kwargs["agent_lease_s"] = agent_lease
+    try:
+        cfg = ControllerConfig(
+            host=host,
+            port=port,
+            redis_url=redis_url,
+            token=_token_from(token_file),
+            tls_cert=tls_cert or "",
+            tls_key=tls_key or "",
+            tls_client_ca=tls_client_ca or "",
+            insecure=insecure,
+            **kwargs,
+        )
+    except ValueError as e:
+        raise _config_error(e) from None
+    _daemons.run_control_plane(cfg, num_agents=0, agent_argv=None)
+
+
+@main.command()
+@click.option(
+    "--controller",
+    "controller_addr",
+    metavar="HOST:PORT",
+    help=f"Controller address [default: ${hc.CONTROLLER_ENV} or {hc.DEFAULT_CONTROLLER}].",
+)
+@click.option("--name", default=None, help="Node name, unique in the cluster [default: hostname].")
+@click.option(
+    "--address",
+    default=None,
+    help="Address other nodes reach this node's ranks on [default: 127.0.0.1].",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ranks this node may run [default: CPU count].",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Socket, logs and error files [default: a fresh temporary directory].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Bearer token to present to the controller.",
+)
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA; enables TLS.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client cert.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM client key.")
+@click.option(
+    "--lease",
+    type=float,
+    default=None,
+    help="Kill ranks after losing the controller this long [default: controller's].",
+)
+@click.option("--no-warm", is_flag=True, help="Do not keep warm (torch imported) processes.")
+def agent(
+    controller_addr: str | None,
+    name: str | None,
+    address: str | None,
+    slots: int | None,
+    run_dir: str | None,
+    token_file: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    lease: float | None,
+    no_warm: bool,
+) -> None:
+    """Run a node agent until SIGTERM/SIGINT."""
+    from hpt import _daemons
+    from hpt.agent.config import AgentConfig
+
+    try:
+        addr = hc.resolve_controller(controller_addr)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--controller'") from None
+    given = {
+        "name": name,
+        "address": address,
+        "slots": slots,
+        "lease_s": lease,
+        "run_dir": os.path.abspath(run_dir) if run_dir else None,
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    try:
+        cfg = AgentConfig(
+            controller=addr,
+            token=_token_from(token_file),
+            tls_ca=tls_ca or "",
+            tls_cert=tls_cert or "",
+            tls_key=tls_key or "",
+            warm_ranks=not no_warm,
+            **kwargs,
+        )
+    except ValueError as e:
+        raise _config_error(e) from None
+    _daemons.run_agent(cfg)
+
+
+@main.command()
+@click.option("--steps", type=click.IntRange(min=2), default=40, show_default=True)
+@click.option(
+    "--kill-at",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="Kill rank 1 once every rank reached this step.",
+)
+@click.option("--agents", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--procs", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--script",
+    default="examples/train.py",
+    show_default=True,
+    help="Training script (run with --steps N).",
+)
+@click.option("--keep", is_flag=True, help="Leave the local cluster running afterwards.")
+def demo(
+    steps: int, kill_at: int, agents: int, nodes: int, procs: int, script: str, keep: bool
+) -> None:
+    """Run a job on a local cluster, kill a rank, and watch hpt recover."""
+    from hpt import _demo
+
+    if kill_at >= steps:
+        raise click.BadParameter(
+            f"({kill_at}) must be < --steps ({steps})", param_hint="'--kill-at'"
+        )
+    if nodes > agents:
+        raise click.BadParameter(
+            f"({nodes}) must be <= --agents ({agents})", param_hint="'--nodes'"
+        )
+    if nodes * procs < 2:
+        raise click.UsageError("--nodes x --procs must be >= 2 so that there is a rank 1 to kill")
+    script_path = _demo.find_script(script)
+    if script_path is None:
+        raise click.BadParameter(f"{script!r} does not exist", param_hint="'--script'")
+    _demo.run(
+        steps=steps,
+        kill_at=kill_at,
+        num_agents=agents,
+        nodes=nodes,
+        procs=procs,
+        script=script_path,
+        keep=keep,
+    )
+
+
+if __name__ == "__main__":
+    main(prog_name="hptctl")

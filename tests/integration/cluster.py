@@ -1,0 +1,266 @@
+"""A real local cluster for tests and benchmarks: one controller and N agents, each its own
+process (``python -m hpt.cli controller|agent``) on loopback, plus the client to drive them.
+
+Every process started here is reaped by ``close()``, and every rank pid the cluster ever
+reported is checked dead (no orphans).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hpt._proto import common_pb2
+from hpt.client import JobClient
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = str(ROOT / "examples" / "train.py")
+BIN = Path(__file__).resolve().parent / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not true within {timeout_s:g}s")
+        tick.wait(poll_s)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def state_name(value: int) -> str:
+    return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        agents: int = 2,
+        slots: int = 2,
+        redis_url: str = "",
+        token: str = "",
+        warm: bool = False,
+        agent_lease_s: float | None = None,
+        heartbeat_period_s: float | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.redis_url = redis_url
+        self.token_file = ""
+        if token:
+            self.token_file = str(workdir / "token")
+            Path(self.token_file).write_text(token + "\n")
+            os.chmod(self.token_file, 0o600)
+        self.warm = warm
+        self.slots = slots
+        self.num_agents = agents
+        self.agent_lease_s = agent_lease_s
+        self.heartbeat_period_s = heartbeat_period_s
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._all: list[subprocess.Popen[bytes]] = []
+        self._rank_pids: set[int] = set()
+        self._client: JobClient | None = None
+        self._restarts = 0
+
+    # ---------------------------------------------------------------- processes
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / log_name, "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+        )
+        log.close()
+        self._all.append(proc)
+        return proc
+
+    def start_controller(self) -> None:
+        args = ["controller", "--port", str(self.port)]
+        if self.redis_url:
+            args += ["--redis-url", self.redis_url]
+        if self.token_file:
+            args += ["--token-file", self.token_file]
+        if self.agent_lease_s is not None:
+            args += ["--agent-lease", str(self.agent_lease_s)]
+        if self.heartbeat_period_s is not None:
+            args += ["--heartbeat-period", str(self.heartbeat_period_s)]
+        self.controller = self._spawn(args, f"controller-{self._restarts}.log")
+        self._restarts += 1
+        wait_for(self._serving, 60, "controller health SERVING", poll_s=0.1)
+
+    def _serving(self) -> bool:
+        if self.controller is not None and self.controller.poll() is not None:
+            raise RuntimeError(f"controller exited {self.controller.returncode}: {self.logs()}")
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                )
+            except grpc.RpcError:
+                return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def start_agent(self, name: str) -> None:
+        args = ["agent", "--controller", self.address, "--name", name, "--slots", str(self.slots),
+                "--run-dir", str(self.workdir / f"run-{name}")]
+        if not self.warm:
+            args.append("--no-warm")
+        if self.token_file:
+            args += ["--token-file", self.token_file]
+        self.agents[name] = self._spawn(args, f"agent-{name}.log")
+
+    def start(self) -> LocalCluster:
+        self.start_controller()
+        for i in range(self.num_agents):
+            self.start_agent(f"node-{i}")
+        self.wait_nodes_ready(self.num_agents)
+        return self
+
+    def wait_nodes_ready(self, count: int, timeout_s: float = 60) -> None:
+        def ready() -> bool:
+            nodes = self.client.nodes()
+            return sum(n.state == common_pb2.NODE_STATE_READY for n in nodes) >= count
+
+        wait_for(ready, timeout_s, f"{count} node(s) READY", poll_s=0.1)
+
+    def kill_controller(self) -> None:
+        assert self.controller is not None
+        self.controller.kill()
+        self.controller.wait(timeout=30)
+        self._drop_client()
+
+    def kill_agent(self, name: str) -> None:
+        proc = self.agents.pop(name)
+        proc.kill()
+        proc.wait(timeout=30)
+
+    # ---------------------------------------------------------------- client side
+
+    @property
+    def client(self) -> JobClient:
+        if self._client is None:
+            token = Path(self.token_file).read_text().strip() if self.token_file else ""
+            self._client = JobClient.connect(self.address, token=token)
+        return self._client
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def submit(self, *args: str, nodes: int = 2, procs: int = 2, **kw) -> str:  # type: ignore[no-untyped-def]
+        kw.setdefault("workdir", str(ROOT))
+        command = list(args) if args else ["python", TRAIN]
+        return self.client.submit(command=command, nodes=nodes, procs_per_node=procs, **kw)
+
+    def job(self, job_id: str) -> common_pb2.Job:
+        job = self.client.get(job_id)
+        for attempt in job.attempts:
+            self._rank_pids.update(r.pid for r in attempt.ranks if r.pid > 0)
+        return job
+
+    def wait_job(self, job_id: str, predicate: Callable[[common_pb2.Job], bool], timeout_s: float,
+                 what: str = "job condition") -> common_pb2.Job:
+        return wait_for(lambda: (lambda j: j if predicate(j) else None)(self.job(job_id)),
+                        timeout_s, what)
+
+    def wait_terminal(self, job_id: str, timeout_s: float = 120) -> common_pb2.Job:
+        terminal = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
+                    common_pb2.JOB_STATE_CANCELLED}
+        return self.wait_job(job_id, lambda j: j.state in terminal, timeout_s, "job terminal")
+
+    def wait_step(self, job_id: str, attempt: int, step: int, timeout_s: float = 90) -> common_pb2.Job:
+        def reached(job: common_pb2.Job) -> bool:
+            if len(job.attempts) < attempt:
+                return False
+            ranks = job.attempts[attempt - 1].ranks
+            return bool(ranks) and all(r.step >= step for r in ranks)
+
+        return self.wait_job(job_id, reached, timeout_s, f"attempt {attempt} at step {step}")
+
+    def events(self, job_id: str = "") -> list[common_pb2.Event]:
+        return list(self.client.events(follow=False, job_id=job_id))
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.workdir.glob("*.log"))
+        )
+
+    # ---------------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        with_ranks = True
+        try:
+            for job in self.client.list():
+                for attempt in job.attempts:
+                    self._rank_pids.update(r.pid for r in attempt.ranks if r.pid > 0)
+        except grpc.RpcError:
+            with_ranks = False
+        self._drop_client()
+        for proc in reversed(self._all):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self._all:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        survivors = wait_for_dead(self._rank_pids, 10)
+        assert not survivors, f"orphan rank processes {survivors} (ranks known: {with_ranks})"
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for_dead(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    while True:
+        alive = {p for p in pids if pid_alive(p)}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        tick.wait(0.05)
