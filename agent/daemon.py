@@ -190,6 +190,7 @@ class Agent:
             hostname=socket.gethostname(),
             ranks=[_report(r) for r in self.launcher.ranks()],
             free_port=free_port(self.cfg.address),
+            warm_ready=self._warm.ready() if self._warm else 0,
         )
 
     def _heartbeat_loop(self, outbox: queue.Queue, ended: threading.Event) -> None:  # type: ignore[type-arg]
@@ -213,6 +214,7 @@ class Agent:
                         ],
                         free_port=free_port(self.cfg.address),
                         dropped_log_bytes=dropped,
+                        warm_ready=self._warm.ready() if self._warm else 0,
                     )
                 )
             )

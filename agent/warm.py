@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ _STARTUP_ONLY = (
     "TORCH_CPP_LOG_LEVEL", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
 )
 _MAX_REQUEST_BYTES = 4 * 1024 * 1024
+_READY_FD_ENV = "HPT_WARM_READY_FD"
 
 
 class WarmPool:
@@ -55,25 +57,40 @@ class WarmPool:
         self._env = dict(os.environ if base_env is None else base_env)
         self._env["PYTHONUNBUFFERED"] = "1"
         self._idle: list[subprocess.Popen[bytes]] = []
+        self._ready_fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._wake = threading.Event()
         self._fill()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return self._spawner.popen(
-            [sys.executable, "-m", "hpt.agent.warm"],
-            env=self._env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # the child writes one byte on this pipe once torch is imported and primed
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = self._spawner.popen(
+                [sys.executable, "-m", "hpt.agent.warm"],
+                env={**self._env, _READY_FD_ENV: str(write_fd)},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._ready_fds[proc.pid] = read_fd
+        return proc
 
     def _fill(self) -> None:
         with self._lock:
             if self._closed:
                 return
+            for p in self._idle:
+                if p.poll() is not None and p.pid in self._ready_fds:
+                    os.close(self._ready_fds.pop(p.pid))
             self._idle = [p for p in self._idle if p.poll() is None]
             missing = self._size - len(self._idle)
             self._idle.extend(self._spawn() for _ in range(missing))
@@ -89,11 +106,15 @@ class WarmPool:
                 return None
             proc = idle[0]
             self._idle.remove(proc)
+            fd = self._ready_fds.pop(proc.pid, None)
+        if fd is not None:
+            os.close(fd)
         request = json.dumps({"argv": argv[1:], "env": env, "cwd": cwd}).encode() + b"\n"
         try:
             assert proc.stdin is not None
             proc.stdin.write(request)
             proc.stdin.close()
+            proc.stdin = None  # the rank's stdin is /dev/null from here on
         except OSError:
             proc.kill()
             proc.wait()
@@ -114,6 +135,21 @@ class WarmPool:
         finally:
             self._refilling.release()
 
+    def ready(self) -> int:
+        """Idle interpreters that finished importing torch and wait for a rank."""
+        with self._lock:
+            return sum(1 for p in self._idle if p.poll() is None and self._ready_signalled(p))
+
+    def _ready_signalled(self, proc: subprocess.Popen[bytes]) -> bool:
+        fd = self._ready_fds.get(proc.pid)
+        if fd is None:
+            return True
+        if not select.select([fd], [], [], 0)[0]:
+            return False
+        os.close(fd)
+        del self._ready_fds[proc.pid]
+        return True
+
     def can_run(self, argv: list[str], env: dict[str, str], cwd: str | None) -> bool:
         if len(argv) < 2 or argv[0] != sys.executable:
             return False
@@ -133,6 +169,9 @@ class WarmPool:
             idle, self._idle = self._idle, []
         for proc in idle:
             proc.kill()
+        for fd in self._ready_fds.values():
+            os.close(fd)
+        self._ready_fds.clear()
         for proc in idle:
             proc.wait()
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
@@ -164,6 +203,10 @@ def _serve() -> int:
     import hpt  # noqa: F401
 
     _prime_torch()
+    ready_fd = os.environ.pop(_READY_FD_ENV, "")
+    if ready_fd:
+        os.write(int(ready_fd), b"1")
+        os.close(int(ready_fd))
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
     if not line:
         return 0  # the pool closed us before handing out a rank

@@ -241,6 +241,7 @@ def node_to_proto(node: Node) -> pb.Node:
         last_seen_at=node.last_seen_at,
         reason=node.reason,
         hostname=node.hostname,
+        warm_ready=node.warm_ready,
     )
 
 
@@ -253,6 +254,7 @@ def node_from_proto(msg: pb.Node) -> Node:
         last_seen_at=msg.last_seen_at,
         reason=msg.reason,
         hostname=msg.hostname,
+        warm_ready=msg.warm_ready,
     )
 
 

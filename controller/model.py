@@ -339,6 +339,7 @@ class Node:
     last_seen_at: float = 0.0
     reason: str = ""
     hostname: str = ""
+    warm_ready: int = 0
 
 
 def _transition(record, table, new, reason: str, now: float):  # type: ignore[no-untyped-def]

@@ -237,6 +237,7 @@ class Reconciler:
         reports: list[RankReport],
         logs: list[tuple[str, int, int, str, str]],
         free_port: int,
+        warm_ready: int = 0,
     ) -> None:
         with self.lock:
             runtime = self.nodes.get(node)
@@ -244,6 +245,9 @@ class Reconciler:
                 return
             runtime.last_heartbeat = time.monotonic()
             runtime.node.last_seen_at = self._clock()
+            if runtime.node.warm_ready != warm_ready:
+                runtime.node.warm_ready = warm_ready
+                self._dirty_nodes.add(node)
             if free_port:
                 runtime.free_port = free_port
             for report in reports:

@@ -200,7 +200,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     log.warning("[-/-/%s/-] bad heartbeat refused: %s", node, exc)
                     continue
                 logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
-                self._rec.heartbeat(node, reports, logs, hb.free_port)
+                self._rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready)
                 link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
         except grpc.RpcError:
             pass  # the stream ended; Connect's finally reports the disconnect
@@ -216,7 +216,7 @@ def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
     if not reg.address or len(reg.address) > 255:
         raise ValueError("address must be a host name or IP address")
     node = Node(name=reg.node, address=reg.address, slots=reg.slots, state=NodeState.READY,
-                hostname=reg.hostname[:255])
+                hostname=reg.hostname[:255], warm_ready=reg.warm_ready)
     return node, _decode_reports(reg.ranks)
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hpt._proto import common_pb2 as hpt_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hpt/v1/agent.proto\x12\x06hpt.v1\x1a\x13hpt/v1/common.proto\"Q\n\nRankReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.hpt.v1.RankStatus\"W\n\x08LogChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x80\x01\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12!\n\x05ranks\x18\x05 \x03(\x0b\x32\x12.hpt.v1.RankReport\x12\x11\n\tfree_port\x18\x06 \x01(\r\"\x89\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12!\n\x05ranks\x18\x02 \x03(\x0b\x32\x12.hpt.v1.RankReport\x12\x1e\n\x04logs\x18\x03 \x03(\x0b\x32\x10.hpt.v1.LogChunk\x12\x11\n\tfree_port\x18\x04 \x01(\r\x12\x19\n\x11\x64ropped_log_bytes\x18\x05 \x01(\x04\"d\n\x0c\x41gentMessage\x12$\n\x08register\x18\x01 \x01(\x0b\x32\x10.hpt.v1.RegisterH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.hpt.v1.HeartbeatH\x00\x42\x06\n\x04kind\".\n\nLaunchRank\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nlocal_rank\x18\x02 \x01(\r\"\xbe\x02\n\x06Launch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12$\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x17.hpt.v1.Launch.EnvEntry\x12!\n\x05ranks\x18\x05 \x03(\x0b\x32\x12.hpt.v1.LaunchRank\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x18\n\x10local_world_size\x18\x07 \x01(\r\x12\x13\n\x0bmaster_addr\x18\x08 \x01(\t\x12\x13\n\x0bmaster_port\x18\t \x01(\r\x12\x0f\n\x07workdir\x18\n \x01(\t\x12\x11\n\tnode_rank\x18\x0b \x01(\r\x12\x11\n\tnum_nodes\x18\x0c \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x04Stop\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07grace_s\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"G\n\nRegistered\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_period_s\x18\x02 \x01(\x01\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"\x1b\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xaa\x01\n\x11\x43ontrollerMessage\x12(\n\nregistered\x18\x01 \x01(\x0b\x32\x12.hpt.v1.RegisteredH\x00\x12 \n\x06launch\x18\x02 \x01(\x0b\x32\x0e.hpt.v1.LaunchH\x00\x12\x1c\n\x04stop\x18\x03 \x01(\x0b\x32\x0c.hpt.v1.StopH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.hpt.v1.HeartbeatAckH\x00\x42\x06\n\x04kind2N\n\x0c\x41gentService\x12>\n\x07\x43onnect\x12\x14.hpt.v1.AgentMessage\x1a\x19.hpt.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hpt/v1/agent.proto\x12\x06hpt.v1\x1a\x13hpt/v1/common.proto\"Q\n\nRankReport\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.hpt.v1.RankStatus\"W\n\x08LogChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x0e\n\x06stream\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x94\x01\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12!\n\x05ranks\x18\x05 \x03(\x0b\x32\x12.hpt.v1.RankReport\x12\x11\n\tfree_port\x18\x06 \x01(\r\x12\x12\n\nwarm_ready\x18\x07 \x01(\r\"\x9d\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12!\n\x05ranks\x18\x02 \x03(\x0b\x32\x12.hpt.v1.RankReport\x12\x1e\n\x04logs\x18\x03 \x03(\x0b\x32\x10.hpt.v1.LogChunk\x12\x11\n\tfree_port\x18\x04 \x01(\r\x12\x19\n\x11\x64ropped_log_bytes\x18\x05 \x01(\x04\x12\x12\n\nwarm_ready\x18\x06 \x01(\r\"d\n\x0c\x41gentMessage\x12$\n\x08register\x18\x01 \x01(\x0b\x32\x10.hpt.v1.RegisterH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.hpt.v1.HeartbeatH\x00\x42\x06\n\x04kind\".\n\nLaunchRank\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x12\n\nlocal_rank\x18\x02 \x01(\r\"\xbe\x02\n\x06Launch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07\x63ommand\x18\x03 \x03(\t\x12$\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x17.hpt.v1.Launch.EnvEntry\x12!\n\x05ranks\x18\x05 \x03(\x0b\x32\x12.hpt.v1.LaunchRank\x12\x12\n\nworld_size\x18\x06 \x01(\r\x12\x18\n\x10local_world_size\x18\x07 \x01(\r\x12\x13\n\x0bmaster_addr\x18\x08 \x01(\t\x12\x13\n\x0bmaster_port\x18\t \x01(\r\x12\x0f\n\x07workdir\x18\n \x01(\t\x12\x11\n\tnode_rank\x18\x0b \x01(\r\x12\x11\n\tnum_nodes\x18\x0c \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x04Stop\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07grace_s\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"G\n\nRegistered\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_period_s\x18\x02 \x01(\x01\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"\x1b\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\xaa\x01\n\x11\x43ontrollerMessage\x12(\n\nregistered\x18\x01 \x01(\x0b\x32\x12.hpt.v1.RegisteredH\x00\x12 \n\x06launch\x18\x02 \x01(\x0b\x32\x0e.hpt.v1.LaunchH\x00\x12\x1c\n\x04stop\x18\x03 \x01(\x0b\x32\x0c.hpt.v1.StopH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.hpt.v1.HeartbeatAckH\x00\x42\x06\n\x04kind2N\n\x0c\x41gentService\x12>\n\x07\x43onnect\x12\x14.hpt.v1.AgentMessage\x1a\x19.hpt.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGCHUNK']._serialized_start=134
   _globals['_LOGCHUNK']._serialized_end=221
   _globals['_REGISTER']._serialized_start=224
-  _globals['_REGISTER']._serialized_end=352
-  _globals['_HEARTBEAT']._serialized_start=355
-  _globals['_HEARTBEAT']._serialized_end=492
-  _globals['_AGENTMESSAGE']._serialized_start=494
-  _globals['_AGENTMESSAGE']._serialized_end=594
-  _globals['_LAUNCHRANK']._serialized_start=596
-  _globals['_LAUNCHRANK']._serialized_end=642
-  _globals['_LAUNCH']._serialized_start=645
-  _globals['_LAUNCH']._serialized_end=963
-  _globals['_LAUNCH_ENVENTRY']._serialized_start=921
-  _globals['_LAUNCH_ENVENTRY']._serialized_end=963
-  _globals['_STOP']._serialized_start=965
-  _globals['_STOP']._serialized_end=1037
-  _globals['_REGISTERED']._serialized_start=1039
-  _globals['_REGISTERED']._serialized_end=1110
-  _globals['_HEARTBEATACK']._serialized_start=1112
-  _globals['_HEARTBEATACK']._serialized_end=1139
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1142
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1312
-  _globals['_AGENTSERVICE']._serialized_start=1314
-  _globals['_AGENTSERVICE']._serialized_end=1392
+  _globals['_REGISTER']._serialized_end=372
+  _globals['_HEARTBEAT']._serialized_start=375
+  _globals['_HEARTBEAT']._serialized_end=532
+  _globals['_AGENTMESSAGE']._serialized_start=534
+  _globals['_AGENTMESSAGE']._serialized_end=634
+  _globals['_LAUNCHRANK']._serialized_start=636
+  _globals['_LAUNCHRANK']._serialized_end=682
+  _globals['_LAUNCH']._serialized_start=685
+  _globals['_LAUNCH']._serialized_end=1003
+  _globals['_LAUNCH_ENVENTRY']._serialized_start=961
+  _globals['_LAUNCH_ENVENTRY']._serialized_end=1003
+  _globals['_STOP']._serialized_start=1005
+  _globals['_STOP']._serialized_end=1077
+  _globals['_REGISTERED']._serialized_start=1079
+  _globals['_REGISTERED']._serialized_end=1150
+  _globals['_HEARTBEATACK']._serialized_start=1152
+  _globals['_HEARTBEATACK']._serialized_end=1179
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1182
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1352
+  _globals['_AGENTSERVICE']._serialized_start=1354
+  _globals['_AGENTSERVICE']._serialized_end=1432
 # @@protoc_insertion_point(module_scope)

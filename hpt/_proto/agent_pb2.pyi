@@ -89,12 +89,14 @@ class Register(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
     FREE_PORT_FIELD_NUMBER: _builtins.int
+    WARM_READY_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
     """host the node's ranks bind MASTER_ADDR on"""
     slots: _builtins.int
     hostname: _builtins.str
     free_port: _builtins.int
+    warm_ready: _builtins.int
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]:
         """ranks still alive or not yet acknowledged"""
@@ -108,10 +110,11 @@ class Register(_message.Message):
         hostname: _builtins.str = ...,
         ranks: _abc.Iterable[Global___RankReport] | None = ...,
         free_port: _builtins.int = ...,
+        warm_ready: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "hostname", b"hostname", "node", b"node", "ranks", b"ranks", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "hostname", b"hostname", "node", b"node", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,9 +129,11 @@ class Heartbeat(_message.Message):
     LOGS_FIELD_NUMBER: _builtins.int
     FREE_PORT_FIELD_NUMBER: _builtins.int
     DROPPED_LOG_BYTES_FIELD_NUMBER: _builtins.int
+    WARM_READY_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     free_port: _builtins.int
     dropped_log_bytes: _builtins.int
+    warm_ready: _builtins.int
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]: ...
     @_builtins.property
@@ -141,10 +146,11 @@ class Heartbeat(_message.Message):
         logs: _abc.Iterable[Global___LogChunk] | None = ...,
         free_port: _builtins.int = ...,
         dropped_log_bytes: _builtins.int = ...,
+        warm_ready: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_log_bytes", b"dropped_log_bytes", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_log_bytes", b"dropped_log_bytes", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

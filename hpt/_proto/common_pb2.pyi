@@ -477,6 +477,7 @@ class Node(_message.Message):
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    WARM_READY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     state: Global___NodeState.ValueType
@@ -485,6 +486,8 @@ class Node(_message.Message):
     """wall clock"""
     reason: _builtins.str
     hostname: _builtins.str
+    warm_ready: _builtins.int
+    """idle warm interpreters (torch imported) ready for a rank"""
     def __init__(
         self,
         *,
@@ -495,10 +498,11 @@ class Node(_message.Message):
         last_seen_at: _builtins.float = ...,
         reason: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        warm_ready: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "last_seen_at", b"last_seen_at", "name", b"name", "reason", b"reason", "slots", b"slots", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "last_seen_at", b"last_seen_at", "name", b"name", "reason", b"reason", "slots", b"slots", "state", b"state", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

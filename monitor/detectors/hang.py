@@ -1,0 +1,147 @@
+"""Hang detection: ranks that stopped making progress.
+
+A rank stuck in a collective, a deadlock or a loop that holds the GIL simply stops reporting
+steps. The caller (the controller, fed by agents' step reports) keeps, per rank, the time it last
+saw progress on *its own* monotonic clock and asks :func:`check_hang` with its ``now``.
+
+The deadline scales with the job: ``max(min_s, factor x median step time)``; before any step has
+completed (imports, data loading, compilation, restore) the much longer ``startup_s`` applies.
+Findings are ordered by how long each rank has been silent, longest first: in a hang the rank
+that stopped first is the likeliest root cause.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hpt.monitor.detectors._common import is_finite, require
+from hpt.monitor.records import Detection, Finding, FindingKind
+
+__all__ = ["HangConfig", "check_hang", "hang_deadline_s"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HangConfig:
+    """Tuning of the hang deadline."""
+
+    factor: float = 10.0
+    """Deadline as a multiple of the median step time."""
+    min_s: float = 5.0
+    """The deadline never goes below this, however fast steps are."""
+    startup_s: float = 300.0
+    """Deadline before the attempt's first step completes."""
+
+    def __post_init__(self) -> None:
+        require(is_finite(self.factor) and self.factor >= 1.0, "factor", self.factor, "be >= 1")
+        require(is_finite(self.min_s) and self.min_s > 0.0, "min_s", self.min_s, "be > 0")
+        require(
+            is_finite(self.startup_s) and self.startup_s >= self.min_s,
+            "startup_s",
+            self.startup_s,
+            f"be >= min_s ({self.min_s})",
+        )
+
+
+def hang_deadline_s(median_step_s: float | None, cfg: HangConfig) -> float:
+    """Seconds without progress after which a rank counts as hung.
+
+    Args:
+        median_step_s: median step time of the attempt, None before any step completed.
+        cfg: the deadline's tuning.
+
+    Returns:
+        ``cfg.startup_s`` when ``median_step_s`` is None, else
+        ``max(cfg.min_s, cfg.factor * median_step_s)``.
+
+    Raises:
+        ValueError: ``median_step_s`` is negative or not finite.
+    """
+    if median_step_s is None:
+        return cfg.startup_s
+    require(
+        is_finite(median_step_s) and median_step_s >= 0.0,
+        "median_step_s",
+        median_step_s,
+        "be a finite number >= 0 or None",
+    )
+    return max(cfg.min_s, cfg.factor * median_step_s)
+
+
+def check_hang(
+    last_progress_s_by_rank: Mapping[int, float],
+    median_step_s: float | None,
+    now: float,
+    cfg: HangConfig,
+    *,
+    job_id: str,
+    attempt: int,
+    nodes_by_rank: Mapping[int, str] | None = None,
+) -> Detection:
+    """Name the ranks with no progress for longer than the hang deadline.
+
+    Args:
+        last_progress_s_by_rank: per rank, when it last made progress (a step report; before
+            the first step, when it was launched), on the same clock as ``now``.
+        median_step_s: median step time of the attempt, None before any step completed.
+        now: the caller's monotonic clock.
+        cfg: the deadline's tuning.
+        job_id: stamped on the findings.
+        attempt: stamped on the findings.
+        nodes_by_rank: node of each rank, for the findings; missing ranks get "".
+
+    Returns:
+        One HANG finding per hung rank, longest silent first, and a one-line reason.
+    """
+    require(is_finite(now), "now", now, "be a finite number")
+    deadline = hang_deadline_s(median_step_s, cfg)
+    nodes = nodes_by_rank or {}
+    if median_step_s is None:
+        basis = f"startup deadline {deadline:.1f} s (no step completed yet)"
+    else:
+        basis = (
+            f"deadline {deadline:.1f} s = max({cfg.min_s:g} s, {cfg.factor:g} x median step "
+            f"{median_step_s:.3f} s)"
+        )
+    # Longest silent first; ties by rank so the order is stable.
+    silent = sorted(
+        ((now - t, rank) for rank, t in last_progress_s_by_rank.items() if not math.isnan(t)),
+        key=lambda x: (-x[0], x[1]),
+    )
+    findings: list[Finding] = []
+    for silent_s, rank in silent:
+        if silent_s <= deadline:
+            break
+        node = nodes.get(rank, "")
+        who = f"rank {rank} ({node})" if node else f"rank {rank}"
+        evidence: dict[str, float | int | str] = {
+            "silent_s": round(silent_s, 3),
+            "deadline_s": deadline,
+            "phase": "startup" if median_step_s is None else "steady",
+        }
+        if median_step_s is not None:
+            evidence["median_step_s"] = median_step_s
+        findings.append(
+            Finding(
+                kind=FindingKind.HANG,
+                job_id=job_id,
+                attempt=attempt,
+                rank=rank,
+                node=node,
+                message=f"{who} made no progress for {silent_s:.1f} s, past its {basis}",
+                detected_at_s=now,
+                evidence=evidence,
+            )
+        )
+    if not silent:
+        reason = f"job {job_id} attempt {attempt}: no ranks to check"
+    elif findings:
+        ranks = ", ".join(str(f.rank) for f in findings)
+        reason = f"job {job_id} attempt {attempt}: rank(s) {ranks} hung past {basis}"
+    else:
+        reason = (
+            f"job {job_id} attempt {attempt}: longest silence {silent[0][0]:.1f} s "
+            f"(rank {silent[0][1]}) within {basis}"
+        )
+    return Detection(tuple(findings), reason)

@@ -1,0 +1,383 @@
+"""Straggler detection: a rank persistently slower than the median of its peers.
+
+Per step, each rank's time (see :class:`StepMetric`) is compared with the median of the *other*
+ranks' times for that step. The rank is *slow at that step* when both
+
+- its ratio to the peer median is >= ``threshold`` (1.10 = 10% slower), and
+- its distance from the peer median, in robust standard deviations (MAD of the peers scaled by
+  1.4826, floored at ``noise_floor`` x median and ``noise_floor_s`` so identical timings do not
+  divide by zero), is >= ``min_z``. This keeps a cluster whose timings are all very noisy from
+  flagging whoever happened to be slow.
+
+A rank slow in >= ``persistence`` of its last ``window`` evaluated steps is flagged
+(:attr:`FindingKind.STRAGGLER`, emitted once); a flagged rank that is not slow for
+``persistence`` consecutive steps is cleared (:attr:`FindingKind.STRAGGLER_CLEARED`).
+
+A step is evaluated once every member rank has reported it or a later step (records of one rank
+arrive in order), so batches may arrive late and out of step across ranks. Members are the ranks
+declared with :meth:`StragglerDetector.expect_ranks`, else every rank seen in the attempt. Only
+durations measured on one rank's clock are compared, so node clocks need not agree.
+
+The per-rank *score* is the median ratio to the peer median over the rank's last ``persistence``
+steps: the value of the ``hpt_straggler_score`` gauge.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hpt.monitor.detectors._common import MAD_TO_SIGMA, median, median_sorted, require
+from hpt.monitor.records import Detection, Finding, FindingKind, StepRecord
+
+__all__ = ["StepMetric", "StragglerConfig", "StragglerDetector", "step_value"]
+
+_EPS = 1e-9
+
+
+class StepMetric(str, Enum):  # noqa: UP042 (STYLE: (str, Enum) for logged values)
+    """Which duration of a step the straggler detector compares across ranks."""
+
+    STEP = "step"
+    """``end_s - start_s``. In synchronous training this includes waiting for peers in
+    collectives, so every rank shows the slow rank's time: use it only without collectives."""
+    BUSY = "busy"
+    """``data_wait_s + compute_s``: the rank's own work, excluding time blocked on peers."""
+    COMPUTE = "compute"
+    """``compute_s`` only: ignores slow input pipelines."""
+
+
+def step_value(rec: StepRecord, metric: StepMetric) -> float:
+    """The duration of ``rec`` that ``metric`` names, in seconds."""
+    if metric is StepMetric.STEP:
+        return rec.end_s - rec.start_s
+    if metric is StepMetric.COMPUTE:
+        return rec.compute_s
+    return rec.data_wait_s + rec.compute_s
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StragglerConfig:
+    """Tuning of :class:`StragglerDetector`."""
+
+    threshold: float = 1.10
+    """Ratio to the peer median at or above which a step counts as slow (1.10 = 10% slower)."""
+    window: int = 10
+    """How many of the rank's most recent evaluated steps are considered."""
+    persistence: int = 5
+    """Slow steps within the window that flag a rank; consecutive fine steps that clear it."""
+    min_z: float = 2.0
+    """Robust z-score (distance from the peer median in MAD-scaled sigmas) a slow step needs."""
+    noise_floor: float = 0.02
+    """Lower bound of the peers' sigma as a fraction of their median."""
+    noise_floor_s: float = 1e-4
+    """Lower bound of the peers' sigma and of the median, in seconds."""
+    min_ranks: int = 2
+    """Ranks a step needs to be compared at all."""
+    metric: StepMetric = StepMetric.BUSY
+    """Which duration is compared."""
+    max_pending_steps: int = 64
+    """Steps buffered while waiting for late ranks; beyond this the oldest is evaluated with
+    the ranks that did report (a dead rank must not stop detection for the others)."""
+
+    def __post_init__(self) -> None:
+        require(self.threshold > 1.0, "threshold", self.threshold, "be > 1.0")
+        require(self.window >= 1, "window", self.window, "be >= 1")
+        require(
+            1 <= self.persistence <= self.window,
+            "persistence",
+            self.persistence,
+            f"be between 1 and window ({self.window})",
+        )
+        require(self.min_z >= 0.0, "min_z", self.min_z, "be >= 0")
+        require(self.noise_floor >= 0.0, "noise_floor", self.noise_floor, "be >= 0")
+        require(self.noise_floor_s > 0.0, "noise_floor_s", self.noise_floor_s, "be > 0")
+        require(self.min_ranks >= 2, "min_ranks", self.min_ranks, "be >= 2")
+        require(
+            isinstance(self.metric, StepMetric),
+            "metric",
+            self.metric,
+            f"be one of {', '.join(m.value for m in StepMetric)}",
+        )
+        require(self.max_pending_steps >= 1, "max_pending_steps", self.max_pending_steps, "be >= 1")
+
+
+@dataclass(slots=True)
+class _Rank:
+    node: str
+    window: int
+    last_step: int = -1
+    slow: deque[bool] = field(init=False)
+    ratios: deque[float] = field(init=False)
+    flagged: bool = False
+    fine_run: int = 0
+
+    def __post_init__(self) -> None:
+        self.slow = deque(maxlen=self.window)
+        self.ratios = deque(maxlen=self.window)
+
+
+@dataclass(slots=True)
+class _Job:
+    attempt: int
+    expected: frozenset[int] | None = None
+    ranks: dict[int, _Rank] = field(default_factory=dict)
+    # step -> rank -> (compared value, step_s)
+    pending: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    evaluated_through: int = -1
+    step_medians: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+
+
+@dataclass(slots=True)
+class _Verdict:
+    rank: int
+    value: float
+    peer_median: float
+    ratio: float
+    z: float
+    slow: bool
+
+
+class StragglerDetector:
+    """Stateful straggler detector for any number of jobs; one instance per controller.
+
+    State is kept per job; records of a newer attempt reset the job, records of an older
+    attempt are ignored (they are late reports from ranks already stopped).
+    """
+
+    def __init__(self, cfg: StragglerConfig | None = None) -> None:
+        self.cfg = cfg if cfg is not None else StragglerConfig()
+        self._jobs: dict[str, _Job] = {}
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def expect_ranks(self, job_id: str, attempt: int, nodes_by_rank: Mapping[int, str]) -> None:
+        """Declare the ranks of an attempt (and their nodes), e.g. when it launches.
+
+        Steps are then evaluated only once all these ranks reported them (or the buffer of
+        pending steps is full), instead of once all ranks *seen so far* did.
+        """
+        job = self._job_for(job_id, attempt)
+        if job is None:
+            return
+        job.expected = frozenset(nodes_by_rank)
+        for rank, node in nodes_by_rank.items():
+            self._rank(job, rank, node)
+
+    def observe(self, records: Iterable[object], now: float) -> Detection:
+        """Feed a batch of records (non-step records are ignored) and evaluate ready steps.
+
+        Args:
+            records: records in any order, from any ranks and jobs.
+            now: the caller's monotonic clock; stamped on findings as ``detected_at_s``.
+
+        Returns:
+            STRAGGLER / STRAGGLER_CLEARED findings and a one-line reason.
+        """
+        touched: dict[str, _Job] = {}
+        for rec in records:
+            if not isinstance(rec, StepRecord):
+                continue
+            job = self._job_for(rec.job_id, rec.attempt)
+            if job is None or rec.step <= job.evaluated_through:
+                continue
+            r = self._rank(job, rec.rank, rec.node)
+            r.last_step = max(r.last_step, rec.step)
+            value = step_value(rec, self.cfg.metric)
+            job.pending.setdefault(rec.step, {})[rec.rank] = (value, rec.end_s - rec.start_s)
+            touched[rec.job_id] = job
+
+        findings: list[Finding] = []
+        reasons: list[str] = []
+        for job_id, job in touched.items():
+            reasons.append(self._evaluate_ready(job_id, job, now, findings))
+        reason = "; ".join(reasons) if reasons else "no step records"
+        return Detection(tuple(findings), reason)
+
+    def forget(self, job_id: str) -> None:
+        """Drop all state of a job (it ended)."""
+        self._jobs.pop(job_id, None)
+
+    # -- outputs for metrics and the hang detector ----------------------------------------------
+
+    def scores(self, job_id: str) -> dict[int, float]:
+        """Per rank: median ratio to the peer median over its last ``persistence`` steps.
+
+        1.0 is in line with the peers; 1.3 is 30% slower.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            return {}
+        return {rank: self._score(r) for rank, r in job.ranks.items() if r.ratios}
+
+    def flagged(self, job_id: str) -> frozenset[int]:
+        """Ranks currently flagged as stragglers."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return frozenset()
+        return frozenset(rank for rank, r in job.ranks.items() if r.flagged)
+
+    def median_step_s(self, job_id: str) -> float | None:
+        """Median wall step time over recent evaluated steps, None before the first one.
+
+        This is what :func:`hpt.monitor.detectors.hang.check_hang` takes.
+        """
+        job = self._jobs.get(job_id)
+        if job is None or not job.step_medians:
+            return None
+        return median(job.step_medians)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _job_for(self, job_id: str, attempt: int) -> _Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or attempt > job.attempt:
+            job = _Job(attempt=attempt)
+            self._jobs[job_id] = job
+        elif attempt < job.attempt:
+            return None
+        return job
+
+    def _rank(self, job: _Job, rank: int, node: str) -> _Rank:
+        r = job.ranks.get(rank)
+        if r is None:
+            r = _Rank(node=node, window=self.cfg.window)
+            job.ranks[rank] = r
+        elif node:
+            r.node = node
+        return r
+
+    def _evaluate_ready(self, job_id: str, job: _Job, now: float, out: list[Finding]) -> str:
+        members = job.expected if job.expected is not None else job.ranks.keys()
+        watermark = min((job.ranks[m].last_step for m in members), default=-1)
+        ready = sorted(s for s in job.pending if s <= watermark)
+        overflow = len(job.pending) - len(ready) - self.cfg.max_pending_steps
+        if overflow > 0:
+            waiting = sorted(s for s in job.pending if s > watermark)
+            ready = sorted(ready + waiting[:overflow])
+        n_before = len(out)
+        evaluated: list[int] = []
+        top: _Verdict | None = None
+        for step in ready:
+            entries = job.pending.pop(step)
+            job.evaluated_through = max(job.evaluated_through, step)
+            if len(entries) < self.cfg.min_ranks:
+                continue
+            evaluated.append(step)
+            job.step_medians.append(median([e[1] for e in entries.values()]))
+            for v in self._judge(entries):
+                if top is None or v.ratio > top.ratio:
+                    top = v
+                self._update(job_id, job, step, v, now, out)
+        head = f"job {job_id} attempt {job.attempt}"
+        if not evaluated:
+            return f"{head}: no step ready (all ranks reported through step {watermark})"
+        span = (
+            f"step {evaluated[0]}"
+            if len(evaluated) == 1
+            else f"steps {evaluated[0]}..{evaluated[-1]}"
+        )
+        new = [f"rank {f.rank} {f.kind.value}" for f in out[n_before:]]
+        worst = f"max ratio {top.ratio:.2f} (rank {top.rank})" if top is not None else ""
+        return (
+            f"{head}: {span} over {len(job.ranks)} ranks, {self.cfg.metric.value} time vs "
+            f"threshold {self.cfg.threshold:.2f}: {worst}"
+            + (f"; {', '.join(new)}" if new else "; no change")
+        )
+
+    def _judge(self, entries: Mapping[int, tuple[float, float]]) -> list[_Verdict]:
+        cfg = self.cfg
+        order = sorted(entries, key=lambda rank: entries[rank][0])
+        vals = [entries[rank][0] for rank in order]
+        m = len(vals) - 1
+        verdicts: list[_Verdict] = []
+        for i, rank in enumerate(order):
+            v = vals[i]
+
+            def at(k: int, i: int = i) -> float:
+                return vals[k] if k < i else vals[k + 1]
+
+            med = at(m // 2) if m % 2 else (at(m // 2 - 1) + at(m // 2)) / 2.0
+            ratio = v / max(med, cfg.noise_floor_s)
+            z = 0.0
+            slow = False
+            if ratio >= cfg.threshold - _EPS:
+                # Only candidates pay for the peers' MAD.
+                peers = vals[:i] + vals[i + 1 :]
+                mad = median_sorted(sorted(abs(p - med) for p in peers))
+                sigma = max(MAD_TO_SIGMA * mad, cfg.noise_floor * med, cfg.noise_floor_s)
+                z = (v - med) / sigma
+                slow = z >= cfg.min_z - _EPS
+            verdicts.append(_Verdict(rank, v, med, ratio, z, slow))
+        return verdicts
+
+    def _score(self, r: _Rank) -> float:
+        n = min(len(r.ratios), self.cfg.persistence)
+        return median(list(r.ratios)[-n:])
+
+    def _update(
+        self, job_id: str, job: _Job, step: int, v: _Verdict, now: float, out: list[Finding]
+    ) -> None:
+        cfg = self.cfg
+        r = job.ranks[v.rank]
+        r.slow.append(v.slow)
+        r.ratios.append(v.ratio)
+        num_slow = sum(r.slow)
+        evidence: dict[str, float | int | str] = {
+            "step": step,
+            "score": round(self._score(r), 4),
+            "ratio": round(v.ratio, 4),
+            "z": round(v.z, 2),
+            "value_s": v.value,
+            "peer_median_s": v.peer_median,
+            "slow_steps": num_slow,
+            "window": len(r.slow),
+            "threshold": cfg.threshold,
+            "metric": cfg.metric.value,
+        }
+        who = f"rank {v.rank} ({r.node})" if r.node else f"rank {v.rank}"
+        if not r.flagged:
+            if num_slow >= cfg.persistence:
+                r.flagged = True
+                r.fine_run = 0
+                out.append(
+                    Finding(
+                        kind=FindingKind.STRAGGLER,
+                        job_id=job_id,
+                        attempt=job.attempt,
+                        rank=v.rank,
+                        node=r.node,
+                        message=(
+                            f"{who} is a straggler: {cfg.metric.value} time "
+                            f"{self._score(r):.2f}x the peer median, slow in {num_slow} of "
+                            f"its last {len(r.slow)} steps (threshold {cfg.threshold:.2f}, "
+                            f"persistence {cfg.persistence}) at step {step}"
+                        ),
+                        detected_at_s=now,
+                        evidence=evidence,
+                    )
+                )
+            return
+        r.fine_run = 0 if v.slow else r.fine_run + 1
+        if r.fine_run >= cfg.persistence:
+            r.flagged = False
+            r.fine_run = 0
+            # Start the window afresh so old slow steps cannot re-flag the rank at once.
+            r.slow.clear()
+            out.append(
+                Finding(
+                    kind=FindingKind.STRAGGLER_CLEARED,
+                    job_id=job_id,
+                    attempt=job.attempt,
+                    rank=v.rank,
+                    node=r.node,
+                    message=(
+                        f"{who} is no longer a straggler: in line with its peers for "
+                        f"{cfg.persistence} consecutive steps (ratio {v.ratio:.2f} at step {step})"
+                    ),
+                    detected_at_s=now,
+                    evidence=evidence,
+                )
+            )
