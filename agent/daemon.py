@@ -27,8 +27,10 @@ from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
 from hpt.agent.config import AgentConfig
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
 from hpt.agent.rank_socket import RankSocketServer
+from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
+from hpt.agent.watch import AgentMonitoring, WatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +72,24 @@ class Agent:
             else None
         )
         self.socket_path = str(self.run_dir / "agent.sock")
+        self.snapshots = SnapshotKeeper(cfg.name)
         self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
                                  agent_socket=self.socket_path, on_change=self._changed.set,
-                                 spawner=self._spawner, warm_pool=self._warm)
+                                 spawner=self._spawner, snapshots=self.snapshots,
+                                 warm_pool=self._warm)
         self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
+        self.monitoring = AgentMonitoring(
+            node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
+            on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
+            health_check=cfg.health_check, metrics_port=cfg.metrics_port,
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
     def run(self) -> None:
         """Serve until ``stop()``; reconnects to the controller as needed."""
         self._rank_socket.start()
+        self.monitoring.start()  # health check first: registration reports it
         fence = threading.Thread(target=self._fence_loop, name="hpt-fence", daemon=True)
         fence.start()
         backoff = _BACKOFF_FIRST_S
@@ -105,6 +115,8 @@ class Agent:
         if not self.launcher.wait_all(self.cfg.stop_grace_s + 5.0):
             log.error("[-/-/%s/-] ranks survived SIGKILL past the deadline", self.cfg.name)
         self._rank_socket.close()
+        self.monitoring.close()
+        self.snapshots.close()
         if self._warm is not None:
             self._warm.close()
         self._spawner.close()
@@ -155,6 +167,8 @@ class Agent:
                     beat.start()
                 elif kind == "launch":
                     self._on_launch(msg.launch)
+                elif kind == "release":
+                    self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
                     self.launcher.stop(s.job_id, s.attempt, grace_s=s.grace_s, reason=s.reason)
@@ -188,9 +202,10 @@ class Agent:
             address=self.cfg.address,
             slots=self.cfg.slots,
             hostname=socket.gethostname(),
-            ranks=[_report(r) for r in self.launcher.ranks()],
+            ranks=[self._report(r) for r in self.launcher.ranks()],
             free_port=free_port(self.cfg.address),
             warm_ready=self._warm.ready() if self._warm else 0,
+            **self.monitoring.register_fields(),
         )
 
     def _heartbeat_loop(self, outbox: queue.Queue, ended: threading.Event) -> None:  # type: ignore[type-arg]
@@ -207,7 +222,7 @@ class Agent:
                 agent_pb2.AgentMessage(
                     heartbeat=agent_pb2.Heartbeat(
                         seq=seq,
-                        ranks=[_report(r) for r in ranks],
+                        ranks=[self._report(r) for r in ranks],
                         logs=[
                             agent_pb2.LogChunk(job_id=j, attempt=a, rank=r, stream=s, text=t)
                             for j, a, r, s, t in logs
@@ -215,6 +230,7 @@ class Agent:
                         free_port=free_port(self.cfg.address),
                         dropped_log_bytes=dropped,
                         warm_ready=self._warm.ready() if self._warm else 0,
+                        **self.monitoring.heartbeat_fields(),
                     )
                 )
             )
@@ -234,6 +250,10 @@ class Agent:
             workdir=msg.workdir,
             node_rank=msg.node_rank,
             num_nodes=msg.num_nodes,
+            restore_step=msg.restore_step,
+            persist_dir=msg.persist_dir,
+            persist_every=msg.persist_every,
+            keep_persisted=msg.keep_persisted or 3,
         )
         if not spec.command or not spec.ranks:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
@@ -247,7 +267,22 @@ class Agent:
         """Every live rank has reported a step (or ended): start-up is over on this node."""
         return all(r.step >= 0 or r.ended for r in self.launcher.ranks())
 
+    def _report(self, proc: RankProcess) -> agent_pb2.RankReport:
+        report = _report(proc)
+        held, persisted = self.snapshots.steps(proc.job_id, proc.rank)
+        report.status.snapshot_steps.extend(held)
+        report.status.persisted_steps.extend(persisted)
+        return report
+
     def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
+        self.monitoring.on_rank_message(hello, msg)  # step, records, inflight
+        if msg["op"] in ("snapshot", "discard"):
+            step, generation = snapshot_message_fields(msg)
+            if msg["op"] == "snapshot":
+                self.snapshots.committed(hello["job_id"], hello["rank"], step, generation)
+            else:
+                self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
+            return
         if msg["op"] == "step":
             step, at = msg.get("step"), msg.get("at")
             if not isinstance(step, int) or not isinstance(at, int | float):

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 
@@ -62,6 +63,10 @@ class LaunchSpec:
     workdir: str
     node_rank: int
     num_nodes: int
+    restore_step: int = 0
+    persist_dir: str = ""
+    persist_every: int = 0
+    keep_persisted: int = 3
 
 
 @dataclass(kw_only=True, slots=True)
@@ -147,9 +152,11 @@ class Launcher:
         agent_socket: str,
         on_change: Callable[[], None],
         spawner: Spawner,
+        snapshots: SnapshotKeeper,
         warm_pool: WarmPool | None = None,
     ) -> None:
         self._spawner = spawner
+        self._snapshots = snapshots
         self.node = node
         self.run_dir = run_dir
         self.agent_socket = agent_socket
@@ -236,8 +243,13 @@ class Launcher:
             HPT_NODE=self.node,
             HPT_AGENT_SOCKET=self.agent_socket,
             HPT_ERROR_FILE=str(proc.error_file),
+            HPT_STACK_FILE=str(rank_dir / f"rank-{proc.rank}.stacks.txt"),
+            HPT_RESTORE_STEP=str(spec.restore_step),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self._snapshots.prepare(
+            spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
+            persist_every=spec.persist_every, keep_persisted=spec.keep_persisted))
         argv = list(spec.command)
         if argv[0] in _PYTHON_NAMES:
             argv[0] = sys.executable

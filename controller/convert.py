@@ -54,6 +54,9 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
             msg.node_wait_timeout_s if msg.HasField("node_wait_timeout_s") else 300.0
         ),
         stop_grace_s=msg.stop_grace_s if msg.HasField("stop_grace_s") else 5.0,
+        persist_dir=msg.persist_dir,
+        persist_every=msg.persist_every,
+        keep_persisted=msg.keep_persisted or 3,
     )
 
 
@@ -69,6 +72,9 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         workdir=spec.workdir,
         node_wait_timeout_s=spec.node_wait_timeout_s,
         stop_grace_s=spec.stop_grace_s,
+        persist_dir=spec.persist_dir,
+        persist_every=spec.persist_every,
+        keep_persisted=spec.keep_persisted,
     )
 
 
@@ -141,6 +147,8 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         step_at=rank.step_at,
         first_step_at=rank.first_step_at,
         exit_reason=rank.exit_reason,
+        snapshot_steps=list(rank.snapshot_steps),
+        persisted_steps=list(rank.persisted_steps),
     )
     if rank.exit is not None:
         msg.exit.CopyFrom(exit_to_proto(rank.exit))
@@ -159,6 +167,8 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         step_at=msg.step_at,
         first_step_at=msg.first_step_at,
         exit_reason=msg.exit_reason,
+        snapshot_steps=tuple(msg.snapshot_steps),
+        persisted_steps=tuple(msg.persisted_steps),
     )
 
 

@@ -47,6 +47,8 @@ RESERVED_ENV = frozenset(
     }
 )
 RESERVED_ENV_PREFIX = "HPT_"
+FAULT_ENV_PREFIX = "HPT_FAULT_"
+"""Fault-injection knobs (hpt/_faults.py) are the one HPT_ family a job may set."""
 
 
 class IllegalTransitionError(RuntimeError):
@@ -179,6 +181,12 @@ class JobSpec:
     """How long a job waits for enough healthy nodes before it fails."""
     stop_grace_s: float = 5.0
     """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
+    persist_dir: str = ""
+    """Directory (local or shared) the agents persist snapshots to; empty: never persist."""
+    persist_every: int = 0
+    """Persist every Nth complete snapshot (by step number); 0: never."""
+    keep_persisted: int = 3
+    """Persisted checkpoints kept per rank (older ones are deleted)."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -205,7 +213,9 @@ class JobSpec:
         for key, value in self.env:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"env name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
-            if key in RESERVED_ENV or key.startswith(RESERVED_ENV_PREFIX):
+            if key in RESERVED_ENV or (
+                key.startswith(RESERVED_ENV_PREFIX) and not key.startswith(FAULT_ENV_PREFIX)
+            ):
                 raise ValueError(f"env name {key!r} is reserved: hpt sets it for every rank")
             if "\x00" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
                 raise ValueError(f"env[{key}] must be <= {MAX_ENV_VALUE_BYTES} bytes without NUL")
@@ -222,6 +232,14 @@ class JobSpec:
             )
         if not 0 <= self.stop_grace_s <= MAX_GRACE_S:
             raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be in 0..{MAX_GRACE_S}")
+        if self.persist_dir and (not self.persist_dir.startswith("/") or "\x00" in self.persist_dir):
+            raise ValueError(f"persist_dir ({self.persist_dir!r}) must be an absolute path")
+        if not 0 <= self.persist_every <= 1_000_000:
+            raise ValueError(f"persist_every ({self.persist_every}) must be in 0..1000000")
+        if self.persist_every and not self.persist_dir:
+            raise ValueError(f"persist_every ({self.persist_every}) needs persist_dir")
+        if not 1 <= self.keep_persisted <= 1000:
+            raise ValueError(f"keep_persisted ({self.keep_persisted}) must be in 1..1000")
 
     @property
     def effective_min_nodes(self) -> int:
@@ -278,6 +296,9 @@ class Rank:
     step_at: float = 0.0
     first_step_at: float = 0.0
     exit_reason: str = ""
+    snapshot_steps: tuple[int, ...] = ()
+    """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
+    persisted_steps: tuple[int, ...] = ()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -382,6 +403,18 @@ class LaunchCommand:
     workdir: str
     node_rank: int
     num_nodes: int
+    restore_step: int = 0
+    """Newest snapshot complete on every rank (0: start fresh)."""
+    persist_dir: str = ""
+    persist_every: int = 0
+    keep_persisted: int = 3
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReleaseCommand:
+    """The job ended: the agent frees what it holds for it (snapshot memory)."""
+
+    job_id: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

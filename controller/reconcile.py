@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hpt.controller import convert, policy
+from hpt.controller import catalog, convert, policy
 from hpt.controller.config import ControllerConfig
 from hpt.controller.model import (
     Attempt,
@@ -40,6 +40,7 @@ from hpt.controller.model import (
     Rank,
     RankReport,
     RankState,
+    ReleaseCommand,
     StopCommand,
 )
 from hpt.controller.scheduler import Capacity
@@ -55,7 +56,7 @@ _FLUSH_PERIOD_S = 0.5
 class AgentLink(Protocol):
     """The command half of one agent's stream; implemented by the gRPC servicer."""
 
-    def send(self, command: LaunchCommand | StopCommand) -> None:
+    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
         """Queue a command; never blocks. Called by the loop under the reconciler's lock."""
 
     def close(self) -> None:
@@ -94,6 +95,7 @@ class Reconciler:
         self._dirty_nodes: set[str] = set()
         self._last_flush = 0.0
         self._stops: dict[tuple[str, int], _StopSent] = {}
+        self._released: set[str] = set()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -289,6 +291,10 @@ class Reconciler:
                         report.job_id, report.attempt, node, seen.rank)
             return
         assert job is not None
+        if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
+                                                           rank.persisted_steps):
+            rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
+            self._dirty_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at
             rank.first_step_at = seen.first_step_at or seen.step_at
@@ -461,6 +467,7 @@ class Reconciler:
             for i, node in enumerate(nodes)
             for local in range(ppn)
         ]
+        restore = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
         attempt = Attempt(
             number=number,
             nodes=nodes,
@@ -491,12 +498,17 @@ class Reconciler:
                     workdir=spec.workdir,
                     node_rank=i,
                     num_nodes=len(nodes),
+                    restore_step=restore,
+                    persist_dir=spec.persist_dir,
+                    persist_every=spec.persist_every,
+                    keep_persisted=spec.keep_persisted,
                 ),
             )
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
         self._dirty_jobs.add(job.id)
+        restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
         self._emit("attempt_launched", job, attempt=number,
-                   message=f"world size {attempt.world_size}; {reason}")
+                   message=f"world size {attempt.world_size}; {restored}; {reason}")
 
     def _stop_attempt(
         self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float
@@ -533,7 +545,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- helpers
 
-    def _send(self, node: str, command: LaunchCommand | StopCommand) -> bool:
+    def _send(self, node: str, command: LaunchCommand | StopCommand | ReleaseCommand) -> bool:
         runtime = self.nodes.get(node)
         if runtime is None or runtime.link is None:
             return False
@@ -546,6 +558,11 @@ class Reconciler:
                                attempt=attempt or (job.current.number if job.current else 0),
                                node=node, rank=rank, message=message))
 
+    def _release(self, job: Job) -> None:
+        """A terminal job's agents free its snapshot memory."""
+        for node in {n for attempt in job.attempts for n in attempt.nodes}:
+            self._send(node, ReleaseCommand(job_id=job.id))
+
     def _flush(self, force: bool = False) -> None:
         mono = time.monotonic()
         if not force and mono - self._last_flush < _FLUSH_PERIOD_S and not any(
@@ -556,7 +573,13 @@ class Reconciler:
             pass
         self._last_flush = mono
         for job_id in sorted(self._dirty_jobs):
-            self._put(f"jobs/{job_id}", convert.job_to_bytes(self.jobs[job_id]))
+            job = self.jobs[job_id]
+            if job.state.is_terminal and job_id not in self._released and all(
+                a.state.is_terminal for a in job.attempts
+            ):
+                self._released.add(job_id)
+                self._release(job)
+            self._put(f"jobs/{job_id}", convert.job_to_bytes(job))
         for name in sorted(self._dirty_nodes):
             self._put(f"nodes/{name}", convert.node_to_bytes(self.nodes[name].node))
         self._dirty_jobs.clear()

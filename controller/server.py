@@ -18,6 +18,7 @@ from hpt.controller.model import (
     Node,
     NodeState,
     RankReport,
+    ReleaseCommand,
     StopCommand,
 )
 from hpt.controller.reconcile import Reconciler
@@ -136,7 +137,7 @@ class _Link:
         self.node = node
         self.queue: queue.Queue[object] = queue.Queue()
 
-    def send(self, command: LaunchCommand | StopCommand) -> None:
+    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
         self.queue.put(_command_to_proto(command))
 
     def close(self) -> None:
@@ -232,7 +233,11 @@ def _decode_reports(reports) -> list[RankReport]:  # type: ignore[no-untyped-def
     return out
 
 
-def _command_to_proto(command: LaunchCommand | StopCommand) -> agent_pb2.ControllerMessage:
+def _command_to_proto(
+    command: LaunchCommand | StopCommand | ReleaseCommand,
+) -> agent_pb2.ControllerMessage:
+    if isinstance(command, ReleaseCommand):
+        return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):
         return agent_pb2.ControllerMessage(
             stop=agent_pb2.Stop(job_id=command.job_id, attempt=command.attempt,
@@ -252,6 +257,10 @@ def _command_to_proto(command: LaunchCommand | StopCommand) -> agent_pb2.Control
             workdir=command.workdir,
             node_rank=command.node_rank,
             num_nodes=command.num_nodes,
+            restore_step=command.restore_step,
+            persist_dir=command.persist_dir,
+            persist_every=command.persist_every,
+            keep_persisted=command.keep_persisted,
         )
     )
 

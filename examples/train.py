@@ -1,8 +1,11 @@
 """Demo training job: a small MLP on synthetic data, data parallel over gloo, deterministic.
 
 Every rank draws its batch for step ``s`` from a generator seeded by (seed, s, rank), so the
-data position is just the step number. Gradients are averaged with all_reduce. Rank 0 prints
-the SHA-256 of the final parameters so runs can be compared bit for bit.
+data position is just the step number; dropout draws from the global RNG, so a restore must
+bring the RNG back too. Gradients are averaged with all_reduce. ``hpt.Checkpointer`` snapshots
+model, optimizer (Adam), the data position and every RNG after each step; after a fault the
+next attempt resumes from the newest snapshot complete on every rank. Rank 0 prints the
+SHA-256 of the final model and optimizer state so runs can be compared bit for bit.
 
     hptctl submit -n 2 -p 2 -- python examples/train.py --steps 40
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import time
 
 import torch
@@ -22,9 +26,22 @@ import hpt
 def build_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 1),
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 64),
+        torch.nn.ReLU(), torch.nn.Linear(64, 1),
     )
+
+
+class DataPosition:
+    """Where the data stream is: the user state a real loader/sampler would checkpoint."""
+
+    def __init__(self) -> None:
+        self.samples_seen = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.samples_seen = int(state["samples_seen"])
 
 
 def batch(seed: int, step: int, rank: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +51,15 @@ def batch(seed: int, step: int, rank: int, size: int = 64) -> tuple[torch.Tensor
     return x, y
 
 
-def state_digest(model: torch.nn.Module) -> str:
+def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().contiguous().numpy().tobytes())
+    for index, state in sorted(opt.state_dict()["state"].items()):
+        for key, value in sorted(state.items()):
+            h.update(f"{index}.{key}".encode())
+            h.update(torch.as_tensor(value).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -48,16 +69,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-time", type=float, default=0.1,
                         help="seconds each step takes at least (makes the demo watchable)")
+    parser.add_argument("--no-ckpt", action="store_true", help="do not snapshot")
+    parser.add_argument("--save-every", type=int, default=1)
+    parser.add_argument("--first-step-file", default="",
+                        help="rank 0 appends '<restart count> <wall time>' after its first step "
+                        "(benchmarks compare runners with it)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     ctx = hpt.init()
     model = build_model(args.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    position = DataPosition()
+    torch.manual_seed(args.seed * 7919 + ctx.rank)  # dropout masks differ per rank
+    ckpt = None
+    start = 0
+    if not args.no_ckpt:
+        ckpt = hpt.Checkpointer(model, opt, extra_state={"data": position},
+                                every=args.save_every)
+        start = ckpt.restore()
+        if start:
+            print(f"rank {ctx.rank} resumed at step {start}", flush=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    for step in range(ctx.restore_step, args.steps):
+    for step in range(start, args.steps):
         started = time.monotonic()
+        assert position.samples_seen == step * 64, "data position must match the step"
         x, y = batch(args.seed, step, ctx.rank)
+        position.samples_seen += x.shape[0]
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -66,14 +104,21 @@ def main() -> None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
         opt.step()
+        if ckpt is not None:
+            ckpt.save(step + 1)
         hpt.step(step + 1)
+        if args.first_step_file and ctx.rank == 0 and step == start:
+            with open(args.first_step_file, "a") as f:
+                f.write(f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} {time.time()}\n")
         if ctx.rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
         left = args.step_time - (time.monotonic() - started)
         if left > 0:
             time.sleep(left)  # pacing of the demo workload, not a wait on anything
+    if ckpt is not None:
+        ckpt.close()
     if ctx.rank == 0:
-        print(f"final sha256 {state_digest(model)}", flush=True)
+        print(f"final sha256 {state_digest(model, opt)}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

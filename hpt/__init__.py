@@ -19,9 +19,20 @@ import os
 import time
 from dataclasses import dataclass
 
+from hpt import _rank_monitor
 from hpt._rank import AgentChannel, install_error_file_hook
+from hpt._rank_monitor import section
 
-__all__ = ["Context", "init", "step", "current"]
+__all__ = ["Checkpointer", "Context", "init", "step", "current", "section"]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # torch is imported only when a script asks for the Checkpointer
+    if name == "Checkpointer":
+        from hpt.checkpoint import Checkpointer
+
+        return Checkpointer
+    raise AttributeError(f"module 'hpt' has no attribute {name!r}")
 
 _context: Context | None = None
 
@@ -89,6 +100,8 @@ def init(
         restore_step=0,
         channel=channel,
     )
+    _rank_monitor.start(job_id=_context.job_id, attempt=_context.attempt, rank=rank,
+                        node=_context.node, channel=channel)
     return _context
 
 
@@ -101,3 +114,4 @@ def step(completed: int) -> None:
     ctx = _context
     if ctx is not None and ctx.channel is not None:
         ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
+        _rank_monitor.on_step(completed)

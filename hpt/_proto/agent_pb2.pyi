@@ -90,6 +90,7 @@ class Register(_message.Message):
     RANKS_FIELD_NUMBER: _builtins.int
     FREE_PORT_FIELD_NUMBER: _builtins.int
     WARM_READY_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
     """host the node's ranks bind MASTER_ADDR on"""
@@ -101,6 +102,10 @@ class Register(_message.Message):
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]:
         """ranks still alive or not yet acknowledged"""
 
+    @_builtins.property
+    def health(self) -> Global___HealthReport:
+        """pre-flight health check at agent start (monitoring: 20..29)"""
+
     def __init__(
         self,
         *,
@@ -111,10 +116,11 @@ class Register(_message.Message):
         ranks: _abc.Iterable[Global___RankReport] | None = ...,
         free_port: _builtins.int = ...,
         warm_ready: _builtins.int = ...,
+        health: Global___HealthReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "hostname", b"hostname", "node", b"node", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "node", b"node", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,14 +136,30 @@ class Heartbeat(_message.Message):
     FREE_PORT_FIELD_NUMBER: _builtins.int
     DROPPED_LOG_BYTES_FIELD_NUMBER: _builtins.int
     WARM_READY_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    COLLECTIVES_FIELD_NUMBER: _builtins.int
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    DROPPED_RECORDS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     free_port: _builtins.int
     dropped_log_bytes: _builtins.int
     warm_ready: _builtins.int
+    dropped_records: _builtins.int
+    """records the agent dropped (buffer full) since the last beat"""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]: ...
     @_builtins.property
     def logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogChunk]: ...
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepTiming]:
+        """Monitoring (field numbers 20..29): timing records of local ranks, bounded per heartbeat,
+        and what the agent's own detectors (hang) concluded.
+        """
+
+    @_builtins.property
+    def collectives(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectiveTiming]: ...
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]: ...
     def __init__(
         self,
         *,
@@ -147,10 +169,14 @@ class Heartbeat(_message.Message):
         free_port: _builtins.int = ...,
         dropped_log_bytes: _builtins.int = ...,
         warm_ready: _builtins.int = ...,
+        steps: _abc.Iterable[Global___StepTiming] | None = ...,
+        collectives: _abc.Iterable[Global___CollectiveTiming] | None = ...,
+        findings: _abc.Iterable[Global___Finding] | None = ...,
+        dropped_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_log_bytes", b"dropped_log_bytes", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +266,10 @@ class Launch(_message.Message):
     WORKDIR_FIELD_NUMBER: _builtins.int
     NODE_RANK_FIELD_NUMBER: _builtins.int
     NUM_NODES_FIELD_NUMBER: _builtins.int
+    RESTORE_STEP_FIELD_NUMBER: _builtins.int
+    PERSIST_DIR_FIELD_NUMBER: _builtins.int
+    PERSIST_EVERY_FIELD_NUMBER: _builtins.int
+    KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     world_size: _builtins.int
@@ -249,6 +279,11 @@ class Launch(_message.Message):
     workdir: _builtins.str
     node_rank: _builtins.int
     num_nodes: _builtins.int
+    restore_step: _builtins.int
+    """newest snapshot complete on every rank (0: start fresh)"""
+    persist_dir: _builtins.str
+    persist_every: _builtins.int
+    keep_persisted: _builtins.int
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -270,14 +305,39 @@ class Launch(_message.Message):
         workdir: _builtins.str = ...,
         node_rank: _builtins.int = ...,
         num_nodes: _builtins.int = ...,
+        restore_step: _builtins.int = ...,
+        persist_dir: _builtins.str = ...,
+        persist_every: _builtins.int = ...,
+        keep_persisted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "job_id", b"job_id", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "ranks", b"ranks", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "ranks", b"ranks", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Launch: _TypeAlias = Launch  # noqa: Y015
+
+@_typing.final
+class Release(_message.Message):
+    """The job ended: free everything held for it (snapshot memory, logs stay)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Release: _TypeAlias = Release  # noqa: Y015
 
 @_typing.final
 class Stop(_message.Message):
@@ -362,6 +422,7 @@ class ControllerMessage(_message.Message):
     LAUNCH_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -370,6 +431,8 @@ class ControllerMessage(_message.Message):
     def stop(self) -> Global___Stop: ...
     @_builtins.property
     def ack(self) -> Global___HeartbeatAck: ...
+    @_builtins.property
+    def release(self) -> Global___Release: ...
     def __init__(
         self,
         *,
@@ -377,13 +440,272 @@ class ControllerMessage(_message.Message):
         launch: Global___Launch | None = ...,
         stop: Global___Stop | None = ...,
         ack: Global___HeartbeatAck | None = ...,
+        release: Global___Release | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "launch", "stop", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "launch", "stop", "ack", "release"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class StepTiming(_message.Message):
+    """---- monitoring: timing records, findings and the health check ---------------------------
+
+    One training step of one rank (hpt.monitor.records.StepRecord). Times are seconds on the
+    rank's monotonic clock: only durations are compared across ranks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    START_S_FIELD_NUMBER: _builtins.int
+    END_S_FIELD_NUMBER: _builtins.int
+    DATA_WAIT_S_FIELD_NUMBER: _builtins.int
+    COMPUTE_S_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    rank: _builtins.int
+    step: _builtins.int
+    start_s: _builtins.float
+    end_s: _builtins.float
+    data_wait_s: _builtins.float
+    compute_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        step: _builtins.int = ...,
+        start_s: _builtins.float = ...,
+        end_s: _builtins.float = ...,
+        data_wait_s: _builtins.float = ...,
+        compute_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_s", b"compute_s", "data_wait_s", b"data_wait_s", "end_s", b"end_s", "job_id", b"job_id", "rank", b"rank", "start_s", b"start_s", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepTiming: _TypeAlias = StepTiming  # noqa: Y015
+
+@_typing.final
+class CollectiveTiming(_message.Message):
+    """One collective of one rank (hpt.monitor.records.CollectiveRecord); in_flight: not finished
+    yet (exit_s is then meaningless).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    ENTER_S_FIELD_NUMBER: _builtins.int
+    EXIT_S_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    rank: _builtins.int
+    seq: _builtins.int
+    """-1: not on the world group"""
+    op: _builtins.str
+    nbytes: _builtins.int
+    enter_s: _builtins.float
+    exit_s: _builtins.float
+    in_flight: _builtins.bool
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        op: _builtins.str = ...,
+        nbytes: _builtins.int = ...,
+        enter_s: _builtins.float = ...,
+        exit_s: _builtins.float = ...,
+        in_flight: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enter_s", b"enter_s", "exit_s", b"exit_s", "in_flight", b"in_flight", "job_id", b"job_id", "nbytes", b"nbytes", "op", b"op", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectiveTiming: _TypeAlias = CollectiveTiming  # noqa: Y015
+
+@_typing.final
+class RankStack(_message.Message):
+    """Python stacks of one rank, dumped by the agent (faulthandler via SIGUSR1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    PROC_STATE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    pid: _builtins.int
+    proc_state: _builtins.str
+    """from /proc/<pid>/stat: R, S, D, T (stopped), Z"""
+    text: _builtins.str
+    """the dump, or why there is none"""
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        proc_state: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "proc_state", b"proc_state", "rank", b"rank", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankStack: _TypeAlias = RankStack  # noqa: Y015
+
+@_typing.final
+class Finding(_message.Message):
+    """A detector's conclusion about one rank (hpt.monitor.records.Finding)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EvidenceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    STACKS_FIELD_NUMBER: _builtins.int
+    DETECTED_AT_FIELD_NUMBER: _builtins.int
+    SILENT_SINCE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """hang, straggler, collective_missing, ..."""
+    job_id: _builtins.str
+    attempt: _builtins.int
+    rank: _builtins.int
+    """-1 when about no single rank"""
+    node: _builtins.str
+    message: _builtins.str
+    detected_at: _builtins.float
+    """wall clock of the observer"""
+    silent_since: _builtins.float
+    """wall clock: last progress (hang), 0 when not applicable"""
+    @_builtins.property
+    def evidence(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def stacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankStack]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        node: _builtins.str = ...,
+        message: _builtins.str = ...,
+        evidence: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        stacks: _abc.Iterable[Global___RankStack] | None = ...,
+        detected_at: _builtins.float = ...,
+        silent_since: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detected_at", b"detected_at", "evidence", b"evidence", "job_id", b"job_id", "kind", b"kind", "message", b"message", "node", b"node", "rank", b"rank", "silent_since", b"silent_since", "stacks", b"stacks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Finding: _TypeAlias = Finding  # noqa: Y015
+
+@_typing.final
+class HealthReport(_message.Message):
+    """The agent's pre-flight health check. A node whose check failed is quarantined."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RAN_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    ran: _builtins.bool
+    """false: the check was skipped (nothing to judge)"""
+    ok: _builtins.bool
+    reason: _builtins.str
+    """one line: which check failed and why"""
+    duration_s: _builtins.float
+    @_builtins.property
+    def checks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """check name -> "ok" or the failure"""
+
+    def __init__(
+        self,
+        *,
+        ran: _builtins.bool = ...,
+        ok: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        duration_s: _builtins.float = ...,
+        checks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "duration_s", b"duration_s", "ok", b"ok", "ran", b"ran", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthReport: _TypeAlias = HealthReport  # noqa: Y015

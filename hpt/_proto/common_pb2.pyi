@@ -149,6 +149,9 @@ class JobSpec(_message.Message):
     WORKDIR_FIELD_NUMBER: _builtins.int
     NODE_WAIT_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     STOP_GRACE_S_FIELD_NUMBER: _builtins.int
+    PERSIST_DIR_FIELD_NUMBER: _builtins.int
+    PERSIST_EVERY_FIELD_NUMBER: _builtins.int
+    KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -159,6 +162,12 @@ class JobSpec(_message.Message):
     """unset: 300"""
     stop_grace_s: _builtins.float
     """unset: 5"""
+    persist_dir: _builtins.str
+    """where agents persist snapshots (DCP + manifest); empty: never"""
+    persist_every: _builtins.int
+    """persist every Nth complete snapshot (0: never)"""
+    keep_persisted: _builtins.int
+    """persisted checkpoints kept per rank (0: 3)"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -176,10 +185,13 @@ class JobSpec(_message.Message):
         workdir: _builtins.str = ...,
         node_wait_timeout_s: _builtins.float | None = ...,
         stop_grace_s: _builtins.float | None = ...,
+        persist_dir: _builtins.str = ...,
+        persist_every: _builtins.int = ...,
+        keep_persisted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -246,6 +258,8 @@ class RankStatus(_message.Message):
     STEP_AT_FIELD_NUMBER: _builtins.int
     EXIT_REASON_FIELD_NUMBER: _builtins.int
     FIRST_STEP_AT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_STEPS_FIELD_NUMBER: _builtins.int
+    PERSISTED_STEPS_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -261,6 +275,14 @@ class RankStatus(_message.Message):
     """wall clock of the rank's first step report in this attempt"""
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
+    @_builtins.property
+    def snapshot_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """complete in-memory snapshots this rank's agent holds"""
+
+    @_builtins.property
+    def persisted_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """snapshots of this rank verified on disk"""
+
     def __init__(
         self,
         *,
@@ -274,10 +296,12 @@ class RankStatus(_message.Message):
         step_at: _builtins.float = ...,
         exit_reason: _builtins.str = ...,
         first_step_at: _builtins.float = ...,
+        snapshot_steps: _abc.Iterable[_builtins.int] | None = ...,
+        persisted_steps: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "pid", b"pid", "rank", b"rank", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,187 @@
+"""Snapshot memory the agent holds for its ranks, and the background persistence of it.
+
+Each rank of a job on this node writes its snapshots into files in /dev/shm named by the agent
+(``HPT_SNAPSHOT_PREFIX``), so they belong to the node, not to the rank: a rank that crashes
+leaves its newest complete snapshot behind for the next attempt, which reuses the same prefix
+(same job, same rank). The rank tells the agent over its socket when a generation becomes
+complete (``snapshot``) or is about to be overwritten (``discard``); the agent reports the steps
+it holds per rank to the controller, whose catalog picks the step every rank can restore.
+
+Every ``persist_every``-th complete snapshot is persisted in the background by a ``Persister``
+(one per rank, one-slot mailbox: a slow disk skips snapshots instead of queueing them). The
+persister copies the generation out of shared memory and checks it against the checksums of its
+commit record before writing, so a generation the rank overwrote meanwhile is skipped, never
+written torn. ``release(job)`` unlinks everything of a job when the controller says it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpt.ckpt import fmt
+from hpt.ckpt.checksum import verify
+from hpt.ckpt.sink import ShmSink, SnapshotRef
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(slots=True)
+class _RankSnapshots:
+    prefix: str
+    generations: dict[int, int] = field(default_factory=dict)  # generation -> step
+    persister: fmt.Persister | None = None
+    persist_every: int = 0
+    persisted: set[int] = field(default_factory=set)
+    world_size: int = 0
+
+
+class SnapshotKeeper:
+    def __init__(self, node: str, *, shm_dir: str = "/dev/shm") -> None:
+        self.node = node
+        self.shm_dir = shm_dir
+        self._lock = threading.Lock()
+        self._ranks: dict[tuple[str, int], _RankSnapshots] = {}
+
+    def prefix(self, job_id: str, rank: int) -> str:
+        return f"hpt-{_SAFE.sub('_', self.node)}-{_SAFE.sub('_', job_id)}-r{rank}"
+
+    def prepare(self, job_id: str, rank: int, *, world_size: int, persist_dir: str,
+                persist_every: int, keep_persisted: int) -> dict[str, str]:
+        """Called at launch of each rank; returns the environment the rank's Checkpointer uses."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
+            entry.world_size = world_size
+            entry.persist_every = persist_every if persist_dir else 0
+            if entry.persist_every and entry.persister is None:
+                root = Path(persist_dir) / f"rank-{rank:05d}"
+                entry.persisted = set(_verified_steps(root))
+                entry.persister = fmt.Persister(
+                    root, keep_last=keep_persisted, name=f"hpt-persist-{rank}",
+                    on_result=lambda step, path, err, e=entry, r=root: self._persisted(
+                        job_id, rank, e, r, step, path, err),
+                )
+        env = {"HPT_SNAPSHOT_PREFIX": entry.prefix, "HPT_SNAPSHOT_DIR": self.shm_dir}
+        if persist_dir:
+            env["HPT_PERSIST_DIR"] = persist_dir
+        return env
+
+    # ---------------------------------------------------------------- reports from ranks
+
+    def committed(self, job_id: str, rank: int, step: int, generation: int) -> None:
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                raise ValueError(f"snapshot report for unknown rank {rank} of job {job_id}")
+            entry.generations[generation] = step
+            persister = entry.persister if entry.persist_every else None
+            due = persister is not None and step % entry.persist_every == 0
+        if due:
+            assert persister is not None
+            ref = SnapshotRef(step=step, generation=generation)
+            sink = ShmSink(entry.prefix, directory=self.shm_dir)
+            try:
+                snap = sink.read(ref)
+                layout_json, meta_json = snap.layout.to_json(), snap.meta_json
+            finally:
+                sink.close()
+            # layout + meta let hpt rebuild the rank's exact state; plain DCP users ignore them
+            persister.offer(step, lambda: self._copy_out(entry, ref),
+                            {"step": step, "rank": rank, "world_size": entry.world_size,
+                             "job_id": job_id, "node": self.node, "layout": layout_json,
+                             "meta_json": meta_json})
+
+    def discarded(self, job_id: str, rank: int, generation: int) -> None:
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is not None:
+                entry.generations.pop(generation, None)
+
+    def steps(self, job_id: str, rank: int) -> tuple[list[int], list[int]]:
+        """(in-memory steps, persisted steps) held for the rank, ascending."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                return [], []
+            return sorted(set(entry.generations.values())), sorted(entry.persisted)
+
+    # ---------------------------------------------------------------- persistence
+
+    def _copy_out(self, entry: _RankSnapshots, ref: SnapshotRef) -> dict[str, torch.Tensor]:
+        sink = ShmSink(entry.prefix, directory=self.shm_dir)
+        try:
+            snap = sink.read(ref)
+            private = snap.buffer.clone()  # the rank may reuse this generation from here on
+            bad = verify(private, list(snap.checksums))
+            if bad:
+                raise fmt.PersistError(
+                    f"generation {ref.generation} was overwritten before step {ref.step} could be "
+                    "persisted; skipped")
+            names = [e.fqn for e in snap.layout.entries]
+            views = [private[e.offset:e.offset + e.nbytes].view(e.torch_dtype).view(e.shape)
+                     for e in snap.layout.entries]
+            return dict(zip(names, views, strict=True))
+        finally:
+            sink.close()
+
+    def _persisted(self, job_id: str, rank: int, entry: _RankSnapshots, root: Path, step: int,
+                   path: Path | None, err: BaseException | None) -> None:
+        if err is not None:
+            log.error("[%s/-/%s/%d] persisting step %d failed: %s", job_id, self.node, rank,
+                      step, err)
+            return
+        with self._lock:
+            entry.persisted = set(_verified_steps(root, trust_newest=step))
+
+    # ---------------------------------------------------------------- cleanup
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            entries = [(k, v) for k, v in self._ranks.items() if k[0] == job_id]
+            for key, _ in entries:
+                del self._ranks[key]
+        for _, entry in entries:
+            if entry.persister is not None:
+                entry.persister.close(timeout_s=60.0)
+            removed = ShmSink.remove(entry.prefix, directory=self.shm_dir)
+            log.info("[%s/-/%s/-] released %d snapshot file(s) of %s", job_id, self.node,
+                     removed, entry.prefix)
+
+    def close(self) -> None:
+        for job_id in {k[0] for k in list(self._ranks)}:
+            self.release(job_id)
+
+
+def _verified_steps(root: Path, trust_newest: int | None = None) -> list[int]:
+    """Steps of the checkpoints under ``root`` whose manifest is present (full verification
+    happens before any load; this is the cheap view for reporting)."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        step = fmt.parse_step_dir(child.name)
+        if step is not None and (child / fmt.MANIFEST_NAME).is_file():
+            steps.append(step)
+    if trust_newest is not None and trust_newest not in steps:
+        steps.append(trust_newest)
+    return sorted(steps)
+
+
+def snapshot_message_fields(msg: dict[str, Any]) -> tuple[int, int]:
+    """Validate a rank's ``snapshot``/``discard`` message; returns (step, generation)."""
+    step, generation = msg.get("step", 0), msg.get("generation")
+    if not isinstance(step, int) or step < 0:
+        raise ValueError("snapshot.step must be an int >= 0")
+    if not isinstance(generation, int) or not 0 <= generation < 64:
+        raise ValueError("snapshot.generation must be an int in 0..63")
+    return step, generation

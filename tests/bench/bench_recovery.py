@@ -1,0 +1,184 @@
+"""Recovery figures of the job runner on a real local cluster (JSON lines on stdout).
+
+    python tests/bench/bench_recovery.py [--runs 5]
+
+- rank kill -> first step of the next attempt: hpt with warm interpreters, hpt cold (plain
+  spawn), and torchrun (--max-restarts) on the same machine and script as the baseline;
+- agent kill -> node declared lost, and -> first step on the remaining node;
+- job submit -> first step;
+- controller kill + restart (Redis store) -> every node re-registered, job untouched.
+Every figure is the median of ``--runs`` runs; ratios are against torchrun in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from hpt._proto import common_pb2 as pb  # noqa: E402
+from tests.integration.cluster import TRAIN, LocalCluster, free_port, wait_for  # noqa: E402
+from tests.redis_fixture import start_redis, stop_redis  # noqa: E402
+
+LONG = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05"]
+
+
+def emit(name: str, values: list[float], **extra: object) -> float:
+    med = statistics.median(values)
+    print(json.dumps({"bench": name, "median_s": round(med, 3), "runs": len(values),
+                      "values_s": [round(v, 3) for v in values], **extra}), flush=True)
+    return med
+
+
+def warm_ready(cluster: LocalCluster) -> bool:
+    nodes = [n for n in cluster.client.nodes() if n.state == pb.NODE_STATE_READY]
+    return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
+
+
+def rank_kill_hpt(runs: int, warm: bool) -> list[float]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), warm=warm) as cluster:
+        job_id = cluster.submit(*LONG, max_restarts=runs + 1)
+        for attempt in range(1, runs + 1):
+            cluster.wait_step(job_id, attempt, 5)
+            if warm:
+                wait_for(lambda: warm_ready(cluster), 120, "warm pools full", poll_s=0.1)
+            job = cluster.job(job_id)
+            victim = job.attempts[attempt - 1].ranks[1]
+            killed = time.time()
+            os.kill(victim.pid, signal.SIGKILL)
+            job = cluster.wait_job(job_id, lambda j, a=attempt: len(j.attempts) > a
+                                   and j.attempts[a].first_step_at > 0, 120, "next attempt steps")
+            out.append(job.attempts[attempt].first_step_at - killed)
+        cluster.client.cancel(job_id)
+        cluster.wait_terminal(job_id)
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids.extend(int(k) for k in text)
+    return kids
+
+
+def rank_kill_torchrun(runs: int) -> list[float]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        marks = Path(tmp) / "first-steps"
+        marks.touch()
+        env = {**os.environ, "USE_LIBUV": "0"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+             "--nproc-per-node", "4", "--max-restarts", str(runs + 1), "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{free_port()}", TRAIN, "--steps", "100000",
+             "--step-time", "0.05", "--first-step-file", str(marks)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+        )
+        try:
+            for restart in range(runs):
+                wait_for(lambda r=restart: len(marks.read_text().split("\n")) > r + 1, 120,
+                         "torchrun first step")
+                time.sleep(0.5)  # bench pacing: let the attempt run a few steps before the kill
+                victim = sorted(_children(proc.pid))[1]
+                killed = time.time()
+                os.kill(victim, signal.SIGKILL)
+                line = wait_for(lambda r=restart: (lambda ls: ls[r + 1] if len(ls) > r + 1 else None)(
+                    marks.read_text().split("\n")[:-1]), 120, "torchrun next attempt steps")
+                out.append(float(line.split()[1]) - killed)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return out
+
+
+def agent_kill(runs: int) -> tuple[list[float], list[float]]:
+    lost, stepped = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), warm=True) as cluster:
+            job_id = cluster.submit(*LONG, min_nodes=1)
+            cluster.wait_step(job_id, 1, 5)
+            wait_for(lambda c=cluster: warm_ready(c), 120, "warm pools full", poll_s=0.1)
+            killed = time.time()
+            cluster.kill_agent("node-1")
+            job = cluster.wait_job(job_id, lambda j: len(j.attempts) > 1
+                                   and j.attempts[1].first_step_at > 0, 120, "restart stepped")
+            node_lost = next(e for e in cluster.events() if e.kind == "node_lost")
+            lost.append(node_lost.at - killed)
+            stepped.append(job.attempts[1].first_step_at - killed)
+            cluster.client.cancel(job_id)
+            cluster.wait_terminal(job_id)
+    return lost, stepped
+
+
+def submit_to_first_step(runs: int) -> list[float]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), warm=True) as cluster:
+        for _ in range(runs):
+            wait_for(lambda: warm_ready(cluster), 120, "warm pools full", poll_s=0.1)
+            submitted = time.time()
+            job_id = cluster.submit("python", TRAIN, "--steps", "3", "--step-time", "0")
+            job = cluster.wait_terminal(job_id)
+            out.append(job.attempts[0].first_step_at - submitted)
+    return out
+
+
+def controller_restart(runs: int) -> list[float]:
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        url, redis_proc = start_redis(Path(tmp) / "redis")
+        try:
+            with LocalCluster(Path(tmp), redis_url=url) as cluster:
+                job_id = cluster.submit(*LONG)
+                cluster.wait_step(job_id, 1, 3)
+                for _ in range(runs):
+                    cluster.kill_controller()
+                    started = time.time()
+                    cluster.start_controller()
+
+                    def reconciled() -> bool:
+                        nodes = cluster.client.nodes()
+                        return len(nodes) == 2 and all(
+                            n.state == pb.NODE_STATE_READY and n.last_seen_at > started
+                            for n in nodes)
+
+                    wait_for(reconciled, 60, "nodes re-registered", poll_s=0.02)
+                    out.append(time.time() - started)
+                    assert len(cluster.job(job_id).attempts) == 1, "restart must not relaunch"
+                cluster.client.cancel(job_id)
+                cluster.wait_terminal(job_id)
+        finally:
+            stop_redis(redis_proc)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    runs = args.runs
+    base = emit("rank_kill_to_first_step.torchrun", rank_kill_torchrun(runs))
+    warm = emit("rank_kill_to_first_step.hpt_warm", rank_kill_hpt(runs, warm=True))
+    cold = emit("rank_kill_to_first_step.hpt_cold", rank_kill_hpt(runs, warm=False))
+    print(json.dumps({"bench": "rank_kill_to_first_step.ratio_vs_torchrun",
+                      "hpt_warm": round(warm / base, 3), "hpt_cold": round(cold / base, 3)}))
+    lost, stepped = agent_kill(max(3, runs // 2))
+    emit("agent_kill_to_node_lost", lost)
+    emit("agent_kill_to_first_step_on_remaining_node", stepped)
+    emit("submit_to_first_step.hpt_warm", submit_to_first_step(runs))
+    emit("controller_restart_to_reconciled.redis", controller_restart(max(3, runs // 2)))
+
+
+if __name__ == "__main__":
+    main()
