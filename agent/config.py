@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from hpt.monitor.detectors.hang import HangConfig
+
 
 def _default_slots() -> int:
     return os.cpu_count() or 1
@@ -34,6 +36,12 @@ class AgentConfig:
     """Default seconds between SIGTERM and SIGKILL when stopping ranks."""
     warm_ranks: bool = True
     """Keep one pre-started Python (torch imported) per slot to cut restart time."""
+    health_check: bool = True
+    """Run the pre-flight health check at start and report it at registration."""
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on this port; None: off; 0: a free port (logged)."""
+    hang: HangConfig = field(default_factory=HangConfig)
+    """Hang deadline of local ranks: max(min_s, factor x median step time)."""
 
     def __post_init__(self) -> None:
         if not self.controller or ":" not in self.controller:
@@ -46,3 +54,5 @@ class AgentConfig:
             raise ValueError(f"lease_s ({self.lease_s}) must be >= 0")
         if self.stop_grace_s < 0:
             raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be >= 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")

@@ -269,17 +269,18 @@ class Agent:
 
     def _report(self, proc: RankProcess) -> agent_pb2.RankReport:
         report = _report(proc)
-        held, persisted = self.snapshots.steps(proc.job_id, proc.rank)
+        held, persisted, nbytes = self.snapshots.steps(proc.job_id, proc.rank)
         report.status.snapshot_steps.extend(held)
         report.status.persisted_steps.extend(persisted)
+        report.status.snapshot_bytes = nbytes
         return report
 
     def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
         self.monitoring.on_rank_message(hello, msg)  # step, records, inflight
         if msg["op"] in ("snapshot", "discard"):
-            step, generation = snapshot_message_fields(msg)
+            step, generation, nbytes = snapshot_message_fields(msg)
             if msg["op"] == "snapshot":
-                self.snapshots.committed(hello["job_id"], hello["rank"], step, generation)
+                self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
             else:
                 self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
             return

@@ -42,6 +42,7 @@ class _RankSnapshots:
     persist_every: int = 0
     persisted: set[int] = field(default_factory=set)
     world_size: int = 0
+    nbytes: int = 0
 
 
 class SnapshotKeeper:
@@ -78,12 +79,14 @@ class SnapshotKeeper:
 
     # ---------------------------------------------------------------- reports from ranks
 
-    def committed(self, job_id: str, rank: int, step: int, generation: int) -> None:
+    def committed(self, job_id: str, rank: int, step: int, generation: int,
+                  nbytes: int = 0) -> None:
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
                 raise ValueError(f"snapshot report for unknown rank {rank} of job {job_id}")
             entry.generations[generation] = step
+            entry.nbytes = nbytes or entry.nbytes
             persister = entry.persister if entry.persist_every else None
             due = persister is not None and step % entry.persist_every == 0
         if due:
@@ -107,13 +110,14 @@ class SnapshotKeeper:
             if entry is not None:
                 entry.generations.pop(generation, None)
 
-    def steps(self, job_id: str, rank: int) -> tuple[list[int], list[int]]:
-        """(in-memory steps, persisted steps) held for the rank, ascending."""
+    def steps(self, job_id: str, rank: int) -> tuple[list[int], list[int], int]:
+        """(in-memory steps, persisted steps, bytes of one snapshot) of the rank, ascending."""
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
-                return [], []
-            return sorted(set(entry.generations.values())), sorted(entry.persisted)
+                return [], [], 0
+            held = sorted(set(entry.generations.values()))
+            return held, sorted(entry.persisted), entry.nbytes
 
     # ---------------------------------------------------------------- persistence
 
@@ -177,11 +181,13 @@ def _verified_steps(root: Path, trust_newest: int | None = None) -> list[int]:
     return sorted(steps)
 
 
-def snapshot_message_fields(msg: dict[str, Any]) -> tuple[int, int]:
-    """Validate a rank's ``snapshot``/``discard`` message; returns (step, generation)."""
-    step, generation = msg.get("step", 0), msg.get("generation")
+def snapshot_message_fields(msg: dict[str, Any]) -> tuple[int, int, int]:
+    """Validate a rank's ``snapshot``/``discard`` message; returns (step, generation, bytes)."""
+    step, generation, nbytes = msg.get("step", 0), msg.get("generation"), msg.get("bytes", 0)
     if not isinstance(step, int) or step < 0:
         raise ValueError("snapshot.step must be an int >= 0")
     if not isinstance(generation, int) or not 0 <= generation < 64:
         raise ValueError("snapshot.generation must be an int in 0..63")
-    return step, generation
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError("snapshot.bytes must be an int >= 0")
+    return step, generation, nbytes

@@ -218,7 +218,6 @@ class ShmSink:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ValueError(f"directory ({str(self.directory)!r}) does not exist")
-        self._maps: list[mmap.mmap] = []
         self._file_re = re.compile(
             rf"^{re.escape(prefix)}\.g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp)$"
         )
@@ -253,7 +252,7 @@ class ShmSink:
             mm = mmap.mmap(fd, layout.total_bytes, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        self._maps.append(mm)
+        # The tensor holds the mapping: it is unmapped when the last tensor using it is gone.
         return torch.frombuffer(mm, dtype=torch.uint8)
 
     def discard(self, generation: int) -> None:
@@ -326,7 +325,6 @@ class ShmSink:
             with open(self.directory / rec["buffer"], "rb") as f:
                 # ACCESS_COPY: a private copy-on-write view; readers never write the snapshot.
                 mm = mmap.mmap(f.fileno(), layout.total_bytes, access=mmap.ACCESS_COPY)
-            self._maps.append(mm)
             buf = torch.frombuffer(mm, dtype=torch.uint8)
         return Snapshot(
             step=rec["step"],
@@ -338,9 +336,8 @@ class ShmSink:
         )
 
     def close(self, unlink: bool = False) -> None:
-        """Drop this process's mappings (they unmap once no tensor uses them); with `unlink`,
-        also delete every file of the prefix."""
-        self._maps.clear()
+        """With `unlink`, delete every file of the prefix. Mappings need no closing: each goes
+        away with the last tensor that uses it (an unlinked file's memory is freed then)."""
         if unlink:
             self.remove(self.prefix, directory=self.directory)
 

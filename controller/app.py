@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.config import ControllerConfig
+from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
 from hpt.controller.store import Store, open_store
@@ -49,6 +50,7 @@ class Controller:
         self.cfg = cfg
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
+        self.metrics = ControllerMetrics(self.reconciler)
         self._server: grpc.Server | None = None
         self._done = threading.Event()
         self.port = 0
@@ -96,6 +98,9 @@ class Controller:
         self._server = server
         self.reconciler.on_crash = lambda exc: self._done.set()
         self.reconciler.start()
+        self.metrics.start()
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.host, cfg.metrics_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         return self.port
@@ -107,6 +112,7 @@ class Controller:
     def stop(self, grace_s: float = 1.0) -> None:
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 5.0)
+        self.metrics.close()
         self.reconciler.stop()
         self.store.close()
         self._done.set()

@@ -36,6 +36,8 @@ class ControllerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     log_lines_per_rank: int = 20_000
     """Log lines the controller keeps in memory per (job, rank)."""
+    metrics_port: int | None = None
+    """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -49,6 +51,8 @@ class ControllerConfig:
                 f"agent_lease_s ({self.agent_lease_s}) must be > the heartbeat timeout "
                 f"({self.heartbeat_timeout_s})"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
 

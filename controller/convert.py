@@ -149,6 +149,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         exit_reason=rank.exit_reason,
         snapshot_steps=list(rank.snapshot_steps),
         persisted_steps=list(rank.persisted_steps),
+        snapshot_bytes=rank.snapshot_bytes,
     )
     if rank.exit is not None:
         msg.exit.CopyFrom(exit_to_proto(rank.exit))
@@ -169,6 +170,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         exit_reason=msg.exit_reason,
         snapshot_steps=tuple(msg.snapshot_steps),
         persisted_steps=tuple(msg.persisted_steps),
+        snapshot_bytes=msg.snapshot_bytes,
     )
 
 

@@ -149,6 +149,8 @@ class FaultKind(str, Enum):
     RANK_EXIT = "rank_exit"
     NODE_LOST = "node_lost"
     RANK_LOST = "rank_lost"
+    HANG = "hang"
+    """Ranks alive but without progress past the hang deadline (found by their agent)."""
 
 
 class FaultClass(str, Enum):
@@ -299,6 +301,7 @@ class Rank:
     snapshot_steps: tuple[int, ...] = ()
     """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
     persisted_steps: tuple[int, ...] = ()
+    snapshot_bytes: int = 0
 
 
 @dataclass(kw_only=True, slots=True)

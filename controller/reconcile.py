@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hpt.controller import catalog, convert, policy
+from hpt.controller import catalog, convert, detect, policy
 from hpt.controller.config import ControllerConfig
 from hpt.controller.model import (
     Attempt,
@@ -101,6 +101,7 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+        self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -198,7 +199,8 @@ class Reconciler:
         return job
 
     def register(
-        self, node: Node, link: AgentLink, reports: list[RankReport], free_port: int
+        self, node: Node, link: AgentLink, reports: list[RankReport], free_port: int,
+        health_problem: str = "",
     ) -> None:
         mono = time.monotonic()
         with self.lock:
@@ -212,6 +214,8 @@ class Reconciler:
                 runtime.node = node
             node.state = NodeState.READY
             node.reason = "registered"
+            if health_problem:  # not placed; `hptctl nodes` shows why
+                node.state, node.reason = NodeState.QUARANTINED, health_problem
             node.last_seen_at = self._clock()
             runtime.link = link
             runtime.last_heartbeat = mono
@@ -227,6 +231,9 @@ class Reconciler:
                     + (f" (was {previous_state.value})" if previous_state else ""),
                 )
             )
+            if health_problem:
+                self.events.emit(Event(kind="node_quarantined", at=self._clock(), node=node.name,
+                                       message=health_problem))
             reported = {(r.job_id, r.attempt, r.rank.rank) for r in reports}
             self._forget_unreported(node.name, reported)
             for report in reports:
@@ -294,6 +301,7 @@ class Reconciler:
         if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
                                                            rank.persisted_steps):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
+            rank.snapshot_bytes = seen.snapshot_bytes
             self._dirty_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at
@@ -405,7 +413,9 @@ class Reconciler:
             self._emit("job_succeeded", job, attempt=attempt.number,
                        message=f"after {job.restarts} restart(s)")
             return
-        fault = _earliest_fault(attempt, now)
+        fault = _earliest_fault(attempt, now) or self.detection.pending_fault(
+            job.id, attempt.number, {r.node for r in attempt.ranks if not r.state.is_terminal}, now
+        )
         if fault is None:
             return
         attempt.cause = fault

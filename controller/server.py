@@ -21,6 +21,7 @@ from hpt.controller.model import (
     ReleaseCommand,
     StopCommand,
 )
+from hpt.controller.detect import health_problem
 from hpt.controller.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 lease_s=cfg.agent_lease_s,
             )
         )
-        self._rec.register(node, link, reports, reg.free_port)
+        self._rec.register(node, link, reports, reg.free_port,
+                           health_problem=health_problem(reg))
         reader = threading.Thread(
             target=self._read, args=(node.name, link, request_iterator), daemon=True,
             name=f"hpt-agent-{node.name}",
@@ -202,6 +204,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     continue
                 logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
                 self._rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready)
+                self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
                 link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
         except grpc.RpcError:
             pass  # the stream ended; Connect's finally reports the disconnect

@@ -46,6 +46,7 @@ from hpt._proto import common_pb2
 READY_TIMEOUT_S = 60.0
 """How long the local cluster may take until every agent is READY."""
 JOB_TIMEOUT_S = 600.0
+WARM_WAIT_S = 60.0
 """The demo job is cancelled when it has not ended after this long."""
 CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
 """``hptctl up`` stops its agents and controller within this after SIGTERM."""
@@ -126,7 +127,7 @@ def run(
                 f"submitted job {job_id}: {nodes} nodes x {procs} procs running "
                 f"python {script} --steps {steps}",
             )
-            kill = _watch(client, job_id, kill_at, out, start)
+            kill = _watch(client, job_id, kill_at, out, start, procs)
             ok = _summary(client, job_id, kill, out, time.monotonic() - start)
     except grpc.RpcError as e:
         raise rpc_error(e, addr) from None
@@ -210,20 +211,36 @@ def _maybe_kill(d: dict[str, Any], kill_at: int) -> _Kill | None:
     )
 
 
+def _warm(client: hc.JobClient, procs: int) -> bool:
+    """Every agent has its warm interpreters (torch imported) ready for the restart."""
+    nodes = [n for n in client.nodes() if n.state == common_pb2.NODE_STATE_READY]
+    return bool(nodes) and all(n.warm_ready >= procs for n in nodes)
+
+
 def _watch(
-    client: hc.JobClient, job_id: str, kill_at: int, out: Console, start: float
+    client: hc.JobClient, job_id: str, kill_at: int, out: Console, start: float, procs: int
 ) -> _Kill | None:
-    """Follow the job at ~5 Hz until it is terminal, killing rank 1 once; returns the kill."""
+    """Follow the job at ~5 Hz until it is terminal, killing rank 1 once; returns the kill.
+
+    The kill waits (at most WARM_WAIT_S) until the agents' warm interpreters are ready, as
+    they are in a job that has run for a while: the demo shows a steady-state restart.
+    """
     live_view = sys.stdout.isatty()
     plain = _PlainProgress(out)
     kill: _Kill | None = None
+    warm_since: float | None = None
     pause = threading.Event()
     live = Live(console=out, refresh_per_second=5) if live_view else contextlib.nullcontext()
     with live:
         while True:
             d = hc.job_to_dict(client.get(job_id), detail=True)
             elapsed = time.monotonic() - start
-            if kill is None and (kill := _maybe_kill(d, kill_at)) is not None:
+            if kill is None and warm_since is None and d["state"] == "RUNNING":
+                warm_since = time.monotonic()
+            ready = kill is None and warm_since is not None and (
+                _warm(client, procs) or time.monotonic() - warm_since > WARM_WAIT_S
+            )
+            if ready and (kill := _maybe_kill(d, kill_at)) is not None:
                 _say(
                     out,
                     f"killed rank {kill.rank} (pid {kill.pid} on {kill.node}) with SIGKILL "

@@ -297,6 +297,24 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     default=None,
     help="Seconds between SIGTERM and SIGKILL when stopping ranks [default: 5].",
 )
+@click.option(
+    "--persist-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory the agents persist snapshots to (DCP format + verified manifest).",
+)
+@click.option(
+    "--persist-every",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Persist every Nth complete snapshot (needs --persist-dir) [default: never].",
+)
+@click.option(
+    "--keep-persisted",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Persisted checkpoints kept per rank [default: 3].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -313,6 +331,9 @@ def submit(
     workdir: str | None,
     node_wait: float | None,
     grace: float | None,
+    persist_dir: str | None,
+    persist_every: int,
+    keep_persisted: int,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -329,6 +350,9 @@ def submit(
             workdir=os.path.abspath(workdir or os.getcwd()),
             node_wait_timeout_s=node_wait,
             stop_grace_s=grace,
+            persist_dir=os.path.abspath(persist_dir) if persist_dir else "",
+            persist_every=persist_every,
+            keep_persisted=keep_persisted,
         )
         click.echo(job_id)
         if not wait:
@@ -456,6 +480,29 @@ def cancel(conn: _Conn, job_id: str, grace: float) -> None:
         click.echo(f"job {job_id} had already ended: {state}", err=True)
 
 
+@main.group()
+def ckpt() -> None:
+    """Snapshots and persisted checkpoints."""
+
+
+@ckpt.command("ls")
+@click.argument("job_id", metavar="JOB")
+@output_option
+@client_options
+def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
+    """List a job's snapshots (memory) and persisted checkpoints (disk), newest first."""
+    with _session(conn) as client:
+        rows = hc.checkpoints_of(client.get(job_id))
+    if output == "json":
+        _echo_json(rows)
+        return
+    t = table("STEP", "TIER", "SIZE", "STATE")
+    for d in rows:
+        size = f"{d['size_bytes'] / 2**20:.1f} MiB" if d["size_bytes"] else "-"
+        t.add_row(*map(cell, (d["step"], d["tier"], size, d["state"])))
+    console().print(t)
+
+
 @main.command()
 @output_option
 @client_options
@@ -512,6 +559,17 @@ def _token_from(path: str | None, option: str = "'--token-file'") -> str:
         return hc.read_token_file(path)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint=option) from None
+
+
+def _hang_config(min_s: float | None) -> Any:
+    if min_s is None:
+        return None
+    from hpt.monitor.detectors.hang import HangConfig
+
+    try:
+        return HangConfig(min_s=min_s)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--hang-min'") from None
 
 
 def _config_error(e: ValueError) -> CliError:
@@ -600,6 +658,12 @@ def up(
     default=None,
     help="Seconds agents keep ranks alive without the controller.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on --host at this port; 0 picks a free one [default: off].",
+)
 def controller(
     host: str,
     port: int,
@@ -611,6 +675,7 @@ def controller(
     insecure: bool,
     heartbeat_period: float | None,
     agent_lease: float | None,
+    metrics_port: int | None,
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
     from hpt import _daemons
@@ -621,6 +686,8 @@ def controller(
         kwargs["heartbeat_period_s"] = heartbeat_period
     if agent_lease is not None:
         kwargs["agent_lease_s"] = agent_lease
+    if metrics_port is not None:
+        kwargs["metrics_port"] = metrics_port
     try:
         cfg = ControllerConfig(
             host=host,
@@ -678,6 +745,21 @@ def controller(
     help="Kill ranks after losing the controller this long [default: controller's].",
 )
 @click.option("--no-warm", is_flag=True, help="Do not keep warm (torch imported) processes.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on 127.0.0.1 at this port; 0 picks a free one [default: off].",
+)
+@click.option(
+    "--no-health-check", is_flag=True, help="Skip the pre-flight health check at start."
+)
+@click.option(
+    "--hang-min",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="A rank without progress this long (or 10x its median step) is hung [default: 5].",
+)
 def agent(
     controller_addr: str | None,
     name: str | None,
@@ -690,6 +772,9 @@ def agent(
     tls_key: str | None,
     lease: float | None,
     no_warm: bool,
+    metrics_port: int | None,
+    no_health_check: bool,
+    hang_min: float | None,
 ) -> None:
     """Run a node agent until SIGTERM/SIGINT."""
     from hpt import _daemons
@@ -705,6 +790,7 @@ def agent(
         "slots": slots,
         "lease_s": lease,
         "run_dir": os.path.abspath(run_dir) if run_dir else None,
+        "hang": _hang_config(hang_min),
     }
     kwargs = {k: v for k, v in given.items() if v is not None}
     try:
@@ -715,6 +801,8 @@ def agent(
             tls_cert=tls_cert or "",
             tls_key=tls_key or "",
             warm_ranks=not no_warm,
+            metrics_port=metrics_port,
+            health_check=not no_health_check,
             **kwargs,
         )
     except ValueError as e:
@@ -723,11 +811,11 @@ def agent(
 
 
 @main.command()
-@click.option("--steps", type=click.IntRange(min=2), default=40, show_default=True)
+@click.option("--steps", type=click.IntRange(min=2), default=150, show_default=True)
 @click.option(
     "--kill-at",
     type=click.IntRange(min=1),
-    default=12,
+    default=20,
     show_default=True,
     help="Kill rank 1 once every rank reached this step.",
 )

@@ -266,6 +266,9 @@ class JobClient:
         workdir: str = "",
         node_wait_timeout_s: float | None = None,
         stop_grace_s: float | None = None,
+        persist_dir: str = "",
+        persist_every: int = 0,
+        keep_persisted: int = 0,
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
@@ -281,6 +284,9 @@ class JobClient:
             max_restarts=max_restarts,
             env=dict(env or {}),
             workdir=workdir,
+            persist_dir=persist_dir,
+            persist_every=persist_every,
+            keep_persisted=keep_persisted,
         )
         if node_wait_timeout_s is not None:
             spec.node_wait_timeout_s = node_wait_timeout_s
@@ -497,6 +503,27 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     d["root_cause"] = fault_to_dict(job.root_cause) if job.HasField("root_cause") else None
     d["faults"] = faults_of(job)
     return d
+
+
+def checkpoints_of(job: common_pb2.Job) -> list[dict[str, Any]]:
+    """Snapshots (memory tier) and persisted checkpoints (disk tier) of the job's current
+    attempt, newest first: step, tier, size in bytes (all ranks), state."""
+    attempt = current_attempt(job)
+    if attempt is None or not attempt.ranks:
+        return []
+    ranks = list(attempt.ranks)
+    total = sum(r.snapshot_bytes for r in ranks)
+    rows = []
+    for tier, field in (("memory", "snapshot_steps"), ("disk", "persisted_steps")):
+        counts: dict[int, int] = {}
+        for r in ranks:
+            for step in getattr(r, field):
+                counts[step] = counts.get(step, 0) + 1
+        for step, n in counts.items():
+            state = "complete" if n == len(ranks) else f"partial ({n}/{len(ranks)} ranks)"
+            rows.append({"step": step, "tier": tier, "size_bytes": total or None, "state": state})
+    rows.sort(key=lambda d: (-d["step"], d["tier"]))
+    return rows
 
 
 def node_to_dict(node: common_pb2.Node) -> dict[str, Any]:

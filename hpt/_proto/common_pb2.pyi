@@ -260,6 +260,7 @@ class RankStatus(_message.Message):
     FIRST_STEP_AT_FIELD_NUMBER: _builtins.int
     SNAPSHOT_STEPS_FIELD_NUMBER: _builtins.int
     PERSISTED_STEPS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -273,6 +274,8 @@ class RankStatus(_message.Message):
     """one line in words"""
     first_step_at: _builtins.float
     """wall clock of the rank's first step report in this attempt"""
+    snapshot_bytes: _builtins.int
+    """size of one snapshot of this rank"""
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
     @_builtins.property
@@ -298,10 +301,11 @@ class RankStatus(_message.Message):
         first_step_at: _builtins.float = ...,
         snapshot_steps: _abc.Iterable[_builtins.int] | None = ...,
         persisted_steps: _abc.Iterable[_builtins.int] | None = ...,
+        snapshot_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

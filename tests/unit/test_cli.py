@@ -36,11 +36,14 @@ T0 = 1_700_000_000.0
 
 # Changing the CLI surface is a decision: update this snapshot in the same change, on purpose.
 CLI_SURFACE = {
-    "agent": ["--address", "--controller", "--lease", "--name", "--no-warm", "--run-dir",
-              "--slots", "--tls-ca", "--tls-cert", "--tls-key", "--token-file"],
+    "agent": ["--address", "--controller", "--hang-min", "--lease", "--metrics-port", "--name",
+              "--no-health-check", "--no-warm", "--run-dir", "--slots", "--tls-ca",
+              "--tls-cert", "--tls-key", "--token-file"],
     "cancel": ["--controller", "--grace", "--tls-ca", "--token-file", "JOB_ID"],
-    "controller": ["--agent-lease", "--heartbeat-period", "--host", "--insecure", "--port",
-                   "--redis-url", "--tls-cert", "--tls-client-ca", "--tls-key", "--token-file"],
+    "ckpt ls": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
+    "controller": ["--agent-lease", "--heartbeat-period", "--host", "--insecure",
+                   "--metrics-port", "--port", "--redis-url", "--tls-cert", "--tls-client-ca",
+                   "--tls-key", "--token-file"],
     "demo": ["--agents", "--keep", "--kill-at", "--nodes", "--procs", "--script", "--steps"],
     "describe": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
     "events": ["--controller", "--follow", "--job", "--output", "--tls-ca", "--token-file",
@@ -49,24 +52,29 @@ CLI_SURFACE = {
     "ls": ["--controller", "--output", "--tls-ca", "--token-file", "-o"],
     "nodes": ["--controller", "--output", "--tls-ca", "--token-file", "-o"],
     "status": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
-    "submit": ["--controller", "--env", "--grace", "--max-restarts", "--min-nodes", "--name",
-               "--node-wait", "--nodes", "--procs-per-node", "--tls-ca", "--token-file",
+    "submit": ["--controller", "--env", "--grace", "--keep-persisted", "--max-restarts",
+               "--min-nodes", "--name", "--node-wait", "--nodes", "--persist-dir",
+               "--persist-every", "--procs-per-node", "--tls-ca", "--token-file",
                "--wait", "--workdir", "-n", "-p", "COMMAND"],
     "up": ["--agents", "--host", "--port", "--redis-url", "--slots", "--token-file"],
 }  # fmt: skip
 
 
-def _surface(group: click.Group) -> dict[str, list[str]]:
+def _surface(group: click.Group, prefix: str = "") -> dict[str, list[str]]:
     out = {}
     for name, cmd in sorted(group.commands.items()):
-        assert not isinstance(cmd, click.Group), "nested groups: extend _surface"
+        if isinstance(cmd, click.Group):
+            out.update(_surface(cmd, f"{prefix}{name} "))
+            continue
         opts = sorted(
             o
             for p in cmd.params
             if isinstance(p, click.Option)
             for o in (*p.opts, *p.secondary_opts)
         )
-        out[name] = opts + [p.name.upper() for p in cmd.params if isinstance(p, click.Argument)]
+        out[prefix + name] = opts + [
+            p.name.upper() for p in cmd.params if isinstance(p, click.Argument)
+        ]
     return out
 
 

@@ -1,0 +1,484 @@
+"""Watching the local ranks: timing records up to the controller, hangs found here.
+
+The agent's rank socket hands every rank message to :meth:`RankWatch.on_rank_message`:
+
+- ``step`` marks progress: the agent's monotonic receive time is the rank's last progress;
+- ``records`` carries timing records (:mod:`hpt.monitor.records` dicts). They are validated,
+  kept in bounded buffers (oldest dropped and counted) and taken by the heartbeat as typed
+  ``StepTiming``/``CollectiveTiming`` messages (:meth:`RankWatch.take`), a bounded number per
+  beat; step durations also feed this node's median step time and the agent's metrics;
+- ``inflight`` lists the collectives the rank is blocked in, sent by the rank's watchdog thread
+  every second; they travel up like records, marked ``in_flight``.
+
+Every ``period_s`` the watch thread runs :func:`hpt.monitor.detectors.hang.check_hang` over the
+running ranks of each (job, attempt) on this node, with the median step time measured here.
+This catches ranks that are alive but make no progress, including one stopped by SIGSTOP and one
+spinning while it holds the GIL (its own threads cannot report; the agent sees the silence).
+On a hang the agent sends SIGUSR1 to each hung rank, whose ``faulthandler`` (registered by
+``hpt.init()``) writes every thread's Python stack to the rank's stack file even while the GIL
+is held; a stopped rank (state ``T`` in ``/proc/<pid>/stat``) cannot dump, and the finding says
+so. One HANG finding per (job, attempt) and node goes to the controller with the stacks, naming
+the likeliest culprit among the local ranks; the controller decides and restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpt._proto import agent_pb2
+from hpt.agent.launcher import Launcher, RankPhase, RankProcess
+from hpt.monitor.detectors._common import median
+from hpt.monitor.detectors.hang import HangConfig, check_hang
+from hpt.monitor.records import CollectiveRecord, FindingKind, StepRecord, record_from_dict
+
+log = logging.getLogger(__name__)
+
+_MAX_STACK_BYTES = 16 * 1024
+"""Per rank, the part of a stack dump that travels to the controller."""
+
+
+def stack_file(run_dir: Path, job_id: str, attempt: int, rank: int) -> Path:
+    """Where a rank's faulthandler writes its stacks (the launcher passes it in HPT_STACK_FILE)."""
+    return run_dir / "jobs" / job_id / f"attempt-{attempt}" / f"rank-{rank}.stacks.txt"
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of ``pid`` from /proc (R, S, D, T, t, Z...), "" when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WatchConfig:
+    """Tuning of the agent's rank watch."""
+
+    hang: HangConfig = field(default_factory=HangConfig)
+    """Hang deadline: max(min_s, factor x median step time); startup_s before the first step."""
+    period_s: float = 0.5
+    """How often the hang check runs."""
+    stack_deadline_s: float = 2.0
+    """How long to wait for hung ranks to write their stacks after SIGUSR1."""
+    max_buffered_records: int = 20_000
+    """Records kept per kind while waiting for a heartbeat; the oldest are dropped beyond."""
+    max_steps_per_beat: int = 2_000
+    max_collectives_per_beat: int = 8_000
+
+    def __post_init__(self) -> None:
+        if not self.period_s > 0:
+            raise ValueError(f"period_s ({self.period_s}) must be > 0")
+        if not self.stack_deadline_s >= 0:
+            raise ValueError(f"stack_deadline_s ({self.stack_deadline_s}) must be >= 0")
+        for name in ("max_buffered_records", "max_steps_per_beat", "max_collectives_per_beat"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+
+
+@dataclass(slots=True)
+class _AttemptWatch:
+    step_s: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    progress: dict[int, float] = field(default_factory=dict)  # rank -> monotonic
+    first_seen: dict[int, float] = field(default_factory=dict)  # rank -> monotonic
+    inflight: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    reported: bool = False
+    stepped: bool = False
+
+
+class RankWatch:
+    """Per-node rank watching; one per agent.
+
+    Args:
+        node: this node's name (stamped on findings).
+        launcher: the agent's launcher (which ranks run here, their pids).
+        run_dir: the agent's run directory (stack files live under it).
+        on_change: called when a finding is ready, so the heartbeat goes out at once.
+        cfg: tuning.
+        metrics: an ``hpt.monitor.export.Metrics`` to update, or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        launcher: Launcher,
+        run_dir: Path,
+        on_change: Callable[[], None],
+        cfg: WatchConfig | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.node = node
+        self.cfg = cfg if cfg is not None else WatchConfig()
+        self._launcher = launcher
+        self._run_dir = run_dir
+        self._on_change = on_change
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        n = self.cfg.max_buffered_records
+        self._steps: deque[agent_pb2.StepTiming] = deque(maxlen=n)
+        self._colls: deque[agent_pb2.CollectiveTiming] = deque(maxlen=n)
+        self._findings: deque[agent_pb2.Finding] = deque(maxlen=256)
+        self._dropped = 0
+        self._warned = False
+        self._attempts: dict[tuple[str, int], _AttemptWatch] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="hpt-watch", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.cfg.stack_deadline_s + 2.0)
+
+    # ---------------------------------------------------------------- inputs (socket threads)
+
+    def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
+        """Handle ``step``, ``records`` and ``inflight``; other ops are someone else's.
+
+        Raises:
+            ValueError: a malformed records/inflight message (the socket then closes it).
+        """
+        op = msg["op"]
+        key = (hello["job_id"], hello["attempt"])
+        rank = hello["rank"]
+        if op == "step":
+            with self._lock:
+                w = self._watch(key)
+                w.progress[rank] = time.monotonic()
+                w.stepped = True
+            return
+        if op not in ("records", "inflight"):
+            return
+        raw = msg.get("records")
+        if not isinstance(raw, list):
+            raise ValueError(f"{op}.records must be a list")  # not ours: close the socket
+        recs = []
+        for d in raw:
+            try:
+                rec = record_from_dict(d)
+                if (getattr(rec, "job_id", None), getattr(rec, "attempt", None),
+                        getattr(rec, "rank", None)) != (key[0], key[1], rank):
+                    raise ValueError(f"{op}: a record of another job, attempt or rank")
+            except ValueError as exc:
+                # Dropped, not refused: closing the socket would also lose the rank's step
+                # reports and make a healthy rank look hung.
+                with self._lock:
+                    self._dropped += 1
+                    warn = not self._warned
+                    self._warned = True
+                if warn:
+                    log.warning("[%s/%d/%s/%d] bad timing record dropped (warned once): %s",
+                                key[0], key[1], self.node, rank, exc)
+                continue
+            recs.append(rec)
+        if op == "inflight":
+            self._on_inflight(key, rank, recs)
+        else:
+            self._on_records(key, recs)
+
+    def _on_records(self, key: tuple[str, int], recs: list[Any]) -> None:
+        m = self._metrics
+        with self._lock:
+            w = self._watch(key)
+            for rec in recs:
+                if isinstance(rec, StepRecord):
+                    self._push(self._steps, _step_proto(rec))
+                    w.step_s.append(rec.step_s)
+                    if m is not None:
+                        m.set("hpt_step_seconds", rec.step_s, rank=rec.rank)
+                elif isinstance(rec, CollectiveRecord):
+                    self._push(self._colls, _coll_proto(rec, in_flight=False))
+                    if m is not None and rec.duration_s is not None:
+                        m.observe("hpt_collective_seconds", rec.duration_s, op=rec.op)
+
+    def _on_inflight(self, key: tuple[str, int], rank: int, recs: list[Any]) -> None:
+        with self._lock:
+            self._watch(key).inflight[rank] = [r.to_dict() for r in recs]
+            for rec in recs:
+                if isinstance(rec, CollectiveRecord):
+                    self._push(self._colls, _coll_proto(rec, in_flight=True))
+
+    def _push(self, buf: deque[Any], item: Any) -> None:
+        if len(buf) == buf.maxlen:
+            self._dropped += 1
+        buf.append(item)
+
+    def _watch(self, key: tuple[str, int]) -> _AttemptWatch:
+        w = self._attempts.get(key)
+        if w is None:
+            w = self._attempts[key] = _AttemptWatch()
+        return w
+
+    # ---------------------------------------------------------------- output (heartbeat)
+
+    def take(
+        self,
+    ) -> tuple[
+        list[agent_pb2.StepTiming], list[agent_pb2.CollectiveTiming], list[agent_pb2.Finding], int
+    ]:
+        """What the next heartbeat carries: records (bounded), findings, records dropped."""
+        cfg = self.cfg
+        with self._lock:
+            steps = [self._steps.popleft() for _ in range(min(len(self._steps),
+                                                              cfg.max_steps_per_beat))]
+            colls = [self._colls.popleft() for _ in range(min(len(self._colls),
+                                                              cfg.max_collectives_per_beat))]
+            findings = list(self._findings)
+            self._findings.clear()
+            dropped, self._dropped = self._dropped, 0
+        return steps, colls, findings, dropped
+
+    # ---------------------------------------------------------------- hang check
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.period_s):
+            try:
+                self.check(time.monotonic())
+            except Exception:  # the watch must outlive a bug in one pass
+                log.exception("[-/-/%s/-] hang check failed", self.node)
+
+    def check(self, now: float) -> list[agent_pb2.Finding]:
+        """One pass of the hang check over every running (job, attempt) on this node."""
+        by_attempt: dict[tuple[str, int], list[RankProcess]] = {}
+        for proc in self._launcher.ranks():
+            if proc.phase == RankPhase.RUNNING and not proc.stop_requested and proc.pid > 0:
+                by_attempt.setdefault((proc.job_id, proc.attempt), []).append(proc)
+        out: list[agent_pb2.Finding] = []
+        with self._lock:
+            for key in [k for k in self._attempts if k not in by_attempt]:
+                if not any(p.job_id == key[0] and p.attempt == key[1] and not p.ended
+                           for p in self._launcher.ranks()):
+                    del self._attempts[key]
+            todo = []
+            for key, procs in by_attempt.items():
+                w = self._watch(key)
+                if w.reported:
+                    continue
+                last = {}
+                for p in procs:
+                    first = w.first_seen.setdefault(p.rank, now)
+                    last[p.rank] = w.progress.get(p.rank, first)
+                med = median(list(w.step_s)) if w.step_s and w.stepped else None
+                det = check_hang(last, med, now, self.cfg.hang, job_id=key[0], attempt=key[1],
+                                 nodes_by_rank={p.rank: self.node for p in procs})
+                if det.findings:
+                    w.reported = True
+                    inflight = {r: list(v) for r, v in w.inflight.items()}
+                    todo.append((key, procs, det, inflight))
+        for key, procs, det, inflight in todo:
+            finding = self._report_hang(key, procs, det, inflight, now)
+            out.append(finding)
+            with self._lock:
+                self._findings.append(finding)
+            self._on_change()
+        return out
+
+    def _report_hang(
+        self,
+        key: tuple[str, int],
+        procs: list[RankProcess],
+        det: Any,
+        inflight: dict[int, list[dict[str, Any]]],
+        now: float,
+    ) -> agent_pb2.Finding:
+        job_id, attempt = key
+        by_rank = {p.rank: p for p in procs}
+        hung = [f.rank for f in det.findings]
+        states = {r: proc_state(by_rank[r].pid) for r in hung}
+        stacks = self._dump_stacks(job_id, attempt, [by_rank[r] for r in hung], states)
+        stopped = [r for r in hung if states[r] in ("T", "t")]
+        waiting = {r: v for r, v in inflight.items() if v and r in by_rank}
+        outside = [r for r in hung if r not in waiting]
+        if stopped:
+            culprit, why = stopped[0], "its process is stopped (state T: SIGSTOP or a debugger)"
+        elif waiting and outside:
+            culprit = outside[0]
+            ops = sorted({f"{c['op']} seq {c['seq']}" for v in waiting.values() for c in v})
+            why = (f"it is in no collective while rank(s) {sorted(waiting)} on this node wait in "
+                   f"{', '.join(ops)}")
+        else:
+            culprit, why = hung[0], "it has been silent longest"
+        first = next(f for f in det.findings if f.rank == culprit)
+        ev: dict[str, str] = {k: str(v) for k, v in first.evidence.items()}
+        ev["hung_ranks"] = ",".join(map(str, hung))
+        ev["proc_states"] = ",".join(f"{r}:{states[r] or '?'}" for r in hung)
+        ev["culprit_reason"] = why
+        if waiting:
+            ev["waiting"] = "; ".join(
+                f"rank {r}: " + ", ".join(f"{c['op']} seq {c['seq']}" for c in v)
+                for r, v in sorted(waiting.items())
+            )
+        silent_s = float(first.evidence.get("silent_s", 0.0))
+        note = " (stopped: no stack can be dumped)" if culprit in stopped else ""
+        message = f"{first.message}{note}; named because {why}"
+        log.error("[%s/%d/%s/%d] hang: %s", job_id, attempt, self.node, culprit, message)
+        return agent_pb2.Finding(
+            kind=FindingKind.HANG.value,
+            job_id=job_id,
+            attempt=attempt,
+            rank=culprit,
+            node=self.node,
+            message=message,
+            evidence=ev,
+            stacks=stacks,
+            detected_at=time.time(),
+            silent_since=time.time() - silent_s,
+        )
+
+    def _dump_stacks(
+        self, job_id: str, attempt: int, procs: list[RankProcess], states: dict[int, str]
+    ) -> list[agent_pb2.RankStack]:
+        sizes: dict[int, int] = {}
+        out: dict[int, str] = {}
+        for p in procs:
+            path = stack_file(self._run_dir, job_id, attempt, p.rank)
+            if states.get(p.rank) in ("T", "t"):
+                out[p.rank] = "no stack: the process is stopped (state T) and cannot run its handler"
+                continue
+            if states.get(p.rank) in ("Z", "X", ""):
+                out[p.rank] = "no stack: the process is gone"
+                continue
+            if not path.exists():
+                out[p.rank] = (f"no stack: {path.name} missing (the script did not call "
+                               "hpt.init(), which registers the SIGUSR1 stack dump)")
+                continue
+            sizes[p.rank] = path.stat().st_size
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                out[p.rank] = "no stack: the process is gone"
+                sizes.pop(p.rank)
+        deadline = time.monotonic() + self.cfg.stack_deadline_s
+        tick = threading.Event()
+        last: dict[int, int] = {}
+        while sizes and time.monotonic() < deadline:
+            grown = {r: stack_file(self._run_dir, job_id, attempt, r).stat().st_size
+                     for r in sizes}
+            # done when every file grew and stopped growing since the previous look
+            if all(grown[r] > sizes[r] and last.get(r) == grown[r] for r in sizes):
+                break
+            last = grown
+            tick.wait(0.05)
+        for rank, start in sizes.items():
+            path = stack_file(self._run_dir, job_id, attempt, rank)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    text = f.read(_MAX_STACK_BYTES).decode(errors="replace")
+            except OSError as exc:
+                text = ""
+                out[rank] = f"no stack: {exc}"
+                continue
+            out[rank] = text or (f"no stack within {self.cfg.stack_deadline_s:g} s of SIGUSR1")
+        return [
+            agent_pb2.RankStack(rank=p.rank, pid=p.pid, proc_state=states.get(p.rank, ""),
+                                text=out.get(p.rank, ""))
+            for p in procs
+        ]
+
+
+def _step_proto(rec: StepRecord) -> agent_pb2.StepTiming:
+    return agent_pb2.StepTiming(
+        job_id=rec.job_id, attempt=rec.attempt, rank=rec.rank, step=rec.step,
+        start_s=rec.start_s, end_s=rec.end_s, data_wait_s=rec.data_wait_s,
+        compute_s=rec.compute_s,
+    )
+
+
+def _coll_proto(rec: CollectiveRecord, *, in_flight: bool) -> agent_pb2.CollectiveTiming:
+    return agent_pb2.CollectiveTiming(
+        job_id=rec.job_id, attempt=rec.attempt, rank=rec.rank, seq=rec.seq, op=rec.op,
+        nbytes=rec.nbytes, enter_s=rec.enter_s, exit_s=rec.exit_s or 0.0, in_flight=in_flight,
+    )
+
+
+class AgentMonitoring:
+    """What the agent runs for monitoring, behind a few calls from ``daemon.py``.
+
+    The pre-flight health check (:mod:`hpt.agent.health`), the rank watch, and the agent's
+    ``/metrics`` endpoint (when ``metrics_port`` is not None; 0 picks a free port).
+    """
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        launcher: Launcher,
+        run_dir: Path,
+        on_change: Callable[[], None],
+        cfg: WatchConfig | None = None,
+        health_check: bool = True,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = None,
+    ) -> None:
+        self.node = node
+        self._health_check = health_check
+        self._metrics_host = metrics_host
+        self._metrics_port = metrics_port
+        self.metrics: Any = None
+        self.metrics_port = 0
+        self._server: Any = None
+        if metrics_port is not None:
+            from hpt.monitor.export import Metrics
+
+            self.metrics = Metrics()
+        self.watch = RankWatch(node=node, launcher=launcher, run_dir=run_dir,
+                               on_change=on_change, cfg=cfg, metrics=self.metrics)
+        from hpt.agent.health import SKIPPED
+
+        self.health = SKIPPED
+
+    def start(self) -> None:
+        """Run the health check (blocking, with its deadline), then watch and serve metrics."""
+        if self._health_check:
+            from hpt.agent.health import check_node
+
+            self.health = check_node()
+            level = logging.INFO if self.health.ok else logging.ERROR
+            log.log(level, "[-/-/%s/-] health check %s in %.1f s: %s", self.node,
+                    "passed" if self.health.ok else "FAILED", self.health.duration_s,
+                    self.health.reason)
+        self.watch.start()
+        if self.metrics is not None:
+            self._server, self.metrics_port = self.metrics.serve(
+                self._metrics_host, self._metrics_port or 0
+            )
+            log.info("[-/-/%s/-] metrics on http://%s:%d/metrics", self.node,
+                     self._metrics_host, self.metrics_port)
+
+    def close(self) -> None:
+        self.watch.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
+        self.watch.on_rank_message(hello, msg)
+
+    def register_fields(self) -> dict[str, Any]:
+        """Extra fields of the Register message."""
+        h = self.health
+        return {"health": agent_pb2.HealthReport(ran=h.ran, ok=h.ok, reason=h.reason,
+                                                 duration_s=h.duration_s, checks=h.checks)}
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """Extra fields of a Heartbeat message (drains the watch's buffers)."""
+        steps, colls, findings, dropped = self.watch.take()
+        return {"steps": steps, "collectives": colls, "findings": findings,
+                "dropped_records": dropped}

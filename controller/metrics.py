@@ -1,0 +1,150 @@
+"""The controller's Prometheus metrics, derived from its state once a second.
+
+Everything exported here is computed from what the reconciler already keeps (jobs, attempts,
+faults, nodes) and from the detectors (:mod:`hpt.controller.detect`): a sync thread takes the
+reconciler's lock once a second, sets the gauges and advances the counters by what changed
+since the previous sync. So no code path of the control loop has to remember to count, and the
+counters restart from the stored state after a controller restart (Prometheus handles resets).
+
+Goodput ledger per job (``hpt_goodput_seconds_total{category}``): ``productive`` is time from
+an attempt's first step until it ended or its fault occurred; ``detection`` from a fault
+occurring to the controller recording it; ``restart`` from recording it to the next attempt's
+first step (stop, relaunch and restore together; ``restore`` and ``redone`` stay 0 until the
+checkpoint path reports them separately).
+
+``serve`` exposes ``/metrics`` through :class:`hpt.monitor.export.Metrics`, the one module that
+imports ``prometheus_client``. The sync also forgets the detector state of finished jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from hpt.controller.model import Job, JobState
+from hpt.monitor.export import Metrics
+from hpt.monitor.metrics import JOB_STATES, NODE_STATES
+
+log = logging.getLogger(__name__)
+
+SYNC_PERIOD_S = 1.0
+
+
+class ControllerMetrics:
+    """Metrics of one controller; ``start()`` the sync thread, optionally ``serve()``."""
+
+    def __init__(self, rec: Any) -> None:
+        self._rec = rec
+        self.metrics = Metrics()
+        self._attempts: set[tuple[str, int]] = set()
+        self._faults: set[tuple[str, int]] = set()
+        self._recoveries: set[tuple[str, int]] = set()
+        self._goodput: dict[tuple[str, str], float] = {}
+        self._heartbeats: dict[str, int] = {}
+        self._forgotten: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.sync()
+        self._thread = threading.Thread(target=self._loop, name="hpt-metrics", daemon=True)
+        self._thread.start()
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port); returns the bound port."""
+        self._server, self.port = self.metrics.serve(host, port)
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SYNC_PERIOD_S):
+            try:
+                self.sync()
+            except Exception:  # metrics must never take the controller down
+                log.exception("metrics sync failed")
+
+    # ---------------------------------------------------------------- one sync
+
+    def sync(self) -> None:
+        rec, m = self._rec, self.metrics
+        now, mono = time.time(), time.monotonic()
+        with rec.lock:
+            jobs = list(rec.jobs.values())
+            by_state = {s: 0 for s in JOB_STATES}
+            for job in jobs:
+                by_state[job.state.value.lower()] += 1
+                self._count_job(job, now)
+            nodes = {s: 0 for s in NODE_STATES}
+            for name, rt in rec.nodes.items():
+                nodes[rt.node.state.value.lower()] += 1
+                m.set("hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat),
+                      node=name)
+            running = [j.id for j in jobs if j.state == JobState.RUNNING]
+            finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
+        for state, n in by_state.items():
+            m.set("hpt_jobs", n, state=state)
+        for state, n in nodes.items():
+            m.set("hpt_nodes", n, state=state)
+        det = rec.detection
+        for node, n in dict(det.num_heartbeats).items():
+            delta = n - self._heartbeats.get(node, 0)
+            if delta > 0:
+                m.inc("hpt_agent_heartbeats_total", delta, node=node)
+                self._heartbeats[node] = n
+        m.clear("hpt_straggler_score")
+        for job_id in running:
+            for rank, score in det.scores(job_id).items():
+                m.set("hpt_straggler_score", score, rank=rank)
+        for job_id in finished:
+            det.forget(job_id)
+            self._forgotten.add(job_id)
+
+    def _count_job(self, job: Job, now: float) -> None:
+        m = self.metrics
+        ledger = {"productive": 0.0, "detection": 0.0, "restart": 0.0}
+        for i, attempt in enumerate(job.attempts):
+            key = (job.id, attempt.number)
+            if key not in self._attempts:
+                self._attempts.add(key)
+                m.inc("hpt_attempts_total")
+            cause = attempt.cause
+            nxt = job.attempts[i + 1] if i + 1 < len(job.attempts) else None
+            if attempt.first_step_at:
+                end = attempt.ended_at or now
+                if cause is not None and cause.occurred_at:
+                    end = min(end, max(cause.occurred_at, attempt.first_step_at))
+                ledger["productive"] += max(0.0, end - attempt.first_step_at)
+            if cause is None:
+                continue
+            kind = cause.kind.value
+            detection_s = (cause.detected_at - cause.occurred_at) if cause.occurred_at else 0.0
+            if key not in self._faults:
+                self._faults.add(key)
+                m.inc("hpt_faults_total", kind=kind)
+                m.observe("hpt_fault_detection_seconds", max(0.0, detection_s), kind=kind)
+            ledger["detection"] += max(0.0, detection_s)
+            if nxt is not None and nxt.first_step_at:
+                recovery_s = max(0.0, nxt.first_step_at - cause.detected_at)
+                ledger["restart"] += recovery_s
+                if key not in self._recoveries:
+                    self._recoveries.add(key)
+                    m.observe("hpt_recovery_seconds", recovery_s, kind=kind)
+            elif not job.state.is_terminal:
+                ledger["restart"] += max(0.0, now - cause.detected_at)
+        for category, total in ledger.items():
+            prev = self._goodput.get((job.id, category), 0.0)
+            if total > prev:
+                m.inc("hpt_goodput_seconds_total", total - prev, category=category)
+                self._goodput[(job.id, category)] = total
