@@ -12,6 +12,7 @@ Run as ``python -m hpt.agent.warm`` (that is the child side).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,6 +105,8 @@ class WarmPool:
             idle = [p for p in self._idle if p.poll() is None]
             if not idle:
                 return None
+            # one that finished its warm-up first; a still-importing one still beats a cold start
+            idle.sort(key=lambda p: not self._ready_signalled(p))
             proc = idle[0]
             self._idle.remove(proc)
             fd = self._ready_fds.pop(proc.pid, None)
@@ -205,7 +208,9 @@ def _serve() -> int:
     _prime_torch()
     ready_fd = os.environ.pop(_READY_FD_ENV, "")
     if ready_fd:
-        os.write(int(ready_fd), b"1")
+        # the pool may have handed us out (and closed its end) before we got here
+        with contextlib.suppress(OSError):
+            os.write(int(ready_fd), b"1")
         os.close(int(ready_fd))
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
     if not line:

@@ -187,6 +187,9 @@ class SnapshotEngine:
             checksums=[None] * len(tasks),
         )
         if has_cuda:
+            if fresh:  # zero before the DMA lands, not after it (the workers would race it)
+                buffer.zero_()
+                infl.fresh = False
             self._launch_cuda(infl)
         self._inflight = infl
         for k in range(len(tasks)):

@@ -50,7 +50,6 @@ from hpt.controller.streams import EventLog, LogBuffer
 log = logging.getLogger(__name__)
 
 _RESEND_STOP_AFTER_S = 5.0
-_FLUSH_PERIOD_S = 0.5
 
 
 class AgentLink(Protocol):
@@ -93,7 +92,6 @@ class Reconciler:
         self._versions: dict[str, int] = {}
         self._dirty_jobs: set[str] = set()
         self._dirty_nodes: set[str] = set()
-        self._last_flush = 0.0
         self._stops: dict[tuple[str, int], _StopSent] = {}
         self._released: set[str] = set()
         self._wake = threading.Event()
@@ -146,7 +144,7 @@ class Reconciler:
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         with self.lock:
-            self._flush(force=True)
+            self._flush()
 
     def wake(self) -> None:
         self._wake.set()
@@ -191,7 +189,6 @@ class Reconciler:
             job = self.jobs[job_id]
             if not job.state.is_terminal and not job.cancel_requested:
                 job.cancel_requested = True
-                self._cancel_grace = grace_s
                 self._emit("cancel_requested", job, message="cancel requested by the user")
                 self._dirty_jobs.add(job.id)
                 self._step(job, self._clock(), cancel_grace_s=grace_s)
@@ -573,15 +570,9 @@ class Reconciler:
         for node in {n for attempt in job.attempts for n in attempt.nodes}:
             self._send(node, ReleaseCommand(job_id=job.id))
 
-    def _flush(self, force: bool = False) -> None:
-        mono = time.monotonic()
-        if not force and mono - self._last_flush < _FLUSH_PERIOD_S and not any(
-            self.jobs[j].state.is_terminal for j in self._dirty_jobs if j in self.jobs
-        ):
-            # step progress alone is flushed at most every _FLUSH_PERIOD_S; state changes too
-            # (they are rare and carry the fault record) go out on the same beat
-            pass
-        self._last_flush = mono
+    def _flush(self) -> None:
+        # Every pass writes what changed: state changes are rare, and step progress changes at
+        # most once per heartbeat per node, so this stays a few writes per second per job.
         for job_id in sorted(self._dirty_jobs):
             job = self.jobs[job_id]
             if job.state.is_terminal and job_id not in self._released and all(

@@ -14,6 +14,7 @@ Every figure is the median of ``--runs`` runs; ratios are against torchrun in th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -102,6 +103,12 @@ def torchrun_baseline(runs: int) -> tuple[list[float], bool]:
                     except TimeoutError:
                         restarted = False
             finally:
+                # torchrun's workers live in sessions of their own: kill them, then torchrun
+                for pid in _children(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return starts, restarted
