@@ -35,6 +35,7 @@ from hpt.agent.watch import AgentMonitoring, WatchConfig
 log = logging.getLogger(__name__)
 
 _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
+_RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
 _RANK_STATE = {
@@ -111,6 +112,7 @@ class Agent:
         self._changed.set()
 
     def _shutdown(self) -> None:
+        self.snapshots.persist_newest(None)
         self.launcher.stop_all(grace_s=self.cfg.stop_grace_s, reason="agent shutting down")
         if not self.launcher.wait_all(self.cfg.stop_grace_s + 5.0):
             log.error("[-/-/%s/-] ranks survived SIGKILL past the deadline", self.cfg.name)
@@ -171,6 +173,10 @@ class Agent:
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
+                    if s.reason.startswith("cancelled"):
+                        # the newest snapshot reaches disk within the grace period (it is in
+                        # shared memory: the ranks dying meanwhile does not matter)
+                        self.snapshots.persist_newest(s.job_id)
                     self.launcher.stop(s.job_id, s.attempt, grace_s=s.grace_s, reason=s.reason)
                 if self._stop.is_set():
                     break
@@ -231,6 +237,7 @@ class Agent:
                         dropped_log_bytes=dropped,
                         warm_ready=self._warm.ready() if self._warm else 0,
                         **self.monitoring.heartbeat_fields(),
+                        events=self.snapshots.take_events(),
                     )
                 )
             )
@@ -283,6 +290,12 @@ class Agent:
                 self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
             else:
                 self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
+            return
+        if msg["op"] == "event":
+            kind, text = msg.get("kind"), msg.get("message")
+            if kind not in _RANK_EVENT_KINDS or not isinstance(text, str):
+                raise ValueError(f"event.kind must be one of {sorted(_RANK_EVENT_KINDS)}")
+            self.snapshots.event(kind, hello["job_id"], hello["attempt"], hello["rank"], text)
             return
         if msg["op"] == "step":
             step, at = msg.get("step"), msg.get("at")

@@ -19,19 +19,24 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hpt._proto import agent_pb2
 from hpt.ckpt import fmt
 from hpt.ckpt.checksum import verify
+from hpt.ckpt.errors import CkptError
 from hpt.ckpt.sink import ShmSink, SnapshotRef
 
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MAX_EVENTS = 1000
 
 
 @dataclass(slots=True)
@@ -51,6 +56,21 @@ class SnapshotKeeper:
         self.shm_dir = shm_dir
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _RankSnapshots] = {}
+        self._events: deque[agent_pb2.AgentEvent] = deque(maxlen=_MAX_EVENTS)
+
+    # ---------------------------------------------------------------- events
+
+    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str) -> None:
+        """Queue an event for the controller's log (sent with the next heartbeat)."""
+        self._events.append(agent_pb2.AgentEvent(kind=kind, job_id=job_id, attempt=attempt,
+                                                 rank=rank, message=message[:4096],
+                                                 at=time.time()))
+
+    def take_events(self) -> list[agent_pb2.AgentEvent]:
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
 
     def prefix(self, job_id: str, rank: int) -> str:
         return f"hpt-{_SAFE.sub('_', self.node)}-{_SAFE.sub('_', job_id)}-r{rank}"
@@ -64,7 +84,7 @@ class SnapshotKeeper:
                 entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
             entry.world_size = world_size
             entry.persist_every = persist_every if persist_dir else 0
-            if entry.persist_every and entry.persister is None:
+            if persist_dir and entry.persister is None:
                 root = Path(persist_dir) / f"rank-{rank:05d}"
                 entry.persisted = set(_verified_steps(root))
                 entry.persister = fmt.Persister(
@@ -87,22 +107,30 @@ class SnapshotKeeper:
                 raise ValueError(f"snapshot report for unknown rank {rank} of job {job_id}")
             entry.generations[generation] = step
             entry.nbytes = nbytes or entry.nbytes
-            persister = entry.persister if entry.persist_every else None
-            due = persister is not None and step % entry.persist_every == 0
+            due = (entry.persister is not None and entry.persist_every > 0
+                   and step % entry.persist_every == 0)
         if due:
-            assert persister is not None
-            ref = SnapshotRef(step=step, generation=generation)
-            sink = ShmSink(entry.prefix, directory=self.shm_dir)
-            try:
-                snap = sink.read(ref)
-                layout_json, meta_json = snap.layout.to_json(), snap.meta_json
-            finally:
-                sink.close()
-            # layout + meta let hpt rebuild the rank's exact state; plain DCP users ignore them
-            persister.offer(step, lambda: self._copy_out(entry, ref),
-                            {"step": step, "rank": rank, "world_size": entry.world_size,
-                             "job_id": job_id, "node": self.node, "layout": layout_json,
-                             "meta_json": meta_json})
+            self._offer(job_id, rank, entry, step, generation)
+
+    def _offer(self, job_id: str, rank: int, entry: _RankSnapshots, step: int,
+               generation: int) -> None:
+        assert entry.persister is not None
+        ref = SnapshotRef(step=step, generation=generation)
+        sink = ShmSink(entry.prefix, directory=self.shm_dir)
+        try:
+            snap = sink.read(ref)
+            layout_json, meta_json = snap.layout.to_json(), snap.meta_json
+        except (OSError, ValueError, CkptError) as exc:
+            log.warning("[%s/-/%s/%d] snapshot of step %d gone before persisting: %s", job_id,
+                        self.node, rank, step, exc)
+            return
+        finally:
+            sink.close()
+        # layout + meta let hpt rebuild the rank's exact state; plain DCP users ignore them
+        entry.persister.offer(step, lambda: self._copy_out(entry, ref),
+                              {"step": step, "rank": rank, "world_size": entry.world_size,
+                               "job_id": job_id, "node": self.node, "layout": layout_json,
+                               "meta_json": meta_json})
 
     def discarded(self, job_id: str, rank: int, generation: int) -> None:
         with self._lock:
@@ -143,9 +171,24 @@ class SnapshotKeeper:
         if err is not None:
             log.error("[%s/-/%s/%d] persisting step %d failed: %s", job_id, self.node, rank,
                       step, err)
+            self.event("persist_failed", job_id, 0, rank,
+                       f"step {step} not persisted (previous checkpoints intact, training goes "
+                       f"on): {err}")
             return
         with self._lock:
             entry.persisted = set(_verified_steps(root, trust_newest=step))
+
+    def persist_newest(self, job_id: str | None) -> None:
+        """Offer the newest complete snapshot of every rank (of ``job_id``, or of every job) to
+        its persister, whatever the cadence: a cancel or a shutdown keeps the latest state."""
+        with self._lock:
+            entries = [(k, e) for k, e in self._ranks.items()
+                       if (job_id is None or k[0] == job_id) and e.persister is not None
+                       and e.generations]
+        for (job, rank), entry in entries:
+            generation, step = max(entry.generations.items(), key=lambda kv: kv[1])
+            if step not in entry.persisted:
+                self._offer(job, rank, entry, step, generation)
 
     # ---------------------------------------------------------------- cleanup
 

@@ -35,7 +35,7 @@ from typing import Any
 from hpt.controller.model import Event, Fault, FaultClass, FaultKind
 from hpt.monitor.detectors.collective import CollectiveConfig, CollectiveDetector
 from hpt.monitor.detectors.straggler import StragglerConfig, StragglerDetector
-from hpt.monitor.records import CollectiveRecord, Finding, FindingKind, StepRecord
+from hpt.monitor.records import CollectiveRecord, Finding, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ class DetectionConfig:
     """Tuning of the controller's detectors."""
 
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
-    collective: CollectiveConfig = field(
-        default_factory=lambda: CollectiveConfig(stuck_s=3.0)
-    )
+    collective: CollectiveConfig = field(default_factory=lambda: CollectiveConfig(stuck_s=3.0))
     """Collectives in flight for ``stuck_s`` with a rank missing name that rank. Lower than the
     default hang deadline (5 s) so the culprit is named before the attempt is restarted."""
     settle_s: float = 1.0
@@ -180,25 +178,55 @@ class Detection:
     def _on_hang(self, node: str, f: Any, view: _AttemptView | None, now: float) -> None:
         if view is None or f.job_id == "":
             return
-        report = _HangReport(node=node, rank=f.rank, message=f.message[:4000],
-                             evidence=dict(f.evidence), silent_since=f.silent_since,
-                             detected_at=f.detected_at, received=now)
+        report = _HangReport(
+            node=node,
+            rank=f.rank,
+            message=f.message[:4000],
+            evidence=dict(f.evidence),
+            silent_since=f.silent_since,
+            detected_at=f.detected_at,
+            received=now,
+        )
         with self._lock:
             view.hangs.append(report)
-        self._emit(Event(kind="hang", at=self._clock(), job_id=f.job_id, attempt=f.attempt,
-                         node=node, rank=f.rank, message=f"hang detected by the agent: "
-                         f"{report.message}"))
+        self._emit(
+            Event(
+                kind="hang",
+                at=self._clock(),
+                job_id=f.job_id,
+                attempt=f.attempt,
+                node=node,
+                rank=f.rank,
+                message=f"hang detected by the agent: {report.message}",
+            )
+        )
         for s in f.stacks:
             text = s.text[:_MAX_STACK_EVENT_BYTES]
             state = f", state {s.proc_state}" if s.proc_state else ""
-            self._emit(Event(kind="stacks", at=self._clock(), job_id=f.job_id,
-                             attempt=f.attempt, node=node, rank=s.rank,
-                             message=f"Python stacks of rank {s.rank} (pid {s.pid}{state}):\n"
-                             f"{text}"))
+            self._emit(
+                Event(
+                    kind="stacks",
+                    at=self._clock(),
+                    job_id=f.job_id,
+                    attempt=f.attempt,
+                    node=node,
+                    rank=s.rank,
+                    message=f"Python stacks of rank {s.rank} (pid {s.pid}{state}):\n{text}",
+                )
+            )
 
     def _emit_finding(self, f: Finding) -> None:
-        self._emit(Event(kind=f.kind.value, at=self._clock(), job_id=f.job_id,
-                         attempt=f.attempt, node=f.node, rank=f.rank, message=f.message))
+        self._emit(
+            Event(
+                kind=f.kind.value,
+                at=self._clock(),
+                job_id=f.job_id,
+                attempt=f.attempt,
+                node=f.node,
+                rank=f.rank,
+                message=f.message,
+            )
+        )
 
     # ---------------------------------------------------------------- output (reconciler)
 
@@ -224,12 +252,19 @@ class Detection:
             report, why = self._culprit(view)
         message = report.message + (f"; {why}" if why else "")
         stopped = ":T" in report.evidence.get("proc_states", "")
-        log.error("[%s/%d/%s/%d] hang fault: %s", job_id, attempt, report.node, report.rank,
-                  message)
-        return Fault(kind=FaultKind.HANG, attempt=attempt, node=report.node, rank=report.rank,
-                     message=message[:4000], detected_at=now,
-                     occurred_at=report.silent_since or now,
-                     classification=FaultClass.INFRA if stopped else FaultClass.USER)
+        log.error(
+            "[%s/%d/%s/%d] hang fault: %s", job_id, attempt, report.node, report.rank, message
+        )
+        return Fault(
+            kind=FaultKind.HANG,
+            attempt=attempt,
+            node=report.node,
+            rank=report.rank,
+            message=message[:4000],
+            detected_at=now,
+            occurred_at=report.silent_since or now,
+            classification=FaultClass.INFRA if stopped else FaultClass.USER,
+        )
 
     def _culprit(self, view: _AttemptView) -> tuple[_HangReport, str]:
         hangs = view.hangs
@@ -241,12 +276,20 @@ class Detection:
             rank, seq, op, waiting = missing
             node = view.nodes_by_rank.get(rank, "")
             base = next((h for h in hangs if h.rank == rank), None)
-            why = (f"rank {rank} ({node}) never entered {op} seq {seq}, which rank(s) "
-                   f"{waiting} are blocked in")
+            why = (
+                f"rank {rank} ({node}) never entered {op} seq {seq}, which rank(s) "
+                f"{waiting} are blocked in"
+            )
             if base is None:
-                base = _HangReport(node=node, rank=rank, message=f"rank {rank} ({node}) hung",
-                                   evidence={}, silent_since=min(h.silent_since for h in hangs),
-                                   detected_at=hangs[0].detected_at, received=0.0)
+                base = _HangReport(
+                    node=node,
+                    rank=rank,
+                    message=f"rank {rank} ({node}) hung",
+                    evidence={},
+                    silent_since=min(h.silent_since for h in hangs),
+                    detected_at=hangs[0].detected_at,
+                    received=0.0,
+                )
             return base, why
         for h in hangs:
             if "no collective" in h.evidence.get("culprit_reason", ""):
@@ -290,24 +333,54 @@ def _decode(node: str, hb: Any) -> tuple[list[StepRecord], list[CollectiveRecord
     steps: list[StepRecord] = []
     bad = 0
     for s in list(hb.steps)[:_MAX_STEPS_PER_BEAT]:
-        if (not s.job_id or s.step < 0 or not _finite(s.start_s, s.end_s, s.data_wait_s,
-                                                       s.compute_s)
-                or s.end_s < s.start_s or s.data_wait_s < 0 or s.compute_s < 0):
+        if (
+            not s.job_id
+            or s.step < 0
+            or not _finite(s.start_s, s.end_s, s.data_wait_s, s.compute_s)
+            or s.end_s < s.start_s
+            or s.data_wait_s < 0
+            or s.compute_s < 0
+        ):
             bad += 1
             continue
-        steps.append(StepRecord(job_id=s.job_id, attempt=s.attempt, rank=s.rank, node=node,
-                                step=s.step, start_s=s.start_s, end_s=s.end_s,
-                                data_wait_s=s.data_wait_s, compute_s=s.compute_s))
+        steps.append(
+            StepRecord(
+                job_id=s.job_id,
+                attempt=s.attempt,
+                rank=s.rank,
+                node=node,
+                step=s.step,
+                start_s=s.start_s,
+                end_s=s.end_s,
+                data_wait_s=s.data_wait_s,
+                compute_s=s.compute_s,
+            )
+        )
     colls: list[CollectiveRecord] = []
     for c in list(hb.collectives)[:_MAX_COLLECTIVES_PER_BEAT]:
         exit_s = None if c.in_flight else c.exit_s
-        if (not c.job_id or not c.op or c.seq < -1 or not _finite(c.enter_s, c.exit_s)
-                or (exit_s is not None and exit_s < c.enter_s)):
+        if (
+            not c.job_id
+            or not c.op
+            or c.seq < -1
+            or not _finite(c.enter_s, c.exit_s)
+            or (exit_s is not None and exit_s < c.enter_s)
+        ):
             bad += 1
             continue
-        colls.append(CollectiveRecord(job_id=c.job_id, attempt=c.attempt, rank=c.rank,
-                                      node=node, seq=c.seq, op=c.op[:64], nbytes=c.nbytes,
-                                      enter_s=c.enter_s, exit_s=exit_s))
+        colls.append(
+            CollectiveRecord(
+                job_id=c.job_id,
+                attempt=c.attempt,
+                rank=c.rank,
+                node=node,
+                seq=c.seq,
+                op=c.op[:64],
+                nbytes=c.nbytes,
+                enter_s=c.enter_s,
+                exit_s=exit_s,
+            )
+        )
     if bad:
         log.warning("[-/-/%s/-] %d invalid timing record(s) dropped", node, bad)
     return steps, colls

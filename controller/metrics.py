@@ -89,8 +89,9 @@ class ControllerMetrics:
             nodes = {s: 0 for s in NODE_STATES}
             for name, rt in rec.nodes.items():
                 nodes[rt.node.state.value.lower()] += 1
-                m.set("hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat),
-                      node=name)
+                m.set(
+                    "hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat), node=name
+                )
             running = [j.id for j in jobs if j.state == JobState.RUNNING]
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
         for state, n in by_state.items():

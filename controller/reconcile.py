@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from hpt.controller import catalog, convert, detect, policy
@@ -261,6 +261,14 @@ class Reconciler:
         for job_id, attempt, rank, stream, text in logs:
             self.logs.append(job_id, attempt, rank, stream, text)
         self.wake()
+
+    def agent_events(self, node: str, events: list[Event]) -> None:
+        """Events an agent or its ranks raised (persist failures, skipped checkpoints...)."""
+        now = self._clock()
+        for event in events:
+            if event.at <= 0 or event.at > now + 60:
+                event = replace(event, at=now)
+            self.events.emit(event)
 
     def disconnect(self, node: str, link: AgentLink) -> None:
         with self.lock:

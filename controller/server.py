@@ -13,7 +13,9 @@ import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert
+from hpt.controller.detect import health_problem
 from hpt.controller.model import (
+    Event,
     LaunchCommand,
     Node,
     NodeState,
@@ -21,7 +23,6 @@ from hpt.controller.model import (
     ReleaseCommand,
     StopCommand,
 )
-from hpt.controller.detect import health_problem
 from hpt.controller.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
                 self._rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready)
                 self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
+                if hb.events:
+                    self._rec.agent_events(node, _decode_events(node, hb.events))
                 link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
         except grpc.RpcError:
             pass  # the stream ended; Connect's finally reports the disconnect
@@ -222,6 +225,21 @@ def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
     node = Node(name=reg.node, address=reg.address, slots=reg.slots, state=NodeState.READY,
                 hostname=reg.hostname[:255], warm_ready=reg.warm_ready)
     return node, _decode_reports(reg.ranks)
+
+
+_EVENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_MAX_EVENTS_PER_BEAT = 256
+
+
+def _decode_events(node: str, events) -> list[Event]:  # type: ignore[no-untyped-def]
+    out = []
+    for e in list(events)[:_MAX_EVENTS_PER_BEAT]:
+        if not _EVENT_KIND.match(e.kind):
+            log.warning("[-/-/%s/-] agent event with bad kind %r dropped", node, e.kind[:70])
+            continue
+        out.append(Event(kind=e.kind, at=e.at, job_id=e.job_id[:256], attempt=e.attempt,
+                         node=node, rank=e.rank, message=e.message[:4096]))
+    return out
 
 
 def _decode_reports(reports) -> list[RankReport]:  # type: ignore[no-untyped-def]

@@ -2,7 +2,8 @@
 
 ``HPT_FAULT_COMMIT_DELAY=RANK:STEP:SECONDS`` holds the commit of rank RANK's snapshot of step
 STEP for SECONDS (the copy is done, the snapshot not yet complete), so a test can kill the rank
-while its snapshot is in flight. Unset in production; parsing errors are ignored with a warning
+while its snapshot is in flight. It fires in the job's first attempt only (``HPT_ATTEMPT``), so
+the restarted attempt runs clean. Unset in production; parsing errors are ignored with a warning
 (a typo must not break training).
 """
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def commit_delay(rank: int, step: int) -> float:
     raw = os.environ.get("HPT_FAULT_COMMIT_DELAY", "")
-    if not raw:
+    if not raw or os.environ.get("HPT_ATTEMPT", "1") != "1":
         return 0.0
     try:
         want_rank, want_step, seconds = raw.split(":")

@@ -50,9 +50,7 @@ class _State:
 _state = _State()
 
 
-def start(
-    *, job_id: str, attempt: int, rank: int, node: str, channel: AgentChannel | None
-) -> None:
+def start(*, job_id: str, attempt: int, rank: int, node: str, channel: AgentChannel | None) -> None:
     """Switch monitoring on for this rank (idempotent; never raises)."""
     try:
         _register_stack_dump(os.environ.get("HPT_STACK_FILE", ""))

@@ -110,6 +110,7 @@ class Checkpointer(_EngineCheckpointer):
             snap = self._find(self._restore_step)
             step = self.restore_snapshot(snap)
             log.info("[hpt] rank %d restored step %d from agent memory", self._rank, step)
+            self._event("restored", f"restored step {step} from the agent's memory")
             return step
         if self._persist_dir:
             return self._restore_from_disk(Path(self._persist_dir) / f"rank-{self._rank:05d}")
@@ -129,6 +130,7 @@ class Checkpointer(_EngineCheckpointer):
         for bad, reason in skipped:
             log.warning("[hpt] rank %d skipped persisted checkpoint %s: %s", self._rank,
                         bad.name, reason)
+            self._event("checkpoint_skipped", f"skipped {bad}: {reason}")
         step = fmt.parse_step_dir(path.name) if path is not None else 0
         step = _agree_on_min(step or 0)
         if step <= 0:
@@ -138,7 +140,15 @@ class Checkpointer(_EngineCheckpointer):
         snap = _snapshot_from_disk(step, tensors, meta)
         restored = self.restore_snapshot(snap)
         log.info("[hpt] rank %d restored step %d from %s", self._rank, restored, path)
+        self._event("restored", f"restored step {restored} from disk ({path})")
         return restored
+
+    def _event(self, kind: str, message: str) -> None:
+        from hpt import current
+
+        ctx = current()
+        if ctx is not None and ctx.channel is not None:
+            ctx.channel.send({"op": "event", "kind": kind, "message": message})
 
 
 def _agree_on_min(step: int) -> int:

@@ -140,6 +140,7 @@ class Heartbeat(_message.Message):
     COLLECTIVES_FIELD_NUMBER: _builtins.int
     FINDINGS_FIELD_NUMBER: _builtins.int
     DROPPED_RECORDS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     free_port: _builtins.int
     dropped_log_bytes: _builtins.int
@@ -160,6 +161,10 @@ class Heartbeat(_message.Message):
     def collectives(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectiveTiming]: ...
     @_builtins.property
     def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEvent]:
+        """Checkpointing (field numbers 30..39)."""
+
     def __init__(
         self,
         *,
@@ -173,14 +178,54 @@ class Heartbeat(_message.Message):
         collectives: _abc.Iterable[Global___CollectiveTiming] | None = ...,
         findings: _abc.Iterable[Global___Finding] | None = ...,
         dropped_records: _builtins.int = ...,
+        events: _abc.Iterable[Global___AgentEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "events", b"events", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class AgentEvent(_message.Message):
+    """Something an agent or a rank wants in the event log: a persist that failed, a checkpoint
+    skipped on restore because it did not verify, where a restore came from.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    job_id: _builtins.str
+    attempt: _builtins.int
+    rank: _builtins.int
+    message: _builtins.str
+    at: _builtins.float
+    """wall clock"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        message: _builtins.str = ...,
+        at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):

@@ -74,8 +74,9 @@ def test_rank_killed_midrun_resumes_from_memory_bitwise_identical(cluster, clean
 def test_rank_killed_while_its_snapshot_is_in_flight_resumes_from_the_common_step(
     cluster, clean_sha
 ):
-    # rank 1's commit of step 10 is held for 20 s: the copy is done, the snapshot not complete
-    job_id = cluster.submit(*JOB, env={"HPT_FAULT_COMMIT_DELAY": "1:10:20"})
+    # rank 1's commit of step 10 is held for 4.5 s (under the 5 s hang deadline): the copy is
+    # done, the snapshot not complete; the test kills rank 1 inside that window
+    job_id = cluster.submit(*JOB, env={"HPT_FAULT_COMMIT_DELAY": "1:10:4.5"})
     job = cluster.wait_step(job_id, attempt=1, step=10)
     held = {r.rank: set(r.snapshot_steps) for r in job.attempts[0].ranks}
     os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)
