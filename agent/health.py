@@ -45,8 +45,13 @@ class HealthResult:
     """check name -> 'ok' or what went wrong."""
 
     def to_dict(self) -> dict[str, object]:
-        return {"ran": self.ran, "ok": self.ok, "reason": self.reason,
-                "duration_s": self.duration_s, "checks": dict(self.checks)}
+        return {
+            "ran": self.ran,
+            "ok": self.ok,
+            "reason": self.reason,
+            "duration_s": self.duration_s,
+            "checks": dict(self.checks),
+        }
 
     @staticmethod
     def from_dict(d: object) -> HealthResult:
@@ -62,8 +67,9 @@ class HealthResult:
             raise ValueError("health result.ok must be a bool and reason a string")
         if not isinstance(dur, int | float):
             raise ValueError("health result.duration_s must be a number")
-        return HealthResult(ran=True, ok=ok, reason=reason[:1000], duration_s=float(dur),
-                            checks=checks)
+        return HealthResult(
+            ran=True, ok=ok, reason=reason[:1000], duration_s=float(dur), checks=checks
+        )
 
 
 SKIPPED = HealthResult(ran=False, ok=True, reason="not checked")
@@ -126,7 +132,9 @@ def _check_collective(timeout_s: float) -> str:
     def member(rank: int) -> None:
         try:
             pg = dist.ProcessGroupGloo(
-                dist.PrefixStore("hpt-health", store), rank, 2,
+                dist.PrefixStore("hpt-health", store),
+                rank,
+                2,
                 datetime.timedelta(seconds=timeout_s),
             )
             t = torch.full((1024,), float(rank + 1))
@@ -190,8 +198,13 @@ def run_checks(*, fault: str = "", collective_timeout_s: float = 20.0) -> Health
         checks["injected"] = f"failed on purpose ({FAULT_ENV}=fail)"
     failed = [(k, v) for k, v in checks.items() if v != "ok"]
     reason = "; ".join(f"{k}: {v}" for k, v in failed) if failed else "healthy"
-    return HealthResult(ran=True, ok=not failed, reason=reason,
-                        duration_s=round(time.monotonic() - started, 3), checks=checks)
+    return HealthResult(
+        ran=True,
+        ok=not failed,
+        reason=reason,
+        duration_s=round(time.monotonic() - started, 3),
+        checks=checks,
+    )
 
 
 # ---------------------------------------------------------------- the agent side
@@ -208,13 +221,20 @@ def check_node(deadline_s: float = DEFAULT_DEADLINE_S) -> HealthResult:
     env.setdefault("OMP_NUM_THREADS", "1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "hpt.agent.health"], capture_output=True, timeout=deadline_s,
-            env=env, stdin=subprocess.DEVNULL, check=False,
+            [sys.executable, "-m", "hpt.agent.health"],
+            capture_output=True,
+            timeout=deadline_s,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
         )
     except subprocess.TimeoutExpired:
-        return HealthResult(ran=True, ok=False,
-                            reason=f"health check did not finish within {deadline_s:g} s",
-                            duration_s=round(time.monotonic() - started, 3))
+        return HealthResult(
+            ran=True,
+            ok=False,
+            reason=f"health check did not finish within {deadline_s:g} s",
+            duration_s=round(time.monotonic() - started, 3),
+        )
     except OSError as exc:
         return HealthResult(ran=True, ok=False, reason=f"health check could not start: {exc}")
     lines = proc.stdout.decode(errors="replace").strip().splitlines()
@@ -223,9 +243,10 @@ def check_node(deadline_s: float = DEFAULT_DEADLINE_S) -> HealthResult:
     except (IndexError, ValueError) as exc:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         return HealthResult(
-            ran=True, ok=False,
+            ran=True,
+            ok=False,
             reason=f"health check exited {proc.returncode} without a verdict ({exc}): "
-                   + " | ".join(tail),
+            + " | ".join(tail),
             duration_s=round(time.monotonic() - started, 3),
         )
 

@@ -171,8 +171,11 @@ class RankWatch:
         for d in raw:
             try:
                 rec = record_from_dict(d)
-                if (getattr(rec, "job_id", None), getattr(rec, "attempt", None),
-                        getattr(rec, "rank", None)) != (key[0], key[1], rank):
+                if (
+                    getattr(rec, "job_id", None),
+                    getattr(rec, "attempt", None),
+                    getattr(rec, "rank", None),
+                ) != (key[0], key[1], rank):
                     raise ValueError(f"{op}: a record of another job, attempt or rank")
             except ValueError as exc:
                 # Dropped, not refused: closing the socket would also lose the rank's step
@@ -182,8 +185,14 @@ class RankWatch:
                     warn = not self._warned
                     self._warned = True
                 if warn:
-                    log.warning("[%s/%d/%s/%d] bad timing record dropped (warned once): %s",
-                                key[0], key[1], self.node, rank, exc)
+                    log.warning(
+                        "[%s/%d/%s/%d] bad timing record dropped (warned once): %s",
+                        key[0],
+                        key[1],
+                        self.node,
+                        rank,
+                        exc,
+                    )
                 continue
             recs.append(rec)
         if op == "inflight":
@@ -234,10 +243,13 @@ class RankWatch:
         """What the next heartbeat carries: records (bounded), findings, records dropped."""
         cfg = self.cfg
         with self._lock:
-            steps = [self._steps.popleft() for _ in range(min(len(self._steps),
-                                                              cfg.max_steps_per_beat))]
-            colls = [self._colls.popleft() for _ in range(min(len(self._colls),
-                                                              cfg.max_collectives_per_beat))]
+            steps = [
+                self._steps.popleft() for _ in range(min(len(self._steps), cfg.max_steps_per_beat))
+            ]
+            colls = [
+                self._colls.popleft()
+                for _ in range(min(len(self._colls), cfg.max_collectives_per_beat))
+            ]
             findings = list(self._findings)
             self._findings.clear()
             dropped, self._dropped = self._dropped, 0
@@ -261,8 +273,10 @@ class RankWatch:
         out: list[agent_pb2.Finding] = []
         with self._lock:
             for key in [k for k in self._attempts if k not in by_attempt]:
-                if not any(p.job_id == key[0] and p.attempt == key[1] and not p.ended
-                           for p in self._launcher.ranks()):
+                if not any(
+                    p.job_id == key[0] and p.attempt == key[1] and not p.ended
+                    for p in self._launcher.ranks()
+                ):
                     del self._attempts[key]
             todo = []
             for key, procs in by_attempt.items():
@@ -274,8 +288,15 @@ class RankWatch:
                     first = w.first_seen.setdefault(p.rank, now)
                     last[p.rank] = w.progress.get(p.rank, first)
                 med = median(list(w.step_s)) if w.step_s and w.stepped else None
-                det = check_hang(last, med, now, self.cfg.hang, job_id=key[0], attempt=key[1],
-                                 nodes_by_rank={p.rank: self.node for p in procs})
+                det = check_hang(
+                    last,
+                    med,
+                    now,
+                    self.cfg.hang,
+                    job_id=key[0],
+                    attempt=key[1],
+                    nodes_by_rank={p.rank: self.node for p in procs},
+                )
                 if det.findings:
                     w.reported = True
                     inflight = {r: list(v) for r, v in w.inflight.items()}
@@ -309,8 +330,10 @@ class RankWatch:
         elif waiting and outside:
             culprit = outside[0]
             ops = sorted({f"{c['op']} seq {c['seq']}" for v in waiting.values() for c in v})
-            why = (f"it is in no collective while rank(s) {sorted(waiting)} on this node wait in "
-                   f"{', '.join(ops)}")
+            why = (
+                f"it is in no collective while rank(s) {sorted(waiting)} on this node wait in "
+                f"{', '.join(ops)}"
+            )
         else:
             culprit, why = hung[0], "it has been silent longest"
         first = next(f for f in det.findings if f.rank == culprit)
@@ -348,14 +371,18 @@ class RankWatch:
         for p in procs:
             path = stack_file(self._run_dir, job_id, attempt, p.rank)
             if states.get(p.rank) in ("T", "t"):
-                out[p.rank] = "no stack: the process is stopped (state T) and cannot run its handler"
+                out[p.rank] = (
+                    "no stack: the process is stopped (state T) and cannot run its handler"
+                )
                 continue
             if states.get(p.rank) in ("Z", "X", ""):
                 out[p.rank] = "no stack: the process is gone"
                 continue
             if not path.exists():
-                out[p.rank] = (f"no stack: {path.name} missing (the script did not call "
-                               "hpt.init(), which registers the SIGUSR1 stack dump)")
+                out[p.rank] = (
+                    f"no stack: {path.name} missing (the script did not call "
+                    "hpt.init(), which registers the SIGUSR1 stack dump)"
+                )
                 continue
             sizes[p.rank] = path.stat().st_size
             try:
@@ -367,8 +394,7 @@ class RankWatch:
         tick = threading.Event()
         last: dict[int, int] = {}
         while sizes and time.monotonic() < deadline:
-            grown = {r: stack_file(self._run_dir, job_id, attempt, r).stat().st_size
-                     for r in sizes}
+            grown = {r: stack_file(self._run_dir, job_id, attempt, r).stat().st_size for r in sizes}
             # done when every file grew and stopped growing since the previous look
             if all(grown[r] > sizes[r] and last.get(r) == grown[r] for r in sizes):
                 break
@@ -386,24 +412,37 @@ class RankWatch:
                 continue
             out[rank] = text or (f"no stack within {self.cfg.stack_deadline_s:g} s of SIGUSR1")
         return [
-            agent_pb2.RankStack(rank=p.rank, pid=p.pid, proc_state=states.get(p.rank, ""),
-                                text=out.get(p.rank, ""))
+            agent_pb2.RankStack(
+                rank=p.rank, pid=p.pid, proc_state=states.get(p.rank, ""), text=out.get(p.rank, "")
+            )
             for p in procs
         ]
 
 
 def _step_proto(rec: StepRecord) -> agent_pb2.StepTiming:
     return agent_pb2.StepTiming(
-        job_id=rec.job_id, attempt=rec.attempt, rank=rec.rank, step=rec.step,
-        start_s=rec.start_s, end_s=rec.end_s, data_wait_s=rec.data_wait_s,
+        job_id=rec.job_id,
+        attempt=rec.attempt,
+        rank=rec.rank,
+        step=rec.step,
+        start_s=rec.start_s,
+        end_s=rec.end_s,
+        data_wait_s=rec.data_wait_s,
         compute_s=rec.compute_s,
     )
 
 
 def _coll_proto(rec: CollectiveRecord, *, in_flight: bool) -> agent_pb2.CollectiveTiming:
     return agent_pb2.CollectiveTiming(
-        job_id=rec.job_id, attempt=rec.attempt, rank=rec.rank, seq=rec.seq, op=rec.op,
-        nbytes=rec.nbytes, enter_s=rec.enter_s, exit_s=rec.exit_s or 0.0, in_flight=in_flight,
+        job_id=rec.job_id,
+        attempt=rec.attempt,
+        rank=rec.rank,
+        seq=rec.seq,
+        op=rec.op,
+        nbytes=rec.nbytes,
+        enter_s=rec.enter_s,
+        exit_s=rec.exit_s or 0.0,
+        in_flight=in_flight,
     )
 
 
@@ -437,8 +476,14 @@ class AgentMonitoring:
             from hpt.monitor.export import Metrics
 
             self.metrics = Metrics()
-        self.watch = RankWatch(node=node, launcher=launcher, run_dir=run_dir,
-                               on_change=on_change, cfg=cfg, metrics=self.metrics)
+        self.watch = RankWatch(
+            node=node,
+            launcher=launcher,
+            run_dir=run_dir,
+            on_change=on_change,
+            cfg=cfg,
+            metrics=self.metrics,
+        )
         from hpt.agent.health import SKIPPED
 
         self.health = SKIPPED
@@ -450,16 +495,25 @@ class AgentMonitoring:
 
             self.health = check_node()
             level = logging.INFO if self.health.ok else logging.ERROR
-            log.log(level, "[-/-/%s/-] health check %s in %.1f s: %s", self.node,
-                    "passed" if self.health.ok else "FAILED", self.health.duration_s,
-                    self.health.reason)
+            log.log(
+                level,
+                "[-/-/%s/-] health check %s in %.1f s: %s",
+                self.node,
+                "passed" if self.health.ok else "FAILED",
+                self.health.duration_s,
+                self.health.reason,
+            )
         self.watch.start()
         if self.metrics is not None:
             self._server, self.metrics_port = self.metrics.serve(
                 self._metrics_host, self._metrics_port or 0
             )
-            log.info("[-/-/%s/-] metrics on http://%s:%d/metrics", self.node,
-                     self._metrics_host, self.metrics_port)
+            log.info(
+                "[-/-/%s/-] metrics on http://%s:%d/metrics",
+                self.node,
+                self._metrics_host,
+                self.metrics_port,
+            )
 
     def close(self) -> None:
         self.watch.close()
@@ -474,11 +528,18 @@ class AgentMonitoring:
     def register_fields(self) -> dict[str, Any]:
         """Extra fields of the Register message."""
         h = self.health
-        return {"health": agent_pb2.HealthReport(ran=h.ran, ok=h.ok, reason=h.reason,
-                                                 duration_s=h.duration_s, checks=h.checks)}
+        return {
+            "health": agent_pb2.HealthReport(
+                ran=h.ran, ok=h.ok, reason=h.reason, duration_s=h.duration_s, checks=h.checks
+            )
+        }
 
     def heartbeat_fields(self) -> dict[str, Any]:
         """Extra fields of a Heartbeat message (drains the watch's buffers)."""
         steps, colls, findings, dropped = self.watch.take()
-        return {"steps": steps, "collectives": colls, "findings": findings,
-                "dropped_records": dropped}
+        return {
+            "steps": steps,
+            "collectives": colls,
+            "findings": findings,
+            "dropped_records": dropped,
+        }

@@ -16,8 +16,13 @@ from pathlib import Path
 from tests.integration.cluster import ROOT, LocalCluster, free_port
 
 FAULTY = str(Path(__file__).resolve().parent / "bin" / "faulty_train.py")
-FINDING_KINDS = ("straggler", "straggler_cleared", "collective_laggard", "collective_missing",
-                 "hang")
+FINDING_KINDS = (
+    "straggler",
+    "straggler_cleared",
+    "collective_laggard",
+    "collective_missing",
+    "hang",
+)
 
 
 class Faults:
@@ -60,12 +65,21 @@ class FaultCluster(LocalCluster):
         agent_env: dict[str, dict[str, str]] | None = None,
         agent_args: list[str] | None = None,
         metrics: bool = False,
+        expect_ready: int | None = None,
         **kw: object,
     ) -> None:
         super().__init__(workdir, **kw)  # type: ignore[arg-type]
+        self.expect_ready = self.num_agents if expect_ready is None else expect_ready
         self.agent_env = agent_env or {}
         self.agent_args = agent_args or []
         self.metrics_port = free_port() if metrics else 0
+
+    def start(self) -> FaultCluster:
+        self.start_controller()
+        for i in range(self.num_agents):
+            self.start_agent(f"node-{i}")
+        self.wait_nodes_ready(self.expect_ready)
+        return self
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -75,10 +89,15 @@ class FaultCluster(LocalCluster):
             args = [*args, *self.agent_args]
         elif args[0] == "controller" and self.metrics_port:
             args = [*args, "--metrics-port", str(self.metrics_port)]
-        log = open(self.workdir / log_name, "ab")
+        log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (the child keeps it)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True, env=env,
+            [sys.executable, "-m", "hpt.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+            env=env,
         )
         log.close()
         self._all.append(proc)

@@ -41,8 +41,9 @@ def test_rank_slowed_by_30_percent_is_flagged_as_straggler_within_10_steps(fault
 def test_sigstopped_rank_is_detected_as_hang_and_the_job_recovers(fault_cluster):
     cluster = fault_cluster()
     env = Faults().stop_rank(2, step=5).env()
-    job_id = cluster.submit("python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env,
-                            stop_grace_s=1.0)
+    job_id = cluster.submit(
+        "python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env, stop_grace_s=1.0
+    )
     job = cluster.wait_terminal(job_id, timeout_s=90)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     assert len(job.attempts) == 2 and job.attempts[1].state == pb.ATTEMPT_STATE_SUCCEEDED
@@ -58,8 +59,9 @@ def test_sigstopped_rank_is_detected_as_hang_and_the_job_recovers(fault_cluster)
 def test_rank_that_never_enters_an_all_reduce_is_named_as_the_culprit(fault_cluster):
     cluster = fault_cluster()
     env = Faults().stall_before_collective(3, step=6).env()
-    job_id = cluster.submit("python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env,
-                            stop_grace_s=1.0)
+    job_id = cluster.submit(
+        "python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env, stop_grace_s=1.0
+    )
     missing = wait_event(cluster, job_id, "collective_missing")
     job = cluster.wait_terminal(job_id, timeout_s=90)
     assert state_name(job.state) == "SUCCEEDED", job.reason
@@ -72,8 +74,9 @@ def test_rank_that_never_enters_an_all_reduce_is_named_as_the_culprit(fault_clus
 def test_rank_spinning_while_holding_the_gil_is_detected_with_its_stack(fault_cluster):
     cluster = fault_cluster()
     env = Faults().spin_holding_gil(1, step=5).env()
-    job_id = cluster.submit("python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env,
-                            stop_grace_s=1.0)
+    job_id = cluster.submit(
+        "python", FAULTY, "--steps", "20", "--step-time", "0.05", env=env, stop_grace_s=1.0
+    )
     job = cluster.wait_terminal(job_id, timeout_s=90)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     cause = job.attempts[0].cause
@@ -89,16 +92,24 @@ def test_clean_run_raises_no_finding(fault_cluster):
     job = cluster.wait_terminal(job_id)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     kinds = [e.kind for e in cluster.events(job_id)]
-    assert not [k for k in kinds if k in (*FINDING_KINDS, "fault", "stacks")], kinds
+    bad = [
+        (e.kind, e.rank, e.message)
+        for e in cluster.events(job_id)
+        if e.kind in (*FINDING_KINDS, "fault", "stacks")
+    ]
+    assert not bad, bad
     assert kinds[-1] == "job_succeeded"
 
 
 def test_node_failing_its_health_check_is_quarantined_and_the_job_placed_elsewhere(
     fault_cluster,
 ):
-    cluster = fault_cluster(agent_env={"node-0": {"HPT_FAULT_HEALTH": "fail"}})
-    nodes = wait_for(lambda: (lambda ns: ns if len(ns) == 2 else None)(cluster.client.nodes()),
-                     30, "both nodes registered")
+    cluster = fault_cluster(agent_env={"node-0": {"HPT_FAULT_HEALTH": "fail"}}, expect_ready=1)
+    nodes = wait_for(
+        lambda: (lambda ns: ns if len(ns) == 2 else None)(cluster.client.nodes()),
+        30,
+        "both nodes registered",
+    )
     by_name = {n.name: n for n in nodes}
     assert by_name["node-0"].state == pb.NODE_STATE_QUARANTINED
     assert "health check failed" in by_name["node-0"].reason
@@ -112,25 +123,31 @@ def test_node_failing_its_health_check_is_quarantined_and_the_job_placed_elsewhe
     assert [e.node for e in quarantined] == ["node-0"]
 
 
-@pytest.mark.skipif(subprocess.run(["which", "promtool"], capture_output=True).returncode != 0,
-                    reason="promtool not installed")
+@pytest.mark.skipif(
+    subprocess.run(["which", "promtool"], capture_output=True).returncode != 0,
+    reason="promtool not installed",
+)
 def test_controller_metrics_endpoint_passes_promtool(fault_cluster):
     cluster = fault_cluster(metrics=True)
     env = Faults().stop_rank(0, step=3).env()
-    job_id = cluster.submit("python", FAULTY, "--steps", "10", "--step-time", "0.05", env=env,
-                            stop_grace_s=1.0)
+    job_id = cluster.submit(
+        "python", FAULTY, "--steps", "10", "--step-time", "0.05", env=env, stop_grace_s=1.0
+    )
     cluster.wait_terminal(job_id, timeout_s=90)
     url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
 
     def scrape() -> str | None:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        return text if "hpt_recovery_seconds_count" in text and 'kind="hang"' in text else None
+        done = 'hpt_jobs{state="succeeded"} 1.0' in text and 'kind="hang"' in text
+        return text if done and "hpt_recovery_seconds_count" in text else None
 
     text = wait_for(scrape, 10, "recovery recorded in /metrics", poll_s=0.5)
-    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
-                           capture_output=True, timeout=30)
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert 'hpt_faults_total{kind="hang"} 1.0' in text
     assert "hpt_attempts_total 2.0" in text
-    assert 'hpt_jobs{state="succeeded"} 1.0' in text
+    assert 'hpt_recovery_seconds_count{kind="hang"} 1.0' in text
+    assert 'hpt_goodput_seconds_total{category="productive"}' in text
     assert 'hpt_nodes{state="ready"} 2.0' in text

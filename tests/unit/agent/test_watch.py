@@ -1,0 +1,92 @@
+"""The agent's hang check over real (sleeping or stopped) processes, with a fake launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpt.agent.launcher import RankPhase, RankProcess
+from hpt.agent.watch import RankWatch, WatchConfig, proc_state, stack_file
+from hpt.monitor.detectors.hang import HangConfig
+
+SCRIPT = """
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, file=open(sys.argv[1], "w"), all_threads=True, chain=False)
+def waiting_here():
+    print("ready", flush=True)
+    time.sleep(60)
+waiting_here()
+"""
+
+
+class FakeLauncher:
+    def __init__(self, procs: list[RankProcess]) -> None:
+        self.procs = procs
+
+    def ranks(self) -> list[RankProcess]:
+        return list(self.procs)
+
+
+@pytest.fixture
+def rank(tmp_path):
+    path = stack_file(tmp_path, "j", 1, 0)
+    path.parent.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def make_watch(tmp_path, proc) -> RankWatch:  # type: ignore[no-untyped-def]
+    rp = RankProcess(
+        job_id="j", attempt=1, rank=0, local_rank=0, node="n", pid=proc.pid, phase=RankPhase.RUNNING
+    )
+    cfg = WatchConfig(hang=HangConfig(min_s=1.0, startup_s=1.0), stack_deadline_s=5.0)
+    return RankWatch(
+        node="n",
+        launcher=FakeLauncher([rp]),
+        run_dir=tmp_path,  # type: ignore[arg-type]
+        on_change=lambda: None,
+        cfg=cfg,
+    )
+
+
+def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
+    watch = make_watch(tmp_path, rank)
+    t0 = time.monotonic()
+    assert watch.check(t0) == []
+    watch.on_rank_message({"job_id": "j", "attempt": 1, "rank": 0}, {"op": "step", "step": 1})
+    (finding,) = watch.check(time.monotonic() + 2.0)
+    assert finding.kind == "hang" and finding.rank == 0 and finding.node == "n"
+    assert "in waiting_here" in finding.stacks[0].text
+    assert watch.check(time.monotonic() + 10.0) == []  # reported once per attempt
+    assert watch.take()[2] == [finding]
+
+
+def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
+    watch = make_watch(tmp_path, rank)
+    watch.check(time.monotonic())
+    os.kill(rank.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while proc_state(rank.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (finding,) = watch.check(time.monotonic() + 2.0)
+    finally:
+        os.kill(rank.pid, signal.SIGCONT)
+    assert "stopped" in finding.message and "process is stopped" in finding.stacks[0].text
+
+
+def test_bad_records_are_dropped_and_counted_without_closing_the_socket(tmp_path, rank):
+    watch = make_watch(tmp_path, rank)
+    hello = {"job_id": "j", "attempt": 1, "rank": 0}
+    watch.on_rank_message(hello, {"op": "records", "records": [{"type": "step"}]})
+    assert watch.take()[3] == 1
+    with pytest.raises(ValueError):
+        watch.on_rank_message(hello, {"op": "records", "records": "nope"})
