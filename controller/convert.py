@@ -57,6 +57,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         persist_dir=msg.persist_dir,
         persist_every=msg.persist_every,
         keep_persisted=msg.keep_persisted or 3,
+        straggler_restart_after=msg.straggler_restart_after,
     )
 
 
@@ -75,6 +76,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         persist_dir=spec.persist_dir,
         persist_every=spec.persist_every,
         keep_persisted=spec.keep_persisted,
+        straggler_restart_after=spec.straggler_restart_after,
     )
 
 
@@ -222,6 +224,7 @@ def job_to_proto(job: Job) -> pb.Job:
         restarts=job.restarts,
         deadline_at=job.deadline_at,
         cancel_requested=job.cancel_requested,
+        excluded_nodes=job.excluded_nodes,
     )
     if job.root_cause is not None:
         msg.root_cause.CopyFrom(fault_to_proto(job.root_cause))
@@ -241,6 +244,7 @@ def job_from_proto(msg: pb.Job) -> Job:
         restarts=msg.restarts,
         deadline_at=msg.deadline_at,
         cancel_requested=msg.cancel_requested,
+        excluded_nodes=list(msg.excluded_nodes),
     )
 
 

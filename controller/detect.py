@@ -80,6 +80,7 @@ class _AttemptView:
     inflight: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # latest report
     hangs: list[_HangReport] = field(default_factory=list)
     fault_taken: bool = False
+    flagged_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps while flagged
 
 
 AttemptLookup = Callable[[str, int], Mapping[int, str] | None]
@@ -148,10 +149,26 @@ class Detection:
             found = list(self.straggler.observe(steps, now).findings)
             found += self.collective.observe(colls, now).findings
             self.findings.extend(found)
+            self._count_flagged_steps(steps, views)
         for f in found:
             self._emit_finding(f)
         for f in hangs:
             self._on_hang(node, f, views.get((f.job_id, f.attempt)), now)
+
+    def _count_flagged_steps(
+        self, steps: list[StepRecord], views: Mapping[tuple[str, int], _AttemptView | None]
+    ) -> None:
+        """Per rank, how many of its steps it has been a straggler for (reset when cleared);
+        the straggler policy acts on it. Called with the lock held."""
+        flagged = {job: self.straggler.flagged(job) for job in {r.job_id for r in steps}}
+        for rec in steps:
+            v = views.get((rec.job_id, rec.attempt))
+            if v is None:
+                continue
+            if rec.rank in flagged[rec.job_id]:
+                v.flagged_steps[rec.rank] = v.flagged_steps.get(rec.rank, 0) + 1
+            else:
+                v.flagged_steps.pop(rec.rank, None)
 
     def _view(self, key: tuple[str, int]) -> _AttemptView | None:
         with self._lock:
@@ -231,19 +248,29 @@ class Detection:
     # ---------------------------------------------------------------- output (reconciler)
 
     def pending_fault(
-        self, job_id: str, attempt: int, running_nodes: Iterable[str], now: float
+        self,
+        job_id: str,
+        attempt: int,
+        running_nodes: Iterable[str],
+        now: float,
+        *,
+        straggler_after: int = 0,
     ) -> Fault | None:
-        """The hang fault of a running attempt once it is settled, else None (once per attempt).
+        """The hang fault of a running attempt once it is settled, or the straggler fault the
+        job's policy asks for, else None (once per attempt).
 
         Args:
             running_nodes: nodes that still run ranks of the attempt.
             now: wall clock, stamped as the fault's ``detected_at``.
+            straggler_after: the job's ``straggler_restart_after`` (0: report only).
         """
         mono = time.monotonic()
         with self._lock:
             view = self._views.get((job_id, attempt))
-            if view is None or not view.hangs or view.fault_taken:
+            if view is None or view.fault_taken:
                 return None
+            if not view.hangs:
+                return self._straggler_fault(view, attempt, now, straggler_after)
             reported = {h.node for h in view.hangs}
             first = min(h.received for h in view.hangs)
             if not set(running_nodes) <= reported and mono - first < self.cfg.settle_s:
@@ -264,6 +291,30 @@ class Detection:
             detected_at=now,
             occurred_at=report.silent_since or now,
             classification=FaultClass.INFRA if stopped else FaultClass.USER,
+        )
+
+    def _straggler_fault(
+        self, view: _AttemptView, attempt: int, now: float, after: int
+    ) -> Fault | None:
+        """Called with the lock held."""
+        if after <= 0:
+            return None
+        due = [(n, r) for r, n in view.flagged_steps.items() if n >= after]
+        if not due:
+            return None
+        steps, rank = max(due)
+        view.fault_taken = True
+        node = view.nodes_by_rank.get(rank, "")
+        return Fault(
+            kind=FaultKind.STRAGGLER,
+            attempt=attempt,
+            node=node,
+            rank=rank,
+            message=f"rank {rank} ({node}) was a straggler for {steps} steps "
+            f"(straggler_restart_after={after}): restarting without {node}",
+            detected_at=now,
+            occurred_at=now,
+            classification=FaultClass.INFRA,
         )
 
     def _culprit(self, view: _AttemptView) -> tuple[_HangReport, str]:

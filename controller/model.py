@@ -150,6 +150,7 @@ class FaultKind(str, Enum):
     NODE_LOST = "node_lost"
     RANK_LOST = "rank_lost"
     HANG = "hang"
+    STRAGGLER = "straggler"
     """Ranks alive but without progress past the hang deadline (found by their agent)."""
 
 
@@ -189,6 +190,9 @@ class JobSpec:
     """Persist every Nth complete snapshot (by step number); 0: never."""
     keep_persisted: int = 3
     """Persisted checkpoints kept per rank (older ones are deleted)."""
+    straggler_restart_after: int = 0
+    """0: stragglers are reported only. N: once a rank was flagged as a straggler for N of its
+    steps, the attempt restarts without that rank's node (within min_nodes)."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -242,6 +246,10 @@ class JobSpec:
             raise ValueError(f"persist_every ({self.persist_every}) needs persist_dir")
         if not 1 <= self.keep_persisted <= 1000:
             raise ValueError(f"keep_persisted ({self.keep_persisted}) must be in 1..1000")
+        if not 0 <= self.straggler_restart_after <= 100_000:
+            raise ValueError(
+                f"straggler_restart_after ({self.straggler_restart_after}) must be in 0..100000"
+            )
 
     @property
     def effective_min_nodes(self) -> int:
@@ -343,6 +351,8 @@ class Job:
     restarts: int = 0
     deadline_at: float = 0.0
     cancel_requested: bool = False
+    excluded_nodes: list[str] = field(default_factory=list)
+    """Nodes the straggler policy took this job off; the scheduler skips them."""
 
     @property
     def current(self) -> Attempt | None:

@@ -46,6 +46,8 @@ def decide_after_fault(job: Job, fault: Fault) -> Decision | None:
 def decide_placement(job: Job, capacity: list[Capacity], now: float) -> Decision:
     """Called while a job is PENDING or RECOVERING with its previous attempt fully stopped."""
     spec = job.spec
+    if job.excluded_nodes:
+        capacity = [c for c in capacity if c.node not in job.excluded_nodes]
     nodes = place(
         capacity,
         procs_per_node=spec.procs_per_node,

@@ -419,12 +419,18 @@ class Reconciler:
                        message=f"after {job.restarts} restart(s)")
             return
         fault = _earliest_fault(attempt, now) or self.detection.pending_fault(
-            job.id, attempt.number, {r.node for r in attempt.ranks if not r.state.is_terminal}, now
+            job.id, attempt.number, {r.node for r in attempt.ranks if not r.state.is_terminal}, now,
+            straggler_after=job.spec.straggler_restart_after,
         )
         if fault is None:
             return
         attempt.cause = fault
         job.root_cause = fault
+        if fault.kind == FaultKind.STRAGGLER and fault.node not in job.excluded_nodes:
+            job.excluded_nodes.append(fault.node)
+            self._emit("node_excluded", job, attempt=attempt.number, node=fault.node,
+                       message=f"straggler policy: job no longer runs on {fault.node} "
+                       f"(straggler_restart_after={job.spec.straggler_restart_after})")
         self._emit("fault", job, attempt=attempt.number, node=fault.node, rank=fault.rank,
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
         decision = policy.decide_after_fault(job, fault)

@@ -315,6 +315,13 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     default=0,
     help="Persisted checkpoints kept per rank [default: 3].",
 )
+@click.option(
+    "--straggler-restart-after",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
+    "report only].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -334,6 +341,7 @@ def submit(
     persist_dir: str | None,
     persist_every: int,
     keep_persisted: int,
+    straggler_restart_after: int,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -353,6 +361,7 @@ def submit(
             persist_dir=os.path.abspath(persist_dir) if persist_dir else "",
             persist_every=persist_every,
             keep_persisted=keep_persisted,
+            straggler_restart_after=straggler_restart_after,
         )
         click.echo(job_id)
         if not wait:

@@ -269,6 +269,7 @@ class JobClient:
         persist_dir: str = "",
         persist_every: int = 0,
         keep_persisted: int = 0,
+        straggler_restart_after: int = 0,
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
@@ -287,6 +288,7 @@ class JobClient:
             persist_dir=persist_dir,
             persist_every=persist_every,
             keep_persisted=keep_persisted,
+            straggler_restart_after=straggler_restart_after,
         )
         if node_wait_timeout_s is not None:
             spec.node_wait_timeout_s = node_wait_timeout_s

@@ -152,6 +152,7 @@ class JobSpec(_message.Message):
     PERSIST_DIR_FIELD_NUMBER: _builtins.int
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
+    STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -168,6 +169,8 @@ class JobSpec(_message.Message):
     """persist every Nth complete snapshot (0: never)"""
     keep_persisted: _builtins.int
     """persisted checkpoints kept per rank (0: 3)"""
+    straggler_restart_after: _builtins.int
+    """0: report stragglers only; N: restart without the"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -188,10 +191,11 @@ class JobSpec(_message.Message):
         persist_dir: _builtins.str = ...,
         persist_every: _builtins.int = ...,
         keep_persisted: _builtins.int = ...,
+        straggler_restart_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -455,6 +459,7 @@ class Job(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     DEADLINE_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    EXCLUDED_NODES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     created_at: _builtins.float
@@ -471,6 +476,10 @@ class Job(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateChange]: ...
     @_builtins.property
     def root_cause(self) -> Global___Fault: ...
+    @_builtins.property
+    def excluded_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """nodes this job no longer runs on (straggler policy)"""
+
     def __init__(
         self,
         *,
@@ -485,10 +494,11 @@ class Job(_message.Message):
         restarts: _builtins.int = ...,
         deadline_at: _builtins.float = ...,
         cancel_requested: _builtins.bool = ...,
+        excluded_nodes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root_cause", b"root_cause", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "history", b"history", "id", b"id", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "excluded_nodes", b"excluded_nodes", "history", b"history", "id", b"id", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

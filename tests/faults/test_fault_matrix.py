@@ -151,3 +151,19 @@ def test_controller_metrics_endpoint_passes_promtool(fault_cluster):
     assert 'hpt_recovery_seconds_count{kind="hang"} 1.0' in text
     assert 'hpt_goodput_seconds_total{category="productive"}' in text
     assert 'hpt_nodes{state="ready"} 2.0' in text
+
+
+def test_straggler_policy_restarts_the_job_without_the_slow_node(fault_cluster):
+    cluster = fault_cluster()
+    env = Faults().slow_rank(1, factor=2.0).env()  # first attempt only
+    job_id = cluster.submit("python", FAULTY, "--steps", "60", "--step-time", "0.05", env=env,
+                            min_nodes=1, straggler_restart_after=5)
+    job = cluster.wait_terminal(job_id)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    assert len(job.attempts) == 2
+    cause = job.attempts[0].cause
+    assert cause.kind == "straggler" and cause.rank == 1 and cause.node == "node-0", cause
+    assert list(job.attempts[1].nodes) == ["node-1"] and job.attempts[1].world_size == 2
+    assert list(job.excluded_nodes) == ["node-0"]
+    excluded = events_of(cluster, job_id, "node_excluded")
+    assert excluded and excluded[0].node == "node-0"

@@ -54,7 +54,8 @@ CLI_SURFACE = {
     "status": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
     "submit": ["--controller", "--env", "--grace", "--keep-persisted", "--max-restarts",
                "--min-nodes", "--name", "--node-wait", "--nodes", "--persist-dir",
-               "--persist-every", "--procs-per-node", "--tls-ca", "--token-file",
+               "--persist-every", "--procs-per-node", "--straggler-restart-after", "--tls-ca",
+               "--token-file",
                "--wait", "--workdir", "-n", "-p", "COMMAND"],
     "up": ["--agents", "--host", "--port", "--redis-url", "--slots", "--token-file"],
 }  # fmt: skip

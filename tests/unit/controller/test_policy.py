@@ -76,3 +76,10 @@ def test_deadline_passed_without_nodes_fails_naming_the_setting():
     d = decide_placement(j, [Capacity("a", 8)], now=130.0)
     assert d.action == Action.FAIL
     assert "node_wait_timeout_s (30)" in d.reason and "min_nodes is 2" in d.reason
+
+
+def test_nodes_the_straggler_policy_excluded_are_not_placed_on():
+    j = job(nodes=2, procs_per_node=2, min_nodes=1)
+    j.excluded_nodes.append("a")
+    d = decide_placement(j, [Capacity("a", 4), Capacity("b", 2)], 0)
+    assert d.action == Action.RESTART and d.nodes == ("b",)
