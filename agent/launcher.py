@@ -13,6 +13,7 @@ instead of a fresh ``python``; that removes the import floor from every restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -378,7 +379,5 @@ class Launcher:
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

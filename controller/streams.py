@@ -99,4 +99,4 @@ class LogBuffer:
             if not active():
                 return
             with self._cond:
-                self._cond.wait_for(lambda: self._seq > cursor, timeout=poll_s)
+                self._cond.wait_for(lambda seen=cursor: self._seq > seen, timeout=poll_s)

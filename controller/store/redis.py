@@ -20,6 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from hpt.controller.store import (
     DEFAULT_MAX_EVENTS,
     ConflictError,
@@ -33,8 +36,6 @@ from hpt.controller.store import (
     validate_prefix,
     validate_value,
 )
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 # KEYS: record hash, key index. ARGV: expected version ("" for none), value, key.
 # Returns {1, new_version} or {0, current_version}.

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from hpt._proto import common_pb2 as pb  # noqa: E402
-from tests.integration.cluster import TRAIN, LocalCluster, free_port, wait_for  # noqa: E402
+from tests.integration.cluster import TRAIN, LocalCluster, wait_for  # noqa: E402
 from tests.redis_fixture import start_redis, stop_redis  # noqa: E402
 
 LONG = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05"]
@@ -91,13 +91,14 @@ def torchrun_baseline(runs: int) -> tuple[list[float], bool]:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )
             try:
-                line = wait_for(lambda: marks.read_text().split("\n")[0], 120, "torchrun step")
+                line = wait_for(lambda m=marks: m.read_text().split("\n")[0], 120,
+                                "torchrun step")
                 starts.append(float(line.split()[1]) - launched)
                 if i == 0:
                     victim = sorted(_children(proc.pid))[1]
                     os.kill(victim, signal.SIGKILL)
                     try:
-                        wait_for(lambda: len(marks.read_text().split("\n")) > 2, 30,
+                        wait_for(lambda m=marks: len(m.read_text().split("\n")) > 2, 30,
                                  "torchrun restart stepped")
                         restarted = True
                     except TimeoutError:
@@ -158,7 +159,7 @@ def controller_restart(runs: int) -> list[float]:
                     started = time.time()
                     cluster.start_controller()
 
-                    def reconciled() -> bool:
+                    def reconciled(started: float = started) -> bool:
                         nodes = cluster.client.nodes()
                         return len(nodes) == 2 and all(
                             n.state == pb.NODE_STATE_READY and n.last_seen_at > started

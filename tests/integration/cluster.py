@@ -103,12 +103,11 @@ class LocalCluster:
     # ---------------------------------------------------------------- processes
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / log_name, "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
-        )
-        log.close()
+        with open(self.workdir / log_name, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+            )
         self._all.append(proc)
         return proc
 

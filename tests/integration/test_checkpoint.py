@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import signal
-from pathlib import Path
 
 import pytest
 

@@ -116,7 +116,7 @@ def test_unset_optional_spec_fields_take_documented_defaults():
 def test_every_model_enum_member_maps_to_a_wire_value_and_back(enum, wire):
     prefix = {JobState: "JOB_STATE_", AttemptState: "ATTEMPT_STATE_", RankState: "RANK_STATE_",
               NodeState: "NODE_STATE_"}[enum]
-    wire_names = {n for n in wire.keys() if not n.endswith("UNSPECIFIED")}
+    wire_names = {n for n in wire.keys() if not n.endswith("UNSPECIFIED")}  # noqa: SIM118
     assert {prefix + m.value for m in enum} == wire_names
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis as redis_py
+
 from hpt.controller.store import (
     MAX_KEY_CHARS,
     MAX_VALUE_BYTES,
@@ -27,7 +28,6 @@ from hpt.controller.store import (
 )
 from hpt.controller.store.memory import MemoryStore
 from hpt.controller.store.redis import RedisStore
-
 from tests.redis_fixture import start_redis, stop_redis
 
 MakeStore = Callable[..., Store]
