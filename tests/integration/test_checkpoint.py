@@ -90,6 +90,7 @@ def test_rank_killed_while_its_snapshot_is_in_flight_resumes_from_the_common_ste
     assert final_sha(cluster, job_id) == clean_sha
 
 
+@pytest.mark.timeout(300)  # three clusters, three jobs
 def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_ones(tmp_path):
     persist = tmp_path / "ckpt"
     spec = dict(persist_dir=str(persist), persist_every=5)
@@ -104,16 +105,18 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
             return all(len(r.persisted_steps) >= 3 for r in ranks)
 
         first.wait_job(job_id, persisted_everywhere, 120, "3 checkpoints persisted per rank")
-    # the whole cluster is gone; damage the newest checkpoints of two ranks
-    newest = max(int(p.name.split("-")[1]) for p in (persist / "rank-00001").iterdir()
-                 if p.name.startswith("step-"))
-    data = sorted((persist / "rank-00001" / f"step-{newest:010d}").glob("*.distcp"))[0]
+    # the whole cluster is gone; damage the newest checkpoint of two ranks
+    def newest_of(rank: int) -> Path:
+        return max(p for p in (persist / f"rank-{rank:05d}").iterdir()
+                   if p.name.startswith("step-"))
+
+    newest = int(newest_of(1).name.split("-")[1])
+    data = sorted(newest_of(1).glob("*.distcp"))[0]
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     marker = tmp_path / "unpickled-marker"
-    evil = persist / "rank-00002" / f"step-{newest:010d}" / ".metadata"
-    evil.write_bytes(pickle.dumps(_Marker(str(marker))))
+    (newest_of(2) / ".metadata").write_bytes(pickle.dumps(_Marker(str(marker))))
 
     (tmp_path / "b").mkdir()
     with LocalCluster(tmp_path / "b") as second:

@@ -1,4 +1,5 @@
-"""A rank that reports a step and then sleeps until stopped (for cancel/fencing tests)."""
+"""A rank that makes steady progress (a step every 0.1 s, nothing else) until SIGTERM:
+a long-running job for cancel and fencing tests."""
 
 import signal
 import threading
@@ -6,7 +7,9 @@ import threading
 import hpt
 
 hpt.init(init_process_group=False)
-hpt.step(1)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
-done.wait(600)
+step = 0
+while not done.wait(0.1):
+    step += 1
+    hpt.step(step)
