@@ -74,6 +74,7 @@ class Agent:
         )
         self.socket_path = str(self.run_dir / "agent.sock")
         self.snapshots = SnapshotKeeper(cfg.name)
+        self.snapshots.sweep_stale()
         self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
                                  agent_socket=self.socket_path, on_change=self._changed.set,
                                  spawner=self._spawner, snapshots=self.snapshots,

@@ -16,6 +16,7 @@ written torn. ``release(job)`` unlinks everything of a job when the controller s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -72,8 +73,26 @@ class SnapshotKeeper:
             out.append(self._events.popleft())
         return out
 
+    @property
+    def node_prefix(self) -> str:
+        """Every shared-memory file of this node starts with it ('--' ends the node name)."""
+        return f"hpt-{_SAFE.sub('_', self.node)}--"
+
     def prefix(self, job_id: str, rank: int) -> str:
-        return f"hpt-{_SAFE.sub('_', self.node)}-{_SAFE.sub('_', job_id)}-r{rank}"
+        return f"{self.node_prefix}{_SAFE.sub('_', job_id)}-r{rank}"
+
+    def sweep_stale(self) -> int:
+        """Remove files a previous agent of this node left behind (it died without releasing
+        them: nobody else will). Called once at agent start, before any rank runs."""
+        removed = 0
+        for path in Path(self.shm_dir).glob(f"{self.node_prefix}*"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        if removed:
+            log.warning("[-/-/%s/-] removed %d stale snapshot file(s) of a previous agent",
+                        self.node, removed)
+        return removed
 
     def prepare(self, job_id: str, rank: int, *, world_size: int, persist_dir: str,
                 persist_every: int, keep_persisted: int) -> dict[str, str]:

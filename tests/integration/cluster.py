@@ -99,6 +99,8 @@ class LocalCluster:
         self._rank_pids: set[int] = set()
         self._client: JobClient | None = None
         self._restarts = 0
+        self._killed_agents: set[str] = set()
+        self._agent_names: set[str] = set()
 
     # ---------------------------------------------------------------- processes
 
@@ -145,6 +147,7 @@ class LocalCluster:
         if self.token_file:
             args += ["--token-file", self.token_file]
         self.agents[name] = self._spawn(args, f"agent-{name}.log")
+        self._agent_names.add(name)
 
     def start(self) -> LocalCluster:
         self.start_controller()
@@ -170,6 +173,7 @@ class LocalCluster:
         proc = self.agents.pop(name)
         proc.kill()
         proc.wait(timeout=30)
+        self._killed_agents.add(name)
 
     # ---------------------------------------------------------------- client side
 
@@ -247,6 +251,13 @@ class LocalCluster:
                 proc.wait(timeout=10)
         survivors = wait_for_dead(self._rank_pids, 10)
         assert not survivors, f"orphan rank processes {survivors} (ranks known: {with_ranks})"
+        # an agent killed with -9 cannot release its snapshot memory (its successor on the node
+        # sweeps it at start); every agent that shut down normally must have released its own
+        for name in self._killed_agents:
+            for path in Path("/dev/shm").glob(f"hpt-{name}--*"):
+                path.unlink(missing_ok=True)
+        leaked = [p.name for name in self._agent_names for p in Path("/dev/shm").glob(f"hpt-{name}--*")]
+        assert not leaked, f"snapshot memory leaked: {leaked[:5]}"
 
     def __enter__(self) -> LocalCluster:
         return self.start()

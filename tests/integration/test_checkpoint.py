@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import signal
+from pathlib import Path
 
 import pytest
 

@@ -1,0 +1,41 @@
+"""The agent's snapshot keeper: names, reports from ranks, sweep of a dead predecessor's files."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
+
+
+def test_sweep_removes_only_this_nodes_files(tmp_path):
+    keeper = SnapshotKeeper("node-1", shm_dir=str(tmp_path))
+    mine = tmp_path / f"{keeper.prefix('job-a', 0)}.g0.json"
+    other = tmp_path / f"{SnapshotKeeper('node-10', shm_dir=str(tmp_path)).prefix('job-a', 0)}.g0.json"
+    dashed = tmp_path / f"{SnapshotKeeper('node-1-x', shm_dir=str(tmp_path)).prefix('j', 0)}.buf"
+    for path in (mine, other, dashed):
+        path.write_text("{}")
+    assert keeper.sweep_stale() == 1
+    assert not mine.exists() and other.exists() and dashed.exists()
+
+
+def test_reported_steps_follow_commits_and_discards(tmp_path):
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    keeper.prepare("j", 3, world_size=4, persist_dir="", persist_every=0, keep_persisted=3)
+    keeper.committed("j", 3, 10, 0, 4096)
+    keeper.committed("j", 3, 11, 1, 4096)
+    assert keeper.steps("j", 3) == ([10, 11], [], 4096)
+    keeper.discarded("j", 3, 0)
+    assert keeper.steps("j", 3) == ([11], [], 4096)
+    with pytest.raises(ValueError, match="unknown rank"):
+        keeper.committed("j", 7, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "msg,field",
+    [({"step": -1, "generation": 0}, "snapshot.step"),
+     ({"step": 1, "generation": 99}, "snapshot.generation"),
+     ({"step": 1, "generation": 0, "bytes": "x"}, "snapshot.bytes")],
+)
+def test_bad_snapshot_messages_name_the_field(msg, field):
+    with pytest.raises(ValueError, match=field):
+        snapshot_message_fields(msg)
