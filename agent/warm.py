@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import select
 import subprocess
 import sys
@@ -36,6 +37,7 @@ _STARTUP_ONLY = (
 )
 _MAX_REQUEST_BYTES = 4 * 1024 * 1024
 _READY_FD_ENV = "HPT_WARM_READY_FD"
+_NICE_ENV = "HPT_WARM_NICE"
 
 
 class WarmPool:
@@ -70,7 +72,7 @@ class WarmPool:
         try:
             proc = self._spawner.popen(
                 [sys.executable, "-m", "hpt.agent.warm"],
-                env={**self._env, _READY_FD_ENV: str(write_fd)},
+                env={**self._env, _READY_FD_ENV: str(write_fd), _NICE_ENV: _can_renice()},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -182,6 +184,14 @@ class WarmPool:
                     pipe.close()
 
 
+def _can_renice() -> str:
+    """'1' when a child may lower its niceness back after raising it (root, or RLIMIT_NICE)."""
+    if os.geteuid() == 0:
+        return "1"
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return "1" if soft == resource.RLIM_INFINITY or soft >= 40 else "0"
+
+
 def _prime_torch() -> None:
     """Pay torch's lazy first-use costs now (the first optimizer step imports torch._dynamo:
     ~0.8 s). Touches no RNG and leaves no state behind."""
@@ -198,6 +208,13 @@ def _prime_torch() -> None:
 def _serve() -> int:
     import runpy
 
+    # Warm-up at the lowest CPU priority, so refilling the pool does not slow the ranks
+    # training next to it; only when we may raise the priority back before becoming a rank.
+    niced = os.environ.pop(_NICE_ENV, "") == "1"
+    if niced:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+
     import torch  # noqa: F401  (the point of a warm interpreter)
     import torch.distributed  # noqa: F401
     import torch.nn  # noqa: F401
@@ -213,6 +230,8 @@ def _serve() -> int:
             os.write(int(ready_fd), b"1")
         os.close(int(ready_fd))
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
+    if niced:
+        os.setpriority(os.PRIO_PROCESS, 0, base)
     if not line:
         return 0  # the pool closed us before handing out a rank
     request = json.loads(line)

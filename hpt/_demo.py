@@ -112,6 +112,7 @@ def run(
         _say(out, f"local cluster: controller on {addr}, {num_agents} agents (log: {log_path})")
         with hc.JobClient.connect(addr) as client:
             _wait_ready(client, cluster, num_agents, log_path)
+            _wait_warm(client, procs)
             command = [sys.executable, script, "--steps", str(steps)]
             start = time.monotonic()
             job_id = client.submit(
@@ -209,6 +210,15 @@ def _maybe_kill(d: dict[str, Any], kill_at: int) -> _Kill | None:
     return _Kill(
         rank=1, node=target["node"], pid=target["pid"], step=target["step"], at=time.time()
     )
+
+
+def _wait_warm(client: hc.JobClient, procs: int) -> None:
+    """Give the agents' warm interpreters (torch imported) up to WARM_WAIT_S to come up before
+    the job starts: a freshly started node is busy importing torch."""
+    deadline = time.monotonic() + WARM_WAIT_S
+    pause = threading.Event()
+    while not _warm(client, procs) and time.monotonic() < deadline:
+        pause.wait(_REFRESH_S)
 
 
 def _warm(client: hc.JobClient, procs: int) -> bool:
