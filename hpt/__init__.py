@@ -4,8 +4,12 @@ What a training script uses::
 
     import hpt
     ctx = hpt.init()          # process group up, connected to the local agent
-    for step in range(ctx.restore_step, steps):
+    ckpt = hpt.Checkpointer(model, optimizer, extra_state={"sampler": sampler})
+    start = ckpt.restore()    # steps already done: from agent memory, disk, or 0
+    for step in range(start, steps):
         ...
+        optimizer.step()
+        ckpt.save(step + 1)   # returns at once; the copy overlaps the next step
         hpt.step(step + 1)    # completed steps; the agent sees progress (hangs, stragglers)
 
 A plain torchrun-style script (reading RANK, WORLD_SIZE, MASTER_ADDR...) runs unchanged under
@@ -34,6 +38,7 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
         return Checkpointer
     raise AttributeError(f"module 'hpt' has no attribute {name!r}")
 
+
 _context: Context | None = None
 
 
@@ -47,7 +52,8 @@ class Context:
     attempt: int
     node: str
     restore_step: int
-    """Completed steps in the restored state (0 when starting fresh)."""
+    """The in-memory snapshot step the controller chose for this attempt (0: none);
+    ``Checkpointer.restore()`` loads it (or a persisted one) and returns where to resume."""
     channel: AgentChannel | None
 
 
@@ -97,7 +103,7 @@ def init(
         job_id=env.get("HPT_JOB_ID", ""),
         attempt=int(env.get("HPT_ATTEMPT", "1")),
         node=env.get("HPT_NODE", ""),
-        restore_step=0,
+        restore_step=int(env.get("HPT_RESTORE_STEP", "0") or 0),
         channel=channel,
     )
     _rank_monitor.start(job_id=_context.job_id, attempt=_context.attempt, rank=rank,
