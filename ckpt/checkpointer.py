@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from hpt.ckpt.engine import SnapshotEngine
+from hpt.ckpt.engine import DEFAULT_NUM_THREADS, SnapshotEngine
 from hpt.ckpt.errors import RestoreError
 from hpt.ckpt.layout import ShardInfo, unflatten
 from hpt.ckpt.restore import tensors_of, verify_snapshot
@@ -91,7 +91,7 @@ class Checkpointer:
         sink: SnapshotSink | None = None,
         every: int = 1,
         shards: Mapping[str, ShardInfo] | None = None,
-        num_threads: int = 4,
+        num_threads: int = DEFAULT_NUM_THREADS,
         num_generations: int = 2,
         timeout_s: float = 600.0,
     ) -> None:

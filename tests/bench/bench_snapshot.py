@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpt.ckpt import Checkpointer, MemorySink, ShmSink
+from hpt.ckpt.engine import DEFAULT_NUM_THREADS  # noqa: E402
 
 
 class Block(nn.Module):
@@ -234,7 +235,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=DEFAULT_NUM_THREADS)
     ap.add_argument(
         "--out-dir", default=None, help="where torch.save / DCP write (default: a temp dir)"
     )
