@@ -13,6 +13,7 @@ SHA-256 of the final model and optimizer state so runs can be compared bit for b
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import os
 import time
@@ -51,15 +52,21 @@ def batch(seed: int, step: int, rank: int, size: int = 64) -> tuple[torch.Tensor
     return x, y
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's raw bytes, without numpy (the CPU torch wheel does not pull it in)."""
+    flat = t.detach().contiguous()
+    return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
+
+
 def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().contiguous().numpy().tobytes())
+        h.update(tensor_bytes(p))
     for index, state in sorted(opt.state_dict()["state"].items()):
         for key, value in sorted(state.items()):
             h.update(f"{index}.{key}".encode())
-            h.update(torch.as_tensor(value).contiguous().numpy().tobytes())
+            h.update(tensor_bytes(torch.as_tensor(value)))
     return h.hexdigest()
 
 

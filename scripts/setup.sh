@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# Install what hpt and its tests need on a fresh Debian 12 machine with Python >= 3.11.
+# Install what hpt and its tests need on a fresh Debian 12 machine with Python >= 3.11, into a
+# virtualenv in the checkout (.venv): Debian's system Python refuses pip installs (PEP 668), and a
+# fresh venv holds only what pyproject declares, so an undeclared import fails here first.
 # Idempotent: skips what is already there. torch goes first (the CPU wheel) so nothing pulls a
-# CUDA build later.
+# CUDA build later. Prints the venv's python on its last line for the caller.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+have_lib() {
+  # no pipe under pipefail: grep -q exits at the first match and ldconfig would get SIGPIPE
+  local libs
+  libs=$(ldconfig -p 2>/dev/null || true)
+  [[ "$libs" == *"$1"* ]]
+}
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-ldconfig -p 2>/dev/null | grep -q 'libisal\.so\.2' || need_apt+=(libisal2)
+have_lib 'libisal.so.2' || need_apt+=(libisal2)
+BASE_PY=${PYTHON:-python3}
+"$BASE_PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "setup: apt-get install ${need_apt[*]}"
+  echo "setup: apt-get install ${need_apt[*]}" >&2
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
@@ -21,21 +32,33 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheu
   systemctl stop prometheus || true
 fi
 
-PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  echo "setup: pip install torch (CPU)"
-  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
+VENV=${HPT_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: python -m venv $VENV" >&2
+  "$BASE_PY" -m venv "$VENV"
 fi
-# (re)install when a dependency is missing or hpt resolves to another checkout
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: pip install torch (CPU)" >&2
+  "$PY" -m pip install -q "torch==2.13.0" >&2 \
+    || "$PY" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch >&2
+fi
+# (re)install when a declared dependency is missing or hpt resolves to another checkout
 here=$(pwd -P)
 where=$("$PY" - <<'PYEOF' 2>/dev/null || true
-import os
-import grpc_tools, pytest_timeout, redis, rich, prometheus_client, click  # noqa: F401
+import importlib.metadata as md, os, re
+from packaging.requirements import Requirement
+dist = md.distribution("hpt")
+for raw in dist.requires or []:
+    req = Requirement(raw)
+    if req.marker is None or req.marker.evaluate({"extra": "dev"}):
+        md.version(req.name)  # raises when a declared dependency is missing
 import hpt.controller
 print(os.path.realpath(os.path.dirname(os.path.dirname(hpt.controller.__file__))))
 PYEOF
 )
 if [ "$where" != "$here" ]; then
-  echo "setup: pip install -e .[dev]"
-  "$PY" -m pip install -q -e ".[dev]"
+  echo "setup: pip install -e .[dev] into $VENV" >&2
+  "$PY" -m pip install -q -e ".[dev]" >&2
 fi
+echo "$PY"

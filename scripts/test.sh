@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite (unit, integration on real processes, fault matrix). Benchmarks live in
-# tests/bench/ and are run by hand: python tests/bench/<name>.py
+# The whole test suite (unit, integration on real processes, fault matrix) in the checkout's
+# virtualenv. Benchmarks live in tests/bench/ and are run by hand: .venv/bin/python tests/bench/<name>.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider tests "$@"
+PY=$(bash scripts/setup.sh | tail -n 1)
+exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
