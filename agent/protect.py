@@ -123,6 +123,13 @@ class _Protected:
     layout: Layout
     me: int
     slots: dict[int, list[_Slot]] = field(default_factory=dict)  # stripe -> two slots
+    previous: _Protected | None = None
+    """The attempt before: still served (peers may be rebuilding from it) until this one
+    protected a step newer than any it held, which needs every rank of this attempt running."""
+
+    def newest(self) -> int:
+        return max((s.step for slots in self.slots.values() for s in slots if s.valid),
+                   default=-1)
 
 
 class Protector:
@@ -160,16 +167,21 @@ class Protector:
         """Called at launch: from now on protect ``attempt`` of ``job_id`` by ``msg``."""
         layout = Layout.from_proto(msg)
         me = layout.index_of(self.node)
+        drop = []
         with self._lock:
             old = self._jobs.pop(job_id, None)
-            if me is not None and layout.stripes:
-                entry = self._jobs[job_id] = _Protected(job_id, attempt, layout, me)
+            if old is not None and old.previous is not None:
+                drop.append(old.previous)
+                old.previous = None
+            entry = self._jobs[job_id] = _Protected(job_id, attempt, layout, me or 0,
+                                                    previous=old)
+            if me is not None:
                 for j, (_, parity) in enumerate(layout.stripes):
                     if me in parity:
                         entry.slots[j] = [_Slot(self._piece_path(job_id, attempt, j, s))
                                           for s in range(2)]
-        if old is not None:
-            self._drop(old)
+        for e in drop:
+            self._drop(e)
         self._wake.set()
 
     def notify(self) -> None:
@@ -179,8 +191,9 @@ class Protector:
     def release(self, job_id: str) -> None:
         with self._lock:
             entry = self._jobs.pop(job_id, None)
-        if entry is not None:
+        while entry is not None:
             self._drop(entry)
+            entry = entry.previous
         blobs.remove_files(self.shm_dir, self._job_piece_prefix(job_id))
 
     def _drop(self, entry: _Protected) -> None:
@@ -216,8 +229,8 @@ class Protector:
             entry = self._jobs.get(job_id)
             if entry is None:
                 return 0
-            return sum(s.buf.numel() for slots in entry.slots.values() for s in slots
-                       if s.buf is not None)
+            return sum(s.buf.numel() for e in (entry, entry.previous) if e is not None
+                       for slots in e.slots.values() for s in slots if s.buf is not None)
 
     # ---------------------------------------------------------------- PieceSource
 
@@ -259,6 +272,8 @@ class Protector:
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
             entry = self._jobs.get(job_id)
+            if entry is not None and entry.attempt != attempt:
+                entry = entry.previous
             slots = entry.slots.get(stripe, []) if entry and entry.attempt == attempt else []
             found = [s for s in slots if s.valid and s.step == step and s.buf is not None]
         if not found:
@@ -333,6 +348,13 @@ class Protector:
             target.step, target.value, target.members = step, value, tuple(members)
             target.parity_index, target.valid = row, True
             self.num_built += 1
+            old = entry.previous
+            if old is not None and step > old.newest():
+                entry.previous = None
+            else:
+                old = None
+        if old is not None:
+            self._drop(old)
         log.debug("[%s/%d/%s/-] stripe %d protected at step %d (%d bytes)", entry.job_id,
                   entry.attempt, self.node, stripe, step, size)
         return step

@@ -131,6 +131,16 @@ class SnapshotKeeper:
         if due:
             self._offer(job_id, rank, entry, step, generation)
 
+    def adopt(self, job_id: str, rank: int, step: int, generation: int, nbytes: int) -> None:
+        """A snapshot the agent itself put in place (rebuilt from peers before a restore)."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
+            entry.generations = {g: s for g, s in entry.generations.items() if g != generation}
+            entry.generations[generation] = step
+            entry.nbytes = nbytes
+
     def _offer(self, job_id: str, rank: int, entry: _RankSnapshots, step: int,
                generation: int) -> None:
         assert entry.persister is not None

@@ -38,6 +38,8 @@ class ControllerConfig:
     """Log lines the controller keeps in memory per (job, rank)."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    grow_hysteresis_s: float = 10.0
+    """A node must stay free this long before a shrunk job grows back onto it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +55,8 @@ class ControllerConfig:
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if not 0 <= self.grow_hysteresis_s <= 86400:
+            raise ValueError(f"grow_hysteresis_s ({self.grow_hysteresis_s}) must be in 0..86400")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from hpt.controller.model import Attempt, Job
+if TYPE_CHECKING:  # model validates specs with parse_redundancy: no import cycle at runtime
+    from hpt.controller.model import Attempt, Job
 
 _REDUNDANCY = re.compile(r"^(\d{1,3})\+(\d{1,3})$")
 GROW_HYSTERESIS_S = 10.0
@@ -107,6 +109,16 @@ def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Itera
     plan_nodes = tuple(PlanNode(n, peers.get(n, ""), tuple(sorted(ranks.get(n, ()))))
                        for n in nodes)
     return ProtectionPlan(k=groups[0] - m, m=m, nodes=plan_nodes, stripes=tuple(stripes))
+
+
+def unprotected_plan(attempt: Attempt, peers: Mapping[str, str]) -> ProtectionPlan:
+    """The node list of an attempt without stripes: restore may still copy from peers."""
+    ranks: dict[str, list[int]] = {}
+    for r in attempt.ranks:
+        ranks.setdefault(r.node, []).append(r.rank)
+    return ProtectionPlan(k=0, m=0, nodes=tuple(
+        PlanNode(n, peers.get(n, ""), tuple(sorted(ranks.get(n, ())))) for n in attempt.nodes),
+        stripes=())
 
 
 def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, int]]]) -> set[int]:

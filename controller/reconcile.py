@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, policy
+from hpt.controller import catalog, convert, detect, elastic, policy
 from hpt.controller.config import ControllerConfig
 from hpt.controller.model import (
     Attempt,
@@ -41,8 +41,10 @@ from hpt.controller.model import (
     RankReport,
     RankState,
     ReleaseCommand,
+    RestoreCommand,
     StopCommand,
 )
+from hpt.controller.pieces import PieceBook
 from hpt.controller.scheduler import Capacity
 from hpt.controller.store import ConflictError, Store
 from hpt.controller.streams import EventLog, LogBuffer
@@ -100,6 +102,8 @@ class Reconciler:
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
+        self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
+        self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -270,6 +274,31 @@ class Reconciler:
                 event = replace(event, at=now)
             self.events.emit(event)
 
+    def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
+        """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
+        bytes). Updates each attempt's protected steps."""
+        with self.lock:
+            for job_id, number in self.pieces.update(node, pieces):
+                job = self.jobs.get(job_id)
+                if job is None or not 1 <= number <= len(job.attempts):
+                    continue
+                attempt = job.attempts[number - 1]
+                plan = self._plan_of(job, attempt)
+                steps = tuple(sorted(elastic.protected_steps(
+                    plan, self.pieces.held((job_id, number))))) if plan else ()
+                parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
+                if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
+                    attempt.protected_steps, attempt.parity_bytes = steps, parity
+                    self._dirty_jobs.add(job_id)
+
+    def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
+        """The attempt's protection layout, with the peer addresses agents have now."""
+        ranks: dict[str, list[int]] = {}
+        for r in attempt.ranks:
+            ranks.setdefault(r.node, []).append(r.rank)
+        peers = {n: rt.node.peer_address for n, rt in self.nodes.items()}
+        return elastic.protection_plan(job.spec.redundancy, attempt.nodes, ranks, peers)
+
     def disconnect(self, node: str, link: AgentLink) -> None:
         with self.lock:
             runtime = self.nodes.get(node)
@@ -423,6 +452,7 @@ class Reconciler:
             straggler_after=job.spec.straggler_restart_after,
         )
         if fault is None:
+            self._maybe_grow(job, attempt, now)
             return
         attempt.cause = fault
         job.root_cause = fault
@@ -445,6 +475,25 @@ class Reconciler:
                   f"{fault.where()}: {fault.message}")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
+
+    def _maybe_grow(self, job: Job, attempt: Attempt, now: float) -> None:
+        if len(attempt.nodes) >= job.spec.nodes:
+            return
+        free = {c.node for c in self._capacity()
+                if c.free_slots >= job.spec.procs_per_node and c.node not in attempt.nodes}
+        for name in list(self._free_since):
+            if name not in free:
+                del self._free_since[name]
+        for name in free:
+            self._free_since.setdefault(name, now)
+        reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
+                                     set(attempt.protected_steps), now,
+                                     self.cfg.grow_hysteresis_s)
+        if reason is None:
+            return
+        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s)
+        job.set_state(JobState.RECOVERING, reason, now)
+        self._emit("resize_requested", job, attempt=attempt.number, message=reason)
 
     def _try_place(self, job: Job, now: float) -> None:
         decision = policy.decide_placement(job, self._capacity(), now)
@@ -477,6 +526,11 @@ class Reconciler:
     def _launch(self, job: Job, nodes: list[str], now: float, reason: str) -> None:
         spec = job.spec
         number = len(job.attempts) + 1
+        previous = job.current
+        if previous is not None:
+            nodes = elastic.order_nodes(previous.nodes, nodes)  # survivors keep their ranks
+            if len(nodes) != len(previous.nodes):
+                reason = f"resize {len(previous.nodes)} -> {len(nodes)} nodes; {reason}"
         master = self.nodes[nodes[0]]
         previous_port = job.current.master_port if job.current else 0
         port = master.free_port
@@ -488,7 +542,8 @@ class Reconciler:
             for i, node in enumerate(nodes)
             for local in range(ppn)
         ]
-        restore = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+        choice = self._restore_choice(job, previous, ranks)
+        restore = choice.step
         attempt = Attempt(
             number=number,
             nodes=nodes,
@@ -501,9 +556,22 @@ class Reconciler:
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
+        plan = self._plan_of(job, attempt)
+        attempt.redundancy = plan.label if plan else ""
+        old_plan = None
+        if restore and previous is not None:
+            old_plan = self._plan_of(job, previous) or elastic.unprotected_plan(previous, {
+                n: rt.node.peer_address for n, rt in self.nodes.items()})
         job.attempts.append(attempt)
         job.deadline_at = 0.0
         for i, node in enumerate(nodes):
+            here = [r.rank for r in attempt.ranks_on(node)]
+            restore_cmd = None
+            if old_plan is not None and previous is not None:
+                restore_cmd = RestoreCommand(
+                    step=restore, attempt=previous.number, world_size=previous.world_size,
+                    layout=old_plan, lost=choice.lost,
+                    need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)))
             self._send(
                 node,
                 LaunchCommand(
@@ -523,6 +591,8 @@ class Reconciler:
                     persist_dir=spec.persist_dir,
                     persist_every=spec.persist_every,
                     keep_persisted=spec.keep_persisted,
+                    protection=plan,
+                    restore=restore_cmd,
                 ),
             )
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
@@ -530,6 +600,27 @@ class Reconciler:
         restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
         self._emit("attempt_launched", job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
+        if previous is not None:
+            fallback = "" if restore else (
+                "; ranks take the newest persisted checkpoint that verifies on all of them"
+                if spec.persist_dir else "; no persist_dir: training restarts from scratch")
+            self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
+
+    def _restore_choice(self, job: Job, previous: Attempt | None,
+                        ranks: list[Rank]) -> elastic.RestoreChoice:
+        if previous is None:
+            return elastic.RestoreChoice(0, (), "first attempt")
+        alive = {n for n, rt in self.nodes.items()
+                 if rt.node.state == NodeState.READY and rt.link is not None}
+        choice = elastic.choose_restore(previous, self._plan_of(job, previous),
+                                        set(previous.protected_steps), alive)
+        if choice.step == 0:
+            # the attempt before may have died before saving: older attempts' memory, same ranks
+            step = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+            if step:
+                return elastic.RestoreChoice(step, (), f"step {step} from memory (an earlier "
+                                             "attempt's snapshots on the same nodes)")
+        return choice
 
     def _stop_attempt(
         self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float

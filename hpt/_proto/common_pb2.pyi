@@ -422,7 +422,7 @@ class Attempt(_message.Message):
     redundancy: _builtins.str
     """effective "K+M" of this attempt ("" when unprotected)"""
     parity_bytes: _builtins.int
-    """protection bytes held across the attempt's nodes"""
+    """protection bytes of one protected step, all nodes together"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
