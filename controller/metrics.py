@@ -112,7 +112,7 @@ class ControllerMetrics:
                 m.set("hpt_straggler_score", score, rank=rank)
         m.clear("hpt_snapshot_memory_ratio")
         for job_id, ratio in ratios.items():
-            m.set("hpt_snapshot_memory_ratio", ratio, job=job_id)
+            m.set("hpt_snapshot_memory_ratio", ratio, hpt_job=job_id)
         for job_id in finished:
             det.forget(job_id)
             self._forgotten.add(job_id)

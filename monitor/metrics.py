@@ -223,7 +223,7 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         type=_G,
         help="Memory per snapshot generation over the state itself, protection included "
         "(1 + m/k with Reed-Solomon k+m; 2 with a mirror).",
-        labels=("job",),
+        labels=("hpt_job",),
     ),
     MetricDef(
         name="hpt_persist_seconds",
