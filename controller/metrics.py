@@ -44,6 +44,7 @@ class ControllerMetrics:
         self._goodput: dict[tuple[str, str], float] = {}
         self._heartbeats: dict[str, int] = {}
         self._forgotten: set[str] = set()
+        self._counted: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -96,6 +97,15 @@ class ControllerMetrics:
             ratios = {j.id: r for j in jobs if j.state == JobState.RUNNING
                       and (r := memory_ratio(j)) is not None}
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
+            health = rec.store_health()
+            stalls = rec.stall.num_stalls
+        m.set("hpt_store_up", 1.0 if health.up else 0.0)
+        m.set("hpt_store_pending_events", rec.events.num_pending)
+        for name, total in (("hpt_store_outages_total", health.num_outages),
+                            ("hpt_controller_stalls_total", stalls)):
+            if total > self._counted.get(name, 0):
+                m.inc(name, total - self._counted.get(name, 0))
+                self._counted[name] = total
         for state, n in by_state.items():
             m.set("hpt_jobs", n, state=state)
         for state, n in nodes.items():

@@ -31,6 +31,10 @@ MAX_COMMAND_ARGS = 256
 MAX_ARG_BYTES = 16 * 1024
 MAX_ENV_VARS = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_SPEC_BYTES = 1024 * 1024
+"""One size budget for the whole spec (command, env, paths): a spec within it fits every hop
+(submit, the stored record, the launch command on each agent's stream, a page of ``ls``) with
+the channels' 16 MiB limits to spare, however many restarts the job goes through."""
 MAX_NODE_WAIT_S = 7 * 24 * 3600.0
 MAX_GRACE_S = 3600.0
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -154,6 +158,8 @@ class FaultKind(str, Enum):
     HANG = "hang"
     STRAGGLER = "straggler"
     """Ranks alive but without progress past the hang deadline (found by their agent)."""
+    LAUNCH_TIMEOUT = "launch_timeout"
+    """A rank still pending long after its launch command left: it will never start."""
 
 
 class FaultClass(str, Enum):
@@ -230,6 +236,18 @@ class JobSpec:
                 raise ValueError(f"env name {key!r} is reserved: hpt sets it for every rank")
             if "\x00" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
                 raise ValueError(f"env[{key}] must be <= {MAX_ENV_VALUE_BYTES} bytes without NUL")
+        sizes = {
+            "command": sum(len(arg.encode()) for arg in self.command),
+            "env": sum(len(k) + len(v.encode()) for k, v in self.env),
+            "workdir": len(self.workdir.encode()),
+            "persist_dir": len(self.persist_dir.encode()),
+        }
+        if sum(sizes.values()) > MAX_SPEC_BYTES:
+            biggest = max(sizes, key=lambda k: sizes[k])
+            raise ValueError(
+                f"{biggest} ({sizes[biggest]} bytes) makes the spec {sum(sizes.values())} bytes; "
+                f"a spec must be <= {MAX_SPEC_BYTES} bytes in all (command, env and paths)"
+            )
         if self.name and not _DNS1123.match(self.name):
             raise ValueError(
                 f"name ({self.name!r}) must be a DNS-1123 label: lowercase letters, digits "

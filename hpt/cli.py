@@ -46,6 +46,7 @@ from hpt._cli_util import (
     table,
     wait_for_job,
 )
+from hpt._control_opts import limit_options
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 _CANCEL_MARGIN_S = 30.0
@@ -551,7 +552,9 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
 def nodes(conn: _Conn, output: str) -> None:
     """List the agents (nodes) and their state."""
     with _session(conn) as client:
-        found = [hc.node_to_dict(n) for n in client.nodes()]
+        listed, store = client.nodes_and_store()
+        found = [hc.node_to_dict(n) for n in listed]
+    _warn_store_degraded(store)
     if output == "json":
         _echo_json(found)
         return
@@ -592,6 +595,12 @@ def events(conn: _Conn, follow: bool, job_id: str, output: str) -> None:
 
 
 # --- daemons ---------------------------------------------------------------------------------
+
+
+def _warn_store_degraded(store: Any) -> None:
+    if store.ByteSize() and not store.up:
+        click.echo(f"store: DEGRADED, down since {age(store.down_since or None)}: {store.error} "
+                   f"({store.pending_events} event(s) held in the controller's memory)", err=True)
 
 
 def _token_from(path: str | None, option: str = "'--token-file'") -> str:
@@ -663,7 +672,7 @@ def up(
             "--controller",
             controller_addr,
             "--name",
-            f"node-{i}",
+            _daemons.local_agent_name(controller_addr, i),
         ]
         if slots is not None:
             argv += ["--slots", str(slots)]
@@ -712,6 +721,7 @@ def up(
     default=None,
     help="Seconds a node must stay free before a shrunk job grows onto it [default: 10].",
 )
+@limit_options
 def controller(
     host: str,
     port: int,
@@ -725,12 +735,13 @@ def controller(
     agent_lease: float | None,
     metrics_port: int | None,
     grow_after: float | None,
+    limits: dict[str, Any],
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
     from hpt import _daemons
     from hpt.controller.config import ControllerConfig
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(limits)
     if heartbeat_period is not None:
         kwargs["heartbeat_period_s"] = heartbeat_period
     if agent_lease is not None:

@@ -302,9 +302,19 @@ class JobClient:
     def get(self, job_id: str) -> common_pb2.Job:
         return self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=UNARY_TIMEOUT_S)
 
-    def list(self) -> list[common_pb2.Job]:
-        resp = self._stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=UNARY_TIMEOUT_S)
-        return list(resp.jobs)
+    def list(self, page_size: int = 0) -> list[common_pb2.Job]:
+        """Every job, oldest first, fetched page by page (each page fits the message limit)."""
+        jobs: list[common_pb2.Job] = []
+        token = ""
+        while True:
+            resp = self._stub.ListJobs(
+                jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token),
+                timeout=UNARY_TIMEOUT_S,
+            )
+            jobs.extend(resp.jobs)
+            if not resp.next_page_token or resp.next_page_token == token:
+                return jobs
+            token = resp.next_page_token
 
     def cancel(self, job_id: str, grace_s: float = 0.0) -> common_pb2.Job:
         """Ask the controller to stop the job; ``grace_s`` 0 takes the job's stop grace."""
@@ -312,8 +322,12 @@ class JobClient:
         return self._stub.CancelJob(req, timeout=UNARY_TIMEOUT_S)
 
     def nodes(self) -> list[common_pb2.Node]:
+        return self.nodes_and_store()[0]
+
+    def nodes_and_store(self) -> tuple[list[common_pb2.Node], jobs_pb2.StoreStatus]:
+        """The nodes, and the state of the controller's store (down: the controller is degraded)."""
         resp = self._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=UNARY_TIMEOUT_S)
-        return list(resp.nodes)
+        return list(resp.nodes), resp.store
 
     def logs(
         self, job_id: str, follow: bool = False, rank: int | None = None

@@ -91,6 +91,7 @@ class Register(_message.Message):
     RANKS_FIELD_NUMBER: _builtins.int
     FREE_PORT_FIELD_NUMBER: _builtins.int
     WARM_READY_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     node: _builtins.str
@@ -100,6 +101,10 @@ class Register(_message.Message):
     hostname: _builtins.str
     free_port: _builtins.int
     warm_ready: _builtins.int
+    instance_id: _builtins.str
+    """This agent process (random per start): a second live agent under the same node name is
+    refused; the same process reconnecting replaces its own stream.
+    """
     peer_address: _builtins.str
     """host:port of this node's PeerService (snapshot protection)"""
     @_builtins.property
@@ -120,12 +125,13 @@ class Register(_message.Message):
         ranks: _abc.Iterable[Global___RankReport] | None = ...,
         free_port: _builtins.int = ...,
         warm_ready: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
         peer_address: _builtins.str = ...,
         health: Global___HealthReport | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "instance_id", b"instance_id", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -43,6 +43,7 @@ CLI_SURFACE = {
     "cancel": ["--controller", "--grace", "--tls-ca", "--token-file", "JOB_ID"],
     "ckpt ls": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
     "controller": ["--agent-lease", "--grow-after", "--heartbeat-period", "--host", "--insecure",
+                   "--keep-finished", "--keep-finished-for", "--launch-timeout", "--max-streams",
                    "--metrics-port", "--port", "--redis-url", "--tls-cert", "--tls-client-ca",
                    "--tls-key", "--token-file"],
     "demo": ["--agents", "--keep", "--kill-at", "--nodes", "--procs", "--script", "--steps"],
