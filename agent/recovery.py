@@ -3,9 +3,11 @@
 ``Recovery.prepare`` runs on the command stream before the new attempt's ranks start. With a
 ``RestorePlan`` it puts every old snapshot this node's ranks need into shared memory
 (materialise.py: local, a surviving peer, or decoded from parity, each verified) and sets
-``HPT_RESTORE_SHARDS`` for the ranks. If that fails the ranks start with restore step 0 (they
-take the newest persisted checkpoint, else scratch) and an event says which rank could not be
-rebuilt and why, so a step is never restored on some ranks and not others without a record.
+``HPT_RESTORE_SHARDS`` for the ranks. If that fails, falling back to disk on this node alone
+would restore a step on some ranks and not on others. So the ranks keep ``HPT_RESTORE_STEP``
+and fail to find it (a loud RestoreError, an ordinary fault), and a ``restore_failed`` event
+tells the controller never to choose that step again for this job: the next attempt restores
+an older step on every rank, or disk, or scratch.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ class Recovery:
                 lambda rank, step, gen, nbytes: self._keeper.adopt(spec.job_id, rank, step, gen,
                                                                    nbytes))
         except (MaterialiseError, PieceUnavailable, ValueError, OSError) as exc:
-            log.error("[%s/%d/%s/-] cannot put step %d in place: %s; ranks fall back to disk "
-                      "or scratch", spec.job_id, spec.attempt, self._protector.node, plan.step,
-                      exc)
-            self._keeper.event("restore_fallback", spec.job_id, spec.attempt, -1,
+            log.error("[%s/%d/%s/-] cannot put step %d in place: %s", spec.job_id,
+                      spec.attempt, self._protector.node, plan.step, exc)
+            self._keeper.event("restore_failed", spec.job_id, spec.attempt, -1,
                                f"{self._protector.node}: step {plan.step} not rebuilt ({exc}); "
-                               "falling back to the newest persisted checkpoint, else scratch")
-            return dataclasses.replace(spec, restore_step=0)
+                               "the controller picks another step for every rank",
+                               step=plan.step)
+            env = restore_shards_env(self._protector, spec.job_id, plan.step, plan.world_size)
+            return dataclasses.replace(spec, restore_shards=env)
         rebuilt = {r: s for r, s in done.sources.items() if s != "local"}
         if rebuilt:
             took = time.monotonic() - started

@@ -62,11 +62,12 @@ class SnapshotKeeper:
 
     # ---------------------------------------------------------------- events
 
-    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str) -> None:
+    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str,
+              step: int = 0) -> None:
         """Queue an event for the controller's log (sent with the next heartbeat)."""
         self._events.append(agent_pb2.AgentEvent(kind=kind, job_id=job_id, attempt=attempt,
                                                  rank=rank, message=message[:4096],
-                                                 at=time.time()))
+                                                 at=time.time(), step=step))
 
     def take_events(self) -> list[agent_pb2.AgentEvent]:
         out = []

@@ -138,9 +138,11 @@ def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, in
 
 
 def choose_restore(previous: Attempt, plan: ProtectionPlan | None, protected: set[int],
-                   alive: set[str]) -> RestoreChoice:
-    """The newest step of ``previous`` every rank can restore, and from where."""
-    candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}, reverse=True)
+                   alive: set[str], exclude: set[int] | None = None) -> RestoreChoice:
+    """The newest step of ``previous`` every rank can restore, and from where; steps in
+    ``exclude`` (an agent failed to put them in place before) are never chosen."""
+    candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
+                        - (exclude or set()), reverse=True)
     gone = sorted(n for n in previous.nodes if n not in alive)
     best_reason = "no snapshot in memory"
     for step in candidates:

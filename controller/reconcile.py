@@ -127,6 +127,7 @@ class Reconciler:
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
         self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
         self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
+        self._bad_steps: dict[str, set[int]] = {}  # job -> steps an agent failed to rebuild
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -341,6 +342,12 @@ class Reconciler:
                 if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
                     attempt.protected_steps, attempt.parity_bytes = steps, parity
                     self._dirty_jobs.add(job_id)
+
+    def restore_failed(self, job_id: str, step: int) -> None:
+        """An agent could not put ``step`` in place: never choose it again for this job."""
+        with self.lock:
+            if job_id in self.jobs:
+                self._bad_steps.setdefault(job_id, set()).add(step)
 
     def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
         """The attempt's protection layout, with the peer addresses agents have now."""
@@ -660,7 +667,8 @@ class Reconciler:
         alive = {n for n, rt in self.nodes.items()
                  if rt.node.state == NodeState.READY and rt.link is not None}
         choice = elastic.choose_restore(previous, self._plan_of(job, previous),
-                                        set(previous.protected_steps), alive)
+                                        set(previous.protected_steps), alive,
+                                        exclude=self._bad_steps.get(job.id, set()))
         if choice.step == 0:
             # the attempt before may have died before saving: older attempts' memory, same ranks
             step = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])

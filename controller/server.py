@@ -259,6 +259,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
                 if hb.events:
                     self._rec.agent_events(node, _decode_events(node, hb.events))
+                for e in hb.events:
+                    if e.kind == "restore_failed" and e.step > 0:
+                        self._rec.restore_failed(e.job_id[:256], e.step)
                 self._rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
                                              for p in hb.pieces[:_MAX_REPORTS]])
                 link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))

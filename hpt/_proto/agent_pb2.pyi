@@ -219,6 +219,7 @@ class AgentEvent(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     job_id: _builtins.str
     attempt: _builtins.int
@@ -226,6 +227,8 @@ class AgentEvent(_message.Message):
     message: _builtins.str
     at: _builtins.float
     """wall clock"""
+    step: _builtins.int
+    """restore_failed: the step that could not be put in place"""
     def __init__(
         self,
         *,
@@ -235,10 +238,11 @@ class AgentEvent(_message.Message):
         rank: _builtins.int = ...,
         message: _builtins.str = ...,
         at: _builtins.float = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
