@@ -55,8 +55,7 @@ def node_main(name: str, directory: str, mib: int, seed: int) -> None:
     state = {"w": torch.randn((mib << 20) // 4, generator=gen)}
     engine = SnapshotEngine(ShmSink(keeper.prefix(JOB, seed), directory=directory))
     engine.save(1, state)
-    engine.close()
-    del state
+    engine.wait()
     auth = PeerAuth(token=TOKEN)
     protector = Protector(name, directory, keeper.prefix, PeerClient(auth))
     server = PeerServer(protector, name, "127.0.0.1", 0, auth)
@@ -64,9 +63,14 @@ def node_main(name: str, directory: str, mib: int, seed: int) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "protect":
-            layout = checkpoint_pb2.ProtectionLayout()
-            layout.ParseFromString(bytes.fromhex(cmd["layout"]))
-            protector.protect(JOB, cmd["attempt"], layout)
+            if cmd.get("save"):  # a new generation, as a rank's next snapshot
+                state["w"].add_(1.0)
+                engine.save(cmd["save"], state)
+                engine.wait()
+            if JOB not in protector._jobs:
+                layout = checkpoint_pb2.ProtectionLayout()
+                layout.ParseFromString(bytes.fromhex(cmd["layout"]))
+                protector.protect(JOB, 1, layout)
             entry = protector._jobs[JOB]
             t0 = time.perf_counter()
             for stripe in entry.slots:
@@ -82,6 +86,7 @@ def node_main(name: str, directory: str, mib: int, seed: int) -> None:
             t0 = time.perf_counter()
             materialise(protector, JOB, plan, lambda *a: None)
             print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
+    engine.close()
     server.close()
     protector.close()
 
@@ -163,15 +168,15 @@ def main() -> None:
 
         state_bytes = (args.mib << 20)
         protect_s, parity = [], 0
-        for run in range(args.runs + 1):
+        for run in range(args.runs + 2):
             # every node builds at once (as in the cluster): per-node time under full load
             for i in range(3):
-                procs[i].stdin.write(json.dumps({"op": "protect", "attempt": run + 1,  # type: ignore[union-attr]
+                procs[i].stdin.write(json.dumps({"op": "protect", "save": run + 2,  # type: ignore[union-attr]
                                                  "layout": layout.SerializeToString().hex()})
                                      + "\n")
                 procs[i].stdin.flush()  # type: ignore[union-attr]
             replies = [json.loads(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
-            if run:  # the first one pays page faults of fresh parity buffers
+            if run > 1:  # the first two fill fresh parity buffers (page faults)
                 protect_s.append(max(r["s"] for r in replies))
             parity = replies[0]["parity"] // 2  # two slots: one protected generation is half
         # each node pulls k segments of state/k bytes: its data bytes = one state's worth
@@ -200,7 +205,7 @@ def main() -> None:
                           "ratio": round(1 + parity / state_bytes, 4),
                           "expected_1_plus_m_over_k": 1.5}), flush=True)
 
-        restore = checkpoint_pb2.RestorePlan(step=1, attempt=args.runs + 1, world_size=3,
+        restore = checkpoint_pb2.RestorePlan(step=args.runs + 3, attempt=1, world_size=3,
                                              layout=layout, lost=[2], need_ranks=[2])
         peer_s = []
         for _ in range(args.runs):
