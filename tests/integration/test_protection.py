@@ -154,7 +154,7 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(cluster_fact
     assert job.attempts[1].nodes == [survivor] and job.attempts[1].world_size == 1
     source = _events(cluster, job_id, "restore_source")
     assert "nothing recoverable in memory" in source[0], source
-    assert "persisted checkpoint" in source[0], source
+    assert "falls back to the persisted checkpoint" in source[0], source
     assert not _events(cluster, job_id, "snapshot_rebuilt")
     resumed = resumed_steps(cluster, job_id)
     assert min(resumed) % 4 == 0, resumed
