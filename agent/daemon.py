@@ -28,7 +28,10 @@ from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
 from hpt.agent.ownership import RUN_DIR_PREFIX, Ownership, sweep_dead_owners
+from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
+from hpt.agent.protect import Protector
 from hpt.agent.rank_socket import RankSocketServer
+from hpt.agent.recovery import Recovery
 from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
@@ -86,6 +89,12 @@ class Agent:
         self.snapshots = SnapshotKeeper(cfg.name, shm_dir=_SHM_DIR,
                                         owner=self.ownership.instance_id)
         self._guard = Guard()
+        auth = PeerAuth(cfg.token, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        self.protector = Protector(cfg.name, self.snapshots.shm_dir, self.snapshots.prefix,
+                                   PeerClient(auth))
+        self._peer_server = PeerServer(self.protector, cfg.name, cfg.address, cfg.peer_port, auth)
+        self.peer_address = cfg.peer_advertise or f"{cfg.address}:{self._peer_server.port}"
+        self.recovery = Recovery(self.protector, self.snapshots)
         self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
                                  agent_socket=self.socket_path, on_change=self._changed.set,
                                  spawner=self._spawner, snapshots=self.snapshots,
@@ -102,6 +111,7 @@ class Agent:
     def run(self) -> None:
         """Serve until ``stop()``; reconnects to the controller as needed."""
         self._rank_socket.start()
+        self.protector.start()
         self.monitoring.start()  # health check first: registration reports it
         fence = threading.Thread(target=self._fence_loop, name="hpt-fence", daemon=True)
         fence.start()
@@ -130,6 +140,9 @@ class Agent:
             log.error("[-/-/%s/-] ranks survived SIGKILL past the deadline", self.cfg.name)
         self._rank_socket.close()
         self.monitoring.close()
+        self._peer_server.close()
+        self.protector.close()
+        self.protector.client.close()
         self.snapshots.close()
         if self._warm is not None:
             self._warm.close()
@@ -186,6 +199,7 @@ class Agent:
                 elif kind == "launch":
                     self._on_launch(msg.launch)
                 elif kind == "release":
+                    self.protector.release(msg.release.job_id)
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
@@ -231,6 +245,7 @@ class Agent:
             free_port=free_port(self.cfg.address),
             warm_ready=self._warm.ready() if self._warm else 0,
             instance_id=self.ownership.instance_id,
+            peer_address=self.peer_address,
             **self.monitoring.register_fields(),
         )
 
@@ -258,6 +273,7 @@ class Agent:
                         warm_ready=self._warm.ready() if self._warm else 0,
                         **self.monitoring.heartbeat_fields(),
                         events=self.snapshots.take_events(),
+                        pieces=self.protector.pieces(),
                     )
                 )
             )
@@ -286,6 +302,9 @@ class Agent:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
                       spec.attempt, self.cfg.name)
             return
+        # old snapshots this node's ranks need are in place (and verified) before they start
+        spec = self.recovery.prepare(spec, msg.restore if msg.HasField("restore") else None)
+        self.protector.protect(spec.job_id, spec.attempt, msg.protection)
         self.launcher.launch(spec)
 
     # ---------------------------------------------------------------- ranks and fencing
@@ -308,6 +327,7 @@ class Agent:
             step, generation, nbytes = snapshot_message_fields(msg)
             if msg["op"] == "snapshot":
                 self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
+                self.protector.notify()
             else:
                 self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
             return

@@ -49,6 +49,8 @@ class ControllerConfig:
     they never take the worker threads unary RPCs and agents need."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    grow_hysteresis_s: float = 10.0
+    """A node must stay free this long before a shrunk job grows back onto it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -76,6 +78,8 @@ class ControllerConfig:
             raise ValueError(f"keep_finished_s ({self.keep_finished_s}) must be > 0")
         if not 1 <= self.max_streams <= 64:
             raise ValueError(f"max_streams ({self.max_streams}) must be in 1..64")
+        if not 0 <= self.grow_hysteresis_s <= 86400:
+            raise ValueError(f"grow_hysteresis_s ({self.grow_hysteresis_s}) must be in 0..86400")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
 

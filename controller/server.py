@@ -259,6 +259,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
                 if hb.events:
                     self._rec.agent_events(node, _decode_events(node, hb.events))
+                for e in hb.events:
+                    if e.kind == "restore_failed" and e.step > 0:
+                        self._rec.restore_failed(e.job_id[:256], e.step)
+                self._rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
+                                             for p in hb.pieces[:_MAX_REPORTS]])
                 link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
         except grpc.RpcError:
             pass  # the stream ended; Connect's finally reports the disconnect
@@ -273,8 +278,11 @@ def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
         raise ValueError(f"slots ({reg.slots}) must be in 1..{_MAX_SLOTS}")
     if not reg.address or len(reg.address) > 255:
         raise ValueError("address must be a host name or IP address")
+    if reg.peer_address and (len(reg.peer_address) > 300 or ":" not in reg.peer_address):
+        raise ValueError(f"peer_address ({reg.peer_address[:300]!r}) must be host:port")
     node = Node(name=reg.node, address=reg.address, slots=reg.slots, state=NodeState.READY,
-                hostname=reg.hostname[:255], warm_ready=reg.warm_ready)
+                hostname=reg.hostname[:255], warm_ready=reg.warm_ready,
+                peer_address=reg.peer_address)
     return node, _decode_reports(reg.ranks)
 
 
@@ -333,6 +341,10 @@ def _command_to_proto(
             persist_dir=command.persist_dir,
             persist_every=command.persist_every,
             keep_persisted=command.keep_persisted,
+            protection=(convert.protection_to_proto(command.protection)
+                        if command.protection is not None else None),
+            restore=(convert.restore_to_proto(command.restore)
+                     if command.restore is not None else None),
         )
     )
 

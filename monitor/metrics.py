@@ -239,6 +239,13 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         help="Bytes copied into in-memory snapshots.",
     ),
     MetricDef(
+        name="hpt_snapshot_memory_ratio",
+        type=_G,
+        help="Memory per snapshot generation over the state itself, protection included "
+        "(1 + m/k with Reed-Solomon k+m; 2 with a mirror).",
+        labels=("hpt_job",),
+    ),
+    MetricDef(
         name="hpt_persist_seconds",
         type=_H,
         help="Time to persist a snapshot shard to durable storage.",
