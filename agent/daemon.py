@@ -345,10 +345,11 @@ class Agent:
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):
-            if self._fenced:
-                continue
             silent = time.monotonic() - self._last_contact
-            if self._lease_s and silent > self._lease_s and self.launcher.alive():
+            if not self._lease_s or silent <= self._lease_s:
+                self._fenced = False  # in contact (again): a later silence fences again
+                continue
+            if not self._fenced and self.launcher.alive():
                 log.error("[-/-/%s/-] no controller for %.1fs (lease %.1fs): killing every rank",
                           self.cfg.name, silent, self._lease_s)
                 self.launcher.stop_all(grace_s=0.0, reason="self-fenced: controller unreachable")
