@@ -193,7 +193,7 @@ class PeerServer:
         self._server.start()
 
     def close(self) -> None:
-        self._server.stop(grace=1.0).wait(5.0)
+        self._server.stop(grace=0).wait(2.0)  # a pull cut here is retried elsewhere
 
 
 # --------------------------------------------------------------------------- client
