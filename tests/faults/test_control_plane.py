@@ -22,6 +22,8 @@ from tests.integration.cluster import BIN, TRAIN, pid_alive, state_name, wait_fo
 from tests.redis_fixture import start_redis, stop_redis
 
 SLEEPER = str(BIN / "sleeper.py")
+# Each test starts a cluster and waits on it; the shared machine can be slow.
+pytestmark = pytest.mark.timeout(300)
 SHM = Path("/dev/shm")
 
 
@@ -155,7 +157,8 @@ def test_redis_killed_and_restarted_kills_no_rank_and_loses_no_acknowledged_writ
 
         store.kill()
         wait_for(lambda: not cluster.client.nodes_and_store()[1].up, 30, "store DEGRADED")
-        assert _metric(cluster.metrics_port, "hpt_store_up") == 0.0
+        wait_for(lambda: _metric(cluster.metrics_port, "hpt_store_up") == 0.0, 30,
+                 "hpt_store_up 0")
         cluster.client.cancel(to_cancel)  # acknowledged while the store is down
         acknowledged = []
         try:
