@@ -263,7 +263,7 @@ def test_agent_killed_with_9_leaves_no_orphan_and_the_next_agent_reclaims_its_le
     assert lock.exists() and planted.exists()
 
     cluster.start_agent("node-9")  # another agent on this host
-    cluster.wait_nodes_ready(1)
+    wait_for(lambda: cluster.node_states().get("node-9") == "READY", 120, "node-9 READY")
     assert not lock.exists() and not planted.exists(), "the dead agent's leftovers remain"
     wait_for(lambda: state_name(cluster.job(job_id).state) == "FAILED", 60, "job failed")
 
