@@ -18,6 +18,7 @@ ordinary ``ShmSink`` files that a rank restores from, verified against their che
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import struct
@@ -134,7 +135,8 @@ class NodeBlob:
     def read_into(self, start: int, out: torch.Tensor) -> None:
         """Copy blob bytes [start, start + len(out)) into ``out``; zeros past the end."""
         end = start + out.numel()
-        out.zero_()
+        if end > self.nbytes:
+            out[max(self.nbytes - start, 0):].zero_()
         spans = [(0, self._head)] + [(p.offset, p.snap.buffer) for p in self._parts]
         for base, buf in spans:
             lo, hi = max(start, base), min(end, base + buf.numel())
@@ -165,14 +167,14 @@ def parse(blob: torch.Tensor) -> tuple[int, list[tuple[int, Layout, str, tuple[R
     Raises:
         BlobError: the bytes are not a blob (bad magic, truncated, invalid header).
     """
-    raw = bytes(blob[:16].numpy()) if blob.numel() >= 16 else b""
+    raw = tensor_bytes(blob[:16]) if blob.numel() >= 16 else b""
     if raw[:8] != MAGIC:
         raise BlobError("not a snapshot blob (bad magic)")
     (length,) = struct.unpack("<Q", raw[8:16])
     if length > _MAX_HEADER_BYTES or 16 + length > blob.numel():
         raise BlobError(f"blob header length ({length}) out of range")
     try:
-        header = json.loads(bytes(blob[16:16 + length].numpy()))
+        header = json.loads(tensor_bytes(blob[16:16 + length]))
         step = header["step"]
         out = []
         for i, entry in enumerate(header["ranks"]):
@@ -189,6 +191,12 @@ def parse(blob: torch.Tensor) -> tuple[int, list[tuple[int, Layout, str, tuple[R
     if not isinstance(step, int):
         raise BlobError("blob header step must be an int")
     return step, out
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a contiguous uint8 CPU tensor (one copy; no numpy at run time)."""
+    t = t.contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b""
 
 
 def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_json: str,

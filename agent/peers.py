@@ -17,6 +17,7 @@ roles changes only this class.
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import logging
 import random
@@ -166,7 +167,7 @@ class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
         while offset < total:
             n = min(chunk, total - offset)
             piece.read_into(offset, buf[:n])
-            data = buf[:n].numpy().tobytes()
+            data = ctypes.string_at(buf.data_ptr(), n)
             yield checkpoint_pb2.PieceChunk(offset=offset, data=data, crc32=zlib.crc32(data))
             offset += n
         if not piece.intact():
@@ -284,7 +285,7 @@ class PeerClient:
                     raise _BadChunk(f"chunk at {chunk.offset}, expected {got}")
                 if zlib.crc32(chunk.data) != chunk.crc32:
                     raise _BadChunk(f"CRC mismatch in the chunk at byte {got}")
-                out[got:got + n] = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+                ctypes.memmove(out.data_ptr() + got, chunk.data, n)
                 got += n
             if chunk.last:
                 if got != header.piece_bytes:

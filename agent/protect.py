@@ -30,6 +30,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class Protector:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpt-protect", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hpt-pull")
         self.num_built = 0
         self.bytes_pulled = 0
 
@@ -158,6 +160,7 @@ class Protector:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10.0)
+        self._pool.shutdown(wait=True)
         for job_id in list(self._jobs):
             self.release(job_id)
 
@@ -324,11 +327,12 @@ class Protector:
         if not common or max(common) <= newest:
             return None
         step = max(common)
-        segments, members = [], []
-        for member in data:
-            header, seg = self._segment(entry, member, stripe, step)
-            segments.append(seg)
-            members.append((member, int(header.blob_bytes)))
+        # the k segments come from k nodes: pull them at the same time
+        pulled = list(self._pool.map(lambda member: self._segment(entry, member, stripe, step),
+                                     data))
+        segments = [seg for _, seg in pulled]
+        members = [(member, int(header.blob_bytes))
+                   for member, (header, _) in zip(data, pulled, strict=True)]
         size = max(s.numel() for s in segments)
         segments = [s if s.numel() == size else _padded(s, size) for s in segments]
         row = parity.index(entry.me)
@@ -370,6 +374,17 @@ class Protector:
                  step: int) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
         request = entry.layout.segment_request(entry.job_id, entry.attempt, step, member, stripe)
         return self.fetch(entry.layout, member, request, local=member == entry.me)
+
+    def fetch_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]],
+                  ) -> list[tuple[checkpoint_pb2.PieceHeader, torch.Tensor] | Exception]:
+        """Several ``fetch`` calls at once; a failed one gives its exception."""
+        def one(job: tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]):  # type: ignore[no-untyped-def]
+            layout, member, request, local = job
+            try:
+                return self.fetch(layout, member, request, local=local)
+            except (PieceUnavailable, blobs.BlobError, OSError) as exc:
+                return exc
+        return list(self._pool.map(one, jobs))
 
     def fetch(self, layout: Layout, member: int, request: checkpoint_pb2.FetchRequest, *,
               local: bool) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:

@@ -89,7 +89,8 @@ def parse_redundancy(text: str, nodes: int) -> tuple[int, int] | None:
 def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Iterable[int]],
                     peers: Mapping[str, str]) -> ProtectionPlan | None:
     """The layout of an attempt on ``nodes`` (in attempt order); None when unprotected."""
-    km = parse_redundancy(redundancy, max(len(nodes), 2)) if redundancy != "" else (0, 1)
+    # validated against the job's node count at submit; a shrunk attempt may have fewer
+    km = parse_redundancy(redundancy, 256)
     if km is None or len(nodes) < 2:
         return None
     k, m = km

@@ -262,6 +262,8 @@ class Reconciler:
                 node.state, node.reason = NodeState.QUARANTINED, health_problem
             node.last_seen_at = self._clock()
             runtime.link = link
+            if runtime.instance_id and instance_id and runtime.instance_id != instance_id:
+                self._forget_memory(node.name)  # a new agent process: the old one's memory died
             runtime.instance_id = instance_id
             runtime.last_heartbeat = mono
             runtime.disconnected_at = 0.0
@@ -342,6 +344,15 @@ class Reconciler:
                 if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
                     attempt.protected_steps, attempt.parity_bytes = steps, parity
                     self._dirty_jobs.add(job_id)
+
+    def _forget_memory(self, node: str) -> None:
+        """The snapshots an earlier agent process of ``node`` reported are gone with it."""
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                for rank in attempt.ranks_on(node):
+                    if rank.snapshot_steps:
+                        rank.snapshot_steps = ()
+                        self._dirty_jobs.add(job.id)
 
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
@@ -655,9 +666,12 @@ class Reconciler:
         self._emit("attempt_launched", job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
         if previous is not None:
+            persisted = catalog.persisted_steps(previous) if spec.persist_dir else []
             fallback = "" if restore else (
-                "; ranks take the newest persisted checkpoint that verifies on all of them"
-                if spec.persist_dir else "; no persist_dir: training restarts from scratch")
+                f"; falls back to the persisted checkpoint (newest on every rank: step "
+                f"{persisted[0]}; ranks verify it and agree on the newest good one)"
+                if persisted else "; falls back to scratch: no checkpoint persisted on every "
+                "rank" + ("" if spec.persist_dir else " (no persist_dir)"))
             self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
 
     def _restore_choice(self, job: Job, previous: Attempt | None,
