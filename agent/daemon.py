@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt.agent import tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
 from hpt.agent.rank_socket import RankSocketServer
@@ -38,6 +39,10 @@ _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
 _RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
+_SILENT_RECONNECT_S = 3.0
+"""A session that hears nothing from its controller this long (a paused or deposed replica,
+a half-open connection) is cancelled and the next controller address is dialled, well
+before the lease runs out and the ranks would be fenced."""
 _RANK_STATE = {
     RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
     RankPhase.RUNNING: common_pb2.RANK_STATE_RUNNING,
@@ -66,6 +71,9 @@ class Agent:
         self._last_contact = time.monotonic()
         self._connected = threading.Event()
         self._fenced = False
+        self._next_controller = 0  # index into cfg.controllers; advances after every session
+        self._call: Any = None  # the current Connect call, cancelled when it stays silent
+        self._session_started = time.monotonic()
         self._spawner = Spawner()
         self._warm = (
             WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled)
@@ -99,6 +107,7 @@ class Agent:
             while not self._stop.is_set():
                 started = time.monotonic()
                 self._session()
+                self._next_controller += 1  # a replica that ended us may not lead: try the next
                 if self._stop.is_set():
                     break
                 if time.monotonic() - started > 5.0:
@@ -130,17 +139,18 @@ class Agent:
 
     # ---------------------------------------------------------------- controller stream
 
+    @property
+    def controller_address(self) -> str:
+        """The controller address this (or the next) session dials."""
+        addrs = self.cfg.controllers
+        return addrs[self._next_controller % len(addrs)]
+
     def _channel(self) -> grpc.Channel:
-        cfg = self.cfg
         options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
-        if cfg.tls_ca:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(cfg.tls_ca).read_bytes(),
-                private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
-                certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
-            )
-            return grpc.secure_channel(cfg.controller, creds, options=options)
-        return grpc.insecure_channel(cfg.controller, options=options)
+        creds = tls.channel_credentials(self.cfg)
+        if creds is not None:
+            return grpc.secure_channel(self.controller_address, creds, options=options)
+        return grpc.insecure_channel(self.controller_address, options=options)
 
     def _session(self) -> None:
         outbox: queue.Queue[agent_pb2.AgentMessage | None] = queue.Queue()
@@ -162,6 +172,7 @@ class Agent:
             responses = agent_pb2_grpc.AgentServiceStub(channel).Connect(
                 requests(), metadata=metadata
             )
+            self._session_started, self._call = time.monotonic(), responses
             for msg in responses:
                 self._last_contact = time.monotonic()
                 kind = msg.WhichOneof("kind")
@@ -186,6 +197,7 @@ class Agent:
                 log.warning("[-/-/%s/-] controller stream ended: %s", self.cfg.name,
                             exc.code() if hasattr(exc, "code") else exc)
         finally:
+            self._call = None
             self._connected.clear()
             ended.set()
             outbox.put(None)
@@ -201,7 +213,7 @@ class Agent:
         self._fenced = False
         self._connected.set()
         log.info("[-/-/%s/-] registered with %s (heartbeat %.2fs, lease %.1fs)", self.cfg.name,
-                 self.cfg.controller, self._period_s, self._lease_s)
+                 self.controller_address, self._period_s, self._lease_s)
 
     def _register_message(self) -> agent_pb2.Register:
         return agent_pb2.Register(
@@ -306,6 +318,14 @@ class Agent:
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):
+            call = self._call
+            if call is not None and (time.monotonic() - max(self._last_contact,
+                                                            self._session_started)
+                                     > _SILENT_RECONNECT_S):
+                log.warning("[-/-/%s/-] %s silent for %.0fs: trying the next controller",
+                            self.cfg.name, self.controller_address, _SILENT_RECONNECT_S)
+                call.cancel()
+                self._call = None
             if self._fenced:
                 continue
             silent = time.monotonic() - self._last_contact

@@ -99,6 +99,8 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+        # raises FencedError when another controller leads now (set by leader election)
+        self.fence: Callable[[], None] = lambda: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
 
     # ---------------------------------------------------------------- lifecycle
@@ -163,6 +165,7 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
+        self.fence()
         now = self._clock()
         self._sync_nodes(time.monotonic(), now)
         for job in list(self.jobs.values()):
