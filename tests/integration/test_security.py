@@ -146,10 +146,10 @@ def test_tls_handshake_refuses_bad_client_certificates(controller, pki, stem, ca
 
 def test_client_trusting_a_wrong_ca_refuses_the_controller(controller, pki):
     # the agent's side of "wrong CA": the controller's certificate does not verify
-    with _channel(pki, controller.port, "node-0", ca="foreign") as ch:
-        # foreign.crt is a leaf, not the CA that signed server.crt
-        with pytest.raises(grpc.RpcError) as err:
-            _register(ch, "node-0", AGENT_TOKEN)
+    # foreign.crt is a leaf of another CA, not the CA that signed server.crt
+    with _channel(pki, controller.port, "node-0", ca="foreign") as ch, \
+            pytest.raises(grpc.RpcError) as err:
+        _register(ch, "node-0", AGENT_TOKEN)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
