@@ -92,6 +92,7 @@ class Agent:
             node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
             on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
             health_check=cfg.health_check, metrics_port=cfg.metrics_port,
+            metrics_host=cfg.address,  # where peers reach this node: scrapers do too
         )
 
     # ---------------------------------------------------------------- lifecycle

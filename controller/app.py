@@ -63,8 +63,8 @@ class Controller:
         self._done = threading.Event()
         self.port = 0
         self.health_port = 0
-        self._gate = StandbyGate()
         self.elector: LeaderElector | None = None
+        self._gate = StandbyGate(lambda: self.elector.leader_name() if self.elector else "")
         if cfg.leader_lease_s:
             self.elector = LeaderElector(
                 self.store,  # type: ignore[arg-type]  # config validation: a RedisStore

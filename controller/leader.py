@@ -157,6 +157,14 @@ class LeaderElector:
         if current is not None and int(current) != self.epoch:
             raise FencedError(f"epoch {self.epoch} superseded by epoch {int(current)}")
 
+    def leader_name(self) -> str:
+        """The current lease holder (its host name first: the pod name on Kubernetes), or ""."""
+        try:
+            holder = self._store.redis.hget(self._store.lease_key, "holder")
+        except redis.RedisError:
+            return ""
+        return holder.decode(errors="replace") if holder else ""
+
     @property
     def _lease_ms(self) -> int:
         return max(1, int(self.lease_s * 1000))
@@ -217,13 +225,18 @@ class LeaderElector:
 
 class StandbyGate(grpc.ServerInterceptor):
     """Answers every job and agent RPC with UNAVAILABLE until ``open()`` (health checks and
-    reflection pass): a standby must not take registrations or submissions."""
+    reflection pass): a standby must not take registrations or submissions. The message names
+    the current leader (``leader_name()``), so a user port-forwarded to a standby knows which
+    pod to reach instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, leader_name: Callable[[], str] = lambda: "") -> None:
         self._open = threading.Event()
 
         def refuse(request, context):  # type: ignore[no-untyped-def]
-            context.abort(grpc.StatusCode.UNAVAILABLE, "this controller is a standby, not the leader")
+            leader = leader_name()
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "this controller is a standby, not the leader"
+                          + (f"; the leader is {leader}" if leader else ""))
 
         self._handlers = {
             (False, False): grpc.unary_unary_rpc_method_handler(refuse),

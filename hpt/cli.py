@@ -669,7 +669,13 @@ def up(
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
+@click.option(
+    "--redis-url",
+    default="",
+    envvar="HPT_REDIS_URL",
+    help="Keep state in Redis [env: HPT_REDIS_URL, which keeps a password out of argv; "
+    "default: in this process].",
+)
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
@@ -806,7 +812,7 @@ def controller(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve Prometheus /metrics on 127.0.0.1 at this port; 0 picks a free one [default: off].",
+    help="Serve Prometheus /metrics on --address at this port; 0 picks a free one [default: off].",
 )
 @click.option(
     "--no-health-check", is_flag=True, help="Skip the pre-flight health check at start."
