@@ -383,3 +383,23 @@ def test_leader_lease_must_be_shorter_than_the_agent_lease():
     bad = {"controller": {"replicas": 2, "leaderLeaseSeconds": 20, "agentLeaseSeconds": 15}}
     with pytest.raises(helm.HelmRenderError, match="leaderLeaseSeconds"):
         render(bad)
+
+
+def test_dockerfile_installs_every_part_and_runs_as_the_charts_user(rendered):
+    """No image builder here: check the Dockerfile against pyproject and the chart instead."""
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"].values()
+    for folder in package_dirs:
+        assert f"COPY {folder} ./{folder}" in dockerfile
+    assert "ARG TORCH_VARIANT=cpu" in dockerfile and "whl/${TORCH_VARIANT}" in dockerfile
+    assert "USER 10001:10001" in dockerfile
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for docs in rendered.values():
+        for w in docs:
+            if w["kind"] in WORKLOADS and not w["metadata"]["name"].endswith("-redis"):
+                assert w["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+                image = w["spec"]["template"]["spec"]["containers"][0]["image"]
+                assert image == f"hpt:{chart['appVersion']}"
