@@ -161,7 +161,9 @@ def test_controller_is_restricted_and_probed_over_grpc_health(rendered):
     # mTLS and both roles' tokens on by default; no --insecure
     assert {"--tls-client-ca=/etc/hpt/tls/ca.crt", "--token-file=/etc/hpt/auth/token",
             "--agent-token-file=/etc/hpt/auth/agent-token"} <= set(c["args"])
-    assert "--insecure" not in c["args"] and not any("leader-lease" in a for a in c["args"])
+    assert "--insecure" not in c["args"]
+    # elected even alone: a rollout's new pod waits until the old one hands over
+    assert "--leader-lease=5" in c["args"]
     assert deploy["spec"]["replicas"] == 1 and by_kind(docs, "PodDisruptionBudget") == []
 
 
@@ -380,7 +382,7 @@ def test_monitoring_without_the_operator_api_fails_with_a_clear_message():
 
 
 def test_leader_lease_must_be_shorter_than_the_agent_lease():
-    bad = {"controller": {"replicas": 2, "leaderLeaseSeconds": 20, "agentLeaseSeconds": 15}}
+    bad = {"controller": {"leaderLeaseSeconds": 20, "agentLeaseSeconds": 15}}
     with pytest.raises(helm.HelmRenderError, match="leaderLeaseSeconds"):
         render(bad)
 
