@@ -5,10 +5,10 @@ An agent's certificate names its node (subject CN or a DNS SAN equal to the node
 
 - the agent's stream to the controller (:func:`channel_credentials`): mTLS, the controller
   accepts the registration only for a node the certificate names;
-- the agent's own server for peer snapshot transfer (:func:`server_credentials`): it requires
-  a client certificate from the same CA;
-- a transfer client dialing another agent (:func:`channel_credentials` with that agent's
-  address), which then checks who called with :func:`peer_node`.
+- the agent's own server for peer snapshot transfer (:func:`server_credentials`, used by
+  ``peers.PeerAuth.bind``): it requires a client certificate from the same CA;
+- a transfer client dialing another agent (:func:`channel_credentials`, used by
+  ``peers.PeerAuth.channel``); a peer service can name its caller with :func:`peer_node`.
 
 Without ``tls_ca`` everything is plaintext (loopback ``hptctl up``): the functions return None
 and :func:`peer_node` returns "".
@@ -17,10 +17,20 @@ and :func:`peer_node` returns "".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
-from hpt.agent.config import AgentConfig
+
+class TLSFiles(Protocol):
+    """Where an agent's PEM files are (``AgentConfig``, ``peers.PeerAuth``)."""
+
+    @property
+    def tls_ca(self) -> str: ...
+    @property
+    def tls_cert(self) -> str: ...
+    @property
+    def tls_key(self) -> str: ...
 
 
 def _read(path: str, field: str) -> bytes:
@@ -30,7 +40,7 @@ def _read(path: str, field: str) -> bytes:
         raise ValueError(f"{field} ({path!r}) cannot be read: {e}") from e
 
 
-def channel_credentials(cfg: AgentConfig) -> grpc.ChannelCredentials | None:
+def channel_credentials(cfg: TLSFiles) -> grpc.ChannelCredentials | None:
     """mTLS client credentials from ``cfg`` (CA, certificate, key); None without ``tls_ca``.
 
     Raises:
@@ -45,7 +55,7 @@ def channel_credentials(cfg: AgentConfig) -> grpc.ChannelCredentials | None:
     )
 
 
-def server_credentials(cfg: AgentConfig) -> grpc.ServerCredentials | None:
+def server_credentials(cfg: TLSFiles) -> grpc.ServerCredentials | None:
     """Server credentials for an agent-to-agent service: this agent's certificate, and client
     certificates required and verified against the same CA. None without TLS configured.
 
