@@ -69,6 +69,8 @@ class LaunchSpec:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    restore_shards: str = ""
+    """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -251,6 +253,8 @@ class Launcher:
             HPT_RESTORE_STEP=str(spec.restore_step),
             PYTHONUNBUFFERED="1",
         )
+        if spec.restore_shards:
+            env["HPT_RESTORE_SHARDS"] = spec.restore_shards
         env.update(self._snapshots.prepare(
             spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
             persist_every=spec.persist_every, keep_persisted=spec.keep_persisted))

@@ -62,11 +62,12 @@ class SnapshotKeeper:
 
     # ---------------------------------------------------------------- events
 
-    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str) -> None:
+    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str,
+              step: int = 0) -> None:
         """Queue an event for the controller's log (sent with the next heartbeat)."""
         self._events.append(agent_pb2.AgentEvent(kind=kind, job_id=job_id, attempt=attempt,
                                                  rank=rank, message=message[:4096],
-                                                 at=time.time()))
+                                                 at=time.time(), step=step))
 
     def take_events(self) -> list[agent_pb2.AgentEvent]:
         out = []
@@ -121,6 +122,16 @@ class SnapshotKeeper:
                    and step % entry.persist_every == 0)
         if due:
             self._offer(job_id, rank, entry, step, generation)
+
+    def adopt(self, job_id: str, rank: int, step: int, generation: int, nbytes: int) -> None:
+        """A snapshot the agent itself put in place (rebuilt from peers before a restore)."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
+            entry.generations = {g: s for g, s in entry.generations.items() if g != generation}
+            entry.generations[generation] = step
+            entry.nbytes = nbytes
 
     def _offer(self, job_id: str, rank: int, entry: _RankSnapshots, step: int,
                generation: int) -> None:

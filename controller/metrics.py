@@ -94,6 +94,8 @@ class ControllerMetrics:
                     "hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat), node=name
                 )
             running = [j.id for j in jobs if j.state == JobState.RUNNING]
+            ratios = {j.id: r for j in jobs if j.state == JobState.RUNNING
+                      and (r := memory_ratio(j)) is not None}
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
             health = rec.store_health()
             stalls = rec.stall.num_stalls
@@ -118,6 +120,9 @@ class ControllerMetrics:
         for job_id in running:
             for rank, score in det.scores(job_id).items():
                 m.set("hpt_straggler_score", score, rank=rank)
+        m.clear("hpt_snapshot_memory_ratio")
+        for job_id, ratio in ratios.items():
+            m.set("hpt_snapshot_memory_ratio", ratio, hpt_job=job_id)
         for job_id in finished:
             det.forget(job_id)
             self._forgotten.add(job_id)
@@ -166,3 +171,14 @@ class ControllerMetrics:
             if total > prev:
                 m.inc("hpt_goodput_seconds_total", total - prev, category=category)
                 self._goodput[(job.id, category)] = total
+
+
+def memory_ratio(job: Job) -> float | None:
+    """(state + protection of one generation) / state of the job's current attempt."""
+    attempt = job.current
+    if attempt is None:
+        return None
+    state = sum(r.snapshot_bytes for r in attempt.ranks)
+    if not state or not attempt.parity_bytes:
+        return None
+    return (state + attempt.parity_bytes) / state

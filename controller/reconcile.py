@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, policy, retention
+from hpt.controller import catalog, convert, detect, elastic, policy, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
 from hpt.controller.model import (
@@ -49,8 +49,10 @@ from hpt.controller.model import (
     RankReport,
     RankState,
     ReleaseCommand,
+    RestoreCommand,
     StopCommand,
 )
+from hpt.controller.pieces import PieceBook
 from hpt.controller.scheduler import Capacity
 from hpt.controller.stall import StallDetector
 from hpt.controller.store import ConflictError, Store, StoreUnavailableError
@@ -122,7 +124,12 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+        # raises FencedError when another controller leads now (set by leader election)
+        self.fence: Callable[[], None] = lambda: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
+        self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
+        self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
+        self._bad_steps: dict[str, set[int]] = {}  # job -> steps an agent failed to rebuild
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -189,6 +196,7 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
+        self.fence()
         now, mono = self._clock(), time.monotonic()
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
@@ -257,6 +265,8 @@ class Reconciler:
                 node.state, node.reason = NodeState.QUARANTINED, health_problem
             node.last_seen_at = self._clock()
             runtime.link = link
+            if runtime.instance_id and instance_id and runtime.instance_id != instance_id:
+                self._forget_memory(node.name)  # a new agent process: the old one's memory died
             runtime.instance_id = instance_id
             runtime.last_heartbeat = mono
             runtime.disconnected_at = 0.0
@@ -320,6 +330,46 @@ class Reconciler:
             if event.at <= 0 or event.at > now + 60:
                 event = replace(event, at=now)
             self.events.emit(event)
+
+    def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
+        """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
+        bytes). Updates each attempt's protected steps."""
+        with self.lock:
+            for job_id, number in self.pieces.update(node, pieces):
+                job = self.jobs.get(job_id)
+                if job is None or not 1 <= number <= len(job.attempts):
+                    continue
+                attempt = job.attempts[number - 1]
+                plan = self._plan_of(job, attempt)
+                steps = tuple(sorted(elastic.protected_steps(
+                    plan, self.pieces.held((job_id, number))))) if plan else ()
+                parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
+                if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
+                    attempt.protected_steps, attempt.parity_bytes = steps, parity
+                    self._dirty_jobs.add(job_id)
+
+    def _forget_memory(self, node: str) -> None:
+        """The snapshots an earlier agent process of ``node`` reported are gone with it."""
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                for rank in attempt.ranks_on(node):
+                    if rank.snapshot_steps:
+                        rank.snapshot_steps = ()
+                        self._dirty_jobs.add(job.id)
+
+    def restore_failed(self, job_id: str, step: int) -> None:
+        """An agent could not put ``step`` in place: never choose it again for this job."""
+        with self.lock:
+            if job_id in self.jobs:
+                self._bad_steps.setdefault(job_id, set()).add(step)
+
+    def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
+        """The attempt's protection layout, with the peer addresses agents have now."""
+        ranks: dict[str, list[int]] = {}
+        for r in attempt.ranks:
+            ranks.setdefault(r.node, []).append(r.rank)
+        peers = {n: rt.node.peer_address for n, rt in self.nodes.items()}
+        return elastic.protection_plan(job.spec.redundancy, attempt.nodes, ranks, peers)
 
     def disconnect(self, node: str, link: AgentLink) -> None:
         with self.lock:
@@ -489,6 +539,7 @@ class Reconciler:
             straggler_after=job.spec.straggler_restart_after,
         ) or self._launch_timeout(job, attempt, now)
         if fault is None:
+            self._maybe_grow(job, attempt, now)
             return
         attempt.cause = fault
         job.root_cause = fault
@@ -512,6 +563,25 @@ class Reconciler:
                   f"{fault.where()}: {fault.message}")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
+
+    def _maybe_grow(self, job: Job, attempt: Attempt, now: float) -> None:
+        if len(attempt.nodes) >= job.spec.nodes:
+            return
+        free = {c.node for c in self._capacity()
+                if c.free_slots >= job.spec.procs_per_node and c.node not in attempt.nodes}
+        for name in list(self._free_since):
+            if name not in free:
+                del self._free_since[name]
+        for name in free:
+            self._free_since.setdefault(name, now)
+        reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
+                                     set(attempt.protected_steps), now,
+                                     self.cfg.grow_hysteresis_s)
+        if reason is None:
+            return
+        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s)
+        job.set_state(JobState.RECOVERING, reason, now)
+        self._emit("resize_requested", job, attempt=attempt.number, message=reason)
 
     def _try_place(self, job: Job, now: float) -> None:
         decision = policy.decide_placement(job, self._capacity(), now)
@@ -544,6 +614,11 @@ class Reconciler:
     def _launch(self, job: Job, nodes: list[str], now: float, reason: str) -> None:
         spec = job.spec
         number = len(job.attempts) + 1
+        previous = job.current
+        if previous is not None:
+            nodes = elastic.order_nodes(previous.nodes, nodes)  # survivors keep their ranks
+            if len(nodes) != len(previous.nodes):
+                reason = f"resize {len(previous.nodes)} -> {len(nodes)} nodes; {reason}"
         master = self.nodes[nodes[0]]
         previous_port = job.current.master_port if job.current else 0
         port = master.free_port
@@ -555,7 +630,8 @@ class Reconciler:
             for i, node in enumerate(nodes)
             for local in range(ppn)
         ]
-        restore = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+        choice = self._restore_choice(job, previous, ranks)
+        restore = choice.step
         attempt = Attempt(
             number=number,
             nodes=nodes,
@@ -568,21 +644,62 @@ class Reconciler:
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
+        plan = self._plan_of(job, attempt)
+        attempt.redundancy = plan.label if plan else ""
+        old_plan = None
+        if restore and previous is not None:
+            old_plan = self._plan_of(job, previous) or elastic.unprotected_plan(previous, {
+                n: rt.node.peer_address for n, rt in self.nodes.items()})
         job.attempts.append(attempt)
         job.deadline_at = 0.0
+        restores: dict[str, RestoreCommand] = {}
+        if old_plan is not None and previous is not None:
+            for node in nodes:
+                here = [r.rank for r in attempt.ranks_on(node)]
+                restores[node] = RestoreCommand(
+                    step=restore, attempt=previous.number, world_size=previous.world_size,
+                    layout=old_plan, lost=choice.lost,
+                    need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)))
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)
-        self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore).items())
+        self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
         self._dirty_jobs.add(job.id)
         restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
         self._emit("attempt_launched", job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
+        if previous is not None:
+            persisted = catalog.persisted_steps(previous) if spec.persist_dir else []
+            fallback = "" if restore else (
+                f"; falls back to the persisted checkpoint (newest on every rank: step "
+                f"{persisted[0]}; ranks verify it and agree on the newest good one)"
+                if persisted else "; falls back to scratch: no checkpoint persisted on every "
+                "rank" + ("" if spec.persist_dir else " (no persist_dir)"))
+            self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
+
+    def _restore_choice(self, job: Job, previous: Attempt | None,
+                        ranks: list[Rank]) -> elastic.RestoreChoice:
+        if previous is None:
+            return elastic.RestoreChoice(0, (), "first attempt")
+        alive = {n for n, rt in self.nodes.items()
+                 if rt.node.state == NodeState.READY and rt.link is not None}
+        choice = elastic.choose_restore(previous, self._plan_of(job, previous),
+                                        set(previous.protected_steps), alive,
+                                        exclude=self._bad_steps.get(job.id, set()))
+        if choice.step == 0:
+            # the attempt before may have died before saving: older attempts' memory, same ranks
+            step = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+            if step:
+                return elastic.RestoreChoice(step, (), f"step {step} from memory (an earlier "
+                                             "attempt's snapshots on the same nodes)")
+        return choice
 
     def _launch_commands(
-        self, job: Job, attempt: Attempt, restore: int | None = None
+        self, job: Job, attempt: Attempt, restore: int | None = None,
+        restores: dict[str, RestoreCommand] | None = None,
     ) -> dict[str, LaunchCommand]:
         spec = job.spec
+        plan = self._plan_of(job, attempt)
         if restore is None:
             restore = catalog.restore_step(job.attempts[: attempt.number - 1],
                                            [(r.rank, r.node) for r in attempt.ranks])
@@ -604,6 +721,8 @@ class Reconciler:
                 persist_dir=spec.persist_dir,
                 persist_every=spec.persist_every,
                 keep_persisted=spec.keep_persisted,
+                protection=plan,
+                restore=(restores or {}).get(node),
             )
             for i, node in enumerate(attempt.nodes)
         }

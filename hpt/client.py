@@ -270,6 +270,7 @@ class JobClient:
         persist_every: int = 0,
         keep_persisted: int = 0,
         straggler_restart_after: int = 0,
+        redundancy: str = "",
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
@@ -289,6 +290,7 @@ class JobClient:
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            redundancy=redundancy,
         )
         if node_wait_timeout_s is not None:
             spec.node_wait_timeout_s = node_wait_timeout_s
@@ -535,11 +537,33 @@ def checkpoints_of(job: common_pb2.Job) -> list[dict[str, Any]]:
         for r in ranks:
             for step in getattr(r, field):
                 counts[step] = counts.get(step, 0) + 1
+        protected = set(attempt.protected_steps) if tier == "memory" else set()
         for step, n in counts.items():
             state = "complete" if n == len(ranks) else f"partial ({n}/{len(ranks)} ranks)"
+            if step in protected:
+                state += f", protected ({attempt.redundancy})"
             rows.append({"step": step, "tier": tier, "size_bytes": total or None, "state": state})
     rows.sort(key=lambda d: (-d["step"], d["tier"]))
     return rows
+
+
+def protection_of(job: common_pb2.Job) -> dict[str, Any]:
+    """Snapshot protection of the current attempt: scheme, bytes per node, memory ratio."""
+    attempt = current_attempt(job)
+    if attempt is None or not attempt.nodes:
+        return {}
+    nodes = len(attempt.nodes)
+    state = sum(r.snapshot_bytes for r in attempt.ranks)
+    k, _, m = attempt.redundancy.partition("+")
+    expected = (1 + int(m) / int(k)) if m else (2.0 if attempt.redundancy == "mirror" else None)
+    return {
+        "redundancy": attempt.redundancy or "off",
+        "state_bytes_per_node": state // nodes,
+        "parity_bytes_per_node": attempt.parity_bytes // nodes,
+        "memory_ratio": (state + attempt.parity_bytes) / state if state else None,
+        "expected_ratio": expected,
+        "protected_steps": sorted(attempt.protected_steps, reverse=True),
+    }
 
 
 def node_to_dict(node: common_pb2.Node) -> dict[str, Any]:
