@@ -868,7 +868,8 @@ class Reconciler:
         """Forget finished jobs past the retention bounds (memory and store)."""
         for job_id in retention.expired(self.jobs.values(), now,
                                         keep_count=self.cfg.keep_finished_jobs,
-                                        keep_s=self.cfg.keep_finished_s):
+                                        keep_s=self.cfg.keep_finished_s,
+                                        keep_bytes=self.cfg.keep_finished_bytes):
             key = f"jobs/{job_id}"
             if job_id in self._dirty_jobs:
                 continue  # its final state is not written yet

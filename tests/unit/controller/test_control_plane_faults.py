@@ -233,6 +233,7 @@ def test_retention_keeps_the_newest_finished_jobs_within_count_and_age():
             job(2, JobState.RUNNING, 5), job(3, JobState.CANCELLED, 30)]
     assert retention.expired(jobs, 40, keep_count=2, keep_s=100) == ["j0"]
     assert retention.expired(jobs, 125, keep_count=5, keep_s=100) == ["j0", "j1"]
+    assert retention.expired(jobs, 40, keep_count=5, keep_s=100, keep_bytes=5) == ["j0", "j1"]
 
 
 def test_spec_over_the_size_budget_is_refused_naming_the_field():
