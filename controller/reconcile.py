@@ -684,7 +684,7 @@ class Reconciler:
         alive = {n for n, rt in self.nodes.items()
                  if rt.node.state == NodeState.READY and rt.link is not None}
         choice = elastic.choose_restore(previous, self._plan_of(job, previous),
-                                        set(previous.protected_steps), alive,
+                                        self.pieces.held((job.id, previous.number)), alive,
                                         exclude=self._bad_steps.get(job.id, set()))
         if choice.step == 0:
             # the attempt before may have died before saving: older attempts' memory, same ranks

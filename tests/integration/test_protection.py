@@ -61,15 +61,45 @@ def _snapshot_files(node: str, job_id: str, rank: int, step: int) -> tuple[dict,
     return None
 
 
+def _start(cluster: LocalCluster) -> LocalCluster:
+    """``LocalCluster.start`` with room for three agents' start-up on a loaded 2-core box."""
+    try:
+        cluster.start_controller()
+        for i in range(cluster.num_agents):
+            cluster.start_agent(f"node-{i}")
+        cluster.wait_nodes_ready(cluster.num_agents, timeout_s=240)
+    except BaseException:
+        print(cluster.logs())
+        cluster.close()
+        raise
+    return cluster
+
+
+@pytest.fixture
+def small_cluster(tmp_path):  # type: ignore[no-untyped-def]
+    clusters: list[LocalCluster] = []
+
+    def make(**kw) -> LocalCluster:  # type: ignore[no-untyped-def]
+        clusters.append(_start(LocalCluster(tmp_path, **kw)))
+        return clusters[-1]
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+
+
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
     """Three agents, one slot each, and the clean run's digest of the 3-node job."""
-    with LocalCluster(tmp_path_factory.mktemp("three"), agents=3, slots=1) as cluster:
+    cluster = _start(LocalCluster(tmp_path_factory.mktemp("three"), agents=3, slots=1))
+    try:
         job_id = cluster.submit(*JOB, nodes=3, procs=1)
-        job = cluster.wait_terminal(job_id)
+        job = cluster.wait_terminal(job_id, 300)
         assert state_name(job.state) == "SUCCEEDED", job.reason
         cluster.clean_sha = final_sha(cluster, job_id)  # type: ignore[attr-defined]
         yield cluster
+    finally:
+        cluster.close()
 
 
 def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(three) -> None:
@@ -101,7 +131,7 @@ def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(three) -> 
         for r in ranks:
             if r.rank != 1:
                 os.kill(r.pid, signal.SIGCONT)
-    job = cluster.wait_terminal(job_id)
+    job = cluster.wait_terminal(job_id, 300)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     rebuilt = _events(cluster, job_id, "snapshot_rebuilt")
     assert any(f"step {step} of old rank 1 from decoded" in m for m in rebuilt), rebuilt
@@ -120,7 +150,7 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(t
     # a replacement node (a fresh agent: empty memory) joins; the job is not elastic, so it
     # waits for it and runs at the same world size
     cluster.start_agent(victim)
-    job = cluster.wait_terminal(job_id, timeout_s=180)
+    job = cluster.wait_terminal(job_id, 300)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     second = job.attempts[1]
     assert second.nodes == first.nodes and second.world_size == 3
@@ -133,9 +163,9 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(t
     assert final_sha(cluster, job_id) == cluster.clean_sha
 
 
-def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(cluster_factory,
+def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(small_cluster,
                                                                      tmp_path) -> None:
-    cluster = cluster_factory(agents=3, slots=1)
+    cluster = small_cluster(agents=3, slots=1)
     persist = tmp_path / "persist"
     job_id = cluster.submit("python", TRAIN, "--steps", "60", "--step-time", "0.05",
                             nodes=3, procs=1, min_nodes=1, persist_dir=str(persist),
@@ -149,7 +179,7 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(cluster_fact
     survivor = job.attempts[0].ranks[0].node
     for rank in job.attempts[0].ranks[1:]:
         cluster.kill_agent(rank.node)
-    job = cluster.wait_terminal(job_id)
+    job = cluster.wait_terminal(job_id, 300)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     assert job.attempts[1].nodes == [survivor] and job.attempts[1].world_size == 1
     source = _events(cluster, job_id, "restore_source")
@@ -160,8 +190,8 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(cluster_fact
     assert min(resumed) % 4 == 0, resumed
 
 
-def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(cluster_factory) -> None:
-    cluster = cluster_factory(agents=3, slots=1, controller_args=("--grow-after", "1"))
+def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(small_cluster) -> None:
+    cluster = small_cluster(agents=3, slots=1, controller_args=("--grow-after", "1"))
     job_id = cluster.submit("python", TRAIN, "--steps", "400", "--step-time", "0.05",
                             nodes=3, procs=1, min_nodes=2)
     job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
