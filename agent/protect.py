@@ -160,8 +160,8 @@ class Protector:
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10.0)
-        self._pool.shutdown(wait=True)
+            self._thread.join(timeout=2.0)  # a pull in flight gives up within its retries
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for job_id in list(self._jobs):
             self.release(job_id)
 

@@ -155,7 +155,9 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(t
     second = job.attempts[1]
     assert second.nodes == first.nodes and second.world_size == 3
     source = _events(cluster, job_id, "restore_source")
-    step = int(re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0]).group(1))
+    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
+    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
+    step = int(found.group(1))
     assert step >= 8
     rebuilt = _events(cluster, job_id, "snapshot_rebuilt")
     assert any(f"step {step} of old rank 1 from decoded" in m for m in rebuilt), rebuilt
@@ -203,7 +205,9 @@ def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(small_cluster
     second = job.attempts[1]
     assert second.world_size == 2 and victim not in second.nodes
     source = _events(cluster, job_id, "restore_source")
-    step = int(re.search(r"step (\d+): .* rebuilt from peers", source[0]).group(1))
+    found = re.search(r"step (\d+): .* rebuilt from peers", source[0])
+    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
+    step = int(found.group(1))
     lost = _snapshot_files(victim, job_id, 2, step)
     assert lost is not None
     for node in second.nodes:  # every survivor holds every old rank (the world size changed)
