@@ -126,10 +126,10 @@ def state_from_snapshots(
         target.world_size,
         placement=lambda e, rank, world: target.placement(e),
     )
-    return _unflatten_as(main.layout, meta, layout, tensors)
+    return unflatten_as(main.layout, meta, layout, tensors)
 
 
-def _unflatten_as(
+def unflatten_as(
     saved: Layout, meta: Any, layout: Layout, tensors: Sequence[torch.Tensor]
 ) -> Any:
     """Rebuild the tree of `saved` (whose meta indexes its entries) from resharded tensors."""

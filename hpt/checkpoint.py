@@ -127,7 +127,7 @@ class Checkpointer(_EngineCheckpointer):
         sources.append(ShardSetSource(
             plan.step, max(plan.world_size, 1), plan.directory or self._shm_dir,
             {r: ShardRef(s.prefix, s.generation) for r, s in plan.shards.items()}, name="peers"))
-        sources.append(DiskSource(self._persist_dir, rank=rank))
+        sources.append(DiskSource(self._persist_dir or None))
         return sources
 
     def restore_outcome(self) -> RestoreOutcome:

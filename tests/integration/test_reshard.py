@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
-from hpt.ckpt import Checkpointer, ShmSink
+from hpt.ckpt import Checkpointer, ShmSink, fmt
 from tests.integration.cluster import free_port
 
 BIN = Path(__file__).parent / "bin"
@@ -27,16 +28,18 @@ STEP = 6
 OLD_WORLD = 4
 
 
-def old_world_snapshots(prefixes: list[str], step: int = STEP) -> dict[str, torch.Tensor]:
-    """Snapshots of an old world of OLD_WORLD ranks, written as the ranks would (ShmSink files);
-    returns the global tensors they hold together."""
-    torch.manual_seed(3)
+def old_world_snapshots(prefixes: list[str], step: int = STEP,
+                        seed: int = 3) -> dict[str, torch.Tensor]:
+    """Snapshots of an old world of len(prefixes) ranks, written as the ranks would (ShmSink
+    files); returns the global tensors they hold together."""
+    old_world = len(prefixes)
+    torch.manual_seed(seed)
     full = {"body.weight": torch.randn(ROWS, 3), "body.bias": torch.randn(ROWS),
             "head.weight": torch.randn(2, 3), "head.bias": torch.randn(2)}
     grads = {k: torch.randn_like(v) for k, v in full.items()}
     global_state: dict[str, torch.Tensor] = {}
     for rank, prefix in enumerate(prefixes):
-        model, shards = sharded_model(rank, OLD_WORLD)
+        model, shards = sharded_model(rank, old_world)
         opt = torch.optim.Adam(model.parameters(), lr=0.1)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -46,7 +49,7 @@ def old_world_snapshots(prefixes: list[str], step: int = STEP) -> dict[str, torc
                 p.grad = grads[name][lo:lo + p.shape[0]].clone()
         opt.step()
         position = GlobalPosition()
-        position.global_samples = step * 64 * OLD_WORLD
+        position.global_samples = step * 64 * old_world
         torch.manual_seed(100 + rank)  # each old rank has its own RNG stream
         with Checkpointer(model, opt, sink=ShmSink(prefix), shards=shards,
                           extra_state={"position": position}) as ckpt:
@@ -151,3 +154,56 @@ def test_peer_shards_of_a_world_of_4_restore_onto_fewer_ranks_bitwise(tmp_path, 
     rngs = [r["rng"] for r in results]
     assert len({tuple(x) for x in rngs}) == world
     assert_bitwise(gathered(tmp_path / "out", world), want)
+
+
+def persist_like_the_agent(root: Path, prefixes: list[str], step: int) -> None:
+    """What each agent's Persister does with a rank's snapshot (agent/snapshots.py): copy it out
+    of shared memory and call fmt.persist on the rank's directory with the snapshot meta."""
+    for rank, prefix in enumerate(prefixes):
+        sink = ShmSink(prefix)
+        snap = sink.read(next(r for r in sink.held() if r.step == step))
+        private = snap.buffer.clone()
+        tensors = {e.fqn: private[e.offset:e.offset + e.nbytes].view(e.torch_dtype).view(e.shape)
+                   for e in snap.layout.entries}
+        meta = {"step": step, "rank": rank, "world_size": len(prefixes), "job_id": "j",
+                "node": "n", "layout": snap.layout.to_json(), "meta_json": snap.meta_json}
+        fmt.persist(root / f"rank-{rank:05d}", step, tensors, meta, keep_last=3)
+
+
+@pytest.fixture
+def persisted(tmp_path, old_shards):
+    prefixes, want = old_shards
+    root = tmp_path / "persist"
+    persist_like_the_agent(root, prefixes, STEP)
+    return root, want
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_global_checkpoint_of_a_world_of_4_restores_onto_fewer_ranks_bitwise(tmp_path,
+                                                                              persisted, world):
+    root, want = persisted
+    assert sorted(p.name for p in root.iterdir()) == [fmt.step_dir_name(STEP)]
+    results = run_ranks(world, tmp_path / "out", {"HPT_PERSIST_DIR": str(root)})
+    assert [(r["step"], r["source"]) for r in results] == [(STEP, "disk")] * world
+    assert {r["global_samples"] for r in results} == {STEP * 64 * OLD_WORLD}
+    assert_bitwise(gathered(tmp_path / "out", world), want)
+
+
+def test_plain_dcp_load_reshards_the_global_checkpoint_without_hpt(persisted):
+    root, want = persisted
+    path = root / fmt.step_dir_name(STEP)
+    for world in (2, 3):
+        for rank in range(world):
+            # a new rank's box of the row-sharded weight, as a plain dcp.load user asks for it
+            model, shards = sharded_model(rank, world)
+            info = shards["body.weight"]
+            full = torch.zeros(info.global_shape)
+            state = {"model.body.weight": full, "model.head.weight": torch.zeros(2, 3),
+                     "optim.state.body.weight.exp_avg": torch.zeros(info.global_shape)}
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+            lo, n = info.global_offset[0], info.local_shape[0]
+            assert torch.equal(full[lo:lo + n], want["model.body.weight"][lo:lo + n])
+            assert torch.equal(state["model.head.weight"], want["model.head.weight"])
+            assert torch.equal(state["optim.state.body.weight.exp_avg"],
+                               want["optim.body.weight.exp_avg"])
