@@ -130,6 +130,9 @@ def main() -> None:
             runs.append(one_ha_run(Path(d), args.lease))
         with tempfile.TemporaryDirectory(prefix=f"hpt-restart-{i}-") as d:
             baseline.append(one_restart_run(Path(d)))
+        print(json.dumps({"bench": "failover.run", "run": i, **{k: round(v, 3) for k, v in
+                          runs[-1].items()}, "baseline_restart_s": round(baseline[-1], 3)}),
+              flush=True)
     lease = {"leader_lease_s": args.lease}
     for key in ("frozen_to_new_leader_s", "frozen_to_agents_back_s", "killed_to_new_leader_s"):
         emit(f"failover.{key.removesuffix('_s')}", [r[key] for r in runs], **lease)
