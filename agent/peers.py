@@ -11,8 +11,8 @@ every chunk matched its CRC and the trailer came. HTTP/2 flow control bounds wha
 flight: the server's generator blocks while the client has not consumed the window.
 
 Authentication lives in one place, ``PeerAuth``: the agent's bearer token on every call (the
-one it uses with the controller) and TLS when the agent has a certificate; switching to mTLS
-roles changes only this class.
+agent role's token, which the CLI never holds) and, when the agent has a certificate, mTLS with
+the same certificate it presents to the controller (``hpt.agent.tls``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import grpc
 import torch
 
 from hpt._proto import checkpoint_pb2, checkpoint_pb2_grpc
+from hpt.agent import tls
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,16 @@ class PeerAuth:
         return [("authorization", f"Bearer {self.token}")] if self.token else None
 
     def channel(self, address: str) -> grpc.Channel:
-        if self.tls_ca:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(self.tls_ca).read_bytes(),
-                private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
-                certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None,
-            )
+        creds = tls.channel_credentials(self)  # the same mTLS identity as with the controller
+        if creds is not None:
             return grpc.secure_channel(address, creds, options=_OPTIONS)
         return grpc.insecure_channel(address, options=_OPTIONS)
 
     def bind(self, server: grpc.Server, address: str) -> int:
-        """Add the listening port (TLS when the agent has a certificate); returns the port."""
-        if self.tls_cert and self.tls_key:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())],
-                root_certificates=Path(self.tls_ca).read_bytes() if self.tls_ca else None,
-                require_client_auth=bool(self.tls_ca),
-            )
+        """Add the listening port (mTLS when the agent has a certificate: callers must present
+        one from the same CA); returns the port."""
+        creds = tls.server_credentials(self) if self.tls_cert else None
+        if creds is not None:
             return server.add_secure_port(address, creds)
         return server.add_insecure_port(address)
 

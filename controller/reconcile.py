@@ -124,6 +124,8 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+        # raises FencedError when another controller leads now (set by leader election)
+        self.fence: Callable[[], None] = lambda: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
         self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
         self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
@@ -194,6 +196,7 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
+        self.fence()
         now, mono = self._clock(), time.monotonic()
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
@@ -865,7 +868,8 @@ class Reconciler:
         """Forget finished jobs past the retention bounds (memory and store)."""
         for job_id in retention.expired(self.jobs.values(), now,
                                         keep_count=self.cfg.keep_finished_jobs,
-                                        keep_s=self.cfg.keep_finished_s):
+                                        keep_s=self.cfg.keep_finished_s,
+                                        keep_bytes=self.cfg.keep_finished_bytes):
             key = f"jobs/{job_id}"
             if job_id in self._dirty_jobs:
                 continue  # its final state is not written yet
