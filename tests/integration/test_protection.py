@@ -169,7 +169,8 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(small_cluste
                                                                      tmp_path) -> None:
     cluster = small_cluster(agents=3, slots=1)
     persist = tmp_path / "persist"
-    job_id = cluster.submit("python", TRAIN, "--steps", "300", "--step-time", "0.05",
+    # slow steps: persisting copies a generation out before the rank reuses it
+    job_id = cluster.submit("python", TRAIN, "--steps", "200", "--step-time", "0.2",
                             nodes=3, procs=1, min_nodes=1, persist_dir=str(persist),
                             persist_every=4)
 
