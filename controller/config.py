@@ -47,6 +47,8 @@ class ControllerConfig:
     """Finished jobs kept (memory and store); older ones beyond this count are dropped."""
     keep_finished_s: float = 7 * 24 * 3600.0
     """Finished jobs are dropped this long after they ended."""
+    keep_finished_bytes: int = 256 * 1024 * 1024
+    """Finished jobs' specs kept in all; the oldest beyond it are dropped first."""
     max_streams: int = 32
     """Concurrent ``logs -f``/``events -f`` streams; more are refused (RESOURCE_EXHAUSTED) so
     they never take the worker threads unary RPCs and agents need."""

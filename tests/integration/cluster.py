@@ -78,6 +78,7 @@ class LocalCluster:
         warm: bool = False,
         agent_lease_s: float | None = None,
         heartbeat_period_s: float | None = None,
+        controller_args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -95,6 +96,7 @@ class LocalCluster:
         self.num_agents = agents
         self.agent_lease_s = agent_lease_s
         self.heartbeat_period_s = heartbeat_period_s
+        self.controller_args = list(controller_args)
         self.controller: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self._all: list[subprocess.Popen[bytes]] = []
@@ -125,6 +127,7 @@ class LocalCluster:
             args += ["--agent-lease", str(self.agent_lease_s)]
         if self.heartbeat_period_s is not None:
             args += ["--heartbeat-period", str(self.heartbeat_period_s)]
+        args += self.controller_args
         self.controller = self._spawn(args, f"controller-{self._restarts}.log")
         self._restarts += 1
         wait_for(self._serving, 60, "controller health SERVING", poll_s=0.1)
