@@ -46,6 +46,7 @@ from hpt._cli_util import (
     table,
     wait_for_job,
 )
+from hpt._run import run_command, torchrun_nnodes
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 _CANCEL_MARGIN_S = 30.0
@@ -258,10 +259,19 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option(
     "-p",
     "--procs-per-node",
+    "--nproc-per-node",
+    "--nproc_per_node",
+    "procs_per_node",
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
     help="Ranks per node.",
+)
+@click.option(
+    "--nnodes",
+    default=None,
+    metavar="[MIN:]MAX",
+    help="torchrun's spelling: MAX nodes, continuing on down to MIN after a fault.",
 )
 @click.option(
     "--min-nodes",
@@ -331,6 +341,7 @@ def submit(
     conn: _Conn,
     nodes: int,
     procs_per_node: int,
+    nnodes: str | None,
     min_nodes: int | None,
     max_restarts: int,
     env: dict[str, str],
@@ -346,6 +357,8 @@ def submit(
     command: tuple[str, ...],
 ) -> None:
     """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
+    if nnodes is not None:
+        nodes, min_nodes = torchrun_nnodes(click.get_current_context(), nodes, min_nodes, nnodes)
     with _session(conn) as client:
         job_id = client.submit(
             command=command,
@@ -867,6 +880,8 @@ def demo(
         keep=keep,
     )
 
+
+main.add_command(run_command)
 
 if __name__ == "__main__":
     main(prog_name="hptctl")
