@@ -21,6 +21,7 @@ from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.config import ControllerConfig
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
+from hpt.controller.status_page import StatusPage
 from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
 from hpt.controller.store import Store, open_store
 
@@ -51,6 +52,7 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
+        self.status_page: StatusPage | None = None
         self._server: grpc.Server | None = None
         self._done = threading.Event()
         self.port = 0
@@ -101,6 +103,10 @@ class Controller:
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.status_port is not None:
+            self.status_page = StatusPage(self.reconciler, token=cfg.token,
+                                          tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            self.status_page.serve(cfg.host, cfg.status_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         return self.port
@@ -113,6 +119,8 @@ class Controller:
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 5.0)
         self.metrics.close()
+        if self.status_page is not None:
+            self.status_page.close()
         self.reconciler.stop()
         self.store.close()
         self._done.set()

@@ -38,6 +38,8 @@ class ControllerConfig:
     """Log lines the controller keeps in memory per (job, rank)."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    status_port: int | None = None
+    """Serve the read-only status page (status_page.py) on ``host`` at this port; None: off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +55,8 @@ class ControllerConfig:
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if self.status_port is not None and not 0 <= self.status_port <= 65535:
+            raise ValueError(f"status_port ({self.status_port}) must be in 0..65535")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
 

@@ -686,6 +686,12 @@ def up(
     default=None,
     help="Serve Prometheus /metrics on --host at this port; 0 picks a free one [default: off].",
 )
+@click.option(
+    "--status-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the read-only status page on --host at this port [default: off].",
+)
 def controller(
     host: str,
     port: int,
@@ -698,6 +704,7 @@ def controller(
     heartbeat_period: float | None,
     agent_lease: float | None,
     metrics_port: int | None,
+    status_port: int | None,
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
     from hpt import _daemons
@@ -710,6 +717,8 @@ def controller(
         kwargs["agent_lease_s"] = agent_lease
     if metrics_port is not None:
         kwargs["metrics_port"] = metrics_port
+    if status_port is not None:
+        kwargs["status_port"] = status_port
     try:
         cfg = ControllerConfig(
             host=host,

@@ -27,6 +27,14 @@ def beat(completed: int) -> None:
         ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
 
 
+def finished() -> None:
+    """Tell the agent training is over on this rank: no hang check while the process shuts down
+    (a trainer's teardown and the interpreter's exit can be silent for seconds)."""
+    ctx = hpt.current()
+    if ctx is not None and ctx.channel is not None:
+        ctx.channel.send({"op": "finished"})
+
+
 class Sections:
     """``hpt.section(name)`` opened in one trainer hook and closed in another."""
 

@@ -50,6 +50,7 @@ except ImportError:  # the unified package ships the same API as lightning.pytor
 import torch
 
 import hpt
+from hpt import _rank_monitor
 from hpt.ckpt.state import capture_rng, restore_rng
 from hpt.integrations import _common
 
@@ -209,11 +210,22 @@ class HptCallback(pl.Callback):
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None
+        _common.finished()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # the trainer's teardown just put SIG_DFL back on every signal it saw at fit start
+        _rank_monitor.rearm_stack_dump()
+        _common.finished()
 
     # -- sections ----------------------------------------------------------------------------
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._sections.enter("validation")
+        _common.beat(trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        _common.beat(trainer.global_step)
 
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:

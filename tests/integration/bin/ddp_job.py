@@ -1,4 +1,5 @@
-"""A DDP job (gloo, CPU) whose bucket all-reduces hpt reports; optionally one rank skips a backward.
+"""A DDP job (gloo, CPU) whose bucket all-reduces hpt reports; optionally one rank skips a backward
+(first attempt only).
 
 ``--skip-rank R --skip-step S``: rank R skips its backward (and optimizer step) at step S, as a
 rank with an empty batch would; afterwards its all-reduces pair with its peers' previous ones,
@@ -35,7 +36,7 @@ def main() -> None:
     for step in range(args.steps):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step * 100 + ctx.rank))
         loss = model(x).pow(2).mean()
-        if ctx.rank == args.skip_rank and step == args.skip_step:
+        if ctx.attempt == 1 and ctx.rank == args.skip_rank and step == args.skip_step:
             print(f"rank {ctx.rank} skips the backward of step {step}", flush=True)
         else:
             opt.zero_grad()
@@ -43,7 +44,7 @@ def main() -> None:
             opt.step()
         hpt.step(step + 1)
         pause.wait(args.step_time)
-    if ctx.rank == args.skip_rank:
+    if ctx.attempt == 1 and ctx.rank == args.skip_rank:
         print(f"rank {ctx.rank} done, one all-reduce short; idling", flush=True)
         pause.wait(600)
     dist.destroy_process_group()
