@@ -14,7 +14,6 @@ instead of a fresh ``python``; that removes the import floor from every restart.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil

@@ -251,8 +251,9 @@ class Checkpointer:
                             shards[f"optim.state.{pname}.{key}"] = info
         state["extra"] = {k: _clone(obj.state_dict()) for k, obj in self.extra_state.items()}
         state["rng"] = capture_rng()
-        state, placed = dtensor.localize(state)  # DTensor leaves: local piece + global offsets
-        shards.update(placed)
+        if self.model is not None and dtensor.has_dtensor(self.model):
+            state, placed = dtensor.localize(state)  # DTensor leaves: local piece + offsets
+            shards.update(placed)
         return state, shards
 
     def _optimizer_state_from(self, saved: dict[str, Any]) -> dict[str, Any]:

@@ -33,11 +33,17 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
     Replicate = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_dtensor", "like", "localize", "shard_info"]
+__all__ = ["has_dtensor", "is_dtensor", "like", "like_params", "like_state", "localize", "shard_info"]
 
 
 def is_dtensor(value: object) -> bool:
     return DTensor is not None and isinstance(value, DTensor)
+
+
+def has_dtensor(model: torch.nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (else a snapshot need not look for them:
+    a state tree has thousands of leaves, the RNG states alone)."""
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def shard_info(t: Any, name: str = "tensor") -> ShardInfo:

@@ -21,8 +21,8 @@ from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.config import ControllerConfig
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.status_page import StatusPage
 from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
+from hpt.controller.status_page import StatusPage
 from hpt.controller.store import Store, open_store
 
 log = logging.getLogger(__name__)

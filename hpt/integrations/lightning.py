@@ -16,10 +16,12 @@ What the callback does, hook by hook:
   which also carries the state of resumable loaders), the precision plugin (grad scaler) and the
   data position. Then restores the snapshot the controller chose (or the newest persisted one).
   A DDP-wrapped model gets :func:`hpt.integrations.ddp.report_bucket_allreduces`.
-- ``on_train_batch_start`` of the first batch after a restore: puts the RNG back as it was at the
-  snapshot (building the data iterator in between draws from the global RNG).
-- ``on_train_batch_end``: after each optimizer step, ``hpt.step(global_step)`` and a snapshot
-  every ``every`` steps (returns once the copies are launched).
+- ``on_train_batch_end``: after each optimizer step, ``hpt.step(global_step)``.
+- ``on_train_batch_start``: the snapshot of the step before, every ``every`` steps (returns once
+  the copies are launched; they overlap this batch's forward and backward). Taken here rather
+  than at the end of the step so that what runs between two batches (validation, the next
+  epoch's data iterator) lies before it. The first batch after a restore puts the RNG back as
+  it was at the snapshot (building the data iterator in between draws from the global RNG).
 - validation is a section (``validation``) and every validation batch is a progress beat, so a
   validation loop longer than the hang deadline is not a hang while a validation batch that never
   ends still is; Lightning's own checkpoint saving beats before it writes.
@@ -27,8 +29,8 @@ What the callback does, hook by hook:
 The data position. Lightning resumes a loader mid-epoch only when the loader has
 ``state_dict``/``load_state_dict``; it restarts the epoch otherwise. :class:`ResumableLoader`
 wraps any sized iterable of batches (a ``DataLoader``) with that interface: the callback marks
-each batch done after its optimizer step, and a restored loader skips the batches its epoch had
-done (drawing them, so an augmenting loader's RNG stays in step) and sets the sampler's epoch.
+the batches done as each batch starts (Lightning's prefetching makes the loader's own count run
+ahead), and a restored loader skips the batches its epoch had done (drawing them, so an augmenting loader's RNG stays in step) and sets the sampler's epoch.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class ResumableLoader:
         yield from it
 
     def mark_done(self, epoch: int, batches: int) -> None:
-        """``batches`` of ``epoch`` are trained on (the callback calls this after each step)."""
+        """``batches`` of ``epoch`` are trained on (the callback calls this as each batch
+        starts, before it snapshots)."""
         self._epoch, self._done = epoch, batches
 
     def state_dict(self) -> dict[str, int]:
@@ -153,6 +156,7 @@ class HptCallback(pl.Callback):
         self.checkpointer: Any = None
         self.restored_step = 0
         self._last_step = 0
+        self._due = 0
         self._rng_after_restore: dict[str, Any] | None = None
         self._sections = _common.Sections()
 
@@ -188,21 +192,28 @@ class HptCallback(pl.Callback):
     # -- training ----------------------------------------------------------------------------
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._rng_after_restore is not None:
+        restoring = self._rng_after_restore is not None
+        if restoring:
             restore_rng(self._rng_after_restore)
             self._rng_after_restore = None
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.mark_done(trainer.current_epoch, batch_idx)  # the batches before this one
+        if self._due and self.checkpointer is not None and not restoring:
+            # The snapshot of step s is taken here, as batch s+1 starts, not when batch s ends:
+            # whatever ran in between (validation, the next epoch's iterator, both drawing from
+            # the global RNG) is then behind it, and a restore that puts the RNG back at the
+            # first batch start it sees continues exactly as the run it replaces.
+            self.checkpointer.save(self._due)
+        self._due = 0
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
-            loader.mark_done(trainer.current_epoch, batch_idx + 1)
         step = trainer.global_step
         if step <= max(self.restored_step, self._last_step):  # accumulating: no optimizer step
             return
         self._last_step = step
-        if self.checkpointer is not None:
-            self.checkpointer.save(step)
+        self._due = step
         hpt.step(step)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
