@@ -142,29 +142,6 @@ def _follow(client: hc.JobClient, job_id: str, interrupted: threading.Event) -> 
         interrupted.wait(_POLL_S)
 
 
-def torchrun_nnodes(ctx: click.Context, nodes: int, min_nodes: int | None,
-                    value: str) -> tuple[int, int | None]:
-    """``--nnodes [MIN:]MAX`` (torchrun's spelling) as ``(nodes, min_nodes)``.
-
-    Raises:
-        click.BadParameter: malformed, MIN > MAX, or ``-n``/``--min-nodes`` given too.
-    """
-    for name in ("nodes", "min_nodes"):
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-            raise click.UsageError(f"--nnodes and --{name.replace('_', '-')} are exclusive")
-    low, sep, high = value.partition(":")
-    try:
-        hi = int(high if sep else low)
-        lo = int(low) if sep else hi
-    except ValueError:
-        raise click.BadParameter(f"({value!r}) must be N or MIN:MAX with integers",
-                                 param_hint="'--nnodes'") from None
-    if lo < 1 or hi < lo:
-        raise click.BadParameter(f"({value!r}) must have 1 <= MIN <= MAX",
-                                 param_hint="'--nnodes'")
-    return hi, (lo if sep else None)
-
-
 @click.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("-p", "--procs-per-node", "--nproc-per-node", "--nproc_per_node", "procs",
               type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to run.")

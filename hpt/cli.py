@@ -26,6 +26,7 @@ import grpc
 from rich.table import Table
 from rich.text import Text
 
+from hpt import _cli_cert, credentials
 from hpt import client as hc
 from hpt._cli_util import (
     EXIT_INTERRUPTED,
@@ -46,7 +47,8 @@ from hpt._cli_util import (
     table,
     wait_for_job,
 )
-from hpt._run import run_command, torchrun_nnodes
+from hpt._control_opts import limit_options
+from hpt._run import run_command
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 _CANCEL_MARGIN_S = 30.0
@@ -103,14 +105,19 @@ class _Conn:
             addr = hc.resolve_controller(self.controller)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--controller'") from None
+        # flags first, else what `hptctl up` or the user left in the cluster's folder
+        files = credentials.found(addr)
+        token_file = self.token_file or files.get("token_file", "")
         token = ""
-        if self.token_file:
+        if token_file:
             try:
-                token = hc.read_token_file(self.token_file)
+                token = hc.read_token_file(token_file)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="'--token-file'") from None
+        tls = {"tls_ca": self.tls_ca} if self.tls_ca else {
+            k: v for k, v in files.items() if k.startswith("tls_")}
         try:
-            return hc.JobClient.connect(addr, token=token, tls_ca=self.tls_ca or "")
+            return hc.JobClient.connect(addr, token=token, **tls)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--tls-ca'") from None
 
@@ -247,14 +254,29 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     return env
 
 
+def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int | None]:
+    """``N`` -> (N, None); ``MIN:MAX`` -> (MAX, MIN) (torchrun's elastic range)."""
+    lo, sep, hi = str(value).partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} must be N or MIN:MAX", ctx, param) from None
+    if low < 0 or high < low:
+        raise click.BadParameter(f"{value!r} needs 0 <= MIN <= MAX", ctx, param)
+    return high, (low if sep else None)
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.option(
     "-n",
     "--nodes",
-    type=click.IntRange(min=0),
-    default=1,
+    "--nnodes",
+    "nodes",
+    default="1",
     show_default=True,
-    help="Nodes to run on.",
+    callback=_parse_nodes,
+    metavar="N|MIN:MAX",
+    help="Nodes to run on; MIN:MAX shrinks to MIN after faults and grows back to MAX.",
 )
 @click.option(
     "-p",
@@ -266,12 +288,6 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     default=1,
     show_default=True,
     help="Ranks per node.",
-)
-@click.option(
-    "--nnodes",
-    default=None,
-    metavar="[MIN:]MAX",
-    help="torchrun's spelling: MAX nodes, continuing on down to MIN after a fault.",
 )
 @click.option(
     "--min-nodes",
@@ -332,6 +348,13 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
     "report only].",
 )
+@click.option(
+    "--redundancy",
+    default="",
+    metavar="K+M",
+    help="Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, or "
+    "'off' [default: M=1, K from the node count; 2 nodes: a mirror].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -339,9 +362,8 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @client_options
 def submit(
     conn: _Conn,
-    nodes: int,
+    nodes: tuple[int, int | None],
     procs_per_node: int,
-    nnodes: str | None,
     min_nodes: int | None,
     max_restarts: int,
     env: dict[str, str],
@@ -353,18 +375,20 @@ def submit(
     persist_every: int,
     keep_persisted: int,
     straggler_restart_after: int,
+    redundancy: str,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
     """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
-    if nnodes is not None:
-        nodes, min_nodes = torchrun_nnodes(click.get_current_context(), nodes, min_nodes, nnodes)
+    max_nodes, range_min = nodes
+    if range_min is not None and min_nodes is not None:
+        raise click.UsageError("give --nodes MIN:MAX or --min-nodes, not both")
     with _session(conn) as client:
         job_id = client.submit(
             command=command,
-            nodes=nodes,
+            nodes=max_nodes,
             procs_per_node=procs_per_node,
-            min_nodes=min_nodes,
+            min_nodes=range_min if range_min is not None else min_nodes,
             max_restarts=max_restarts,
             env=env,
             name=name,
@@ -375,6 +399,7 @@ def submit(
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            redundancy=redundancy,
         )
         click.echo(job_id)
         if not wait:
@@ -514,7 +539,8 @@ def ckpt() -> None:
 def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
     """List a job's snapshots (memory) and persisted checkpoints (disk), newest first."""
     with _session(conn) as client:
-        rows = hc.checkpoints_of(client.get(job_id))
+        job = client.get(job_id)
+    rows, protection = hc.checkpoints_of(job), hc.protection_of(job)
     if output == "json":
         _echo_json(rows)
         return
@@ -523,6 +549,13 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
         size = f"{d['size_bytes'] / 2**20:.1f} MiB" if d["size_bytes"] else "-"
         t.add_row(*map(cell, (d["step"], d["tier"], size, d["state"])))
     console().print(t)
+    if protection:
+        p = protection
+        ratio = f"{p['memory_ratio']:.2f} x state" if p["memory_ratio"] else "-"
+        expected = f" (1 + m/k = {p['expected_ratio']:.2f})" if p["expected_ratio"] else ""
+        click.echo(f"protection {p['redundancy']}: per node {p['state_bytes_per_node'] / 2**20:.1f}"
+                   f" MiB state + {p['parity_bytes_per_node'] / 2**20:.1f} MiB parity per "
+                   f"generation = {ratio}{expected}")
 
 
 @main.command()
@@ -531,7 +564,9 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
 def nodes(conn: _Conn, output: str) -> None:
     """List the agents (nodes) and their state."""
     with _session(conn) as client:
-        found = [hc.node_to_dict(n) for n in client.nodes()]
+        listed, store = client.nodes_and_store()
+        found = [hc.node_to_dict(n) for n in listed]
+    _warn_store_degraded(store)
     if output == "json":
         _echo_json(found)
         return
@@ -574,6 +609,12 @@ def events(conn: _Conn, follow: bool, job_id: str, output: str) -> None:
 # --- daemons ---------------------------------------------------------------------------------
 
 
+def _warn_store_degraded(store: Any) -> None:
+    if store.ByteSize() and not store.up:
+        click.echo(f"store: DEGRADED, down since {age(store.down_since or None)}: {store.error} "
+                   f"({store.pending_events} event(s) held in the controller's memory)", err=True)
+
+
 def _token_from(path: str | None, option: str = "'--token-file'") -> str:
     if not path:
         return ""
@@ -612,7 +653,7 @@ def _config_error(e: ValueError) -> CliError:
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Require this bearer token on every RPC.",
+    help="Client token to require [default: a new one, written where hptctl finds it].",
 )
 @click.option(
     "--slots",
@@ -623,16 +664,31 @@ def _config_error(e: ValueError) -> CliError:
 def up(
     agents: int, port: int, host: str, redis_url: str, token_file: str | None, slots: int | None
 ) -> None:
-    """Run a controller and AGENTS local agents until Ctrl-C (a cluster on one machine)."""
+    """Run a controller and AGENTS local agents until Ctrl-C (a cluster on one machine).
+
+    Security is on: the controller requires a client token (hptctl) and a different agent
+    token (its agents), both random unless --token-file gives the client's, kept with mode 0600
+    in $HPT_HOME/clusters/HOST_PORT while it runs; hptctl finds them there.
+    """
     from hpt import _daemons
     from hpt.controller.config import ControllerConfig
 
+    if port == 0:
+        port = _daemons.free_port(host if host not in ("", "0.0.0.0", "::") else "127.0.0.1")
+    folder = credentials.cluster_dir(_daemons.join_host_port(host, port))
+    client_token = _token_from(token_file) if token_file else credentials.new_token()
+    agent_token = credentials.new_token()
     try:
         cfg = ControllerConfig(
-            host=host, port=port, redis_url=redis_url, token=_token_from(token_file)
+            host=host, port=port, redis_url=redis_url, token=client_token,
+            agent_token=agent_token,
         )
     except ValueError as e:
         raise _config_error(e) from None
+    written = [credentials.write_secret(folder / credentials.AGENT_TOKEN, agent_token)]
+    if not token_file:
+        written.append(credentials.write_secret(folder / credentials.TOKEN, client_token))
+        click.echo(f"client token in {written[-1]} (mode 0600; hptctl finds it)")
 
     def agent_argv(controller_addr: str, i: int) -> list[str]:
         argv = [
@@ -643,21 +699,31 @@ def up(
             "--controller",
             controller_addr,
             "--name",
-            f"node-{i}",
+            _daemons.local_agent_name(controller_addr, i),
+            "--token-file",
+            str(written[0]),
         ]
         if slots is not None:
             argv += ["--slots", str(slots)]
-        if token_file:
-            argv += ["--token-file", os.path.abspath(token_file)]
         return argv
 
-    _daemons.run_control_plane(cfg, num_agents=agents, agent_argv=agent_argv)
+    try:
+        _daemons.run_control_plane(cfg, num_agents=agents, agent_argv=agent_argv)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
+@click.option(
+    "--redis-url",
+    default="",
+    envvar="HPT_REDIS_URL",
+    help="Keep state in Redis [env: HPT_REDIS_URL, which keeps a password out of argv; "
+    "default: in this process].",
+)
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
@@ -670,7 +736,24 @@ def up(
     type=click.Path(exists=True, dir_okay=False),
     help="PEM CA of client certificates; requires mTLS.",
 )
+@click.option(
+    "--agent-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Require this bearer token from agents (needed with --token-file; must differ).",
+)
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without TLS.")
+@click.option(
+    "--leader-lease",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Replicas: elect a leader through a lease of this many seconds in Redis [default: off].",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve gRPC health alone, in plaintext, on this port (probes) [default: off].",
+)
 @click.option(
     "--heartbeat-period", type=float, default=None, help="Seconds between agent heartbeats."
 )
@@ -692,6 +775,13 @@ def up(
     default=None,
     help="Serve the read-only status page on --host at this port [default: off].",
 )
+@click.option(
+    "--grow-after",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="Seconds a node must stay free before a shrunk job grows onto it [default: 10].",
+)
+@limit_options
 def controller(
     host: str,
     port: int,
@@ -700,17 +790,22 @@ def controller(
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
+    agent_token_file: str | None,
     insecure: bool,
+    leader_lease: float,
+    health_port: int | None,
     heartbeat_period: float | None,
     agent_lease: float | None,
     metrics_port: int | None,
     status_port: int | None,
+    grow_after: float | None,
+    limits: dict[str, Any],
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
     from hpt import _daemons
     from hpt.controller.config import ControllerConfig
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(limits)
     if heartbeat_period is not None:
         kwargs["heartbeat_period_s"] = heartbeat_period
     if agent_lease is not None:
@@ -719,6 +814,8 @@ def controller(
         kwargs["metrics_port"] = metrics_port
     if status_port is not None:
         kwargs["status_port"] = status_port
+    if grow_after is not None:
+        kwargs["grow_hysteresis_s"] = grow_after
     try:
         cfg = ControllerConfig(
             host=host,
@@ -728,7 +825,10 @@ def controller(
             tls_cert=tls_cert or "",
             tls_key=tls_key or "",
             tls_client_ca=tls_client_ca or "",
+            agent_token=_token_from(agent_token_file, "'--agent-token-file'"),
             insecure=insecure,
+            leader_lease_s=leader_lease,
+            health_port=health_port,
             **kwargs,
         )
     except ValueError as e:
@@ -764,7 +864,7 @@ def controller(
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Bearer token to present to the controller.",
+    help="Agent-role bearer token to present to the controller.",
 )
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA; enables TLS.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client cert.")
@@ -780,7 +880,7 @@ def controller(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve Prometheus /metrics on 127.0.0.1 at this port; 0 picks a free one [default: off].",
+    help="Serve Prometheus /metrics on --address at this port; 0 picks a free one [default: off].",
 )
 @click.option(
     "--no-health-check", is_flag=True, help="Skip the pre-flight health check at start."
@@ -790,6 +890,18 @@ def controller(
     type=click.FloatRange(min=0.1),
     default=None,
     help="A rank without progress this long (or 10x its median step) is hung [default: 5].",
+)
+@click.option(
+    "--peer-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the peer service (snapshot protection) on --address [default: a free one].",
+)
+@click.option(
+    "--peer-advertise",
+    default="",
+    metavar="HOST:PORT",
+    help="Where other agents reach the peer service [default: --address:--peer-port].",
 )
 def agent(
     controller_addr: str | None,
@@ -806,13 +918,16 @@ def agent(
     metrics_port: int | None,
     no_health_check: bool,
     hang_min: float | None,
+    peer_port: int,
+    peer_advertise: str,
 ) -> None:
     """Run a node agent until SIGTERM/SIGINT."""
     from hpt import _daemons
     from hpt.agent.config import AgentConfig
 
-    try:
-        addr = hc.resolve_controller(controller_addr)
+    try:  # replicas: a comma-separated list, tried in turn
+        addr = ",".join(hc.resolve_controller(a) for a in (controller_addr or "").split(",")
+                        if a.strip()) or hc.resolve_controller(None)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--controller'") from None
     given = {
@@ -834,6 +949,8 @@ def agent(
             warm_ranks=not no_warm,
             metrics_port=metrics_port,
             health_check=not no_health_check,
+            peer_port=peer_port,
+            peer_advertise=peer_advertise,
             **kwargs,
         )
     except ValueError as e:
@@ -891,6 +1008,8 @@ def demo(
 
 
 main.add_command(run_command)
+main.add_command(_cli_cert.cert)
+
 
 if __name__ == "__main__":
     main(prog_name="hptctl")
