@@ -18,6 +18,7 @@ pytest.importorskip("pytorch_lightning", reason="the hpt[lightning] extra is not
 
 from tests.faults.faults import FaultCluster  # noqa: E402
 from tests.integration.cluster import ROOT, state_name  # noqa: E402
+from tests.integration.patient import start_slowly  # noqa: E402
 
 SCRIPT = str(ROOT / "examples" / "lightning_train.py")
 JOB = ["python", SCRIPT, "--epochs", "2", "--batches", "12", "--step-time", "0.05"]
@@ -28,7 +29,7 @@ HANG_MIN_S = 5.0
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lightning")
     c = FaultCluster(workdir, agent_args=["--hang-min", str(HANG_MIN_S)])
-    c.start()
+    start_slowly(c)
     try:
         yield c
     except BaseException:

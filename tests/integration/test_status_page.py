@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cluster import TRAIN, LocalCluster, free_port, state_name
+from tests.integration.patient import start_slowly
 
 TOKEN = "status-page-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,7 +60,8 @@ def chromium(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[s
 
 @pytest.mark.timeout(300)
 def test_status_page_shows_the_job_its_fault_and_recovery(tmp_path):
-    with StatusCluster(tmp_path) as cluster:
+    cluster = start_slowly(StatusCluster(tmp_path))
+    try:
         base = f"http://127.0.0.1:{cluster.status_port}/"
         job_id = cluster.submit("python", TRAIN, "--steps", "30", "--step-time", "0.05",
                                 name="status-demo")
@@ -103,3 +105,5 @@ def test_status_page_shows_the_job_its_fault_and_recovery(tmp_path):
                         f"--screenshot={shot}", url)
         assert done.returncode == 0, done.stderr[-2000:]
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        cluster.close()

@@ -19,6 +19,7 @@ import pytest
 
 from tests.faults.faults import FaultCluster
 from tests.integration.cluster import ROOT, TRAIN, state_name, wait_for
+from tests.integration.patient import start_slowly
 
 BIN = Path(__file__).resolve().parent / "bin"
 
@@ -26,7 +27,7 @@ BIN = Path(__file__).resolve().parent / "bin"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = FaultCluster(tmp_path_factory.mktemp("torchrun"))
-    c.start()
+    start_slowly(c)
     try:
         yield c
     except BaseException:
