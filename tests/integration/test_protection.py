@@ -218,7 +218,7 @@ def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(small_cluster
         assert (got[0]["layout"], got[0]["checksums"]) == (lost[0]["layout"], lost[0]["checksums"])
     history = [h.reason for h in job.history]
     assert any("resize 3 -> 2 nodes" in r for r in history), history
-    # the node comes back: once it has been free for 1 s and a step is protected, grow
+    # the node comes back: once it has been free for 1 s and a snapshot is complete, grow
     cluster.start_agent(victim)
     job = cluster.wait_job(job_id, lambda j: any(a.world_size == 3 for a in j.attempts[1:]),
                            240, "grown attempt")
