@@ -20,7 +20,11 @@ def ha(tmp_path, request):
     url, redis_proc = start_redis(tmp_path / "redis")
     cluster = HACluster(tmp_path, redis_url=url, lease_s=1.5, token="ha-client-token")
     try:
-        yield cluster.start()
+        cluster.start_controller()
+        for i in range(cluster.num_agents):
+            cluster.start_agent(f"node-{i}")
+        cluster.wait_nodes_ready(cluster.num_agents, timeout_s=180)  # torch imports under load
+        yield cluster
     finally:
         failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
         if failed:
