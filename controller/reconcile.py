@@ -575,7 +575,7 @@ class Reconciler:
         for name in free:
             self._free_since.setdefault(name, now)
         reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
-                                     set(attempt.protected_steps), now,
+                                     set(catalog.complete_steps(attempt)), now,
                                      self.cfg.grow_hysteresis_s)
         if reason is None:
             return
