@@ -249,6 +249,8 @@ class Checkpointer:
                 )
             for k, t in live.items():
                 s = saved[k]
+                if dtensor.is_dtensor(t):
+                    t = t.to_local()
                 if isinstance(t, torch.Tensor) and (
                     not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype
                 ):
@@ -279,16 +281,32 @@ class Checkpointer:
         restore_rng(state["rng"])
         return int(state["step"])
 
+    def _target_shards(self) -> dict[str, ShardInfo]:
+        """`shards`, plus the placement of every DTensor parameter (ckpt/dtensor.py); cached
+        per model state_dict identity of its tensors."""
+        shards = dict(self._shards)
+        if self.model is not None and dtensor.has_dtensor(self.model):
+            key = tuple(id(v) for v in self.model.state_dict().values())
+            cached = getattr(self, "_dtensor_shards", None)
+            if cached is None or cached[0] != key:
+                cached = (key, {k: dtensor.shard_info(v)
+                                for k, v in self.model.state_dict().items()
+                                if dtensor.is_dtensor(v)})
+                self._dtensor_shards = cached
+            shards.update(cached[1])
+        return shards
+
     def _placement(self, entry: TensorEntry) -> ShardInfo:
         """Where a saved tensor goes on this rank: its piece per `shards` (for optimizer state,
         the piece of the parameter it belongs to), else the whole tensor."""
         fqn = entry.fqn
         info = None
+        shards = self._target_shards()
         if fqn.startswith("model."):
-            info = self._shards.get(fqn.removeprefix("model."))
+            info = shards.get(fqn.removeprefix("model."))
         elif fqn.startswith("optim.state."):
             rest = fqn.removeprefix("optim.state.")
-            for pname, candidate in self._shards.items():
+            for pname, candidate in shards.items():
                 if rest.startswith(pname + ".") and candidate.global_shape == entry.global_shape:
                     info = candidate
                     break
