@@ -143,6 +143,16 @@ class NodeBlob:
             if lo < hi:
                 out[lo - start:hi - start].copy_(buf[lo - base:hi - base])
 
+    def read_bytes(self, start: int, n: int) -> bytes:
+        """Blob bytes [start, start + n) as ``bytes``: one copy straight from shared memory
+        when the range lies in one rank's buffer (the common case for large chunks)."""
+        for base, buf in [(p.offset, p.snap.buffer) for p in self._parts]:
+            if base <= start and start + n <= base + buf.numel():
+                return ctypes.string_at(buf.data_ptr() + start - base, n)
+        out = torch.empty(n, dtype=torch.uint8)
+        self.read_into(start, out)
+        return tensor_bytes(out)
+
     def verify(self) -> list[int]:
         """Ranks whose buffer no longer matches the checksums of its commit record."""
         return [p.rank for p in self._parts if verify(p.snap.buffer, list(p.snap.checksums))]
@@ -202,13 +212,11 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_json: str,
                    checksums: tuple[RangeChecksum, ...], src: torch.Tensor) -> int:
     """Make ``src`` the complete snapshot of ``step`` under ``prefix`` (an ordinary ShmSink
-    generation); returns the generation. ``src`` is verified before and after the copy.
+    generation); returns the generation. The copy is verified before it is committed.
 
     Raises:
         BlobError: the bytes do not match their checksums.
     """
-    if verify(src, list(checksums)):
-        raise BlobError(f"snapshot of step {step} for {prefix} does not match its checksums")
     sink = ShmSink(prefix, directory=shm_dir)
     existing = find_generation(sink, step)
     if existing is not None:
@@ -216,9 +224,9 @@ def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_js
     generation = _free_generation(sink)
     buf = sink.acquire(layout, generation)
     buf.copy_(src)
-    if verify(buf, list(checksums)):
+    if verify(buf, list(checksums)):  # what was rebuilt or fetched is checked where it lands
         sink.discard(generation)
-        raise BlobError(f"snapshot of step {step} for {prefix} changed while being written")
+        raise BlobError(f"snapshot of step {step} for {prefix} does not match its checksums")
     sink.commit(step, generation, layout, meta_json, checksums)
     return generation
 

@@ -25,6 +25,7 @@ commit record's checksums, a parity piece against the checksum taken when it was
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -159,8 +160,8 @@ class Protector:
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10.0)
-        self._pool.shutdown(wait=True)
+            self._thread.join(timeout=2.0)  # a pull in flight gives up within its retries
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for job_id in list(self._jobs):
             self.release(job_id)
 
@@ -270,7 +271,7 @@ class Protector:
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
-        return Piece(header, lambda off, out: blob.read_into(base + off, out), blob.intact)
+        return Piece(header, lambda off, n: blob.read_bytes(base + off, n), blob.intact)
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -293,7 +294,7 @@ class Protector:
             piece_bytes=buf.numel(), parity_index=slot.parity_index,
             members=[checkpoint_pb2.MemberBlob(node_index=i, blob_bytes=b)
                      for i, b in slot.members])
-        return Piece(header, lambda off, out: out.copy_(buf[off:off + out.numel()]),
+        return Piece(header, lambda off, n: ctypes.string_at(buf.data_ptr() + off, n),
                      lambda: slot.version == version and slot.valid)
 
     # ---------------------------------------------------------------- the protector thread
@@ -392,7 +393,8 @@ class Protector:
         if local:
             piece = self.open_piece(request)
             out = torch.empty(piece.header.piece_bytes, dtype=torch.uint8)
-            piece.read_into(0, out)
+            if out.numel():
+                ctypes.memmove(out.data_ptr(), piece.read(0, out.numel()), out.numel())
             if not piece.intact():
                 raise PieceUnavailable(f"[{self.node}] the local source changed while read")
             return piece.header, out

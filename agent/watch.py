@@ -8,7 +8,9 @@ The agent's rank socket hands every rank message to :meth:`RankWatch.on_rank_mes
   ``StepTiming``/``CollectiveTiming`` messages (:meth:`RankWatch.take`), a bounded number per
   beat; step durations also feed this node's median step time and the agent's metrics;
 - ``inflight`` lists the collectives the rank is blocked in, sent by the rank's watchdog thread
-  every second; they travel up like records, marked ``in_flight``.
+  every second; they travel up like records, marked ``in_flight``;
+- ``finished`` says the rank's training is over (a trainer callback sends it when the fit ends):
+  its hang check stops, since tearing a trainer down and exiting is silent by nature.
 
 Every ``period_s`` the watch thread runs :func:`hpt.monitor.detectors.hang.check_hang` over the
 running ranks of each (job, attempt) on this node, with the median step time measured here.
@@ -93,6 +95,7 @@ class _AttemptWatch:
     inflight: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     reported: bool = False
     stepped: bool = False
+    finished: set[int] = field(default_factory=set)  # ranks past training, shutting down
 
 
 class RankWatch:
@@ -161,6 +164,10 @@ class RankWatch:
                 w = self._watch(key)
                 w.progress[rank] = time.monotonic()
                 w.stepped = True
+            return
+        if op == "finished":  # training is over: the silence of shutting down is no hang
+            with self._lock:
+                self._watch(key).finished.add(rank)
             return
         if op not in ("records", "inflight"):
             return
@@ -285,6 +292,8 @@ class RankWatch:
                     continue
                 last = {}
                 for p in procs:
+                    if p.rank in w.finished:
+                        continue
                     first = w.first_seen.setdefault(p.rank, now)
                     last[p.rank] = w.progress.get(p.rank, first)
                 med = median(list(w.step_s)) if w.step_s and w.stepped else None

@@ -28,6 +28,7 @@ from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import AgentServicer, JobServicer
+from hpt.controller.status_page import StatusPage
 from hpt.controller.store import FencedError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
+        self.status_page: StatusPage | None = None
         self._server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
         self._health = health.HealthServicer()
@@ -142,6 +144,10 @@ class Controller:
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.status_port is not None:
+            self.status_page = StatusPage(self.reconciler, token=cfg.token,
+                                          tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            self.status_page.serve(cfg.host, cfg.status_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         if self.elector is not None:
@@ -175,6 +181,8 @@ class Controller:
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 5.0)
         self.metrics.close()
+        if self.status_page is not None:
+            self.status_page.close()
         try:
             self.reconciler.stop()
         except FencedError as e:  # deposed: the new leader owns the state; nothing to flush

@@ -575,7 +575,7 @@ class Reconciler:
         for name in free:
             self._free_since.setdefault(name, now)
         reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
-                                     set(attempt.protected_steps), now,
+                                     set(catalog.complete_steps(attempt)), now,
                                      self.cfg.grow_hysteresis_s)
         if reason is None:
             return
@@ -684,7 +684,7 @@ class Reconciler:
         alive = {n for n, rt in self.nodes.items()
                  if rt.node.state == NodeState.READY and rt.link is not None}
         choice = elastic.choose_restore(previous, self._plan_of(job, previous),
-                                        set(previous.protected_steps), alive,
+                                        self.pieces.held((job.id, previous.number)), alive,
                                         exclude=self._bad_steps.get(job.id, set()))
         if choice.step == 0:
             # the attempt before may have died before saving: older attempts' memory, same ranks

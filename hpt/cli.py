@@ -48,6 +48,7 @@ from hpt._cli_util import (
     wait_for_job,
 )
 from hpt._control_opts import limit_options
+from hpt._run import run_command
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 _CANCEL_MARGIN_S = 30.0
@@ -269,6 +270,8 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option(
     "-n",
     "--nodes",
+    "--nnodes",
+    "nodes",
     default="1",
     show_default=True,
     callback=_parse_nodes,
@@ -278,6 +281,9 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option(
     "-p",
     "--procs-per-node",
+    "--nproc-per-node",
+    "--nproc_per_node",
+    "procs_per_node",
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
@@ -764,6 +770,12 @@ def up(
     help="Serve Prometheus /metrics on --host at this port; 0 picks a free one [default: off].",
 )
 @click.option(
+    "--status-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the read-only status page on --host at this port [default: off].",
+)
+@click.option(
     "--grow-after",
     type=click.FloatRange(0, 86400),
     default=None,
@@ -785,6 +797,7 @@ def controller(
     heartbeat_period: float | None,
     agent_lease: float | None,
     metrics_port: int | None,
+    status_port: int | None,
     grow_after: float | None,
     limits: dict[str, Any],
 ) -> None:
@@ -799,6 +812,8 @@ def controller(
         kwargs["agent_lease_s"] = agent_lease
     if metrics_port is not None:
         kwargs["metrics_port"] = metrics_port
+    if status_port is not None:
+        kwargs["status_port"] = status_port
     if grow_after is not None:
         kwargs["grow_hysteresis_s"] = grow_after
     try:
@@ -992,6 +1007,7 @@ def demo(
     )
 
 
+main.add_command(run_command)
 main.add_command(_cli_cert.cert)
 
 

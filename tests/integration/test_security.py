@@ -216,7 +216,7 @@ def test_hptctl_up_generates_a_private_token_the_cli_finds_and_never_leaks_it(tm
                                        "HPT_CONTROLLER": f"127.0.0.1:{port}"},
                                   capture_output=True, text=True, timeout=60)
 
-        wait_for(lambda: '"READY"' in cli("nodes", "-o", "json").stdout, 60, "node READY")
+        wait_for(lambda: '"READY"' in cli("nodes", "-o", "json").stdout, 120, "node READY")
         anonymous = cli("nodes", home_dir=tmp_path / "elsewhere")
         assert anonymous.returncode != 0 and "UNAUTHENTICATED" in anonymous.stderr.upper()
         script = "import os; print('ENV', sorted(os.environ.items()))"

@@ -80,42 +80,64 @@ def test_a_step_is_protected_only_when_every_holder_reports_it() -> None:
     assert protected_steps(plan, {"a": {(0, 5)}, "b": {(1, 5)}}) == set()
 
 
+def _held(steps: set[int], nodes=("a", "b", "c")) -> dict[str, set[tuple[int, int]]]:  # type: ignore[no-untyped-def]
+    """Every holder of the 3-node layout holds its stripe's piece of ``steps``."""
+    return {n: {(j, s) for s in steps} for j, n in enumerate(nodes)}
+
+
 def test_restore_uses_memory_when_every_node_survived() -> None:
     prev = _attempt(["a", "b", "c"], {"a": (4, 5), "b": (4, 5), "c": (4, 5)})
-    choice = choose_restore(prev, _plan(prev.nodes), {4}, {"a", "b", "c"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4}), {"a", "b", "c"})
     assert (choice.step, choice.lost) == (5, ())
 
 
 def test_one_lost_node_restores_the_newest_protected_step_by_decoding() -> None:
     prev = _attempt(["a", "b", "c"], {"a": (4, 5, 6), "b": (4, 5, 6), "c": (4, 5, 6)})
-    choice = choose_restore(prev, _plan(prev.nodes), {4, 5}, {"a", "c"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a", "c"})
     assert (choice.step, choice.lost) == (5, (1,))
     assert "parity 2+1" in choice.source
 
 
 def test_two_lost_of_three_is_not_recoverable_and_says_why() -> None:
     prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"})
-    choice = choose_restore(prev, _plan(prev.nodes), {4, 5}, {"a"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a"})
     assert choice.step == 0
-    assert "lost: b, c" in choice.source and "at most 1" in choice.source
+    assert "lost: b, c" in choice.source and "fewer than k pieces" in choice.source
 
 
 def test_a_survivor_missing_the_step_counts_as_lost_for_that_step() -> None:
     # c lost; b never committed 6: 6 would need two nodes rebuilt, so 5 wins
     prev = _attempt(["a", "b", "c"], {"a": (5, 6), "b": (5,), "c": (5, 6)})
-    choice = choose_restore(prev, _plan(prev.nodes), {5, 6}, {"a", "b"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({5, 6}), {"a", "b"})
     assert (choice.step, choice.lost) == (5, (2,))
 
 
 def test_a_step_an_agent_failed_to_rebuild_is_never_chosen_again() -> None:
     prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"})
-    choice = choose_restore(prev, _plan(prev.nodes), {4, 5}, {"a", "c"}, exclude={5})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a", "c"}, exclude={5})
     assert choice.step == 4
+
+
+def test_a_restarted_node_lost_its_memory_and_its_pieces_but_peers_still_decode() -> None:
+    # b came back as a new agent process: alive, but without step 5 and without its piece
+    prev = _attempt(["a", "b", "c"], {"a": (5,), "b": (), "c": (5,)})
+    held = _held({5})
+    held["b"] = set()
+    choice = choose_restore(prev, _plan(prev.nodes), held, {"a", "b", "c"})
+    assert (choice.step, choice.lost) == (5, (1,))
+
+
+def test_a_step_whose_parity_was_overwritten_is_not_recoverable() -> None:
+    prev = _attempt(["a", "b", "c"], {"a": (5, 6), "b": (5, 6), "c": (5, 6)})
+    held = _held({6})  # every holder moved on to 6: nothing of 5 is left
+    assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 6
+    held = _held({5})
+    assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 5
 
 
 def test_unprotected_job_losing_a_node_restarts_without_memory() -> None:
     prev = _attempt(["a", "b"], {"a": (5,), "b": (5,)})
-    choice = choose_restore(prev, None, set(), {"a"})
+    choice = choose_restore(prev, None, {}, {"a"})
     assert choice.step == 0 and "not protected" in choice.source
 
 
@@ -131,7 +153,7 @@ def test_same_world_size_needs_own_ranks_a_resize_needs_every_old_rank() -> None
     assert need_ranks(prev, [0], 2) == [0, 1, 2]
 
 
-def test_grow_waits_for_the_hysteresis_and_a_protected_step() -> None:
+def test_grow_waits_for_the_hysteresis_and_a_complete_step() -> None:
     job = Job(id="j", spec=JobSpec(command=("python",), nodes=3, min_nodes=2))
     attempt = _attempt(["a", "b"], {})
     assert decide_grow(job, attempt, {"c": 100.0}, {7}, now=105.0, hysteresis_s=10) is None

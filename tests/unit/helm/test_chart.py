@@ -405,3 +405,18 @@ def test_dockerfile_installs_every_part_and_runs_as_the_charts_user(rendered):
                 assert w["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
                 image = w["spec"]["template"]["spec"]["containers"][0]["image"]
                 assert image == f"hpt:{chart['appVersion']}"
+
+
+def test_packaged_chart_carries_the_dashboards_as_files_not_a_link(tmp_path):
+    """files/dashboards is a symlink to monitor/dashboards (one source of truth); packaging
+    must resolve it, or a chart pulled from a repository would ship without dashboards."""
+    import tarfile
+
+    archive = helm.Chart.load(CHART).save(tmp_path)
+    with tarfile.open(archive) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for source in (ROOT / "monitor" / "dashboards").glob("*.json"):
+            member = members[f"hpt/files/dashboards/{source.name}"]
+            assert member.isfile()
+            assert tar.extractfile(member).read() == source.read_bytes()
+        assert not any(name.startswith("hpt/ci/") for name in members)  # .helmignore
