@@ -262,6 +262,7 @@ class Agent:
             persist_dir=msg.persist_dir,
             persist_every=msg.persist_every,
             keep_persisted=msg.keep_persisted or 3,
+            hang_timeout_s=msg.hang_timeout_s,
         )
         if not spec.command or not spec.ranks:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,

@@ -68,6 +68,7 @@ class LaunchSpec:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    hang_timeout_s: float = 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -92,6 +93,8 @@ class RankProcess:
     stop_requested: bool = False
     stop_reason: str = ""
     reports_after_end: int = 0
+    hang_timeout_s: float = 0.0
+    """The job's hang deadline (0: the agent's automatic one); see ``watch.py``."""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     error_file: Path | None = None
 
@@ -213,7 +216,8 @@ class Launcher:
         started = []
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
-                               local_rank=local_rank, node=self.node)
+                               local_rank=local_rank, node=self.node,
+                               hang_timeout_s=spec.hang_timeout_s)
             with self._lock:
                 self._ranks[proc.key] = proc
             self._start(proc, spec)

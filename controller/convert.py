@@ -58,6 +58,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         persist_every=msg.persist_every,
         keep_persisted=msg.keep_persisted or 3,
         straggler_restart_after=msg.straggler_restart_after,
+        hang_timeout_s=msg.hang_timeout_s,
     )
 
 
@@ -77,6 +78,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         persist_every=spec.persist_every,
         keep_persisted=spec.keep_persisted,
         straggler_restart_after=spec.straggler_restart_after,
+        hang_timeout_s=spec.hang_timeout_s,
     )
 
 

@@ -31,6 +31,7 @@ MAX_ENV_VARS = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
 MAX_NODE_WAIT_S = 7 * 24 * 3600.0
 MAX_GRACE_S = 3600.0
+MAX_HANG_TIMEOUT_S = 7 * 24 * 3600.0
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = frozenset(
@@ -193,6 +194,10 @@ class JobSpec:
     straggler_restart_after: int = 0
     """0: stragglers are reported only. N: once a rank was flagged as a straggler for N of its
     steps, the attempt restarts without that rank's node (within min_nodes)."""
+    hang_timeout_s: float = 0.0
+    """0: the automatic hang deadline, applied once the script reports steps (``hpt.step``).
+    S: no progress (step, section end) for S seconds in any phase, start-up included, is a
+    hang, also for a script without hooks. A ``hpt.section(timeout=)`` overrides both."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -249,6 +254,10 @@ class JobSpec:
         if not 0 <= self.straggler_restart_after <= 100_000:
             raise ValueError(
                 f"straggler_restart_after ({self.straggler_restart_after}) must be in 0..100000"
+            )
+        if not (0 <= self.hang_timeout_s <= MAX_HANG_TIMEOUT_S):  # also refuses NaN
+            raise ValueError(
+                f"hang_timeout_s ({self.hang_timeout_s}) must be in 0..{MAX_HANG_TIMEOUT_S:g}"
             )
 
     @property
@@ -421,6 +430,7 @@ class LaunchCommand:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    hang_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -74,6 +74,7 @@ class _NodeRuntime:
 @dataclass(slots=True)
 class _StopSent:
     at: float  # monotonic
+    grace_s: float = 0.0  # the grace this stop gave the ranks (a cancel's own, if it had one)
     nodes: set[str] = field(default_factory=set)
 
 
@@ -434,8 +435,11 @@ class Reconciler:
         self._emit("fault", job, attempt=attempt.number, node=fault.node, rank=fault.rank,
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
         decision = policy.decide_after_fault(job, fault)
+        # A hung attempt gets no grace: its ranks are stopped or stuck, SIGTERM would only wait
+        # (their snapshots live in the agents' memory, not in the ranks).
+        grace = 0.0 if fault.kind == FaultKind.HANG else job.spec.stop_grace_s
         self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
-                           job.spec.stop_grace_s)
+                           grace)
         if decision is not None:
             job.set_state(JobState.FAILED, decision.reason, now)
             self._emit("job_failed", job, attempt=attempt.number, message=decision.reason)
@@ -523,6 +527,7 @@ class Reconciler:
                     persist_dir=spec.persist_dir,
                     persist_every=spec.persist_every,
                     keep_persisted=spec.keep_persisted,
+                    hang_timeout_s=spec.hang_timeout_s,
                 ),
             )
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
@@ -535,7 +540,7 @@ class Reconciler:
         self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float
     ) -> None:
         attempt.set_state(AttemptState.STOPPING, reason, now)
-        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace_s)
         for node in attempt.nodes:
             if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                             grace_s=grace_s, reason=reason)):
@@ -546,8 +551,9 @@ class Reconciler:
     def _finish_stopping(self, job: Job, attempt: Attempt, now: float) -> None:
         if not attempt.all_ended:
             sent = self._stops.get((job.id, attempt.number))
-            if sent is None or time.monotonic() - sent.at > job.spec.stop_grace_s + _RESEND_STOP_AFTER_S:
-                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+            grace = job.spec.stop_grace_s if sent is None else sent.grace_s
+            if sent is None or time.monotonic() - sent.at > grace + _RESEND_STOP_AFTER_S:
+                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace)
                 for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
                     self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                                  grace_s=0.0, reason="stop not confirmed"))

@@ -282,6 +282,7 @@ def _command_to_proto(
             persist_dir=command.persist_dir,
             persist_every=command.persist_every,
             keep_persisted=command.keep_persisted,
+            hang_timeout_s=command.hang_timeout_s,
         )
     )
 

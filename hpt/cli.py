@@ -322,6 +322,14 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
     "report only].",
 )
+@click.option(
+    "--hang-timeout",
+    type=click.FloatRange(min=0, max=7 * 24 * 3600.0),
+    default=0.0,
+    help="Seconds without progress (a step, a section's end) after which a rank is hung, in "
+    "every phase, also for a script without hpt hooks [default: 0, automatic: 10 x the median "
+    "step, at least 5 s, and only once the script reports steps].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -342,6 +350,7 @@ def submit(
     persist_every: int,
     keep_persisted: int,
     straggler_restart_after: int,
+    hang_timeout: float,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -362,6 +371,7 @@ def submit(
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            hang_timeout_s=hang_timeout,
         )
         click.echo(job_id)
         if not wait:

@@ -270,6 +270,7 @@ class JobClient:
         persist_every: int = 0,
         keep_persisted: int = 0,
         straggler_restart_after: int = 0,
+        hang_timeout_s: float = 0.0,
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
@@ -289,6 +290,7 @@ class JobClient:
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            hang_timeout_s=hang_timeout_s,
         )
         if node_wait_timeout_s is not None:
             spec.node_wait_timeout_s = node_wait_timeout_s

@@ -153,6 +153,7 @@ class JobSpec(_message.Message):
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
+    HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -171,6 +172,10 @@ class JobSpec(_message.Message):
     """persisted checkpoints kept per rank (0: 3)"""
     straggler_restart_after: _builtins.int
     """0: report stragglers only; N: restart without the"""
+    hang_timeout_s: _builtins.float
+    """straggler's node once flagged for N of its steps
+    0: automatic hang deadline, only once the script reports steps;
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -192,10 +197,11 @@ class JobSpec(_message.Message):
         persist_every: _builtins.int = ...,
         keep_persisted: _builtins.int = ...,
         straggler_restart_after: _builtins.int = ...,
+        hang_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
