@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpt.agent import oom
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
@@ -95,6 +96,7 @@ class RankProcess:
     reports_after_end: int = 0
     hang_timeout_s: float = 0.0
     """The job's hang deadline (0: the agent's automatic one); see ``watch.py``."""
+    oom_kills_at_start: int = -1
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     error_file: Path | None = None
 
@@ -260,6 +262,7 @@ class Launcher:
             argv[0] = sys.executable
         cwd = spec.workdir or None
         proc.started_at = time.time()
+        proc.oom_kills_at_start = oom.oom_kills()
         try:
             popen = None
             if self._warm is not None:
@@ -305,6 +308,11 @@ class Launcher:
         if code < 0:
             proc.signal = signal.Signals(-code).name
         self._read_error_file(proc)
+        if code == -signal.SIGKILL and not proc.stop_requested and not proc.error_type:
+            now_kills = oom.oom_kills()
+            if 0 <= proc.oom_kills_at_start < now_kills:
+                proc.error_type = oom.ERROR_TYPE
+                proc.error_message = oom.oom_message(proc.oom_kills_at_start, now_kills)
         if proc.stop_requested:
             proc.phase = RankPhase.STOPPED
         elif code == 0:

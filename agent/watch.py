@@ -409,7 +409,7 @@ class RankWatch:
             elif p.rank in w.stuck:
                 seq, op, since = w.stuck[p.rank]
                 deadline = hang_deadline_s(med, cfg)
-                last[p.rank] = max(since, progress)
+                last[p.rank] = max(since, w.progress.get(p.rank, since))
                 own[p.rank] = (deadline, f"deadline {deadline:g} s for {op} seq {seq} in flight")
         return last, own, cfg
 

@@ -157,8 +157,19 @@ class FaultKind(str, Enum):
 
 class FaultClass(str, Enum):
     USER = "user"
+    """The script: an exception it raised, an exit code it chose."""
     PLATFORM = "platform"
+    """hpt or the software under the script: a crash signal, a checkpoint it cannot read back."""
     INFRA = "infra"
+    """Nodes, processes killed from outside, hangs of stopped processes, self-fencing."""
+    OOM = "oom"
+    """The kernel's OOM killer ended a rank (out of memory)."""
+
+
+PLATFORM_ERRORS = frozenset({"CorruptCheckpointError", "RestoreError", "DecodeError"})
+"""Exceptions of hpt's checkpoint path (``hpt.ckpt.errors``): the platform failed, not the user."""
+OOM_ERROR = "OutOfMemory"
+"""``ExitInfo.error_type`` of a rank the agent saw killed by the OOM killer."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,6 +25,8 @@ from typing import Protocol
 from hpt.controller import catalog, convert, detect, policy
 from hpt.controller.config import ControllerConfig
 from hpt.controller.model import (
+    OOM_ERROR,
+    PLATFORM_ERRORS,
     Attempt,
     AttemptState,
     Event,
@@ -396,6 +398,8 @@ class Reconciler:
         elif job.state == JobState.RUNNING and current is not None:
             self._step_running(job, current, now)
         elif job.state == JobState.RECOVERING and (current is None or current.state.is_terminal):
+            if current is not None and now < current.ended_at + policy.restart_backoff_s(job):
+                return  # a crash loop backs off; the loop's period brings us back
             self._try_place(job, now)
 
     def _step_cancel(
@@ -447,6 +451,10 @@ class Reconciler:
         job.restarts += 1
         reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
                   f"{fault.where()}: {fault.message}")
+        backoff = policy.restart_backoff_s(job)
+        if backoff:
+            reason += (f"; next attempt {backoff:g} s after this one stops (crash loop: "
+                       f"{policy.crash_loop(job)} attempt(s) in a row ended before a step)")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
 
@@ -634,6 +642,10 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
             classification = FaultClass.USER if exit_ and exit_.error_type else FaultClass.INFRA
             if exit_ and exit_.signal in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT"):
                 classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type in PLATFORM_ERRORS:
+                classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type == OOM_ERROR:
+                classification = FaultClass.OOM
             faults.append(Fault(kind=FaultKind.RANK_EXIT, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason, detected_at=now,
                                 occurred_at=exit_.ended_at if exit_ else now,
@@ -644,9 +656,13 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
                                 message=rank.exit_reason, detected_at=now, occurred_at=now,
                                 classification=FaultClass.INFRA))
         elif rank.state == RankState.STOPPED and include_stopped and attempt.state != AttemptState.STOPPING:
+            # its agent stopped it (self-fencing): infra, at the time it ended, so that the
+            # peers' errors it caused (a closed connection) come after it
+            ended = rank.exit.ended_at if rank.exit and rank.exit.ended_at else now
             faults.append(Fault(kind=FaultKind.RANK_LOST, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason or "stopped by its agent",
-                                detected_at=now, occurred_at=now, classification=FaultClass.INFRA))
+                                detected_at=now, occurred_at=min(ended, now),
+                                classification=FaultClass.INFRA))
     if not faults:
         return None
     return min(faults, key=lambda f: (f.occurred_at, f.rank))

@@ -171,7 +171,7 @@ def run_control_plane(
             click.echo(f"agent node-{i} started (pid {proc.pid})")
         click.echo(f"hptctl talks to it with --controller {addr} (or HPT_CONTROLLER={addr})")
         click.echo("Ctrl-C stops it")
-        _watch_agents(agents, stop)
+        _watch_agents(agents, stop, lambda: _ready_nodes(controller, [n for n, _ in agents]))
     finally:
         with signals_ignored():
             stop_processes([p for _, p in agents], grace_s=AGENT_STOP_GRACE_S)
@@ -183,9 +183,25 @@ def run_control_plane(
     click.echo("stopped")
 
 
-def _watch_agents(agents: list[tuple[str, subprocess.Popen[bytes]]], stop: threading.Event) -> None:
+def _ready_nodes(controller: Any, names: list[str]) -> int:
+    """How many of the agents ``names`` are registered and READY with the controller."""
+    from hpt.controller.model import NodeState
+
+    rec = controller.reconciler
+    with rec.lock:
+        return sum(1 for n in names if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
+
+
+def _watch_agents(
+    agents: list[tuple[str, subprocess.Popen[bytes]]], stop: threading.Event,
+    ready: Callable[[], int],
+) -> None:
     reported: set[str] = set()
-    while not stop.wait(_WATCH_PERIOD_S):
+    announced = not agents
+    while not stop.wait(_WATCH_PERIOD_S if announced else 0.1):
+        if not announced and ready() == len(agents):
+            announced = True
+            click.echo(f"{len(agents)} agent(s) ready: submit jobs now")
         for name, proc in agents:
             if name not in reported and proc.poll() is not None:
                 reported.add(name)
