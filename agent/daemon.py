@@ -299,6 +299,9 @@ class Agent:
                 raise ValueError(f"event.kind must be one of {sorted(_RANK_EVENT_KINDS)}")
             self.snapshots.event(kind, hello["job_id"], hello["attempt"], hello["rank"], text)
             return
+        if msg["op"] == "exiting":
+            self.launcher.script_finished(hello["job_id"], hello["attempt"], hello["rank"])
+            return
         if msg["op"] == "step":
             step, at = msg.get("step"), msg.get("at")
             if not isinstance(step, int) or not isinstance(at, int | float):

@@ -26,7 +26,9 @@ Which ranks are judged, and by what deadline (the job's hang policy):
 - a rank inside ``with hpt.section(name, timeout=T)`` is judged by T from the section's start
   (an evaluation or a final save is not a hang);
 - the second signal, for ranks not judged by silence: the rank's watchdog reports a collective
-  still in flight (``inflight``) past the deadline.
+  still in flight (``inflight``) past the deadline;
+- a rank whose script is done (``exiting``, sent by hpt's exit hook) is in teardown: it gets
+  ``exit_deadline_s`` to end.
 
 On a hang the agent sends SIGUSR1 to each hung rank that told it (``stack_dump``) which pid
 registered the ``faulthandler`` dump (``hpt.init()`` does), never to another process: a
@@ -62,6 +64,8 @@ _MAX_STACK_BYTES = 16 * 1024
 _MAX_SECTION_TIMEOUT_S = 7 * 24 * 3600.0
 _MAX_OPEN_SECTIONS = 64
 _MAX_STEPPED_JOBS = 1024
+_EXIT_DEADLINE_S = 120.0
+"""A rank whose script is done gets this long for interpreter teardown before it counts as hung."""
 
 
 def stack_file(run_dir: Path, job_id: str, attempt: int, rank: int) -> Path:
@@ -191,7 +195,7 @@ class RankWatch:
                 while len(self._stepped_jobs) > _MAX_STEPPED_JOBS:
                     self._stepped_jobs.popitem(last=False)
             return
-        if op in ("stack_dump", "section", "section_end"):
+        if op in ("stack_dump", "section", "section_end", "exiting"):
             self._on_rank_state(key, rank, op, msg)
             return
         if op not in ("records", "inflight"):
@@ -236,6 +240,10 @@ class RankWatch:
         """``stack_dump {pid}``: that pid registered the SIGUSR1 dump; ``section {name, timeout}``
         / ``section_end {name}``: a section with its own deadline opened / closed."""
         now = time.monotonic()
+        if op == "exiting":
+            with self._lock:
+                self._watch(key).sections[rank] = [("interpreter exit", now, _EXIT_DEADLINE_S)]
+            return
         if op == "stack_dump":
             pid = msg.get("pid")
             if not isinstance(pid, int) or pid <= 0:
