@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.config import ControllerConfig
 from hpt.controller.metrics import ControllerMetrics
+from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
 from hpt.controller.store import Store, open_store
@@ -104,6 +105,13 @@ class Controller:
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         return self.port
+
+    def ready_nodes(self, names: list[str]) -> int:
+        """How many of the nodes ``names`` are registered and READY."""
+        rec = self.reconciler
+        with rec.lock:
+            return sum(1 for n in names
+                       if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         """Block until stopped (or the control loop crashed); True if it ended."""

@@ -171,7 +171,7 @@ def run_control_plane(
             click.echo(f"agent node-{i} started (pid {proc.pid})")
         click.echo(f"hptctl talks to it with --controller {addr} (or HPT_CONTROLLER={addr})")
         click.echo("Ctrl-C stops it")
-        _watch_agents(agents, stop, lambda: _ready_nodes(controller, [n for n, _ in agents]))
+        _watch_agents(agents, stop, lambda: controller.ready_nodes([n for n, _ in agents]))
     finally:
         with signals_ignored():
             stop_processes([p for _, p in agents], grace_s=AGENT_STOP_GRACE_S)
@@ -181,15 +181,6 @@ def run_control_plane(
     if not signalled:
         raise CliError("the controller stopped")
     click.echo("stopped")
-
-
-def _ready_nodes(controller: Any, names: list[str]) -> int:
-    """How many of the agents ``names`` are registered and READY with the controller."""
-    from hpt.controller.model import NodeState
-
-    rec = controller.reconciler
-    with rec.lock:
-        return sum(1 for n in names if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
 
 
 def _watch_agents(

@@ -232,29 +232,26 @@ def _watch(
 ) -> _Kill | None:
     """Follow the job at ~5 Hz until it is terminal, killing rank 1 once; returns the kill.
 
-    The kill waits (at most WARM_WAIT_S) until the agents' warm interpreters are ready, as
-    they are in a job that has run for a while: the demo shows a steady-state restart.
+    The kill comes at ``kill_at`` steps of the job, counted from its start as the flag says;
+    the message says whether the agents' warm interpreters (refilled during the job's first
+    seconds) are ready for the restart, or it will start cold.
     """
     live_view = sys.stdout.isatty()
     plain = _PlainProgress(out)
     kill: _Kill | None = None
-    warm_since: float | None = None
     pause = threading.Event()
     live = Live(console=out, refresh_per_second=5) if live_view else contextlib.nullcontext()
     with live:
         while True:
             d = hc.job_to_dict(client.get(job_id), detail=True)
             elapsed = time.monotonic() - start
-            if kill is None and warm_since is None and d["state"] == "RUNNING":
-                warm_since = time.monotonic()
-            ready = kill is None and warm_since is not None and (
-                _warm(client, procs) or time.monotonic() - warm_since > WARM_WAIT_S
-            )
-            if ready and (kill := _maybe_kill(d, kill_at)) is not None:
+            if kill is None and (kill := _maybe_kill(d, kill_at)) is not None:
+                how = ("warm interpreters ready" if _warm(client, procs)
+                       else "warm interpreters still refilling: the restart starts cold")
                 _say(
                     out,
                     f"killed rank {kill.rank} (pid {kill.pid} on {kill.node}) with SIGKILL "
-                    f"at step {kill.step}",
+                    f"at step {kill.step} ({how})",
                 )
             if isinstance(live, Live):
                 live.update(_render(d, elapsed, kill))

@@ -482,6 +482,7 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
         ),
         "nodes": list(cur.nodes) if cur is not None else [],
         "created_at": _time(job.created_at),
+        **_progress(cur),
     }
     if not detail:
         return d
@@ -507,6 +508,15 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     d["root_cause"] = fault_to_dict(job.root_cause) if job.HasField("root_cause") else None
     d["faults"] = faults_of(job)
     return d
+
+
+def _progress(attempt: common_pb2.Attempt | None) -> dict[str, Any]:
+    """``step``: steps every rank of the attempt completed (None before any report);
+    ``step_at``: when the newest step report came."""
+    ranks = list(attempt.ranks) if attempt is not None else []
+    if not ranks or any(r.step < 0 for r in ranks):
+        return {"step": None, "step_at": None}
+    return {"step": min(r.step for r in ranks), "step_at": _time(max(r.step_at for r in ranks))}
 
 
 def checkpoints_of(job: common_pb2.Job) -> list[dict[str, Any]]:
