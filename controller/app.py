@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.config import ControllerConfig
+from hpt.controller.decode import DecodeErrorInterceptor
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
@@ -59,7 +60,9 @@ class Controller:
     def start(self) -> int:
         cfg = self.cfg
         self.reconciler.load()
-        interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
+        interceptors: list[grpc.ServerInterceptor] = [DecodeErrorInterceptor()]
+        if cfg.token:
+            interceptors.insert(0, TokenInterceptor(cfg.token))
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
