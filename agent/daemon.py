@@ -85,6 +85,7 @@ class Agent:
             on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
             health_check=cfg.health_check, metrics_port=cfg.metrics_port,
         )
+        self.snapshots.on_persisted = self.monitoring.persisted
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -596,10 +596,13 @@ class AgentMonitoring:
         self.metrics: Any = None
         self.metrics_port = 0
         self._server: Any = None
+        self._ckpt_metrics: Any = None
         if metrics_port is not None:
+            from hpt.agent.ckpt_metrics import CheckpointMetrics
             from hpt.monitor.export import Metrics
 
             self.metrics = Metrics()
+            self._ckpt_metrics = CheckpointMetrics(self.metrics)
         self.watch = RankWatch(
             node=node,
             launcher=launcher,
@@ -648,6 +651,13 @@ class AgentMonitoring:
 
     def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
         self.watch.on_rank_message(hello, msg)
+        if self._ckpt_metrics is not None:
+            self._ckpt_metrics.on_rank_message(msg)
+
+    def persisted(self, seconds: float, nbytes: int) -> None:
+        """A snapshot reached durable storage (the snapshot keeper's callback)."""
+        if self._ckpt_metrics is not None:
+            self._ckpt_metrics.persisted(seconds, nbytes)
 
     def register_fields(self) -> dict[str, Any]:
         """Extra fields of the Register message."""

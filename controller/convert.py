@@ -114,6 +114,7 @@ def fault_to_proto(fault: Fault) -> pb.Fault:
         occurred_at=fault.occurred_at,
         classification=fault.classification.value,
         attempt=fault.attempt,
+        steps_lost=fault.steps_lost,
     )
 
 
@@ -129,6 +130,7 @@ def fault_from_proto(msg: pb.Fault) -> Fault | None:
         occurred_at=msg.occurred_at,
         classification=FaultClass(msg.classification),
         attempt=msg.attempt,
+        steps_lost=msg.steps_lost,
     )
 
 
@@ -191,6 +193,7 @@ def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
         started_at=attempt.started_at,
         first_step_at=attempt.first_step_at,
         ended_at=attempt.ended_at,
+        restore_step=attempt.restore_step,
     )
     if attempt.cause is not None:
         msg.cause.CopyFrom(fault_to_proto(attempt.cause))
@@ -211,6 +214,7 @@ def attempt_from_proto(msg: pb.Attempt) -> Attempt:
         first_step_at=msg.first_step_at,
         ended_at=msg.ended_at,
         cause=fault_from_proto(msg.cause),
+        restore_step=msg.restore_step,
     )
 
 

@@ -302,6 +302,9 @@ class Fault:
     detected_at: float = 0.0
     occurred_at: float = 0.0
     classification: FaultClass = FaultClass.INFRA
+    steps_lost: int = -1
+    """Completed steps redone: progress before the fault minus the step the next attempt
+    restored; -1 until the next attempt launches."""
 
     def where(self) -> str:
         return f"rank {self.rank} on {self.node}" if self.rank >= 0 else f"node {self.node}"
@@ -346,6 +349,13 @@ class Attempt:
     first_step_at: float = 0.0
     ended_at: float = 0.0
     cause: Fault | None = None
+    restore_step: int = 0
+    """The snapshot step this attempt restored (0: none)."""
+
+    @property
+    def progress(self) -> int:
+        """Steps completed by the rank furthest ahead (-1: none reported)."""
+        return max((r.step for r in self.ranks), default=-1)
 
     def set_state(self, new: AttemptState, reason: str, now: float) -> AttemptState:
         return _transition(self, ATTEMPT_TRANSITIONS, new, reason, now)

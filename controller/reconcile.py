@@ -509,7 +509,9 @@ class Reconciler:
             world_size=len(ranks),
             ranks=ranks,
             started_at=now,
+            restore_step=restore,
         )
+        _record_steps_lost(job, restore)
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
@@ -625,6 +627,17 @@ class Reconciler:
             item = self.store.get(key)
             if item is not None:
                 self._versions[key] = item.version
+
+
+def _record_steps_lost(job: Job, restore: int) -> None:
+    """The fault that ended the previous attempt lost the steps completed beyond ``restore``."""
+    previous = job.current
+    if previous is None or previous.cause is None or previous.cause.steps_lost >= 0:
+        return
+    done = max((a.progress for a in job.attempts), default=-1)
+    previous.cause.steps_lost = max(0, done - restore)
+    if job.root_cause is not None and job.root_cause.attempt == previous.cause.attempt:
+        job.root_cause.steps_lost = previous.cause.steps_lost
 
 
 def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untyped-def]

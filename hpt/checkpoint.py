@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ class _AgentSink(ShmSink):
         super().__init__(prefix, directory=directory)
         self._channel = channel
         self._rank = rank
+        self._started: dict[int, float] = {}  # generation -> monotonic start of its save
+
+    def acquire(self, layout: Layout, generation: int) -> torch.Tensor:
+        self._started[generation] = time.monotonic()
+        return super().acquire(layout, generation)
 
     def discard(self, generation: int) -> None:
         super().discard(generation)
@@ -61,8 +67,12 @@ class _AgentSink(ShmSink):
             _faults.hold(delay)
         super().commit(step, generation, layout, meta_json, checksums)
         if self._channel is not None:
-            self._channel.send({"op": "snapshot", "step": step, "generation": generation,
-                                "bytes": layout.total_bytes})
+            started = self._started.pop(generation, None)
+            msg = {"op": "snapshot", "step": step, "generation": generation,
+                   "bytes": layout.total_bytes}
+            if started is not None:
+                msg["copy_s"] = time.monotonic() - started
+            self._channel.send(msg)
 
 
 class Checkpointer(_EngineCheckpointer):
@@ -107,10 +117,13 @@ class Checkpointer(_EngineCheckpointer):
         checkpoint every rank has, else nothing. Returns the completed steps restored (0: none).
         """
         if self._restore_step > 0:
+            started = time.monotonic()
             snap = self._find(self._restore_step)
             step = self.restore_snapshot(snap)
             log.info("[hpt] rank %d restored step %d from agent memory", self._rank, step)
-            self._event("restored", f"restored step {step} from the agent's memory")
+            self._event("restored", f"restored step {step} from the agent's memory",
+                        seconds=time.monotonic() - started, bytes=snap.layout.total_bytes,
+                        source="local")
             return step
         if self._persist_dir:
             return self._restore_from_disk(Path(self._persist_dir) / f"rank-{self._rank:05d}")
@@ -136,19 +149,23 @@ class Checkpointer(_EngineCheckpointer):
         if step <= 0:
             return 0
         path = root / fmt.step_dir_name(step)
+        started = time.monotonic()
         tensors, meta = fmt.load_verified(path)
         snap = _snapshot_from_disk(step, tensors, meta)
         restored = self.restore_snapshot(snap)
         log.info("[hpt] rank %d restored step %d from %s", self._rank, restored, path)
-        self._event("restored", f"restored step {restored} from disk ({path})")
+        self._event("restored", f"restored step {restored} from disk ({path})",
+                    seconds=time.monotonic() - started, bytes=snap.layout.total_bytes,
+                    source="disk")
         return restored
 
-    def _event(self, kind: str, message: str) -> None:
+    def _event(self, kind: str, message: str, **fields: Any) -> None:
+        """An event for the controller's log; ``fields`` (numbers) feed the agent's metrics."""
         from hpt import current
 
         ctx = current()
         if ctx is not None and ctx.channel is not None:
-            ctx.channel.send({"op": "event", "kind": kind, "message": message})
+            ctx.channel.send({"op": "event", "kind": kind, "message": message, **fields})
 
 
 def _agree_on_min(step: int) -> int:

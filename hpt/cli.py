@@ -228,12 +228,14 @@ def _ranks_table(ranks: list[dict[str, Any]], title: str) -> Table:
 
 
 def _faults_table(faults: list[dict[str, Any]], title: str) -> Table:
-    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", title=title)
+    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", "STEPS LOST",
+              title=title)
     for f in faults:
         t.add_row(
             *map(cell, (f["attempt"], fault_what(f), fault_where(f), f["classification"])),
             cell(clock(f["detected_at"])),
             cell(duration(f["recovery_s"])),
+            cell(f.get("steps_lost")),
         )
     return t
 

@@ -391,6 +391,7 @@ def fault_to_dict(fault: common_pb2.Fault) -> dict[str, Any]:
         "occurred_at": _time(fault.occurred_at),
         "classification": fault.classification,
         "attempt": fault.attempt,
+        "steps_lost": fault.steps_lost if fault.steps_lost >= 0 else None,
     }
 
 

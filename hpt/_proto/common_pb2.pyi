@@ -359,6 +359,7 @@ class Fault(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    STEPS_LOST_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """rank_exit, node_lost, launch_failed, ..."""
     node: _builtins.str
@@ -370,8 +371,10 @@ class Fault(_message.Message):
     occurred_at: _builtins.float
     """wall clock, when known (rank exit time)"""
     classification: _builtins.str
-    """user, platform or infra"""
+    """user, platform, infra or oom"""
     attempt: _builtins.int
+    steps_lost: _builtins.int
+    """completed steps redone after the restore that followed (-1: not known yet)"""
     def __init__(
         self,
         *,
@@ -383,10 +386,11 @@ class Fault(_message.Message):
         occurred_at: _builtins.float = ...,
         classification: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        steps_lost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank", "steps_lost", b"steps_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,6 +412,7 @@ class Attempt(_message.Message):
     FIRST_STEP_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
     CAUSE_FIELD_NUMBER: _builtins.int
+    RESTORE_STEP_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     state: Global___AttemptState.ValueType
     master_addr: _builtins.str
@@ -416,6 +421,8 @@ class Attempt(_message.Message):
     started_at: _builtins.float
     first_step_at: _builtins.float
     ended_at: _builtins.float
+    restore_step: _builtins.int
+    """the snapshot step this attempt restored (0: none)"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -441,10 +448,11 @@ class Attempt(_message.Message):
         first_step_at: _builtins.float = ...,
         ended_at: _builtins.float = ...,
         cause: Global___Fault | None = ...,
+        restore_step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "ranks", b"ranks", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "ranks", b"ranks", "restore_step", b"restore_step", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

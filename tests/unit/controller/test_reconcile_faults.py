@@ -123,10 +123,11 @@ def test_a_crash_keeps_the_jobs_grace_for_the_other_ranks(mono):
 
 
 def ended(job_id: str, rank: int, state: RankState, *, at: float, reason: str,
-          error_type: str = "", signal: str = "", step: int = -1) -> RankReport:
+          error_type: str = "", signal: str = "", step: int = -1,
+          snapshot_steps: tuple[int, ...] = ()) -> RankReport:
     return RankReport(job_id=job_id, attempt=1, rank=Rank(
         rank=rank, local_rank=rank, node="node-0", pid=100 + rank, state=state, step=step,
-        exit_reason=reason,
+        exit_reason=reason, snapshot_steps=snapshot_steps,
         exit=ExitInfo(exit_code=-9 if signal else 1, signal=signal, error_type=error_type,
                       ended_at=at)))
 
@@ -203,3 +204,38 @@ def test_a_crash_loop_backs_off_between_restarts_and_a_fault_after_progress_does
     crash(3, step=5)
     tick(0.01)
     assert len(launches()) == 4
+
+
+def test_a_fault_records_the_steps_it_lost_and_the_metrics_count_them(mono):
+    from hpt.controller.metrics import ControllerMetrics
+
+    wall = Clock()
+    rec, job_id, link = running_job(
+        JobSpec(command=("python", "x.py"), procs_per_node=2), clock=wall)
+    t0 = wall.t
+    progress = [RankReport(job_id=job_id, attempt=1, rank=Rank(
+        rank=r, local_rank=r, node="node-0", pid=100 + r, state=RankState.RUNNING, step=10,
+        step_at=t0 + 9.0, first_step_at=t0, snapshot_steps=(6, 8))) for r in (0, 1)]
+    rec.heartbeat("node-0", progress, [], free_port=23456)
+    rec.reconcile_once()
+    wall.t = mono.t = t0 + 10.0
+    rec.heartbeat("node-0", [ended(job_id, 1, RankState.FAILED, at=wall.t, step=10,
+                                   reason="exited with code 1", snapshot_steps=(6, 8))], [],
+                  free_port=23456)
+    rec.reconcile_once()
+    wall.t += 0.1
+    rec.heartbeat("node-0", [ended(job_id, 0, RankState.STOPPED, at=wall.t, step=10,
+                                   reason="stopped: fault", snapshot_steps=(6, 8))], [],
+                  free_port=23456)
+    rec.reconcile_once()
+    rec.reconcile_once()
+    job = rec.jobs[job_id]
+    assert len(job.attempts) == 2 and job.attempts[1].restore_step == 8
+    assert job.attempts[0].cause.steps_lost == 2 and job.root_cause.steps_lost == 2
+    metrics = ControllerMetrics(rec)
+    metrics.sync()
+    text = metrics.metrics.render().decode()
+    assert "hpt_steps_lost_total 2.0" in text
+    # 10 steps in 9 s: 1 s each; the 2 lost steps moved from productive to redone
+    assert 'hpt_goodput_seconds_total{category="redone"} 2.0' in text
+    assert 'hpt_goodput_seconds_total{category="productive"} 8.0' in text
