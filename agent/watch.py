@@ -17,8 +17,10 @@ spinning while it holds the GIL (its own threads cannot report; the agent sees t
 
 Which ranks are judged, and by what deadline (the job's hang policy):
 
-- the job's ``hang_timeout_s`` (``hptctl submit --hang-timeout S``) fixes the deadline at S for
-  every rank from its launch on, start-up included, whether or not the script has hooks;
+- the job's ``hang_timeout_s`` (``hptctl submit --hang-timeout S``) fixes the deadline at S once
+  the attempt made a step, and at ``max(S, startup_s)`` before (start-up takes what it takes),
+  whether or not the script has hooks (a script that never reports progress is then ended
+  after ``max(S, startup_s)``: that is what asking for it on such a script means);
 - without it, silence is judged only once the job has reported a step on this node (this
   attempt or an earlier one): a script that never calls ``hpt.step`` is never declared hung
   for being silent, and the deadline is the detector's (start-up, then ``max(min_s, factor x

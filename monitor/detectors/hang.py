@@ -33,7 +33,8 @@ class HangConfig:
     startup_s: float = 300.0
     """Deadline before the attempt's first step completes."""
     timeout_s: float = 0.0
-    """A fixed deadline for every phase (the job's ``hang_timeout_s``); 0: derive it as above."""
+    """A fixed deadline (the job's ``hang_timeout_s``) instead of the derived one; before the
+    first step it is ``max(timeout_s, startup_s)``: start-up takes what it takes. 0: derive."""
 
     def __post_init__(self) -> None:
         require(is_finite(self.factor) and self.factor >= 1.0, "factor", self.factor, "be >= 1")
@@ -56,16 +57,17 @@ def hang_deadline_s(median_step_s: float | None, cfg: HangConfig) -> float:
         cfg: the deadline's tuning.
 
     Returns:
-        ``cfg.timeout_s`` when set; else ``cfg.startup_s`` when ``median_step_s`` is None,
-        else ``max(cfg.min_s, cfg.factor * median_step_s)``.
+        ``cfg.startup_s`` when ``median_step_s`` is None (``max(cfg.timeout_s, cfg.startup_s)``
+        when a timeout is set); else ``cfg.timeout_s`` when set, else
+        ``max(cfg.min_s, cfg.factor * median_step_s)``.
 
     Raises:
         ValueError: ``median_step_s`` is negative or not finite.
     """
+    if median_step_s is None:
+        return max(cfg.timeout_s, cfg.startup_s)
     if cfg.timeout_s > 0:
         return cfg.timeout_s
-    if median_step_s is None:
-        return cfg.startup_s
     require(
         is_finite(median_step_s) and median_step_s >= 0.0,
         "median_step_s",
@@ -107,10 +109,10 @@ def check_hang(
     deadline = hang_deadline_s(median_step_s, cfg)
     nodes = nodes_by_rank or {}
     own = own_deadlines or {}
-    if cfg.timeout_s > 0:
-        basis = f"the job's hang timeout {deadline:g} s"
-    elif median_step_s is None:
+    if median_step_s is None:
         basis = f"startup deadline {deadline:.1f} s (no step completed yet)"
+    elif cfg.timeout_s > 0:
+        basis = f"the job's hang timeout {deadline:g} s"
     else:
         basis = (
             f"deadline {deadline:.1f} s = max({cfg.min_s:g} s, {cfg.factor:g} x median step "

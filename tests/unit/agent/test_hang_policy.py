@@ -83,12 +83,20 @@ def test_a_script_that_never_reports_a_step_is_not_judged_by_its_silence(tmp_pat
 
 
 def test_the_jobs_hang_timeout_judges_a_script_without_hooks_when_asked(tmp_path, sleeper):
-    watch = make_watch(tmp_path, sleeper, hang_timeout_s=8.0, startup_s=300.0)
+    watch = make_watch(tmp_path, sleeper, hang_timeout_s=8.0, startup_s=DEADLINE_S)
     t0 = time.monotonic()
     assert watch.check(t0) == []
     assert watch.check(t0 + 7.0) == []
     (finding,) = watch.check(t0 + 9.0)
-    assert "hang timeout 8 s" in finding.message
+    assert "deadline 8.0 s" in finding.message
+
+
+def test_start_up_keeps_its_own_deadline_when_the_hang_timeout_is_shorter(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, hang_timeout_s=3.0, startup_s=60.0)
+    t0 = time.monotonic()
+    assert watch.check(t0) == []
+    assert watch.check(t0 + 30.0) == []  # importing torch on a loaded node is not a hang
+    assert len(watch.check(t0 + 61.0)) == 1
 
 
 def test_the_jobs_hang_timeout_replaces_the_automatic_deadline(tmp_path, sleeper):
