@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import grpc
 from rich.console import Console, Group
 from rich.live import Live
@@ -43,11 +44,13 @@ from hpt._cli_util import (
 )
 from hpt._proto import common_pb2
 
-READY_TIMEOUT_S = 60.0
-"""How long the local cluster may take until every agent is READY."""
+READY_TIMEOUT_S = 240.0
+"""How long the local cluster may take until every agent is READY: each agent's health check
+and warm interpreters import torch, ~2 s each on an idle machine, over a minute on a loaded
+2-core one (measured: 60 s was not enough at load 19)."""
 JOB_TIMEOUT_S = 600.0
-WARM_WAIT_S = 60.0
 """The demo job is cancelled when it has not ended after this long."""
+WARM_WAIT_S = 60.0
 CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
 """``hptctl up`` stops its agents and controller within this after SIGTERM."""
 _REFRESH_S = 0.2
@@ -171,6 +174,7 @@ def _wait_ready(
 ) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     pause = threading.Event()
+    said = False
     while True:
         if cluster.poll() is not None:
             raise CliError(
@@ -185,6 +189,10 @@ def _wait_ready(
                 raise
         if ready >= num_agents:
             return
+        if not said and time.monotonic() > deadline - READY_TIMEOUT_S + 10.0:
+            said = True
+            click.echo(f"waiting for the agents ({ready} of {num_agents} READY): each runs a "
+                       "health check and imports torch first", err=True)
         if time.monotonic() > deadline:
             raise CliError(
                 f"{ready} of {num_agents} agents READY after {READY_TIMEOUT_S:.0f} s; "
