@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from hpt._proto import checkpoint_pb2
 from hpt._proto import common_pb2 as pb
+from hpt.controller.elastic import ProtectionPlan
 from hpt.controller.model import (
     Attempt,
     AttemptState,
@@ -18,6 +20,7 @@ from hpt.controller.model import (
     NodeState,
     Rank,
     RankState,
+    RestoreCommand,
     StateChange,
 )
 
@@ -59,6 +62,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         keep_persisted=msg.keep_persisted or 3,
         straggler_restart_after=msg.straggler_restart_after,
         hang_timeout_s=msg.hang_timeout_s,
+        redundancy=msg.redundancy,
     )
 
 
@@ -79,6 +83,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         keep_persisted=spec.keep_persisted,
         straggler_restart_after=spec.straggler_restart_after,
         hang_timeout_s=spec.hang_timeout_s,
+        redundancy=spec.redundancy,
     )
 
 
@@ -194,6 +199,9 @@ def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
         first_step_at=attempt.first_step_at,
         ended_at=attempt.ended_at,
         restore_step=attempt.restore_step,
+        protected_steps=attempt.protected_steps,
+        redundancy=attempt.redundancy,
+        parity_bytes=attempt.parity_bytes,
     )
     if attempt.cause is not None:
         msg.cause.CopyFrom(fault_to_proto(attempt.cause))
@@ -215,6 +223,9 @@ def attempt_from_proto(msg: pb.Attempt) -> Attempt:
         ended_at=msg.ended_at,
         cause=fault_from_proto(msg.cause),
         restore_step=msg.restore_step,
+        protected_steps=tuple(msg.protected_steps),
+        redundancy=msg.redundancy,
+        parity_bytes=msg.parity_bytes,
     )
 
 
@@ -264,6 +275,7 @@ def node_to_proto(node: Node) -> pb.Node:
         reason=node.reason,
         hostname=node.hostname,
         warm_ready=node.warm_ready,
+        peer_address=node.peer_address,
     )
 
 
@@ -277,6 +289,7 @@ def node_from_proto(msg: pb.Node) -> Node:
         reason=msg.reason,
         hostname=msg.hostname,
         warm_ready=msg.warm_ready,
+        peer_address=msg.peer_address,
     )
 
 
@@ -334,3 +347,19 @@ def event_from_bytes(data: bytes, seq: int) -> Event:
     msg = pb.Event()
     msg.ParseFromString(data)
     return event_from_proto(msg, seq)
+
+
+def protection_to_proto(plan: ProtectionPlan) -> checkpoint_pb2.ProtectionLayout:
+    return checkpoint_pb2.ProtectionLayout(
+        k=plan.k, m=plan.m,
+        nodes=[checkpoint_pb2.GroupNode(node=n.node, peer_address=n.peer_address, ranks=n.ranks)
+               for n in plan.nodes],
+        stripes=[checkpoint_pb2.Stripe(data=d, parity=p) for d, p in plan.stripes],
+    )
+
+
+def restore_to_proto(cmd: RestoreCommand) -> checkpoint_pb2.RestorePlan:
+    return checkpoint_pb2.RestorePlan(
+        step=cmd.step, attempt=cmd.attempt, world_size=cmd.world_size,
+        layout=protection_to_proto(cmd.layout), lost=cmd.lost, need_ranks=cmd.need_ranks,
+    )
