@@ -48,7 +48,7 @@ from hpt._cli_util import (
 )
 from hpt._control_opts import limit_options
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
-from hpt.controller.model import MAX_PROCS_PER_NODE, MAX_RESTARTS
+from hpt.controller.model import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
 
 _CANCEL_MARGIN_S = 30.0
 """``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
