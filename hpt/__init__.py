@@ -22,6 +22,7 @@ import atexit
 import datetime
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -131,7 +132,9 @@ def _at_exit() -> None:
         ctx.channel.send({"op": "exiting"})
     try:
         _rank_monitor.stop()
-        if _owns_process_group:
+        # not after an uncaught exception (Python sets sys.last_value): peers may sit in a
+        # collective with this rank, and a destroy could wait on them
+        if _owns_process_group and getattr(sys, "last_value", None) is None:
             import torch.distributed as dist
 
             if dist.is_initialized():
