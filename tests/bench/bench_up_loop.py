@@ -30,13 +30,16 @@ def main() -> None:
     lost = noise = not_ready = 0
     times = []
     load = os.getloadavg()[0]
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         started = time.monotonic()
         r = one_round()
         times.append(time.monotonic() - started)
         lost += len(r.lost_agents)
         noise += len(r.fork_noise)
         not_ready += 0 if r.ready else 1
+        # one line per round: a run cut short still tells how far it got
+        print(json.dumps({"round": i + 1, "round_s": round(times[-1], 3),
+                          "agents_lost": len(r.lost_agents), "ready": r.ready}), flush=True)
     print(json.dumps({"bench": "up_start_stop_loop", "rounds": args.rounds, "agents_lost": lost,
                       "rounds_not_ready": not_ready, "fork_posix_lines": noise,
                       "median_round_s": round(statistics.median(times), 3),
