@@ -21,7 +21,6 @@ instead of a fresh ``python``; that removes the import floor from every restart.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpt.agent import oom
+from hpt.agent.error_file import MAX_BYTES as ERROR_FILE_MAX_BYTES
+from hpt.agent.error_file import parse_error_file
 from hpt.agent.guard import Guard, kill_session
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
@@ -43,7 +44,7 @@ from hpt.agent.warm import WarmPool
 
 log = logging.getLogger(__name__)
 
-_ERROR_FILE_MAX_BYTES = 64 * 1024
+_ERROR_FILE_MAX_BYTES = ERROR_FILE_MAX_BYTES
 _LOG_OUTBOX_MAX_BYTES = 4 * 1024 * 1024
 _TEARDOWN_CRASH_SIGNALS = frozenset({"SIGABRT", "SIGSEGV", "SIGBUS"})
 _PYTHON_NAMES = frozenset({"python", "python3", f"python3.{sys.version_info.minor}"})
@@ -271,6 +272,8 @@ class Launcher:
             HPT_NODE=self.node,
             HPT_AGENT_SOCKET=self.agent_socket,
             HPT_ERROR_FILE=str(proc.error_file),
+            # torchelastic's @record writes here: a torchrun script names its error unchanged
+            TORCHELASTIC_ERROR_FILE=str(proc.error_file),
             HPT_STACK_FILE=str(rank_dir / f"rank-{proc.rank}.stacks.txt"),
             HPT_RESTORE_STEP=str(spec.restore_step),
             PYTHONUNBUFFERED="1",
@@ -362,11 +365,10 @@ class Launcher:
         if path is None or not path.is_file() or path.stat().st_size > _ERROR_FILE_MAX_BYTES:
             return
         try:
-            record = json.loads(path.read_text())
-            proc.error_type = str(record.get("type", ""))[:200]
-            proc.error_message = str(record.get("message", ""))[:2000]
-            proc.traceback = str(record.get("traceback", ""))[:_ERROR_FILE_MAX_BYTES]
-        except (OSError, ValueError, AttributeError) as exc:
+            error = parse_error_file(path.read_text())
+            proc.error_type, proc.error_message = error.type, error.message
+            proc.traceback = error.traceback
+        except (OSError, ValueError) as exc:
             log.warning("[%s/%d/%s/%d] unreadable error file %s: %s", proc.job_id, proc.attempt,
                         self.node, proc.rank, path, exc)
 

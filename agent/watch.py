@@ -8,7 +8,9 @@ The agent's rank socket hands every rank message to :meth:`RankWatch.on_rank_mes
   ``StepTiming``/``CollectiveTiming`` messages (:meth:`RankWatch.take`), a bounded number per
   beat; step durations also feed this node's median step time and the agent's metrics;
 - ``inflight`` lists the collectives the rank is blocked in, sent by the rank's watchdog thread
-  every second; they travel up like records, marked ``in_flight``.
+  every second; they travel up like records, marked ``in_flight``;
+- ``finished`` says the rank's training is over (a trainer callback sends it when the fit ends):
+  its hang check stops, since tearing a trainer down and exiting is silent by nature.
 
 Every ``period_s`` the watch thread runs :func:`hpt.monitor.detectors.hang.check_hang` over the
 running ranks of each (job, attempt) on this node, with the median step time measured here.
@@ -123,6 +125,7 @@ class _AttemptWatch:
     """rank -> pid that registered the SIGUSR1 stack dump."""
     reported: bool = False
     stepped: bool = False
+    finished: set[int] = field(default_factory=set)  # ranks past training, shutting down
 
 
 class RankWatch:
@@ -199,6 +202,10 @@ class RankWatch:
             return
         if op in ("stack_dump", "section", "section_end", "exiting"):
             self._on_rank_state(key, rank, op, msg)
+            return
+        if op == "finished":  # training is over: the silence of shutting down is no hang
+            with self._lock:
+                self._watch(key).finished.add(rank)
             return
         if op not in ("records", "inflight"):
             return
@@ -407,6 +414,8 @@ class RankWatch:
         last: dict[int, float] = {}
         own: dict[int, tuple[float, str]] = {}
         for p in procs:
+            if p.rank in w.finished:
+                continue  # training is over (a trainer callback said so): shutting down
             first = w.first_seen.setdefault(p.rank, now)
             progress = w.progress.get(p.rank, first)
             sections = w.sections.get(p.rank)

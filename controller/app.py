@@ -3,6 +3,10 @@
 ``Controller(cfg).start()`` returns the bound port; ``wait_for_termination()`` blocks until
 ``stop()`` (or a crash of the control loop, which stops the server so the process exits and its
 supervisor restarts it: state is in the store).
+
+With ``leader_lease_s`` the process starts as a standby (:mod:`hpt.controller.leader`): the
+server answers health checks only, and the state is loaded and the control loop started when
+this process wins the lease; losing it ends the process like a crash does.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from hpt.controller.auth import AuthInterceptor
 from hpt.controller.config import ControllerConfig
 from hpt.controller.decode import DecodeErrorInterceptor
+from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
-from hpt.controller.store import Store, open_store
+from hpt.controller.server import AgentServicer, JobServicer
+from hpt.controller.status_page import StatusPage
+from hpt.controller.store import FencedError, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +60,36 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
+        self.status_page: StatusPage | None = None
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
+        self._health = health.HealthServicer()
         self._done = threading.Event()
         self.port = 0
+        self.health_port = 0
+        self.elector: LeaderElector | None = None
+        self._gate = StandbyGate(lambda: self.elector.leader_name() if self.elector else "")
+        if cfg.leader_lease_s:
+            self.elector = LeaderElector(
+                self.store,  # type: ignore[arg-type]  # config validation: a RedisStore
+                lease_s=cfg.leader_lease_s,
+                on_elected=self._lead,
+                on_lost=lambda reason: self._done.set(),
+            )
+            self.reconciler.fence = self.elector.check
 
     def start(self) -> int:
+        """Bind and serve; lead at once, or (with leader election) once the lease is won."""
         cfg = self.cfg
-        self.reconciler.load()
-        interceptors: list[grpc.ServerInterceptor] = [DecodeErrorInterceptor()]
+        interceptors: list[grpc.ServerInterceptor] = []
         if cfg.token:
-            interceptors.insert(0, TokenInterceptor(cfg.token))
+            interceptors.append(AuthInterceptor(
+                client_token=cfg.token, agent_token=cfg.agent_token,
+                on_failure=lambda reason: self.metrics.metrics.inc(
+                    "hpt_auth_failures_total", reason=reason),
+            ))
+        interceptors.append(DecodeErrorInterceptor())
+        interceptors.append(self._gate)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -78,8 +105,15 @@ class Controller:
             maximum_concurrent_rpcs=1024,
         )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.reconciler), server)
-        health_servicer = health.HealthServicer()
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(
+                self.reconciler, mtls=bool(cfg.tls_client_ca),
+                on_auth_failure=lambda reason: self.metrics.metrics.inc(
+                    "hpt_auth_failures_total", reason=reason),
+            ),
+            server,
+        )
+        health_servicer = self._health
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -97,16 +131,34 @@ class Controller:
         if not self.port:
             raise OSError(f"could not bind {address}")
         server.start()
-        for service in (*_SERVICES, ""):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        # "" answers liveness (the process serves); the services answer readiness (it leads)
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in _SERVICES:
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.health_port is not None:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="hpt-health"))
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{cfg.host}:{cfg.health_port}")
+            self._health_server.start()
         self.reconciler.on_crash = lambda exc: self._done.set()
-        self.reconciler.start()
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.status_port is not None:
+            self.status_page = StatusPage(self.reconciler, token=cfg.token,
+                                          tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            self.status_page.serve(cfg.host, cfg.status_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
+        if self.elector is not None:
+            log.info("standby until the leader lease is won (lease %.1fs)", cfg.leader_lease_s)
+            self.metrics.metrics.set("hpt_controller_leader", 0)
+            self.elector.start()
+        else:
+            self._lead(0)
         return self.port
 
     def ready_nodes(self, names: list[str]) -> int:
@@ -115,15 +167,36 @@ class Controller:
         with rec.lock:
             return sum(1 for n in names
                        if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
+    def _lead(self, epoch: int) -> None:
+        """Take over: rebuild the state from the store, start the loop, serve jobs and agents
+        (whose re-registration adopts their running ranks: no job restarts)."""
+        self.reconciler.load()
+        self.reconciler.start()
+        self._gate.open()
+        for service in _SERVICES:
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.metrics.set("hpt_controller_leader", 1)
+        self.metrics.metrics.set("hpt_controller_leader_epoch", epoch)
+        if epoch:
+            log.info("leading with epoch %d", epoch)
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         """Block until stopped (or the control loop crashed); True if it ended."""
         return self._done.wait(timeout_s)
 
     def stop(self, grace_s: float = 1.0) -> None:
+        if self._health_server is not None:
+            self._health_server.stop(0)
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 5.0)
         self.metrics.close()
-        self.reconciler.stop()
+        if self.status_page is not None:
+            self.status_page.close()
+        try:
+            self.reconciler.stop()
+        except FencedError as e:  # deposed: the new leader owns the state; nothing to flush
+            log.warning("final flush refused: %s", e)
+        if self.elector is not None:
+            self.elector.stop()
         self.store.close()
         self._done.set()

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import queue
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from hpt.controller import convert, limits
+from hpt.controller import auth, convert, limits
 from hpt.controller.detect import health_problem
 from hpt.controller.model import (
     Event,
@@ -32,37 +31,6 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MAX_SLOTS = 4096
 _MAX_REPORTS = 4096
 _STREAM_POLL_S = 0.5
-
-
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted, so
-    Kubernetes probes work without the secret)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request, context):  # type: ignore[no-untyped-def]
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
-        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        method = handler_call_details.method
-        if method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
-                return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return self._deny_stream
-        if handler.response_streaming:
-            return self._deny_unary_stream
-        return self._deny_unary
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -193,8 +161,16 @@ class _Link:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, rec: Reconciler) -> None:
+    """Agent streams. With ``mtls`` an agent registers only as a node its certificate names
+    (:func:`hpt.controller.auth.identity_error`), and everything on its stream is that node's."""
+
+    def __init__(
+        self, rec: Reconciler, *, mtls: bool = False,
+        on_auth_failure: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._rec = rec
+        self._mtls = mtls
+        self._on_auth_failure = on_auth_failure
 
     def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
         try:
@@ -208,6 +184,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             node, reports = _decode_register(reg)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
+        denied = auth.identity_error(context, node.name, mtls=self._mtls)
+        if denied:
+            self._on_auth_failure("wrong_identity")
+            log.warning("[-/-/%s/-] registration refused: %s", node.name, denied)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         link = _Link(node.name)
         cfg = self._rec.cfg
         try:  # commands it queues wait in the link until ``registered`` went out
@@ -350,4 +331,4 @@ def _command_to_proto(
     )
 
 
-__all__ = ["AgentServicer", "JobServicer", "TokenInterceptor"]
+__all__ = ["AgentServicer", "JobServicer"]

@@ -177,6 +177,14 @@ def _watchdog() -> None:
             log.debug("hpt: in-flight report failed: %s", exc)
 
 
+def rearm_stack_dump() -> None:
+    """Register the SIGUSR1 stack dump again: code that saves and later "restores" Python signal
+    handlers (PyTorch Lightning's trainer does, for every signal) puts back SIG_DFL, because
+    ``signal.getsignal`` cannot see faulthandler's C handler; SIGUSR1 would then kill the rank."""
+    if _state.stack_file is not None:
+        faulthandler.register(signal.SIGUSR1, file=_state.stack_file, all_threads=True, chain=False)
+
+
 def _register_stack_dump(path: str) -> bool:
     """Register the SIGUSR1 dump once; True when this process has it."""
     if not path:

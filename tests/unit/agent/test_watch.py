@@ -94,3 +94,15 @@ def test_bad_records_are_dropped_and_counted_without_closing_the_socket(tmp_path
     assert watch.take()[3] == 1
     with pytest.raises(ValueError):
         watch.on_rank_message(hello, {"op": "records", "records": "nope"})
+
+
+def test_a_rank_that_reported_finished_training_is_not_hung_while_it_shuts_down(tmp_path, rank):
+    watch = make_watch(tmp_path, rank)
+    hello = {"job_id": "j", "attempt": 1, "rank": 0}
+    watch.on_rank_message(hello, {"op": "step", "step": 5, "at": time.time()})
+    now = time.monotonic()
+    assert watch.check(now + 60.0), "silent for a minute past a 1 s deadline: hung"
+    watch = make_watch(tmp_path, rank)
+    watch.on_rank_message(hello, {"op": "step", "step": 5, "at": time.time()})
+    watch.on_rank_message(hello, {"op": "finished"})
+    assert watch.check(time.monotonic() + 60.0) == []
