@@ -24,8 +24,10 @@ from grpc_reflection.v1alpha import reflection
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.auth import AuthInterceptor
 from hpt.controller.config import ControllerConfig
+from hpt.controller.decode import DecodeErrorInterceptor
 from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
+from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import AgentServicer, JobServicer
 from hpt.controller.status_page import StatusPage
@@ -86,6 +88,7 @@ class Controller:
                 on_failure=lambda reason: self.metrics.metrics.inc(
                     "hpt_auth_failures_total", reason=reason),
             ))
+        interceptors.append(DecodeErrorInterceptor())
         interceptors.append(self._gate)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -158,6 +161,12 @@ class Controller:
             self._lead(0)
         return self.port
 
+    def ready_nodes(self, names: list[str]) -> int:
+        """How many of the nodes ``names`` are registered and READY."""
+        rec = self.reconciler
+        with rec.lock:
+            return sum(1 for n in names
+                       if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
     def _lead(self, epoch: int) -> None:
         """Take over: rebuild the state from the store, start the loop, serve jobs and agents
         (whose re-registration adopts their running ranks: no job restarts)."""
