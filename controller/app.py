@@ -24,10 +24,13 @@ from grpc_reflection.v1alpha import reflection
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.auth import AuthInterceptor
 from hpt.controller.config import ControllerConfig
+from hpt.controller.decode import DecodeErrorInterceptor
 from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
+from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import AgentServicer, JobServicer
+from hpt.controller.status_page import StatusPage
 from hpt.controller.store import FencedError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
+        self.status_page: StatusPage | None = None
         self._server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
         self._health = health.HealthServicer()
@@ -84,6 +88,7 @@ class Controller:
                 on_failure=lambda reason: self.metrics.metrics.inc(
                     "hpt_auth_failures_total", reason=reason),
             ))
+        interceptors.append(DecodeErrorInterceptor())
         interceptors.append(self._gate)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -144,6 +149,10 @@ class Controller:
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.status_port is not None:
+            self.status_page = StatusPage(self.reconciler, token=cfg.token,
+                                          tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            self.status_page.serve(cfg.host, cfg.status_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         if self.elector is not None:
@@ -152,6 +161,12 @@ class Controller:
             self.elector.start()
         return self.port
 
+    def ready_nodes(self, names: list[str]) -> int:
+        """How many of the nodes ``names`` are registered and READY."""
+        rec = self.reconciler
+        with rec.lock:
+            return sum(1 for n in names
+                       if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
     def _lead(self, epoch: int) -> None:
         """Take over: rebuild the state from the store, start the loop, serve jobs and agents
         (whose re-registration adopts their running ranks: no job restarts)."""
@@ -175,6 +190,8 @@ class Controller:
         if self._server is not None:
             self._server.stop(grace_s).wait(grace_s + 5.0)
         self.metrics.close()
+        if self.status_page is not None:
+            self.status_page.close()
         try:
             self.reconciler.stop()
         except FencedError as e:  # deposed: the new leader owns the state; nothing to flush
