@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.up_loop import one_round
 
 ROUNDS = 2
 
 
+@pytest.mark.timeout(400)  # each round starts agents that import torch; slow on a loaded machine
 def test_up_started_and_stopped_repeatedly_loses_no_agent_and_prints_no_fork_noise():
     for i in range(ROUNDS):
         r = one_round()

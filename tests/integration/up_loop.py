@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.integration.cluster import free_port, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-_STARTED = re.compile(r"agent (node-\d+) started \(pid (\d+)\)")
+_STARTED = re.compile(r"agent (node-[\w.]+) started \(pid (\d+)\)")
 
 
 @dataclass
