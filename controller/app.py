@@ -7,6 +7,8 @@ supervisor restarts it: state is in the store).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -18,13 +20,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from hpt.controller.agent_stream import AgentServicer, HeartbeatIntake
 from hpt.controller.config import ControllerConfig
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.server import AgentServicer, JobServicer, TokenInterceptor
+from hpt.controller.server import JobServicer, TokenInterceptor
 from hpt.controller.store import Store, open_store
 
 log = logging.getLogger(__name__)
+
+_SERVER_START_TIMEOUT_S = 30.0
+_MAX_CONCURRENT_RPCS = 100_000
+"""Every agent holds one stream: this bounds agents plus concurrent client calls."""
 
 _SERVICES = (
     jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -51,13 +58,39 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._intake: HeartbeatIntake | None = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hpt-grpc",
+                                             daemon=True)
+        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="hpt-rpc")
         self._done = threading.Event()
         self.port = 0
 
     def start(self) -> int:
         cfg = self.cfg
         self.reconciler.load()
+        self._loop_thread.start()
+        try:
+            server, self.port = asyncio.run_coroutine_threadsafe(
+                self._start_server(), self._loop).result(_SERVER_START_TIMEOUT_S)
+        except BaseException:
+            self._close_loop()
+            raise
+        self._server = server
+        self.reconciler.on_crash = lambda exc: self._done.set()
+        self.reconciler.start()
+        self.metrics.start()
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
+                 "redis" if cfg.redis_url else "embedded")
+        return self.port
+
+    async def _start_server(self) -> tuple[grpc.aio.Server, int]:
+        """Build and start the server on its loop: agent streams are coroutines there, and the
+        unary RPCs (sync handlers) run on a small thread pool."""
+        cfg = self.cfg
         interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -67,14 +100,16 @@ class Controller:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="hpt-rpc"),
+        server = grpc.aio.server(
+            migration_thread_pool=self._pool,
             interceptors=interceptors,
             options=options,
-            maximum_concurrent_rpcs=1024,
+            maximum_concurrent_rpcs=_MAX_CONCURRENT_RPCS,
         )
+        self._intake = HeartbeatIntake(self.reconciler, asyncio.get_running_loop())
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.reconciler), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.reconciler, self._intake, self._pool), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -87,23 +122,15 @@ class Controller:
                 root_certificates=Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
                 require_client_auth=bool(cfg.tls_client_ca),
             )
-            self.port = server.add_secure_port(address, creds)
+            port = server.add_secure_port(address, creds)
         else:
-            self.port = server.add_insecure_port(address)
-        if not self.port:
+            port = server.add_insecure_port(address)
+        if not port:
             raise OSError(f"could not bind {address}")
-        server.start()
+        await server.start()
         for service in (*_SERVICES, ""):
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
-        self.reconciler.on_crash = lambda exc: self._done.set()
-        self.reconciler.start()
-        self.metrics.start()
-        if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.host, cfg.metrics_port)
-        log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
-                 "redis" if cfg.redis_url else "embedded")
-        return self.port
+        return server, port
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         """Block until stopped (or the control loop crashed); True if it ended."""
@@ -111,8 +138,20 @@ class Controller:
 
     def stop(self, grace_s: float = 1.0) -> None:
         if self._server is not None:
-            self._server.stop(grace_s).wait(grace_s + 5.0)
+            with contextlib.suppress(TimeoutError):
+                asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result(
+                    grace_s + 5.0)
+            self._server = None
+        if self._intake is not None:
+            self._intake.close()
+        self._close_loop()
         self.metrics.close()
         self.reconciler.stop()
         self.store.close()
         self._done.set()
+
+    def _close_loop(self) -> None:
+        if self._loop_thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout=10.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -36,6 +36,9 @@ class ControllerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     log_lines_per_rank: int = 20_000
     """Log lines the controller keeps in memory per (job, rank)."""
+    progress_flush_s: float = 2.0
+    """Step and snapshot progress of a running job is written to the store at most this often
+    (state changes are written at once)."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
 
@@ -51,6 +54,8 @@ class ControllerConfig:
                 f"agent_lease_s ({self.agent_lease_s}) must be > the heartbeat timeout "
                 f"({self.heartbeat_timeout_s})"
             )
+        if not self.progress_flush_s >= 0:
+            raise ValueError(f"progress_flush_s ({self.progress_flush_s}) must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -1,19 +1,19 @@
-"""gRPC servicers: decode, call the reconciler, encode. Nothing else lives here."""
+"""gRPC servicers: decode, call the reconciler, encode. Nothing else lives here.
+
+The agents' stream lives in ``agent_stream``; the decoders it shares are here."""
 
 from __future__ import annotations
 
 import hmac
 import logging
-import queue
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import grpc
 
-from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from hpt._proto import agent_pb2, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert
-from hpt.controller.detect import health_problem
 from hpt.controller.model import (
     Event,
     LaunchCommand,
@@ -33,7 +33,7 @@ _MAX_REPORTS = 4096
 _STREAM_POLL_S = 0.5
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted, so
     Kubernetes probes work without the secret)."""
 
@@ -47,14 +47,14 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
         self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
         if method.startswith("/grpc.health.v1.Health/"):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
-                return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+                return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         if handler.request_streaming and handler.response_streaming:
@@ -104,9 +104,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if request.job_id not in self._rec.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
         rank = request.rank if request.has_rank else None
+        alive = _liveness(context)
 
         def active() -> bool:
-            if not request.follow or not context.is_active():
+            if not request.follow or not alive():
                 return False
             with self._rec.lock:
                 return not self._rec.jobs[request.job_id].state.is_terminal
@@ -118,101 +119,25 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def StreamEvents(self, request, context):  # type: ignore[no-untyped-def]
         cursor = request.after_seq
+        alive = _liveness(context)
         while True:
             events = self._rec.events.read(cursor)
             for event in events:
                 cursor = event.seq
                 if not request.job_id or event.job_id == request.job_id:
                     yield convert.event_to_proto(event)
-            if not request.follow or not context.is_active():
+            if not request.follow or not alive():
                 return
             if not events:
                 self._rec.events.wait_beyond(cursor, _STREAM_POLL_S)
 
 
-class _Link:
-    """One agent's command queue; the servicer's generator drains it onto the stream."""
-
-    _CLOSE = object()
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.queue: queue.Queue[object] = queue.Queue()
-
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
-        self.queue.put(_command_to_proto(command))
-
-    def close(self) -> None:
-        self.queue.put(self._CLOSE)
-
-
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, rec: Reconciler) -> None:
-        self._rec = rec
-
-    def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        try:
-            first = next(request_iterator)
-        except StopIteration:
-            return
-        if first.WhichOneof("kind") != "register":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be register")
-        reg = first.register
-        try:
-            node, reports = _decode_register(reg)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
-        link = _Link(node.name)
-        cfg = self._rec.cfg
-        yield agent_pb2.ControllerMessage(
-            registered=agent_pb2.Registered(
-                node=node.name,
-                heartbeat_period_s=cfg.heartbeat_period_s,
-                lease_s=cfg.agent_lease_s,
-            )
-        )
-        self._rec.register(node, link, reports, reg.free_port,
-                           health_problem=health_problem(reg))
-        reader = threading.Thread(
-            target=self._read, args=(node.name, link, request_iterator), daemon=True,
-            name=f"hpt-agent-{node.name}",
-        )
-        reader.start()
-        try:
-            while context.is_active():
-                try:
-                    item = link.queue.get(timeout=_STREAM_POLL_S)
-                except queue.Empty:
-                    continue
-                if item is _Link._CLOSE:
-                    return
-                yield item
-        finally:
-            self._rec.disconnect(node.name, link)
-
-    def _read(self, node: str, link: _Link, request_iterator: Iterator) -> None:  # type: ignore[type-arg]
-        try:
-            for msg in request_iterator:
-                if msg.WhichOneof("kind") != "heartbeat":
-                    log.warning("[-/-/%s/-] unexpected %s message ignored", node,
-                                msg.WhichOneof("kind"))
-                    continue
-                hb = msg.heartbeat
-                try:
-                    reports = _decode_reports(hb.ranks)
-                except ValueError as exc:
-                    log.warning("[-/-/%s/-] bad heartbeat refused: %s", node, exc)
-                    continue
-                logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
-                self._rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready)
-                self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
-                if hb.events:
-                    self._rec.agent_events(node, _decode_events(node, hb.events))
-                link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
-        except grpc.RpcError:
-            pass  # the stream ended; Connect's finally reports the disconnect
-        finally:
-            link.close()
+def _liveness(context) -> Callable[[], bool]:  # type: ignore[no-untyped-def]
+    """``() -> bool``: the RPC is still open. The asyncio server's context for sync handlers
+    has no ``is_active``; its termination callback tells the same."""
+    ended = threading.Event()
+    context.add_callback(ended.set)
+    return lambda: not ended.is_set()
 
 
 def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
@@ -286,4 +211,4 @@ def _command_to_proto(
     )
 
 
-__all__ = ["AgentServicer", "JobServicer", "TokenInterceptor"]
+__all__ = ["JobServicer", "TokenInterceptor"]

@@ -29,7 +29,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hpt.monitor.detectors._common import MAD_TO_SIGMA, median, median_sorted, require
+from hpt.monitor.detectors._common import (
+    MAD_TO_SIGMA,
+    LowWatermark,
+    median,
+    median_sorted,
+    require,
+)
 from hpt.monitor.records import Detection, Finding, FindingKind, StepRecord
 
 __all__ = ["StepMetric", "StragglerConfig", "StragglerDetector", "step_value"]
@@ -141,6 +147,7 @@ class _Job:
     pending: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     evaluated_through: int = -1
     step_medians: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    watermark: LowWatermark = field(default_factory=LowWatermark)  # min last_step of members
 
 
 @dataclass(slots=True)
@@ -176,6 +183,7 @@ class StragglerDetector:
         if job is None:
             return
         job.expected = frozenset(nodes_by_rank)
+        job.watermark.invalidate()
         for rank, node in nodes_by_rank.items():
             self._rank(job, rank, node)
 
@@ -197,7 +205,10 @@ class StragglerDetector:
             if job is None or rec.step <= job.evaluated_through:
                 continue
             r = self._rank(job, rec.rank, rec.node)
-            r.last_step = max(r.last_step, rec.step)
+            if rec.step > r.last_step:
+                if job.expected is None or rec.rank in job.expected:
+                    job.watermark.raised(r.last_step, rec.step)
+                r.last_step = rec.step
             value = step_value(rec, self.cfg.metric)
             job.pending.setdefault(rec.step, {})[rec.rank] = (value, rec.end_s - rec.start_s)
             touched[rec.job_id] = job
@@ -258,13 +269,14 @@ class StragglerDetector:
         if r is None:
             r = _Rank(node=node, window=self.cfg.window)
             job.ranks[rank] = r
+            job.watermark.invalidate()
         elif node:
             r.node = node
         return r
 
     def _evaluate_ready(self, job_id: str, job: _Job, now: float, out: list[Finding]) -> str:
         members = job.expected if job.expected is not None else job.ranks.keys()
-        watermark = min((job.ranks[m].last_step for m in members), default=-1)
+        watermark = job.watermark.get(lambda: (job.ranks[m].last_step for m in members))
         ready = sorted(s for s in job.pending if s <= watermark)
         overflow = len(job.pending) - len(ready) - self.cfg.max_pending_steps
         if overflow > 0:

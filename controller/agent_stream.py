@@ -1,0 +1,204 @@
+"""The agents' streams (``AgentService.Connect``) as coroutines, and the heartbeat intake.
+
+Every agent holds one bidirectional stream for its whole life. A thread per stream (the sync
+gRPC server's model) capped the controller at its thread pool: 127 agents registered, the
+128th waited forever (tests/bench/bench_scale.py). Here each stream is a coroutine on the gRPC
+server's event loop, so an idle stream costs a few KiB and no thread:
+
+- ``AgentServicer.Connect`` decodes the registration, answers ``Registered``, hands the
+  registration to the reconciler on a worker thread (it takes the reconciler's lock and writes
+  the store), then forwards commands from its ``_Link`` queue onto the stream while a reader
+  task feeds heartbeats to the intake.
+- ``HeartbeatIntake`` applies heartbeats on one thread in batches: one acquisition of the
+  reconciler's lock per batch rather than per heartbeat, the control loop woken once per batch
+  and only when a rank changed state, the detectors fed outside the lock, and the acks sent
+  back to the loop in one call. A heartbeat is acknowledged only after it was applied: the ack
+  is the agent's lease.
+
+Commands flow the other way: the control loop (its own thread) calls ``_Link.send``, which
+encodes the command and hands it to the stream's queue through ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import threading
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+
+from hpt._proto import agent_pb2, agent_pb2_grpc
+from hpt.controller.detect import health_problem
+from hpt.controller.model import LaunchCommand, ReleaseCommand, StopCommand
+from hpt.controller.reconcile import Reconciler
+from hpt.controller.server import (
+    _command_to_proto,
+    _decode_events,
+    _decode_register,
+    _decode_reports,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 4096
+"""Heartbeats applied under one acquisition of the reconciler's lock, at most."""
+_INTAKE_WAIT_S = 0.5
+
+
+class _Link:
+    """One agent's command queue; ``send`` may be called from any thread."""
+
+    _CLOSE = object()
+
+    def __init__(self, node: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.node = node
+        self._loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
+        self.put(_command_to_proto(command))
+
+    def put(self, message: object) -> None:
+        # RuntimeError: the loop is closed (the server stopped, and the stream with it)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, message)
+
+    def close(self) -> None:
+        self.put(self._CLOSE)
+
+
+def _deliver(acks: list[tuple[_Link, agent_pb2.ControllerMessage]]) -> None:
+    for link, msg in acks:
+        link.queue.put_nowait(msg)
+
+
+class HeartbeatIntake:
+    """Applies heartbeats from every stream on one thread, in batches (see the module doc)."""
+
+    def __init__(self, rec: Reconciler, loop: asyncio.AbstractEventLoop) -> None:
+        self._rec = rec
+        self._loop = loop
+        self._items: collections.deque[tuple[str, _Link, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.num_batches = 0
+        self.num_heartbeats = 0
+        self._thread = threading.Thread(target=self._run, name="hpt-heartbeats", daemon=True)
+        self._thread.start()
+
+    def put(self, node: str, link: _Link, heartbeat: Any) -> None:
+        with self._cond:
+            self._items.append((node, link, heartbeat))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=10.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items or self._stopping, _INTAKE_WAIT_S)
+                if self._stopping:
+                    return
+                batch = [self._items.popleft()
+                         for _ in range(min(len(self._items), _MAX_BATCH))]
+            if batch:
+                self._apply(batch)
+
+    def _apply(self, batch: list[tuple[str, _Link, Any]]) -> None:
+        rec = self._rec
+        accepted = []
+        for node, link, hb in batch:
+            try:
+                accepted.append((node, link, hb, _decode_reports(hb.ranks)))
+            except ValueError as exc:
+                log.warning("[-/-/%s/-] bad heartbeat refused: %s", node, exc)
+        changed = False
+        with rec.lock:
+            for node, _link, hb, reports in accepted:
+                logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
+                changed |= rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready,
+                                         wake=False)
+        acks = []
+        for node, link, hb, _reports in accepted:
+            rec.detection.on_heartbeat(node, hb)  # timing records, findings
+            if hb.events:
+                rec.agent_events(node, _decode_events(node, hb.events))
+            acks.append((link, agent_pb2.ControllerMessage(
+                ack=agent_pb2.HeartbeatAck(seq=hb.seq))))
+        if changed:
+            rec.wake()
+        self.num_batches += 1
+        self.num_heartbeats += len(accepted)
+        with contextlib.suppress(RuntimeError):  # the server stopped
+            self._loop.call_soon_threadsafe(_deliver, acks)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """``Connect`` as a coroutine per agent; blocking work goes to ``executor``."""
+
+    def __init__(self, rec: Reconciler, intake: HeartbeatIntake, executor: Executor) -> None:
+        self._rec = rec
+        self._intake = intake
+        self._executor = executor
+
+    async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("kind") != "register":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "first message must be register")
+        reg = first.register
+        try:
+            node, reports = _decode_register(reg)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
+        loop = asyncio.get_running_loop()
+        link = _Link(node.name, loop)
+        cfg = self._rec.cfg
+        # registered before the answer, so an agent told "Registered" can be placed; commands
+        # the registration queues (stop a stale rank) wait in the link until after it
+        await loop.run_in_executor(self._executor, functools.partial(
+            self._rec.register, node, link, reports, reg.free_port,
+            health_problem=health_problem(reg)))
+        await context.write(agent_pb2.ControllerMessage(registered=agent_pb2.Registered(
+            node=node.name, heartbeat_period_s=cfg.heartbeat_period_s, lease_s=cfg.agent_lease_s)))
+        reader = asyncio.create_task(self._read(node.name, link, context))
+        try:
+            while True:
+                item = await link.queue.get()
+                if item is _Link._CLOSE:
+                    return
+                await context.write(item)
+        finally:
+            reader.cancel()
+            # never awaited: a cancelled handler must not block on the reconciler's lock
+            loop.run_in_executor(self._executor, self._rec.disconnect, node.name, link)
+
+    async def _read(self, node: str, link: _Link, context) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                if msg.WhichOneof("kind") != "heartbeat":
+                    log.warning("[-/-/%s/-] unexpected %s message ignored", node,
+                                msg.WhichOneof("kind"))
+                    continue
+                self._intake.put(node, link, msg.heartbeat)
+        except (grpc.aio.AioRpcError, grpc.RpcError):
+            pass  # the stream ended; Connect's finally reports the disconnect
+        finally:
+            link.close()
+
+
+__all__ = ["AgentServicer", "HeartbeatIntake"]
