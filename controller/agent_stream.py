@@ -127,9 +127,9 @@ class HeartbeatIntake:
                 logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
                 changed |= rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready,
                                          wake=False)
+        rec.detection.on_heartbeats([(node, hb) for node, _l, hb, _r in accepted])
         acks = []
         for node, link, hb, _reports in accepted:
-            rec.detection.on_heartbeat(node, hb)  # timing records, findings
             if hb.events:
                 rec.agent_events(node, _decode_events(node, hb.events))
             acks.append((link, agent_pb2.ControllerMessage(

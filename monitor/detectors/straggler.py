@@ -148,6 +148,7 @@ class _Job:
     evaluated_through: int = -1
     step_medians: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     watermark: LowWatermark = field(default_factory=LowWatermark)  # min last_step of members
+    flagged: set[int] = field(default_factory=set)  # ranks whose _Rank.flagged is set
 
 
 @dataclass(slots=True)
@@ -241,7 +242,7 @@ class StragglerDetector:
         job = self._jobs.get(job_id)
         if job is None:
             return frozenset()
-        return frozenset(rank for rank, r in job.ranks.items() if r.flagged)
+        return frozenset(job.flagged)
 
     def median_step_s(self, job_id: str) -> float | None:
         """Median wall step time over recent evaluated steps, None before the first one.
@@ -368,6 +369,7 @@ class StragglerDetector:
         if not r.flagged:
             if num_slow >= cfg.persistence:
                 r.flagged = True
+                job.flagged.add(v.rank)
                 r.fine_run = 0
                 out.append(
                     Finding(
@@ -390,6 +392,7 @@ class StragglerDetector:
         r.fine_run = 0 if v.slow else r.fine_run + 1
         if r.fine_run >= cfg.persistence:
             r.flagged = False
+            job.flagged.discard(v.rank)
             r.fine_run = 0
             # Start the window afresh so old slow steps cannot re-flag the rank at once.
             r.slow.clear()

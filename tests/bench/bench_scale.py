@@ -190,6 +190,9 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
                 timing_records_per_s=round((fleet.num_records - recs0) / wall, 1),
                 simulator_cpu=round((time.process_time() - sim0) / wall, 3),
             )
+            acked = len(lat)
+            out["controller_cpu_ms_per_heartbeat"] = round(
+                1000 * out["controller_cpu"] * wall / acked, 3) if acked else None  # type: ignore[operator]
             out["controller_rss_kib_per_agent"] = round(
                 _rss_bytes(ctl.proc.pid) / 1024 / n, 1)
             false_lost = sum(1 for e in events if e.kind == "node_lost") - lost_before
