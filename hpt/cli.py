@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpt import client as hc
+from hpt._cli_plan import plan as plan_command
 from hpt._cli_util import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -867,6 +868,8 @@ def demo(
         keep=keep,
     )
 
+
+main.add_command(plan_command, "plan")
 
 if __name__ == "__main__":
     main(prog_name="hptctl")

@@ -317,26 +317,32 @@ def group_overflow_probability(k: int, m: int, node_rate_s: float, window_s: flo
 
 def recommend_redundancy(inputs: Inputs, node_loss_rate: float, extra_cost_s: float,
                          budget: float = 1e-4) -> tuple[int, int]:
-    """Smallest memory overhead ``m/k`` whose disk fallbacks cost under ``budget`` of the time.
+    """Smallest memory overhead ``m/k`` whose disk fallbacks cost under ``budget`` of the time
+    (when none does: the one whose fallbacks cost least).
 
     Candidates: ``k`` in 2, 4, 8, 16 (at most the node count less ``m``), ``m`` in 1..4; ties
     go to the smaller group (cheaper decode)."""
     nodes = inputs.nodes
     per_node = node_loss_rate / nodes if nodes else 0.0
-    best: tuple[float, int, int] | None = None
+    within: list[tuple[float, int, int]] = []
+    beyond: list[tuple[float, float, int, int]] = []
     for m in range(1, 5):
         for k in (2, 4, 8, 16):
             if k + m > nodes:
                 continue
-            p = group_overflow_probability(k, m, per_node, inputs.regroup_s)
-            if node_loss_rate * p * extra_cost_s > budget:
-                continue
-            key = (m / k, k, m)
-            if best is None or key < best:
-                best = key
-    if best is None:
-        return (max(1, nodes - 1), 1) if nodes > 1 else (1, 0)
-    return best[1], best[2]
+            cost = node_loss_rate * extra_cost_s * group_overflow_probability(
+                k, m, per_node, inputs.regroup_s)
+            if cost <= budget:
+                within.append((m / k, k, m))
+            else:
+                beyond.append((cost, m / k, k, m))
+    if within:
+        _, k, m = min(within)
+        return k, m
+    if beyond:
+        _, _, k, m = min(beyond)
+        return k, m
+    return (1, 0)
 
 
 # ---------------------------------------------------------------------------- the model

@@ -20,6 +20,7 @@ network looks like to the controller).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -168,10 +169,8 @@ class SimAgent:
         await asyncio.sleep(random.uniform(0, self.period_s))
         while not self.silenced_at:
             self._send_beat()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.period_s)
-            except TimeoutError:
-                pass
             self._kick.clear()
 
     def _send_beat(self) -> None:
