@@ -42,6 +42,10 @@ class AgentConfig:
     """Serve Prometheus ``/metrics`` on this port; None: off; 0: a free port (logged)."""
     hang: HangConfig = field(default_factory=HangConfig)
     """Hang deadline of local ranks: max(min_s, factor x median step time)."""
+    peer_port: int = 0
+    """Port of the peer service (snapshot protection between agents) on ``address``; 0: free."""
+    peer_advertise: str = ""
+    """``host:port`` other agents reach the peer service at; empty: ``address:peer_port``."""
 
     def __post_init__(self) -> None:
         if not self.controller or ":" not in self.controller:
@@ -54,5 +58,9 @@ class AgentConfig:
             raise ValueError(f"lease_s ({self.lease_s}) must be >= 0")
         if self.stop_grace_s < 0:
             raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be >= 0")
+        if not 0 <= self.peer_port <= 65535:
+            raise ValueError(f"peer_port ({self.peer_port}) must be in 0..65535")
+        if self.peer_advertise and ":" not in self.peer_advertise:
+            raise ValueError(f"peer_advertise ({self.peer_advertise!r}) must be host:port")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")

@@ -25,8 +25,13 @@ import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
 from hpt.agent.config import AgentConfig
+from hpt.agent.guard import Guard
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
+from hpt.agent.ownership import RUN_DIR_PREFIX, Ownership, sweep_dead_owners
+from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
+from hpt.agent.protect import Protector
 from hpt.agent.rank_socket import RankSocketServer
+from hpt.agent.recovery import Recovery
 from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
@@ -38,6 +43,10 @@ _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
 _RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Both directions of the controller stream; the controller's own limit is the same by default,
+and a launch is bounded by the job spec's size budget (``model.MAX_SPEC_BYTES``) far below it."""
+_SHM_DIR = "/dev/shm"
 _RANK_STATE = {
     RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
     RankPhase.RUNNING: common_pb2.RANK_STATE_RUNNING,
@@ -57,7 +66,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self._owns_run_dir = not cfg.run_dir
-        self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="hpt-agent-"))
+        self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
         self._changed = threading.Event()
@@ -73,12 +82,23 @@ class Agent:
             else None
         )
         self.socket_path = str(self.run_dir / "agent.sock")
-        self.snapshots = SnapshotKeeper(cfg.name)
-        self.snapshots.sweep_stale()
+        # leftovers of dead agents on this host go; a live agent's files are never touched
+        self.ownership = Ownership.claim(cfg.name, shm_dir=_SHM_DIR, run_dir=str(self.run_dir),
+                                         owns_run_dir=self._owns_run_dir)
+        sweep_dead_owners(_SHM_DIR)
+        self.snapshots = SnapshotKeeper(cfg.name, shm_dir=_SHM_DIR,
+                                        owner=self.ownership.instance_id)
+        self._guard = Guard()
+        auth = PeerAuth(cfg.token, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        self.protector = Protector(cfg.name, self.snapshots.shm_dir, self.snapshots.prefix,
+                                   PeerClient(auth))
+        self._peer_server = PeerServer(self.protector, cfg.name, cfg.address, cfg.peer_port, auth)
+        self.peer_address = cfg.peer_advertise or f"{cfg.address}:{self._peer_server.port}"
+        self.recovery = Recovery(self.protector, self.snapshots)
         self.launcher = Launcher(node=cfg.name, run_dir=self.run_dir,
                                  agent_socket=self.socket_path, on_change=self._changed.set,
                                  spawner=self._spawner, snapshots=self.snapshots,
-                                 warm_pool=self._warm)
+                                 warm_pool=self._warm, guard=self._guard)
         self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
         self.monitoring = AgentMonitoring(
             node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
@@ -91,6 +111,7 @@ class Agent:
     def run(self) -> None:
         """Serve until ``stop()``; reconnects to the controller as needed."""
         self._rank_socket.start()
+        self.protector.start()
         self.monitoring.start()  # health check first: registration reports it
         fence = threading.Thread(target=self._fence_loop, name="hpt-fence", daemon=True)
         fence.start()
@@ -119,20 +140,27 @@ class Agent:
             log.error("[-/-/%s/-] ranks survived SIGKILL past the deadline", self.cfg.name)
         self._rank_socket.close()
         self.monitoring.close()
+        self._peer_server.close()
+        self.protector.close()
+        self.protector.client.close()
         self.snapshots.close()
         if self._warm is not None:
             self._warm.close()
         self._spawner.close()
+        self._guard.close()
         if self._owns_run_dir:
             import shutil
 
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.ownership.release()
 
     # ---------------------------------------------------------------- controller stream
 
     def _channel(self) -> grpc.Channel:
         cfg = self.cfg
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                   ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
         if cfg.tls_ca:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=Path(cfg.tls_ca).read_bytes(),
@@ -171,6 +199,7 @@ class Agent:
                 elif kind == "launch":
                     self._on_launch(msg.launch)
                 elif kind == "release":
+                    self.protector.release(msg.release.job_id)
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
@@ -182,7 +211,10 @@ class Agent:
                 if self._stop.is_set():
                     break
         except grpc.RpcError as exc:
-            if not self._stop.is_set():
+            if hasattr(exc, "code") and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                log.error("[-/-/%s/-] the controller refused this agent: %s (retrying with "
+                          "backoff)", self.cfg.name, exc.details())
+            elif not self._stop.is_set():
                 log.warning("[-/-/%s/-] controller stream ended: %s", self.cfg.name,
                             exc.code() if hasattr(exc, "code") else exc)
         finally:
@@ -212,6 +244,8 @@ class Agent:
             ranks=[self._report(r) for r in self.launcher.ranks()],
             free_port=free_port(self.cfg.address),
             warm_ready=self._warm.ready() if self._warm else 0,
+            instance_id=self.ownership.instance_id,
+            peer_address=self.peer_address,
             **self.monitoring.register_fields(),
         )
 
@@ -239,6 +273,7 @@ class Agent:
                         warm_ready=self._warm.ready() if self._warm else 0,
                         **self.monitoring.heartbeat_fields(),
                         events=self.snapshots.take_events(),
+                        pieces=self.protector.pieces(),
                     )
                 )
             )
@@ -267,6 +302,9 @@ class Agent:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
                       spec.attempt, self.cfg.name)
             return
+        # old snapshots this node's ranks need are in place (and verified) before they start
+        spec = self.recovery.prepare(spec, msg.restore if msg.HasField("restore") else None)
+        self.protector.protect(spec.job_id, spec.attempt, msg.protection)
         self.launcher.launch(spec)
 
     # ---------------------------------------------------------------- ranks and fencing
@@ -289,6 +327,7 @@ class Agent:
             step, generation, nbytes = snapshot_message_fields(msg)
             if msg["op"] == "snapshot":
                 self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
+                self.protector.notify()
             else:
                 self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
             return
@@ -306,10 +345,11 @@ class Agent:
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):
-            if self._fenced:
-                continue
             silent = time.monotonic() - self._last_contact
-            if self._lease_s and silent > self._lease_s and self.launcher.alive():
+            if not self._lease_s or silent <= self._lease_s:
+                self._fenced = False  # in contact (again): a later silence fences again
+                continue
+            if not self._fenced and self.launcher.alive():
                 log.error("[-/-/%s/-] no controller for %.1fs (lease %.1fs): killing every rank",
                           self.cfg.name, silent, self._lease_s)
                 self.launcher.stop_all(grace_s=0.0, reason="self-fenced: controller unreachable")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpt.agent.guard import Guard, kill_session
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
@@ -68,6 +69,8 @@ class LaunchSpec:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    restore_shards: str = ""
+    """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -155,7 +158,9 @@ class Launcher:
         spawner: Spawner,
         snapshots: SnapshotKeeper,
         warm_pool: WarmPool | None = None,
+        guard: Guard | None = None,
     ) -> None:
+        self._guard = guard
         self._spawner = spawner
         self._snapshots = snapshots
         self.node = node
@@ -248,6 +253,8 @@ class Launcher:
             HPT_RESTORE_STEP=str(spec.restore_step),
             PYTHONUNBUFFERED="1",
         )
+        if spec.restore_shards:
+            env["HPT_RESTORE_SHARDS"] = spec.restore_shards
         env.update(self._snapshots.prepare(
             spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
             persist_every=spec.persist_every, keep_persisted=spec.keep_persisted))
@@ -276,6 +283,8 @@ class Launcher:
                       proc.rank, exc)
             return
         proc.proc, proc.pid, proc.phase = popen, popen.pid, RankPhase.RUNNING
+        if self._guard is not None:  # the rank's session dies with this agent, however it dies
+            self._guard.watch(popen.pid)
         log_path = rank_dir / f"rank-{proc.rank}.log"
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             threading.Thread(target=self._pump, args=(proc, stream, pipe, log_path), daemon=True,
@@ -295,7 +304,9 @@ class Launcher:
     def _wait(self, proc: RankProcess) -> None:
         assert proc.proc is not None
         code = proc.proc.wait()
-        _kill_group(proc.pid, signal.SIGKILL)  # whatever the rank left in its group goes too
+        kill_session(proc.pid)  # whatever the rank left in its session goes too
+        if self._guard is not None:
+            self._guard.unwatch(proc.pid)
         proc.ended_at = time.time()
         proc.exit_code = code
         if code < 0:
@@ -342,8 +353,13 @@ class Launcher:
         return len(targets)
 
     def stop_all(self, *, grace_s: float, reason: str) -> None:
-        for job_id in {p.job_id for p in self.alive()}:
-            self.stop(job_id, 1 << 31, grace_s=grace_s, reason=reason)
+        """Stop every live rank. Fences each job only up to the newest attempt it ran here, so
+        the controller's next attempt is still accepted (self-fencing is not a verdict on it)."""
+        newest: dict[str, int] = {}
+        for p in self.alive():
+            newest[p.job_id] = max(newest.get(p.job_id, 0), p.attempt)
+        for job_id, attempt in newest.items():
+            self.stop(job_id, attempt, grace_s=grace_s, reason=reason)
 
     def wait_all(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

@@ -16,7 +16,6 @@ written torn. ``release(job)`` unlinks everything of a job when the controller s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from hpt._proto import agent_pb2
+from hpt.agent.ownership import node_prefix
 from hpt.ckpt import fmt
 from hpt.ckpt.checksum import verify
 from hpt.ckpt.errors import CkptError
@@ -52,8 +52,9 @@ class _RankSnapshots:
 
 
 class SnapshotKeeper:
-    def __init__(self, node: str, *, shm_dir: str = "/dev/shm") -> None:
+    def __init__(self, node: str, *, shm_dir: str = "/dev/shm", owner: str = "") -> None:
         self.node = node
+        self.owner = owner
         self.shm_dir = shm_dir
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _RankSnapshots] = {}
@@ -61,11 +62,12 @@ class SnapshotKeeper:
 
     # ---------------------------------------------------------------- events
 
-    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str) -> None:
+    def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str,
+              step: int = 0) -> None:
         """Queue an event for the controller's log (sent with the next heartbeat)."""
         self._events.append(agent_pb2.AgentEvent(kind=kind, job_id=job_id, attempt=attempt,
                                                  rank=rank, message=message[:4096],
-                                                 at=time.time()))
+                                                 at=time.time(), step=step))
 
     def take_events(self) -> list[agent_pb2.AgentEvent]:
         out = []
@@ -75,24 +77,14 @@ class SnapshotKeeper:
 
     @property
     def node_prefix(self) -> str:
-        """Every shared-memory file of this node starts with it ('--' ends the node name)."""
+        """Every shared-memory file of this agent starts with it ('--' ends the node name, then
+        the owning agent's instance id: see ``ownership.py``)."""
+        if self.owner:
+            return node_prefix(self.node, self.owner)
         return f"hpt-{_SAFE.sub('_', self.node)}--"
 
     def prefix(self, job_id: str, rank: int) -> str:
         return f"{self.node_prefix}{_SAFE.sub('_', job_id)}-r{rank}"
-
-    def sweep_stale(self) -> int:
-        """Remove files a previous agent of this node left behind (it died without releasing
-        them: nobody else will). Called once at agent start, before any rank runs."""
-        removed = 0
-        for path in Path(self.shm_dir).glob(f"{self.node_prefix}*"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-        if removed:
-            log.warning("[-/-/%s/-] removed %d stale snapshot file(s) of a previous agent",
-                        self.node, removed)
-        return removed
 
     def prepare(self, job_id: str, rank: int, *, world_size: int, persist_dir: str,
                 persist_every: int, keep_persisted: int) -> dict[str, str]:
@@ -130,6 +122,16 @@ class SnapshotKeeper:
                    and step % entry.persist_every == 0)
         if due:
             self._offer(job_id, rank, entry, step, generation)
+
+    def adopt(self, job_id: str, rank: int, step: int, generation: int, nbytes: int) -> None:
+        """A snapshot the agent itself put in place (rebuilt from peers before a restore)."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            if entry is None:
+                entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
+            entry.generations = {g: s for g, s in entry.generations.items() if g != generation}
+            entry.generations[generation] = step
+            entry.nbytes = nbytes
 
     def _offer(self, job_id: str, rank: int, entry: _RankSnapshots, step: int,
                generation: int) -> None:

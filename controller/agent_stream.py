@@ -35,8 +35,9 @@ import grpc
 from hpt._proto import agent_pb2, agent_pb2_grpc
 from hpt.controller.detect import health_problem
 from hpt.controller.model import LaunchCommand, ReleaseCommand, StopCommand
-from hpt.controller.reconcile import Reconciler
+from hpt.controller.reconcile import DuplicateNodeError, Reconciler
 from hpt.controller.server import (
+    _MAX_REPORTS,
     _command_to_proto,
     _decode_events,
     _decode_register,
@@ -132,6 +133,11 @@ class HeartbeatIntake:
         for node, link, hb, _reports in accepted:
             if hb.events:
                 rec.agent_events(node, _decode_events(node, hb.events))
+            for e in hb.events:
+                if e.kind == "restore_failed" and e.step > 0:
+                    rec.restore_failed(e.job_id[:256], e.step)
+            rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
+                                   for p in hb.pieces[:_MAX_REPORTS]])
             acks.append((link, agent_pb2.ControllerMessage(
                 ack=agent_pb2.HeartbeatAck(seq=hb.seq))))
         if changed:
@@ -167,9 +173,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         cfg = self._rec.cfg
         # registered before the answer, so an agent told "Registered" can be placed; commands
         # the registration queues (stop a stale rank) wait in the link until after it
-        await loop.run_in_executor(self._executor, functools.partial(
-            self._rec.register, node, link, reports, reg.free_port,
-            health_problem=health_problem(reg)))
+        try:
+            await loop.run_in_executor(self._executor, functools.partial(
+                self._rec.register, node, link, reports, reg.free_port,
+                health_problem=health_problem(reg), instance_id=reg.instance_id[:64]))
+        except DuplicateNodeError as exc:
+            log.error("[-/-/%s/-] registration refused: %s", node.name, exc)
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         await context.write(agent_pb2.ControllerMessage(registered=agent_pb2.Registered(
             node=node.name, heartbeat_period_s=cfg.heartbeat_period_s, lease_s=cfg.agent_lease_s)))
         reader = asyncio.create_task(self._read(node.name, link, context))

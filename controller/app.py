@@ -63,7 +63,12 @@ class Controller:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hpt-grpc",
                                              daemon=True)
-        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="hpt-rpc")
+        # unary RPCs and the follow-streams (at most max_streams of them) run on this pool
+        self._pool = futures.ThreadPoolExecutor(max_workers=cfg.max_streams + 16,
+                                                thread_name_prefix="hpt-rpc")
+        # agents' registrations and disconnects (they take the reconciler's lock)
+        self._agent_pool = futures.ThreadPoolExecutor(max_workers=4,
+                                                      thread_name_prefix="hpt-agents")
         self._done = threading.Event()
         self.port = 0
 
@@ -109,7 +114,7 @@ class Controller:
         self._intake = HeartbeatIntake(self.reconciler, asyncio.get_running_loop())
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.reconciler, self._intake, self._pool), server)
+            AgentServicer(self.reconciler, self._intake, self._agent_pool), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -155,3 +160,4 @@ class Controller:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout=10.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._agent_pool.shutdown(wait=False, cancel_futures=True)

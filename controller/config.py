@@ -39,8 +39,21 @@ class ControllerConfig:
     progress_flush_s: float = 2.0
     """Step and snapshot progress of a running job is written to the store at most this often
     (state changes are written at once)."""
+    log_bytes_per_rank: int = 4 * 1024 * 1024
+    """Log characters the controller keeps in memory per (job, rank) (older lines go first)."""
+    launch_timeout_s: float = 120.0
+    """A rank still PENDING this long after its launch command left is a fault (launch_timeout)."""
+    keep_finished_jobs: int = 1000
+    """Finished jobs kept (memory and store); older ones beyond this count are dropped."""
+    keep_finished_s: float = 7 * 24 * 3600.0
+    """Finished jobs are dropped this long after they ended."""
+    max_streams: int = 32
+    """Concurrent ``logs -f``/``events -f`` streams; more are refused (RESOURCE_EXHAUSTED) so
+    they never take the worker threads unary RPCs and agents need."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    grow_hysteresis_s: float = 10.0
+    """A node must stay free this long before a shrunk job grows back onto it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,6 +71,20 @@ class ControllerConfig:
             raise ValueError(f"progress_flush_s ({self.progress_flush_s}) must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if self.max_message_bytes < 4 * 1024 * 1024:
+            raise ValueError(f"max_message_bytes ({self.max_message_bytes}) must be >= 4 MiB")
+        if self.log_bytes_per_rank < 1024:
+            raise ValueError(f"log_bytes_per_rank ({self.log_bytes_per_rank}) must be >= 1024")
+        if not self.launch_timeout_s > 0:
+            raise ValueError(f"launch_timeout_s ({self.launch_timeout_s}) must be > 0")
+        if self.keep_finished_jobs < 0:
+            raise ValueError(f"keep_finished_jobs ({self.keep_finished_jobs}) must be >= 0")
+        if not self.keep_finished_s > 0:
+            raise ValueError(f"keep_finished_s ({self.keep_finished_s}) must be > 0")
+        if not 1 <= self.max_streams <= 64:
+            raise ValueError(f"max_streams ({self.max_streams}) must be in 1..64")
+        if not 0 <= self.grow_hysteresis_s <= 86400:
+            raise ValueError(f"grow_hysteresis_s ({self.grow_hysteresis_s}) must be in 0..86400")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from hpt._proto import checkpoint_pb2
 from hpt._proto import common_pb2 as pb
+from hpt.controller.elastic import ProtectionPlan
 from hpt.controller.model import (
     Attempt,
     AttemptState,
@@ -18,6 +20,7 @@ from hpt.controller.model import (
     NodeState,
     Rank,
     RankState,
+    RestoreCommand,
     StateChange,
 )
 
@@ -58,6 +61,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         persist_every=msg.persist_every,
         keep_persisted=msg.keep_persisted or 3,
         straggler_restart_after=msg.straggler_restart_after,
+        redundancy=msg.redundancy,
     )
 
 
@@ -77,6 +81,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         persist_every=spec.persist_every,
         keep_persisted=spec.keep_persisted,
         straggler_restart_after=spec.straggler_restart_after,
+        redundancy=spec.redundancy,
     )
 
 
@@ -189,6 +194,9 @@ def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
         started_at=attempt.started_at,
         first_step_at=attempt.first_step_at,
         ended_at=attempt.ended_at,
+        protected_steps=attempt.protected_steps,
+        redundancy=attempt.redundancy,
+        parity_bytes=attempt.parity_bytes,
     )
     if attempt.cause is not None:
         msg.cause.CopyFrom(fault_to_proto(attempt.cause))
@@ -209,6 +217,9 @@ def attempt_from_proto(msg: pb.Attempt) -> Attempt:
         first_step_at=msg.first_step_at,
         ended_at=msg.ended_at,
         cause=fault_from_proto(msg.cause),
+        protected_steps=tuple(msg.protected_steps),
+        redundancy=msg.redundancy,
+        parity_bytes=msg.parity_bytes,
     )
 
 
@@ -258,6 +269,7 @@ def node_to_proto(node: Node) -> pb.Node:
         reason=node.reason,
         hostname=node.hostname,
         warm_ready=node.warm_ready,
+        peer_address=node.peer_address,
     )
 
 
@@ -271,6 +283,7 @@ def node_from_proto(msg: pb.Node) -> Node:
         reason=msg.reason,
         hostname=msg.hostname,
         warm_ready=msg.warm_ready,
+        peer_address=msg.peer_address,
     )
 
 
@@ -328,3 +341,19 @@ def event_from_bytes(data: bytes, seq: int) -> Event:
     msg = pb.Event()
     msg.ParseFromString(data)
     return event_from_proto(msg, seq)
+
+
+def protection_to_proto(plan: ProtectionPlan) -> checkpoint_pb2.ProtectionLayout:
+    return checkpoint_pb2.ProtectionLayout(
+        k=plan.k, m=plan.m,
+        nodes=[checkpoint_pb2.GroupNode(node=n.node, peer_address=n.peer_address, ranks=n.ranks)
+               for n in plan.nodes],
+        stripes=[checkpoint_pb2.Stripe(data=d, parity=p) for d, p in plan.stripes],
+    )
+
+
+def restore_to_proto(cmd: RestoreCommand) -> checkpoint_pb2.RestorePlan:
+    return checkpoint_pb2.RestorePlan(
+        step=cmd.step, attempt=cmd.attempt, world_size=cmd.world_size,
+        layout=protection_to_proto(cmd.layout), lost=cmd.lost, need_ranks=cmd.need_ranks,
+    )

@@ -44,6 +44,7 @@ class ControllerMetrics:
         self._goodput: dict[tuple[str, str], float] = {}
         self._heartbeats: dict[str, int] = {}
         self._forgotten: set[str] = set()
+        self._counted: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -93,7 +94,18 @@ class ControllerMetrics:
                     "hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat), node=name
                 )
             running = [j.id for j in jobs if j.state == JobState.RUNNING]
+            ratios = {j.id: r for j in jobs if j.state == JobState.RUNNING
+                      and (r := memory_ratio(j)) is not None}
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
+            health = rec.store_health()
+            stalls = rec.stall.num_stalls
+        m.set("hpt_store_up", 1.0 if health.up else 0.0)
+        m.set("hpt_store_pending_events", rec.events.num_pending)
+        for name, total in (("hpt_store_outages_total", health.num_outages),
+                            ("hpt_controller_stalls_total", stalls)):
+            if total > self._counted.get(name, 0):
+                m.inc(name, total - self._counted.get(name, 0))
+                self._counted[name] = total
         for state, n in by_state.items():
             m.set("hpt_jobs", n, state=state)
         for state, n in nodes.items():
@@ -108,6 +120,9 @@ class ControllerMetrics:
         for job_id in running:
             for rank, score in det.scores(job_id).items():
                 m.set("hpt_straggler_score", score, rank=rank)
+        m.clear("hpt_snapshot_memory_ratio")
+        for job_id, ratio in ratios.items():
+            m.set("hpt_snapshot_memory_ratio", ratio, hpt_job=job_id)
         for job_id in finished:
             det.forget(job_id)
             self._forgotten.add(job_id)
@@ -149,3 +164,14 @@ class ControllerMetrics:
             if total > prev:
                 m.inc("hpt_goodput_seconds_total", total - prev, category=category)
                 self._goodput[(job.id, category)] = total
+
+
+def memory_ratio(job: Job) -> float | None:
+    """(state + protection of one generation) / state of the job's current attempt."""
+    attempt = job.current
+    if attempt is None:
+        return None
+    state = sum(r.snapshot_bytes for r in attempt.ranks)
+    if not state or not attempt.parity_bytes:
+        return None
+    return (state + attempt.parity_bytes) / state

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+from hpt.controller.elastic import ProtectionPlan, parse_redundancy
+
 MAX_NODES = 1024
 MAX_PROCS_PER_NODE = 64
 MAX_RESTARTS = 1000
@@ -29,6 +31,10 @@ MAX_COMMAND_ARGS = 256
 MAX_ARG_BYTES = 16 * 1024
 MAX_ENV_VARS = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
+MAX_SPEC_BYTES = 1024 * 1024
+"""One size budget for the whole spec (command, env, paths): a spec within it fits every hop
+(submit, the stored record, the launch command on each agent's stream, a page of ``ls``) with
+the channels' 16 MiB limits to spare, however many restarts the job goes through."""
 MAX_NODE_WAIT_S = 7 * 24 * 3600.0
 MAX_GRACE_S = 3600.0
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -152,6 +158,8 @@ class FaultKind(str, Enum):
     HANG = "hang"
     STRAGGLER = "straggler"
     """Ranks alive but without progress past the hang deadline (found by their agent)."""
+    LAUNCH_TIMEOUT = "launch_timeout"
+    """A rank still pending long after its launch command left: it will never start."""
 
 
 class FaultClass(str, Enum):
@@ -193,6 +201,9 @@ class JobSpec:
     straggler_restart_after: int = 0
     """0: stragglers are reported only. N: once a rank was flagged as a straggler for N of its
     steps, the attempt restarts without that rank's node (within min_nodes)."""
+    redundancy: str = ""
+    """Snapshot protection across nodes: "K+M" (Reed-Solomon, k data + m parity nodes per
+    group), "" (m = 1, k from the node count; 2 nodes: a mirror) or "off"."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -225,6 +236,18 @@ class JobSpec:
                 raise ValueError(f"env name {key!r} is reserved: hpt sets it for every rank")
             if "\x00" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
                 raise ValueError(f"env[{key}] must be <= {MAX_ENV_VALUE_BYTES} bytes without NUL")
+        sizes = {
+            "command": sum(len(arg.encode()) for arg in self.command),
+            "env": sum(len(k) + len(v.encode()) for k, v in self.env),
+            "workdir": len(self.workdir.encode()),
+            "persist_dir": len(self.persist_dir.encode()),
+        }
+        if sum(sizes.values()) > MAX_SPEC_BYTES:
+            biggest = max(sizes, key=lambda k: sizes[k])
+            raise ValueError(
+                f"{biggest} ({sizes[biggest]} bytes) makes the spec {sum(sizes.values())} bytes; "
+                f"a spec must be <= {MAX_SPEC_BYTES} bytes in all (command, env and paths)"
+            )
         if self.name and not _DNS1123.match(self.name):
             raise ValueError(
                 f"name ({self.name!r}) must be a DNS-1123 label: lowercase letters, digits "
@@ -250,6 +273,8 @@ class JobSpec:
             raise ValueError(
                 f"straggler_restart_after ({self.straggler_restart_after}) must be in 0..100000"
             )
+
+        parse_redundancy(self.redundancy, self.nodes)
 
     @property
     def effective_min_nodes(self) -> int:
@@ -326,6 +351,13 @@ class Attempt:
     first_step_at: float = 0.0
     ended_at: float = 0.0
     cause: Fault | None = None
+    protected_steps: tuple[int, ...] = ()
+    """Steps whose every protection piece is reported verified by its holder (newest report)."""
+    redundancy: str = ""
+    """Effective protection of this attempt ("2+1", "mirror"; "" when unprotected)."""
+    parity_bytes: int = 0
+    """Protection bytes of the newest protected step, all nodes together (the memory the
+    protection of one snapshot generation costs; m/k of the state when balanced)."""
 
     def set_state(self, new: AttemptState, reason: str, now: float) -> AttemptState:
         return _transition(self, ATTEMPT_TRANSITIONS, new, reason, now)
@@ -374,6 +406,8 @@ class Node:
     reason: str = ""
     hostname: str = ""
     warm_ready: int = 0
+    peer_address: str = ""
+    """host:port of the agent's PeerService (snapshot protection traffic)."""
 
 
 def _transition(record, table, new, reason: str, now: float):  # type: ignore[no-untyped-def]
@@ -421,6 +455,20 @@ class LaunchCommand:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    protection: ProtectionPlan | None = None
+    """How this attempt's snapshots are protected across its nodes."""
+    restore: RestoreCommand | None = None
+    """What the node materialises before its ranks start (with restore_step > 0)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RestoreCommand:
+    step: int
+    attempt: int
+    world_size: int
+    layout: ProtectionPlan
+    lost: tuple[int, ...]
+    need_ranks: tuple[int, ...]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,6 +9,13 @@ as protobuf bytes with compare-and-set, and every attempt, fault and decision is
 
 A restarted controller builds the same state from the store (``load``) and agent
 re-registration: ranks an agent still runs for the current attempt simply carry on.
+
+The control plane survives its own faults: a pass that comes long after the previous one (the
+controller was paused or starved, ``stall.py``) re-observes heartbeats before judging nodes; a
+LOST node that heartbeats again rejoins; the store is wrapped in bounded retries
+(``store/retrying.py``) and a pass that cannot write keeps its changes for the next one; launch
+commands leave only once the attempt they start is in the store, so a controller killed between
+two writes relaunches the same attempt, never a second one beside it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, policy
+from hpt.controller import catalog, convert, detect, elastic, policy, retention
 from hpt.controller.config import ControllerConfig
+from hpt.controller.crashpoints import crash_point
 from hpt.controller.model import (
     Attempt,
     AttemptState,
@@ -41,15 +49,24 @@ from hpt.controller.model import (
     RankReport,
     RankState,
     ReleaseCommand,
+    RestoreCommand,
     StopCommand,
 )
+from hpt.controller.pieces import PieceBook
 from hpt.controller.scheduler import Capacity
-from hpt.controller.store import ConflictError, Store
+from hpt.controller.stall import StallDetector
+from hpt.controller.store import ConflictError, Store, StoreUnavailableError
+from hpt.controller.store.retrying import RetryingStore, StoreHealth
 from hpt.controller.streams import EventLog, LogBuffer
 
 log = logging.getLogger(__name__)
 
 _RESEND_STOP_AFTER_S = 5.0
+_RETENTION_PERIOD_S = 1.0
+
+
+class DuplicateNodeError(Exception):
+    """Another live agent is registered under this node name."""
 
 
 class AgentLink(Protocol):
@@ -69,6 +86,7 @@ class _NodeRuntime:
     last_heartbeat: float = 0.0  # monotonic
     disconnected_at: float = 0.0  # monotonic, 0 while connected
     free_port: int = 0
+    instance_id: str = ""  # the registered agent process (a restarted agent gets a new one)
 
 
 @dataclass(slots=True)
@@ -82,12 +100,19 @@ class Reconciler:
         self, cfg: ControllerConfig, store: Store, *, clock: Callable[[], float] = time.time
     ) -> None:
         self.cfg = cfg
-        self.store = store
+        self.store = store if isinstance(store, RetryingStore) else RetryingStore(store)
+        self._store_recovered = threading.Event()
+        self.store.on_recovered = self._store_recovered.set
         self.lock = threading.RLock()
         self.jobs: dict[str, Job] = {}
         self.nodes: dict[str, _NodeRuntime] = {}
-        self.events = EventLog(store)
-        self.logs = LogBuffer(cfg.log_lines_per_rank)
+        self.events = EventLog(self.store)
+        self.logs = LogBuffer(cfg.log_lines_per_rank, cfg.log_bytes_per_rank)
+        self.stall = StallDetector(max_gap_s=max(1.0, 2 * cfg.heartbeat_period_s),
+                                   grace_s=cfg.heartbeat_timeout_s)
+        self._unsent: dict[str, list[tuple[str, LaunchCommand]]] = {}  # job -> (node, launch)
+        self._launch_sent: dict[tuple[str, int], float] = {}  # (job, attempt) -> monotonic
+        self._next_retention = 0.0
         self._clock = clock
         self._versions: dict[str, int] = {}
         self._dirty_jobs: set[str] = set()
@@ -102,6 +127,9 @@ class Reconciler:
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
+        self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
+        self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
+        self._bad_steps: dict[str, set[int]] = {}  # job -> steps an agent failed to rebuild
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -120,6 +148,9 @@ class Reconciler:
                     node.state = NodeState.UNKNOWN
                     node.reason = "controller restarted; waiting for the agent to re-register"
                 self.nodes[node.name] = _NodeRuntime(node, last_heartbeat=now_mono)
+            for job in self.jobs.values():
+                if job.current is not None and job.current.state == AttemptState.LAUNCHING:
+                    self._launch_sent[(job.id, job.current.number)] = now_mono
         active = sum(1 for j in self.jobs.values() if not j.state.is_terminal)
         if self.jobs or self.nodes:
             log.info(
@@ -165,11 +196,19 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
-        now = self._clock()
-        self._sync_nodes(time.monotonic(), now)
+        now, mono = self._clock(), time.monotonic()
+        self.stall.observe(mono)
+        if self.stall.may_judge(mono):
+            self._sync_nodes(mono, now)
         for job in list(self.jobs.values()):
             self._step(job, now)
         self._flush()
+        if mono >= self._next_retention:
+            self._next_retention = mono + _RETENTION_PERIOD_S
+            self._drop_expired(now)
+
+    def store_health(self) -> StoreHealth:
+        return self.store.health
 
     # ---------------------------------------------------------------- inputs (RPC threads)
 
@@ -199,11 +238,19 @@ class Reconciler:
 
     def register(
         self, node: Node, link: AgentLink, reports: list[RankReport], free_port: int,
-        health_problem: str = "",
+        health_problem: str = "", instance_id: str = "",
     ) -> None:
+        """Raises DuplicateNodeError while another live agent process holds ``node.name``."""
         mono = time.monotonic()
         with self.lock:
             runtime = self.nodes.get(node.name)
+            if (runtime is not None and runtime.link is not None and runtime.link is not link
+                    and instance_id and runtime.instance_id and runtime.instance_id != instance_id
+                    and runtime.node.state != NodeState.LOST
+                    and mono - runtime.last_heartbeat <= self.cfg.heartbeat_timeout_s):
+                raise DuplicateNodeError(
+                    f"node ({node.name!r}) is registered by another live agent (last heartbeat "
+                    f"{mono - runtime.last_heartbeat:.1f}s ago); names must be unique")
             previous_state = runtime.node.state if runtime else None
             if runtime is not None and runtime.link is not None and runtime.link is not link:
                 runtime.link.close()
@@ -217,6 +264,7 @@ class Reconciler:
                 node.state, node.reason = NodeState.QUARANTINED, health_problem
             node.last_seen_at = self._clock()
             runtime.link = link
+            runtime.instance_id = instance_id
             runtime.last_heartbeat = mono
             runtime.disconnected_at = 0.0
             runtime.free_port = free_port
@@ -260,6 +308,15 @@ class Reconciler:
                 return False
             runtime.last_heartbeat = time.monotonic()
             runtime.node.last_seen_at = self._clock()
+            if runtime.node.state == NodeState.LOST:
+                # it was silent (or we were), not dead: usable again; its ranks of the attempt we
+                # gave up on are fenced by their reports (``_apply_report`` stops them)
+                runtime.node.state = NodeState.READY
+                runtime.node.reason = f"heartbeating again after: {runtime.node.reason}"
+                self._dirty_nodes.add(node)
+                self.events.emit(Event(kind="node_rejoined", at=self._clock(), node=node,
+                                       message=runtime.node.reason))
+                changed = True
             if runtime.node.warm_ready != warm_ready:
                 runtime.node.warm_ready = warm_ready
                 self._dirty_nodes.add(node)
@@ -280,6 +337,37 @@ class Reconciler:
             if event.at <= 0 or event.at > now + 60:
                 event = replace(event, at=now)
             self.events.emit(event)
+
+    def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
+        """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
+        bytes). Updates each attempt's protected steps."""
+        with self.lock:
+            for job_id, number in self.pieces.update(node, pieces):
+                job = self.jobs.get(job_id)
+                if job is None or not 1 <= number <= len(job.attempts):
+                    continue
+                attempt = job.attempts[number - 1]
+                plan = self._plan_of(job, attempt)
+                steps = tuple(sorted(elastic.protected_steps(
+                    plan, self.pieces.held((job_id, number))))) if plan else ()
+                parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
+                if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
+                    attempt.protected_steps, attempt.parity_bytes = steps, parity
+                    self._dirty_jobs.add(job_id)
+
+    def restore_failed(self, job_id: str, step: int) -> None:
+        """An agent could not put ``step`` in place: never choose it again for this job."""
+        with self.lock:
+            if job_id in self.jobs:
+                self._bad_steps.setdefault(job_id, set()).add(step)
+
+    def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
+        """The attempt's protection layout, with the peer addresses agents have now."""
+        ranks: dict[str, list[int]] = {}
+        for r in attempt.ranks:
+            ranks.setdefault(r.node, []).append(r.rank)
+        peers = {n: rt.node.peer_address for n, rt in self.nodes.items()}
+        return elastic.protection_plan(job.spec.redundancy, attempt.nodes, ranks, peers)
 
     def disconnect(self, node: str, link: AgentLink) -> None:
         with self.lock:
@@ -351,12 +439,27 @@ class Reconciler:
         return True
 
     def _forget_unreported(self, node: str, reported: set[tuple[str, int, int]]) -> None:
-        """On registration, ranks placed on ``node`` that its agent no longer knows ended."""
+        """On registration, ranks placed on ``node`` that its agent no longer knows ended, except
+        ranks of a launching attempt that never started: their launch is sent (again)."""
         for job in self.jobs.values():
+            current = job.current
+            if (current is not None and current.state == AttemptState.LAUNCHING
+                    and not job.cancel_requested and not job.state.is_terminal
+                    and node in current.nodes and job.id not in self._unsent
+                    and all(r.state == RankState.PENDING
+                            and (job.id, current.number, r.rank) not in reported
+                            for r in current.ranks_on(node))):
+                self._send(node, self._launch_commands(job, current)[node])
+                self._launch_sent[(job.id, current.number)] = time.monotonic()
+                log.info("[%s/%d/%s/-] launch sent again: the agent never started it", job.id,
+                         current.number, node)
             for attempt in job.attempts:
                 for rank in attempt.ranks_on(node):
                     key = (job.id, attempt.number, rank.rank)
                     if rank.state.is_terminal or key in reported:
+                        continue
+                    if attempt is current and rank.state == RankState.PENDING and (
+                            attempt.state == AttemptState.LAUNCHING and not job.cancel_requested):
                         continue
                     if attempt.state == AttemptState.STOPPING:
                         rank.state, rank.exit_reason = RankState.STOPPED, "stopped"
@@ -436,8 +539,9 @@ class Reconciler:
         fault = _earliest_fault(attempt, now) or self.detection.pending_fault(
             job.id, attempt.number, {r.node for r in attempt.ranks if not r.state.is_terminal}, now,
             straggler_after=job.spec.straggler_restart_after,
-        )
+        ) or self._launch_timeout(job, attempt, now)
         if fault is None:
+            self._maybe_grow(job, attempt, now)
             return
         attempt.cause = fault
         job.root_cause = fault
@@ -448,6 +552,7 @@ class Reconciler:
                        f"(straggler_restart_after={job.spec.straggler_restart_after})")
         self._emit("fault", job, attempt=attempt.number, node=fault.node, rank=fault.rank,
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
+        crash_point("fault-recorded")
         decision = policy.decide_after_fault(job, fault)
         self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
                            job.spec.stop_grace_s)
@@ -460,6 +565,25 @@ class Reconciler:
                   f"{fault.where()}: {fault.message}")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
+
+    def _maybe_grow(self, job: Job, attempt: Attempt, now: float) -> None:
+        if len(attempt.nodes) >= job.spec.nodes:
+            return
+        free = {c.node for c in self._capacity()
+                if c.free_slots >= job.spec.procs_per_node and c.node not in attempt.nodes}
+        for name in list(self._free_since):
+            if name not in free:
+                del self._free_since[name]
+        for name in free:
+            self._free_since.setdefault(name, now)
+        reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
+                                     set(attempt.protected_steps), now,
+                                     self.cfg.grow_hysteresis_s)
+        if reason is None:
+            return
+        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s)
+        job.set_state(JobState.RECOVERING, reason, now)
+        self._emit("resize_requested", job, attempt=attempt.number, message=reason)
 
     def _try_place(self, job: Job, now: float) -> None:
         decision = policy.decide_placement(job, self._capacity(), now)
@@ -492,6 +616,11 @@ class Reconciler:
     def _launch(self, job: Job, nodes: list[str], now: float, reason: str) -> None:
         spec = job.spec
         number = len(job.attempts) + 1
+        previous = job.current
+        if previous is not None:
+            nodes = elastic.order_nodes(previous.nodes, nodes)  # survivors keep their ranks
+            if len(nodes) != len(previous.nodes):
+                reason = f"resize {len(previous.nodes)} -> {len(nodes)} nodes; {reason}"
         master = self.nodes[nodes[0]]
         previous_port = job.current.master_port if job.current else 0
         port = master.free_port
@@ -503,7 +632,8 @@ class Reconciler:
             for i, node in enumerate(nodes)
             for local in range(ppn)
         ]
-        restore = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+        choice = self._restore_choice(job, previous, ranks)
+        restore = choice.step
         attempt = Attempt(
             number=number,
             nodes=nodes,
@@ -516,45 +646,125 @@ class Reconciler:
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
+        plan = self._plan_of(job, attempt)
+        attempt.redundancy = plan.label if plan else ""
+        old_plan = None
+        if restore and previous is not None:
+            old_plan = self._plan_of(job, previous) or elastic.unprotected_plan(previous, {
+                n: rt.node.peer_address for n, rt in self.nodes.items()})
         job.attempts.append(attempt)
         job.deadline_at = 0.0
-        for i, node in enumerate(nodes):
-            self._send(
-                node,
-                LaunchCommand(
-                    job_id=job.id,
-                    attempt=number,
-                    command=spec.command,
-                    env=spec.env,
-                    ranks=tuple((r.rank, r.local_rank) for r in attempt.ranks_on(node)),
-                    world_size=attempt.world_size,
-                    local_world_size=ppn,
-                    master_addr=attempt.master_addr,
-                    master_port=port,
-                    workdir=spec.workdir,
-                    node_rank=i,
-                    num_nodes=len(nodes),
-                    restore_step=restore,
-                    persist_dir=spec.persist_dir,
-                    persist_every=spec.persist_every,
-                    keep_persisted=spec.keep_persisted,
-                ),
-            )
+        restores: dict[str, RestoreCommand] = {}
+        if old_plan is not None and previous is not None:
+            for node in nodes:
+                here = [r.rank for r in attempt.ranks_on(node)]
+                restores[node] = RestoreCommand(
+                    step=restore, attempt=previous.number, world_size=previous.world_size,
+                    layout=old_plan, lost=choice.lost,
+                    need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)))
+        # sent by ``_flush`` once this attempt is in the store (a controller that dies before
+        # then relaunches the same attempt from the store, never a second one beside it)
+        self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
         self._dirty_jobs.add(job.id)
         restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
         self._emit("attempt_launched", job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
+        if previous is not None:
+            fallback = "" if restore else (
+                "; ranks take the newest persisted checkpoint that verifies on all of them"
+                if spec.persist_dir else "; no persist_dir: training restarts from scratch")
+            self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
+
+    def _restore_choice(self, job: Job, previous: Attempt | None,
+                        ranks: list[Rank]) -> elastic.RestoreChoice:
+        if previous is None:
+            return elastic.RestoreChoice(0, (), "first attempt")
+        alive = {n for n, rt in self.nodes.items()
+                 if rt.node.state == NodeState.READY and rt.link is not None}
+        choice = elastic.choose_restore(previous, self._plan_of(job, previous),
+                                        set(previous.protected_steps), alive,
+                                        exclude=self._bad_steps.get(job.id, set()))
+        if choice.step == 0:
+            # the attempt before may have died before saving: older attempts' memory, same ranks
+            step = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])
+            if step:
+                return elastic.RestoreChoice(step, (), f"step {step} from memory (an earlier "
+                                             "attempt's snapshots on the same nodes)")
+        return choice
+
+    def _launch_commands(
+        self, job: Job, attempt: Attempt, restore: int | None = None,
+        restores: dict[str, RestoreCommand] | None = None,
+    ) -> dict[str, LaunchCommand]:
+        spec = job.spec
+        plan = self._plan_of(job, attempt)
+        if restore is None:
+            restore = catalog.restore_step(job.attempts[: attempt.number - 1],
+                                           [(r.rank, r.node) for r in attempt.ranks])
+        return {
+            node: LaunchCommand(
+                job_id=job.id,
+                attempt=attempt.number,
+                command=spec.command,
+                env=spec.env,
+                ranks=tuple((r.rank, r.local_rank) for r in attempt.ranks_on(node)),
+                world_size=attempt.world_size,
+                local_world_size=spec.procs_per_node,
+                master_addr=attempt.master_addr,
+                master_port=attempt.master_port,
+                workdir=spec.workdir,
+                node_rank=i,
+                num_nodes=len(attempt.nodes),
+                restore_step=restore,
+                persist_dir=spec.persist_dir,
+                persist_every=spec.persist_every,
+                keep_persisted=spec.keep_persisted,
+                protection=plan,
+                restore=(restores or {}).get(node),
+            )
+            for i, node in enumerate(attempt.nodes)
+        }
+
+    def _launch_timeout(self, job: Job, attempt: Attempt, now: float) -> Fault | None:
+        """A rank still PENDING ``launch_timeout_s`` after its launch left: it never starts."""
+        sent = self._launch_sent.get((job.id, attempt.number))
+        if attempt.state != AttemptState.LAUNCHING or sent is None:
+            return None
+        waited = time.monotonic() - sent
+        if waited <= self.cfg.launch_timeout_s:
+            return None
+        pending = [r for r in attempt.ranks if r.state == RankState.PENDING]
+        for rank in pending:
+            rank.state = RankState.LOST
+            rank.exit_reason = f"never started within {self.cfg.launch_timeout_s:g}s of its launch"
+        self._dirty_jobs.add(job.id)
+        first = pending[0]
+        return Fault(kind=FaultKind.LAUNCH_TIMEOUT, attempt=attempt.number, node=first.node,
+                     rank=first.rank, detected_at=now, occurred_at=now,
+                     classification=FaultClass.INFRA,
+                     message=f"{len(pending)} rank(s) still pending {waited:.1f}s after the launch "
+                     f"(launch_timeout_s={self.cfg.launch_timeout_s:g})")
 
     def _stop_attempt(
         self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float
     ) -> None:
         attempt.set_state(AttemptState.STOPPING, reason, now)
+        unsent = self._unsent.pop(job.id, None)
         sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
         for node in attempt.nodes:
             if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                             grace_s=grace_s, reason=reason)):
                 sent.nodes.add(node)
+                # the agent now refuses this attempt's launch: a rank that has not started never
+                # will (a late one reports RUNNING and is fenced by ``_apply_report``)
+                for rank in attempt.ranks_on(node):
+                    if rank.state == RankState.PENDING:
+                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped before it started"
+            elif unsent is not None:  # never launched anywhere: nothing can be running
+                for rank in attempt.ranks_on(node):
+                    if rank.state == RankState.PENDING:
+                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped before launch"
         self._dirty_jobs.add(job.id)
         self._finish_stopping(job, attempt, now)
 
@@ -604,7 +814,15 @@ class Reconciler:
         # steps) changes on nearly every heartbeat of a running job, and a job's record grows
         # with its ranks (80,000 ranks: megabytes): it is written at most every
         # progress_flush_s. Agents re-report progress when they re-register, so a restarted
-        # controller loses none of it.
+        # controller loses none of it. What cannot be written (store down) stays dirty for the
+        # next pass.
+        if self._store_recovered.is_set():
+            self._store_recovered.clear()
+            # it may have come back empty (restarted without persistence): write everything
+            self._dirty_jobs.update(self.jobs)
+            self._dirty_nodes.update(self.nodes)
+        if self.events.flush_pending():
+            return  # events stay in order before any later write
         mono = time.monotonic()
         if self._progress_jobs and (
             self._stopping.is_set() or mono - self._progress_flushed >= self.cfg.progress_flush_s
@@ -615,28 +833,72 @@ class Reconciler:
         self._progress_jobs -= self._dirty_jobs
         for job_id in sorted(self._dirty_jobs):
             job = self.jobs[job_id]
+            if not self._put(f"jobs/{job_id}", convert.job_to_bytes(job)):
+                return
+            self._dirty_jobs.discard(job_id)
             if job.state.is_terminal and job_id not in self._released and all(
                 a.state.is_terminal for a in job.attempts
             ):
                 self._released.add(job_id)
                 self._release(job)
-            self._put(f"jobs/{job_id}", convert.job_to_bytes(job))
+            unsent = self._unsent.pop(job_id, None)
+            if unsent:
+                crash_point("launch-persisted")
+                for node, command in unsent:
+                    self._send(node, command)
+                self._launch_sent[(job_id, command.attempt)] = time.monotonic()
         for name in sorted(self._dirty_nodes):
-            self._put(f"nodes/{name}", convert.node_to_bytes(self.nodes[name].node))
-        self._dirty_jobs.clear()
-        self._dirty_nodes.clear()
+            if not self._put(f"nodes/{name}", convert.node_to_bytes(self.nodes[name].node)):
+                return
+            self._dirty_nodes.discard(name)
 
-    def _put(self, key: str, value: bytes) -> None:
+    def _put(self, key: str, value: bytes) -> bool:
+        """Write one record; False when the store is down (the caller retries next pass)."""
         try:
             self._versions[key] = self.store.put(
                 key, value, expected_version=self._versions.get(key, 0)
             )
         except ConflictError:
+            try:
+                item = self.store.get(key)
+                if item is None:  # the store lost it (restarted empty): write ours again
+                    log.warning("store lost %s; writing it again", key)
+                    self._versions[key] = self.store.put(key, value, expected_version=0)
+                    return True
+            except (ConflictError, StoreUnavailableError):
+                return False
             # another controller wrote this record: we are not the only leader
             log.error("store conflict on %s: another controller is writing; taking its copy", key)
-            item = self.store.get(key)
-            if item is not None:
-                self._versions[key] = item.version
+            self._versions[key] = item.version
+        except StoreUnavailableError:
+            return False
+        return True
+
+    def _drop_expired(self, now: float) -> None:
+        """Forget finished jobs past the retention bounds (memory and store)."""
+        for job_id in retention.expired(self.jobs.values(), now,
+                                        keep_count=self.cfg.keep_finished_jobs,
+                                        keep_s=self.cfg.keep_finished_s):
+            key = f"jobs/{job_id}"
+            if job_id in self._dirty_jobs:
+                continue  # its final state is not written yet
+            if job_id not in self._released:  # loaded finished from the store
+                self._release(self.jobs[job_id])
+            try:
+                self.store.delete(key, expected_version=self._versions.get(key))
+            except ConflictError:
+                log.error("store conflict deleting %s: another controller is writing", key)
+                continue
+            except StoreUnavailableError:
+                return
+            job = self.jobs.pop(job_id)
+            self._versions.pop(key, None)
+            self._released.discard(job_id)
+            for attempt in job.attempts:
+                self._stops.pop((job_id, attempt.number), None)
+                self._launch_sent.pop((job_id, attempt.number), None)
+            self.logs.forget(job_id)
+            self.detection.forget(job_id)
 
 
 def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import grpc
 
 from hpt._proto import agent_pb2, jobs_pb2, jobs_pb2_grpc
-from hpt.controller import convert
+from hpt.controller import convert, limits
 from hpt.controller.model import (
     Event,
     LaunchCommand,
@@ -24,6 +24,7 @@ from hpt.controller.model import (
     StopCommand,
 )
 from hpt.controller.reconcile import Reconciler
+from hpt.controller.store import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,18 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, rec: Reconciler) -> None:
         self._rec = rec
+        self._streams = limits.StreamSlots(rec.cfg.max_streams)
 
     def SubmitJob(self, request, context):  # type: ignore[no-untyped-def]
         try:
             spec = convert.spec_from_proto(request.spec)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec.{exc}")
-        return jobs_pb2.SubmitJobResponse(job_id=self._rec.submit(spec))
+        try:
+            job_id = self._rec.submit(spec)
+        except StoreUnavailableError as exc:  # not acknowledged: nothing was stored
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job not submitted, store down: {exc}")
+        return jobs_pb2.SubmitJobResponse(job_id=job_id)
 
     def GetJob(self, request, context):  # type: ignore[no-untyped-def]
         with self._rec.lock:
@@ -83,9 +89,30 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             return convert.job_to_proto(job)
 
     def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        page_size = request.page_size or limits.DEFAULT_PAGE_SIZE
+        if page_size > limits.MAX_PAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"page_size ({page_size}) must be <= {limits.MAX_PAGE_SIZE}")
+        after = None
+        if request.page_token:
+            try:
+                after = limits.parse_page_token(request.page_token)
+            except ValueError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._rec.lock:
-            jobs = sorted(self._rec.jobs.values(), key=lambda j: j.created_at)
-            return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
+            jobs = sorted(self._rec.jobs.values(), key=lambda j: (j.created_at, j.id))
+            if after is not None:
+                jobs = [j for j in jobs if (j.created_at, j.id) > after]
+            protos = (convert.job_to_proto(j) for j in jobs)
+            # half the channel's limit: the rest of the response and its framing fit too
+            chosen, more = limits.page(list(protos), size_of=lambda m: m.ByteSize(),
+                                       page_size=page_size,
+                                       max_bytes=self._rec.cfg.max_message_bytes // 2)
+        token = ""
+        if more:
+            last = chosen[-1]
+            token = limits.page_token(last.created_at, last.id)
+        return jobs_pb2.ListJobsResponse(jobs=chosen, next_page_token=token)
 
     def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
         if request.grace_s < 0:
@@ -98,12 +125,26 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListNodes(self, request, context):  # type: ignore[no-untyped-def]
         with self._rec.lock:
             nodes = [rt.node for _, rt in sorted(self._rec.nodes.items())]
-            return jobs_pb2.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in nodes])
+            health = self._rec.store_health()
+            store = jobs_pb2.StoreStatus(up=health.up, down_since=health.down_since,
+                                         error=health.last_error[:1024],
+                                         pending_events=self._rec.events.num_pending)
+            return jobs_pb2.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in nodes],
+                                              store=store)
+
+    def _stream_slot(self, context) -> None:  # type: ignore[no-untyped-def]
+        if not self._streams.try_acquire():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many streams ({self._streams.limit} follow at once, the "
+                          "controller's max_streams); stop one or retry later")
+        context.add_callback(self._streams.release)
 
     def StreamLogs(self, request, context):  # type: ignore[no-untyped-def]
         if request.job_id not in self._rec.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
         rank = request.rank if request.has_rank else None
+        if request.follow:
+            self._stream_slot(context)
         alive = _liveness(context)
 
         def active() -> bool:
@@ -119,9 +160,14 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def StreamEvents(self, request, context):  # type: ignore[no-untyped-def]
         cursor = request.after_seq
+        if request.follow:
+            self._stream_slot(context)
         alive = _liveness(context)
         while True:
-            events = self._rec.events.read(cursor)
+            try:
+                events = self._rec.events.read(cursor)
+            except StoreUnavailableError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"event log unavailable: {exc}")
             for event in events:
                 cursor = event.seq
                 if not request.job_id or event.job_id == request.job_id:
@@ -147,8 +193,11 @@ def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
         raise ValueError(f"slots ({reg.slots}) must be in 1..{_MAX_SLOTS}")
     if not reg.address or len(reg.address) > 255:
         raise ValueError("address must be a host name or IP address")
+    if reg.peer_address and (len(reg.peer_address) > 300 or ":" not in reg.peer_address):
+        raise ValueError(f"peer_address ({reg.peer_address[:300]!r}) must be host:port")
     node = Node(name=reg.node, address=reg.address, slots=reg.slots, state=NodeState.READY,
-                hostname=reg.hostname[:255], warm_ready=reg.warm_ready)
+                hostname=reg.hostname[:255], warm_ready=reg.warm_ready,
+                peer_address=reg.peer_address)
     return node, _decode_reports(reg.ranks)
 
 
@@ -207,6 +256,10 @@ def _command_to_proto(
             persist_dir=command.persist_dir,
             persist_every=command.persist_every,
             keep_persisted=command.keep_persisted,
+            protection=(convert.protection_to_proto(command.protection)
+                        if command.protection is not None else None),
+            restore=(convert.restore_to_proto(command.restore)
+                     if command.restore is not None else None),
         )
     )
 

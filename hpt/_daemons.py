@@ -124,6 +124,12 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def local_agent_name(controller_addr: str, i: int) -> str:
+    """Name of ``hptctl up``'s agent ``i``: unique per cluster on this host (the controller's
+    port is in it), so two local clusters never register or sweep under each other's names."""
+    return f"node-{i}.{controller_addr.rsplit(':', 1)[-1]}"
+
+
 def run_control_plane(
     cfg: Any,
     *,
@@ -175,8 +181,8 @@ def run_control_plane(
                 break
             assert agent_argv is not None
             proc = spawn(agent_argv(addr, i))
-            agents.append((f"node-{i}", proc))
-            click.echo(f"agent node-{i} started (pid {proc.pid})")
+            agents.append((local_agent_name(addr, i), proc))
+            click.echo(f"agent {local_agent_name(addr, i)} started (pid {proc.pid})")
         click.echo(f"hptctl talks to it with --controller {addr} (or HPT_CONTROLLER={addr})")
         click.echo("Ctrl-C stops it")
         _watch_agents(agents, stop)

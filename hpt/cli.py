@@ -47,6 +47,7 @@ from hpt._cli_util import (
     table,
     wait_for_job,
 )
+from hpt._control_opts import limit_options
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 _CANCEL_MARGIN_S = 30.0
@@ -247,14 +248,27 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     return env
 
 
+def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int | None]:
+    """``N`` -> (N, None); ``MIN:MAX`` -> (MAX, MIN) (torchrun's elastic range)."""
+    lo, sep, hi = str(value).partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} must be N or MIN:MAX", ctx, param) from None
+    if low < 0 or high < low:
+        raise click.BadParameter(f"{value!r} needs 0 <= MIN <= MAX", ctx, param)
+    return high, (low if sep else None)
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.option(
     "-n",
     "--nodes",
-    type=click.IntRange(min=0),
-    default=1,
+    default="1",
     show_default=True,
-    help="Nodes to run on.",
+    callback=_parse_nodes,
+    metavar="N|MIN:MAX",
+    help="Nodes to run on; MIN:MAX shrinks to MIN after faults and grows back to MAX.",
 )
 @click.option(
     "-p",
@@ -323,6 +337,13 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
     help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
     "report only].",
 )
+@click.option(
+    "--redundancy",
+    default="",
+    metavar="K+M",
+    help="Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, or "
+    "'off' [default: M=1, K from the node count; 2 nodes: a mirror].",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -330,7 +351,7 @@ def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @client_options
 def submit(
     conn: _Conn,
-    nodes: int,
+    nodes: tuple[int, int | None],
     procs_per_node: int,
     min_nodes: int | None,
     max_restarts: int,
@@ -343,16 +364,20 @@ def submit(
     persist_every: int,
     keep_persisted: int,
     straggler_restart_after: int,
+    redundancy: str,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
     """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
+    max_nodes, range_min = nodes
+    if range_min is not None and min_nodes is not None:
+        raise click.UsageError("give --nodes MIN:MAX or --min-nodes, not both")
     with _session(conn) as client:
         job_id = client.submit(
             command=command,
-            nodes=nodes,
+            nodes=max_nodes,
             procs_per_node=procs_per_node,
-            min_nodes=min_nodes,
+            min_nodes=range_min if range_min is not None else min_nodes,
             max_restarts=max_restarts,
             env=env,
             name=name,
@@ -363,6 +388,7 @@ def submit(
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            redundancy=redundancy,
         )
         click.echo(job_id)
         if not wait:
@@ -502,7 +528,8 @@ def ckpt() -> None:
 def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
     """List a job's snapshots (memory) and persisted checkpoints (disk), newest first."""
     with _session(conn) as client:
-        rows = hc.checkpoints_of(client.get(job_id))
+        job = client.get(job_id)
+    rows, protection = hc.checkpoints_of(job), hc.protection_of(job)
     if output == "json":
         _echo_json(rows)
         return
@@ -511,6 +538,13 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
         size = f"{d['size_bytes'] / 2**20:.1f} MiB" if d["size_bytes"] else "-"
         t.add_row(*map(cell, (d["step"], d["tier"], size, d["state"])))
     console().print(t)
+    if protection:
+        p = protection
+        ratio = f"{p['memory_ratio']:.2f} x state" if p["memory_ratio"] else "-"
+        expected = f" (1 + m/k = {p['expected_ratio']:.2f})" if p["expected_ratio"] else ""
+        click.echo(f"protection {p['redundancy']}: per node {p['state_bytes_per_node'] / 2**20:.1f}"
+                   f" MiB state + {p['parity_bytes_per_node'] / 2**20:.1f} MiB parity per "
+                   f"generation = {ratio}{expected}")
 
 
 @main.command()
@@ -519,7 +553,9 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
 def nodes(conn: _Conn, output: str) -> None:
     """List the agents (nodes) and their state."""
     with _session(conn) as client:
-        found = [hc.node_to_dict(n) for n in client.nodes()]
+        listed, store = client.nodes_and_store()
+        found = [hc.node_to_dict(n) for n in listed]
+    _warn_store_degraded(store)
     if output == "json":
         _echo_json(found)
         return
@@ -560,6 +596,12 @@ def events(conn: _Conn, follow: bool, job_id: str, output: str) -> None:
 
 
 # --- daemons ---------------------------------------------------------------------------------
+
+
+def _warn_store_degraded(store: Any) -> None:
+    if store.ByteSize() and not store.up:
+        click.echo(f"store: DEGRADED, down since {age(store.down_since or None)}: {store.error} "
+                   f"({store.pending_events} event(s) held in the controller's memory)", err=True)
 
 
 def _token_from(path: str | None, option: str = "'--token-file'") -> str:
@@ -631,7 +673,7 @@ def up(
             "--controller",
             controller_addr,
             "--name",
-            f"node-{i}",
+            _daemons.local_agent_name(controller_addr, i),
         ]
         if slots is not None:
             argv += ["--slots", str(slots)]
@@ -674,6 +716,13 @@ def up(
     default=None,
     help="Serve Prometheus /metrics on --host at this port; 0 picks a free one [default: off].",
 )
+@click.option(
+    "--grow-after",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="Seconds a node must stay free before a shrunk job grows onto it [default: 10].",
+)
+@limit_options
 def controller(
     host: str,
     port: int,
@@ -686,18 +735,22 @@ def controller(
     heartbeat_period: float | None,
     agent_lease: float | None,
     metrics_port: int | None,
+    grow_after: float | None,
+    limits: dict[str, Any],
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
     from hpt import _daemons
     from hpt.controller.config import ControllerConfig
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(limits)
     if heartbeat_period is not None:
         kwargs["heartbeat_period_s"] = heartbeat_period
     if agent_lease is not None:
         kwargs["agent_lease_s"] = agent_lease
     if metrics_port is not None:
         kwargs["metrics_port"] = metrics_port
+    if grow_after is not None:
+        kwargs["grow_hysteresis_s"] = grow_after
     try:
         cfg = ControllerConfig(
             host=host,
@@ -770,6 +823,18 @@ def controller(
     default=None,
     help="A rank without progress this long (or 10x its median step) is hung [default: 5].",
 )
+@click.option(
+    "--peer-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Port of the peer service (snapshot protection) on --address [default: a free one].",
+)
+@click.option(
+    "--peer-advertise",
+    default="",
+    metavar="HOST:PORT",
+    help="Where other agents reach the peer service [default: --address:--peer-port].",
+)
 def agent(
     controller_addr: str | None,
     name: str | None,
@@ -785,6 +850,8 @@ def agent(
     metrics_port: int | None,
     no_health_check: bool,
     hang_min: float | None,
+    peer_port: int,
+    peer_advertise: str,
 ) -> None:
     """Run a node agent until SIGTERM/SIGINT."""
     from hpt import _daemons
@@ -813,6 +880,8 @@ def agent(
             warm_ranks=not no_warm,
             metrics_port=metrics_port,
             health_check=not no_health_check,
+            peer_port=peer_port,
+            peer_advertise=peer_advertise,
             **kwargs,
         )
     except ValueError as e:

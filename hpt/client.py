@@ -270,6 +270,7 @@ class JobClient:
         persist_every: int = 0,
         keep_persisted: int = 0,
         straggler_restart_after: int = 0,
+        redundancy: str = "",
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
@@ -289,6 +290,7 @@ class JobClient:
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            redundancy=redundancy,
         )
         if node_wait_timeout_s is not None:
             spec.node_wait_timeout_s = node_wait_timeout_s
@@ -300,9 +302,19 @@ class JobClient:
     def get(self, job_id: str) -> common_pb2.Job:
         return self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=UNARY_TIMEOUT_S)
 
-    def list(self) -> list[common_pb2.Job]:
-        resp = self._stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=UNARY_TIMEOUT_S)
-        return list(resp.jobs)
+    def list(self, page_size: int = 0) -> list[common_pb2.Job]:
+        """Every job, oldest first, fetched page by page (each page fits the message limit)."""
+        jobs: list[common_pb2.Job] = []
+        token = ""
+        while True:
+            resp = self._stub.ListJobs(
+                jobs_pb2.ListJobsRequest(page_size=page_size, page_token=token),
+                timeout=UNARY_TIMEOUT_S,
+            )
+            jobs.extend(resp.jobs)
+            if not resp.next_page_token or resp.next_page_token == token:
+                return jobs
+            token = resp.next_page_token
 
     def cancel(self, job_id: str, grace_s: float = 0.0) -> common_pb2.Job:
         """Ask the controller to stop the job; ``grace_s`` 0 takes the job's stop grace."""
@@ -310,8 +322,12 @@ class JobClient:
         return self._stub.CancelJob(req, timeout=UNARY_TIMEOUT_S)
 
     def nodes(self) -> list[common_pb2.Node]:
+        return self.nodes_and_store()[0]
+
+    def nodes_and_store(self) -> tuple[list[common_pb2.Node], jobs_pb2.StoreStatus]:
+        """The nodes, and the state of the controller's store (down: the controller is degraded)."""
         resp = self._stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=UNARY_TIMEOUT_S)
-        return list(resp.nodes)
+        return list(resp.nodes), resp.store
 
     def logs(
         self, job_id: str, follow: bool = False, rank: int | None = None
@@ -521,11 +537,33 @@ def checkpoints_of(job: common_pb2.Job) -> list[dict[str, Any]]:
         for r in ranks:
             for step in getattr(r, field):
                 counts[step] = counts.get(step, 0) + 1
+        protected = set(attempt.protected_steps) if tier == "memory" else set()
         for step, n in counts.items():
             state = "complete" if n == len(ranks) else f"partial ({n}/{len(ranks)} ranks)"
+            if step in protected:
+                state += f", protected ({attempt.redundancy})"
             rows.append({"step": step, "tier": tier, "size_bytes": total or None, "state": state})
     rows.sort(key=lambda d: (-d["step"], d["tier"]))
     return rows
+
+
+def protection_of(job: common_pb2.Job) -> dict[str, Any]:
+    """Snapshot protection of the current attempt: scheme, bytes per node, memory ratio."""
+    attempt = current_attempt(job)
+    if attempt is None or not attempt.nodes:
+        return {}
+    nodes = len(attempt.nodes)
+    state = sum(r.snapshot_bytes for r in attempt.ranks)
+    k, _, m = attempt.redundancy.partition("+")
+    expected = (1 + int(m) / int(k)) if m else (2.0 if attempt.redundancy == "mirror" else None)
+    return {
+        "redundancy": attempt.redundancy or "off",
+        "state_bytes_per_node": state // nodes,
+        "parity_bytes_per_node": attempt.parity_bytes // nodes,
+        "memory_ratio": (state + attempt.parity_bytes) / state if state else None,
+        "expected_ratio": expected,
+        "protected_steps": sorted(attempt.protected_steps, reverse=True),
+    }
 
 
 def node_to_dict(node: common_pb2.Node) -> dict[str, Any]:

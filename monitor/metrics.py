@@ -181,6 +181,26 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         labels=("node",),
     ),
     MetricDef(
+        name="hpt_store_up",
+        type=_G,
+        help="1 while the controller's state store answers, 0 while it is down (degraded).",
+    ),
+    MetricDef(
+        name="hpt_store_pending_events",
+        type=_G,
+        help="Events held in the controller's memory until the store answers again.",
+    ),
+    MetricDef(
+        name="hpt_store_outages_total",
+        type=_C,
+        help="Times the controller found its state store down.",
+    ),
+    MetricDef(
+        name="hpt_controller_stalls_total",
+        type=_C,
+        help="Times the controller's own loop stalled (paused, starved) and re-observed heartbeats.",
+    ),
+    MetricDef(
         name="hpt_agent_heartbeat_age_seconds",
         type=_G,
         help="Time since the last heartbeat of each agent, when last evaluated.",
@@ -217,6 +237,13 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         name="hpt_snapshot_bytes_total",
         type=_C,
         help="Bytes copied into in-memory snapshots.",
+    ),
+    MetricDef(
+        name="hpt_snapshot_memory_ratio",
+        type=_G,
+        help="Memory per snapshot generation over the state itself, protection included "
+        "(1 + m/k with Reed-Solomon k+m; 2 with a mirror).",
+        labels=("hpt_job",),
     ),
     MetricDef(
         name="hpt_persist_seconds",

@@ -10,6 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from hpt._proto import checkpoint_pb2 as _checkpoint_pb2
 from hpt._proto import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -90,6 +91,8 @@ class Register(_message.Message):
     RANKS_FIELD_NUMBER: _builtins.int
     FREE_PORT_FIELD_NUMBER: _builtins.int
     WARM_READY_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
@@ -98,6 +101,12 @@ class Register(_message.Message):
     hostname: _builtins.str
     free_port: _builtins.int
     warm_ready: _builtins.int
+    instance_id: _builtins.str
+    """This agent process (random per start): a second live agent under the same node name is
+    refused; the same process reconnecting replaces its own stream.
+    """
+    peer_address: _builtins.str
+    """host:port of this node's PeerService (snapshot protection)"""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]:
         """ranks still alive or not yet acknowledged"""
@@ -116,11 +125,13 @@ class Register(_message.Message):
         ranks: _abc.Iterable[Global___RankReport] | None = ...,
         free_port: _builtins.int = ...,
         warm_ready: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
+        peer_address: _builtins.str = ...,
         health: Global___HealthReport | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "node", b"node", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "instance_id", b"instance_id", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,6 +152,7 @@ class Heartbeat(_message.Message):
     FINDINGS_FIELD_NUMBER: _builtins.int
     DROPPED_RECORDS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    PIECES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     free_port: _builtins.int
     dropped_log_bytes: _builtins.int
@@ -165,6 +177,10 @@ class Heartbeat(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEvent]:
         """Checkpointing (field numbers 30..39)."""
 
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[_checkpoint_pb2.HeldPiece]:
+        """verified protection pieces this node holds"""
+
     def __init__(
         self,
         *,
@@ -179,10 +195,11 @@ class Heartbeat(_message.Message):
         findings: _abc.Iterable[Global___Finding] | None = ...,
         dropped_records: _builtins.int = ...,
         events: _abc.Iterable[Global___AgentEvent] | None = ...,
+        pieces: _abc.Iterable[_checkpoint_pb2.HeldPiece] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "events", b"events", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "events", b"events", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "pieces", b"pieces", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,6 +219,7 @@ class AgentEvent(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     job_id: _builtins.str
     attempt: _builtins.int
@@ -209,6 +227,8 @@ class AgentEvent(_message.Message):
     message: _builtins.str
     at: _builtins.float
     """wall clock"""
+    step: _builtins.int
+    """restore_failed: the step that could not be put in place"""
     def __init__(
         self,
         *,
@@ -218,10 +238,11 @@ class AgentEvent(_message.Message):
         rank: _builtins.int = ...,
         message: _builtins.str = ...,
         at: _builtins.float = ...,
+        step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +336,8 @@ class Launch(_message.Message):
     PERSIST_DIR_FIELD_NUMBER: _builtins.int
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
+    PROTECTION_FIELD_NUMBER: _builtins.int
+    RESTORE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     world_size: _builtins.int
@@ -335,6 +358,14 @@ class Launch(_message.Message):
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaunchRank]: ...
+    @_builtins.property
+    def protection(self) -> _checkpoint_pb2.ProtectionLayout:
+        """how this attempt's snapshots are protected"""
+
+    @_builtins.property
+    def restore(self) -> _checkpoint_pb2.RestorePlan:
+        """what to materialise before the ranks start"""
+
     def __init__(
         self,
         *,
@@ -354,10 +385,12 @@ class Launch(_message.Message):
         persist_dir: _builtins.str = ...,
         persist_every: _builtins.int = ...,
         keep_persisted: _builtins.int = ...,
+        protection: _checkpoint_pb2.ProtectionLayout | None = ...,
+        restore: _checkpoint_pb2.RestorePlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["protection", b"protection", "restore", b"restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "ranks", b"ranks", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "protection", b"protection", "ranks", b"ranks", "restore", b"restore", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

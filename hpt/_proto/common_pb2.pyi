@@ -153,6 +153,7 @@ class JobSpec(_message.Message):
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -171,6 +172,10 @@ class JobSpec(_message.Message):
     """persisted checkpoints kept per rank (0: 3)"""
     straggler_restart_after: _builtins.int
     """0: report stragglers only; N: restart without the"""
+    redundancy: _builtins.str
+    """straggler's node once flagged for N of its steps
+    "K+M" (Reed-Solomon k data + m parity nodes); empty: m=1, k from
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -192,10 +197,11 @@ class JobSpec(_message.Message):
         persist_every: _builtins.int = ...,
         keep_persisted: _builtins.int = ...,
         straggler_restart_after: _builtins.int = ...,
+        redundancy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -402,6 +408,9 @@ class Attempt(_message.Message):
     FIRST_STEP_AT_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
     CAUSE_FIELD_NUMBER: _builtins.int
+    PROTECTED_STEPS_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_FIELD_NUMBER: _builtins.int
+    PARITY_BYTES_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     state: Global___AttemptState.ValueType
     master_addr: _builtins.str
@@ -410,6 +419,10 @@ class Attempt(_message.Message):
     started_at: _builtins.float
     first_step_at: _builtins.float
     ended_at: _builtins.float
+    redundancy: _builtins.str
+    """effective "K+M" of this attempt ("" when unprotected)"""
+    parity_bytes: _builtins.int
+    """protection bytes of one protected step, all nodes together"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -419,6 +432,10 @@ class Attempt(_message.Message):
     @_builtins.property
     def cause(self) -> Global___Fault:
         """the fault that ended this attempt, if any"""
+
+    @_builtins.property
+    def protected_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """steps whose every protection piece is verified"""
 
     def __init__(
         self,
@@ -435,10 +452,13 @@ class Attempt(_message.Message):
         first_step_at: _builtins.float = ...,
         ended_at: _builtins.float = ...,
         cause: Global___Fault | None = ...,
+        protected_steps: _abc.Iterable[_builtins.int] | None = ...,
+        redundancy: _builtins.str = ...,
+        parity_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "ranks", b"ranks", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "parity_bytes", b"parity_bytes", "protected_steps", b"protected_steps", "ranks", b"ranks", "redundancy", b"redundancy", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,6 +536,7 @@ class Node(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     WARM_READY_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     state: Global___NodeState.ValueType
@@ -526,6 +547,8 @@ class Node(_message.Message):
     hostname: _builtins.str
     warm_ready: _builtins.int
     """idle warm interpreters (torch imported) ready for a rank"""
+    peer_address: _builtins.str
+    """host:port of the agent's PeerService"""
     def __init__(
         self,
         *,
@@ -537,10 +560,11 @@ class Node(_message.Message):
         reason: _builtins.str = ...,
         hostname: _builtins.str = ...,
         warm_ready: _builtins.int = ...,
+        peer_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "last_seen_at", b"last_seen_at", "name", b"name", "reason", b"reason", "slots", b"slots", "state", b"state", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hostname", b"hostname", "last_seen_at", b"last_seen_at", "name", b"name", "peer_address", b"peer_address", "reason", b"reason", "slots", b"slots", "state", b"state", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

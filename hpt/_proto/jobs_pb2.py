@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hpt._proto import common_pb2 as hpt_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11hpt/v1/jobs.proto\x12\x06hpt.v1\x1a\x13hpt/v1/common.proto\"1\n\x10SubmitJobRequest\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.hpt.v1.JobSpec\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"-\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.hpt.v1.Job\"3\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"0\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.hpt.v1.Node\"S\n\x11StreamLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08has_rank\x18\x04 \x01(\x08\"F\n\x07LogLine\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"H\n\x13StreamEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x32\xab\x03\n\nJobService\x12@\n\tSubmitJob\x12\x18.hpt.v1.SubmitJobRequest\x1a\x19.hpt.v1.SubmitJobResponse\x12,\n\x06GetJob\x12\x15.hpt.v1.GetJobRequest\x1a\x0b.hpt.v1.Job\x12=\n\x08ListJobs\x12\x17.hpt.v1.ListJobsRequest\x1a\x18.hpt.v1.ListJobsResponse\x12\x32\n\tCancelJob\x12\x18.hpt.v1.CancelJobRequest\x1a\x0b.hpt.v1.Job\x12@\n\tListNodes\x12\x18.hpt.v1.ListNodesRequest\x1a\x19.hpt.v1.ListNodesResponse\x12:\n\nStreamLogs\x12\x19.hpt.v1.StreamLogsRequest\x1a\x0f.hpt.v1.LogLine0\x01\x12<\n\x0cStreamEvents\x12\x1b.hpt.v1.StreamEventsRequest\x1a\r.hpt.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11hpt/v1/jobs.proto\x12\x06hpt.v1\x1a\x13hpt/v1/common.proto\"1\n\x10SubmitJobRequest\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.hpt.v1.JobSpec\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.hpt.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"\x12\n\x10ListNodesRequest\"T\n\x11ListNodesResponse\x12\x1b\n\x05nodes\x18\x01 \x03(\x0b\x32\x0c.hpt.v1.Node\x12\"\n\x05store\x18\x02 \x01(\x0b\x32\x13.hpt.v1.StoreStatus\"T\n\x0bStoreStatus\x12\n\n\x02up\x18\x01 \x01(\x08\x12\x12\n\ndown_since\x18\x02 \x01(\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0epending_events\x18\x04 \x01(\x04\"S\n\x11StreamLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08has_rank\x18\x04 \x01(\x08\"F\n\x07LogLine\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06stream\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"H\n\x13StreamEventsRequest\x12\x0e\n\x06\x66ollow\x18\x01 \x01(\x08\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x32\xab\x03\n\nJobService\x12@\n\tSubmitJob\x12\x18.hpt.v1.SubmitJobRequest\x1a\x19.hpt.v1.SubmitJobResponse\x12,\n\x06GetJob\x12\x15.hpt.v1.GetJobRequest\x1a\x0b.hpt.v1.Job\x12=\n\x08ListJobs\x12\x17.hpt.v1.ListJobsRequest\x1a\x18.hpt.v1.ListJobsResponse\x12\x32\n\tCancelJob\x12\x18.hpt.v1.CancelJobRequest\x1a\x0b.hpt.v1.Job\x12@\n\tListNodes\x12\x18.hpt.v1.ListNodesRequest\x1a\x19.hpt.v1.ListNodesResponse\x12:\n\nStreamLogs\x12\x19.hpt.v1.StreamLogsRequest\x1a\x0f.hpt.v1.LogLine0\x01\x12<\n\x0cStreamEvents\x12\x1b.hpt.v1.StreamEventsRequest\x1a\r.hpt.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST']._serialized_start=138
   _globals['_GETJOBREQUEST']._serialized_end=169
   _globals['_LISTJOBSREQUEST']._serialized_start=171
-  _globals['_LISTJOBSREQUEST']._serialized_end=188
-  _globals['_LISTJOBSRESPONSE']._serialized_start=190
-  _globals['_LISTJOBSRESPONSE']._serialized_end=235
-  _globals['_CANCELJOBREQUEST']._serialized_start=237
-  _globals['_CANCELJOBREQUEST']._serialized_end=288
-  _globals['_LISTNODESREQUEST']._serialized_start=290
-  _globals['_LISTNODESREQUEST']._serialized_end=308
-  _globals['_LISTNODESRESPONSE']._serialized_start=310
-  _globals['_LISTNODESRESPONSE']._serialized_end=358
-  _globals['_STREAMLOGSREQUEST']._serialized_start=360
-  _globals['_STREAMLOGSREQUEST']._serialized_end=443
-  _globals['_LOGLINE']._serialized_start=445
-  _globals['_LOGLINE']._serialized_end=515
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=517
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=589
-  _globals['_JOBSERVICE']._serialized_start=592
-  _globals['_JOBSERVICE']._serialized_end=1019
+  _globals['_LISTJOBSREQUEST']._serialized_end=227
+  _globals['_LISTJOBSRESPONSE']._serialized_start=229
+  _globals['_LISTJOBSRESPONSE']._serialized_end=299
+  _globals['_CANCELJOBREQUEST']._serialized_start=301
+  _globals['_CANCELJOBREQUEST']._serialized_end=352
+  _globals['_LISTNODESREQUEST']._serialized_start=354
+  _globals['_LISTNODESREQUEST']._serialized_end=372
+  _globals['_LISTNODESRESPONSE']._serialized_start=374
+  _globals['_LISTNODESRESPONSE']._serialized_end=458
+  _globals['_STORESTATUS']._serialized_start=460
+  _globals['_STORESTATUS']._serialized_end=544
+  _globals['_STREAMLOGSREQUEST']._serialized_start=546
+  _globals['_STREAMLOGSREQUEST']._serialized_end=629
+  _globals['_LOGLINE']._serialized_start=631
+  _globals['_LOGLINE']._serialized_end=701
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=703
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=775
+  _globals['_JOBSERVICE']._serialized_start=778
+  _globals['_JOBSERVICE']._serialized_end=1205
 # @@protoc_insertion_point(module_scope)

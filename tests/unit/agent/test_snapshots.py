@@ -7,15 +7,11 @@ import pytest
 from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
 
 
-def test_sweep_removes_only_this_nodes_files(tmp_path):
-    keeper = SnapshotKeeper("node-1", shm_dir=str(tmp_path))
-    mine = tmp_path / f"{keeper.prefix('job-a', 0)}.g0.json"
-    other = tmp_path / f"{SnapshotKeeper('node-10', shm_dir=str(tmp_path)).prefix('job-a', 0)}.g0.json"
-    dashed = tmp_path / f"{SnapshotKeeper('node-1-x', shm_dir=str(tmp_path)).prefix('j', 0)}.buf"
-    for path in (mine, other, dashed):
-        path.write_text("{}")
-    assert keeper.sweep_stale() == 1
-    assert not mine.exists() and other.exists() and dashed.exists()
+def test_snapshot_names_carry_the_owning_agent_instance(tmp_path):
+    a = SnapshotKeeper("node-1", shm_dir=str(tmp_path), owner="aaaa")
+    b = SnapshotKeeper("node-1", shm_dir=str(tmp_path), owner="bbbb")
+    assert a.prefix("job", 0) != b.prefix("job", 0)
+    assert a.prefix("job", 0).startswith("hpt-node-1--aaaa-")
 
 
 def test_reported_steps_follow_commits_and_discards(tmp_path):

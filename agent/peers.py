@@ -1,0 +1,309 @@
+"""The agent-to-agent data path of snapshot protection: ``PeerService`` server and client.
+
+Bulk bytes (blob segments and parity pieces, see blob.py and protect.py) go from agent to agent
+over their own gRPC service, never through the controller. A piece travels as a stream of
+chunks (``chunk_bytes``, 1 MiB by default), each carrying its offset and a CRC-32; the stream
+ends with a trailer that says the source was still intact after the last byte (a rank may have
+overwritten the generation meanwhile; it removes the commit record first, so the check is
+sound). The client resumes a broken stream at the first byte it has not verified, a bounded
+number of times with backoff; a piece is handed to its caller only when every byte arrived,
+every chunk matched its CRC and the trailer came. HTTP/2 flow control bounds what is in
+flight: the server's generator blocks while the client has not consumed the window.
+
+Authentication lives in one place, ``PeerAuth``: the agent's bearer token on every call (the
+one it uses with the controller) and TLS when the agent has a certificate; switching to mTLS
+roles changes only this class.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import torch
+
+from hpt._proto import checkpoint_pb2, checkpoint_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+_MAX_CHUNK_BYTES = 8 << 20
+_MAX_MESSAGE_BYTES = 16 << 20
+_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                        grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class PieceUnavailable(Exception):
+    """The peer does not hold the piece, or its copy failed verification, or every retry of
+    the transfer failed. The caller tries another source."""
+
+
+# --------------------------------------------------------------------------- authentication
+
+@dataclass(frozen=True, slots=True)
+class PeerAuth:
+    """Credentials of the peer service, from the agent's controller settings."""
+
+    token: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @property
+    def metadata(self) -> list[tuple[str, str]] | None:
+        return [("authorization", f"Bearer {self.token}")] if self.token else None
+
+    def channel(self, address: str) -> grpc.Channel:
+        if self.tls_ca:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(self.tls_ca).read_bytes(),
+                private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
+                certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None,
+            )
+            return grpc.secure_channel(address, creds, options=_OPTIONS)
+        return grpc.insecure_channel(address, options=_OPTIONS)
+
+    def bind(self, server: grpc.Server, address: str) -> int:
+        """Add the listening port (TLS when the agent has a certificate); returns the port."""
+        if self.tls_cert and self.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())],
+                root_certificates=Path(self.tls_ca).read_bytes() if self.tls_ca else None,
+                require_client_auth=bool(self.tls_ca),
+            )
+            return server.add_secure_port(address, creds)
+        return server.add_insecure_port(address)
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        return [_TokenCheck(self.token)] if self.token else []
+
+
+class _TokenCheck(grpc.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):  # type: ignore[no-untyped-def]
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
+                return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return self._deny_stream if handler.response_streaming else self._deny_unary
+
+
+# --------------------------------------------------------------------------- server
+
+@dataclass(slots=True)
+class Piece:
+    """A piece a ``PieceSource`` serves: its header, a reader of byte ranges and a check run
+    after the last byte was sent (False: the bytes may have changed meanwhile)."""
+
+    header: checkpoint_pb2.PieceHeader
+    read_into: Callable[[int, torch.Tensor], None]
+    intact: Callable[[], bool]
+
+
+class PieceSource(Protocol):
+    """What the peer service serves; implemented by protect.Protector."""
+
+    def held(self, job_id: str, ranks: list[int]) -> list[int]:
+        """Steps complete in memory for every rank in ``ranks``, ascending."""
+        ...
+
+    def open_piece(self, request: checkpoint_pb2.FetchRequest) -> Piece:
+        """The piece ``request`` names, verified against its checksums.
+
+        Raises:
+            PieceUnavailable: not held here, or it failed verification.
+        """
+        ...
+
+
+class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
+    def __init__(self, source: PieceSource, node: str) -> None:
+        self._source = source
+        self._node = node
+
+    def Held(self, request, context):  # type: ignore[no-untyped-def]
+        return checkpoint_pb2.HeldReply(steps=self._source.held(request.job_id,
+                                                                 list(request.ranks)))
+
+    def Fetch(self, request, context):  # type: ignore[no-untyped-def]
+        chunk = request.chunk_bytes or CHUNK_BYTES
+        if not 0 < chunk <= _MAX_CHUNK_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"chunk_bytes ({chunk}) must be in 1..{_MAX_CHUNK_BYTES}")
+        try:
+            piece = self._source.open_piece(request)
+        except PieceUnavailable as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        total = piece.header.piece_bytes
+        if request.offset > total:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset ({request.offset}) > {total}")
+        yield checkpoint_pb2.PieceChunk(header=piece.header, offset=request.offset)
+        buf = torch.empty(min(chunk, total), dtype=torch.uint8)
+        offset = request.offset
+        while offset < total:
+            n = min(chunk, total - offset)
+            piece.read_into(offset, buf[:n])
+            data = buf[:n].numpy().tobytes()
+            yield checkpoint_pb2.PieceChunk(offset=offset, data=data, crc32=zlib.crc32(data))
+            offset += n
+        if not piece.intact():
+            context.abort(grpc.StatusCode.DATA_LOSS,
+                          f"[{self._node}] the source changed while it was sent")
+        yield checkpoint_pb2.PieceChunk(offset=total, last=True)
+
+
+class PeerServer:
+    """The node's ``PeerService`` on ``host:port`` (port 0: a free one)."""
+
+    def __init__(self, source: PieceSource, node: str, host: str, port: int,
+                 auth: PeerAuth) -> None:
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8,
+                                                              thread_name_prefix="hpt-peer"),
+                                   interceptors=auth.interceptors(), options=_OPTIONS)
+        checkpoint_pb2_grpc.add_PeerServiceServicer_to_server(_Servicer(source, node),
+                                                              self._server)
+        self.port = auth.bind(self._server, f"{host}:{port}")
+        if not self.port:
+            raise OSError(f"cannot listen for peers on {host}:{port}")
+        if host not in ("127.0.0.1", "localhost", "::1") and not auth.tls_cert:
+            log.warning("[-/-/%s/-] peer service on %s:%d without TLS: snapshot bytes travel "
+                        "in clear", node, host, self.port)
+        self._server.start()
+
+    def close(self) -> None:
+        self._server.stop(grace=1.0).wait(5.0)
+
+
+# --------------------------------------------------------------------------- client
+
+class PeerClient:
+    """Fetches pieces from peers; one channel per peer address, reused."""
+
+    def __init__(self, auth: PeerAuth, *, retries: int = 4, backoff_s: float = 0.05) -> None:
+        self._auth = auth
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _stub(self, address: str) -> checkpoint_pb2_grpc.PeerServiceStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self._auth.channel(address)
+        return checkpoint_pb2_grpc.PeerServiceStub(channel)
+
+    def held(self, address: str, job_id: str, ranks: list[int], timeout_s: float) -> list[int]:
+        try:
+            reply = self._stub(address).Held(
+                checkpoint_pb2.HeldRequest(job_id=job_id, ranks=ranks), timeout=timeout_s,
+                metadata=self._auth.metadata)
+        except grpc.RpcError as exc:
+            raise PieceUnavailable(f"{address}: {_code(exc)}") from exc
+        return list(reply.steps)
+
+    def fetch(self, address: str, request: checkpoint_pb2.FetchRequest, *,
+              timeout_s: float) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
+        """The whole piece, every chunk verified; resumes a broken stream where it broke.
+
+        Raises:
+            PieceUnavailable: the peer lacks the piece, it changed at the source, or the
+                transfer failed ``retries`` times in a row without progress.
+        """
+        deadline = time.monotonic() + timeout_s
+        header: checkpoint_pb2.PieceHeader | None = None
+        out: torch.Tensor | None = None
+        got = request.offset
+        failures = 0
+        while True:
+            progress = got
+            try:
+                header, out, got, done = self._stream(address, request, got, header, out,
+                                                      deadline)
+                if done:
+                    assert header is not None and out is not None
+                    return header, out
+                reason = "stream ended before its trailer"
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+                if code not in _RETRYABLE:
+                    raise PieceUnavailable(f"{address}: {_code(exc)}") from exc
+                reason = _code(exc)
+            except _BadChunk as exc:
+                reason = str(exc)
+            failures = 0 if got > progress else failures + 1
+            if failures > self._retries or time.monotonic() >= deadline:
+                raise PieceUnavailable(f"{address}: transfer failed at byte {got}: {reason}")
+            log.info("peer fetch from %s broke at byte %d (%s); resuming", address, got, reason)
+            time.sleep(min(self._backoff_s * (2 ** failures), 1.0) * (0.5 + random.random()))
+
+    def _stream(self, address: str, request: checkpoint_pb2.FetchRequest, got: int,
+                header: checkpoint_pb2.PieceHeader | None, out: torch.Tensor | None,
+                deadline: float) -> tuple[checkpoint_pb2.PieceHeader | None,
+                                          torch.Tensor | None, int, bool]:
+        req = checkpoint_pb2.FetchRequest()
+        req.CopyFrom(request)
+        req.offset = got
+        stream: Iterator[checkpoint_pb2.PieceChunk] = self._stub(address).Fetch(
+            req, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._auth.metadata)
+        for chunk in stream:
+            if chunk.HasField("header"):
+                if header is not None and header != chunk.header:
+                    raise PieceUnavailable(f"{address}: the piece changed between two streams")
+                header = chunk.header
+                if out is None:
+                    out = torch.empty(header.piece_bytes, dtype=torch.uint8)
+            if header is None or out is None:
+                raise _BadChunk("chunk before the header")
+            if chunk.data:
+                n = len(chunk.data)
+                if chunk.offset != got or got + n > out.numel():
+                    raise _BadChunk(f"chunk at {chunk.offset}, expected {got}")
+                if zlib.crc32(chunk.data) != chunk.crc32:
+                    raise _BadChunk(f"CRC mismatch in the chunk at byte {got}")
+                out[got:got + n] = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+                got += n
+            if chunk.last:
+                if got != header.piece_bytes:
+                    raise _BadChunk(f"trailer after {got} of {header.piece_bytes} bytes")
+                return header, out, got, True
+        return header, out, got, False
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+class _BadChunk(Exception):
+    pass
+
+
+def _code(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else ""
+    return f"{code.name if code else 'error'}: {details}"

@@ -1,0 +1,396 @@
+"""Snapshot protection on the agent: parity pieces pulled, encoded and held for peers.
+
+The controller sends each node the attempt's ``ProtectionLayout``: its nodes (with their ranks
+and peer addresses) cut into stripes of k data members and m parity holders, the holders
+rotating so every node holds parity for m stripes of its group and is a data member of k.
+Each node's blob (blob.py) is cut into k segments, one per stripe it is data in. For every
+stripe it holds parity for, this agent's protector thread:
+
+1. asks the k data members which steps they hold in memory (``Held``; itself directly) and
+   picks the newest step all of them hold that is newer than what it protects already; older
+   steps are skipped, never queued, so a slow network costs freshness, not memory;
+2. pulls the k segments of that step (``PeerClient.fetch``: chunked, CRC-checked, resumable;
+   the owners verify their ranks' checksums before sending and check nothing was overwritten
+   after);
+3. encodes them with ``hpt.ckpt.codec`` (ISA-L through ctypes; k = 1 is a mirror: the piece
+   is a copy) into a parity buffer in shared memory, checksums it, and only then marks it
+   held; a failure leaves the previous piece as it was.
+
+Two buffers per stripe alternate, so the newest verified piece stays valid while the next is
+built. Held pieces go to the controller with every heartbeat; a step is protected when every
+holder of every stripe reports it. Ranks never wait for any of this: it reads their committed
+generations only. Serving (``open_piece``) verifies what it serves: a rank buffer against its
+commit record's checksums, a parity piece against the checksum taken when it was built.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hpt._proto import checkpoint_pb2
+from hpt.agent import blob as blobs
+from hpt.agent.peers import PeerClient, Piece, PieceUnavailable
+from hpt.ckpt.checksum import checksum
+from hpt.ckpt.codec import Codec, best_codec
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.2
+_HELD_TIMEOUT_S = 2.0
+_FETCH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupNode:
+    node: str
+    peer_address: str
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A ProtectionLayout, decoded."""
+
+    k: int
+    m: int
+    nodes: tuple[GroupNode, ...]
+    stripes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (data, parity) node indices
+
+    @classmethod
+    def from_proto(cls, msg: checkpoint_pb2.ProtectionLayout) -> Layout:
+        nodes = tuple(GroupNode(n.node, n.peer_address, tuple(n.ranks)) for n in msg.nodes)
+        stripes = tuple((tuple(s.data), tuple(s.parity)) for s in msg.stripes)
+        for i, (data, parity) in enumerate(stripes):
+            if not data or any(x >= len(nodes) for x in (*data, *parity)):
+                raise ValueError(f"protection.stripes[{i}] names a node out of range")
+        return cls(msg.k, msg.m, nodes, stripes)
+
+    def index_of(self, node: str) -> int | None:
+        for i, n in enumerate(self.nodes):
+            if n.node == node:
+                return i
+        return None
+
+    def data_stripes(self, index: int) -> list[int]:
+        """Stripes node ``index`` is a data member of, in order: segment s of its blob is in
+        the s-th of them, and their count is the number of segments its blob is cut into."""
+        return [j for j, (data, _) in enumerate(self.stripes) if index in data]
+
+    def segment_request(self, job_id: str, attempt: int, step: int, index: int,
+                        stripe: int) -> checkpoint_pb2.FetchRequest:
+        own = self.data_stripes(index)
+        return checkpoint_pb2.FetchRequest(
+            job_id=job_id, attempt=attempt, step=step, kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
+            ranks=self.nodes[index].ranks, k=len(own), index=own.index(stripe))
+
+
+@dataclass(slots=True)
+class _Slot:
+    path: Path
+    buf: torch.Tensor | None = None
+    step: int = -1
+    value: int = 0
+    members: tuple[tuple[int, int], ...] = ()  # (node index, blob bytes)
+    parity_index: int = 0
+    version: int = 0
+    valid: bool = False
+
+    def ensure(self, nbytes: int) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() != nbytes:
+            self.buf = None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+                mm = mmap.mmap(fd, max(nbytes, 1), flags=mmap.MAP_SHARED)
+            finally:
+                os.close(fd)
+            self.buf = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
+        return self.buf
+
+
+@dataclass(slots=True)
+class _Protected:
+    job_id: str
+    attempt: int
+    layout: Layout
+    me: int
+    slots: dict[int, list[_Slot]] = field(default_factory=dict)  # stripe -> two slots
+    previous: _Protected | None = None
+    """The attempt before: still served (peers may be rebuilding from it) until this one
+    protected a step newer than any it held, which needs every rank of this attempt running."""
+
+    def newest(self) -> int:
+        return max((s.step for slots in self.slots.values() for s in slots if s.valid),
+                   default=-1)
+
+
+class Protector:
+    """Holds and serves this node's protection pieces; implements ``peers.PieceSource``."""
+
+    def __init__(self, node: str, shm_dir: str, prefix_of: Callable[[str, int], str],
+                 client: PeerClient, *, codec: Codec | None = None) -> None:
+        self.node = node
+        self.shm_dir = shm_dir
+        self.prefix_of = prefix_of  # (job_id, rank) -> ShmSink prefix of this node
+        self.client = client
+        self.codec = codec or best_codec()
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Protected] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hpt-protect", daemon=True)
+        self.num_built = 0
+        self.bytes_pulled = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10.0)
+        for job_id in list(self._jobs):
+            self.release(job_id)
+
+    # ---------------------------------------------------------------- attempts
+
+    def protect(self, job_id: str, attempt: int, msg: checkpoint_pb2.ProtectionLayout) -> None:
+        """Called at launch: from now on protect ``attempt`` of ``job_id`` by ``msg``."""
+        layout = Layout.from_proto(msg)
+        me = layout.index_of(self.node)
+        drop = []
+        with self._lock:
+            old = self._jobs.pop(job_id, None)
+            if old is not None and old.previous is not None:
+                drop.append(old.previous)
+                old.previous = None
+            entry = self._jobs[job_id] = _Protected(job_id, attempt, layout, me or 0,
+                                                    previous=old)
+            if me is not None:
+                for j, (_, parity) in enumerate(layout.stripes):
+                    if me in parity:
+                        entry.slots[j] = [_Slot(self._piece_path(job_id, attempt, j, s))
+                                          for s in range(2)]
+        for e in drop:
+            self._drop(e)
+        self._wake.set()
+
+    def notify(self) -> None:
+        """A rank committed a snapshot: look for a newer step to protect."""
+        self._wake.set()
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            entry = self._jobs.pop(job_id, None)
+        while entry is not None:
+            self._drop(entry)
+            entry = entry.previous
+        blobs.remove_files(self.shm_dir, self._job_piece_prefix(job_id))
+
+    def _drop(self, entry: _Protected) -> None:
+        for slots in entry.slots.values():
+            for slot in slots:
+                slot.buf = None
+                slot.path.unlink(missing_ok=True)
+
+    def _job_piece_prefix(self, job_id: str) -> str:
+        # the job's part of a rank prefix ("<node prefix><job>-r0"): sweeps find pieces too
+        return f"{self.prefix_of(job_id, 0).removesuffix('-r0')}-par-"
+
+    def _piece_path(self, job_id: str, attempt: int, stripe: int, slot: int) -> Path:
+        return Path(self.shm_dir) / f"{self._job_piece_prefix(job_id)}a{attempt}-s{stripe}-{slot}"
+
+    # ---------------------------------------------------------------- reports
+
+    def pieces(self) -> list[checkpoint_pb2.HeldPiece]:
+        """Verified pieces held now (for the heartbeat)."""
+        out = []
+        with self._lock:
+            for entry in self._jobs.values():
+                for j, slots in entry.slots.items():
+                    for slot in slots:
+                        if slot.valid and slot.buf is not None:
+                            out.append(checkpoint_pb2.HeldPiece(
+                                job_id=entry.job_id, attempt=entry.attempt, stripe=j,
+                                step=slot.step, bytes=slot.buf.numel()))
+        return out
+
+    def parity_bytes(self, job_id: str) -> int:
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is None:
+                return 0
+            return sum(s.buf.numel() for e in (entry, entry.previous) if e is not None
+                       for slots in e.slots.values() for s in slots if s.buf is not None)
+
+    # ---------------------------------------------------------------- PieceSource
+
+    def held(self, job_id: str, ranks: list[int]) -> list[int]:
+        common: set[int] | None = None
+        for rank in ranks:
+            steps = blobs.held_steps(self.shm_dir, self.prefix_of(job_id, rank))
+            common = steps if common is None else common & steps
+        return sorted(common or ())
+
+    def open_piece(self, request: checkpoint_pb2.FetchRequest) -> Piece:
+        if request.kind == checkpoint_pb2.PIECE_KIND_SEGMENT:
+            return self._open_segment(request.job_id, list(request.ranks), request.step,
+                                      request.k, request.index)
+        if request.kind == checkpoint_pb2.PIECE_KIND_PARITY:
+            return self._open_parity(request.job_id, request.attempt, request.stripe,
+                                     request.step)
+        raise PieceUnavailable(f"kind ({request.kind}) must be SEGMENT or PARITY")
+
+    def _open_segment(self, job_id: str, ranks: list[int], step: int, k: int,
+                      index: int) -> Piece:
+        if not ranks or not 1 <= k <= 255 or index >= k:
+            raise PieceUnavailable(f"segment request invalid (ranks {ranks}, k {k}, "
+                                   f"index {index})")
+        try:
+            blob = blobs.NodeBlob(self.shm_dir, [(r, self.prefix_of(job_id, r)) for r in ranks],
+                                  step)
+        except (blobs.BlobError, ValueError) as exc:
+            raise PieceUnavailable(f"[{self.node}] {exc}") from exc
+        bad = blob.verify()
+        if bad:
+            raise PieceUnavailable(f"[{self.node}] snapshot of step {step} of rank(s) {bad} "
+                                   "fails its checksums")
+        size = blobs.segment_bytes(blob.nbytes, k)
+        base = index * size
+        header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
+        return Piece(header, lambda off, out: blob.read_into(base + off, out), blob.intact)
+
+    def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            if entry is not None and entry.attempt != attempt:
+                entry = entry.previous
+            slots = entry.slots.get(stripe, []) if entry and entry.attempt == attempt else []
+            found = [s for s in slots if s.valid and s.step == step and s.buf is not None]
+        if not found:
+            raise PieceUnavailable(f"[{self.node}] no parity of stripe {stripe} at step {step}")
+        slot = found[0]
+        buf, version = slot.buf, slot.version
+        assert buf is not None
+        if checksum(buf) != slot.value:
+            with self._lock:
+                slot.valid = False
+            raise PieceUnavailable(f"[{self.node}] parity of stripe {stripe} at step {step} "
+                                   "fails its checksum (dropped)")
+        header = checkpoint_pb2.PieceHeader(
+            piece_bytes=buf.numel(), parity_index=slot.parity_index,
+            members=[checkpoint_pb2.MemberBlob(node_index=i, blob_bytes=b)
+                     for i, b in slot.members])
+        return Piece(header, lambda off, out: out.copy_(buf[off:off + out.numel()]),
+                     lambda: slot.version == version and slot.valid)
+
+    # ---------------------------------------------------------------- the protector thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+            with self._lock:
+                work = [(e, j) for e in self._jobs.values() for j in e.slots]
+            for entry, stripe in work:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.build(entry, stripe)
+                except (PieceUnavailable, blobs.BlobError, OSError, ValueError) as exc:
+                    log.info("[%s/%d/%s/-] stripe %d not protected this round: %s",
+                             entry.job_id, entry.attempt, self.node, stripe, exc)
+
+    def build(self, entry: _Protected, stripe: int) -> int | None:
+        """Protect the newest step every data member of ``stripe`` holds; returns it, or None
+        when there is nothing newer."""
+        layout = entry.layout
+        data, parity = layout.stripes[stripe]
+        slots = entry.slots[stripe]
+        common: set[int] | None = None
+        for member in data:
+            steps = set(self._held_by(entry, member))
+            common = steps if common is None else common & steps
+        newest = max((s.step for s in slots if s.valid), default=-1)
+        if not common or max(common) <= newest:
+            return None
+        step = max(common)
+        segments, members = [], []
+        for member in data:
+            header, seg = self._segment(entry, member, stripe, step)
+            segments.append(seg)
+            members.append((member, int(header.blob_bytes)))
+        size = max(s.numel() for s in segments)
+        segments = [s if s.numel() == size else _padded(s, size) for s in segments]
+        row = parity.index(entry.me)
+        target = min(slots, key=lambda s: (s.valid, s.step))  # never the newest valid one
+        with self._lock:
+            target.valid = False
+            target.version += 1
+        out = target.ensure(size)
+        if len(data) == 1:
+            out.copy_(segments[0])  # a mirror
+        else:
+            rows = [out if r == row else torch.empty(size, dtype=torch.uint8)
+                    for r in range(len(parity))]
+            self.codec.encode(segments, rows)
+        value = checksum(out)
+        with self._lock:
+            target.step, target.value, target.members = step, value, tuple(members)
+            target.parity_index, target.valid = row, True
+            self.num_built += 1
+            old = entry.previous
+            if old is not None and step > old.newest():
+                entry.previous = None
+            else:
+                old = None
+        if old is not None:
+            self._drop(old)
+        log.debug("[%s/%d/%s/-] stripe %d protected at step %d (%d bytes)", entry.job_id,
+                  entry.attempt, self.node, stripe, step, size)
+        return step
+
+    def _held_by(self, entry: _Protected, member: int) -> list[int]:
+        node = entry.layout.nodes[member]
+        if member == entry.me:
+            return self.held(entry.job_id, list(node.ranks))
+        return self.client.held(node.peer_address, entry.job_id, list(node.ranks),
+                                _HELD_TIMEOUT_S)
+
+    def _segment(self, entry: _Protected, member: int, stripe: int,
+                 step: int) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
+        request = entry.layout.segment_request(entry.job_id, entry.attempt, step, member, stripe)
+        return self.fetch(entry.layout, member, request, local=member == entry.me)
+
+    def fetch(self, layout: Layout, member: int, request: checkpoint_pb2.FetchRequest, *,
+              local: bool) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
+        """One piece from node ``member`` of ``layout`` (this node's memory when ``local``)."""
+        if local:
+            piece = self.open_piece(request)
+            out = torch.empty(piece.header.piece_bytes, dtype=torch.uint8)
+            piece.read_into(0, out)
+            if not piece.intact():
+                raise PieceUnavailable(f"[{self.node}] the local source changed while read")
+            return piece.header, out
+        header, out = self.client.fetch(layout.nodes[member].peer_address, request,
+                                        timeout_s=_FETCH_TIMEOUT_S)
+        self.bytes_pulled += out.numel()
+        return header, out
+
+
+def _padded(t: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.uint8)
+    out[:t.numel()].copy_(t)
+    return out
+
+
+__all__ = ["GroupNode", "Layout", "Protector"]

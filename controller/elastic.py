@@ -1,0 +1,213 @@
+"""Snapshot protection and elastic restarts, as the controller decides them. Pure functions.
+
+- ``parse_redundancy`` / ``protection_plan``: how an attempt's snapshots are protected. Its
+  nodes are cut into groups of k + m (the last group takes the remainder; with fewer nodes than
+  k + m after a shrink, one group of all of them with k = nodes - m); a group of s nodes has s
+  stripes, stripe j's parity on nodes j .. j+m-1 of the group (rotating) and the other s - m
+  nodes as its data members. Two nodes with m = 1 make a mirror (k = 1).
+- ``protected_steps``: the steps whose every parity piece is reported verified by its holder.
+- ``choose_restore``: the newest step of the previous attempt that is complete AND recoverable
+  from the nodes still alive: every rank's snapshot is in a surviving node's memory, or the
+  nodes that lost it are few enough for every stripe to decode (and the step is protected).
+  Never a mix of steps: one step for every rank, or none (then disk, then scratch).
+- ``decide_grow``: a job running below its node count grows back when a node has been free
+  for the hysteresis and a protected step exists that is newer than when the node appeared.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # model validates specs with parse_redundancy: no import cycle at runtime
+    from hpt.controller.model import Attempt, Job
+
+_REDUNDANCY = re.compile(r"^(\d{1,3})\+(\d{1,3})$")
+GROW_HYSTERESIS_S = 10.0
+"""A node must stay free this long before a job grows onto it (no flapping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanNode:
+    node: str
+    peer_address: str
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectionPlan:
+    """How one attempt's snapshots are protected (sent to its agents at launch)."""
+
+    k: int
+    m: int
+    nodes: tuple[PlanNode, ...]
+    stripes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (data, parity) node indices
+
+    @property
+    def label(self) -> str:
+        return "mirror" if self.k == 1 and self.m == 1 else f"{self.k}+{self.m}"
+
+    def recoverable(self, unavailable: set[int]) -> bool:
+        """Every stripe misses at most as many pieces as it has parity."""
+        return all(len(unavailable & {*data, *parity}) <= len(parity)
+                   for data, parity in self.stripes)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreChoice:
+    step: int
+    """0: nothing in memory is usable (the ranks go to disk, else scratch)."""
+    lost: tuple[int, ...]
+    """Indices of the previous attempt's nodes whose memory is gone for ``step``."""
+    source: str
+    """One line for the event log: where the state comes from and why."""
+
+
+def parse_redundancy(text: str, nodes: int) -> tuple[int, int] | None:
+    """``(k, m)`` of a job's ``redundancy`` field; None for "off"; (0, 1) for the default.
+
+    Raises:
+        ValueError: naming the field, when the text is not ``K+M`` or does not fit ``nodes``.
+    """
+    if text == "":
+        return (0, 1)
+    if text == "off":
+        return None
+    match = _REDUNDANCY.match(text)
+    if not match:
+        raise ValueError(f"redundancy ({text!r}) must be K+M (e.g. 2+1), or 'off'")
+    k, m = int(match.group(1)), int(match.group(2))
+    if k < 1 or m < 1:
+        raise ValueError(f"redundancy ({text!r}) needs k >= 1 and m >= 1")
+    if k + m > nodes:
+        raise ValueError(f"redundancy ({text!r}) needs k + m <= nodes ({nodes})")
+    return (k, m)
+
+
+def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Iterable[int]],
+                    peers: Mapping[str, str]) -> ProtectionPlan | None:
+    """The layout of an attempt on ``nodes`` (in attempt order); None when unprotected."""
+    km = parse_redundancy(redundancy, max(len(nodes), 2)) if redundancy != "" else (0, 1)
+    if km is None or len(nodes) < 2:
+        return None
+    k, m = km
+    size = k + m if k and k + m <= len(nodes) else len(nodes)
+    if size - m < 1:
+        return None
+    groups = [size] * (len(nodes) // size)
+    groups[-1] += len(nodes) % size
+    stripes = []
+    base = 0
+    for s in groups:
+        for j in range(s):
+            parity = tuple(base + (j + t) % s for t in range(m))
+            data = tuple(base + x for x in range(s) if base + x not in parity)
+            stripes.append((data, parity))
+        base += s
+    plan_nodes = tuple(PlanNode(n, peers.get(n, ""), tuple(sorted(ranks.get(n, ()))))
+                       for n in nodes)
+    return ProtectionPlan(k=groups[0] - m, m=m, nodes=plan_nodes, stripes=tuple(stripes))
+
+
+def unprotected_plan(attempt: Attempt, peers: Mapping[str, str]) -> ProtectionPlan:
+    """The node list of an attempt without stripes: restore may still copy from peers."""
+    ranks: dict[str, list[int]] = {}
+    for r in attempt.ranks:
+        ranks.setdefault(r.node, []).append(r.rank)
+    return ProtectionPlan(k=0, m=0, nodes=tuple(
+        PlanNode(n, peers.get(n, ""), tuple(sorted(ranks.get(n, ())))) for n in attempt.nodes),
+        stripes=())
+
+
+def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, int]]]) -> set[int]:
+    """Steps for which every holder of every stripe reported its piece, verified.
+
+    Args:
+        pieces: node -> {(stripe, step)} it holds for this attempt (its newest report).
+    """
+    steps: set[int] | None = None
+    for j, (_, parity) in enumerate(plan.stripes):
+        for holder in parity:
+            held = {step for stripe, step in pieces.get(plan.nodes[holder].node, ()) if stripe == j}
+            steps = held if steps is None else steps & held
+            if not steps:
+                return set()
+    return steps or set()
+
+
+def choose_restore(previous: Attempt, plan: ProtectionPlan | None, protected: set[int],
+                   alive: set[str], exclude: set[int] | None = None) -> RestoreChoice:
+    """The newest step of ``previous`` every rank can restore, and from where; steps in
+    ``exclude`` (an agent failed to put them in place before) are never chosen."""
+    candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
+                        - (exclude or set()), reverse=True)
+    gone = sorted(n for n in previous.nodes if n not in alive)
+    best_reason = "no snapshot in memory"
+    for step in candidates:
+        unavailable = {i for i, node in enumerate(previous.nodes)
+                       if node not in alive
+                       or any(step not in r.snapshot_steps for r in previous.ranks_on(node))}
+        if not unavailable:
+            return RestoreChoice(step, (), f"step {step} from memory (every node holds it)")
+        names = ", ".join(previous.nodes[i] for i in sorted(unavailable))
+        if plan is None:
+            best_reason = f"{names} lost step {step} and the job is not protected"
+            continue
+        if step not in protected:
+            best_reason = f"{names} lost step {step}, which is not protected"
+            continue
+        if not plan.recoverable(unavailable):
+            best_reason = (f"{len(unavailable)} node(s) ({names}) lost step {step}; "
+                           f"{plan.label} recovers at most {plan.m} per group")
+            continue
+        return RestoreChoice(step, tuple(sorted(unavailable)),
+                             f"step {step}: {names} rebuilt from peers "
+                             f"({'replica' if plan.k == 1 else 'parity ' + plan.label})")
+    lost = f" (lost: {', '.join(gone)})" if gone else ""
+    return RestoreChoice(0, (), f"nothing recoverable in memory{lost}: {best_reason}")
+
+
+def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int) -> list[int]:
+    """Old ranks a node whose new ranks are ``new_ranks`` must hold: its own rank numbers at
+    the same world size; every old rank when the world size changes (a rank may need a slice
+    of any old shard once state is resharded)."""
+    if previous.world_size == world_size:
+        return sorted(new_ranks)
+    return list(range(previous.world_size))
+
+
+def order_nodes(previous: list[str], chosen: list[str]) -> list[str]:
+    """``chosen`` ordered so that every surviving node keeps its place (and its ranks):
+    replacements take the places of the nodes they replace, extra nodes go last."""
+    fresh = [n for n in chosen if n not in previous]
+    out: list[str] = []
+    for n in previous:
+        if n in chosen:
+            out.append(n)
+        elif fresh:
+            out.append(fresh.pop(0))
+    return out + fresh
+
+
+def decide_grow(job: Job, attempt: Attempt, free_nodes: Mapping[str, float],
+                protected: set[int], now: float,
+                hysteresis_s: float = GROW_HYSTERESIS_S) -> str | None:
+    """A reason to stop ``attempt`` and relaunch on more nodes, or None.
+
+    Args:
+        free_nodes: node -> wall clock since when it has been ready with room for the job.
+        protected: protected steps of ``attempt``.
+    """
+    if len(attempt.nodes) >= job.spec.nodes or not protected or not attempt.first_step_at:
+        return None
+    settled = sorted(n for n, since in free_nodes.items()
+                     if n not in job.excluded_nodes and now - since >= hysteresis_s)
+    if not settled:
+        return None
+    newest = max(protected)
+    wanted = min(len(settled), job.spec.nodes - len(attempt.nodes))
+    return (f"grow {len(attempt.nodes)} -> {len(attempt.nodes) + wanted} nodes: "
+            f"{', '.join(settled[:wanted])} free for >= {hysteresis_s:g}s; restoring "
+            f"protected step {newest}")

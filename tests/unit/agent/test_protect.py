@@ -1,0 +1,284 @@
+"""Snapshot protection between agents: real PeerService servers on loopback, real shm files.
+
+Three nodes, one rank each, k=2 m=1 (and a 2-node mirror): every holder builds its parity
+piece from segments pulled over gRPC; then a node is "lost" and another node rebuilds its
+snapshot, which must equal the lost one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpt._proto import checkpoint_pb2
+from hpt.agent import blob as blobs
+from hpt.agent.materialise import MaterialiseError, materialise, restore_shards_env
+from hpt.agent.peers import PeerAuth, PeerClient, PeerServer, PieceUnavailable
+from hpt.agent.protect import Protector
+from hpt.agent.snapshots import SnapshotKeeper
+from hpt.ckpt import ShmSink, SnapshotEngine
+from hpt.controller.elastic import protection_plan
+
+JOB = "job-1"
+TOKEN = "s3cret"
+
+
+class Node:
+    def __init__(self, name: str, root: Path, auth: PeerAuth) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir()
+        self.keeper = SnapshotKeeper(name, shm_dir=str(self.dir))
+        self.client = PeerClient(auth, retries=3, backoff_s=0.01)
+        self.protector = Protector(name, str(self.dir), self.keeper.prefix, self.client)
+        self.server = PeerServer(self.protector, name, "127.0.0.1", 0, auth)
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.adopted: list[tuple[int, int, int]] = []
+
+    def save(self, rank: int, step: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        state = {"w": torch.randn(1000 + 37 * rank, generator=gen), "step": step,
+                 "b": torch.randint(0, 255, (333,), dtype=torch.uint8, generator=gen)}
+        engine = SnapshotEngine(ShmSink(self.keeper.prefix(JOB, rank), directory=str(self.dir)))
+        engine.save(step, state)
+        engine.close()
+
+    def close(self) -> None:
+        self.server.close()
+        self.protector.close()
+        self.client.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    nodes: list[Node] = []
+
+    def make(n: int, auth: PeerAuth | None = None) -> list[Node]:
+        for i in range(n):
+            nodes.append(Node(f"n{i}", tmp_path, auth or PeerAuth(token=TOKEN)))
+        return nodes
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+def _layout(nodes: list[Node], redundancy: str = "") -> checkpoint_pb2.ProtectionLayout:
+    plan = protection_plan(redundancy, [n.name for n in nodes],
+                           {n.name: [i] for i, n in enumerate(nodes)},
+                           {n.name: n.address for n in nodes})
+    assert plan is not None
+    return checkpoint_pb2.ProtectionLayout(
+        k=plan.k, m=plan.m,
+        nodes=[checkpoint_pb2.GroupNode(node=p.node, peer_address=p.peer_address, ranks=p.ranks)
+               for p in plan.nodes],
+        stripes=[checkpoint_pb2.Stripe(data=d, parity=p) for d, p in plan.stripes])
+
+
+def _protect_all(nodes: list[Node], layout: checkpoint_pb2.ProtectionLayout, step: int) -> None:
+    for node in nodes:
+        node.protector.protect(JOB, 1, layout)
+    for node in nodes:
+        entry = node.protector._jobs[JOB]
+        for stripe in entry.slots:
+            assert node.protector.build(entry, stripe) == step
+
+
+def _plan(layout, step: int, lost: list[int], need: list[int]) -> checkpoint_pb2.RestorePlan:
+    return checkpoint_pb2.RestorePlan(step=step, attempt=1, world_size=len(layout.nodes),
+                                      layout=layout, lost=lost, need_ranks=need)
+
+
+def _record(node: Node, rank: int, step: int):
+    sink = ShmSink(node.keeper.prefix(JOB, rank), directory=str(node.dir))
+    g = blobs.find_generation(sink, step)
+    assert g is not None
+    return sink.read(blobs.SnapshotRef(step=step, generation=g))
+
+
+def test_parity_k2_m1_rebuilds_a_lost_node_bit_for_bit(cluster) -> None:
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        node.save(i, 7, seed=i)
+    layout = _layout(nodes)
+    assert (layout.k, layout.m) == (2, 1)
+    _protect_all(nodes, layout, 7)
+    held = [p for n in nodes for p in n.protector.pieces()]
+    assert sorted((p.stripe, p.step) for p in held) == [(0, 7), (1, 7), (2, 7)]
+    lost = _record(nodes[2], 2, 7)
+    original = bytes(lost.buffer.numpy())
+    nodes[2].close()  # the node and its memory are gone
+    survivor = nodes[0]
+    got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
+                      lambda *a: survivor.adopted.append(a))
+    assert got.sources == {0: "local", 1: "peer", 2: "decoded"}
+    rebuilt = _record(survivor, 2, 7)
+    assert bytes(rebuilt.buffer.numpy()) == original
+    assert rebuilt.layout == lost.layout and rebuilt.meta_json == lost.meta_json
+    assert tuple(rebuilt.checksums) == tuple(lost.checksums)
+    assert bytes(_record(survivor, 1, 7).buffer.numpy()) == bytes(
+        _record(nodes[1], 1, 7).buffer.numpy())
+    assert sorted(r for r, *_ in survivor.adopted) == [1, 2]
+    env = restore_shards_env(survivor.protector, JOB, 7, 3)
+    parsed = json.loads(env)
+    assert parsed["step"] == 7 and parsed["world_size"] == 3
+    assert sorted(parsed["shards"]) == ["0", "1", "2"]
+    assert parsed["shards"]["2"]["prefix"] == survivor.keeper.prefix(JOB, 2)
+
+
+def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
+    nodes = cluster(2)
+    for i, node in enumerate(nodes):
+        node.save(i, 3, seed=10 + i)
+    layout = _layout(nodes)
+    assert (layout.k, layout.m) == (1, 1)
+    _protect_all(nodes, layout, 3)
+    original = bytes(_record(nodes[1], 1, 3).buffer.numpy())
+    nodes[1].close()
+    got = materialise(nodes[0].protector, JOB, _plan(layout, 3, [1], [1]), lambda *a: None)
+    assert got.sources == {1: "decoded"}
+    assert bytes(_record(nodes[0], 1, 3).buffer.numpy()) == original
+
+
+def test_flipped_byte_in_local_snapshot_is_caught_and_rebuilt_from_parity(cluster) -> None:
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        node.save(i, 5, seed=20 + i)
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 5)
+    snap = _record(nodes[1], 1, 5)
+    original = bytes(snap.buffer.numpy())
+    path = next(p for p in ShmSink(nodes[1].keeper.prefix(JOB, 1),
+                                   directory=str(nodes[1].dir)).files() if p.suffix == ".buf")
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF
+    path.write_bytes(raw)
+    got = materialise(nodes[1].protector, JOB, _plan(layout, 5, [], [1]), lambda *a: None)
+    assert got.sources == {1: "decoded"}
+    assert bytes(_record(nodes[1], 1, 5).buffer.numpy()) == original
+
+
+def test_two_of_three_lost_is_not_decodable(cluster) -> None:
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        node.save(i, 4, seed=30 + i)
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 4)
+    nodes[1].close()
+    nodes[2].close()
+    with pytest.raises(MaterialiseError):
+        materialise(nodes[0].protector, JOB, _plan(layout, 4, [1, 2], [1]), lambda *a: None)
+    assert blobs.find_generation(ShmSink(nodes[0].keeper.prefix(JOB, 1),
+                                         directory=str(nodes[0].dir)), 4) is None
+
+
+def test_newer_step_skips_intermediate_generations(cluster) -> None:
+    nodes = cluster(3)
+    for step in (1, 2, 3):
+        for i, node in enumerate(nodes):
+            node.save(i, step, seed=step * 10 + i)
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 3)  # only the newest common step is built; 1 and 2 skipped
+    assert {p.step for n in nodes for p in n.protector.pieces()} == {3}
+
+
+def test_wrong_token_is_refused(cluster) -> None:
+    nodes = cluster(2)
+    nodes[0].save(0, 1, seed=1)
+    bad = PeerClient(PeerAuth(token="wrong"), retries=0)
+    try:
+        with pytest.raises(PieceUnavailable, match="UNAUTHENTICATED"):
+            bad.held(nodes[0].address, JOB, [0], timeout_s=5.0)
+    finally:
+        bad.close()
+
+
+class _CuttingProxy:
+    """TCP proxy that resets the first connection after ``cut_after`` bytes server->client."""
+
+    def __init__(self, target: int, cut_after: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target = target
+        self.cut_after = cut_after
+        self.cuts = 0
+        self._threads: list[threading.Thread] = []
+        self._socks: list[socket.socket] = []
+        self._closed = False
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [client, upstream]
+            cut = self.cut_after if self.cuts == 0 else None
+            for a, b, limit in ((client, upstream, None), (upstream, client, cut)):
+                t = threading.Thread(target=self._pipe, args=(a, b, limit), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) > limit:
+                    dst.sendall(data[:max(limit - sent, 0)])
+                    self.cuts += 1
+                    for s in (src, dst):
+                        # RST instead of FIN: a reset in the middle of a chunk
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.close()
+                    return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for s in self._socks:
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5.0)
+
+
+def test_transfer_cut_mid_chunk_is_resumed_and_never_half_valid(cluster) -> None:
+    nodes = cluster(2)
+    nodes[0].save(0, 9, seed=5)
+    sink = ShmSink(nodes[0].keeper.prefix(JOB, 0), directory=str(nodes[0].dir))
+    proxy = _CuttingProxy(nodes[0].server.port, cut_after=3000)
+    client = PeerClient(PeerAuth(token=TOKEN), retries=4, backoff_s=0.01)
+    try:
+        request = checkpoint_pb2.FetchRequest(job_id=JOB, attempt=1, step=9,
+                                              kind=checkpoint_pb2.PIECE_KIND_SEGMENT, ranks=[0],
+                                              k=1, chunk_bytes=1024)
+        header, data = client.fetch(f"127.0.0.1:{proxy.port}", request, timeout_s=30.0)
+        assert proxy.cuts == 1
+        whole = blobs.NodeBlob(str(nodes[0].dir), [(0, sink.prefix)], 9)
+        expect = torch.empty(header.piece_bytes, dtype=torch.uint8)
+        whole.read_into(0, expect)
+        assert torch.equal(data, expect)
+    finally:
+        client.close()
+        proxy.close()
