@@ -18,6 +18,7 @@ ordinary ``ShmSink`` files that a rank restores from, verified against their che
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import struct
@@ -134,12 +135,23 @@ class NodeBlob:
     def read_into(self, start: int, out: torch.Tensor) -> None:
         """Copy blob bytes [start, start + len(out)) into ``out``; zeros past the end."""
         end = start + out.numel()
-        out.zero_()
+        if end > self.nbytes:
+            out[max(self.nbytes - start, 0):].zero_()
         spans = [(0, self._head)] + [(p.offset, p.snap.buffer) for p in self._parts]
         for base, buf in spans:
             lo, hi = max(start, base), min(end, base + buf.numel())
             if lo < hi:
                 out[lo - start:hi - start].copy_(buf[lo - base:hi - base])
+
+    def read_bytes(self, start: int, n: int) -> bytes:
+        """Blob bytes [start, start + n) as ``bytes``: one copy straight from shared memory
+        when the range lies in one rank's buffer (the common case for large chunks)."""
+        for base, buf in [(p.offset, p.snap.buffer) for p in self._parts]:
+            if base <= start and start + n <= base + buf.numel():
+                return ctypes.string_at(buf.data_ptr() + start - base, n)
+        out = torch.empty(n, dtype=torch.uint8)
+        self.read_into(start, out)
+        return tensor_bytes(out)
 
     def verify(self) -> list[int]:
         """Ranks whose buffer no longer matches the checksums of its commit record."""
@@ -165,14 +177,14 @@ def parse(blob: torch.Tensor) -> tuple[int, list[tuple[int, Layout, str, tuple[R
     Raises:
         BlobError: the bytes are not a blob (bad magic, truncated, invalid header).
     """
-    raw = bytes(blob[:16].numpy()) if blob.numel() >= 16 else b""
+    raw = tensor_bytes(blob[:16]) if blob.numel() >= 16 else b""
     if raw[:8] != MAGIC:
         raise BlobError("not a snapshot blob (bad magic)")
     (length,) = struct.unpack("<Q", raw[8:16])
     if length > _MAX_HEADER_BYTES or 16 + length > blob.numel():
         raise BlobError(f"blob header length ({length}) out of range")
     try:
-        header = json.loads(bytes(blob[16:16 + length].numpy()))
+        header = json.loads(tensor_bytes(blob[16:16 + length]))
         step = header["step"]
         out = []
         for i, entry in enumerate(header["ranks"]):
@@ -191,16 +203,20 @@ def parse(blob: torch.Tensor) -> tuple[int, list[tuple[int, Layout, str, tuple[R
     return step, out
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a contiguous uint8 CPU tensor (one copy; no numpy at run time)."""
+    t = t.contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b""
+
+
 def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_json: str,
                    checksums: tuple[RangeChecksum, ...], src: torch.Tensor) -> int:
     """Make ``src`` the complete snapshot of ``step`` under ``prefix`` (an ordinary ShmSink
-    generation); returns the generation. ``src`` is verified before and after the copy.
+    generation); returns the generation. The copy is verified before it is committed.
 
     Raises:
         BlobError: the bytes do not match their checksums.
     """
-    if verify(src, list(checksums)):
-        raise BlobError(f"snapshot of step {step} for {prefix} does not match its checksums")
     sink = ShmSink(prefix, directory=shm_dir)
     existing = find_generation(sink, step)
     if existing is not None:
@@ -208,9 +224,9 @@ def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_js
     generation = _free_generation(sink)
     buf = sink.acquire(layout, generation)
     buf.copy_(src)
-    if verify(buf, list(checksums)):
+    if verify(buf, list(checksums)):  # what was rebuilt or fetched is checked where it lands
         sink.discard(generation)
-        raise BlobError(f"snapshot of step {step} for {prefix} changed while being written")
+        raise BlobError(f"snapshot of step {step} for {prefix} does not match its checksums")
     sink.commit(step, generation, layout, meta_json, checksums)
     return generation
 

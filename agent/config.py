@@ -16,7 +16,8 @@ def _default_slots() -> int:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AgentConfig:
     controller: str
-    """``host:port`` of the controller."""
+    """``host:port`` of the controller, or a comma-separated list of the replicas' addresses
+    (the agent tries them in turn until one that leads accepts it)."""
     name: str = field(default_factory=socket.gethostname)
     """Node name, unique in the cluster."""
     address: str = "127.0.0.1"
@@ -48,8 +49,12 @@ class AgentConfig:
     """``host:port`` other agents reach the peer service at; empty: ``address:peer_port``."""
 
     def __post_init__(self) -> None:
-        if not self.controller or ":" not in self.controller:
-            raise ValueError(f"controller ({self.controller!r}) must be host:port")
+        if not self.controllers or any(":" not in a for a in self.controllers):
+            raise ValueError(f"controller ({self.controller!r}) must be host:port[,host:port...]")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("tls_cert/tls_key need tls_ca (mTLS runs over TLS)")
         if not self.name:
             raise ValueError("name must not be empty")
         if self.slots < 1:
@@ -64,3 +69,8 @@ class AgentConfig:
             raise ValueError(f"peer_advertise ({self.peer_advertise!r}) must be host:port")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+
+    @property
+    def controllers(self) -> tuple[str, ...]:
+        """Every controller address, in the order the agent tries them."""
+        return tuple(a.strip() for a in self.controller.split(",") if a.strip())

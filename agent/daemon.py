@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt.agent import tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
@@ -43,6 +44,10 @@ _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
 _RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
+_SILENT_RECONNECT_S = 3.0
+"""A session that hears nothing from its controller this long (a paused or deposed replica,
+a half-open connection) is cancelled and the next controller address is dialled, well
+before the lease runs out and the ranks would be fenced."""
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Both directions of the controller stream; the controller's own limit is the same by default,
 and a launch is bounded by the job spec's size budget (``model.MAX_SPEC_BYTES``) far below it."""
@@ -75,6 +80,9 @@ class Agent:
         self._last_contact = time.monotonic()
         self._connected = threading.Event()
         self._fenced = False
+        self._next_controller = 0  # index into cfg.controllers; advances after every session
+        self._call: Any = None  # the current Connect call, cancelled when it stays silent
+        self._session_started = time.monotonic()
         self._spawner = Spawner()
         self._warm = (
             WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled)
@@ -104,6 +112,7 @@ class Agent:
             node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
             on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
             health_check=cfg.health_check, metrics_port=cfg.metrics_port,
+            metrics_host=cfg.address,  # where peers reach this node: scrapers do too
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -120,6 +129,7 @@ class Agent:
             while not self._stop.is_set():
                 started = time.monotonic()
                 self._session()
+                self._next_controller += 1  # a replica that ended us may not lead: try the next
                 if self._stop.is_set():
                     break
                 if time.monotonic() - started > 5.0:
@@ -156,19 +166,20 @@ class Agent:
 
     # ---------------------------------------------------------------- controller stream
 
+    @property
+    def controller_address(self) -> str:
+        """The controller address this (or the next) session dials."""
+        addrs = self.cfg.controllers
+        return addrs[self._next_controller % len(addrs)]
+
     def _channel(self) -> grpc.Channel:
-        cfg = self.cfg
         options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
-        if cfg.tls_ca:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(cfg.tls_ca).read_bytes(),
-                private_key=Path(cfg.tls_key).read_bytes() if cfg.tls_key else None,
-                certificate_chain=Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None,
-            )
-            return grpc.secure_channel(cfg.controller, creds, options=options)
-        return grpc.insecure_channel(cfg.controller, options=options)
+        creds = tls.channel_credentials(self.cfg)
+        if creds is not None:
+            return grpc.secure_channel(self.controller_address, creds, options=options)
+        return grpc.insecure_channel(self.controller_address, options=options)
 
     def _session(self) -> None:
         outbox: queue.Queue[agent_pb2.AgentMessage | None] = queue.Queue()
@@ -190,6 +201,7 @@ class Agent:
             responses = agent_pb2_grpc.AgentServiceStub(channel).Connect(
                 requests(), metadata=metadata
             )
+            self._session_started, self._call = time.monotonic(), responses
             for msg in responses:
                 self._last_contact = time.monotonic()
                 kind = msg.WhichOneof("kind")
@@ -218,6 +230,7 @@ class Agent:
                 log.warning("[-/-/%s/-] controller stream ended: %s", self.cfg.name,
                             exc.code() if hasattr(exc, "code") else exc)
         finally:
+            self._call = None
             self._connected.clear()
             ended.set()
             outbox.put(None)
@@ -233,7 +246,7 @@ class Agent:
         self._fenced = False
         self._connected.set()
         log.info("[-/-/%s/-] registered with %s (heartbeat %.2fs, lease %.1fs)", self.cfg.name,
-                 self.cfg.controller, self._period_s, self._lease_s)
+                 self.controller_address, self._period_s, self._lease_s)
 
     def _register_message(self) -> agent_pb2.Register:
         return agent_pb2.Register(
@@ -345,6 +358,14 @@ class Agent:
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):
+            call = self._call
+            if call is not None and (time.monotonic() - max(self._last_contact,
+                                                            self._session_started)
+                                     > _SILENT_RECONNECT_S):
+                log.warning("[-/-/%s/-] %s silent for %.0fs: trying the next controller",
+                            self.cfg.name, self.controller_address, _SILENT_RECONNECT_S)
+                call.cancel()
+                self._call = None
             silent = time.monotonic() - self._last_contact
             if not self._lease_s or silent <= self._lease_s:
                 self._fenced = False  # in contact (again): a later silence fences again

@@ -106,37 +106,45 @@ def decode_blob(protector: Protector, job_id: str, attempt: int, layout: Layout,
         data, parity = layout.stripes[stripe]
         k, m = len(data), len(parity)
         shards: list[torch.Tensor | None] = [None] * (k + m)
-        size = -1
-        for holder in parity:
-            if holder in lost or sum(s is not None for s in shards) >= k:
-                continue
-            request = checkpoint_pb2.FetchRequest(
-                job_id=job_id, attempt=attempt, step=step,
-                kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe)
-            try:
-                header, piece = protector.fetch(layout, holder, request, local=holder == me)
-            except PieceUnavailable as exc:
-                log.warning("[%s/-/%s/-] parity of stripe %d from %s: %s", job_id,
-                            protector.node, stripe, layout.nodes[holder].node, exc)
-                continue
-            shards[k + header.parity_index] = piece
-            size = piece.numel()
-            for member in header.members:
-                if member.node_index == target:
-                    blob_bytes = int(member.blob_bytes)
+        data_alive = [(pos, n) for pos, n in enumerate(data) if n not in lost]
+        parity_alive = [(pos, n) for pos, n in enumerate(parity) if n not in lost]
+        need = max(k - len(data_alive), 1)  # parity pieces: one at least, for the sizes
+        todo = ([("parity", n) for _, n in parity_alive[:need]]
+                + [("data", n) for _, n in data_alive])
+        spare = [n for _, n in parity_alive[need:]]
+        size, segments_of = -1, {}
+        while todo:  # every piece of a round at once; a failure costs a spare parity piece
+            requests = []
+            for kind, node in todo:
+                request = (checkpoint_pb2.FetchRequest(
+                    job_id=job_id, attempt=attempt, step=step,
+                    kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe)
+                    if kind == "parity" else
+                    layout.segment_request(job_id, attempt, step, node, stripe))
+                requests.append((layout, node, request, node == me))
+            results = protector.fetch_all(requests)
+            retry = []
+            for (kind, node), result in zip(todo, results, strict=True):
+                if isinstance(result, Exception):
+                    log.warning("[%s/-/%s/-] %s piece of stripe %d from %s: %s", job_id,
+                                protector.node, kind, stripe, layout.nodes[node].node, result)
+                    if spare:
+                        retry.append(("parity", spare.pop(0)))
+                    continue
+                header, piece = result
+                if kind == "data":
+                    segments_of[data.index(node)] = piece
+                    continue
+                shards[k + header.parity_index] = piece
+                size = piece.numel()
+                for member in header.members:
+                    if member.node_index == target:
+                        blob_bytes = int(member.blob_bytes)
+            todo = retry
         if size < 0:
             raise MaterialiseError(f"no parity piece of stripe {stripe} at step {step} is "
                                    "reachable")
-        for pos, member in enumerate(data):
-            if member in lost or sum(s is not None for s in shards) >= k:
-                continue
-            request = layout.segment_request(job_id, attempt, step, member, stripe)
-            try:
-                _, seg = protector.fetch(layout, member, request, local=member == me)
-            except PieceUnavailable as exc:
-                log.warning("[%s/-/%s/-] segment of %s for stripe %d: %s", job_id,
-                            protector.node, layout.nodes[member].node, stripe, exc)
-                continue
+        for pos, seg in segments_of.items():
             shards[pos] = seg if seg.numel() == size else _pad(seg, size)
         if sum(s is not None for s in shards) < k:
             raise MaterialiseError(f"stripe {stripe} at step {step}: fewer than k={k} pieces "

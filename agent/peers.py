@@ -11,12 +11,13 @@ every chunk matched its CRC and the trailer came. HTTP/2 flow control bounds wha
 flight: the server's generator blocks while the client has not consumed the window.
 
 Authentication lives in one place, ``PeerAuth``: the agent's bearer token on every call (the
-one it uses with the controller) and TLS when the agent has a certificate; switching to mTLS
-roles changes only this class.
+agent role's token, which the CLI never holds) and, when the agent has a certificate, mTLS with
+the same certificate it presents to the controller (``hpt.agent.tls``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import logging
 import random
@@ -26,13 +27,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import grpc
 import torch
 
 from hpt._proto import checkpoint_pb2, checkpoint_pb2_grpc
+from hpt.agent import tls
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,16 @@ class PeerAuth:
         return [("authorization", f"Bearer {self.token}")] if self.token else None
 
     def channel(self, address: str) -> grpc.Channel:
-        if self.tls_ca:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(self.tls_ca).read_bytes(),
-                private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
-                certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None,
-            )
+        creds = tls.channel_credentials(self)  # the same mTLS identity as with the controller
+        if creds is not None:
             return grpc.secure_channel(address, creds, options=_OPTIONS)
         return grpc.insecure_channel(address, options=_OPTIONS)
 
     def bind(self, server: grpc.Server, address: str) -> int:
-        """Add the listening port (TLS when the agent has a certificate); returns the port."""
-        if self.tls_cert and self.tls_key:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())],
-                root_certificates=Path(self.tls_ca).read_bytes() if self.tls_ca else None,
-                require_client_auth=bool(self.tls_ca),
-            )
+        """Add the listening port (mTLS when the agent has a certificate: callers must present
+        one from the same CA); returns the port."""
+        creds = tls.server_credentials(self) if self.tls_cert else None
+        if creds is not None:
             return server.add_secure_port(address, creds)
         return server.add_insecure_port(address)
 
@@ -115,11 +109,11 @@ class _TokenCheck(grpc.ServerInterceptor):
 
 @dataclass(slots=True)
 class Piece:
-    """A piece a ``PieceSource`` serves: its header, a reader of byte ranges and a check run
-    after the last byte was sent (False: the bytes may have changed meanwhile)."""
+    """A piece a ``PieceSource`` serves: its header, a reader of byte ranges (offset, length)
+    and a check run after the last byte was sent (False: the bytes may have changed)."""
 
     header: checkpoint_pb2.PieceHeader
-    read_into: Callable[[int, torch.Tensor], None]
+    read: Callable[[int, int], bytes]
     intact: Callable[[], bool]
 
 
@@ -161,12 +155,10 @@ class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
         if request.offset > total:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset ({request.offset}) > {total}")
         yield checkpoint_pb2.PieceChunk(header=piece.header, offset=request.offset)
-        buf = torch.empty(min(chunk, total), dtype=torch.uint8)
         offset = request.offset
         while offset < total:
             n = min(chunk, total - offset)
-            piece.read_into(offset, buf[:n])
-            data = buf[:n].numpy().tobytes()
+            data = piece.read(offset, n)
             yield checkpoint_pb2.PieceChunk(offset=offset, data=data, crc32=zlib.crc32(data))
             offset += n
         if not piece.intact():
@@ -194,7 +186,7 @@ class PeerServer:
         self._server.start()
 
     def close(self) -> None:
-        self._server.stop(grace=1.0).wait(5.0)
+        self._server.stop(grace=0).wait(2.0)  # a pull cut here is retried elsewhere
 
 
 # --------------------------------------------------------------------------- client
@@ -284,7 +276,7 @@ class PeerClient:
                     raise _BadChunk(f"chunk at {chunk.offset}, expected {got}")
                 if zlib.crc32(chunk.data) != chunk.crc32:
                     raise _BadChunk(f"CRC mismatch in the chunk at byte {got}")
-                out[got:got + n] = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+                ctypes.memmove(out.data_ptr() + got, chunk.data, n)
                 got += n
             if chunk.last:
                 if got != header.piece_bytes:

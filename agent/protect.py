@@ -25,11 +25,13 @@ commit record's checksums, a parity piece against the checksum taken when it was
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +149,7 @@ class Protector:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpt-protect", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hpt-pull")
         self.num_built = 0
         self.bytes_pulled = 0
 
@@ -157,7 +160,8 @@ class Protector:
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10.0)
+            self._thread.join(timeout=2.0)  # a pull in flight gives up within its retries
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for job_id in list(self._jobs):
             self.release(job_id)
 
@@ -267,7 +271,7 @@ class Protector:
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
-        return Piece(header, lambda off, out: blob.read_into(base + off, out), blob.intact)
+        return Piece(header, lambda off, n: blob.read_bytes(base + off, n), blob.intact)
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -290,7 +294,7 @@ class Protector:
             piece_bytes=buf.numel(), parity_index=slot.parity_index,
             members=[checkpoint_pb2.MemberBlob(node_index=i, blob_bytes=b)
                      for i, b in slot.members])
-        return Piece(header, lambda off, out: out.copy_(buf[off:off + out.numel()]),
+        return Piece(header, lambda off, n: ctypes.string_at(buf.data_ptr() + off, n),
                      lambda: slot.version == version and slot.valid)
 
     # ---------------------------------------------------------------- the protector thread
@@ -324,11 +328,12 @@ class Protector:
         if not common or max(common) <= newest:
             return None
         step = max(common)
-        segments, members = [], []
-        for member in data:
-            header, seg = self._segment(entry, member, stripe, step)
-            segments.append(seg)
-            members.append((member, int(header.blob_bytes)))
+        # the k segments come from k nodes: pull them at the same time
+        pulled = list(self._pool.map(lambda member: self._segment(entry, member, stripe, step),
+                                     data))
+        segments = [seg for _, seg in pulled]
+        members = [(member, int(header.blob_bytes))
+                   for member, (header, _) in zip(data, pulled, strict=True)]
         size = max(s.numel() for s in segments)
         segments = [s if s.numel() == size else _padded(s, size) for s in segments]
         row = parity.index(entry.me)
@@ -371,13 +376,25 @@ class Protector:
         request = entry.layout.segment_request(entry.job_id, entry.attempt, step, member, stripe)
         return self.fetch(entry.layout, member, request, local=member == entry.me)
 
+    def fetch_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]],
+                  ) -> list[tuple[checkpoint_pb2.PieceHeader, torch.Tensor] | Exception]:
+        """Several ``fetch`` calls at once; a failed one gives its exception."""
+        def one(job: tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]):  # type: ignore[no-untyped-def]
+            layout, member, request, local = job
+            try:
+                return self.fetch(layout, member, request, local=local)
+            except (PieceUnavailable, blobs.BlobError, OSError) as exc:
+                return exc
+        return list(self._pool.map(one, jobs))
+
     def fetch(self, layout: Layout, member: int, request: checkpoint_pb2.FetchRequest, *,
               local: bool) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
         """One piece from node ``member`` of ``layout`` (this node's memory when ``local``)."""
         if local:
             piece = self.open_piece(request)
             out = torch.empty(piece.header.piece_bytes, dtype=torch.uint8)
-            piece.read_into(0, out)
+            if out.numel():
+                ctypes.memmove(out.data_ptr(), piece.read(0, out.numel()), out.numel())
             if not piece.intact():
                 raise PieceUnavailable(f"[{self.node}] the local source changed while read")
             return piece.header, out

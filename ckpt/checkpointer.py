@@ -20,11 +20,29 @@ clipping, ...) must call `wait_copied()` first.
 
 The sink is the only seam: a MemorySink by default, a ShmSink for snapshots that survive the
 process, or the agent's sink.
+
+Restore is a chain of sources (sources.py): this class offers its own sink; `hpt.Checkpointer`
+adds the agent's shared memory, peers' snapshots and disk. A state saved by N ranks restores onto
+M ranks: tensors named in `shards` are cut out of the old ranks' pieces by their global offsets,
+every other tensor and value comes from the old rank with the same number (old rank 0 for new
+ranks beyond the old world).
+
+Data position across a resize: keep a GLOBAL count in `extra_state` (samples consumed by all
+ranks together, the same number on every rank) and derive each rank's position from it and the
+current world size after `restore()`; a per-rank position cannot be carried to another world
+size. Example::
+
+    class Position:                      # same value on every rank
+        def __init__(self): self.global_samples = 0
+        def state_dict(self): return {"global_samples": self.global_samples}
+        def load_state_dict(self, s): self.global_samples = s["global_samples"]
+
+    # each step: every rank reads batch rows [global_samples + rank*b, ... + (rank+1)*b),
+    # then global_samples += world_size * b
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -33,9 +51,19 @@ import torch
 
 from hpt.ckpt.engine import DEFAULT_NUM_THREADS, SnapshotEngine
 from hpt.ckpt.errors import RestoreError
-from hpt.ckpt.layout import ShardInfo, unflatten
-from hpt.ckpt.restore import tensors_of, verify_snapshot
+from hpt.ckpt.layout import ShardInfo, TensorEntry
+from hpt.ckpt.restore import verify_snapshot
 from hpt.ckpt.sink import MemorySink, Snapshot, SnapshotSink
+from hpt.ckpt.sources import (
+    Agreement,
+    RestoreOutcome,
+    RestoreSource,
+    RestoreTarget,
+    SinkSource,
+    default_agreement,
+    restore_chain,
+    state_from_snapshots,
+)
 from hpt.ckpt.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -108,6 +136,7 @@ class Checkpointer:
         self.every = every
         self.timeout_s = timeout_s
         self._shards = dict(shards or {})
+        self._saved_steps: set[int] = set()
         self._owns_sink = sink is None
         self.sink: SnapshotSink = MemorySink() if sink is None else sink
         self.engine = SnapshotEngine(
@@ -133,22 +162,56 @@ class Checkpointer:
             return False
         state, shards = self._capture(step)
         self.engine.save(step, state, shards=shards, timeout_s=self.timeout_s)
+        self._saved_steps.add(step)
         return True
 
     def restore(self) -> int:
-        """Load the newest complete snapshot from the sink into model, optimizer, extra state and
-        RNG. Returns its step (the number of completed steps), or 0 when the sink has none.
+        """Restore the newest state the restore sources hold (`restore_sources`), agreed by every
+        rank, into model, optimizer, extra state and RNG. Returns its step (the number of
+        completed steps), or 0 when no source has one (nothing is changed then).
 
         Raises:
-            CorruptCheckpointError: the snapshot's checksums do not match.
-            RestoreError: the snapshot does not fit this model/optimizer.
+            RestoreError: loading into the model failed after every rank had checked the state,
+                and no later source served.
         """
+        return self.restore_outcome().step
+
+    def restore_outcome(self) -> RestoreOutcome:
+        """`restore`, returning which source served and what was skipped on the way."""
         self.engine.wait(self.timeout_s)
-        ref = self.sink.latest()
-        if ref is None:
+        outcome = restore_chain(
+            self.restore_sources(),
+            self.restore_target(),
+            check=self.check_state,
+            apply=self.apply_state,
+            agreement=self._agreement(),
+            on_event=self._on_restore_event,
+        )
+        if outcome.step == 0:
             log.info("[ckpt] no snapshot to restore; starting at step 0")
-            return 0
-        return self.restore_snapshot(self.sink.read(ref))
+        else:
+            log.info("[ckpt] restored step %d from %s", outcome.step, outcome.source)
+        return outcome
+
+    def restore_sources(self) -> list[RestoreSource]:
+        """The sources `restore` tries, in order. Here: this Checkpointer's own sink."""
+        return [SinkSource(self.sink, "memory")]
+
+    def restore_target(self) -> RestoreTarget:
+        """This rank, the world size, and where each saved tensor goes (from `shards`)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = 0, 1
+        return RestoreTarget(rank=rank, world_size=world, placement=self._placement)
+
+    def _agreement(self) -> Agreement:
+        return default_agreement()
+
+    def _on_restore_event(self, kind: str, message: str) -> None:
+        """Hook for subclasses that report restore events (the agent-connected one does)."""
 
     def restore_snapshot(self, snap: Snapshot) -> int:
         """Load one snapshot (as read from any sink) into model, optimizer, extra state and RNG.
@@ -156,23 +219,79 @@ class Checkpointer:
         Returns its step. Raises as `restore` does.
         """
         verify_snapshot(snap)
-        # Views of the sink's buffer: every consumer below copies out of them.
-        state = unflatten(
-            snap.layout, json.loads(snap.meta_json), tensors_of(snap.layout, snap.buffer)
-        )
-        if state.get("version") != STATE_VERSION:
-            raise RestoreError(f"snapshot state version {state.get('version')!r} is not supported")
+        state = state_from_snapshots({0: snap}, 1, RestoreTarget(0, 1))
+        self.check_state(state)
+        step = self.apply_state(state)
+        log.info("[ckpt] restored step %d from generation %d", snap.step, snap.generation)
+        return step
+
+    def check_state(self, state: Any) -> None:
+        """Raise RestoreError unless `state` (a restored state tree) fits this model, optimizer
+        and extra state: the dry run before anything live is overwritten."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise RestoreError(f"snapshot state version {version!r} is not supported")
+        for key in ("step", "extra", "rng"):
+            if key not in state:
+                raise RestoreError(f"snapshot state has no {key!r}")
+        if self.model is not None:
+            if "model" not in state:
+                raise RestoreError("snapshot has no model state")
+            live = self.model.state_dict()
+            saved = state["model"]
+            missing = sorted(set(live) - set(saved))
+            unexpected = sorted(set(saved) - set(live))
+            if missing or unexpected:
+                raise RestoreError(
+                    f"snapshot and model differ: missing in snapshot {missing[:8]}, not in the "
+                    f"model {unexpected[:8]}"
+                )
+            for k, t in live.items():
+                s = saved[k]
+                if isinstance(t, torch.Tensor) and (
+                    not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype
+                ):
+                    got = f"{s.dtype}{list(s.shape)}" if isinstance(s, torch.Tensor) else type(s)
+                    raise RestoreError(
+                        f"model.{k}: snapshot has {got}, model has {t.dtype}{list(t.shape)}"
+                    )
+        if self.optimizer is not None:
+            if "optim" not in state:
+                raise RestoreError("snapshot has no optimizer state")
+            self._optimizer_state_from(state["optim"])
+        for name in self.extra_state:
+            if name not in state["extra"]:
+                raise RestoreError(f"snapshot has no extra_state[{name!r}]")
+
+    def apply_state(self, state: Any) -> int:
+        """Load a checked state tree into model, optimizer, extra state and RNG; returns its
+        step. Tensors of `state` may be views of a source's memory: everything is copied."""
         if self.model is not None:
             self.model.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(self._optimizer_state_from(_clone(state["optim"])))
         for name, obj in self.extra_state.items():
-            if name not in state["extra"]:
-                raise RestoreError(f"snapshot has no extra_state[{name!r}]")
             obj.load_state_dict(_clone(state["extra"][name]))
         restore_rng(state["rng"])
-        log.info("[ckpt] restored step %d from generation %d", snap.step, snap.generation)
         return int(state["step"])
+
+    def _placement(self, entry: TensorEntry) -> ShardInfo:
+        """Where a saved tensor goes on this rank: its piece per `shards` (for optimizer state,
+        the piece of the parameter it belongs to), else the whole tensor."""
+        fqn = entry.fqn
+        info = None
+        if fqn.startswith("model."):
+            info = self._shards.get(fqn.removeprefix("model."))
+        elif fqn.startswith("optim.state."):
+            rest = fqn.removeprefix("optim.state.")
+            for pname, candidate in self._shards.items():
+                if rest.startswith(pname + ".") and candidate.global_shape == entry.global_shape:
+                    info = candidate
+                    break
+        if info is not None and info.global_shape == entry.global_shape:
+            return info
+        whole = entry.global_shape
+        return ShardInfo(whole, (0,) * len(whole), whole)
 
     def wait_copied(self) -> None:
         """Wait until the saved tensors may be mutated (called before every optimizer step)."""

@@ -41,7 +41,7 @@ _T_DICT = "$dict"
 _T_FLOAT = "$float"
 _T_DTYPE = "$dtype"
 
-_DTYPES: dict[str, torch.dtype] = {
+DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (
         torch.float64,
@@ -64,6 +64,10 @@ _DTYPES: dict[str, torch.dtype] = {
         ),
     )
 }
+"""The one dtype table of hpt.ckpt: every dtype a snapshot may hold, by the name layouts, commit
+records and on-disk manifests store. manifest.py and fmt.py use this table too, so whatever
+snapshots also persists (the unsigned ints and every float8 variant included)."""
+_DTYPES = DTYPES
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from hpt.ckpt.layout import DTYPES
 
 __all__ = [
     "DTYPES",
@@ -43,24 +43,6 @@ _HASH_ALGOS = frozenset({"sha256", "blake2b"})
 _FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _READ_CHUNK = 8 << 20
 
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.complex64,
-        torch.complex128,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-        *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)),
-    )
-}
 
 
 @dataclass(frozen=True, slots=True)

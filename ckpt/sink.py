@@ -36,7 +36,7 @@ from hpt.ckpt.layout import Layout
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = "hpt.snapshot-record.v1"
+RECORD_FORMAT = "hpt.snapshot-record.v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +105,10 @@ class SnapshotSink(Protocol):
         """The complete snapshot with the highest step, or None when there is none."""
         ...
 
+    def held(self) -> list[SnapshotRef]:
+        """Every complete snapshot, newest step first (the restore chain looks a step up)."""
+        ...
+
     def read(self, ref: SnapshotRef) -> Snapshot:
         """The snapshot `ref` names. Raises RestoreError if it is no longer held."""
         ...
@@ -167,6 +171,11 @@ class MemorySink:
             snap = max(self._complete.values(), key=lambda s: s.step)
             return SnapshotRef(step=snap.step, generation=snap.generation)
 
+    def held(self) -> list[SnapshotRef]:
+        with self._lock:
+            snaps = sorted(self._complete.values(), key=lambda s: s.step, reverse=True)
+            return [SnapshotRef(step=s.step, generation=s.generation) for s in snaps]
+
     def read(self, ref: SnapshotRef) -> Snapshot:
         with self._lock:
             snap = self._complete.get(ref.generation)
@@ -196,7 +205,7 @@ class ShmSink:
 
           {"format": "hpt.snapshot-record.v1", "prefix": str, "step": int, "generation": int,
            "buffer": "<file name of the .buf>", "total_bytes": int,
-           "layout": {Layout.to_json() object}, "meta_json": "<the meta tree as a JSON string>",
+           "layout": {Layout.to_json() object}, "meta": {the meta tree (layout.flatten's meta)},
            "checksum_algo": "hpt.wsum64.v1", "checksums": [[start, length, "hex64"], ...],
            "committed_unix_s": float, "pid": int}
 
@@ -274,7 +283,7 @@ class ShmSink:
             "buffer": self.buffer_path(layout, generation).name,
             "total_bytes": layout.total_bytes,
             "layout": json.loads(layout.to_json()),
-            "meta_json": meta_json,
+            "meta": json.loads(meta_json),
             "checksum_algo": CHECKSUM_ALGO,
             "checksums": [c.to_json() for c in checksums],
             "committed_unix_s": time.time(),
@@ -289,7 +298,11 @@ class ShmSink:
         os.replace(tmp, path)
 
     def latest(self) -> SnapshotRef | None:
-        best: SnapshotRef | None = None
+        held = self.held()
+        return held[0] if held else None
+
+    def held(self) -> list[SnapshotRef]:
+        refs = []
         for path in self.files():
             if not path.name.endswith(".json"):
                 continue
@@ -300,9 +313,8 @@ class ShmSink:
                     "[ckpt %s] ignoring unreadable commit record %s: %s", self.prefix, path, e
                 )
                 continue
-            if best is None or rec["step"] > best.step:
-                best = SnapshotRef(step=rec["step"], generation=rec["generation"])
-        return best
+            refs.append(SnapshotRef(step=rec["step"], generation=rec["generation"]))
+        return sorted(refs, key=lambda r: r.step, reverse=True)
 
     def read(self, ref: SnapshotRef) -> Snapshot:
         path = self.record_path(ref.generation)
@@ -330,7 +342,7 @@ class ShmSink:
             step=rec["step"],
             generation=rec["generation"],
             layout=layout,
-            meta_json=rec["meta_json"],
+            meta_json=json.dumps(rec["meta"], separators=(",", ":"), allow_nan=False),
             checksums=rec["checksums"],
             buffer=buf,
         )
@@ -368,8 +380,8 @@ class ShmSink:
             raise ValueError(
                 f"checksum_algo ({rec.get('checksum_algo')!r}) must be {CHECKSUM_ALGO!r}"
             )
-        if not isinstance(rec.get("meta_json"), str):
-            raise ValueError("meta_json must be a string")
+        if "meta" not in rec:
+            raise ValueError("meta is missing")
         buffer = rec.get("buffer")
         if (
             not isinstance(buffer, str)

@@ -27,12 +27,14 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc
+from hpt.controller import auth
 from hpt.controller.detect import health_problem
 from hpt.controller.model import LaunchCommand, ReleaseCommand, StopCommand
 from hpt.controller.reconcile import DuplicateNodeError, Reconciler
@@ -149,12 +151,19 @@ class HeartbeatIntake:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """``Connect`` as a coroutine per agent; blocking work goes to ``executor``."""
+    """``Connect`` as a coroutine per agent; blocking work goes to ``executor``. With ``mtls``
+    an agent registers only as a node its certificate names
+    (:func:`hpt.controller.auth.identity_error`), and everything on its stream is that node's."""
 
-    def __init__(self, rec: Reconciler, intake: HeartbeatIntake, executor: Executor) -> None:
+    def __init__(
+        self, rec: Reconciler, intake: HeartbeatIntake, executor: Executor, *,
+        mtls: bool = False, on_auth_failure: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._rec = rec
         self._intake = intake
         self._executor = executor
+        self._mtls = mtls
+        self._on_auth_failure = on_auth_failure
 
     async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
         first = await context.read()
@@ -168,6 +177,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             node, reports = _decode_register(reg)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
+        denied = auth.identity_error(context, node.name, mtls=self._mtls)
+        if denied:
+            self._on_auth_failure("wrong_identity")
+            log.warning("[-/-/%s/-] registration refused: %s", node.name, denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         loop = asyncio.get_running_loop()
         link = _Link(node.name, loop)
         cfg = self._rec.cfg
@@ -211,4 +225,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             link.close()
 
 
-__all__ = ["AgentServicer", "HeartbeatIntake"]
+
+
+class SyncInterceptorAdapter(grpc.aio.ServerInterceptor):
+    """Runs a sync ``grpc.ServerInterceptor`` (auth, the standby gate) on the asyncio server:
+    the handler is looked up first, then the sync interceptor picks it or its refusal (sync
+    refusal handlers run on the server's thread pool)."""
+
+    def __init__(self, inner: grpc.ServerInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        return self._inner.intercept_service(lambda details: handler, handler_call_details)
+
+
+__all__ = ["AgentServicer", "HeartbeatIntake", "SyncInterceptorAdapter"]

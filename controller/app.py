@@ -3,6 +3,10 @@
 ``Controller(cfg).start()`` returns the bound port; ``wait_for_termination()`` blocks until
 ``stop()`` (or a crash of the control loop, which stops the server so the process exits and its
 supervisor restarts it: state is in the store).
+
+With ``leader_lease_s`` the process starts as a standby (:mod:`hpt.controller.leader`): the
+server answers health checks only, and the state is loaded and the control loop started when
+this process wins the lease; losing it ends the process like a crash does.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from hpt.controller.agent_stream import AgentServicer, HeartbeatIntake
+from hpt.controller.agent_stream import AgentServicer, HeartbeatIntake, SyncInterceptorAdapter
+from hpt.controller.auth import AuthInterceptor
 from hpt.controller.config import ControllerConfig
+from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.server import JobServicer, TokenInterceptor
-from hpt.controller.store import Store, open_store
+from hpt.controller.server import JobServicer
+from hpt.controller.store import FencedError, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class Controller:
         self.metrics = ControllerMetrics(self.reconciler)
         self._server: grpc.aio.Server | None = None
         self._intake: HeartbeatIntake | None = None
+        # the gRPC server runs on its own asyncio loop: agent streams are coroutines there
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="hpt-grpc",
                                              daemon=True)
@@ -69,34 +76,71 @@ class Controller:
         # agents' registrations and disconnects (they take the reconciler's lock)
         self._agent_pool = futures.ThreadPoolExecutor(max_workers=4,
                                                       thread_name_prefix="hpt-agents")
+        self._health_server: grpc.Server | None = None
+        self._health = health.HealthServicer()
         self._done = threading.Event()
         self.port = 0
+        self.health_port = 0
+        self.elector: LeaderElector | None = None
+        self._gate = StandbyGate(lambda: self.elector.leader_name() if self.elector else "")
+        if cfg.leader_lease_s:
+            self.elector = LeaderElector(
+                self.store,  # type: ignore[arg-type]  # config validation: a RedisStore
+                lease_s=cfg.leader_lease_s,
+                on_elected=self._lead,
+                on_lost=lambda reason: self._done.set(),
+            )
+            self.reconciler.fence = self.elector.check
 
     def start(self) -> int:
+        """Bind and serve; lead at once, or (with leader election) once the lease is won."""
         cfg = self.cfg
-        self.reconciler.load()
+        interceptors: list[grpc.ServerInterceptor] = []
+        if cfg.token:
+            interceptors.append(AuthInterceptor(
+                client_token=cfg.token, agent_token=cfg.agent_token,
+                on_failure=lambda reason: self.metrics.metrics.inc(
+                    "hpt_auth_failures_total", reason=reason),
+            ))
+        interceptors.append(self._gate)
         self._loop_thread.start()
         try:
-            server, self.port = asyncio.run_coroutine_threadsafe(
-                self._start_server(), self._loop).result(_SERVER_START_TIMEOUT_S)
+            self._server, self.port = asyncio.run_coroutine_threadsafe(
+                self._start_server(interceptors), self._loop).result(_SERVER_START_TIMEOUT_S)
         except BaseException:
             self._close_loop()
             raise
-        self._server = server
+        health_servicer = self._health
+        # "" answers liveness (the process serves); the services answer readiness (it leads)
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in _SERVICES:
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.health_port is not None:
+            self._health_server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="hpt-health"))
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{cfg.host}:{cfg.health_port}")
+            self._health_server.start()
         self.reconciler.on_crash = lambda exc: self._done.set()
-        self.reconciler.start()
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
+        if self.elector is not None:
+            log.info("standby until the leader lease is won (lease %.1fs)", cfg.leader_lease_s)
+            self.metrics.metrics.set("hpt_controller_leader", 0)
+            self.elector.start()
+        else:
+            self._lead(0)
         return self.port
 
-    async def _start_server(self) -> tuple[grpc.aio.Server, int]:
-        """Build and start the server on its loop: agent streams are coroutines there, and the
-        unary RPCs (sync handlers) run on a small thread pool."""
+    async def _start_server(
+        self, interceptors: list[grpc.ServerInterceptor]
+    ) -> tuple[grpc.aio.Server, int]:
+        """Build and start the server on its loop; unary RPCs (sync handlers) run on a pool."""
         cfg = self.cfg
-        interceptors = [TokenInterceptor(cfg.token)] if cfg.token else []
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -107,16 +151,21 @@ class Controller:
         ]
         server = grpc.aio.server(
             migration_thread_pool=self._pool,
-            interceptors=interceptors,
+            interceptors=[SyncInterceptorAdapter(i) for i in interceptors],
             options=options,
             maximum_concurrent_rpcs=_MAX_CONCURRENT_RPCS,
         )
         self._intake = HeartbeatIntake(self.reconciler, asyncio.get_running_loop())
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.reconciler, self._intake, self._agent_pool), server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            AgentServicer(
+                self.reconciler, self._intake, self._agent_pool, mtls=bool(cfg.tls_client_ca),
+                on_auth_failure=lambda reason: self.metrics.metrics.inc(
+                    "hpt_auth_failures_total", reason=reason),
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
@@ -133,15 +182,28 @@ class Controller:
         if not port:
             raise OSError(f"could not bind {address}")
         await server.start()
-        for service in (*_SERVICES, ""):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         return server, port
+
+    def _lead(self, epoch: int) -> None:
+        """Take over: rebuild the state from the store, start the loop, serve jobs and agents
+        (whose re-registration adopts their running ranks: no job restarts)."""
+        self.reconciler.load()
+        self.reconciler.start()
+        self._gate.open()
+        for service in _SERVICES:
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.metrics.set("hpt_controller_leader", 1)
+        self.metrics.metrics.set("hpt_controller_leader_epoch", epoch)
+        if epoch:
+            log.info("leading with epoch %d", epoch)
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         """Block until stopped (or the control loop crashed); True if it ended."""
         return self._done.wait(timeout_s)
 
     def stop(self, grace_s: float = 1.0) -> None:
+        if self._health_server is not None:
+            self._health_server.stop(0)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result(
@@ -151,7 +213,12 @@ class Controller:
             self._intake.close()
         self._close_loop()
         self.metrics.close()
-        self.reconciler.stop()
+        try:
+            self.reconciler.stop()
+        except FencedError as e:  # deposed: the new leader owns the state; nothing to flush
+            log.warning("final flush refused: %s", e)
+        if self.elector is not None:
+            self.elector.stop()
         self.store.close()
         self._done.set()
 

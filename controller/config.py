@@ -26,7 +26,10 @@ class ControllerConfig:
     reconcile_period_s: float = 0.1
     """Upper bound between two passes of the control loop (events wake it sooner)."""
     token: str = ""
-    """Bearer token checked on every RPC when set."""
+    """Bearer token of the client role (``hptctl``): required on every JobService RPC when set."""
+    agent_token: str = ""
+    """Bearer token of the agent role: required on AgentService when set. Set both or neither;
+    they must differ (a CLI token never acts as an agent)."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -47,11 +50,19 @@ class ControllerConfig:
     """Finished jobs kept (memory and store); older ones beyond this count are dropped."""
     keep_finished_s: float = 7 * 24 * 3600.0
     """Finished jobs are dropped this long after they ended."""
+    keep_finished_bytes: int = 256 * 1024 * 1024
+    """Finished jobs' specs kept in all; the oldest beyond it are dropped first."""
     max_streams: int = 32
     """Concurrent ``logs -f``/``events -f`` streams; more are refused (RESOURCE_EXHAUSTED) so
     they never take the worker threads unary RPCs and agents need."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    health_port: int | None = None
+    """Also serve the gRPC health service alone, in plaintext, on ``host`` at this port
+    (Kubernetes gRPC probes cannot speak TLS); None: off."""
+    leader_lease_s: float = 0.0
+    """> 0: run leader election through a lease of this many seconds in Redis (replicated
+    controllers, :mod:`hpt.controller.leader`); 0: this process always leads."""
     grow_hysteresis_s: float = 10.0
     """A node must stay free this long before a shrunk job grows back onto it."""
 
@@ -71,6 +82,23 @@ class ControllerConfig:
             raise ValueError(f"progress_flush_s ({self.progress_flush_s}) must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port ({self.health_port}) must be in 0..65535")
+        if bool(self.token) != bool(self.agent_token):
+            raise ValueError("token and agent_token must be given together (or neither)")
+        if self.token and self.token == self.agent_token:
+            raise ValueError("agent_token must differ from token (separate roles)")
+        if self.leader_lease_s < 0:
+            raise ValueError(f"leader_lease_s ({self.leader_lease_s}) must be >= 0")
+        if self.leader_lease_s and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError("leader_lease_s needs redis_url: replicas share their state in Redis")
+        if self.leader_lease_s and self.leader_lease_s >= self.agent_lease_s:
+            raise ValueError(
+                f"leader_lease_s ({self.leader_lease_s}) must be < agent_lease_s "
+                f"({self.agent_lease_s}): agents must outlive a failover"
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert/tls_key (mTLS runs over TLS)")
         if self.max_message_bytes < 4 * 1024 * 1024:
             raise ValueError(f"max_message_bytes ({self.max_message_bytes}) must be >= 4 MiB")
         if self.log_bytes_per_rank < 1024:

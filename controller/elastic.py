@@ -89,7 +89,8 @@ def parse_redundancy(text: str, nodes: int) -> tuple[int, int] | None:
 def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Iterable[int]],
                     peers: Mapping[str, str]) -> ProtectionPlan | None:
     """The layout of an attempt on ``nodes`` (in attempt order); None when unprotected."""
-    km = parse_redundancy(redundancy, max(len(nodes), 2)) if redundancy != "" else (0, 1)
+    # validated against the job's node count at submit; a shrunk attempt may have fewer
+    km = parse_redundancy(redundancy, 256)
     if km is None or len(nodes) < 2:
         return None
     k, m = km
@@ -137,10 +138,19 @@ def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, in
     return steps or set()
 
 
-def choose_restore(previous: Attempt, plan: ProtectionPlan | None, protected: set[int],
-                   alive: set[str], exclude: set[int] | None = None) -> RestoreChoice:
-    """The newest step of ``previous`` every rank can restore, and from where; steps in
-    ``exclude`` (an agent failed to put them in place before) are never chosen."""
+def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
+                   pieces: Mapping[str, set[tuple[int, int]]], alive: set[str],
+                   exclude: set[int] | None = None) -> RestoreChoice:
+    """The newest step of ``previous`` every rank can restore, and from where.
+
+    A node's data is available for a step when the node is alive and every rank of it still
+    holds the step; a parity piece when its holder is alive and reports (stripe, step). The
+    step is recoverable when every stripe has at least k available pieces. Steps in
+    ``exclude`` (an agent failed to put them in place before) are never chosen.
+
+    Args:
+        pieces: node -> {(stripe, step)} of ``previous`` it holds now (its newest report).
+    """
     candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
                         - (exclude or set()), reverse=True)
     gone = sorted(n for n in previous.nodes if n not in alive)
@@ -152,15 +162,19 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None, protected: se
         if not unavailable:
             return RestoreChoice(step, (), f"step {step} from memory (every node holds it)")
         names = ", ".join(previous.nodes[i] for i in sorted(unavailable))
-        if plan is None:
+        if plan is None or not plan.stripes:
             best_reason = f"{names} lost step {step} and the job is not protected"
             continue
-        if step not in protected:
-            best_reason = f"{names} lost step {step}, which is not protected"
-            continue
-        if not plan.recoverable(unavailable):
-            best_reason = (f"{len(unavailable)} node(s) ({names}) lost step {step}; "
-                           f"{plan.label} recovers at most {plan.m} per group")
+        short = []
+        for j, (data, parity) in enumerate(plan.stripes):
+            have = sum(1 for d in data if d not in unavailable) + sum(
+                1 for h in parity if plan.nodes[h].node in alive
+                and (j, step) in pieces.get(plan.nodes[h].node, ()))
+            if have < len(data) and unavailable & set(data):
+                short.append(j)
+        if short:
+            best_reason = (f"{len(unavailable)} node(s) ({names}) lost step {step}; fewer than "
+                           f"k pieces of it survive in stripe(s) {short} ({plan.label})")
             continue
         return RestoreChoice(step, tuple(sorted(unavailable)),
                              f"step {step}: {names} rebuilt from peers "

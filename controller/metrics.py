@@ -126,6 +126,13 @@ class ControllerMetrics:
         for job_id in finished:
             det.forget(job_id)
             self._forgotten.add(job_id)
+        live = {j.id for j in jobs}
+        if len(self._forgotten) > len(live):  # jobs the controller dropped (retention)
+            self._forgotten &= live
+            self._attempts = {k for k in self._attempts if k[0] in live}
+            self._faults = {k for k in self._faults if k[0] in live}
+            self._recoveries = {k for k in self._recoveries if k[0] in live}
+            self._goodput = {k: v for k, v in self._goodput.items() if k[0] in live}
 
     def _count_job(self, job: Job, now: float) -> None:
         m = self.metrics

@@ -126,6 +126,8 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] = lambda exc: None
+        # raises FencedError when another controller leads now (set by leader election)
+        self.fence: Callable[[], None] = lambda: None
         self.detection = detect.attach(self)  # hangs, stragglers, collectives (monitoring)
         self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
         self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
@@ -196,6 +198,7 @@ class Reconciler:
 
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
+        self.fence()
         now, mono = self._clock(), time.monotonic()
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
@@ -264,6 +267,8 @@ class Reconciler:
                 node.state, node.reason = NodeState.QUARANTINED, health_problem
             node.last_seen_at = self._clock()
             runtime.link = link
+            if runtime.instance_id and instance_id and runtime.instance_id != instance_id:
+                self._forget_memory(node.name)  # a new agent process: the old one's memory died
             runtime.instance_id = instance_id
             runtime.last_heartbeat = mono
             runtime.disconnected_at = 0.0
@@ -354,6 +359,15 @@ class Reconciler:
                 if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
                     attempt.protected_steps, attempt.parity_bytes = steps, parity
                     self._dirty_jobs.add(job_id)
+
+    def _forget_memory(self, node: str) -> None:
+        """The snapshots an earlier agent process of ``node`` reported are gone with it."""
+        for job in self.jobs.values():
+            for attempt in job.attempts:
+                for rank in attempt.ranks_on(node):
+                    if rank.snapshot_steps:
+                        rank.snapshot_steps = ()
+                        self._dirty_jobs.add(job.id)
 
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
@@ -671,9 +685,12 @@ class Reconciler:
         self._emit("attempt_launched", job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
         if previous is not None:
+            persisted = catalog.persisted_steps(previous) if spec.persist_dir else []
             fallback = "" if restore else (
-                "; ranks take the newest persisted checkpoint that verifies on all of them"
-                if spec.persist_dir else "; no persist_dir: training restarts from scratch")
+                f"; falls back to the persisted checkpoint (newest on every rank: step "
+                f"{persisted[0]}; ranks verify it and agree on the newest good one)"
+                if persisted else "; falls back to scratch: no checkpoint persisted on every "
+                "rank" + ("" if spec.persist_dir else " (no persist_dir)"))
             self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
 
     def _restore_choice(self, job: Job, previous: Attempt | None,
@@ -683,7 +700,7 @@ class Reconciler:
         alive = {n for n, rt in self.nodes.items()
                  if rt.node.state == NodeState.READY and rt.link is not None}
         choice = elastic.choose_restore(previous, self._plan_of(job, previous),
-                                        set(previous.protected_steps), alive,
+                                        self.pieces.held((job.id, previous.number)), alive,
                                         exclude=self._bad_steps.get(job.id, set()))
         if choice.step == 0:
             # the attempt before may have died before saving: older attempts' memory, same ranks
@@ -878,7 +895,8 @@ class Reconciler:
         """Forget finished jobs past the retention bounds (memory and store)."""
         for job_id in retention.expired(self.jobs.values(), now,
                                         keep_count=self.cfg.keep_finished_jobs,
-                                        keep_s=self.cfg.keep_finished_s):
+                                        keep_s=self.cfg.keep_finished_s,
+                                        keep_bytes=self.cfg.keep_finished_bytes):
             key = f"jobs/{job_id}"
             if job_id in self._dirty_jobs:
                 continue  # its final state is not written yet

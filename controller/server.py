@@ -4,7 +4,6 @@ The agents' stream lives in ``agent_stream``; the decoders it shares are here.""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import threading
@@ -32,37 +31,6 @@ _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MAX_SLOTS = 4096
 _MAX_REPORTS = 4096
 _STREAM_POLL_S = 0.5
-
-
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted, so
-    Kubernetes probes work without the secret)."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request, context):  # type: ignore[no-untyped-def]
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
-        self._deny_unary_stream = grpc.unary_stream_rpc_method_handler(deny)
-
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        method = handler_call_details.method
-        if method.startswith("/grpc.health.v1.Health/"):
-            return await continuation(handler_call_details)
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization" and hmac.compare_digest(value.encode(), self._expected):
-                return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.request_streaming and handler.response_streaming:
-            return self._deny_stream
-        if handler.response_streaming:
-            return self._deny_unary_stream
-        return self._deny_unary
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -264,4 +232,4 @@ def _command_to_proto(
     )
 
 
-__all__ = ["JobServicer", "TokenInterceptor"]
+__all__ = ["JobServicer"]

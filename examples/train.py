@@ -24,11 +24,11 @@ import torch.distributed as dist
 import hpt
 
 
-def build_model(seed: int) -> torch.nn.Module:
+def build_model(seed: int, hidden: int = 64) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 64),
-        torch.nn.ReLU(), torch.nn.Linear(64, 1),
+        torch.nn.Linear(32, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1),
     )
 
 
@@ -78,6 +78,7 @@ def main() -> None:
                         help="seconds each step takes at least (makes the demo watchable)")
     parser.add_argument("--no-ckpt", action="store_true", help="do not snapshot")
     parser.add_argument("--save-every", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
     parser.add_argument("--first-step-file", default="",
                         help="rank 0 appends '<restart count> <wall time>' after its first step "
                         "(benchmarks compare runners with it)")
@@ -85,7 +86,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ctx = hpt.init()
-    model = build_model(args.seed)
+    model = build_model(args.seed, args.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     position = DataPosition()
     torch.manual_seed(args.seed * 7919 + ctx.rank)  # dropout masks differ per rank

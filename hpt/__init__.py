@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from hpt import _rank_monitor
 from hpt._rank import AgentChannel, install_error_file_hook
 from hpt._rank_monitor import section
+from hpt._restore_env import restore_plan
 
 __all__ = ["Checkpointer", "Context", "init", "step", "current", "section"]
 
@@ -103,7 +104,7 @@ def init(
         job_id=env.get("HPT_JOB_ID", ""),
         attempt=int(env.get("HPT_ATTEMPT", "1")),
         node=env.get("HPT_NODE", ""),
-        restore_step=int(env.get("HPT_RESTORE_STEP", "0") or 0),
+        restore_step=restore_plan(env).step,
         channel=channel,
     )
     _rank_monitor.start(job_id=_context.job_id, attempt=_context.attempt, rank=rank,

@@ -2,10 +2,21 @@
 
 Under an hpt agent the snapshots go into shared memory the agent names and keeps
 (``HPT_SNAPSHOT_PREFIX``): a crashed rank leaves them behind, the agent reports them, and the
-next attempt restores the step the controller found complete on every rank
-(``HPT_RESTORE_STEP``). With no snapshot in memory (a new job, or the whole cluster restarted)
-it restores the newest checkpoint persisted under ``HPT_PERSIST_DIR`` that verifies on every
-rank. Without an agent it is the plain ``hpt.ckpt.Checkpointer`` (in-process memory, or
+next attempt restores the step the controller found complete on every rank. ``restore()`` is a
+chain of sources tried in order, every rank agreeing on one (ckpt/sources.py):
+
+1. memory: what this process itself saved (a second ``restore()`` in one run rolls back);
+2. shm: this rank's own snapshot of the chosen step (``HPT_RESTORE_STEP``; the generation comes
+   with it in ``HPT_RESTORE_SHARDS``, see hpt/_restore_env.py);
+3. peers: the old ranks' snapshots of that step the agent put in this node's memory
+   (``HPT_RESTORE_SHARDS``), resharded when the world size changed;
+4. disk: the newest checkpoint persisted under ``HPT_PERSIST_DIR`` that every rank verifies and
+   loads;
+5. scratch (returns 0).
+
+A source that fails (missing, checksum mismatch, load error) is skipped on every rank with a
+``checkpoint_skipped`` event naming it and why; the restore that succeeds sends ``restored``.
+Without an agent it is the plain ``hpt.ckpt.Checkpointer`` (in-process memory, or
 ``persist_dir`` on local disk when given).
 
     ckpt = hpt.Checkpointer(model, optimizer, extra_state={"sampler": sampler})
@@ -18,27 +29,23 @@ rank. Without an agent it is the plain ``hpt.ckpt.Checkpointer`` (in-process mem
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpt import _faults
-from hpt.ckpt import fmt
+from hpt._restore_env import RestorePlan, restore_plan
 from hpt.ckpt.checkpointer import Checkpointer as _EngineCheckpointer
 from hpt.ckpt.checkpointer import Stateful
-from hpt.ckpt.checksum import RangeChecksum, checksum
-from hpt.ckpt.errors import RestoreError
+from hpt.ckpt.checksum import RangeChecksum
+from hpt.ckpt.disk import DiskSource
 from hpt.ckpt.layout import Layout
-from hpt.ckpt.sink import ShmSink, Snapshot, SnapshotRef
+from hpt.ckpt.sink import ShmSink
+from hpt.ckpt.sources import RestoreOutcome, RestoreSource, ShardRef, ShardSetSource, SinkSource
 
 log = logging.getLogger(__name__)
-
-_MAX_GENERATIONS = 8
 
 
 class _AgentSink(ShmSink):
@@ -56,9 +63,6 @@ class _AgentSink(ShmSink):
 
     def commit(self, step: int, generation: int, layout: Layout, meta_json: str,
                checksums: Sequence[RangeChecksum]) -> None:
-        delay = _faults.commit_delay(self._rank, step)
-        if delay:
-            _faults.hold(delay)
         super().commit(step, generation, layout, meta_json, checksums)
         if self._channel is not None:
             self._channel.send({"op": "snapshot", "step": step, "generation": generation,
@@ -98,50 +102,44 @@ class Checkpointer(_EngineCheckpointer):
         super().__init__(model, optimizer, extra_state=extra_state, sink=sink, every=every,
                          **kwargs)
         self._owns_sink = True  # closing an agent sink unmaps; the files stay with the agent
-        self._restore_step = int(env.get("HPT_RESTORE_STEP", "0") or 0)
+        self._plan: RestorePlan = restore_plan(env)
+        self._prefix = prefix
+        self._shm_dir = env.get("HPT_SNAPSHOT_DIR", "/dev/shm")
         self._persist_dir = persist_dir or env.get("HPT_PERSIST_DIR", "")
         self._rank = int(env.get("RANK", "0"))
 
-    def restore(self) -> int:
-        """Restore the step the controller chose (from memory), else the newest persisted
-        checkpoint every rank has, else nothing. Returns the completed steps restored (0: none).
-        """
-        if self._restore_step > 0:
-            snap = self._find(self._restore_step)
-            step = self.restore_snapshot(snap)
-            log.info("[hpt] rank %d restored step %d from agent memory", self._rank, step)
-            self._event("restored", f"restored step {step} from the agent's memory")
-            return step
-        if self._persist_dir:
-            return self._restore_from_disk(Path(self._persist_dir) / f"rank-{self._rank:05d}")
-        return 0
+    def restore_sources(self) -> list[RestoreSource]:
+        """memory, shm, peers, disk: every rank builds the same chain (a source that does not
+        apply here offers nothing), so the ranks' agreement collectives pair up."""
+        plan, rank = self._plan, self.restore_target().rank
+        sources: list[RestoreSource] = [
+            SinkSource(self.sink, "memory", accept=lambda step: step in self._saved_steps)
+        ]
+        own = plan.shards.get(rank) if plan.world_size == self.restore_target().world_size else None
+        if own is not None:
+            sources.append(SinkSource(ShmSink(own.prefix, directory=plan.directory), "shm",
+                                      step=plan.step, generation=own.generation))
+        elif plan.step > 0 and self._prefix:
+            sources.append(SinkSource(ShmSink(self._prefix, directory=self._shm_dir), "shm",
+                                      step=plan.step))
+        else:
+            sources.append(ShardSetSource(0, 1, self._shm_dir, {}, name="shm"))  # offers nothing
+        sources.append(ShardSetSource(
+            plan.step, max(plan.world_size, 1), plan.directory or self._shm_dir,
+            {r: ShardRef(s.prefix, s.generation) for r, s in plan.shards.items()}, name="peers"))
+        sources.append(DiskSource(self._persist_dir or None))
+        return sources
 
-    def _find(self, step: int) -> Snapshot:
-        for generation in range(_MAX_GENERATIONS):
-            try:
-                return self.sink.read(SnapshotRef(step=step, generation=generation))
-            except (RestoreError, FileNotFoundError, ValueError):
-                continue
-        raise RestoreError(f"the snapshot of step {step} chosen by the controller is not in "
-                           f"this node's memory ({os.environ.get('HPT_SNAPSHOT_PREFIX')})")
+    def restore_outcome(self) -> RestoreOutcome:
+        outcome = super().restore_outcome()
+        if outcome.step > 0:
+            log.info("[hpt] rank %d restored step %d from %s", self._rank, outcome.step,
+                     outcome.source)
+            self._event("restored", f"restored step {outcome.step} from {outcome.source}")
+        return outcome
 
-    def _restore_from_disk(self, root: Path) -> int:
-        path, skipped = fmt.latest_good(root)
-        for bad, reason in skipped:
-            log.warning("[hpt] rank %d skipped persisted checkpoint %s: %s", self._rank,
-                        bad.name, reason)
-            self._event("checkpoint_skipped", f"skipped {bad}: {reason}")
-        step = fmt.parse_step_dir(path.name) if path is not None else 0
-        step = _agree_on_min(step or 0)
-        if step <= 0:
-            return 0
-        path = root / fmt.step_dir_name(step)
-        tensors, meta = fmt.load_verified(path)
-        snap = _snapshot_from_disk(step, tensors, meta)
-        restored = self.restore_snapshot(snap)
-        log.info("[hpt] rank %d restored step %d from %s", self._rank, restored, path)
-        self._event("restored", f"restored step {restored} from disk ({path})")
-        return restored
+    def _on_restore_event(self, kind: str, message: str) -> None:
+        self._event(kind, message)
 
     def _event(self, kind: str, message: str) -> None:
         from hpt import current
@@ -149,35 +147,3 @@ class Checkpointer(_EngineCheckpointer):
         ctx = current()
         if ctx is not None and ctx.channel is not None:
             ctx.channel.send({"op": "event", "kind": kind, "message": message})
-
-
-def _agree_on_min(step: int) -> int:
-    """Every rank restores the same step: the newest one all of them have."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return step
-    value = torch.tensor([step], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return int(value.item())
-
-
-def _snapshot_from_disk(step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Snapshot:
-    try:
-        layout = Layout.from_json(meta["layout"])
-        meta_json = meta["meta_json"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RestoreError(f"persisted checkpoint of step {step} has no hpt layout: {exc}") from exc
-    if not isinstance(meta_json, str):
-        raise RestoreError("persisted checkpoint meta_json must be a string")
-    json.loads(meta_json)  # fail here, not halfway through loading, if it is not JSON
-    buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8)
-    for entry in layout.entries:
-        src = tensors.get(entry.fqn)
-        if src is None:
-            raise RestoreError(f"persisted checkpoint of step {step} lacks {entry.fqn!r}")
-        view = buffer[entry.offset:entry.offset + entry.nbytes].view(entry.torch_dtype)
-        view.view(entry.shape).copy_(src)
-    whole = RangeChecksum(start=0, length=layout.total_bytes, value=checksum(buffer))
-    return Snapshot(step=step, generation=-1, layout=layout, meta_json=meta_json,
-                    checksums=(whole,), buffer=buffer)

@@ -26,6 +26,7 @@ import grpc
 from rich.table import Table
 from rich.text import Text
 
+from hpt import _cli_cert, credentials
 from hpt import client as hc
 from hpt._cli_plan import plan as plan_command
 from hpt._cli_util import (
@@ -104,14 +105,19 @@ class _Conn:
             addr = hc.resolve_controller(self.controller)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--controller'") from None
+        # flags first, else what `hptctl up` or the user left in the cluster's folder
+        files = credentials.found(addr)
+        token_file = self.token_file or files.get("token_file", "")
         token = ""
-        if self.token_file:
+        if token_file:
             try:
-                token = hc.read_token_file(self.token_file)
+                token = hc.read_token_file(token_file)
             except ValueError as e:
                 raise click.BadParameter(str(e), param_hint="'--token-file'") from None
+        tls = {"tls_ca": self.tls_ca} if self.tls_ca else {
+            k: v for k, v in files.items() if k.startswith("tls_")}
         try:
-            return hc.JobClient.connect(addr, token=token, tls_ca=self.tls_ca or "")
+            return hc.JobClient.connect(addr, token=token, **tls)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="'--tls-ca'") from None
 
@@ -642,7 +648,7 @@ def _config_error(e: ValueError) -> CliError:
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Require this bearer token on every RPC.",
+    help="Client token to require [default: a new one, written where hptctl finds it].",
 )
 @click.option(
     "--slots",
@@ -653,16 +659,31 @@ def _config_error(e: ValueError) -> CliError:
 def up(
     agents: int, port: int, host: str, redis_url: str, token_file: str | None, slots: int | None
 ) -> None:
-    """Run a controller and AGENTS local agents until Ctrl-C (a cluster on one machine)."""
+    """Run a controller and AGENTS local agents until Ctrl-C (a cluster on one machine).
+
+    Security is on: the controller requires a client token (hptctl) and a different agent
+    token (its agents), both random unless --token-file gives the client's, kept with mode 0600
+    in $HPT_HOME/clusters/HOST_PORT while it runs; hptctl finds them there.
+    """
     from hpt import _daemons
     from hpt.controller.config import ControllerConfig
 
+    if port == 0:
+        port = _daemons.free_port(host if host not in ("", "0.0.0.0", "::") else "127.0.0.1")
+    folder = credentials.cluster_dir(_daemons.join_host_port(host, port))
+    client_token = _token_from(token_file) if token_file else credentials.new_token()
+    agent_token = credentials.new_token()
     try:
         cfg = ControllerConfig(
-            host=host, port=port, redis_url=redis_url, token=_token_from(token_file)
+            host=host, port=port, redis_url=redis_url, token=client_token,
+            agent_token=agent_token,
         )
     except ValueError as e:
         raise _config_error(e) from None
+    written = [credentials.write_secret(folder / credentials.AGENT_TOKEN, agent_token)]
+    if not token_file:
+        written.append(credentials.write_secret(folder / credentials.TOKEN, client_token))
+        click.echo(f"client token in {written[-1]} (mode 0600; hptctl finds it)")
 
     def agent_argv(controller_addr: str, i: int) -> list[str]:
         argv = [
@@ -674,20 +695,30 @@ def up(
             controller_addr,
             "--name",
             _daemons.local_agent_name(controller_addr, i),
+            "--token-file",
+            str(written[0]),
         ]
         if slots is not None:
             argv += ["--slots", str(slots)]
-        if token_file:
-            argv += ["--token-file", os.path.abspath(token_file)]
         return argv
 
-    _daemons.run_control_plane(cfg, num_agents=agents, agent_argv=agent_argv)
+    try:
+        _daemons.run_control_plane(cfg, num_agents=agents, agent_argv=agent_argv)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
+@click.option(
+    "--redis-url",
+    default="",
+    envvar="HPT_REDIS_URL",
+    help="Keep state in Redis [env: HPT_REDIS_URL, which keeps a password out of argv; "
+    "default: in this process].",
+)
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
@@ -700,7 +731,24 @@ def up(
     type=click.Path(exists=True, dir_okay=False),
     help="PEM CA of client certificates; requires mTLS.",
 )
+@click.option(
+    "--agent-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Require this bearer token from agents (needed with --token-file; must differ).",
+)
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without TLS.")
+@click.option(
+    "--leader-lease",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Replicas: elect a leader through a lease of this many seconds in Redis [default: off].",
+)
+@click.option(
+    "--health-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve gRPC health alone, in plaintext, on this port (probes) [default: off].",
+)
 @click.option(
     "--heartbeat-period", type=float, default=None, help="Seconds between agent heartbeats."
 )
@@ -731,7 +779,10 @@ def controller(
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
+    agent_token_file: str | None,
     insecure: bool,
+    leader_lease: float,
+    health_port: int | None,
     heartbeat_period: float | None,
     agent_lease: float | None,
     metrics_port: int | None,
@@ -760,7 +811,10 @@ def controller(
             tls_cert=tls_cert or "",
             tls_key=tls_key or "",
             tls_client_ca=tls_client_ca or "",
+            agent_token=_token_from(agent_token_file, "'--agent-token-file'"),
             insecure=insecure,
+            leader_lease_s=leader_lease,
+            health_port=health_port,
             **kwargs,
         )
     except ValueError as e:
@@ -796,7 +850,7 @@ def controller(
 @click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
-    help="Bearer token to present to the controller.",
+    help="Agent-role bearer token to present to the controller.",
 )
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA; enables TLS.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client cert.")
@@ -812,7 +866,7 @@ def controller(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    help="Serve Prometheus /metrics on 127.0.0.1 at this port; 0 picks a free one [default: off].",
+    help="Serve Prometheus /metrics on --address at this port; 0 picks a free one [default: off].",
 )
 @click.option(
     "--no-health-check", is_flag=True, help="Skip the pre-flight health check at start."
@@ -857,8 +911,9 @@ def agent(
     from hpt import _daemons
     from hpt.agent.config import AgentConfig
 
-    try:
-        addr = hc.resolve_controller(controller_addr)
+    try:  # replicas: a comma-separated list, tried in turn
+        addr = ",".join(hc.resolve_controller(a) for a in (controller_addr or "").split(",")
+                        if a.strip()) or hc.resolve_controller(None)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--controller'") from None
     given = {
@@ -939,6 +994,8 @@ def demo(
 
 
 main.add_command(plan_command, "plan")
+main.add_command(_cli_cert.cert)
+
 
 if __name__ == "__main__":
     main(prog_name="hptctl")

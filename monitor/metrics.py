@@ -31,6 +31,7 @@ __all__ = [
     "METRICS_BY_NAME",
     "NODE_STATES",
     "RESTORE_SOURCES",
+    "AUTH_FAILURES",
     "MetricDef",
     "MetricType",
 ]
@@ -110,6 +111,10 @@ GOODPUT_CATEGORIES: Final = ("productive", "detection", "restart", "restore", "r
 and relaunch ranks, time to load state, and training repeated after rolling back."""
 RESTORE_SOURCES: Final = ("local", "peer", "parity", "disk")
 """Where restored tensor bytes came from, in order of preference."""
+AUTH_FAILURES: Final = ("missing_token", "bad_token", "wrong_role", "wrong_identity")
+"""Why the controller refused a caller: no bearer token, an unknown one, a token of the other
+role (the CLI's token on the agent service or the reverse), or an agent whose certificate does
+not name the node it registers as. TLS handshake failures never reach the process."""
 
 _LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _RECOVERY_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -211,6 +216,23 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         type=_G,
         help="Rank's step time over the median of its peers (1 = in line), window median.",
         labels=("rank",),
+    ),
+    MetricDef(
+        name="hpt_auth_failures_total",
+        type=_C,
+        help="RPCs the controller refused for authentication or authorization, by reason.",
+        labels=("reason",),
+        label_values={"reason": AUTH_FAILURES},
+    ),
+    MetricDef(
+        name="hpt_controller_leader",
+        type=_G,
+        help="1 while this controller process leads (runs the control loop), 0 on a standby.",
+    ),
+    MetricDef(
+        name="hpt_controller_leader_epoch",
+        type=_G,
+        help="Leader epoch of this controller (0 on a standby or without leader election).",
     ),
     # -- agents: ranks' timings ------------------------------------------------------------------
     MetricDef(

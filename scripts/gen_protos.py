@@ -32,6 +32,8 @@ def generate(out_dir: Path) -> list[Path]:
             f"-I{include}",
             f"--python_out={raw}",
             f"--grpc_python_out={raw}",
+            # the plugin is a console script of the interpreter running this, venv or not
+            f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
             f"--mypy_out={raw}",
             *[str(p) for p in PROTO_FILES],
         ]

@@ -53,6 +53,11 @@ class ConflictError(StoreError):
         super().__init__(f"{op} {key!r}: expected version {expected}, {found}")
 
 
+class FencedError(StoreError):
+    """The write carried a leader epoch that is no longer current: another controller leads now.
+    Nothing was written; the caller must stop acting as the leader."""
+
+
 class StoreUnavailableError(StoreError):
     """The backend is down, unreachable, or did not answer in time; the call may not have run."""
 

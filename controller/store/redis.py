@@ -3,13 +3,16 @@
 Layout, for namespace ``ns`` (the ``{ns}`` hash tag keeps a namespace in one cluster slot, which
 the multi-key scripts need):
 
-- ``{ns}:kv:<key>``: a hash with ``v`` (version, decimal) and ``d`` (the value's raw bytes).
+- ``{ns}:kv:<key>``: a hash with ``v`` (version, decimal), ``d`` (the value's raw bytes) and
+  ``e`` (the leader epoch that wrote it; empty without leader election).
 - ``{ns}:keys``: a sorted set of every key, all at score 0, so ``scan`` is a lexicographic range.
 - ``{ns}:events``: a stream whose entry ids are ``<seq>-0``, trimmed to ``max_events`` entries.
 - ``{ns}:events:seq``: the last seq handed out; it survives trimming.
 
 Compare-and-set and event appends run as Lua scripts, so each is atomic on the server and seqs
-are gap-free without client-side locking. No retries happen here (redis-py's are switched off):
+are gap-free without client-side locking. A store ``fence``d with a leader epoch
+(:mod:`hpt.controller.leader`) checks the epoch key in the same script: a deposed leader's write
+is refused (``FencedError``) and nothing is written. No retries happen here (redis-py's are switched off):
 connection errors and timeouts become ``StoreUnavailableError`` and the controller decides.
 """
 
@@ -26,6 +29,7 @@ from redis.retry import Retry
 from hpt.controller.store import (
     DEFAULT_MAX_EVENTS,
     ConflictError,
+    FencedError,
     StoreError,
     StoreUnavailableError,
     Versioned,
@@ -37,21 +41,29 @@ from hpt.controller.store import (
     validate_value,
 )
 
+# Every write script takes the epoch key as its last KEY and the expected epoch ("" for none) as
+# its last ARGV, and returns -1 (first element) when the epoch moved on.
+_FENCE_LUA = """
+if ARGV[#ARGV] ~= '' and redis.call('GET', KEYS[#KEYS]) ~= ARGV[#ARGV] then
+  return {-1, 0}
+end
+"""
+
 # KEYS: record hash, key index. ARGV: expected version ("" for none), value, key.
 # Returns {1, new_version} or {0, current_version}.
-_PUT_LUA = """
+_PUT_LUA = _FENCE_LUA + """
 local current = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then
   return {0, current}
 end
-redis.call('HSET', KEYS[1], 'v', current + 1, 'd', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', current + 1, 'd', ARGV[2], 'e', ARGV[#ARGV])
 redis.call('ZADD', KEYS[2], 0, ARGV[3])
 return {1, current + 1}
 """
 
 # KEYS: record hash, key index. ARGV: expected version ("" for none), key.
 # Returns {1, 0} or {0, current_version}.
-_DELETE_LUA = """
+_DELETE_LUA = _FENCE_LUA + """
 local current = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= current then
   return {0, current}
@@ -63,7 +75,7 @@ return {1, 0}
 
 # KEYS: event stream, seq counter. ARGV: event, max_events. Returns the new seq.
 # XADD runs before the counter moves, so a failed append leaves no gap.
-_APPEND_LUA = """
+_APPEND_LUA = _FENCE_LUA.replace("{-1, 0}", "-1") + """
 local seq = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], string.format('%d-0', seq), 'e', ARGV[1])
 redis.call('SET', KEYS[2], string.format('%d', seq))
@@ -124,6 +136,11 @@ class RedisStore:
         self._put_script = self._client.register_script(_PUT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
         self._append_script = self._client.register_script(_APPEND_LUA)
+        self.lease_key = prefix + "leader"
+        """Where :mod:`hpt.controller.leader` keeps the leader lease (holder, epoch, expiry)."""
+        self.epoch_key = prefix + "leader:epoch"
+        """The last leader epoch handed out; ``fence`` makes writes check it."""
+        self._fence: tuple[str, str] = (self.epoch_key, "")
         try:
             with self._errors("connect"):
                 self._client.ping()
@@ -145,9 +162,10 @@ class RedisStore:
         validate_expected_version(expected_version)
         with self._errors("put"):
             ok, version = self._put_script(
-                keys=[self._record_prefix + key, self._index_key],
-                args=[_expected_arg(expected_version), value, key],
+                keys=[self._record_prefix + key, self._index_key, self._fence[0]],
+                args=[_expected_arg(expected_version), value, key, self._fence[1]],
             )
+        self._check_fence(ok, "put", key)
         if not ok:
             assert expected_version is not None
             raise ConflictError("put", key, expected_version, version)
@@ -158,9 +176,10 @@ class RedisStore:
         validate_expected_version(expected_version)
         with self._errors("delete"):
             ok, version = self._delete_script(
-                keys=[self._record_prefix + key, self._index_key],
-                args=[_expected_arg(expected_version), key],
+                keys=[self._record_prefix + key, self._index_key, self._fence[0]],
+                args=[_expected_arg(expected_version), key, self._fence[1]],
             )
+        self._check_fence(ok, "delete", key)
         if not ok:
             assert expected_version is not None
             raise ConflictError("delete", key, expected_version, version)
@@ -191,17 +210,34 @@ class RedisStore:
     def append_event(self, event: bytes) -> int:
         validate_value(event, "event")
         with self._errors("append_event"):
-            return int(
+            seq = int(
                 self._append_script(
-                    keys=[self._events_key, self._seq_key], args=[event, self._max_events]
+                    keys=[self._events_key, self._seq_key, self._fence[0]],
+                    args=[event, self._max_events, self._fence[1]],
                 )
             )
+        self._check_fence(seq, "append_event", "events")
+        return seq
 
     def read_events(self, after_seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:
         validate_event_range(after_seq, limit)
         with self._errors("read_events"):
             entries = self._client.xrange(self._events_key, f"{after_seq + 1}-0", "+", count=limit)
         return [(int(entry_id.split(b"-")[0]), fields[b"e"]) for entry_id, fields in entries]
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The client (the leader lease runs its own scripts on the same server)."""
+        return self._client
+
+    def fence(self, epoch: int) -> None:
+        """From now on every write succeeds only while ``epoch_key`` holds ``epoch`` (this
+        controller's leader epoch, :mod:`hpt.controller.leader`); others raise ``FencedError``."""
+        self._fence = (self.epoch_key, str(epoch))
+
+    def _check_fence(self, code: int, op: str, key: str) -> None:
+        if code == -1:
+            raise FencedError(f"{op} {key!r}: leader epoch {self._fence[1]} is no longer current")
 
     def close(self) -> None:
         if not self._closed:

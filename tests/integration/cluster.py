@@ -78,21 +78,25 @@ class LocalCluster:
         warm: bool = False,
         agent_lease_s: float | None = None,
         heartbeat_period_s: float | None = None,
+        controller_args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.redis_url = redis_url
-        self.token_file = ""
-        if token:
+        self.token_file = self.agent_token_file = ""
+        if token:  # the client's token; agents get their own role's token
             self.token_file = str(workdir / "token")
-            Path(self.token_file).write_text(token + "\n")
-            os.chmod(self.token_file, 0o600)
+            self.agent_token_file = str(workdir / "agent-token")
+            for path, text in ((self.token_file, token), (self.agent_token_file, token + "-agent")):
+                Path(path).write_text(text + "\n")
+                os.chmod(path, 0o600)
         self.warm = warm
         self.slots = slots
         self.num_agents = agents
         self.agent_lease_s = agent_lease_s
         self.heartbeat_period_s = heartbeat_period_s
+        self.controller_args = list(controller_args)
         self.controller: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self._all: list[subprocess.Popen[bytes]] = []
@@ -118,11 +122,12 @@ class LocalCluster:
         if self.redis_url:
             args += ["--redis-url", self.redis_url]
         if self.token_file:
-            args += ["--token-file", self.token_file]
+            args += ["--token-file", self.token_file, "--agent-token-file", self.agent_token_file]
         if self.agent_lease_s is not None:
             args += ["--agent-lease", str(self.agent_lease_s)]
         if self.heartbeat_period_s is not None:
             args += ["--heartbeat-period", str(self.heartbeat_period_s)]
+        args += self.controller_args
         self.controller = self._spawn(args, f"controller-{self._restarts}.log")
         self._restarts += 1
         wait_for(self._serving, 60, "controller health SERVING", poll_s=0.1)
@@ -144,8 +149,8 @@ class LocalCluster:
                 "--run-dir", str(self.workdir / f"run-{name}")]
         if not self.warm:
             args.append("--no-warm")
-        if self.token_file:
-            args += ["--token-file", self.token_file]
+        if self.agent_token_file:
+            args += ["--token-file", self.agent_token_file]
         self.agents[name] = self._spawn(args, f"agent-{name}.log")
         self._agent_names.add(name)
 

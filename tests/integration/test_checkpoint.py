@@ -19,6 +19,7 @@ from tests.integration.cluster import TRAIN, LocalCluster, state_name, wait_for
 
 STEPS = 24
 JOB = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.03"]
+DELAYED_TRAIN = str(Path(__file__).parent / "bin" / "delayed_commit_train.py")
 
 
 class _Marker:
@@ -76,7 +77,8 @@ def test_rank_killed_while_its_snapshot_is_in_flight_resumes_from_the_common_ste
 ):
     # rank 1's commit of step 10 is held for 4.5 s (under the 5 s hang deadline): the copy is
     # done, the snapshot not complete; the test kills rank 1 inside that window
-    job_id = cluster.submit(*JOB, env={"HPT_FAULT_COMMIT_DELAY": "1:10:4.5"})
+    job = ["python", DELAYED_TRAIN, *JOB[2:]]
+    job_id = cluster.submit(*job, env={"FI_COMMIT_DELAY": "1:10:4.5"})
     job = cluster.wait_step(job_id, attempt=1, step=10)
     held = {r.rank: set(r.snapshot_steps) for r in job.attempts[0].ranks}
     os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)

@@ -115,6 +115,9 @@ class RecordingSink:
     def latest(self) -> SnapshotRef | None:
         return self.inner.latest()
 
+    def held(self) -> list[SnapshotRef]:
+        return self.inner.held()
+
     def read(self, ref: SnapshotRef) -> Snapshot:
         return self.inner.read(ref)
 

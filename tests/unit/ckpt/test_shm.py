@@ -97,14 +97,14 @@ def test_commit_record_names_the_buffer_and_holds_layout_meta_and_checksums(
         engine.close()
         record_path = sink.record_path(0)
         record = json.loads(record_path.read_text())
-        assert record["format"] == "hpt.snapshot-record.v1"
+        assert record["format"] == "hpt.snapshot-record.v2"
         assert (record["step"], record["generation"]) == (4, 0)
         assert record["buffer"].startswith(f"{shm_prefix}.g0.") and record["buffer"].endswith(
             ".buf"
         )
         assert (sink.directory / record["buffer"]).stat().st_size == record["total_bytes"]
         assert record["layout"]["entries"][0]["fqn"] == "w"
-        assert json.loads(record["meta_json"])["lr"] == 0.5
+        assert record["meta"]["lr"] == 0.5
         assert record["checksum_algo"] == "hpt.wsum64.v1"
         start, length, value = record["checksums"][0]
         assert (start, length) == (0, record["total_bytes"]) and int(value, 16) >= 0

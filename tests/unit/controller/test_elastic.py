@@ -1,0 +1,177 @@
+"""Decisions of snapshot protection and elastic restarts (hpt.controller.elastic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpt.controller.elastic import (
+    choose_restore,
+    decide_grow,
+    need_ranks,
+    order_nodes,
+    parse_redundancy,
+    protected_steps,
+    protection_plan,
+)
+from hpt.controller.model import Attempt, Job, JobSpec, Rank
+
+
+def _attempt(nodes: list[str], steps: dict[str, tuple[int, ...]], first_step_at: float = 1.0,
+             ppn: int = 1) -> Attempt:
+    ranks = [Rank(rank=i * ppn + j, local_rank=j, node=n, snapshot_steps=steps.get(n, ()))
+             for i, n in enumerate(nodes) for j in range(ppn)]
+    return Attempt(number=1, nodes=list(nodes), master_addr="127.0.0.1", master_port=1,
+                   world_size=len(ranks), ranks=ranks, first_step_at=first_step_at)
+
+
+def _plan(nodes: list[str], redundancy: str = ""):  # type: ignore[no-untyped-def]
+    plan = protection_plan(redundancy, nodes, {n: [i] for i, n in enumerate(nodes)},
+                           {n: f"{n}:1" for n in nodes})
+    assert plan is not None
+    return plan
+
+
+def test_three_nodes_default_is_2_plus_1_with_rotating_parity() -> None:
+    plan = _plan(["a", "b", "c"])
+    assert (plan.k, plan.m, plan.label) == (2, 1, "2+1")
+    assert plan.stripes == (((1, 2), (0,)), ((0, 2), (1,)), ((0, 1), (2,)))
+
+
+def test_two_nodes_default_is_a_mirror() -> None:
+    plan = _plan(["a", "b"])
+    assert (plan.k, plan.m, plan.label) == (1, 1, "mirror")
+    assert plan.stripes == (((1,), (0,)), ((0,), (1,)))
+
+
+def test_six_nodes_with_2_plus_1_make_two_groups_of_three() -> None:
+    plan = _plan([f"n{i}" for i in range(6)], "2+1")
+    assert len(plan.stripes) == 6
+    assert all(set(d) | set(p) <= {0, 1, 2} for d, p in plan.stripes[:3])
+    assert all(set(d) | set(p) <= {3, 4, 5} for d, p in plan.stripes[3:])
+
+
+def test_shrunk_below_k_plus_m_protects_the_survivors_with_k_nodes_minus_m() -> None:
+    plan = protection_plan("3+1", ["a", "b", "c"], {}, {})
+    assert plan is not None and (plan.k, plan.m) == (2, 1)
+
+
+def test_one_node_or_off_is_unprotected() -> None:
+    assert protection_plan("", ["a"], {}, {}) is None
+    assert protection_plan("off", ["a", "b", "c"], {}, {}) is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("2-1", "redundancy ('2-1') must be K+M"),
+    ("0+1", "needs k >= 1 and m >= 1"),
+    ("3+1", "needs k + m <= nodes (3)"),
+])
+def test_bad_redundancy_is_refused_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("+", r"\+")):
+        parse_redundancy(text, 3)
+    with pytest.raises(ValueError, match="redundancy"):
+        JobSpec(command=("python",), nodes=3, redundancy=text)
+
+
+def test_a_step_is_protected_only_when_every_holder_reports_it() -> None:
+    plan = _plan(["a", "b", "c"])
+    pieces = {"a": {(0, 5), (0, 6)}, "b": {(1, 5), (1, 6)}, "c": {(2, 5)}}
+    assert protected_steps(plan, pieces) == {5}
+    assert protected_steps(plan, {"a": {(0, 5)}, "b": {(1, 5)}}) == set()
+
+
+def _held(steps: set[int], nodes=("a", "b", "c")) -> dict[str, set[tuple[int, int]]]:  # type: ignore[no-untyped-def]
+    """Every holder of the 3-node layout holds its stripe's piece of ``steps``."""
+    return {n: {(j, s) for s in steps} for j, n in enumerate(nodes)}
+
+
+def test_restore_uses_memory_when_every_node_survived() -> None:
+    prev = _attempt(["a", "b", "c"], {"a": (4, 5), "b": (4, 5), "c": (4, 5)})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4}), {"a", "b", "c"})
+    assert (choice.step, choice.lost) == (5, ())
+
+
+def test_one_lost_node_restores_the_newest_protected_step_by_decoding() -> None:
+    prev = _attempt(["a", "b", "c"], {"a": (4, 5, 6), "b": (4, 5, 6), "c": (4, 5, 6)})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a", "c"})
+    assert (choice.step, choice.lost) == (5, (1,))
+    assert "parity 2+1" in choice.source
+
+
+def test_two_lost_of_three_is_not_recoverable_and_says_why() -> None:
+    prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a"})
+    assert choice.step == 0
+    assert "lost: b, c" in choice.source and "fewer than k pieces" in choice.source
+
+
+def test_a_survivor_missing_the_step_counts_as_lost_for_that_step() -> None:
+    # c lost; b never committed 6: 6 would need two nodes rebuilt, so 5 wins
+    prev = _attempt(["a", "b", "c"], {"a": (5, 6), "b": (5,), "c": (5, 6)})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({5, 6}), {"a", "b"})
+    assert (choice.step, choice.lost) == (5, (2,))
+
+
+def test_a_step_an_agent_failed_to_rebuild_is_never_chosen_again() -> None:
+    prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"})
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a", "c"}, exclude={5})
+    assert choice.step == 4
+
+
+def test_a_restarted_node_lost_its_memory_and_its_pieces_but_peers_still_decode() -> None:
+    # b came back as a new agent process: alive, but without step 5 and without its piece
+    prev = _attempt(["a", "b", "c"], {"a": (5,), "b": (), "c": (5,)})
+    held = _held({5})
+    held["b"] = set()
+    choice = choose_restore(prev, _plan(prev.nodes), held, {"a", "b", "c"})
+    assert (choice.step, choice.lost) == (5, (1,))
+
+
+def test_a_step_whose_parity_was_overwritten_is_not_recoverable() -> None:
+    prev = _attempt(["a", "b", "c"], {"a": (5, 6), "b": (5, 6), "c": (5, 6)})
+    held = _held({6})  # every holder moved on to 6: nothing of 5 is left
+    assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 6
+    held = _held({5})
+    assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 5
+
+
+def test_unprotected_job_losing_a_node_restarts_without_memory() -> None:
+    prev = _attempt(["a", "b"], {"a": (5,), "b": (5,)})
+    choice = choose_restore(prev, None, {}, {"a"})
+    assert choice.step == 0 and "not protected" in choice.source
+
+
+def test_survivors_keep_their_places_and_a_replacement_takes_the_lost_one() -> None:
+    assert order_nodes(["a", "b", "c"], ["c", "a", "d"]) == ["a", "d", "c"]
+    assert order_nodes(["a", "b", "c"], ["c", "a"]) == ["a", "c"]
+    assert order_nodes(["a", "b"], ["b", "c", "a"]) == ["a", "b", "c"]
+
+
+def test_same_world_size_needs_own_ranks_a_resize_needs_every_old_rank() -> None:
+    prev = _attempt(["a", "b", "c"], {})
+    assert need_ranks(prev, [1], 3) == [1]
+    assert need_ranks(prev, [0], 2) == [0, 1, 2]
+
+
+def test_grow_waits_for_the_hysteresis_and_a_protected_step() -> None:
+    job = Job(id="j", spec=JobSpec(command=("python",), nodes=3, min_nodes=2))
+    attempt = _attempt(["a", "b"], {})
+    assert decide_grow(job, attempt, {"c": 100.0}, {7}, now=105.0, hysteresis_s=10) is None
+    assert decide_grow(job, attempt, {"c": 100.0}, set(), now=120.0, hysteresis_s=10) is None
+    reason = decide_grow(job, attempt, {"c": 100.0}, {7}, now=110.0, hysteresis_s=10)
+    assert reason is not None and reason.startswith("grow 2 -> 3 nodes: c")
+    full = _attempt(["a", "b", "c"], {})
+    assert decide_grow(job, full, {"d": 0.0}, {7}, now=110.0, hysteresis_s=10) is None
+
+
+def test_piece_book_keeps_each_nodes_newest_report_only() -> None:
+    from hpt.controller.pieces import PieceBook
+
+    book = PieceBook()
+    assert book.update("a", [("j", 1, 0, 5, 100), ("j", 1, 0, 6, 100)]) == {("j", 1)}
+    assert book.update("a", [("j", 1, 0, 5, 100), ("j", 1, 0, 6, 100)]) == set()
+    assert book.update("b", [("j", 1, 1, 6, 50)]) == {("j", 1)}
+    assert book.held(("j", 1)) == {"a": {(0, 5), (0, 6)}, "b": {(1, 6)}}
+    assert book.parity_bytes(("j", 1), 6) == 150
+    assert book.update("a", []) == {("j", 1)}
+    assert book.held(("j", 1)) == {"b": {(1, 6)}}
