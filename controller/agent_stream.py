@@ -227,17 +227,57 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _RefusalContext:
+    """What a sync refusal handler sees: it only ever calls ``abort``."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Refused(code, details)
+
+
+_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 class SyncInterceptorAdapter(grpc.aio.ServerInterceptor):
-    """Runs a sync ``grpc.ServerInterceptor`` (auth, the standby gate) on the asyncio server:
-    the handler is looked up first, then the sync interceptor picks it or its refusal (sync
-    refusal handlers run on the server's thread pool)."""
+    """Runs a sync ``grpc.ServerInterceptor`` (auth, the standby gate) on the asyncio server.
+
+    The handler is looked up first and the sync interceptor picks it or a refusal. A refusal
+    (a sync handler that aborts) is run at once against a stand-in context and its status is
+    answered from a coroutine: sync streaming handlers that abort before reading do not end the
+    call on the asyncio server."""
 
     def __init__(self, inner: grpc.ServerInterceptor) -> None:
         self._inner = inner
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
-        return self._inner.intercept_service(lambda details: handler, handler_call_details)
+        chosen = self._inner.intercept_service(lambda details: handler, handler_call_details)
+        if chosen is handler or chosen is None:
+            return chosen
+        kind = (chosen.request_streaming, chosen.response_streaming)
+        refuse = (chosen.unary_unary or chosen.unary_stream or chosen.stream_unary
+                  or chosen.stream_stream)
+        try:
+            refuse(None, _RefusalContext())
+            refused = _Refused(grpc.StatusCode.PERMISSION_DENIED, "refused")
+        except _Refused as exc:
+            refused = exc
+
+        async def answer(request, context):  # type: ignore[no-untyped-def]
+            await context.abort(refused.code, refused.details)
+
+        return _MAKERS[kind](answer, request_deserializer=chosen.request_deserializer,
+                             response_serializer=chosen.response_serializer)
 
 
 __all__ = ["AgentServicer", "HeartbeatIntake", "SyncInterceptorAdapter"]
