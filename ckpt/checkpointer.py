@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import torch
 
+from hpt.ckpt import dtensor
 from hpt.ckpt.engine import DEFAULT_NUM_THREADS, SnapshotEngine
 from hpt.ckpt.errors import RestoreError
 from hpt.ckpt.layout import ShardInfo, TensorEntry
@@ -267,9 +268,12 @@ class Checkpointer:
         """Load a checked state tree into model, optimizer, extra state and RNG; returns its
         step. Tensors of `state` may be views of a source's memory: everything is copied."""
         if self.model is not None:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(dtensor.like_state(state["model"], self.model.state_dict()))
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(self._optimizer_state_from(_clone(state["optim"])))
+            osd = self._optimizer_state_from(_clone(state["optim"]))
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            osd["state"] = dtensor.like_params(osd["state"], params)
+            self.optimizer.load_state_dict(osd)
         for name, obj in self.extra_state.items():
             obj.load_state_dict(_clone(state["extra"][name]))
         restore_rng(state["rng"])
@@ -366,6 +370,9 @@ class Checkpointer:
                             shards[f"optim.state.{pname}.{key}"] = info
         state["extra"] = {k: _clone(obj.state_dict()) for k, obj in self.extra_state.items()}
         state["rng"] = capture_rng()
+        if self.model is not None and dtensor.has_dtensor(self.model):
+            state, placed = dtensor.localize(state)  # DTensor leaves: local piece + offsets
+            shards.update(placed)
         return state, shards
 
     def _optimizer_state_from(self, saved: dict[str, Any]) -> dict[str, Any]:

@@ -256,9 +256,15 @@ def persist(
     snapshot = _snapshot_part(Path(root), meta)
     if snapshot is not None:
         part_root, rank, world, attempt, layout, tree = snapshot
-        return persist_part(part_root, step, tensors, rank=rank, world_size=world, layout=layout,
+        path = persist_part(part_root, step, tensors, rank=rank, world_size=world, layout=layout,
                             meta=tree, attempt=attempt, keep_last=keep_last,
                             thread_count=thread_count, fault_hook=fault_hook)
+        if part_root != Path(root):
+            # Transitional: an agent that still scans its rank directory for persisted steps
+            # finds it (empty) and reports the step it was told succeeded. Never written into.
+            with contextlib.suppress(OSError):
+                Path(root).mkdir(exist_ok=True)
+        return path
     layout = build_layout([(n, t.dtype, tuple(t.shape)) for n, t in _checked_tensors(tensors)])
     return persist_part(root, step, tensors, rank=0, world_size=1, layout=layout,
                         meta=dict(meta), attempt=0, keep_last=keep_last,

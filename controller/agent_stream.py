@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -256,11 +257,20 @@ class SyncInterceptorAdapter(grpc.aio.ServerInterceptor):
     answered from a coroutine: sync streaming handlers that abort before reading do not end the
     call on the asyncio server."""
 
-    def __init__(self, inner: grpc.ServerInterceptor) -> None:
+    def __init__(self, inner: grpc.ServerInterceptor, *, wraps: bool = False) -> None:
         self._inner = inner
+        self._wraps = wraps
+        """The interceptor wraps handlers (decoding) rather than refusing calls: it applies to
+        sync handlers only (the agent stream's coroutine keeps grpcio's own decoding)."""
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
+        if handler is not None and self._wraps:
+            behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                         or handler.stream_stream)
+            if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+                return handler
+            return self._inner.intercept_service(lambda details: handler, handler_call_details)
         chosen = self._inner.intercept_service(lambda details: handler, handler_call_details)
         if chosen is handler or chosen is None:
             return chosen

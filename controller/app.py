@@ -27,10 +27,13 @@ from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from hpt.controller.agent_stream import AgentServicer, HeartbeatIntake, SyncInterceptorAdapter
 from hpt.controller.auth import AuthInterceptor
 from hpt.controller.config import ControllerConfig
+from hpt.controller.decode import DecodeErrorInterceptor
 from hpt.controller.leader import LeaderElector, StandbyGate
 from hpt.controller.metrics import ControllerMetrics
+from hpt.controller.model import NodeState
 from hpt.controller.reconcile import Reconciler
 from hpt.controller.server import JobServicer
+from hpt.controller.status_page import StatusPage
 from hpt.controller.store import FencedError, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Controller:
         self.store = store if store is not None else open_store(cfg.redis_url)
         self.reconciler = Reconciler(cfg, self.store)
         self.metrics = ControllerMetrics(self.reconciler)
+        self.status_page: StatusPage | None = None
         self._server: grpc.aio.Server | None = None
         self._intake: HeartbeatIntake | None = None
         # the gRPC server runs on its own asyncio loop: agent streams are coroutines there
@@ -102,6 +106,7 @@ class Controller:
                 on_failure=lambda reason: self.metrics.metrics.inc(
                     "hpt_auth_failures_total", reason=reason),
             ))
+        interceptors.append(DecodeErrorInterceptor())
         interceptors.append(self._gate)
         self._loop_thread.start()
         try:
@@ -126,6 +131,10 @@ class Controller:
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.status_port is not None:
+            self.status_page = StatusPage(self.reconciler, token=cfg.token,
+                                          tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+            self.status_page.serve(cfg.host, cfg.status_port)
         log.info("controller listening on %s:%d (store: %s)", cfg.host, self.port,
                  "redis" if cfg.redis_url else "embedded")
         if self.elector is not None:
@@ -135,6 +144,13 @@ class Controller:
         else:
             self._lead(0)
         return self.port
+
+    def ready_nodes(self, names: list[str]) -> int:
+        """How many of the nodes ``names`` are registered and READY."""
+        rec = self.reconciler
+        with rec.lock:
+            return sum(1 for n in names
+                       if n in rec.nodes and rec.nodes[n].node.state == NodeState.READY)
 
     async def _start_server(
         self, interceptors: list[grpc.ServerInterceptor]
@@ -151,7 +167,8 @@ class Controller:
         ]
         server = grpc.aio.server(
             migration_thread_pool=self._pool,
-            interceptors=[SyncInterceptorAdapter(i) for i in interceptors],
+            interceptors=[SyncInterceptorAdapter(i, wraps=isinstance(i, DecodeErrorInterceptor))
+                          for i in interceptors],
             options=options,
             maximum_concurrent_rpcs=_MAX_CONCURRENT_RPCS,
         )
@@ -213,6 +230,8 @@ class Controller:
             self._intake.close()
         self._close_loop()
         self.metrics.close()
+        if self.status_page is not None:
+            self.status_page.close()
         try:
             self.reconciler.stop()
         except FencedError as e:  # deposed: the new leader owns the state; nothing to flush

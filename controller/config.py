@@ -57,6 +57,8 @@ class ControllerConfig:
     they never take the worker threads unary RPCs and agents need."""
     metrics_port: int | None = None
     """Serve Prometheus ``/metrics`` on ``host`` at this port; None: off; 0: a free port."""
+    status_port: int | None = None
+    """Serve the read-only status page (status_page.py) on ``host`` at this port; None: off."""
     health_port: int | None = None
     """Also serve the gRPC health service alone, in plaintext, on ``host`` at this port
     (Kubernetes gRPC probes cannot speak TLS); None: off."""
@@ -82,6 +84,8 @@ class ControllerConfig:
             raise ValueError(f"progress_flush_s ({self.progress_flush_s}) must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
+        if self.status_port is not None and not 0 <= self.status_port <= 65535:
+            raise ValueError(f"status_port ({self.status_port}) must be in 0..65535")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"health_port ({self.health_port}) must be in 0..65535")
         if bool(self.token) != bool(self.agent_token):

@@ -11,7 +11,9 @@
   nodes that lost it are few enough for every stripe to decode (and the step is protected).
   Never a mix of steps: one step for every rank, or none (then disk, then scratch).
 - ``decide_grow``: a job running below its node count grows back when a node has been free
-  for the hysteresis and a protected step exists that is newer than when the node appeared.
+  for the hysteresis and a snapshot is complete on every rank (every node is alive, so the
+  grown attempt restores it from memory; protection is not needed for that, and requiring a
+  protected step would stall growth whenever the holders' protected steps do not coincide).
 """
 
 from __future__ import annotations
@@ -206,22 +208,22 @@ def order_nodes(previous: list[str], chosen: list[str]) -> list[str]:
 
 
 def decide_grow(job: Job, attempt: Attempt, free_nodes: Mapping[str, float],
-                protected: set[int], now: float,
+                complete: set[int], now: float,
                 hysteresis_s: float = GROW_HYSTERESIS_S) -> str | None:
     """A reason to stop ``attempt`` and relaunch on more nodes, or None.
 
     Args:
         free_nodes: node -> wall clock since when it has been ready with room for the job.
-        protected: protected steps of ``attempt``.
+        complete: steps every rank of ``attempt`` holds in memory.
     """
-    if len(attempt.nodes) >= job.spec.nodes or not protected or not attempt.first_step_at:
+    if len(attempt.nodes) >= job.spec.nodes or not complete or not attempt.first_step_at:
         return None
     settled = sorted(n for n, since in free_nodes.items()
                      if n not in job.excluded_nodes and now - since >= hysteresis_s)
     if not settled:
         return None
-    newest = max(protected)
+    newest = max(complete)
     wanted = min(len(settled), job.spec.nodes - len(attempt.nodes))
     return (f"grow {len(attempt.nodes)} -> {len(attempt.nodes) + wanted} nodes: "
-            f"{', '.join(settled[:wanted])} free for >= {hysteresis_s:g}s; restoring "
-            f"protected step {newest}")
+            f"{', '.join(settled[:wanted])} free for >= {hysteresis_s:g}s; snapshot of step "
+            f"{newest} complete on every rank")

@@ -33,6 +33,8 @@ from hpt.controller import catalog, convert, detect, elastic, policy, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
 from hpt.controller.model import (
+    OOM_ERROR,
+    PLATFORM_ERRORS,
     Attempt,
     AttemptState,
     Event,
@@ -92,6 +94,7 @@ class _NodeRuntime:
 @dataclass(slots=True)
 class _StopSent:
     at: float  # monotonic
+    grace_s: float = 0.0  # the grace this stop gave the ranks (a cancel's own, if it had one)
     nodes: set[str] = field(default_factory=set)
 
 
@@ -527,6 +530,8 @@ class Reconciler:
         elif job.state == JobState.RUNNING and current is not None:
             self._step_running(job, current, now)
         elif job.state == JobState.RECOVERING and (current is None or current.state.is_terminal):
+            if current is not None and now < current.ended_at + policy.restart_backoff_s(job):
+                return  # a crash loop backs off; the loop's period brings us back
             self._try_place(job, now)
 
     def _step_cancel(
@@ -568,8 +573,11 @@ class Reconciler:
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
         crash_point("fault-recorded")
         decision = policy.decide_after_fault(job, fault)
+        # A hung attempt gets no grace: its ranks are stopped or stuck, SIGTERM would only wait
+        # (their snapshots live in the agents' memory, not in the ranks).
+        grace = 0.0 if fault.kind == FaultKind.HANG else job.spec.stop_grace_s
         self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
-                           job.spec.stop_grace_s)
+                           grace)
         if decision is not None:
             job.set_state(JobState.FAILED, decision.reason, now)
             self._emit("job_failed", job, attempt=attempt.number, message=decision.reason)
@@ -577,6 +585,10 @@ class Reconciler:
         job.restarts += 1
         reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
                   f"{fault.where()}: {fault.message}")
+        backoff = policy.restart_backoff_s(job)
+        if backoff:
+            reason += (f"; next attempt {backoff:g} s after this one stops (crash loop: "
+                       f"{policy.crash_loop(job)} attempt(s) in a row ended before a step)")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
 
@@ -591,7 +603,7 @@ class Reconciler:
         for name in free:
             self._free_since.setdefault(name, now)
         reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
-                                     set(attempt.protected_steps), now,
+                                     set(catalog.complete_steps(attempt)), now,
                                      self.cfg.grow_hysteresis_s)
         if reason is None:
             return
@@ -656,7 +668,9 @@ class Reconciler:
             world_size=len(ranks),
             ranks=ranks,
             started_at=now,
+            restore_step=restore,
         )
+        _record_steps_lost(job, restore)
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
@@ -737,6 +751,7 @@ class Reconciler:
                 persist_dir=spec.persist_dir,
                 persist_every=spec.persist_every,
                 keep_persisted=spec.keep_persisted,
+                hang_timeout_s=spec.hang_timeout_s,
                 protection=plan,
                 restore=(restores or {}).get(node),
             )
@@ -768,7 +783,7 @@ class Reconciler:
     ) -> None:
         attempt.set_state(AttemptState.STOPPING, reason, now)
         unsent = self._unsent.pop(job.id, None)
-        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace_s)
         for node in attempt.nodes:
             if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                             grace_s=grace_s, reason=reason)):
@@ -788,8 +803,9 @@ class Reconciler:
     def _finish_stopping(self, job: Job, attempt: Attempt, now: float) -> None:
         if not attempt.all_ended:
             sent = self._stops.get((job.id, attempt.number))
-            if sent is None or time.monotonic() - sent.at > job.spec.stop_grace_s + _RESEND_STOP_AFTER_S:
-                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+            grace = job.spec.stop_grace_s if sent is None else sent.grace_s
+            if sent is None or time.monotonic() - sent.at > grace + _RESEND_STOP_AFTER_S:
+                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace)
                 for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
                     self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                                  grace_s=0.0, reason="stop not confirmed"))
@@ -919,6 +935,17 @@ class Reconciler:
             self.detection.forget(job_id)
 
 
+def _record_steps_lost(job: Job, restore: int) -> None:
+    """The fault that ended the previous attempt lost the steps completed beyond ``restore``."""
+    previous = job.current
+    if previous is None or previous.cause is None or previous.cause.steps_lost >= 0:
+        return
+    done = max((a.progress for a in job.attempts), default=-1)
+    previous.cause.steps_lost = max(0, done - restore)
+    if job.root_cause is not None and job.root_cause.attempt == previous.cause.attempt:
+        job.root_cause.steps_lost = previous.cause.steps_lost
+
+
 def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untyped-def]
     from hpt.controller.model import StateChange
 
@@ -934,6 +961,10 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
             classification = FaultClass.USER if exit_ and exit_.error_type else FaultClass.INFRA
             if exit_ and exit_.signal in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT"):
                 classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type in PLATFORM_ERRORS:
+                classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type == OOM_ERROR:
+                classification = FaultClass.OOM
             faults.append(Fault(kind=FaultKind.RANK_EXIT, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason, detected_at=now,
                                 occurred_at=exit_.ended_at if exit_ else now,
@@ -944,9 +975,13 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
                                 message=rank.exit_reason, detected_at=now, occurred_at=now,
                                 classification=FaultClass.INFRA))
         elif rank.state == RankState.STOPPED and include_stopped and attempt.state != AttemptState.STOPPING:
+            # its agent stopped it (self-fencing): infra, at the time it ended, so that the
+            # peers' errors it caused (a closed connection) come after it
+            ended = rank.exit.ended_at if rank.exit and rank.exit.ended_at else now
             faults.append(Fault(kind=FaultKind.RANK_LOST, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason or "stopped by its agent",
-                                detected_at=now, occurred_at=now, classification=FaultClass.INFRA))
+                                detected_at=now, occurred_at=min(ended, now),
+                                classification=FaultClass.INFRA))
     if not faults:
         return None
     return min(faults, key=lambda f: (f.occurred_at, f.rank))

@@ -224,6 +224,7 @@ def _command_to_proto(
             persist_dir=command.persist_dir,
             persist_every=command.persist_every,
             keep_persisted=command.keep_persisted,
+            hang_timeout_s=command.hang_timeout_s,
             protection=(convert.protection_to_proto(command.protection)
                         if command.protection is not None else None),
             restore=(convert.restore_to_proto(command.restore)

@@ -2,7 +2,8 @@
 # Install what hpt and its tests need on a fresh Debian 12 machine with Python >= 3.11, into a
 # virtualenv in the checkout (.venv): Debian's system Python refuses pip installs (PEP 668), and a
 # fresh venv holds only what pyproject declares, so an undeclared import fails here first.
-# Idempotent: skips what is already there. torch goes first (the CPU wheel) so nothing pulls a
+# Idempotent: skips what is already there. The dev extra includes the Lightning extra so that
+# the integration's tests run in CI. torch goes first (the CPU wheel) so nothing pulls a
 # CUDA build later. Prints the venv's python on its last line for the caller.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 have_lib 'libisal.so.2' || need_apt+=(libisal2)
+# the status page test renders the page in headless Chromium
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 BASE_PY=${PYTHON:-python3}
 "$BASE_PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

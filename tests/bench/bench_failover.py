@@ -60,9 +60,12 @@ def one_ha_run(work: Path, lease_s: float) -> dict[str, float]:
     url, redis_proc = start_redis(work / "redis")
     ha = HACluster(work, redis_url=url, lease_s=lease_s)
     try:
-        ha.start()
+        ha.start_controller()
+        for i in range(ha.num_agents):
+            ha.start_agent(f"node-{i}")
+        ha.wait_nodes_ready(ha.num_agents, timeout_s=300)  # the shared machine may be loaded
         job_id = ha.submit(*LONG)
-        ha.wait_step(job_id, 1, 3)
+        ha.wait_step(job_id, 1, 3, timeout_s=300)
         before = pids(ha, job_id)
         out: dict[str, float] = {}
         # frozen leader
@@ -72,7 +75,7 @@ def one_ha_run(work: Path, lease_s: float) -> dict[str, float]:
         ha.wait_leader(1)
         out["frozen_to_new_leader_s"] = time.monotonic() - t0
         at_takeover = ha.record_versions()
-        wait_for(lambda: nodes_ready(ha, 2), 60, "agents back", poll_s=0.02)
+        wait_for(lambda: nodes_ready(ha, 2), 120, "agents back", poll_s=0.02)
         out["frozen_to_agents_back_s"] = time.monotonic() - t0
         old.send_signal(signal.SIGCONT)
         wait_for(lambda: old.poll() is not None, 60, "deposed leader exits")
@@ -86,7 +89,7 @@ def one_ha_run(work: Path, lease_s: float) -> dict[str, float]:
         ha.replicas[1].kill()
         ha.wait_leader(0)
         out["killed_to_new_leader_s"] = time.monotonic() - t0
-        wait_for(lambda: nodes_ready(ha, 2), 60, "agents back", poll_s=0.02)
+        wait_for(lambda: nodes_ready(ha, 2), 120, "agents back", poll_s=0.02)
         out["killed_to_agents_back_s"] = time.monotonic() - t0
         ha.wait_step(job_id, 1, ha.job(job_id).attempts[0].ranks[0].step + 3)
         out["jobs_restarted"] = float(pids(ha, job_id) != before)
@@ -102,13 +105,16 @@ def one_restart_run(work: Path) -> float:
     url, redis_proc = start_redis(work / "redis")
     cluster = LocalCluster(work, redis_url=url)
     try:
-        cluster.start()
+        cluster.start_controller()
+        for i in range(cluster.num_agents):
+            cluster.start_agent(f"node-{i}")
+        cluster.wait_nodes_ready(cluster.num_agents, timeout_s=300)
         job_id = cluster.submit(*LONG)
-        cluster.wait_step(job_id, 1, 3)
+        cluster.wait_step(job_id, 1, 3, timeout_s=300)
         t0 = time.monotonic()
         cluster.kill_controller()
         cluster.start_controller()
-        wait_for(lambda: nodes_ready(cluster, 2), 60, "agents back", poll_s=0.02)
+        wait_for(lambda: nodes_ready(cluster, 2), 120, "agents back", poll_s=0.02)
         took = time.monotonic() - t0
         cluster.client.cancel(job_id)
         cluster.wait_terminal(job_id)

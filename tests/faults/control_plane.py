@@ -18,8 +18,10 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -61,6 +63,20 @@ class ControlPlaneCluster(FaultCluster):
             self.start_agent(f"node-{i}")
         self.wait_nodes_ready(self.expect_ready, timeout_s=180)
         return self
+
+    def start_controller(self) -> None:
+        super().start_controller()
+        # "" is SERVING as soon as the process listens; the job service once it leads (loaded)
+        wait_for(self._leading, 60, "controller leads (JobService SERVING)", poll_s=0.1)
+
+    def _leading(self) -> bool:
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="hpt.v1.JobService"), timeout=1.0)
+            except grpc.RpcError:
+                return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ)

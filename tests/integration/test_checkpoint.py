@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpt.ckpt import fmt
 from tests.integration.cluster import TRAIN, LocalCluster, state_name, wait_for
 
 STEPS = 24
@@ -103,34 +104,37 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
     with first.start():
         job_id = first.submit(*long_job, **spec)
 
-        def persisted_everywhere(job) -> bool:  # type: ignore[no-untyped-def]
-            ranks = job.attempts[0].ranks
-            return all(len(r.persisted_steps) >= 3 for r in ranks)
+        def published() -> list[int]:  # global checkpoints, one per step for every rank
+            if not persist.is_dir():
+                return []
+            return sorted(s for p in persist.iterdir()
+                          if (s := fmt.parse_step_dir(p.name)) is not None
+                          and (p / fmt.MANIFEST_NAME).is_file())
 
-        first.wait_job(job_id, persisted_everywhere, 120, "3 checkpoints persisted per rank")
-    # the whole cluster is gone; damage the newest checkpoint of two ranks
-    def newest_of(rank: int) -> Path:
-        return max(p for p in (persist / f"rank-{rank:05d}").iterdir()
-                   if p.name.startswith("step-"))
-
-    newest = int(newest_of(1).name.split("-")[1])
-    data = sorted(newest_of(1).glob("*.distcp"))[0]
+        wait_for(lambda: len(published()) >= 3, 120, "3 checkpoints persisted")
+    # the whole cluster is gone; damage the newest checkpoint (a data file only rank 1 reads)
+    # and plant a pickle as the second newest's DCP .metadata, which hpt never reads
+    steps = published()
+    newest, second = steps[-1], steps[-2]
+    data = persist / fmt.step_dir_name(newest) / "__1_0.distcp"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     marker = tmp_path / "unpickled-marker"
-    (newest_of(2) / ".metadata").write_bytes(pickle.dumps(_Marker(str(marker))))
+    (persist / fmt.step_dir_name(second) / ".metadata").write_bytes(
+        pickle.dumps(_Marker(str(marker))))
 
     (tmp_path / "b").mkdir()
-    with LocalCluster(tmp_path / "b") as second:
-        reference = second.submit(*long_job)  # the same job, clean, no persistence
-        assert state_name(second.wait_terminal(reference).state) == "SUCCEEDED"
-        job_id = second.submit(*long_job, **spec)
-        job = second.wait_terminal(job_id)
+    with LocalCluster(tmp_path / "b") as second_cluster:
+        reference = second_cluster.submit(*long_job)  # the same job, clean, no persistence
+        assert state_name(second_cluster.wait_terminal(reference).state) == "SUCCEEDED"
+        job_id = second_cluster.submit(*long_job, **spec)
+        job = second_cluster.wait_terminal(job_id)
         assert state_name(job.state) == "SUCCEEDED", job.reason
-        resumed = resumed_steps(second, job_id)
-        assert len(resumed) == 1 and 0 < resumed.pop() < newest
-        assert final_sha(second, job_id) == final_sha(second, reference)
-        skipped = [e for e in second.events(job_id) if e.kind == "checkpoint_skipped"]
-        assert {e.rank for e in skipped} >= {1, 2}, [e.message for e in skipped]
-    assert not marker.exists(), "a .metadata that failed verification was unpickled"
+        assert resumed_steps(second_cluster, job_id) == {second}
+        assert final_sha(second_cluster, job_id) == final_sha(second_cluster, reference)
+        skipped = [e for e in second_cluster.events(job_id) if e.kind == "checkpoint_skipped"]
+        assert {e.rank for e in skipped} == {0, 1, 2, 3}, [e.message for e in skipped]
+        assert any(e.rank == 1 and f"disk: step {newest}: CorruptCheckpointError" in e.message
+                   for e in skipped), [e.message for e in skipped]
+    assert not marker.exists(), "hpt unpickled DCP's .metadata"

@@ -20,7 +20,11 @@ def ha(tmp_path, request):
     url, redis_proc = start_redis(tmp_path / "redis")
     cluster = HACluster(tmp_path, redis_url=url, lease_s=1.5, token="ha-client-token")
     try:
-        yield cluster.start()
+        cluster.start_controller()
+        for i in range(cluster.num_agents):
+            cluster.start_agent(f"node-{i}")
+        cluster.wait_nodes_ready(cluster.num_agents, timeout_s=180)  # torch imports under load
+        yield cluster
     finally:
         failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
         if failed:
@@ -43,7 +47,7 @@ def _continues_untouched(ha: HACluster, job_id: str, pids: list[int], step: int)
     assert not kinds & {"fault", "recovering", "node_lost"}, kinds
 
 
-@pytest.mark.timeout(300)  # two failovers and a replica restart on one 2-core machine
+@pytest.mark.timeout(480)  # two failovers and a replica restart on one 2-core machine
 def test_standby_takes_over_from_a_frozen_then_a_killed_leader_without_restarting_the_job(ha):
     job_id = ha.submit("python", TRAIN, "--steps", "100000", "--step-time", "0.05")
     job = ha.wait_step(job_id, attempt=1, step=3)

@@ -207,3 +207,56 @@ def test_plain_dcp_load_reshards_the_global_checkpoint_without_hpt(persisted):
             assert torch.equal(state["model.head.weight"], want["model.head.weight"])
             assert torch.equal(state["optim.state.body.weight.exp_avg"],
                                want["optim.body.weight.exp_avg"])
+
+
+def _recompute_manifest(path: Path) -> None:
+    """Re-hash every listed file into a consistent manifest (what a writer of a different model,
+    or anyone with write access, produces)."""
+    from hpt.ckpt.manifest import FileEntry, Manifest, hash_file
+
+    old = Manifest.from_json((path / fmt.MANIFEST_NAME).read_bytes())
+    files = tuple(FileEntry(f.name, *hash_file(path / f.name, old.hash_algo)) for f in old.files)
+    new = Manifest(version=old.version, step=old.step, hash_algo=old.hash_algo, files=files,
+                   tensors=old.tensors, created_unix_s=old.created_unix_s,
+                   metadata_digest=next(f.digest for f in files if f.name == ".metadata"))
+    (path / fmt.MANIFEST_NAME).write_bytes(new.to_json())
+
+
+@pytest.mark.timeout(300)
+def test_ranks_agree_on_a_step_every_rank_verified_and_loaded(tmp_path):
+    # Before: each rank took its own newest good checkpoint and the ranks agreed on the MIN, so
+    # with rank 1's newest unusable and rank 0's second newest damaged, rank 0 loaded its
+    # damaged copy of the agreed step and the job crash-looped. Now every rank checks the same
+    # candidate step and all move on together until one loads everywhere.
+    prefixes = [f"hpt-it-{os.getpid()}-{uuid.uuid4().hex[:6]}-r{r}" for r in range(2)]
+    root = tmp_path / "persist"
+    try:
+        wants = {}
+        for step in (4, 6, 8):
+            wants[step] = old_world_snapshots(prefixes, step, seed=step)
+            persist_like_the_agent(root, prefixes, step)
+    finally:
+        for p in prefixes:
+            ShmSink.remove(p)
+    # step 8 verifies but does not load on rank 1: its state is of an unknown version
+    step8 = root / fmt.step_dir_name(8)
+    index = json.loads((step8 / fmt.META_NAME).read_bytes())
+    index["ranks"][1]["meta"]["version"] = 99
+    (step8 / fmt.META_NAME).write_bytes(json.dumps(index).encode())
+    _recompute_manifest(step8)
+    # step 6: a byte flipped in the data file only rank 0 reads
+    data = root / fmt.step_dir_name(6) / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    results = run_ranks(2, tmp_path / "out", {"HPT_PERSIST_DIR": str(root)})
+    assert [(r["step"], r["source"]) for r in results] == [(4, "disk")] * 2
+    skipped = [r["skipped"] for r in results]
+    assert "disk: step 8: another rank could not load it" in skipped[0]
+    assert any(s.startswith("disk: step 8: RestoreError") and "version 99" in s
+               for s in skipped[1])
+    assert any(s.startswith("disk: step 6: CorruptCheckpointError") and "__0_0.distcp" in s
+               for s in skipped[0])
+    assert "disk: step 6: another rank could not load it" in skipped[1]
+    got = gathered(tmp_path / "out", 2)
+    assert_bitwise(got, wants[4])

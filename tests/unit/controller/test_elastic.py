@@ -153,7 +153,7 @@ def test_same_world_size_needs_own_ranks_a_resize_needs_every_old_rank() -> None
     assert need_ranks(prev, [0], 2) == [0, 1, 2]
 
 
-def test_grow_waits_for_the_hysteresis_and_a_protected_step() -> None:
+def test_grow_waits_for_the_hysteresis_and_a_complete_step() -> None:
     job = Job(id="j", spec=JobSpec(command=("python",), nodes=3, min_nodes=2))
     attempt = _attempt(["a", "b"], {})
     assert decide_grow(job, attempt, {"c": 100.0}, {7}, now=105.0, hysteresis_s=10) is None

@@ -1,0 +1,77 @@
+"""PyTorch Lightning under hpt on a real 2 nodes x 2 ranks cluster (gloo, CPU).
+
+One cluster for the module (Lightning imports slowly). The clean run doubles as the hang check:
+its first validation takes more than 3x the hang deadline (5 s here) and must raise no finding; the
+run whose rank 1 is SIGKILLed mid-epoch must resume from the agents' memory at the exact batch
+and end with the same SHA-256 of model and optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+pytest.importorskip("pytorch_lightning", reason="the hpt[lightning] extra is not installed")
+
+from tests.faults.faults import FaultCluster  # noqa: E402
+from tests.integration.cluster import ROOT, state_name  # noqa: E402
+from tests.integration.patient import start_slowly  # noqa: E402
+
+SCRIPT = str(ROOT / "examples" / "lightning_train.py")
+JOB = ["python", SCRIPT, "--epochs", "2", "--batches", "12", "--step-time", "0.05"]
+HANG_MIN_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lightning")
+    c = FaultCluster(workdir, agent_args=["--hang-min", str(HANG_MIN_S)])
+    start_slowly(c)
+    try:
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.close()
+
+
+def final_sha(cluster, job_id: str) -> str:
+    text = [line.text for line in cluster.client.logs(job_id, rank=0)]
+    shas = [t.split()[-1] for t in text if t.startswith("final sha256 ")]
+    assert len(shas) == 1, "\n".join(text[-30:])
+    return shas[0]
+
+
+@pytest.fixture(scope="module")
+def clean_sha(cluster) -> str:
+    # the first validation: 8 batches of 2 s, 16 s > 3 x the 5 s hang deadline
+    job_id = cluster.submit(*JOB, "--val-batches", "8", "--val-batch-time", "2")
+    job = cluster.wait_terminal(job_id, timeout_s=240)
+    assert state_name(job.state) == "SUCCEEDED", (job.reason, cluster.logs())
+    # stragglers are report-only and come and go with the machine's load
+    bad = [(e.kind, e.rank, e.message) for e in cluster.events(job_id)
+           if e.kind in ("hang", "collective_missing", "fault", "stacks")]
+    assert not bad, "\n".join(f"{e.kind} rank {e.rank} {e.node}: {e.message}"
+                               for e in cluster.events(job_id))
+    assert len(job.attempts) == 1
+    return final_sha(cluster, job_id)
+
+
+@pytest.mark.timeout(400)
+def test_long_validation_is_no_hang_and_killed_rank_resumes_at_the_exact_batch(cluster, clean_sha):
+    job_id = cluster.submit(*JOB, "--val-batches", "1")
+    job = cluster.wait_step(job_id, attempt=1, step=7, timeout_s=180)
+    os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)
+    job = cluster.wait_terminal(job_id, timeout_s=240)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    assert len(job.attempts) == 2
+    launched = [e.message for e in cluster.events(job_id) if e.kind == "attempt_launched"]
+    step = int(re.search(r"restores step (\d+) from memory", launched[1]).group(1))
+    assert 7 <= step < 24, launched[1]
+    restored = [e for e in cluster.events(job_id) if e.kind == "restored" and e.attempt == 2]
+    assert {e.rank for e in restored} == {0, 1, 2, 3}
+    assert final_sha(cluster, job_id) == clean_sha
