@@ -33,6 +33,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hpt._proto import agent_pb2, agent_pb2_grpc
 from hpt.controller import auth
@@ -167,7 +168,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._on_auth_failure = on_auth_failure
 
     async def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        first = await context.read()
+        try:
+            first = await context.read()
+        except DecodeError as exc:  # the caller's error, not ours (see controller/decode.py)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request to "
+                                f"/hpt.v1.AgentService/Connect is not a valid protobuf message: {exc}")
         if first is grpc.aio.EOF:
             return
         if first.WhichOneof("kind") != "register":
@@ -220,8 +225,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                                 msg.WhichOneof("kind"))
                     continue
                 self._intake.put(node, link, msg.heartbeat)
-        except (grpc.aio.AioRpcError, grpc.RpcError):
-            pass  # the stream ended; Connect's finally reports the disconnect
+        except (grpc.aio.AioRpcError, grpc.RpcError, DecodeError):
+            pass  # the stream ended (or sent garbage); Connect's finally reports the disconnect
         finally:
             link.close()
 
