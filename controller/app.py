@@ -108,6 +108,11 @@ class Controller:
             ))
         interceptors.append(DecodeErrorInterceptor())
         interceptors.append(self._gate)
+        for service in _SERVICES:
+            self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.reconciler.on_crash = lambda exc: self._done.set()
+        if self.elector is None:
+            self._lead(0)  # before serving: no RPC ever meets the standby gate
         self._loop_thread.start()
         try:
             self._server, self.port = asyncio.run_coroutine_threadsafe(
@@ -116,10 +121,8 @@ class Controller:
             self._close_loop()
             raise
         health_servicer = self._health
-        # "" answers liveness (the process serves); the services answer readiness (it leads)
+        # "" answers liveness (the process serves); the services answer whether it leads
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        for service in _SERVICES:
-            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.health_port is not None:
             self._health_server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="hpt-health"))
@@ -127,7 +130,6 @@ class Controller:
             self.health_port = self._health_server.add_insecure_port(
                 f"{cfg.host}:{cfg.health_port}")
             self._health_server.start()
-        self.reconciler.on_crash = lambda exc: self._done.set()
         self.metrics.start()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -141,8 +143,6 @@ class Controller:
             log.info("standby until the leader lease is won (lease %.1fs)", cfg.leader_lease_s)
             self.metrics.metrics.set("hpt_controller_leader", 0)
             self.elector.start()
-        else:
-            self._lead(0)
         return self.port
 
     def ready_nodes(self, names: list[str]) -> int:

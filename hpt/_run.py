@@ -145,7 +145,8 @@ def _follow(client: hc.JobClient, job_id: str, interrupted: threading.Event) -> 
 @click.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("-p", "--procs-per-node", "--nproc-per-node", "--nproc_per_node", "procs",
               type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to run.")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Restarts after a fault before the job fails.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
               help="Environment variable for every rank (repeatable).")
 @click.option("--keep-dir", is_flag=True, help="Keep the cluster's log directory on success.")
