@@ -120,6 +120,8 @@ class Reconciler:
         self._versions: dict[str, int] = {}
         self._dirty_jobs: set[str] = set()
         self._dirty_nodes: set[str] = set()
+        self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
+        self._progress_flushed = 0.0  # monotonic
         self._stops: dict[tuple[str, int], _StopSent] = {}
         self._released: set[str] = set()
         self._wake = threading.Event()
@@ -300,11 +302,18 @@ class Reconciler:
         logs: list[tuple[str, int, int, str, str]],
         free_port: int,
         warm_ready: int = 0,
-    ) -> None:
+        *,
+        wake: bool = True,
+    ) -> bool:
+        """Apply one heartbeat; True when a rank changed state (the loop has work to do).
+
+        With ``wake`` False the caller wakes the loop itself (once per batch of heartbeats):
+        step progress alone needs no pass of the loop."""
+        changed = False
         with self.lock:
             runtime = self.nodes.get(node)
             if runtime is None or runtime.link is None:
-                return
+                return False
             runtime.last_heartbeat = time.monotonic()
             runtime.node.last_seen_at = self._clock()
             if runtime.node.state == NodeState.LOST:
@@ -315,16 +324,19 @@ class Reconciler:
                 self._dirty_nodes.add(node)
                 self.events.emit(Event(kind="node_rejoined", at=self._clock(), node=node,
                                        message=runtime.node.reason))
+                changed = True
             if runtime.node.warm_ready != warm_ready:
                 runtime.node.warm_ready = warm_ready
                 self._dirty_nodes.add(node)
             if free_port:
                 runtime.free_port = free_port
             for report in reports:
-                self._apply_report(node, report)
+                changed |= self._apply_report(node, report)
         for job_id, attempt, rank, stream, text in logs:
             self.logs.append(job_id, attempt, rank, stream, text)
-        self.wake()
+        if wake and changed:
+            self.wake()
+        return changed
 
     def agent_events(self, node: str, events: list[Event]) -> None:
         """Events an agent or its ranks raised (persist failures, skipped checkpoints...)."""
@@ -384,7 +396,8 @@ class Reconciler:
 
     # ---------------------------------------------------------------- passive phase
 
-    def _apply_report(self, node: str, report: RankReport) -> None:
+    def _apply_report(self, node: str, report: RankReport) -> bool:
+        """Apply one rank's report; True when the rank changed state or a stop was sent."""
         job = self.jobs.get(report.job_id)
         attempt = None
         if job is not None and 1 <= report.attempt <= len(job.attempts):
@@ -400,18 +413,18 @@ class Reconciler:
             )
             self._send(node, StopCommand(job_id=report.job_id, attempt=report.attempt,
                                          grace_s=0.0, reason="unknown job or attempt"))
-            return
+            return True
         rank = attempt.ranks[seen.rank]
         if rank.node != node:
             log.warning("[%s/%s/%s/%s] report from a node that does not host this rank",
                         report.job_id, report.attempt, node, seen.rank)
-            return
+            return False
         assert job is not None
         if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
                                                            rank.persisted_steps):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
             rank.snapshot_bytes = seen.snapshot_bytes
-            self._dirty_jobs.add(job.id)
+            self._progress_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at
             rank.first_step_at = seen.first_step_at or seen.step_at
@@ -419,13 +432,15 @@ class Reconciler:
                 attempt.first_step_at = rank.first_step_at
                 self._emit("first_step", job, attempt=attempt.number,
                            message=f"first step of attempt {attempt.number}")
-            self._dirty_jobs.add(job.id)
+                self._dirty_jobs.add(job.id)
+            self._progress_jobs.add(job.id)
         if rank.state.is_terminal or seen.state == rank.state and seen.pid == rank.pid:
             if seen.state == RankState.RUNNING and rank.state.is_terminal:
                 # a rank we gave up on (node declared lost) is alive again: fence it
                 self._send(node, StopCommand(job_id=job.id, attempt=attempt.number, grace_s=0.0,
                                              reason="rank was declared lost"))
-            return
+                return True
+            return False
         rank.pid = seen.pid or rank.pid
         rank.state = seen.state
         self._dirty_jobs.add(job.id)
@@ -438,6 +453,7 @@ class Reconciler:
             r.state != RankState.PENDING for r in attempt.ranks
         ):
             attempt.set_state(AttemptState.RUNNING, "every rank started", self._clock())
+        return True
 
     def _forget_unreported(self, node: str, reported: set[tuple[str, int, int]]) -> None:
         """On registration, ranks placed on ``node`` that its agent no longer knows ended, except
@@ -827,9 +843,12 @@ class Reconciler:
             self._send(node, ReleaseCommand(job_id=job.id))
 
     def _flush(self) -> None:
-        # Every pass writes what changed: state changes are rare, and step progress changes at
-        # most once per heartbeat per node, so this stays a few writes per second per job. What
-        # cannot be written (store down) stays dirty for the next pass.
+        # State changes are written on the pass that made them. Progress alone (steps, snapshot
+        # steps) changes on nearly every heartbeat of a running job, and a job's record grows
+        # with its ranks (80,000 ranks: megabytes): it is written at most every
+        # progress_flush_s. Agents re-report progress when they re-register, so a restarted
+        # controller loses none of it. What cannot be written (store down) stays dirty for the
+        # next pass.
         if self._store_recovered.is_set():
             self._store_recovered.clear()
             # it may have come back empty (restarted without persistence): write everything
@@ -837,6 +856,14 @@ class Reconciler:
             self._dirty_nodes.update(self.nodes)
         if self.events.flush_pending():
             return  # events stay in order before any later write
+        mono = time.monotonic()
+        if self._progress_jobs and (
+            self._stopping.is_set() or mono - self._progress_flushed >= self.cfg.progress_flush_s
+        ):
+            self._dirty_jobs |= self._progress_jobs
+            self._progress_jobs.clear()
+            self._progress_flushed = mono
+        self._progress_jobs -= self._dirty_jobs
         for job_id in sorted(self._dirty_jobs):
             job = self.jobs[job_id]
             if not self._put(f"jobs/{job_id}", convert.job_to_bytes(job)):

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from hpt import _cli_cert, credentials
 from hpt import client as hc
+from hpt._cli_plan import plan as plan_command
 from hpt._cli_util import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -1094,6 +1095,7 @@ def demo(
     )
 
 
+main.add_command(plan_command, "plan")
 main.add_command(run_command)
 main.add_command(_cli_cert.cert)
 

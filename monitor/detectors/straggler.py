@@ -31,7 +31,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hpt.monitor.detectors._common import MAD_TO_SIGMA, median, median_sorted, require
+from hpt.monitor.detectors._common import (
+    MAD_TO_SIGMA,
+    LowWatermark,
+    median,
+    median_sorted,
+    require,
+)
 from hpt.monitor.records import Detection, Finding, FindingKind, StepRecord
 
 __all__ = ["StepMetric", "StragglerConfig", "StragglerDetector", "step_value"]
@@ -153,6 +159,8 @@ class _Job:
     pending: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
     evaluated_through: int = -1
     step_medians: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    watermark: LowWatermark = field(default_factory=LowWatermark)  # min last_step of members
+    flagged: set[int] = field(default_factory=set)  # ranks whose _Rank.flagged is set
 
 
 @dataclass(slots=True)
@@ -188,6 +196,7 @@ class StragglerDetector:
         if job is None:
             return
         job.expected = frozenset(nodes_by_rank)
+        job.watermark.invalidate()
         for rank, node in nodes_by_rank.items():
             self._rank(job, rank, node)
 
@@ -209,7 +218,10 @@ class StragglerDetector:
             if job is None or rec.step <= job.evaluated_through:
                 continue
             r = self._rank(job, rec.rank, rec.node)
-            r.last_step = max(r.last_step, rec.step)
+            if rec.step > r.last_step:
+                if job.expected is None or rec.rank in job.expected:
+                    job.watermark.raised(r.last_step, rec.step)
+                r.last_step = rec.step
             value = step_value(rec, self.cfg.metric)
             job.pending.setdefault(rec.step, {})[rec.rank] = (value, rec.end_s - rec.start_s)
             touched[rec.job_id] = job
@@ -242,7 +254,7 @@ class StragglerDetector:
         job = self._jobs.get(job_id)
         if job is None:
             return frozenset()
-        return frozenset(rank for rank, r in job.ranks.items() if r.flagged)
+        return frozenset(job.flagged)
 
     def median_step_s(self, job_id: str) -> float | None:
         """Median wall step time over recent evaluated steps, None before the first one.
@@ -270,13 +282,14 @@ class StragglerDetector:
         if r is None:
             r = _Rank(node=node, window=self.cfg.window)
             job.ranks[rank] = r
+            job.watermark.invalidate()
         elif node:
             r.node = node
         return r
 
     def _evaluate_ready(self, job_id: str, job: _Job, now: float, out: list[Finding]) -> str:
         members = job.expected if job.expected is not None else job.ranks.keys()
-        watermark = min((job.ranks[m].last_step for m in members), default=-1)
+        watermark = job.watermark.get(lambda: (job.ranks[m].last_step for m in members))
         ready = sorted(s for s in job.pending if s <= watermark)
         overflow = len(job.pending) - len(ready) - self.cfg.max_pending_steps
         if overflow > 0:
@@ -368,6 +381,7 @@ class StragglerDetector:
         if not r.flagged:
             if num_slow >= cfg.persistence:
                 r.flagged = True
+                job.flagged.add(v.rank)
                 r.fine_run = 0
                 out.append(
                     Finding(
@@ -390,6 +404,7 @@ class StragglerDetector:
         r.fine_run = 0 if v.slow else r.fine_run + 1
         if r.fine_run >= cfg.clear_after:
             r.flagged = False
+            job.flagged.discard(v.rank)
             r.fine_run = 0
             # Start the window afresh so old slow steps cannot re-flag the rank at once.
             r.slow.clear()
