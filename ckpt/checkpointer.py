@@ -206,6 +206,8 @@ class Checkpointer:
             rank, world = dist.get_rank(), dist.get_world_size()
         else:
             rank, world = 0, 1
+        self._dtensor_shards = (dtensor.model_shards(self.model) if self.model is not None
+                                and dtensor.has_dtensor(self.model) else {})
         return RestoreTarget(rank=rank, world_size=world, placement=self._placement)
 
     def _agreement(self) -> Agreement:
@@ -249,6 +251,7 @@ class Checkpointer:
                 )
             for k, t in live.items():
                 s = saved[k]
+                t = t.to_local() if dtensor.is_dtensor(t) else t  # a DTensor restores its piece
                 if isinstance(t, torch.Tensor) and (
                     not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype
                 ):
@@ -284,11 +287,12 @@ class Checkpointer:
         the piece of the parameter it belongs to), else the whole tensor."""
         fqn = entry.fqn
         info = None
+        shards = {**getattr(self, "_dtensor_shards", {}), **self._shards}  # DTensor: live placement
         if fqn.startswith("model."):
-            info = self._shards.get(fqn.removeprefix("model."))
+            info = shards.get(fqn.removeprefix("model."))
         elif fqn.startswith("optim.state."):
             rest = fqn.removeprefix("optim.state.")
-            for pname, candidate in self._shards.items():
+            for pname, candidate in shards.items():
                 if rest.startswith(pname + ".") and candidate.global_shape == entry.global_shape:
                     info = candidate
                     break
