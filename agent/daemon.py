@@ -114,6 +114,7 @@ class Agent:
             health_check=cfg.health_check, metrics_port=cfg.metrics_port,
             metrics_host=cfg.address,  # where peers reach this node: scrapers do too
         )
+        self.snapshots.on_persisted = self.monitoring.persisted
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -310,6 +311,7 @@ class Agent:
             persist_dir=msg.persist_dir,
             persist_every=msg.persist_every,
             keep_persisted=msg.keep_persisted or 3,
+            hang_timeout_s=msg.hang_timeout_s,
         )
         if not spec.command or not spec.ranks:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
@@ -349,6 +351,9 @@ class Agent:
             if kind not in _RANK_EVENT_KINDS or not isinstance(text, str):
                 raise ValueError(f"event.kind must be one of {sorted(_RANK_EVENT_KINDS)}")
             self.snapshots.event(kind, hello["job_id"], hello["attempt"], hello["rank"], text)
+            return
+        if msg["op"] == "exiting":
+            self.launcher.script_finished(hello["job_id"], hello["attempt"], hello["rank"])
             return
         if msg["op"] == "step":
             step, at = msg.get("step"), msg.get("at")

@@ -7,6 +7,13 @@ file per rank and to a bounded outbox the agent ships to the controller. A rank 
 writes an error file (``HPT_ERROR_FILE``, written by ``hpt.init``'s excepthook) that the
 launcher reads back to name the exception.
 
+A rank whose script finished (hpt's exit hook said so: its main returned or it called
+``sys.exit``, with no uncaught exception) and that then dies of a crash signal (SIGABRT, SIGSEGV,
+SIGBUS: a C++ destructor or a library thread in interpreter teardown, "terminate called without
+an active exception") has done its work: it counts as SUCCEEDED, and a ``teardown_crash`` event
+says what happened so the crash is not hidden. A non-zero exit *code* is what the script chose
+(``sys.exit(n)``) and stays a failure, as does an uncaught exception (its error file names it).
+
 Where possible a rank starts from a warm interpreter (``warm.py``: torch already imported)
 instead of a fresh ``python``; that removes the import floor from every restart.
 """
@@ -27,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpt.agent import oom
 from hpt.agent.error_file import MAX_BYTES as ERROR_FILE_MAX_BYTES
 from hpt.agent.error_file import parse_error_file
 from hpt.agent.guard import Guard, kill_session
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _ERROR_FILE_MAX_BYTES = ERROR_FILE_MAX_BYTES
 _LOG_OUTBOX_MAX_BYTES = 4 * 1024 * 1024
+_TEARDOWN_CRASH_SIGNALS = frozenset({"SIGABRT", "SIGSEGV", "SIGBUS"})
 _PYTHON_NAMES = frozenset({"python", "python3", f"python3.{sys.version_info.minor}"})
 
 
@@ -70,6 +79,7 @@ class LaunchSpec:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    hang_timeout_s: float = 0.0
     restore_shards: str = ""
     """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 
@@ -96,6 +106,12 @@ class RankProcess:
     stop_requested: bool = False
     stop_reason: str = ""
     reports_after_end: int = 0
+    hang_timeout_s: float = 0.0
+    """The job's hang deadline (0: the agent's automatic one); see ``watch.py``."""
+    oom_kills_at_start: int = -1
+    script_finished: bool = False
+    """hpt's exit hook ran: the script is done and the interpreter is tearing down."""
+    teardown_crash: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     error_file: Path | None = None
 
@@ -111,7 +127,7 @@ class RankProcess:
         if self.phase == RankPhase.STOPPED:
             return f"stopped: {self.stop_reason}" if self.stop_reason else "stopped"
         if self.phase == RankPhase.SUCCEEDED:
-            return "exited 0"
+            return self.teardown_crash or "exited 0"
         how = f"killed by {self.signal}" if self.signal else f"exited with code {self.exit_code}"
         if self.error_type:
             return f"{how}: {self.error_type}: {self.error_message}"
@@ -194,6 +210,11 @@ class Launcher:
             if not proc.first_step_at:
                 proc.first_step_at = at
 
+    def script_finished(self, job_id: str, attempt: int, rank: int) -> None:
+        proc = self.find(job_id, attempt, rank)
+        if proc is not None:
+            proc.script_finished = True
+
     def reported(self, ranks: list[RankProcess]) -> None:
         """Called after a heartbeat carrying ``ranks`` went out on a live stream; records that
         ended and were reported a few times are forgotten."""
@@ -219,7 +240,8 @@ class Launcher:
         started = []
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
-                               local_rank=local_rank, node=self.node)
+                               local_rank=local_rank, node=self.node,
+                               hang_timeout_s=spec.hang_timeout_s)
             with self._lock:
                 self._ranks[proc.key] = proc
             self._start(proc, spec)
@@ -266,6 +288,7 @@ class Launcher:
             argv[0] = sys.executable
         cwd = spec.workdir or None
         proc.started_at = time.time()
+        proc.oom_kills_at_start = oom.oom_kills()
         try:
             popen = None
             if self._warm is not None:
@@ -315,8 +338,20 @@ class Launcher:
         if code < 0:
             proc.signal = signal.Signals(-code).name
         self._read_error_file(proc)
+        if code == -signal.SIGKILL and not proc.stop_requested and not proc.error_type:
+            now_kills = oom.oom_kills()
+            if 0 <= proc.oom_kills_at_start < now_kills:
+                proc.error_type = oom.ERROR_TYPE
+                proc.error_message = oom.oom_message(proc.oom_kills_at_start, now_kills)
         if proc.stop_requested:
             proc.phase = RankPhase.STOPPED
+        elif (proc.script_finished and proc.signal in _TEARDOWN_CRASH_SIGNALS
+              and not proc.error_type):
+            proc.phase = RankPhase.SUCCEEDED
+            proc.teardown_crash = (f"finished its script, then killed by {proc.signal} in "
+                                   "interpreter teardown (counted as success)")
+            self._snapshots.event("teardown_crash", proc.job_id, proc.attempt, proc.rank,
+                                  f"rank {proc.rank} {proc.teardown_crash}")
         elif code == 0:
             proc.phase = RankPhase.SUCCEEDED
         else:

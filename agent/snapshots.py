@@ -21,6 +21,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ class _RankSnapshots:
     persisted: set[int] = field(default_factory=set)
     world_size: int = 0
     nbytes: int = 0
+    persist_started: dict[int, float] = field(default_factory=dict)  # step -> monotonic
 
 
 class SnapshotKeeper:
@@ -59,6 +61,8 @@ class SnapshotKeeper:
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _RankSnapshots] = {}
         self._events: deque[agent_pb2.AgentEvent] = deque(maxlen=_MAX_EVENTS)
+        self.on_persisted: Callable[[float, int], None] | None = None
+        """Called with (seconds from copy-out to manifest, bytes written) per persisted step."""
 
     # ---------------------------------------------------------------- events
 
@@ -171,6 +175,7 @@ class SnapshotKeeper:
     # ---------------------------------------------------------------- persistence
 
     def _copy_out(self, entry: _RankSnapshots, ref: SnapshotRef) -> dict[str, torch.Tensor]:
+        entry.persist_started[ref.step] = time.monotonic()
         sink = ShmSink(entry.prefix, directory=self.shm_dir)
         try:
             snap = sink.read(ref)
@@ -198,6 +203,10 @@ class SnapshotKeeper:
             return
         with self._lock:
             entry.persisted = set(_verified_steps(root, trust_newest=step))
+        started = entry.persist_started.pop(step, None)
+        if self.on_persisted is not None and started is not None and path is not None:
+            nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            self.on_persisted(time.monotonic() - started, nbytes)
 
     def persist_newest(self, job_id: str | None) -> None:
         """Offer the newest complete snapshot of every rank (of ``job_id``, or of every job) to

@@ -1,32 +1,24 @@
 """Every process the agent starts is started here, on one long-lived thread.
 
 Children get ``PR_SET_PDEATHSIG = SIGKILL``: if the agent dies, even by ``kill -9``, the kernel
-kills its ranks and warm interpreters, so a lost node leaves no orphans. The death signal fires
-when the *thread* that forked the child exits, which is why forks happen on this one thread
-that lives exactly as long as the agent, never on short-lived worker threads.
+kills its ranks and warm interpreters, so a lost node leaves no orphans. The signal is armed by
+an exec wrapper (:mod:`hpt._pdeathsig`), never by ``preexec_fn``: the agent has gRPC threads,
+and Python run between fork and exec runs gRPC's fork handlers in the child. The death signal
+fires when the *thread* that forked the child exits, which is why forks happen on this one
+thread that lives exactly as long as the agent, never on short-lived worker threads.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import queue
-import signal
 import subprocess
-import sys
 import threading
 from concurrent.futures import Future
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
+from hpt import _pdeathsig
+
 _SPAWN_TIMEOUT_S = 30.0
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_prctl = _libc.prctl
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec: keep it minimal
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 class Spawner:
@@ -50,8 +42,7 @@ class Spawner:
                 return
             argv, kwargs, result = item
             try:
-                preexec = _die_with_parent if sys.platform == "linux" else None
-                result.set_result(subprocess.Popen(argv, preexec_fn=preexec, **kwargs))
+                result.set_result(subprocess.Popen(_pdeathsig.wrap(argv), **kwargs))
             except BaseException as exc:  # handed to the caller, which raises it
                 result.set_exception(exc)
 

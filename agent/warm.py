@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -156,7 +157,7 @@ class WarmPool:
         return True
 
     def can_run(self, argv: list[str], env: dict[str, str], cwd: str | None) -> bool:
-        if len(argv) < 2 or argv[0] != sys.executable:
+        if len(argv) < 2 or not same_interpreter(argv[0], sys.executable, env.get("PATH"), cwd):
             return False
         rest = argv[1:]
         if rest[0] == "-u":
@@ -182,6 +183,24 @@ class WarmPool:
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+def same_interpreter(command: str, interpreter: str, path: str | None, cwd: str | None) -> bool:
+    """Whether ``command`` (a name looked up on ``path``, or a path relative to ``cwd``) runs
+    ``interpreter``: the same file once links are resolved, reached from the same directory
+    (``/venv/bin/python`` and ``/venv/bin/python3`` are one interpreter; the system
+    ``/usr/bin/python3`` that a venv's ``python`` links to is not: it has other packages)."""
+    if os.sep not in command:
+        found = shutil.which(command, path=path)
+        if found is None:
+            return False
+        command = found
+    command = os.path.join(cwd or os.getcwd(), command)
+
+    def where(p: str) -> tuple[str, str]:
+        return os.path.realpath(os.path.dirname(p)), os.path.realpath(p)
+
+    return where(command) == where(interpreter)
 
 
 def _can_renice() -> str:

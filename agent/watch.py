@@ -16,10 +16,29 @@ Every ``period_s`` the watch thread runs :func:`hpt.monitor.detectors.hang.check
 running ranks of each (job, attempt) on this node, with the median step time measured here.
 This catches ranks that are alive but make no progress, including one stopped by SIGSTOP and one
 spinning while it holds the GIL (its own threads cannot report; the agent sees the silence).
-On a hang the agent sends SIGUSR1 to each hung rank, whose ``faulthandler`` (registered by
-``hpt.init()``) writes every thread's Python stack to the rank's stack file even while the GIL
-is held; a stopped rank (state ``T`` in ``/proc/<pid>/stat``) cannot dump, and the finding says
-so. One HANG finding per (job, attempt) and node goes to the controller with the stacks, naming
+
+Which ranks are judged, and by what deadline (the job's hang policy):
+
+- the job's ``hang_timeout_s`` (``hptctl submit --hang-timeout S``) fixes the deadline at S once
+  the attempt made a step, and at ``max(S, startup_s)`` before (start-up takes what it takes),
+  whether or not the script has hooks (a script that never reports progress is then ended
+  after ``max(S, startup_s)``: that is what asking for it on such a script means);
+- without it, silence is judged only once the job has reported a step on this node (this
+  attempt or an earlier one): a script that never calls ``hpt.step`` is never declared hung
+  for being silent, and the deadline is the detector's (start-up, then ``max(min_s, factor x
+  median step)``);
+- a rank inside ``with hpt.section(name, timeout=T)`` is judged by T from the section's start
+  (an evaluation or a final save is not a hang);
+- the second signal, for ranks not judged by silence: the rank's watchdog reports a collective
+  still in flight (``inflight``) past the deadline;
+- a rank whose script is done (``exiting``, sent by hpt's exit hook) is in teardown: it gets
+  ``exit_deadline_s`` to end.
+
+On a hang the agent sends SIGUSR1 to each hung rank that told it (``stack_dump``) which pid
+registered the ``faulthandler`` dump (``hpt.init()`` does), never to another process: a
+diagnostic must not kill. The handler writes every thread's Python stack to the rank's stack
+file even while the GIL is held; a stopped rank (state ``T`` in ``/proc/<pid>/stat``) cannot
+dump, and the finding says so. One HANG finding per (job, attempt) and node goes to the controller with the stacks, naming
 the likeliest culprit among the local ranks; the controller decides and restarts.
 """
 
@@ -30,22 +49,27 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hpt._proto import agent_pb2
 from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.monitor.detectors._common import median
-from hpt.monitor.detectors.hang import HangConfig, check_hang
+from hpt.monitor.detectors.hang import HangConfig, check_hang, hang_deadline_s
 from hpt.monitor.records import CollectiveRecord, FindingKind, StepRecord, record_from_dict
 
 log = logging.getLogger(__name__)
 
 _MAX_STACK_BYTES = 16 * 1024
 """Per rank, the part of a stack dump that travels to the controller."""
+_MAX_SECTION_TIMEOUT_S = 7 * 24 * 3600.0
+_MAX_OPEN_SECTIONS = 64
+_MAX_STEPPED_JOBS = 1024
+_EXIT_DEADLINE_S = 120.0
+"""A rank whose script is done gets this long for interpreter teardown before it counts as hung."""
 
 
 def stack_file(run_dir: Path, job_id: str, attempt: int, rank: int) -> Path:
@@ -93,6 +117,12 @@ class _AttemptWatch:
     progress: dict[int, float] = field(default_factory=dict)  # rank -> monotonic
     first_seen: dict[int, float] = field(default_factory=dict)  # rank -> monotonic
     inflight: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    stuck: dict[int, tuple[int, str, float]] = field(default_factory=dict)
+    """rank -> (seq, op, monotonic first seen) of the oldest collective it reports in flight."""
+    sections: dict[int, list[tuple[str, float, float]]] = field(default_factory=dict)
+    """rank -> open sections with a deadline: (name, monotonic entered, timeout_s), innermost last."""
+    handlers: dict[int, int] = field(default_factory=dict)
+    """rank -> pid that registered the SIGUSR1 stack dump."""
     reported: bool = False
     stepped: bool = False
     finished: set[int] = field(default_factory=set)  # ranks past training, shutting down
@@ -134,6 +164,7 @@ class RankWatch:
         self._dropped = 0
         self._warned = False
         self._attempts: dict[tuple[str, int], _AttemptWatch] = {}
+        self._stepped_jobs: OrderedDict[str, None] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -164,6 +195,13 @@ class RankWatch:
                 w = self._watch(key)
                 w.progress[rank] = time.monotonic()
                 w.stepped = True
+                self._stepped_jobs[key[0]] = None
+                self._stepped_jobs.move_to_end(key[0])
+                while len(self._stepped_jobs) > _MAX_STEPPED_JOBS:
+                    self._stepped_jobs.popitem(last=False)
+            return
+        if op in ("stack_dump", "section", "section_end", "exiting"):
+            self._on_rank_state(key, rank, op, msg)
             return
         if op == "finished":  # training is over: the silence of shutting down is no hang
             with self._lock:
@@ -207,6 +245,44 @@ class RankWatch:
         else:
             self._on_records(key, recs)
 
+    def _on_rank_state(self, key: tuple[str, int], rank: int, op: str, msg: dict[str, Any]) -> None:
+        """``stack_dump {pid}``: that pid registered the SIGUSR1 dump; ``section {name, timeout}``
+        / ``section_end {name}``: a section with its own deadline opened / closed."""
+        now = time.monotonic()
+        if op == "exiting":
+            with self._lock:
+                self._watch(key).sections[rank] = [("interpreter exit", now, _EXIT_DEADLINE_S)]
+            return
+        if op == "stack_dump":
+            pid = msg.get("pid")
+            if not isinstance(pid, int) or pid <= 0:
+                raise ValueError("stack_dump.pid must be an int > 0")
+            with self._lock:
+                self._watch(key).handlers[rank] = pid
+            return
+        name = msg.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise ValueError(f"{op}.name must be a string of 1..200 characters")
+        if op == "section":
+            timeout = msg.get("timeout")
+            if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
+                    or not 0 < timeout <= _MAX_SECTION_TIMEOUT_S):
+                raise ValueError(f"section.timeout must be in (0, {_MAX_SECTION_TIMEOUT_S:g}] s")
+            with self._lock:
+                stack = self._watch(key).sections.setdefault(rank, [])
+                if len(stack) >= _MAX_OPEN_SECTIONS:
+                    raise ValueError(f"more than {_MAX_OPEN_SECTIONS} sections open")
+                stack.append((name, now, float(timeout)))
+            return
+        with self._lock:
+            w = self._watch(key)
+            stack = w.sections.get(rank, [])
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i][0] == name:
+                    del stack[i:]
+                    break
+            w.progress[rank] = now  # leaving a section is progress
+
     def _on_records(self, key: tuple[str, int], recs: list[Any]) -> None:
         m = self._metrics
         with self._lock:
@@ -223,8 +299,17 @@ class RankWatch:
                         m.observe("hpt_collective_seconds", rec.duration_s, op=rec.op)
 
     def _on_inflight(self, key: tuple[str, int], rank: int, recs: list[Any]) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._watch(key).inflight[rank] = [r.to_dict() for r in recs]
+            w = self._watch(key)
+            w.inflight[rank] = [r.to_dict() for r in recs]
+            colls = [r for r in recs if isinstance(r, CollectiveRecord)]
+            if not colls:
+                w.stuck.pop(rank, None)
+            else:
+                oldest = min(colls, key=lambda r: r.seq)
+                if w.stuck.get(rank, (None,))[0] != oldest.seq:
+                    w.stuck[rank] = (oldest.seq, oldest.op, now)
             for rec in recs:
                 if isinstance(rec, CollectiveRecord):
                     self._push(self._colls, _coll_proto(rec, in_flight=True))
@@ -290,33 +375,62 @@ class RankWatch:
                 w = self._watch(key)
                 if w.reported:
                     continue
-                last = {}
-                for p in procs:
-                    if p.rank in w.finished:
-                        continue
-                    first = w.first_seen.setdefault(p.rank, now)
-                    last[p.rank] = w.progress.get(p.rank, first)
                 med = median(list(w.step_s)) if w.step_s and w.stepped else None
+                last, own, cfg = self._judged(key, w, procs, med, now)
+                if not last:
+                    continue
                 det = check_hang(
                     last,
                     med,
                     now,
-                    self.cfg.hang,
+                    cfg,
                     job_id=key[0],
                     attempt=key[1],
                     nodes_by_rank={p.rank: self.node for p in procs},
+                    own_deadlines=own,
                 )
                 if det.findings:
                     w.reported = True
                     inflight = {r: list(v) for r, v in w.inflight.items()}
-                    todo.append((key, procs, det, inflight))
-        for key, procs, det, inflight in todo:
-            finding = self._report_hang(key, procs, det, inflight, now)
+                    todo.append((key, procs, det, inflight, dict(w.handlers)))
+        for key, procs, det, inflight, handlers in todo:
+            finding = self._report_hang(key, procs, det, inflight, now, handlers)
             out.append(finding)
             with self._lock:
                 self._findings.append(finding)
             self._on_change()
         return out
+
+    def _judged(
+        self, key: tuple[str, int], w: _AttemptWatch, procs: list[RankProcess],
+        med: float | None, now: float,
+    ) -> tuple[dict[int, float], dict[int, tuple[float, str]], HangConfig]:
+        """The job's hang policy applied to its ranks here (called with the lock held): when
+        each judged rank last made progress, the ranks with a deadline of their own, and the
+        deadline's tuning. Ranks not judged are left out."""
+        timeout = max((p.hang_timeout_s for p in procs), default=0.0)
+        cfg = replace(self.cfg.hang, timeout_s=timeout) if timeout > 0 else self.cfg.hang
+        by_silence = timeout > 0 or key[0] in self._stepped_jobs
+        last: dict[int, float] = {}
+        own: dict[int, tuple[float, str]] = {}
+        for p in procs:
+            if p.rank in w.finished:
+                continue  # training is over (a trainer callback said so): shutting down
+            first = w.first_seen.setdefault(p.rank, now)
+            progress = w.progress.get(p.rank, first)
+            sections = w.sections.get(p.rank)
+            if sections:
+                name, entered, section_s = sections[-1]
+                last[p.rank] = max(entered, progress)
+                own[p.rank] = (section_s, f"section {name!r} timeout {section_s:g} s")
+            elif by_silence:
+                last[p.rank] = progress
+            elif p.rank in w.stuck:
+                seq, op, since = w.stuck[p.rank]
+                deadline = hang_deadline_s(med, cfg)
+                last[p.rank] = max(since, w.progress.get(p.rank, since))
+                own[p.rank] = (deadline, f"deadline {deadline:g} s for {op} seq {seq} in flight")
+        return last, own, cfg
 
     def _report_hang(
         self,
@@ -325,12 +439,13 @@ class RankWatch:
         det: Any,
         inflight: dict[int, list[dict[str, Any]]],
         now: float,
+        handlers: dict[int, int],
     ) -> agent_pb2.Finding:
         job_id, attempt = key
         by_rank = {p.rank: p for p in procs}
         hung = [f.rank for f in det.findings]
         states = {r: proc_state(by_rank[r].pid) for r in hung}
-        stacks = self._dump_stacks(job_id, attempt, [by_rank[r] for r in hung], states)
+        stacks = self._dump_stacks(job_id, attempt, [by_rank[r] for r in hung], states, handlers)
         stopped = [r for r in hung if states[r] in ("T", "t")]
         waiting = {r: v for r, v in inflight.items() if v and r in by_rank}
         outside = [r for r in hung if r not in waiting]
@@ -373,7 +488,8 @@ class RankWatch:
         )
 
     def _dump_stacks(
-        self, job_id: str, attempt: int, procs: list[RankProcess], states: dict[int, str]
+        self, job_id: str, attempt: int, procs: list[RankProcess], states: dict[int, str],
+        handlers: dict[int, int],
     ) -> list[agent_pb2.RankStack]:
         sizes: dict[int, int] = {}
         out: dict[int, str] = {}
@@ -387,15 +503,17 @@ class RankWatch:
             if states.get(p.rank) in ("Z", "X", ""):
                 out[p.rank] = "no stack: the process is gone"
                 continue
-            if not path.exists():
+            pid = handlers.get(p.rank)
+            if pid is None or not path.exists() or not _in_group(pid, p.pid):
+                # SIGUSR1 kills a process without the handler: signal only the one that has it
                 out[p.rank] = (
-                    f"no stack: {path.name} missing (the script did not call "
-                    "hpt.init(), which registers the SIGUSR1 stack dump)"
+                    "no stack: no process of this rank registered the SIGUSR1 stack dump "
+                    "(hpt.init() does)"
                 )
                 continue
             sizes[p.rank] = path.stat().st_size
             try:
-                os.kill(p.pid, signal.SIGUSR1)
+                os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
                 out[p.rank] = "no stack: the process is gone"
                 sizes.pop(p.rank)
@@ -426,6 +544,14 @@ class RankWatch:
             )
             for p in procs
         ]
+
+
+def _in_group(pid: int, group: int) -> bool:
+    """Whether ``pid`` is alive in process group ``group`` (a rank's session leads its group)."""
+    try:
+        return os.getpgid(pid) == group
+    except OSError:
+        return False
 
 
 def _step_proto(rec: StepRecord) -> agent_pb2.StepTiming:
@@ -481,10 +607,13 @@ class AgentMonitoring:
         self.metrics: Any = None
         self.metrics_port = 0
         self._server: Any = None
+        self._ckpt_metrics: Any = None
         if metrics_port is not None:
+            from hpt.agent.ckpt_metrics import CheckpointMetrics
             from hpt.monitor.export import Metrics
 
             self.metrics = Metrics()
+            self._ckpt_metrics = CheckpointMetrics(self.metrics)
         self.watch = RankWatch(
             node=node,
             launcher=launcher,
@@ -533,6 +662,13 @@ class AgentMonitoring:
 
     def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
         self.watch.on_rank_message(hello, msg)
+        if self._ckpt_metrics is not None:
+            self._ckpt_metrics.on_rank_message(msg)
+
+    def persisted(self, seconds: float, nbytes: int) -> None:
+        """A snapshot reached durable storage (the snapshot keeper's callback)."""
+        if self._ckpt_metrics is not None:
+            self._ckpt_metrics.persisted(seconds, nbytes)
 
     def register_fields(self) -> dict[str, Any]:
         """Extra fields of the Register message."""

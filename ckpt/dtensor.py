@@ -80,6 +80,11 @@ def shard_info(t: Any, name: str = "tensor") -> ShardInfo:
     return ShardInfo(global_shape, tuple(offset), tuple(local_shape))
 
 
+def model_shards(model: torch.nn.Module) -> dict[str, ShardInfo]:
+    """ShardInfo of each DTensor entry of ``model.state_dict()``: where a restore puts them."""
+    return {k: shard_info(v, k) for k, v in model.state_dict().items() if is_dtensor(v)}
+
+
 def localize(tree: Any, prefix: str = "") -> tuple[Any, dict[str, ShardInfo]]:
     """``tree`` with every DTensor replaced by its local tensor, and their ShardInfos by fqn.
 

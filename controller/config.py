@@ -39,6 +39,9 @@ class ControllerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     log_lines_per_rank: int = 20_000
     """Log lines the controller keeps in memory per (job, rank)."""
+    progress_flush_s: float = 2.0
+    """Step and snapshot progress of a running job is written to the store at most this often
+    (state changes are written at once)."""
     log_bytes_per_rank: int = 4 * 1024 * 1024
     """Log characters the controller keeps in memory per (job, rank) (older lines go first)."""
     launch_timeout_s: float = 120.0
@@ -77,6 +80,8 @@ class ControllerConfig:
                 f"agent_lease_s ({self.agent_lease_s}) must be > the heartbeat timeout "
                 f"({self.heartbeat_timeout_s})"
             )
+        if not self.progress_flush_s >= 0:
+            raise ValueError(f"progress_flush_s ({self.progress_flush_s}) must be >= 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port ({self.metrics_port}) must be in 0..65535")
         if self.status_port is not None and not 0 <= self.status_port <= 65535:

@@ -61,6 +61,7 @@ def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
         persist_every=msg.persist_every,
         keep_persisted=msg.keep_persisted or 3,
         straggler_restart_after=msg.straggler_restart_after,
+        hang_timeout_s=msg.hang_timeout_s,
         redundancy=msg.redundancy,
     )
 
@@ -81,6 +82,7 @@ def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
         persist_every=spec.persist_every,
         keep_persisted=spec.keep_persisted,
         straggler_restart_after=spec.straggler_restart_after,
+        hang_timeout_s=spec.hang_timeout_s,
         redundancy=spec.redundancy,
     )
 
@@ -117,6 +119,7 @@ def fault_to_proto(fault: Fault) -> pb.Fault:
         occurred_at=fault.occurred_at,
         classification=fault.classification.value,
         attempt=fault.attempt,
+        steps_lost=fault.steps_lost,
     )
 
 
@@ -132,6 +135,7 @@ def fault_from_proto(msg: pb.Fault) -> Fault | None:
         occurred_at=msg.occurred_at,
         classification=FaultClass(msg.classification),
         attempt=msg.attempt,
+        steps_lost=msg.steps_lost,
     )
 
 
@@ -194,6 +198,7 @@ def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
         started_at=attempt.started_at,
         first_step_at=attempt.first_step_at,
         ended_at=attempt.ended_at,
+        restore_step=attempt.restore_step,
         protected_steps=attempt.protected_steps,
         redundancy=attempt.redundancy,
         parity_bytes=attempt.parity_bytes,
@@ -217,6 +222,7 @@ def attempt_from_proto(msg: pb.Attempt) -> Attempt:
         first_step_at=msg.first_step_at,
         ended_at=msg.ended_at,
         cause=fault_from_proto(msg.cause),
+        restore_step=msg.restore_step,
         protected_steps=tuple(msg.protected_steps),
         redundancy=msg.redundancy,
         parity_bytes=msg.parity_bytes,

@@ -125,35 +125,52 @@ class Detection:
     def on_heartbeat(self, node: str, hb: Any) -> None:
         """Take the monitoring part of one heartbeat from ``node`` (never raises on bad data:
         bad records are dropped and logged)."""
+        self.on_heartbeats([(node, hb)])
+
+    def on_heartbeats(self, beats: list[tuple[str, Any]]) -> None:
+        """Take the monitoring part of a batch of heartbeats, ``(node, heartbeat)`` each.
+
+        The detectors see the batch's records at once: each evaluates a job once per batch
+        rather than once per heartbeat (the agent-stream intake batches heartbeats)."""
         now = time.monotonic()
-        steps, colls = _decode(node, hb)
-        hangs = [f for f in list(hb.findings)[:_MAX_FINDINGS_PER_BEAT] if f.kind == "hang"]
+        decoded = []
+        for node, hb in beats:
+            steps, colls = _decode(node, hb)
+            hangs = [f for f in list(hb.findings)[:_MAX_FINDINGS_PER_BEAT] if f.kind == "hang"]
+            decoded.append((node, hb, steps, colls, hangs))
+        keys: set[tuple[str, int]] = set()
         with self._lock:
-            self.num_heartbeats[node] = self.num_heartbeats.get(node, 0) + 1
-            self.num_dropped_records += hb.dropped_records
-            self.num_records += len(steps) + len(colls)
-            keys = {(r.job_id, r.attempt) for r in (*steps, *colls)}
-            keys |= {(f.job_id, f.attempt) for f in hangs}
+            for node, hb, steps, colls, hangs in decoded:
+                self.num_heartbeats[node] = self.num_heartbeats.get(node, 0) + 1
+                self.num_dropped_records += hb.dropped_records
+                self.num_records += len(steps) + len(colls)
+                keys |= {(r.job_id, r.attempt) for r in (*steps, *colls)}
+                keys |= {(f.job_id, f.attempt) for f in hangs}
         views = {k: self._view(k) for k in keys}  # may take the reconciler's lock: not ours
-        steps = [r for r in steps if views.get((r.job_id, r.attempt)) is not None]
-        colls = [r for r in colls if views.get((r.job_id, r.attempt)) is not None]
+        all_steps: list[StepRecord] = []
+        all_colls: list[CollectiveRecord] = []
         with self._lock:
-            for rec in colls:
-                v = views[(rec.job_id, rec.attempt)]
-                if rec.seq >= 0:
-                    v.entered[rec.rank] = max(v.entered.get(rec.rank, -1), rec.seq)
-            for key, by_rank in _inflight_by_rank(colls, hb).items():
-                v = views.get(key)
-                if v is not None:
-                    v.inflight.update(by_rank)
-            found = list(self.straggler.observe(steps, now).findings)
-            found += self.collective.observe(colls, now).findings
+            for _node, hb, steps, colls, _hangs in decoded:
+                colls = [r for r in colls if views.get((r.job_id, r.attempt)) is not None]
+                all_steps += [r for r in steps if views.get((r.job_id, r.attempt)) is not None]
+                all_colls += colls
+                for rec in colls:
+                    v = views[(rec.job_id, rec.attempt)]
+                    if rec.seq >= 0:
+                        v.entered[rec.rank] = max(v.entered.get(rec.rank, -1), rec.seq)
+                for key, by_rank in _inflight_by_rank(colls, hb).items():
+                    v = views.get(key)
+                    if v is not None:
+                        v.inflight.update(by_rank)
+            found = list(self.straggler.observe(all_steps, now).findings)
+            found += self.collective.observe(all_colls, now).findings
             self.findings.extend(found)
-            self._count_flagged_steps(steps, views)
+            self._count_flagged_steps(all_steps, views)
         for f in found:
             self._emit_finding(f)
-        for f in hangs:
-            self._on_hang(node, f, views.get((f.job_id, f.attempt)), now)
+        for node, _hb, _steps, _colls, hangs in decoded:
+            for f in hangs:
+                self._on_hang(node, f, views.get((f.job_id, f.attempt)), now)
 
     def _count_flagged_steps(
         self, steps: list[StepRecord], views: Mapping[tuple[str, int], _AttemptView | None]
@@ -377,7 +394,9 @@ class Detection:
 
 
 def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
+    # one call per timing record: a sum is inf/nan when any term is (or when finite terms
+    # overflow, which no real duration does)
+    return math.isfinite(sum(values))
 
 
 def _decode(node: str, hb: Any) -> tuple[list[StepRecord], list[CollectiveRecord]]:

@@ -7,10 +7,12 @@ since the previous sync. So no code path of the control loop has to remember to 
 counters restart from the stored state after a controller restart (Prometheus handles resets).
 
 Goodput ledger per job (``hpt_goodput_seconds_total{category}``): ``productive`` is time from
-an attempt's first step until it ended or its fault occurred; ``detection`` from a fault
-occurring to the controller recording it; ``restart`` from recording it to the next attempt's
-first step (stop, relaunch and restore together; ``restore`` and ``redone`` stay 0 until the
-checkpoint path reports them separately).
+an attempt's first step until it ended or its fault occurred, less the time of the steps the
+fault lost; ``detection`` from a fault occurring to the controller recording it; ``restart``
+from recording it to the launch of the next attempt (stopping the old one, placing the new);
+``restore`` from that launch to the next attempt's first step (start-up, state restore, first
+step); ``redone``: the lost steps (``Fault.steps_lost``, also counted in
+``hpt_steps_lost_total``) times the failed attempt's mean step time.
 
 ``serve`` exposes ``/metrics`` through :class:`hpt.monitor.export.Metrics`, the one module that
 imports ``prometheus_client``. The sync also forgets the detector state of finished jobs.
@@ -23,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from hpt.controller.model import Job, JobState
+from hpt.controller.model import Attempt, Job, JobState
 from hpt.monitor.export import Metrics
 from hpt.monitor.metrics import JOB_STATES, NODE_STATES
 
@@ -41,6 +43,7 @@ class ControllerMetrics:
         self._attempts: set[tuple[str, int]] = set()
         self._faults: set[tuple[str, int]] = set()
         self._recoveries: set[tuple[str, int]] = set()
+        self._lost: set[tuple[str, int]] = set()
         self._goodput: dict[tuple[str, str], float] = {}
         self._heartbeats: dict[str, int] = {}
         self._forgotten: set[str] = set()
@@ -136,7 +139,8 @@ class ControllerMetrics:
 
     def _count_job(self, job: Job, now: float) -> None:
         m = self.metrics
-        ledger = {"productive": 0.0, "detection": 0.0, "restart": 0.0}
+        ledger = {"productive": 0.0, "detection": 0.0, "restart": 0.0, "restore": 0.0,
+                  "redone": 0.0}
         for i, attempt in enumerate(job.attempts):
             key = (job.id, attempt.number)
             if key not in self._attempts:
@@ -158,9 +162,19 @@ class ControllerMetrics:
                 m.inc("hpt_faults_total", kind=kind)
                 m.observe("hpt_fault_detection_seconds", max(0.0, detection_s), kind=kind)
             ledger["detection"] += max(0.0, detection_s)
+            if cause.steps_lost > 0:
+                redone_s = min(cause.steps_lost * _mean_step_s(attempt), ledger["productive"])
+                ledger["redone"] += redone_s
+                ledger["productive"] -= redone_s
+            if cause.steps_lost >= 0 and key not in self._lost:
+                self._lost.add(key)
+                if cause.steps_lost:
+                    m.inc("hpt_steps_lost_total", cause.steps_lost)
             if nxt is not None and nxt.first_step_at:
                 recovery_s = max(0.0, nxt.first_step_at - cause.detected_at)
-                ledger["restart"] += recovery_s
+                ledger["restart"] += max(0.0, nxt.started_at - cause.detected_at)
+                ledger["restore"] += max(0.0, nxt.first_step_at - max(nxt.started_at,
+                                                                      cause.detected_at))
                 if key not in self._recoveries:
                     self._recoveries.add(key)
                     m.observe("hpt_recovery_seconds", recovery_s, kind=kind)
@@ -171,6 +185,15 @@ class ControllerMetrics:
             if total > prev:
                 m.inc("hpt_goodput_seconds_total", total - prev, category=category)
                 self._goodput[(job.id, category)] = total
+
+
+def _mean_step_s(attempt: Attempt) -> float:
+    """Mean time of the attempt's steps, from its first completed step to its latest report."""
+    steps = attempt.progress - attempt.restore_step
+    last = max((r.step_at for r in attempt.ranks), default=0.0)
+    if steps < 2 or not attempt.first_step_at or last <= attempt.first_step_at:
+        return 0.0
+    return (last - attempt.first_step_at) / (steps - 1)
 
 
 def memory_ratio(job: Job) -> float | None:

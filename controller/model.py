@@ -37,6 +37,7 @@ MAX_SPEC_BYTES = 1024 * 1024
 the channels' 16 MiB limits to spare, however many restarts the job goes through."""
 MAX_NODE_WAIT_S = 7 * 24 * 3600.0
 MAX_GRACE_S = 3600.0
+MAX_HANG_TIMEOUT_S = 7 * 24 * 3600.0
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV = frozenset(
@@ -164,8 +165,19 @@ class FaultKind(str, Enum):
 
 class FaultClass(str, Enum):
     USER = "user"
+    """The script: an exception it raised, an exit code it chose."""
     PLATFORM = "platform"
+    """hpt or the software under the script: a crash signal, a checkpoint it cannot read back."""
     INFRA = "infra"
+    """Nodes, processes killed from outside, hangs of stopped processes, self-fencing."""
+    OOM = "oom"
+    """The kernel's OOM killer ended a rank (out of memory)."""
+
+
+PLATFORM_ERRORS = frozenset({"CorruptCheckpointError", "RestoreError", "DecodeError"})
+"""Exceptions of hpt's checkpoint path (``hpt.ckpt.errors``): the platform failed, not the user."""
+OOM_ERROR = "OutOfMemory"
+"""``ExitInfo.error_type`` of a rank the agent saw killed by the OOM killer."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -201,6 +213,11 @@ class JobSpec:
     straggler_restart_after: int = 0
     """0: stragglers are reported only. N: once a rank was flagged as a straggler for N of its
     steps, the attempt restarts without that rank's node (within min_nodes)."""
+    hang_timeout_s: float = 0.0
+    """0: the automatic hang deadline, applied once the script reports steps (``hpt.step``).
+    S: no progress (step, section end) for S seconds is a hang once the attempt stepped, and
+    for max(S, the start-up deadline) before; also for a script without hooks. A
+    ``hpt.section(timeout=)`` overrides both."""
     redundancy: str = ""
     """Snapshot protection across nodes: "K+M" (Reed-Solomon, k data + m parity nodes per
     group), "" (m = 1, k from the node count; 2 nodes: a mirror) or "off"."""
@@ -273,6 +290,10 @@ class JobSpec:
             raise ValueError(
                 f"straggler_restart_after ({self.straggler_restart_after}) must be in 0..100000"
             )
+        if not (0 <= self.hang_timeout_s <= MAX_HANG_TIMEOUT_S):  # also refuses NaN
+            raise ValueError(
+                f"hang_timeout_s ({self.hang_timeout_s}) must be in 0..{MAX_HANG_TIMEOUT_S:g}"
+            )
 
         parse_redundancy(self.redundancy, self.nodes)
 
@@ -307,6 +328,9 @@ class Fault:
     detected_at: float = 0.0
     occurred_at: float = 0.0
     classification: FaultClass = FaultClass.INFRA
+    steps_lost: int = -1
+    """Completed steps redone: progress before the fault minus the step the next attempt
+    restored; -1 until the next attempt launches."""
 
     def where(self) -> str:
         return f"rank {self.rank} on {self.node}" if self.rank >= 0 else f"node {self.node}"
@@ -351,6 +375,13 @@ class Attempt:
     first_step_at: float = 0.0
     ended_at: float = 0.0
     cause: Fault | None = None
+    restore_step: int = 0
+    """The snapshot step this attempt restored (0: none)."""
+
+    @property
+    def progress(self) -> int:
+        """Steps completed by the rank furthest ahead (-1: none reported)."""
+        return max((r.step for r in self.ranks), default=-1)
     protected_steps: tuple[int, ...] = ()
     """Steps whose every protection piece is reported verified by its holder (newest report)."""
     redundancy: str = ""
@@ -455,6 +486,7 @@ class LaunchCommand:
     persist_dir: str = ""
     persist_every: int = 0
     keep_persisted: int = 3
+    hang_timeout_s: float = 0.0
     protection: ProtectionPlan | None = None
     """How this attempt's snapshots are protected across its nodes."""
     restore: RestoreCommand | None = None

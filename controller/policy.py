@@ -12,6 +12,30 @@ from enum import Enum
 from hpt.controller.model import Fault, Job
 from hpt.controller.scheduler import Capacity, place
 
+CRASH_LOOP_BACKOFF_FIRST_S = 0.5
+CRASH_LOOP_BACKOFF_CAP_S = 60.0
+
+
+def crash_loop(job: Job) -> int:
+    """How many of the job's latest attempts in a row ended (or are ending) before their first
+    step: a crash loop (a bad script, a bad node, a missing file)."""
+    n = 0
+    for attempt in reversed(job.attempts):
+        if attempt.first_step_at or not (attempt.state.is_terminal or attempt.cause is not None):
+            break
+        n += 1
+    return n
+
+
+def restart_backoff_s(job: Job) -> float:
+    """Seconds between the end of the last attempt and the launch of the next: none after an
+    attempt that made progress (a fault mid-training restarts at once), else 0.5 s doubling
+    per attempt of the crash loop, capped at 60 s."""
+    n = crash_loop(job)
+    if n == 0:
+        return 0.0
+    return min(CRASH_LOOP_BACKOFF_CAP_S, CRASH_LOOP_BACKOFF_FIRST_S * 2 ** (n - 1))
+
 
 class Action(str, Enum):
     RESTART = "RESTART"

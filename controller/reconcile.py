@@ -33,6 +33,8 @@ from hpt.controller import catalog, convert, detect, elastic, policy, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
 from hpt.controller.model import (
+    OOM_ERROR,
+    PLATFORM_ERRORS,
     Attempt,
     AttemptState,
     Event,
@@ -92,6 +94,7 @@ class _NodeRuntime:
 @dataclass(slots=True)
 class _StopSent:
     at: float  # monotonic
+    grace_s: float = 0.0  # the grace this stop gave the ranks (a cancel's own, if it had one)
     nodes: set[str] = field(default_factory=set)
 
 
@@ -117,6 +120,8 @@ class Reconciler:
         self._versions: dict[str, int] = {}
         self._dirty_jobs: set[str] = set()
         self._dirty_nodes: set[str] = set()
+        self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
+        self._progress_flushed = 0.0  # monotonic
         self._stops: dict[tuple[str, int], _StopSent] = {}
         self._released: set[str] = set()
         self._wake = threading.Event()
@@ -297,11 +302,18 @@ class Reconciler:
         logs: list[tuple[str, int, int, str, str]],
         free_port: int,
         warm_ready: int = 0,
-    ) -> None:
+        *,
+        wake: bool = True,
+    ) -> bool:
+        """Apply one heartbeat; True when a rank changed state (the loop has work to do).
+
+        With ``wake`` False the caller wakes the loop itself (once per batch of heartbeats):
+        step progress alone needs no pass of the loop."""
+        changed = False
         with self.lock:
             runtime = self.nodes.get(node)
             if runtime is None or runtime.link is None:
-                return
+                return False
             runtime.last_heartbeat = time.monotonic()
             runtime.node.last_seen_at = self._clock()
             if runtime.node.state == NodeState.LOST:
@@ -312,16 +324,19 @@ class Reconciler:
                 self._dirty_nodes.add(node)
                 self.events.emit(Event(kind="node_rejoined", at=self._clock(), node=node,
                                        message=runtime.node.reason))
+                changed = True
             if runtime.node.warm_ready != warm_ready:
                 runtime.node.warm_ready = warm_ready
                 self._dirty_nodes.add(node)
             if free_port:
                 runtime.free_port = free_port
             for report in reports:
-                self._apply_report(node, report)
+                changed |= self._apply_report(node, report)
         for job_id, attempt, rank, stream, text in logs:
             self.logs.append(job_id, attempt, rank, stream, text)
-        self.wake()
+        if wake and changed:
+            self.wake()
+        return changed
 
     def agent_events(self, node: str, events: list[Event]) -> None:
         """Events an agent or its ranks raised (persist failures, skipped checkpoints...)."""
@@ -381,7 +396,8 @@ class Reconciler:
 
     # ---------------------------------------------------------------- passive phase
 
-    def _apply_report(self, node: str, report: RankReport) -> None:
+    def _apply_report(self, node: str, report: RankReport) -> bool:
+        """Apply one rank's report; True when the rank changed state or a stop was sent."""
         job = self.jobs.get(report.job_id)
         attempt = None
         if job is not None and 1 <= report.attempt <= len(job.attempts):
@@ -397,18 +413,18 @@ class Reconciler:
             )
             self._send(node, StopCommand(job_id=report.job_id, attempt=report.attempt,
                                          grace_s=0.0, reason="unknown job or attempt"))
-            return
+            return True
         rank = attempt.ranks[seen.rank]
         if rank.node != node:
             log.warning("[%s/%s/%s/%s] report from a node that does not host this rank",
                         report.job_id, report.attempt, node, seen.rank)
-            return
+            return False
         assert job is not None
         if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
                                                            rank.persisted_steps):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
             rank.snapshot_bytes = seen.snapshot_bytes
-            self._dirty_jobs.add(job.id)
+            self._progress_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at
             rank.first_step_at = seen.first_step_at or seen.step_at
@@ -416,13 +432,15 @@ class Reconciler:
                 attempt.first_step_at = rank.first_step_at
                 self._emit("first_step", job, attempt=attempt.number,
                            message=f"first step of attempt {attempt.number}")
-            self._dirty_jobs.add(job.id)
+                self._dirty_jobs.add(job.id)
+            self._progress_jobs.add(job.id)
         if rank.state.is_terminal or seen.state == rank.state and seen.pid == rank.pid:
             if seen.state == RankState.RUNNING and rank.state.is_terminal:
                 # a rank we gave up on (node declared lost) is alive again: fence it
                 self._send(node, StopCommand(job_id=job.id, attempt=attempt.number, grace_s=0.0,
                                              reason="rank was declared lost"))
-            return
+                return True
+            return False
         rank.pid = seen.pid or rank.pid
         rank.state = seen.state
         self._dirty_jobs.add(job.id)
@@ -435,6 +453,7 @@ class Reconciler:
             r.state != RankState.PENDING for r in attempt.ranks
         ):
             attempt.set_state(AttemptState.RUNNING, "every rank started", self._clock())
+        return True
 
     def _forget_unreported(self, node: str, reported: set[tuple[str, int, int]]) -> None:
         """On registration, ranks placed on ``node`` that its agent no longer knows ended, except
@@ -511,6 +530,8 @@ class Reconciler:
         elif job.state == JobState.RUNNING and current is not None:
             self._step_running(job, current, now)
         elif job.state == JobState.RECOVERING and (current is None or current.state.is_terminal):
+            if current is not None and now < current.ended_at + policy.restart_backoff_s(job):
+                return  # a crash loop backs off; the loop's period brings us back
             self._try_place(job, now)
 
     def _step_cancel(
@@ -552,8 +573,11 @@ class Reconciler:
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
         crash_point("fault-recorded")
         decision = policy.decide_after_fault(job, fault)
+        # A hung attempt gets no grace: its ranks are stopped or stuck, SIGTERM would only wait
+        # (their snapshots live in the agents' memory, not in the ranks).
+        grace = 0.0 if fault.kind == FaultKind.HANG else job.spec.stop_grace_s
         self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
-                           job.spec.stop_grace_s)
+                           grace)
         if decision is not None:
             job.set_state(JobState.FAILED, decision.reason, now)
             self._emit("job_failed", job, attempt=attempt.number, message=decision.reason)
@@ -561,6 +585,10 @@ class Reconciler:
         job.restarts += 1
         reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
                   f"{fault.where()}: {fault.message}")
+        backoff = policy.restart_backoff_s(job)
+        if backoff:
+            reason += (f"; next attempt {backoff:g} s after this one stops (crash loop: "
+                       f"{policy.crash_loop(job)} attempt(s) in a row ended before a step)")
         job.set_state(JobState.RECOVERING, reason, now)
         self._emit("recovering", job, attempt=attempt.number, message=reason)
 
@@ -640,7 +668,9 @@ class Reconciler:
             world_size=len(ranks),
             ranks=ranks,
             started_at=now,
+            restore_step=restore,
         )
+        _record_steps_lost(job, restore)
         attempt.history.append(
             _state_change(AttemptState.LAUNCHING.value, now, reason)
         )
@@ -721,6 +751,7 @@ class Reconciler:
                 persist_dir=spec.persist_dir,
                 persist_every=spec.persist_every,
                 keep_persisted=spec.keep_persisted,
+                hang_timeout_s=spec.hang_timeout_s,
                 protection=plan,
                 restore=(restores or {}).get(node),
             )
@@ -752,7 +783,7 @@ class Reconciler:
     ) -> None:
         attempt.set_state(AttemptState.STOPPING, reason, now)
         unsent = self._unsent.pop(job.id, None)
-        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace_s)
         for node in attempt.nodes:
             if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                             grace_s=grace_s, reason=reason)):
@@ -772,8 +803,9 @@ class Reconciler:
     def _finish_stopping(self, job: Job, attempt: Attempt, now: float) -> None:
         if not attempt.all_ended:
             sent = self._stops.get((job.id, attempt.number))
-            if sent is None or time.monotonic() - sent.at > job.spec.stop_grace_s + _RESEND_STOP_AFTER_S:
-                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic())
+            grace = job.spec.stop_grace_s if sent is None else sent.grace_s
+            if sent is None or time.monotonic() - sent.at > grace + _RESEND_STOP_AFTER_S:
+                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace)
                 for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
                     self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
                                                  grace_s=0.0, reason="stop not confirmed"))
@@ -811,9 +843,12 @@ class Reconciler:
             self._send(node, ReleaseCommand(job_id=job.id))
 
     def _flush(self) -> None:
-        # Every pass writes what changed: state changes are rare, and step progress changes at
-        # most once per heartbeat per node, so this stays a few writes per second per job. What
-        # cannot be written (store down) stays dirty for the next pass.
+        # State changes are written on the pass that made them. Progress alone (steps, snapshot
+        # steps) changes on nearly every heartbeat of a running job, and a job's record grows
+        # with its ranks (80,000 ranks: megabytes): it is written at most every
+        # progress_flush_s. Agents re-report progress when they re-register, so a restarted
+        # controller loses none of it. What cannot be written (store down) stays dirty for the
+        # next pass.
         if self._store_recovered.is_set():
             self._store_recovered.clear()
             # it may have come back empty (restarted without persistence): write everything
@@ -821,6 +856,14 @@ class Reconciler:
             self._dirty_nodes.update(self.nodes)
         if self.events.flush_pending():
             return  # events stay in order before any later write
+        mono = time.monotonic()
+        if self._progress_jobs and (
+            self._stopping.is_set() or mono - self._progress_flushed >= self.cfg.progress_flush_s
+        ):
+            self._dirty_jobs |= self._progress_jobs
+            self._progress_jobs.clear()
+            self._progress_flushed = mono
+        self._progress_jobs -= self._dirty_jobs
         for job_id in sorted(self._dirty_jobs):
             job = self.jobs[job_id]
             if not self._put(f"jobs/{job_id}", convert.job_to_bytes(job)):
@@ -892,6 +935,17 @@ class Reconciler:
             self.detection.forget(job_id)
 
 
+def _record_steps_lost(job: Job, restore: int) -> None:
+    """The fault that ended the previous attempt lost the steps completed beyond ``restore``."""
+    previous = job.current
+    if previous is None or previous.cause is None or previous.cause.steps_lost >= 0:
+        return
+    done = max((a.progress for a in job.attempts), default=-1)
+    previous.cause.steps_lost = max(0, done - restore)
+    if job.root_cause is not None and job.root_cause.attempt == previous.cause.attempt:
+        job.root_cause.steps_lost = previous.cause.steps_lost
+
+
 def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untyped-def]
     from hpt.controller.model import StateChange
 
@@ -907,6 +961,10 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
             classification = FaultClass.USER if exit_ and exit_.error_type else FaultClass.INFRA
             if exit_ and exit_.signal in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT"):
                 classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type in PLATFORM_ERRORS:
+                classification = FaultClass.PLATFORM
+            if exit_ and exit_.error_type == OOM_ERROR:
+                classification = FaultClass.OOM
             faults.append(Fault(kind=FaultKind.RANK_EXIT, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason, detected_at=now,
                                 occurred_at=exit_.ended_at if exit_ else now,
@@ -917,9 +975,13 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
                                 message=rank.exit_reason, detected_at=now, occurred_at=now,
                                 classification=FaultClass.INFRA))
         elif rank.state == RankState.STOPPED and include_stopped and attempt.state != AttemptState.STOPPING:
+            # its agent stopped it (self-fencing): infra, at the time it ended, so that the
+            # peers' errors it caused (a closed connection) come after it
+            ended = rank.exit.ended_at if rank.exit and rank.exit.ended_at else now
             faults.append(Fault(kind=FaultKind.RANK_LOST, attempt=attempt.number, node=rank.node,
                                 rank=rank.rank, message=rank.exit_reason or "stopped by its agent",
-                                detected_at=now, occurred_at=now, classification=FaultClass.INFRA))
+                                detected_at=now, occurred_at=min(ended, now),
+                                classification=FaultClass.INFRA))
     if not faults:
         return None
     return min(faults, key=lambda f: (f.occurred_at, f.rank))

@@ -1,18 +1,18 @@
-"""gRPC servicers: decode, call the reconciler, encode. Nothing else lives here."""
+"""gRPC servicers: decode, call the reconciler, encode. Nothing else lives here.
+
+The agents' stream lives in ``agent_stream``; the decoders it shares are here."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 
-from hpt._proto import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from hpt.controller import auth, convert, limits
-from hpt.controller.detect import health_problem
+from hpt._proto import agent_pb2, jobs_pb2, jobs_pb2_grpc
+from hpt.controller import convert, limits
 from hpt.controller.model import (
     Event,
     LaunchCommand,
@@ -22,7 +22,7 @@ from hpt.controller.model import (
     ReleaseCommand,
     StopCommand,
 )
-from hpt.controller.reconcile import DuplicateNodeError, Reconciler
+from hpt.controller.reconcile import Reconciler
 from hpt.controller.store import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         rank = request.rank if request.has_rank else None
         if request.follow:
             self._stream_slot(context)
+        alive = _liveness(context)
 
         def active() -> bool:
-            if not request.follow or not context.is_active():
+            if not request.follow or not alive():
                 return False
             with self._rec.lock:
                 return not self._rec.jobs[request.job_id].state.is_terminal
@@ -129,6 +130,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         cursor = request.after_seq
         if request.follow:
             self._stream_slot(context)
+        alive = _liveness(context)
         while True:
             try:
                 events = self._rec.events.read(cursor)
@@ -138,118 +140,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 cursor = event.seq
                 if not request.job_id or event.job_id == request.job_id:
                     yield convert.event_to_proto(event)
-            if not request.follow or not context.is_active():
+            if not request.follow or not alive():
                 return
             if not events:
                 self._rec.events.wait_beyond(cursor, _STREAM_POLL_S)
 
 
-class _Link:
-    """One agent's command queue; the servicer's generator drains it onto the stream."""
-
-    _CLOSE = object()
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.queue: queue.Queue[object] = queue.Queue()
-
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
-        self.queue.put(_command_to_proto(command))
-
-    def close(self) -> None:
-        self.queue.put(self._CLOSE)
-
-
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    """Agent streams. With ``mtls`` an agent registers only as a node its certificate names
-    (:func:`hpt.controller.auth.identity_error`), and everything on its stream is that node's."""
-
-    def __init__(
-        self, rec: Reconciler, *, mtls: bool = False,
-        on_auth_failure: Callable[[str], None] = lambda reason: None,
-    ) -> None:
-        self._rec = rec
-        self._mtls = mtls
-        self._on_auth_failure = on_auth_failure
-
-    def Connect(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        try:
-            first = next(request_iterator)
-        except StopIteration:
-            return
-        if first.WhichOneof("kind") != "register":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message must be register")
-        reg = first.register
-        try:
-            node, reports = _decode_register(reg)
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"register.{exc}")
-        denied = auth.identity_error(context, node.name, mtls=self._mtls)
-        if denied:
-            self._on_auth_failure("wrong_identity")
-            log.warning("[-/-/%s/-] registration refused: %s", node.name, denied)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
-        link = _Link(node.name)
-        cfg = self._rec.cfg
-        try:  # commands it queues wait in the link until ``registered`` went out
-            self._rec.register(node, link, reports, reg.free_port,
-                               health_problem=health_problem(reg),
-                               instance_id=reg.instance_id[:64])
-        except DuplicateNodeError as exc:
-            log.error("[-/-/%s/-] registration refused: %s", node.name, exc)
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        try:
-            yield agent_pb2.ControllerMessage(
-                registered=agent_pb2.Registered(
-                    node=node.name,
-                    heartbeat_period_s=cfg.heartbeat_period_s,
-                    lease_s=cfg.agent_lease_s,
-                )
-            )
-            reader = threading.Thread(
-                target=self._read, args=(node.name, link, request_iterator), daemon=True,
-                name=f"hpt-agent-{node.name}",
-            )
-            reader.start()
-            while context.is_active():
-                try:
-                    item = link.queue.get(timeout=_STREAM_POLL_S)
-                except queue.Empty:
-                    continue
-                if item is _Link._CLOSE:
-                    return
-                yield item
-        finally:
-            self._rec.disconnect(node.name, link)
-
-    def _read(self, node: str, link: _Link, request_iterator: Iterator) -> None:  # type: ignore[type-arg]
-        try:
-            for msg in request_iterator:
-                if msg.WhichOneof("kind") != "heartbeat":
-                    log.warning("[-/-/%s/-] unexpected %s message ignored", node,
-                                msg.WhichOneof("kind"))
-                    continue
-                hb = msg.heartbeat
-                try:
-                    reports = _decode_reports(hb.ranks)
-                except ValueError as exc:
-                    log.warning("[-/-/%s/-] bad heartbeat refused: %s", node, exc)
-                    continue
-                logs = [(c.job_id, c.attempt, c.rank, c.stream, c.text) for c in hb.logs]
-                self._rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready)
-                self._rec.detection.on_heartbeat(node, hb)  # timing records, findings
-                if hb.events:
-                    self._rec.agent_events(node, _decode_events(node, hb.events))
-                for e in hb.events:
-                    if e.kind == "restore_failed" and e.step > 0:
-                        self._rec.restore_failed(e.job_id[:256], e.step)
-                self._rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
-                                             for p in hb.pieces[:_MAX_REPORTS]])
-                link.queue.put(agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=hb.seq)))
-        except grpc.RpcError:
-            pass  # the stream ended; Connect's finally reports the disconnect
-        finally:
-            link.close()
+def _liveness(context) -> Callable[[], bool]:  # type: ignore[no-untyped-def]
+    """``() -> bool``: the RPC is still open. The asyncio server's context for sync handlers
+    has no ``is_active``; its termination callback tells the same."""
+    ended = threading.Event()
+    context.add_callback(ended.set)
+    return lambda: not ended.is_set()
 
 
 def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
@@ -322,6 +224,7 @@ def _command_to_proto(
             persist_dir=command.persist_dir,
             persist_every=command.persist_every,
             keep_persisted=command.keep_persisted,
+            hang_timeout_s=command.hang_timeout_s,
             protection=(convert.protection_to_proto(command.protection)
                         if command.protection is not None else None),
             restore=(convert.restore_to_proto(command.restore)
@@ -330,4 +233,4 @@ def _command_to_proto(
     )
 
 
-__all__ = ["AgentServicer", "JobServicer"]
+__all__ = ["JobServicer"]

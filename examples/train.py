@@ -123,12 +123,15 @@ def main() -> None:
         left = args.step_time - (time.monotonic() - started)
         if left > 0:
             time.sleep(left)  # pacing of the demo workload, not a wait on anything
-    if ckpt is not None:
-        ckpt.close()
-    if ctx.rank == 0:
-        print(f"final sha256 {state_digest(model, opt)}", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # After the last step: the final save and teardown take as long as they take, not a step
+    # (without the section the agent would call a slow one a hang).
+    with hpt.section("finish", timeout=300):
+        if ckpt is not None:
+            ckpt.close()
+        if ctx.rank == 0:
+            print(f"final sha256 {state_digest(model, opt)}", flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

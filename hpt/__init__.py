@@ -18,8 +18,11 @@ hpt; ``hpt.init`` adds progress reports and a named error on crash.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -41,6 +44,8 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
 
 _context: Context | None = None
+_owns_process_group = False
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,7 @@ def init(
     Returns:
         The rank's Context (also available later from ``hpt.current()``).
     """
-    global _context
+    global _context, _owns_process_group
     env = os.environ
     rank = int(env.get("RANK", "0"))
     world = int(env.get("WORLD_SIZE", "1"))
@@ -96,6 +101,8 @@ def init(
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+            _owns_process_group = True
+    first = _context is None
     _context = Context(
         rank=rank,
         world_size=world,
@@ -109,7 +116,34 @@ def init(
     )
     _rank_monitor.start(job_id=_context.job_id, attempt=_context.attempt, rank=rank,
                         node=_context.node, channel=channel)
+    if first:
+        atexit.register(_at_exit)
     return _context
+
+
+def _at_exit() -> None:
+    """The script is done (its main returned, ``sys.exit``, or an exception was reported): tell
+    the agent, so teardown is not judged as a hang and a crash inside the interpreter's teardown
+    is told apart from a failure of the script; then end what hpt started while the interpreter
+    still runs: the watchdog thread, the instrumentation, and the process group if ``init``
+    created it and the script did not destroy it (its backend threads are joined now, not by
+    C++ destructors after Python is gone)."""
+    ctx = _context
+    if ctx is not None and ctx.channel is not None:
+        ctx.channel.send({"op": "exiting"})
+    try:
+        _rank_monitor.stop()
+        # not after an uncaught exception (Python sets sys.last_value): peers may sit in a
+        # collective with this rank, and a destroy could wait on them
+        if _owns_process_group and getattr(sys, "last_value", None) is None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except Exception as exc:  # exiting anyway: say why teardown was not clean
+        log.warning("hpt: teardown at exit: %s", exc)
+    if ctx is not None and ctx.channel is not None:
+        ctx.channel.close()
 
 
 def current() -> Context | None:

@@ -21,7 +21,8 @@ def cert() -> None:
 @cert.command("ca")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for ca.crt and ca.key (mode 0600).")
-@click.option("--days", type=click.FloatRange(min=1), default=3650, show_default=True)
+@click.option("--days", type=click.FloatRange(min=1), default=3650, show_default=True,
+              help="Validity of the CA, in days.")
 def ca_(out_dir: str, days: float) -> None:
     """Create a cluster CA."""
     from hpt import certs
@@ -32,12 +33,15 @@ def ca_(out_dir: str, days: float) -> None:
 
 
 @cert.command("issue")
-@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), required=True)
-@click.option("--ca-key", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--ca-cert", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="PEM certificate of the signing CA.")
+@click.option("--ca-key", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="PEM private key of the signing CA.")
 @click.option("--name", required=True, help="Identity: the node name (agents) or host name.")
 @click.option("--dns", multiple=True, help="Another DNS name to include (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="An IP address to include (repeatable).")
-@click.option("--days", type=click.FloatRange(min=1), default=365, show_default=True)
+@click.option("--days", type=click.FloatRange(min=1), default=365, show_default=True,
+              help="Validity of the certificate, in days.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Folder for tls.crt and tls.key (mode 0600).")
 def issue(ca_cert: str, ca_key: str, name: str, dns: tuple[str, ...], ips: tuple[str, ...],

@@ -9,13 +9,10 @@ imported inside the functions so that ``hptctl --help`` works without loading th
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +20,7 @@ from typing import Any
 
 import click
 
+from hpt import _pdeathsig
 from hpt._cli_util import EXIT_USAGE, CliError
 
 AGENT_STOP_GRACE_S = 20.0
@@ -68,24 +66,18 @@ def signals_ignored() -> Iterator[None]:
 def spawn(argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a child in its own session (so a terminal's Ctrl-C reaches only us; we stop it).
 
-    The child gets SIGTERM if we die, even by SIGKILL (PR_SET_PDEATHSIG), so the agents of a
-    killed ``hptctl up`` stop their ranks and exit instead of living on. Call it from the main
-    thread: the death signal follows the thread that forked.
+    The child gets SIGTERM if we die, even by SIGKILL (PR_SET_PDEATHSIG, armed by the exec
+    wrapper of :mod:`hpt._pdeathsig`: no Python runs in the child between fork and exec, where
+    gRPC's fork handlers would run), so the agents of a killed ``hptctl up`` stop their ranks
+    and exit instead of living on. Call it from the main thread: the death signal follows the
+    thread that forked.
     """
     return subprocess.Popen(
-        list(argv),
+        _pdeathsig.wrap(list(argv), signal.SIGTERM),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_term_with_parent if sys.platform == "linux" else None,
         **popen_kwargs,
     )
-
-
-def _term_with_parent() -> None:  # between fork and exec: keep it minimal
-    _PRCTL(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-_PRCTL = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
 
 
 def stop_processes(procs: Sequence[subprocess.Popen[bytes]], *, grace_s: float) -> None:
@@ -185,7 +177,7 @@ def run_control_plane(
             click.echo(f"agent {local_agent_name(addr, i)} started (pid {proc.pid})")
         click.echo(f"hptctl talks to it with --controller {addr} (or HPT_CONTROLLER={addr})")
         click.echo("Ctrl-C stops it")
-        _watch_agents(agents, stop)
+        _watch_agents(agents, stop, lambda: controller.ready_nodes([n for n, _ in agents]))
     finally:
         with signals_ignored():
             stop_processes([p for _, p in agents], grace_s=AGENT_STOP_GRACE_S)
@@ -197,9 +189,16 @@ def run_control_plane(
     click.echo("stopped")
 
 
-def _watch_agents(agents: list[tuple[str, subprocess.Popen[bytes]]], stop: threading.Event) -> None:
+def _watch_agents(
+    agents: list[tuple[str, subprocess.Popen[bytes]]], stop: threading.Event,
+    ready: Callable[[], int],
+) -> None:
     reported: set[str] = set()
-    while not stop.wait(_WATCH_PERIOD_S):
+    announced = not agents
+    while not stop.wait(_WATCH_PERIOD_S if announced else 0.1):
+        if not announced and ready() == len(agents):
+            announced = True
+            click.echo(f"{len(agents)} agent(s) ready: submit jobs now")
         for name, proc in agents:
             if name not in reported and proc.poll() is not None:
                 reported.add(name)

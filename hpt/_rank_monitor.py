@@ -9,6 +9,10 @@
 - ``faulthandler`` is registered on SIGUSR1, writing every thread's stack to the per-rank file
   the launcher names in ``HPT_STACK_FILE``: the agent signals a hung rank and reads the file.
   faulthandler writes from its C signal handler, so it works while the rank holds the GIL.
+  The rank then tells the agent which pid registered it (``{"op": "stack_dump", "pid"}``): the
+  agent signals no other process (SIGUSR1 kills a process without a handler).
+- :func:`section` with a ``timeout`` tells the agent when the section opens and closes
+  (``section`` / ``section_end``): inside it the rank is hung only past that timeout.
 
 :func:`on_step` is what ``hpt.step(n)`` calls: it ends the step in progress and begins the next.
 Nothing here raises into the training loop: failures are logged once and the rank carries on.
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 INFLIGHT_PERIOD_S = 1.0
 """How often the watchdog reports in-flight collectives."""
+_MAX_SECTION_TIMEOUT_S = 7 * 24 * 3600.0
 _MAX_RECORDS_PER_MESSAGE = 2000
 """Large batches are split so one JSON line stays well under the agent's line limit."""
 
@@ -52,10 +57,13 @@ _state = _State()
 
 def start(*, job_id: str, attempt: int, rank: int, node: str, channel: AgentChannel | None) -> None:
     """Switch monitoring on for this rank (idempotent; never raises)."""
+    registered = False
     try:
-        _register_stack_dump(os.environ.get("HPT_STACK_FILE", ""))
+        registered = _register_stack_dump(os.environ.get("HPT_STACK_FILE", ""))
     except Exception as exc:  # never into the training loop
         log.warning("hpt: stack dumps on SIGUSR1 unavailable: %s", exc)
+    if channel is not None and registered:
+        channel.send({"op": "stack_dump", "pid": os.getpid()})
     if channel is None or _state.timer is not None:
         return
     try:
@@ -88,14 +96,39 @@ def on_step(completed: int) -> None:
 
 
 @contextlib.contextmanager
-def section(name: str) -> Iterator[None]:
-    """Time a named part of the step (``"data"`` counts as data wait); a no-op when off."""
+def section(name: str, timeout: float | None = None) -> Iterator[None]:
+    """Time a named part of the step (``"data"`` counts as data wait); a no-op when off.
+
+    Args:
+        name: the section's name (1..200 characters when ``timeout`` is given).
+        timeout: seconds this section may take without a step before the rank counts as hung
+            (an evaluation, a final save); None: the job's usual hang deadline applies. Enter
+            it on every rank that waits for it (a rank blocked in a collective on a peer that
+            is evaluating is silent too).
+
+    Raises:
+        ValueError: ``timeout`` is not a positive number of seconds, or ``name`` is empty.
+    """
+    channel = _state.channel
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
+            0 < timeout <= _MAX_SECTION_TIMEOUT_S
+        ):
+            raise ValueError(f"timeout ({timeout!r}) must be in (0, {_MAX_SECTION_TIMEOUT_S:g}] s")
+        if not 0 < len(name) <= 200:
+            raise ValueError(f"name ({name!r}) must be 1..200 characters")
+        if channel is not None:
+            channel.send({"op": "section", "name": name, "timeout": float(timeout)})
     timer = _state.timer
-    if timer is None:
-        yield
-        return
-    with timer.section(name):
-        yield
+    try:
+        if timer is None:
+            yield
+        else:
+            with timer.section(name):
+                yield
+    finally:
+        if timeout is not None and channel is not None:
+            channel.send({"op": "section_end", "name": name})
 
 
 def data_ready() -> None:
@@ -152,10 +185,14 @@ def rearm_stack_dump() -> None:
         faulthandler.register(signal.SIGUSR1, file=_state.stack_file, all_threads=True, chain=False)
 
 
-def _register_stack_dump(path: str) -> None:
-    if not path or _state.stack_file is not None:
-        return
+def _register_stack_dump(path: str) -> bool:
+    """Register the SIGUSR1 dump once; True when this process has it."""
+    if not path:
+        return False
+    if _state.stack_file is not None:
+        return True
     # Kept open for the life of the process: faulthandler writes to its file descriptor.
     f = open(path, "w")  # noqa: SIM115
     faulthandler.register(signal.SIGUSR1, file=f, all_threads=True, chain=False)
     _state.stack_file = f
+    return True

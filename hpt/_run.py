@@ -9,6 +9,7 @@ status: 0 when it succeeded, 1 otherwise (the reason on stderr). Ctrl-C cancels 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,13 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
     log_path = run_dir / "cluster.log"
     port = _daemons.free_port()
     addr = f"127.0.0.1:{port}"
+    # the cluster requires a client token like any other (hptctl up): this run's own
+    token = secrets.token_urlsafe(32)
+    token_file = run_dir / "token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
     argv = [sys.executable, "-m", "hpt.cli", "up", "--agents", "1", "--port", str(port),
-            "--slots", str(procs)]
+            "--slots", str(procs), "--token-file", str(token_file)]
     interrupted = threading.Event()
     restore = _daemons.install_stop_handlers(lambda signum: interrupted.set())
     cluster: subprocess.Popen[bytes] | None = None
@@ -58,7 +64,7 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
             cluster = _daemons.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         click.echo(f"hpt: local cluster on {addr} (log {log_path})", err=True)
-        with hc.JobClient.connect(addr) as client:
+        with hc.JobClient.connect(addr, token=token) as client:
             _wait_ready(client, cluster, log_path, interrupted)
             job_id = client.submit(command=list(command), nodes=1, procs_per_node=procs,
                                    max_restarts=max_restarts, env=env, name="run",
@@ -145,7 +151,8 @@ def _follow(client: hc.JobClient, job_id: str, interrupted: threading.Event) -> 
 @click.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("-p", "--procs-per-node", "--nproc-per-node", "--nproc_per_node", "procs",
               type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to run.")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Restarts after a fault before the job fails.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
               help="Environment variable for every rank (repeatable).")
 @click.option("--keep-dir", is_flag=True, help="Keep the cluster's log directory on success.")

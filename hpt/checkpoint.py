@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,8 @@ from hpt.ckpt.sink import ShmSink
 from hpt.ckpt.sources import RestoreOutcome, RestoreSource, ShardRef, ShardSetSource, SinkSource
 
 log = logging.getLogger(__name__)
+_METRIC_SOURCE = {"memory": "local", "shm": "local", "peers": "peer", "disk": "disk"}
+"""Restore chain source -> the ``source`` label of the agent's restore metrics."""
 
 
 class _AgentSink(ShmSink):
@@ -55,6 +58,11 @@ class _AgentSink(ShmSink):
         super().__init__(prefix, directory=directory)
         self._channel = channel
         self._rank = rank
+        self._started: dict[int, float] = {}  # generation -> monotonic start of its save
+
+    def acquire(self, layout: Layout, generation: int) -> torch.Tensor:
+        self._started[generation] = time.monotonic()
+        return super().acquire(layout, generation)
 
     def discard(self, generation: int) -> None:
         super().discard(generation)
@@ -65,8 +73,12 @@ class _AgentSink(ShmSink):
                checksums: Sequence[RangeChecksum]) -> None:
         super().commit(step, generation, layout, meta_json, checksums)
         if self._channel is not None:
-            self._channel.send({"op": "snapshot", "step": step, "generation": generation,
-                                "bytes": layout.total_bytes})
+            started = self._started.pop(generation, None)
+            msg = {"op": "snapshot", "step": step, "generation": generation,
+                   "bytes": layout.total_bytes}
+            if started is not None:
+                msg["copy_s"] = time.monotonic() - started
+            self._channel.send(msg)
 
 
 class Checkpointer(_EngineCheckpointer):
@@ -131,19 +143,24 @@ class Checkpointer(_EngineCheckpointer):
         return sources
 
     def restore_outcome(self) -> RestoreOutcome:
+        started = time.monotonic()
         outcome = super().restore_outcome()
         if outcome.step > 0:
             log.info("[hpt] rank %d restored step %d from %s", self._rank, outcome.step,
                      outcome.source)
-            self._event("restored", f"restored step {outcome.step} from {outcome.source}")
+            # seconds and the tier feed the agent's hpt_restore_seconds{source}
+            self._event("restored", f"restored step {outcome.step} from {outcome.source}",
+                        seconds=time.monotonic() - started,
+                        source=_METRIC_SOURCE.get(outcome.source, ""))
         return outcome
 
     def _on_restore_event(self, kind: str, message: str) -> None:
         self._event(kind, message)
 
-    def _event(self, kind: str, message: str) -> None:
+    def _event(self, kind: str, message: str, **fields: Any) -> None:
+        """An event for the controller's log; ``fields`` (numbers) feed the agent's metrics."""
         from hpt import current
 
         ctx = current()
         if ctx is not None and ctx.channel is not None:
-            ctx.channel.send({"op": "event", "kind": kind, "message": message})
+            ctx.channel.send({"op": "event", "kind": kind, "message": message, **fields})

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from hpt import _cli_cert, credentials
 from hpt import client as hc
+from hpt._cli_plan import plan as plan_command
 from hpt._cli_util import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -50,6 +51,7 @@ from hpt._cli_util import (
 from hpt._control_opts import limit_options
 from hpt._run import run_command
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
+from hpt.controller.model import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
 
 _CANCEL_MARGIN_S = 30.0
 """``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
@@ -87,6 +89,7 @@ class _Main(click.Group):
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpt", prog_name="hptctl", message="%(prog)s %(version)s")
 def main() -> None:
     """hpt: run PyTorch jobs on a cluster and keep them alive."""
 
@@ -176,12 +179,30 @@ def _session(conn: _Conn) -> Iterator[hc.JobClient]:
         client.close()
 
 
+def _no_checkpoints(job: Any) -> str:
+    """What ``ckpt ls`` says instead of an empty table."""
+    state = hc.job_state_name(job.state)
+    disk = (f"nothing persisted yet under {job.spec.persist_dir}" if job.spec.persist_dir else
+            "none: submit with --persist-dir DIR --persist-every N to keep checkpoints on disk")
+    if state in hc.TERMINAL_JOB_STATES:
+        return (f"job {job.id} is {state}: its in-memory snapshots were freed when it ended; "
+                f"persisted checkpoints: {disk}")
+    return f"job {job.id} is {state}: no snapshot yet; persisted checkpoints: {disk}"
+
+
+def _progress(d: dict[str, Any]) -> str:
+    if d["step"] is None:
+        return "no step reported yet"
+    return f"step {d['step']} (every rank), last reported {age(d['step_at'])}"
+
+
 def _status_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
     return [
         ("id", d["id"]),
         ("name", d["name"]),
         ("state", d["state"]),
         ("reason", d["reason"]),
+        ("progress", _progress(d)),
         ("attempt", d["attempt"]),
         ("restarts", d["restarts"]),
         ("world size", d["world_size"]),
@@ -216,12 +237,14 @@ def _ranks_table(ranks: list[dict[str, Any]], title: str) -> Table:
 
 
 def _faults_table(faults: list[dict[str, Any]], title: str) -> Table:
-    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", title=title)
+    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", "STEPS LOST",
+              title=title)
     for f in faults:
         t.add_row(
             *map(cell, (f["attempt"], fault_what(f), fault_where(f), f["classification"])),
             cell(clock(f["detected_at"])),
             cell(duration(f["recovery_s"])),
+            cell(f.get("steps_lost")),
         )
     return t
 
@@ -263,6 +286,8 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
         raise click.BadParameter(f"{value!r} must be N or MIN:MAX", ctx, param) from None
     if low < 0 or high < low:
         raise click.BadParameter(f"{value!r} needs 0 <= MIN <= MAX", ctx, param)
+    if not 1 <= high <= MAX_NODES:
+        raise click.BadParameter(f"{value!r}: nodes must be in 1..{MAX_NODES}", ctx, param)
     return high, (low if sep else None)
 
 
@@ -276,7 +301,8 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     show_default=True,
     callback=_parse_nodes,
     metavar="N|MIN:MAX",
-    help="Nodes to run on; MIN:MAX shrinks to MIN after faults and grows back to MAX.",
+    help=f"Nodes to run on (1..{MAX_NODES}); MIN:MAX shrinks to MIN after faults and grows "
+    "back to MAX.",
 )
 @click.option(
     "-p",
@@ -284,7 +310,7 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "--nproc-per-node",
     "--nproc_per_node",
     "procs_per_node",
-    type=click.IntRange(min=0),
+    type=click.IntRange(1, MAX_PROCS_PER_NODE),
     default=1,
     show_default=True,
     help="Ranks per node.",
@@ -295,7 +321,13 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     default=None,
     help="Fewest nodes to continue on after a fault [default: NODES].",
 )
-@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0, max=MAX_RESTARTS),
+    default=3,
+    show_default=True,
+    help="Restarts after a fault before the job fails.",
+)
 @click.option(
     "--env",
     "env",
@@ -349,6 +381,15 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "report only].",
 )
 @click.option(
+    "--hang-timeout",
+    type=click.FloatRange(min=0, max=7 * 24 * 3600.0),
+    default=0.0,
+    help="Seconds without progress (a step, a section's end) after which a rank is hung, also "
+    "for a script without hpt hooks; before the first step S or the 300 s start-up deadline, "
+    "whichever is longer [default: 0, automatic: 10 x the median step, at least 5 s, and only "
+    "once the script reports steps].",
+)
+@click.option(
     "--redundancy",
     default="",
     metavar="K+M",
@@ -375,6 +416,7 @@ def submit(
     persist_every: int,
     keep_persisted: int,
     straggler_restart_after: int,
+    hang_timeout: float,
     redundancy: str,
     wait: bool,
     command: tuple[str, ...],
@@ -399,6 +441,7 @@ def submit(
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            hang_timeout_s=hang_timeout,
             redundancy=redundancy,
         )
         click.echo(job_id)
@@ -496,13 +539,25 @@ def describe(conn: _Conn, job_id: str, output: str) -> None:
 @click.argument("job_id", metavar="JOB")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
 @click.option("--rank", type=click.IntRange(min=0), default=None, help="Only this rank.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format: the lines, or one JSON object per line (attempt, rank, stream, text).",
+)
 @client_options
-def logs(conn: _Conn, job_id: str, follow: bool, rank: int | None) -> None:
+def logs(conn: _Conn, job_id: str, follow: bool, rank: int | None, output: str) -> None:
     """Print the output of a job's ranks."""
     with _session(conn) as client:
         for line in client.logs(job_id, follow=follow, rank=rank):
             text = line.text.removesuffix("\n")
-            click.echo(text if rank is not None else f"[rank {line.rank}] {text}")
+            if output == "json":
+                click.echo(json.dumps({"attempt": line.attempt, "rank": line.rank,
+                                       "stream": line.stream, "text": text}))
+            else:
+                click.echo(text if rank is not None else f"[rank {line.rank}] {text}")
 
 
 @main.command()
@@ -543,6 +598,9 @@ def ckpt_ls(conn: _Conn, job_id: str, output: str) -> None:
     rows, protection = hc.checkpoints_of(job), hc.protection_of(job)
     if output == "json":
         _echo_json(rows)
+        return
+    if not rows:
+        click.echo(_no_checkpoints(job))
         return
     t = table("STEP", "TIER", "SIZE", "STATE")
     for d in rows:
@@ -647,8 +705,14 @@ def _config_error(e: ValueError) -> CliError:
     show_default=True,
     help="Agents (nodes) to start on this machine.",
 )
-@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
-@click.option("--host", default=DEFAULT_HOST, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port of the controller; 0 picks a free one.",
+)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--redis-url", default="", help="Keep state in Redis [default: in this process].")
 @click.option(
     "--token-file",
@@ -716,7 +780,13 @@ def up(
 
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port to listen on; 0 picks a free one.",
+)
 @click.option(
     "--redis-url",
     default="",
@@ -959,17 +1029,35 @@ def agent(
 
 
 @main.command()
-@click.option("--steps", type=click.IntRange(min=2), default=150, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=2),
+    default=150,
+    show_default=True,
+    help="Training steps of the demo job (0.1 s each).",
+)
 @click.option(
     "--kill-at",
     type=click.IntRange(min=1),
-    default=20,
+    default=60,
     show_default=True,
-    help="Kill rank 1 once every rank reached this step.",
+    help="Kill rank 1 once every rank reached this step of the job (counted from its start; "
+    "the agents refill their warm interpreters during the first seconds, an earlier kill "
+    "restarts cold).",
 )
-@click.option("--agents", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--procs", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--agents",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Agents (nodes) of the local cluster.",
+)
+@click.option(
+    "--nodes", type=click.IntRange(min=1), default=2, show_default=True, help="Nodes of the job."
+)
+@click.option(
+    "--procs", type=click.IntRange(min=1), default=2, show_default=True, help="Ranks per node."
+)
 @click.option(
     "--script",
     default="examples/train.py",
@@ -1007,6 +1095,7 @@ def demo(
     )
 
 
+main.add_command(plan_command, "plan")
 main.add_command(run_command)
 main.add_command(_cli_cert.cert)
 

@@ -270,6 +270,7 @@ class JobClient:
         persist_every: int = 0,
         keep_persisted: int = 0,
         straggler_restart_after: int = 0,
+        hang_timeout_s: float = 0.0,
         redundancy: str = "",
     ) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
@@ -290,6 +291,7 @@ class JobClient:
             persist_every=persist_every,
             keep_persisted=keep_persisted,
             straggler_restart_after=straggler_restart_after,
+            hang_timeout_s=hang_timeout_s,
             redundancy=redundancy,
         )
         if node_wait_timeout_s is not None:
@@ -405,6 +407,7 @@ def fault_to_dict(fault: common_pb2.Fault) -> dict[str, Any]:
         "occurred_at": _time(fault.occurred_at),
         "classification": fault.classification,
         "attempt": fault.attempt,
+        "steps_lost": fault.steps_lost if fault.steps_lost >= 0 else None,
     }
 
 
@@ -496,6 +499,7 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
         ),
         "nodes": list(cur.nodes) if cur is not None else [],
         "created_at": _time(job.created_at),
+        **_progress(cur),
     }
     if not detail:
         return d
@@ -521,6 +525,15 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     d["root_cause"] = fault_to_dict(job.root_cause) if job.HasField("root_cause") else None
     d["faults"] = faults_of(job)
     return d
+
+
+def _progress(attempt: common_pb2.Attempt | None) -> dict[str, Any]:
+    """``step``: steps every rank of the attempt completed (None before any report);
+    ``step_at``: when the newest step report came."""
+    ranks = list(attempt.ranks) if attempt is not None else []
+    if not ranks or any(r.step < 0 for r in ranks):
+        return {"step": None, "step_at": None}
+    return {"step": min(r.step for r in ranks), "step_at": _time(max(r.step_at for r in ranks))}
 
 
 def checkpoints_of(job: common_pb2.Job) -> list[dict[str, Any]]:

@@ -37,6 +37,10 @@ def generate(out_dir: Path) -> list[Path]:
             f"--mypy_out={raw}",
             *[str(p) for p in PROTO_FILES],
         ]
+        # the plugin sits next to this interpreter (a venv's bin/), which need not be on PATH
+        plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+        if plugin.exists():
+            args.insert(1, f"--plugin=protoc-gen-mypy={plugin}")
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)

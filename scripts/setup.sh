@@ -49,13 +49,11 @@ fi
 # (re)install when a declared dependency is missing or hpt resolves to another checkout
 here=$(pwd -P)
 where=$("$PY" - <<'PYEOF' 2>/dev/null || true
-import importlib.metadata as md, os, re
-from packaging.requirements import Requirement
-dist = md.distribution("hpt")
-for raw in dist.requires or []:
-    req = Requirement(raw)
-    if req.marker is None or req.marker.evaluate({"extra": "dev"}):
-        md.version(req.name)  # raises when a declared dependency is missing
+# every dependency pyproject.toml declares now (not what the last install recorded) must be there
+import importlib.metadata as md, os, re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for raw in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    md.version(re.split(r"[<>=!~\[; ]", raw, maxsplit=1)[0])  # raises when it is missing
 import hpt.controller
 print(os.path.realpath(os.path.dirname(os.path.dirname(hpt.controller.__file__))))
 PYEOF

@@ -338,6 +338,7 @@ class Launch(_message.Message):
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     PROTECTION_FIELD_NUMBER: _builtins.int
     RESTORE_FIELD_NUMBER: _builtins.int
+    HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     world_size: _builtins.int
@@ -352,6 +353,8 @@ class Launch(_message.Message):
     persist_dir: _builtins.str
     persist_every: _builtins.int
     keep_persisted: _builtins.int
+    hang_timeout_s: _builtins.float
+    """the job's hang deadline (JobSpec.hang_timeout_s)"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -387,10 +390,11 @@ class Launch(_message.Message):
         keep_persisted: _builtins.int = ...,
         protection: _checkpoint_pb2.ProtectionLayout | None = ...,
         restore: _checkpoint_pb2.RestorePlan | None = ...,
+        hang_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["protection", b"protection", "restore", b"restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "protection", b"protection", "ranks", b"ranks", "restore", b"restore", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "protection", b"protection", "ranks", b"ranks", "restore", b"restore", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,7 @@ class JobSpec(_message.Message):
     KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
     REDUNDANCY_FIELD_NUMBER: _builtins.int
+    HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -175,6 +176,10 @@ class JobSpec(_message.Message):
     redundancy: _builtins.str
     """straggler's node once flagged for N of its steps
     "K+M" (Reed-Solomon k data + m parity nodes); empty: m=1, k from
+    """
+    hang_timeout_s: _builtins.float
+    """the node count (2 nodes: a mirror); "off": no protection
+    0: automatic hang deadline, only once the script reports steps;
     """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -198,10 +203,11 @@ class JobSpec(_message.Message):
         keep_persisted: _builtins.int = ...,
         straggler_restart_after: _builtins.int = ...,
         redundancy: _builtins.str = ...,
+        hang_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -359,6 +365,7 @@ class Fault(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    STEPS_LOST_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """rank_exit, node_lost, launch_failed, ..."""
     node: _builtins.str
@@ -370,8 +377,10 @@ class Fault(_message.Message):
     occurred_at: _builtins.float
     """wall clock, when known (rank exit time)"""
     classification: _builtins.str
-    """user, platform or infra"""
+    """user, platform, infra or oom"""
     attempt: _builtins.int
+    steps_lost: _builtins.int
+    """completed steps redone after the restore that followed (-1: not known yet)"""
     def __init__(
         self,
         *,
@@ -383,10 +392,11 @@ class Fault(_message.Message):
         occurred_at: _builtins.float = ...,
         classification: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        steps_lost: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank", "steps_lost", b"steps_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -411,6 +421,7 @@ class Attempt(_message.Message):
     PROTECTED_STEPS_FIELD_NUMBER: _builtins.int
     REDUNDANCY_FIELD_NUMBER: _builtins.int
     PARITY_BYTES_FIELD_NUMBER: _builtins.int
+    RESTORE_STEP_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     state: Global___AttemptState.ValueType
     master_addr: _builtins.str
@@ -423,6 +434,8 @@ class Attempt(_message.Message):
     """effective "K+M" of this attempt ("" when unprotected)"""
     parity_bytes: _builtins.int
     """protection bytes of one protected step, all nodes together"""
+    restore_step: _builtins.int
+    """the snapshot step this attempt restored (0: none)"""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -455,10 +468,11 @@ class Attempt(_message.Message):
         protected_steps: _abc.Iterable[_builtins.int] | None = ...,
         redundancy: _builtins.str = ...,
         parity_bytes: _builtins.int = ...,
+        restore_step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "parity_bytes", b"parity_bytes", "protected_steps", b"protected_steps", "ranks", b"ranks", "redundancy", b"redundancy", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "ended_at", b"ended_at", "first_step_at", b"first_step_at", "history", b"history", "master_addr", b"master_addr", "master_port", b"master_port", "nodes", b"nodes", "number", b"number", "parity_bytes", b"parity_bytes", "protected_steps", b"protected_steps", "ranks", b"ranks", "redundancy", b"redundancy", "restore_step", b"restore_step", "started_at", b"started_at", "state", b"state", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

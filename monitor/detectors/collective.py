@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hpt.monitor.detectors._common import is_finite, median, require
+from hpt.monitor.detectors._common import LowWatermark, is_finite, median, require
 from hpt.monitor.records import CollectiveRecord, Detection, Finding, FindingKind
 
 __all__ = ["CollectiveConfig", "CollectiveDetector"]
@@ -96,6 +96,7 @@ class _Job:
     recent: deque[_Last] = field(default_factory=deque)
     laggards: set[int] = field(default_factory=set)
     missing_reported: set[tuple[int, int]] = field(default_factory=set)
+    watermark: LowWatermark = field(default_factory=LowWatermark)  # min done seq of members
 
 
 class CollectiveDetector:
@@ -114,6 +115,7 @@ class CollectiveDetector:
         if job is None:
             return
         job.expected = frozenset(nodes_by_rank)
+        job.watermark.invalidate()
         job.nodes.update(nodes_by_rank)
 
     def forget(self, job_id: str) -> None:
@@ -173,13 +175,19 @@ class CollectiveDetector:
         rank, seq = rec.rank, rec.seq
         if rec.node:
             job.nodes[rank] = rec.node
+        if rank not in job.entered:
+            job.watermark.invalidate()  # a new member (when no ranks were declared)
         job.entered[rank] = max(job.entered.get(rank, -1), seq)
         if rec.exit_s is None:
             if seq > job.done.get(rank, -1):
                 job.inflight.setdefault((rank, seq), (rec.op, now))
             return
         job.inflight.pop((rank, seq), None)
-        job.done[rank] = max(job.done.get(rank, -1), seq)
+        done = job.done.get(rank, -1)
+        if seq > done:
+            if job.expected is None or rank in job.expected:
+                job.watermark.raised(done, seq)
+            job.done[rank] = seq
         if seq > job.finalized_through:
             job.pending.setdefault(seq, {})[rank] = (rec.exit_s - rec.enter_s, rec.op)
 
@@ -188,7 +196,7 @@ class CollectiveDetector:
 
     def _finalize(self, job_id: str, job: _Job, now: float, out: list[Finding]) -> str:
         cfg = self.cfg
-        watermark = min((job.done.get(r, -1) for r in self._members(job)), default=-1)
+        watermark = job.watermark.get(lambda: (job.done.get(r, -1) for r in self._members(job)))
         ready = sorted(s for s in job.pending if s <= watermark)
         overflow = len(job.pending) - len(ready) - cfg.max_pending_seqs
         if overflow > 0:

@@ -32,6 +32,9 @@ class HangConfig:
     """The deadline never goes below this, however fast steps are."""
     startup_s: float = 300.0
     """Deadline before the attempt's first step completes."""
+    timeout_s: float = 0.0
+    """A fixed deadline (the job's ``hang_timeout_s``) instead of the derived one; before the
+    first step it is ``max(timeout_s, startup_s)``: start-up takes what it takes. 0: derive."""
 
     def __post_init__(self) -> None:
         require(is_finite(self.factor) and self.factor >= 1.0, "factor", self.factor, "be >= 1")
@@ -42,6 +45,8 @@ class HangConfig:
             self.startup_s,
             f"be >= min_s ({self.min_s})",
         )
+        require(is_finite(self.timeout_s) and self.timeout_s >= 0.0, "timeout_s", self.timeout_s,
+                "be >= 0")
 
 
 def hang_deadline_s(median_step_s: float | None, cfg: HangConfig) -> float:
@@ -52,14 +57,17 @@ def hang_deadline_s(median_step_s: float | None, cfg: HangConfig) -> float:
         cfg: the deadline's tuning.
 
     Returns:
-        ``cfg.startup_s`` when ``median_step_s`` is None, else
+        ``cfg.startup_s`` when ``median_step_s`` is None (``max(cfg.timeout_s, cfg.startup_s)``
+        when a timeout is set); else ``cfg.timeout_s`` when set, else
         ``max(cfg.min_s, cfg.factor * median_step_s)``.
 
     Raises:
         ValueError: ``median_step_s`` is negative or not finite.
     """
     if median_step_s is None:
-        return cfg.startup_s
+        return max(cfg.timeout_s, cfg.startup_s)
+    if cfg.timeout_s > 0:
+        return cfg.timeout_s
     require(
         is_finite(median_step_s) and median_step_s >= 0.0,
         "median_step_s",
@@ -78,6 +86,7 @@ def check_hang(
     job_id: str,
     attempt: int,
     nodes_by_rank: Mapping[int, str] | None = None,
+    own_deadlines: Mapping[int, tuple[float, str]] | None = None,
 ) -> Detection:
     """Name the ranks with no progress for longer than the hang deadline.
 
@@ -90,6 +99,8 @@ def check_hang(
         job_id: stamped on the findings.
         attempt: stamped on the findings.
         nodes_by_rank: node of each rank, for the findings; missing ranks get "".
+        own_deadlines: ranks judged by a deadline of their own instead, with what sets it
+            (a section with its own timeout: ``(600.0, "section 'eval' timeout")``).
 
     Returns:
         One HANG finding per hung rank, longest silent first, and a one-line reason.
@@ -97,8 +108,11 @@ def check_hang(
     require(is_finite(now), "now", now, "be a finite number")
     deadline = hang_deadline_s(median_step_s, cfg)
     nodes = nodes_by_rank or {}
+    own = own_deadlines or {}
     if median_step_s is None:
         basis = f"startup deadline {deadline:.1f} s (no step completed yet)"
+    elif cfg.timeout_s > 0:
+        basis = f"the job's hang timeout {deadline:g} s"
     else:
         basis = (
             f"deadline {deadline:.1f} s = max({cfg.min_s:g} s, {cfg.factor:g} x median step "
@@ -111,14 +125,16 @@ def check_hang(
     )
     findings: list[Finding] = []
     for silent_s, rank in silent:
-        if silent_s <= deadline:
-            break
+        rank_deadline, rank_basis = own.get(rank, (deadline, basis))
+        if silent_s <= rank_deadline:
+            continue
         node = nodes.get(rank, "")
         who = f"rank {rank} ({node})" if node else f"rank {rank}"
+        phase = "startup" if median_step_s is None else "steady"
         evidence: dict[str, float | int | str] = {
             "silent_s": round(silent_s, 3),
-            "deadline_s": deadline,
-            "phase": "startup" if median_step_s is None else "steady",
+            "deadline_s": rank_deadline,
+            "phase": "section" if rank in own else phase,
         }
         if median_step_s is not None:
             evidence["median_step_s"] = median_step_s
@@ -129,7 +145,7 @@ def check_hang(
                 attempt=attempt,
                 rank=rank,
                 node=node,
-                message=f"{who} made no progress for {silent_s:.1f} s, past its {basis}",
+                message=f"{who} made no progress for {silent_s:.1f} s, past its {rank_basis}",
                 detected_at_s=now,
                 evidence=evidence,
             )

@@ -61,7 +61,7 @@ def clean_sha(cluster) -> str:
     return final_sha(cluster, job_id)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_long_validation_is_no_hang_and_killed_rank_resumes_at_the_exact_batch(cluster, clean_sha):
     job_id = cluster.submit(*JOB, "--val-batches", "1")
     job = cluster.wait_step(job_id, attempt=1, step=7, timeout_s=180)

@@ -190,6 +190,7 @@ def test_peer_transfer_credentials_identify_the_calling_agent(pki):
         server.stop(0)
 
 
+@pytest.mark.timeout(300)  # hptctl up, an agent and six CLI processes on a 2-core machine
 def test_hptctl_up_generates_a_private_token_the_cli_finds_and_never_leaks_it(tmp_path):
     home = tmp_path / "home"
     port = free_port()

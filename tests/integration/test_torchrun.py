@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
         c.close()
 
 
-def hptctl(cluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def hptctl(cluster, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hpt.cli", *args, "--controller", cluster.address]
         if args[0] != "submit" else
@@ -46,6 +46,7 @@ def hptctl(cluster, *args: str, timeout_s: float = 120) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.timeout(400)
 def test_record_error_of_a_torchrun_script_reaches_describe(cluster):
     done = hptctl(cluster, "submit", "--nnodes", "1:2", "--nproc-per-node", "2",
                   "--max-restarts", "0", "--wait", "--", "python", str(BIN / "record_fail.py"))
@@ -63,6 +64,7 @@ def test_record_error_of_a_torchrun_script_reaches_describe(cluster):
     assert "learning rate 42.0 is not a learning rate" in human.stdout, human.stdout
 
 
+@pytest.mark.timeout(400)
 def test_ddp_rank_skipping_a_backward_is_named_from_the_reducer_all_reduce(cluster):
     job_id = cluster.submit(
         "python", str(BIN / "ddp_job.py"), "--steps", "12", "--skip-rank", "2", "--skip-step", "5",
@@ -70,23 +72,23 @@ def test_ddp_rank_skipping_a_backward_is_named_from_the_reducer_all_reduce(clust
     )
     missing = wait_for(
         lambda: [e for e in cluster.events(job_id) if e.kind == "collective_missing"],
-        60, "a collective_missing event",
+        240, "a collective_missing event",
     )
     assert {e.rank for e in missing} == {2}, [e.message for e in missing]
     assert missing[0].node == "node-1"
     assert "never entered all_reduce seq" in missing[0].message
-    job = cluster.wait_terminal(job_id, timeout_s=90)
+    job = cluster.wait_terminal(job_id, timeout_s=240)
     assert state_name(job.state) == "SUCCEEDED", job.reason
     cause = job.attempts[0].cause
     assert cause.rank == 2, cause
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_hptctl_run_starts_a_local_cluster_and_exits_with_the_job_status(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "hpt.cli", "run", "-p", "2", "--", "python", TRAIN, "--steps", "6",
          "--step-time", "0"],
-        capture_output=True, text=True, timeout=170, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=190, cwd=tmp_path, stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert run.returncode == 0, run.stderr
@@ -95,7 +97,7 @@ def test_hptctl_run_starts_a_local_cluster_and_exits_with_the_job_status(tmp_pat
     failed = subprocess.run(
         [sys.executable, "-m", "hpt.cli", "run", "-p", "2", "--max-restarts", "0", "--",
          "python", str(BIN / "record_fail.py")],
-        capture_output=True, text=True, timeout=170, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=190, cwd=tmp_path, stdin=subprocess.DEVNULL,
     )
     assert failed.returncode == 1, failed.stderr
     assert "FAILED" in failed.stderr and "learning rate 42.0" in failed.stderr, failed.stderr

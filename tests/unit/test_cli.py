@@ -53,13 +53,17 @@ CLI_SURFACE = {
     "describe": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
     "events": ["--controller", "--follow", "--job", "--output", "--tls-ca", "--token-file",
                "-f", "-o"],
-    "logs": ["--controller", "--follow", "--rank", "--tls-ca", "--token-file", "-f", "JOB_ID"],
+    "logs": ["--controller", "--follow", "--output", "--rank", "--tls-ca", "--token-file", "-f",
+             "-o", "JOB_ID"],
     "ls": ["--controller", "--output", "--tls-ca", "--token-file", "-o"],
     "nodes": ["--controller", "--output", "--tls-ca", "--token-file", "-o"],
+    "plan": ["--compare-torchrun", "--days", "--gpus", "--gpus-per-node", "--inputs",
+             "--output", "--persist-interval", "--redundancy", "--simulate",
+             "--snapshot-interval", "-o"],
     "run": ["--env", "--keep-dir", "--max-restarts", "--nproc-per-node", "--nproc_per_node",
             "--procs-per-node", "-p", "COMMAND"],
     "status": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
-    "submit": ["--controller", "--env", "--grace", "--keep-persisted", "--max-restarts",
+    "submit": ["--controller", "--env", "--grace", "--hang-timeout", "--keep-persisted", "--max-restarts",
                "--min-nodes", "--name", "--nnodes", "--node-wait", "--nodes",
                "--nproc-per-node", "--nproc_per_node", "--persist-dir",
                "--persist-every", "--procs-per-node", "--redundancy",
@@ -402,7 +406,7 @@ def test_submit_takes_the_command_without_dashes_too(server) -> None:
 def test_invalid_argument_from_the_server_exits_2_with_its_message(server) -> None:
     addr, fake = server
     fake.submit_error = (grpc.StatusCode.INVALID_ARGUMENT, "procs_per_node (0) must be >= 1")
-    result = _run("submit", "--controller", addr, "-p", "0", "--", "true")
+    result = _run("submit", "--controller", addr, "-p", "2", "--", "true")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: procs_per_node (0) must be >= 1"
 
@@ -641,6 +645,9 @@ class _FakeController:
 
     def start(self) -> int:
         return 4242
+
+    def ready_nodes(self, names: list[str]) -> int:
+        return 0  # the fake agents never register
 
     def wait_for_termination(self) -> None:
         pass  # returns at once: the controller "stopped on its own"

@@ -36,7 +36,8 @@ class FakeLauncher:
 def rank(tmp_path):
     path = stack_file(tmp_path, "j", 1, 0)
     path.parent.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path)], stdout=subprocess.PIPE,
+                            start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     yield proc
     proc.kill()
@@ -61,7 +62,9 @@ def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
     t0 = time.monotonic()
     assert watch.check(t0) == []
-    watch.on_rank_message({"job_id": "j", "attempt": 1, "rank": 0}, {"op": "step", "step": 1})
+    hello = {"job_id": "j", "attempt": 1, "rank": 0}
+    watch.on_rank_message(hello, {"op": "stack_dump", "pid": rank.pid})
+    watch.on_rank_message(hello, {"op": "step", "step": 1})
     (finding,) = watch.check(time.monotonic() + 2.0)
     assert finding.kind == "hang" and finding.rank == 0 and finding.node == "n"
     assert "in waiting_here" in finding.stacks[0].text
@@ -72,6 +75,7 @@ def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
 def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
     watch.check(time.monotonic())
+    watch.on_rank_message({"job_id": "j", "attempt": 1, "rank": 0}, {"op": "step", "step": 1})
     os.kill(rank.pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 10

@@ -107,3 +107,20 @@ def test_invalid_config_is_refused_naming_field_value_and_rule(kwargs, message):
     with pytest.raises(ValueError) as err:
         HangConfig(**kwargs)
     assert str(err.value) == message
+
+
+def test_the_jobs_hang_timeout_replaces_the_derived_deadline_but_not_a_longer_startup():
+    from hpt.monitor.detectors.hang import HangConfig, hang_deadline_s
+
+    cfg = HangConfig(min_s=5.0, startup_s=300.0, timeout_s=42.0)
+    assert hang_deadline_s(0.01, cfg) == 42.0  # the derived one would be 5 s
+    assert hang_deadline_s(None, cfg) == 300.0
+    assert hang_deadline_s(None, HangConfig(min_s=5.0, startup_s=10.0, timeout_s=42.0)) == 42.0
+
+
+def test_a_rank_with_its_own_deadline_is_judged_by_it():
+    from hpt.monitor.detectors.hang import HangConfig, check_hang
+
+    det = check_hang({0: 0.0, 1: 0.0}, 0.01, 20.0, HangConfig(min_s=5.0), job_id="j", attempt=1,
+                     own_deadlines={1: (30.0, "section 'eval' timeout 30 s")})
+    assert [f.rank for f in det.findings] == [0]

@@ -143,35 +143,48 @@ def test_straggler_is_reported_once_while_it_stays_slow():
     assert det.flagged(JOB) == frozenset({1})
 
 
-def test_flagged_rank_is_cleared_after_persistence_steps_back_in_line():
+def test_flagged_rank_is_cleared_after_clear_after_steps_back_in_line():
     det = StragglerDetector()
     slow = make_steps(8, range(0, 20), slow={6: 1.4}, seed=4)
-    recovered = make_steps(8, range(20, 40), seed=5)
+    recovered = make_steps(8, range(20, 50), seed=5)
     found = feed_by_step(det, slow + recovered)
     assert [(f.kind, f.rank) for _, f in found] == [
         (FindingKind.STRAGGLER, 6),
         (FindingKind.STRAGGLER_CLEARED, 6),
     ]
     cleared_step = found[1][0]
-    assert cleared_step == 20 + StragglerConfig().persistence - 1
+    assert cleared_step == 20 + StragglerConfig().clear_after - 1
     assert det.flagged(JOB) == frozenset()
 
 
 def test_cleared_rank_that_slows_again_is_flagged_again_only_after_new_slow_steps():
     det = StragglerDetector()
+    clear = StragglerConfig().clear_after
     recs = (
         make_steps(4, range(0, 10), slow={2: 1.5})
-        + make_steps(4, range(10, 15))
-        + make_steps(4, range(15, 30), slow={2: 1.5})
+        + make_steps(4, range(10, 10 + clear))
+        + make_steps(4, range(10 + clear, 25 + clear), slow={2: 1.5})
     )
     found = feed_by_step(det, recs)
     kinds = [(s, f.kind) for s, f in found]
     persistence = StragglerConfig().persistence
     assert kinds == [
         (persistence - 1, FindingKind.STRAGGLER),
-        (10 + persistence - 1, FindingKind.STRAGGLER_CLEARED),
-        (15 + persistence - 1, FindingKind.STRAGGLER),
+        (10 + clear - 1, FindingKind.STRAGGLER_CLEARED),
+        (10 + clear + persistence - 1, FindingKind.STRAGGLER),
     ]
+
+
+def test_a_rank_slow_in_bursts_is_flagged_once_instead_of_flapping():
+    # bursts of 5 slow steps, then 6 in line, four times over (a loaded node)
+    det = StragglerDetector()
+    recs = []
+    for burst in range(4):
+        base = burst * 11
+        recs += make_steps(4, range(base, base + 5), slow={3: 1.5}, seed=burst)
+        recs += make_steps(4, range(base + 5, base + 11), seed=100 + burst)
+    found = feed_by_step(det, recs)
+    assert [(f.kind, f.rank) for _, f in found] == [(FindingKind.STRAGGLER, 3)]
 
 
 def test_identical_timings_do_not_divide_by_zero_and_flag_nobody():

@@ -1,0 +1,265 @@
+"""How many agents one controller handles: a real controller process and a real redis-server
+against N simulated agents speaking the real gRPC protocol (``tests/simagents.py``, all on one
+asyncio loop in this process). JSON lines on stdout, one per N:
+
+    python tests/bench/bench_scale.py --agents 100,500,1000,2000 [--window 20]
+
+For each N, in this order:
+1. registration: all N agents dial in (256 at a time); seconds until every one is registered;
+2. submit -> all ranks launched: a job of N nodes x ``--slots`` ranks; seconds from SubmitJob
+   until the last agent received its Launch;
+3. steady state for ``--window`` seconds with the job running: heartbeat latency (send -> ack)
+   p50/p99, heartbeats never acknowledged, controller CPU (fraction of one core) and RSS,
+   Redis commands/s, nodes wrongly declared lost;
+4. node loss: ``--lose`` agents stop heartbeating (their streams stay open); detection = the
+   controller's ``node_lost`` event time minus the agent's last heartbeat, p50/p99; and the
+   time until the job's next attempt was launched on every surviving node.
+A run "breaks" when registration or launch misses its deadline, heartbeats go unacknowledged,
+or a talking node is declared lost; the line says which (``broke``).
+
+The load generator shares the machine with the controller (and, today, with other people's
+work): its own CPU use is reported (``simulator_cpu``) so a saturated generator is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import redis  # noqa: E402
+
+from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc  # noqa: E402
+from tests.redis_fixture import start_redis, stop_redis  # noqa: E402
+from tests.simagents import Fleet, FleetConfig, percentile  # noqa: E402
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _Controller:
+    def __init__(self, workdir: Path, redis_url: str, period_s: float) -> None:
+        self.port = _free_port()
+        self.log_path = workdir / f"controller-{self.port}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hpt.cli", "controller", "--port", str(self.port),
+                 "--redis-url", redis_url, "--heartbeat-period", str(period_s)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                start_new_session=True)
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def wait_serving(self, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        async with grpc.aio.insecure_channel(self.target) as ch:
+            stub = jobs_pb2_grpc.JobServiceStub(ch)
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"controller exited: {self.log_path.read_text()[-2000:]}")
+                try:
+                    await stub.ListNodes(jobs_pb2.ListNodesRequest(), timeout=1.0)
+                    return
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+        raise TimeoutError(f"controller not serving after {deadline_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+async def _watch_events(stub: jobs_pb2_grpc.JobServiceStub, sink: list) -> None:  # type: ignore[type-arg]
+    try:
+        async for ev in stub.StreamEvents(jobs_pb2.StreamEventsRequest(follow=True)):
+            sink.append(ev)
+    except (grpc.aio.AioRpcError, asyncio.CancelledError):
+        pass
+
+
+async def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    out: dict[str, object] = {"bench": "controller_scale", "agents": n, "ranks": n * args.slots,
+                              "heartbeat_period_s": args.period, "broke": ""}
+    redis_url, redis_proc = start_redis(workdir)
+    ctl = _Controller(workdir, redis_url, args.period)
+    rclient = redis.Redis.from_url(redis_url)
+    events: list = []  # type: ignore[type-arg]
+    try:
+        await ctl.wait_serving(60)
+        channel = grpc.aio.insecure_channel(ctl.target)
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        watcher = asyncio.create_task(_watch_events(stub, events))
+        cfg = FleetConfig(target=ctl.target, num_agents=n, slots=args.slots,
+                          steps_per_s=args.steps_per_s,
+                          collectives_per_step=args.collectives_per_step)
+        sim_cpu0 = time.process_time()
+        async with Fleet(cfg) as fleet:
+            t0 = time.monotonic()
+            registered = await fleet.wait_registered(args.deadline)
+            out["registered"] = registered
+            out["register_all_s"] = round(time.monotonic() - t0, 3)
+            if registered < n:
+                out["broke"] = f"registration: {registered}/{n} in {args.deadline} s; " \
+                               f"{fleet.errors()[:3]}"
+                return out
+            # 2. submit -> every node got its Launch
+            spec = common_pb2.JobSpec(name="scale", command=["python", "-c", "pass"], nodes=n,
+                                      procs_per_node=args.slots, min_nodes=max(1, n - args.lose),
+                                      max_restarts=3)
+            submitted = time.time()
+            resp = await stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=60)
+            job_id = resp.job_id
+            end = time.monotonic() + args.deadline
+            while len(fleet.launches(job_id, 1)) < n and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            launched = fleet.launches(job_id, 1)
+            out["submit_to_all_launched_s"] = round(max(launched) - submitted, 3) \
+                if len(launched) == n else None
+            if len(launched) < n:
+                out["broke"] = f"launch: {len(launched)}/{n} agents got a Launch"
+                return out
+            # 3. steady state
+            await asyncio.sleep(min(5.0, args.window / 4))  # first-step burst settles
+            fleet.latencies.clear()
+            recs0 = fleet.num_records
+            cpu0, ops0 = _cpu_s(ctl.proc.pid), rclient.info("stats")["total_commands_processed"]
+            sim0, w0 = time.process_time(), time.monotonic()
+            lost_before = sum(1 for e in events if e.kind == "node_lost")
+            spy = None
+            if args.py_spy:  # a sampling profile of the controller over the window
+                spy = subprocess.Popen(
+                    ["py-spy", "record", "-p", str(ctl.proc.pid), "-d", str(int(args.window)),
+                     "-r", "50", "-f", "raw", "-o", f"{args.py_spy}-{n}.txt", "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(args.window)
+            if spy is not None:
+                spy.wait(timeout=60)
+            wall = time.monotonic() - w0
+            lat = fleet.latencies[:]
+            out.update(
+                heartbeats=len(lat),
+                heartbeat_p50_s=round(percentile(lat, 0.5), 4),
+                heartbeat_p99_s=round(percentile(lat, 0.99), 4),
+                heartbeat_max_s=round(max(lat), 4) if lat else None,
+                unacked_beats=sum(a.unacked(2 * args.period) for a in fleet.agents),
+                controller_cpu=round((_cpu_s(ctl.proc.pid) - cpu0) / wall, 3),
+                controller_rss_mib=round(_rss_bytes(ctl.proc.pid) / 2**20, 1),
+                controller_threads=_threads(ctl.proc.pid),
+                redis_ops_per_s=round(
+                    (rclient.info("stats")["total_commands_processed"] - ops0) / wall, 1),
+                timing_records_per_s=round((fleet.num_records - recs0) / wall, 1),
+                simulator_cpu=round((time.process_time() - sim0) / wall, 3),
+            )
+            acked = len(lat)
+            out["controller_cpu_ms_per_heartbeat"] = round(
+                1000 * out["controller_cpu"] * wall / acked, 3) if acked else None  # type: ignore[operator]
+            out["controller_rss_kib_per_agent"] = round(
+                _rss_bytes(ctl.proc.pid) / 1024 / n, 1)
+            false_lost = sum(1 for e in events if e.kind == "node_lost") - lost_before
+            if false_lost:
+                out["broke"] = f"{false_lost} talking node(s) declared lost"
+            elif out["unacked_beats"]:
+                out["broke"] = f"{out['unacked_beats']} heartbeats unacknowledged"
+            # 4. node loss
+            victims = fleet.agents[-args.lose:] if args.lose else []
+            for agent in victims:
+                agent.silence()
+            names = {a.name: a for a in victims}
+            end = time.monotonic() + max(30.0, 10 * args.period)
+            detect: dict[str, float] = {}
+            while len(detect) < len(victims) and time.monotonic() < end:
+                for e in events:
+                    if e.kind == "node_lost" and e.node in names and e.node not in detect:
+                        detect[e.node] = e.at - names[e.node].silenced_at
+                await asyncio.sleep(0.05)
+            d = list(detect.values())
+            out.update(lost=len(victims), detected=len(d),
+                       detection_p50_s=round(percentile(d, 0.5), 3) if d else None,
+                       detection_p99_s=round(percentile(d, 0.99), 3) if d else None)
+            if victims:
+                end = time.monotonic() + args.deadline
+                survivors = n - len(victims)
+                while len(fleet.launches(job_id, 2)) < survivors and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                relaunched = fleet.launches(job_id, 2)
+                first_lost = min((e.at for e in events if e.kind == "node_lost"
+                                  and e.node in names), default=None)
+                out["node_lost_to_relaunched_s"] = round(max(relaunched) - first_lost, 3) \
+                    if len(relaunched) >= survivors and first_lost else None
+            out["agent_errors"] = fleet.errors()[:3]
+            out["simulator_cpu_total_s"] = round(time.process_time() - sim_cpu0, 1)
+        watcher.cancel()
+        await channel.close()
+        return out
+    finally:
+        if ctl.proc.poll() is not None and not out.get("broke"):
+            out["broke"] = f"controller exited {ctl.proc.returncode}"
+        ctl.stop()
+        rclient.close()
+        stop_redis(redis_proc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--agents", default="100,500,1000", help="comma-separated N values")
+    p.add_argument("--slots", type=int, default=8, help="ranks per node")
+    p.add_argument("--period", type=float, default=0.5, help="heartbeat period, seconds")
+    p.add_argument("--window", type=float, default=20.0, help="steady-state window, seconds")
+    p.add_argument("--deadline", type=float, default=60.0, help="per-phase deadline, seconds")
+    p.add_argument("--lose", type=int, default=5, help="agents silenced in the loss phase")
+    p.add_argument("--steps-per-s", type=float, default=1.0)
+    p.add_argument("--collectives-per-step", type=int, default=2)
+    p.add_argument("--py-spy", default="", metavar="PREFIX",
+                   help="profile the controller over the window with py-spy into PREFIX-N.txt")
+    p.add_argument("--stop-on-break", action="store_true", default=True)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hpt-scale-") as tmp:
+        for n in [int(x) for x in args.agents.split(",")]:
+            result = asyncio.run(run_one(n, args, Path(tmp)))
+            print(json.dumps(result), flush=True)
+            if result["broke"] and args.stop_on_break:
+                break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The agent's hang policy: who is judged, by which deadline, and who may be sent SIGUSR1.
+
+Real processes (sleepers) stand in for ranks; the watch's clock is passed in, so "later" is a
+number, not a wait.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpt.agent.launcher import RankPhase, RankProcess
+from hpt.agent.watch import RankWatch, WatchConfig, stack_file
+from hpt.monitor.detectors.hang import HangConfig
+
+HELLO = {"job_id": "j", "attempt": 1, "rank": 0}
+DEADLINE_S = 5.0  # the watch's min_s: a job with fast steps is hung after 5 s of silence
+
+
+class FakeLauncher:
+    def __init__(self, procs: list[RankProcess]) -> None:
+        self.procs = procs
+
+    def ranks(self) -> list[RankProcess]:
+        return list(self.procs)
+
+
+@pytest.fixture
+def sleeper():
+    """A rank without any signal handler: SIGUSR1 would kill it."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); "
+                             "time.sleep(120)"], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def make_watch(tmp_path, proc, *, hang_timeout_s: float = 0.0, startup_s: float = DEADLINE_S):  # type: ignore[no-untyped-def]
+    rp = RankProcess(job_id="j", attempt=1, rank=0, local_rank=0, node="n", pid=proc.pid,
+                     phase=RankPhase.RUNNING, hang_timeout_s=hang_timeout_s)
+    cfg = WatchConfig(hang=HangConfig(min_s=DEADLINE_S, startup_s=startup_s),
+                      stack_deadline_s=0.5)
+    return RankWatch(node="n", launcher=FakeLauncher([rp]), run_dir=tmp_path,
+                     on_change=lambda: None, cfg=cfg)
+
+
+def steps(watch: RankWatch, n: int = 3) -> None:
+    for s in range(1, n + 1):
+        watch.on_rank_message(HELLO, {"op": "step", "step": s})
+
+
+def test_a_section_with_its_own_timeout_is_not_a_hang_until_that_timeout(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper)
+    steps(watch)
+    watch.on_rank_message(HELLO, {"op": "section", "name": "eval", "timeout": 3 * DEADLINE_S})
+    t0 = time.monotonic()
+    assert watch.check(t0 + 2 * DEADLINE_S) == []  # past the usual deadline: inside the section
+    (finding,) = watch.check(t0 + 3 * DEADLINE_S + 1.0)
+    assert "section 'eval' timeout 15 s" in finding.message
+
+
+def test_leaving_the_section_is_progress_and_the_usual_deadline_applies_again(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper)
+    steps(watch)
+    watch.on_rank_message(HELLO, {"op": "section", "name": "eval", "timeout": 100.0})
+    watch.on_rank_message(HELLO, {"op": "section_end", "name": "eval"})
+    t0 = time.monotonic()
+    assert watch.check(t0 + DEADLINE_S - 1.0) == []
+    (finding,) = watch.check(t0 + DEADLINE_S + 1.0)
+    assert "made no progress" in finding.message
+
+
+def test_a_script_that_never_reports_a_step_is_not_judged_by_its_silence(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, startup_s=10.0)
+    t0 = time.monotonic()
+    assert watch.check(t0) == []
+    assert watch.check(t0 + 1000.0) == []  # far past the start-up deadline
+
+
+def test_the_jobs_hang_timeout_judges_a_script_without_hooks_when_asked(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, hang_timeout_s=8.0, startup_s=DEADLINE_S)
+    t0 = time.monotonic()
+    assert watch.check(t0) == []
+    assert watch.check(t0 + 7.0) == []
+    (finding,) = watch.check(t0 + 9.0)
+    assert "deadline 8.0 s" in finding.message
+
+
+def test_start_up_keeps_its_own_deadline_when_the_hang_timeout_is_shorter(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, hang_timeout_s=3.0, startup_s=60.0)
+    t0 = time.monotonic()
+    assert watch.check(t0) == []
+    assert watch.check(t0 + 30.0) == []  # importing torch on a loaded node is not a hang
+    assert len(watch.check(t0 + 61.0)) == 1
+
+
+def test_the_jobs_hang_timeout_replaces_the_automatic_deadline(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, hang_timeout_s=30.0)
+    steps(watch)
+    t0 = time.monotonic()
+    assert watch.check(t0 + 2 * DEADLINE_S) == []  # the automatic 5 s would have fired
+    assert len(watch.check(t0 + 31.0)) == 1
+
+
+def test_a_stuck_collective_is_the_second_signal_for_a_rank_without_steps(tmp_path, sleeper):
+    watch = make_watch(tmp_path, sleeper, startup_s=10.0)
+    inflight = {"type": "collective", "job_id": "j", "attempt": 1, "rank": 0, "node": "n",
+                "seq": 4, "op": "all_reduce", "nbytes": 8, "enter_s": 1.0, "exit_s": None}
+    watch.on_rank_message(HELLO, {"op": "inflight", "records": [inflight]})
+    t0 = time.monotonic()
+    assert watch.check(t0 + 5.0) == []
+    (finding,) = watch.check(t0 + 11.0)
+    assert "all_reduce seq 4 in flight" in finding.message
+    # out of the collective again: nothing is judged any more
+    watch2 = make_watch(tmp_path, sleeper, startup_s=10.0)
+    watch2.on_rank_message(HELLO, {"op": "inflight", "records": [inflight]})
+    watch2.on_rank_message(HELLO, {"op": "inflight", "records": []})
+    assert watch2.check(time.monotonic() + 100.0) == []
+
+
+def test_sigusr1_goes_only_to_the_process_that_registered_the_dump(tmp_path, sleeper):
+    # The stack file exists (say a child of a wrapper script called hpt.init and wrote it), but
+    # the rank's own process never registered the handler: it must not be signalled.
+    path = stack_file(tmp_path, "j", 1, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    watch = make_watch(tmp_path, sleeper)
+    steps(watch)
+    (finding,) = watch.check(time.monotonic() + DEADLINE_S + 1.0)
+    assert "registered the SIGUSR1 stack dump" in finding.stacks[0].text
+    assert sleeper.poll() is None, "the diagnostic killed the rank"
+
+
+def test_a_registration_naming_a_process_outside_the_rank_is_not_signalled(tmp_path, sleeper):
+    path = stack_file(tmp_path, "j", 1, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             start_new_session=True)
+    try:
+        watch = make_watch(tmp_path, sleeper)
+        watch.on_rank_message(HELLO, {"op": "stack_dump", "pid": other.pid})
+        steps(watch)
+        watch.check(time.monotonic() + DEADLINE_S + 1.0)
+        assert other.poll() is None and sleeper.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("msg", [
+    {"op": "section", "name": "eval", "timeout": -1},
+    {"op": "section", "name": "", "timeout": 10},
+    {"op": "section", "name": "eval", "timeout": True},
+    {"op": "stack_dump", "pid": "12"},
+])
+def test_malformed_rank_state_messages_are_refused(tmp_path, sleeper, msg):
+    watch = make_watch(tmp_path, sleeper)
+    with pytest.raises(ValueError):
+        watch.on_rank_message(HELLO, msg)

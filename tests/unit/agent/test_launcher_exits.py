@@ -1,0 +1,115 @@
+"""How the launcher names the way a rank ended: real processes, the agent's real launcher."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from hpt.agent import launcher as launcher_mod
+from hpt.agent import oom
+from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase
+from hpt.agent.snapshots import SnapshotKeeper
+from hpt.agent.spawn import Spawner
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    spawner = Spawner()
+    snapshots = SnapshotKeeper("n", shm_dir=str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
+    changed = threading.Event()
+    la = Launcher(node="n", run_dir=tmp_path / "run", agent_socket=str(tmp_path / "agent.sock"),
+                  on_change=changed.set, spawner=spawner, snapshots=snapshots)
+    yield la
+    la.stop_all(grace_s=0.0, reason="test over")
+    la.wait_all(30.0)
+    snapshots.close()
+    spawner.close()
+
+
+def run_rank(la: Launcher, code: str, tmp_path) -> object:  # type: ignore[no-untyped-def]
+    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", code), env={},
+                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    (proc,) = la.launch(spec)
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while not proc.ended:
+        assert time.monotonic() < deadline, "rank did not end"
+        tick.wait(0.02)
+    return proc
+
+
+KILL_SELF = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+
+
+def test_a_sigkill_while_the_nodes_oom_kill_count_rose_is_named_out_of_memory(
+        launcher, tmp_path, monkeypatch):
+    counts = iter([7, 8])
+    monkeypatch.setattr(launcher_mod.oom, "oom_kills", lambda: next(counts))
+    proc = run_rank(launcher, KILL_SELF, tmp_path)
+    assert proc.phase == RankPhase.FAILED and proc.signal == "SIGKILL"
+    assert proc.error_type == oom.ERROR_TYPE
+    assert "OOM killer" in proc.exit_reason() and "from 7 to 8" in proc.exit_reason()
+
+
+def test_a_sigkill_without_oom_kills_stays_a_plain_sigkill(launcher, tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher_mod.oom, "oom_kills", lambda: 7)
+    proc = run_rank(launcher, KILL_SELF, tmp_path)
+    assert proc.error_type == "" and proc.exit_reason() == "killed by SIGKILL"
+
+
+def test_the_oom_kill_counter_is_read_from_vmstat(tmp_path):
+    path = tmp_path / "vmstat"
+    path.write_text("nr_free_pages 10\noom_kill 42\n")
+    assert oom.oom_kills(str(path)) == 42
+    assert oom.oom_kills(str(tmp_path / "missing")) == -1
+
+
+def launch_waiting(la: Launcher, code: str, tmp_path):  # type: ignore[no-untyped-def]
+    """A rank that waits for ``go`` to exist, then runs ``code``."""
+    go = tmp_path / "go"
+    script = (f"import os, sys, time, pathlib\n"
+              f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n{code}\n")
+    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", script), env={},
+                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    (proc,) = la.launch(spec)
+    return proc, go
+
+
+def wait_ended(proc) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while not proc.ended:
+        assert time.monotonic() < deadline, "rank did not end"
+        tick.wait(0.02)
+
+
+def test_a_crash_in_teardown_after_the_script_finished_counts_as_success(launcher, tmp_path):
+    proc, go = launch_waiting(launcher, "os.abort()", tmp_path)
+    launcher.script_finished("j", 1, 0)  # what the agent does on the rank's "exiting"
+    go.touch()
+    wait_ended(proc)
+    assert proc.phase == RankPhase.SUCCEEDED and proc.signal == "SIGABRT"
+    assert "interpreter teardown" in proc.exit_reason()
+    (event,) = launcher._snapshots.take_events()
+    assert event.kind == "teardown_crash" and "SIGABRT" in event.message
+
+
+def test_the_same_crash_before_the_script_finished_is_a_failure(launcher, tmp_path):
+    proc, go = launch_waiting(launcher, "os.abort()", tmp_path)
+    go.touch()
+    wait_ended(proc)
+    assert proc.phase == RankPhase.FAILED and proc.exit_reason() == "killed by SIGABRT"
+
+
+def test_an_exit_code_the_finished_script_chose_stays_a_failure(launcher, tmp_path):
+    proc, go = launch_waiting(launcher, "sys.exit(3)", tmp_path)
+    launcher.script_finished("j", 1, 0)
+    go.touch()
+    wait_ended(proc)
+    assert proc.phase == RankPhase.FAILED and proc.exit_code == 3

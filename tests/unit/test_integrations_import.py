@@ -1,0 +1,16 @@
+"""``import hpt`` (and its Checkpointer) never imports a trainer; the integrations are opt-in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_importing_hpt_imports_no_trainer():
+    code = ("import sys, hpt, hpt.checkpoint, hpt.cli; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'transformers') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
