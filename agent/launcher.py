@@ -282,7 +282,8 @@ class Launcher:
             env["HPT_RESTORE_SHARDS"] = spec.restore_shards
         env.update(self._snapshots.prepare(
             spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
-            persist_every=spec.persist_every, keep_persisted=spec.keep_persisted))
+            persist_every=spec.persist_every, keep_persisted=spec.keep_persisted,
+            attempt=spec.attempt))
         argv = list(spec.command)
         if argv[0] in _PYTHON_NAMES:
             argv[0] = sys.executable

@@ -49,6 +49,7 @@ class _RankSnapshots:
     persist_every: int = 0
     persisted: set[int] = field(default_factory=set)
     world_size: int = 0
+    attempt: int = 0  # the attempt whose ranks write this rank's persisted parts
     nbytes: int = 0
     persist_started: dict[int, float] = field(default_factory=dict)  # step -> monotonic
 
@@ -91,16 +92,18 @@ class SnapshotKeeper:
         return f"{self.node_prefix}{_SAFE.sub('_', job_id)}-r{rank}"
 
     def prepare(self, job_id: str, rank: int, *, world_size: int, persist_dir: str,
-                persist_every: int, keep_persisted: int) -> dict[str, str]:
+                persist_every: int, keep_persisted: int, attempt: int = 0) -> dict[str, str]:
         """Called at launch of each rank; returns the environment the rank's Checkpointer uses."""
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
                 entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
             entry.world_size = world_size
+            entry.attempt = attempt
             entry.persist_every = persist_every if persist_dir else 0
             if persist_dir and entry.persister is None:
-                root = Path(persist_dir) / f"rank-{rank:05d}"
+                # one global checkpoint per step: every rank writes its part under the job's dir
+                root = Path(persist_dir)
                 entry.persisted = set(_verified_steps(root))
                 entry.persister = fmt.Persister(
                     root, keep_last=keep_persisted, name=f"hpt-persist-{rank}",
@@ -155,6 +158,7 @@ class SnapshotKeeper:
         entry.persister.offer(step, lambda: self._copy_out(entry, ref),
                               {"step": step, "rank": rank, "world_size": entry.world_size,
                                "job_id": job_id, "node": self.node, "layout": layout_json,
+                               "attempt": entry.attempt,
                                "meta_json": meta_json})
 
     def discarded(self, job_id: str, rank: int, generation: int) -> None:
