@@ -1,6 +1,6 @@
 """Client side of ``JobService``: the channel, one method per RPC, and JSON-safe views.
 
-``hptctl`` (``hpt/cli.py``) is the main user: it resolves the controller address, opens a channel
+``hptctl`` (:mod:`hpt.cli`) is the main user: it resolves the controller address, opens a channel
 with :func:`open_channel` (TLS and the bearer token live there), calls :class:`JobClient` and
 renders the ``*_to_dict`` views as tables or JSON. Scripts and tests can use the same pieces.
 

@@ -28,10 +28,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from hpt import _daemons
 from hpt import client as hc
-from hpt._cli_util import (
-    CliError,
+from hpt._proto import common_pb2
+from hpt.cli import boot
+from hpt.cli.common import CliError, rpc_error
+from hpt.cli.render import (
     cell,
     clock,
     console,
@@ -39,10 +40,8 @@ from hpt._cli_util import (
     event_line,
     fault_what,
     fault_where,
-    rpc_error,
     table,
 )
-from hpt._proto import common_pb2
 
 READY_TIMEOUT_S = 240.0
 """How long the local cluster may take until every agent is READY: each agent's health check
@@ -51,7 +50,7 @@ and warm interpreters import torch, ~2 s each on an idle machine, over a minute 
 JOB_TIMEOUT_S = 600.0
 """The demo job is cancelled when it has not ended after this long."""
 WARM_WAIT_S = 60.0
-CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
+CLUSTER_STOP_GRACE_S = boot.AGENT_STOP_GRACE_S + 15.0
 """``hptctl up`` stops its agents and controller within this after SIGTERM."""
 _REFRESH_S = 0.2
 _PLAIN_PROGRESS_S = 1.0
@@ -91,7 +90,7 @@ def run(
     out = console()
     run_dir = Path(tempfile.mkdtemp(prefix="hpt-demo-"))
     log_path = run_dir / "cluster.log"
-    port = _daemons.free_port()
+    port = boot.free_port()
     addr = f"127.0.0.1:{port}"
     argv = [
         sys.executable,
@@ -105,13 +104,13 @@ def run(
         "--slots",
         str(procs),
     ]
-    restore = _daemons.install_stop_handlers(_interrupt)
+    restore = boot.install_stop_handlers(_interrupt)
     cluster: subprocess.Popen[bytes] | None = None
     ok = False
     try:
         with open(log_path, "wb") as log_file:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            cluster = _daemons.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            cluster = boot.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         _say(out, f"local cluster: controller on {addr}, {num_agents} agents (log: {log_path})")
         with hc.JobClient.connect(addr) as client:
             _wait_ready(client, cluster, num_agents, log_path)
@@ -136,7 +135,7 @@ def run(
     except grpc.RpcError as e:
         raise rpc_error(e, addr) from None
     finally:
-        with _daemons.signals_ignored():
+        with boot.signals_ignored():
             if cluster is not None and keep and cluster.poll() is None:
                 _say(
                     out,
@@ -145,7 +144,7 @@ def run(
                 )
             elif cluster is not None:
                 _say(out, "stopping the local cluster")
-                _daemons.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
+                boot.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
         restore()
     if not ok:
         raise CliError(f"the job did not recover as expected; cluster log: {log_path}")

@@ -1,121 +1,17 @@
-"""Pieces ``hptctl`` commands share: the error type, RPC error messages, waiting on a job, and
-rich/plain rendering helpers. Used by :mod:`hpt.cli` and :mod:`hpt._demo`; no click commands here.
-"""
+"""Rendering for ``hptctl``: tables on a terminal or a pipe, time and duration cells, the views
+of a job (status, attempts, ranks, faults, history) and JSON output. No commands here."""
 
 from __future__ import annotations
 
+import json
 import sys
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
-import grpc
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-
-from hpt import client as hc
-from hpt._proto import common_pb2
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-POLL_S = 0.5
-UNAVAILABLE_PATIENCE_S = 30.0
-"""While waiting on a job, how long the controller may be unreachable (it may be restarting)."""
-
-
-class CliError(click.ClickException):
-    """A failure reported as ``error: <message>`` with an exit code (1 unless told)."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def error_line(message: str) -> None:
-    """Print ``error: message`` on stderr as one line."""
-    one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
-    click.echo(f"error: {one_line}", err=True)
-
-
-def rpc_error(err: grpc.RpcError, addr: str) -> CliError:
-    """The message and exit code for a failed RPC: INVALID_ARGUMENT is a usage error (2)."""
-    code = err.code() if callable(getattr(err, "code", None)) else None
-    details = (err.details() if callable(getattr(err, "details", None)) else "") or ""
-    details = details.strip() or (code.name if code is not None else str(err))
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return CliError(details, EXIT_USAGE)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return CliError(
-            f"cannot reach the controller at {addr} ({details}); is it running? "
-            f"Set --controller or ${hc.CONTROLLER_ENV}"
-        )
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return CliError(
-            f"the controller at {addr} refused the request ({code.name}: {details}); "
-            f"pass --token-file or set ${hc.TOKEN_FILE_ENV}"
-        )
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CliError(f"the controller at {addr} did not answer in time ({details})")
-    if code is grpc.StatusCode.NOT_FOUND:
-        return CliError(details)
-    return CliError(f"{code.name if code is not None else 'RPC failed'}: {details}")
-
-
-def wait_for_job(
-    client: hc.JobClient,
-    job_id: str,
-    *,
-    timeout_s: float | None = None,
-    on_change: Callable[[dict[str, Any]], None] | None = None,
-    poll_s: float = POLL_S,
-) -> common_pb2.Job:
-    """Poll GetJob until the job is terminal; returns the final Job.
-
-    Rides out the controller being unreachable for up to ``UNAVAILABLE_PATIENCE_S`` (a
-    controller restart keeps jobs running). ``on_change`` gets the status view whenever the
-    state, attempt, restarts or reason change.
-
-    Raises:
-        CliError: the job is not terminal after ``timeout_s`` seconds.
-        grpc.RpcError: any other RPC failure.
-    """
-    start = time.monotonic()
-    unreachable_since: float | None = None
-    last: tuple[Any, ...] | None = None
-    pause = threading.Event()  # never set: a wait that Ctrl-C interrupts
-    while True:
-        now = time.monotonic()
-        job = None
-        try:
-            job = client.get(job_id)
-            unreachable_since = None
-        except grpc.RpcError as e:
-            if e.code() is not grpc.StatusCode.UNAVAILABLE:
-                raise
-            unreachable_since = unreachable_since if unreachable_since is not None else now
-            if now - unreachable_since > UNAVAILABLE_PATIENCE_S:
-                raise
-        if job is not None:
-            d = hc.job_to_dict(job)
-            key = (d["state"], d["attempt"], d["restarts"], d["reason"])
-            if on_change is not None and key != last:
-                on_change(d)
-            last = key
-            if d["state"] in hc.TERMINAL_JOB_STATES:
-                return job
-        if timeout_s is not None and now - start > timeout_s:
-            state = last[0] if last else "unknown"
-            raise CliError(f"job {job_id} did not end within {timeout_s:.0f} s (state {state})")
-        pause.wait(poll_s)
-
-
-# --- rendering -------------------------------------------------------------------------------
 
 
 def console() -> Console:
@@ -185,3 +81,76 @@ def event_line(e: dict[str, Any]) -> str:
     where = "/".join(str(x) for x in (e["job_id"], e["attempt"] or None, e["node"]) if x)
     rank = f" rank {e['rank']}" if e["rank"] is not None else ""
     return f"{clock(e['at'])} #{e['seq']} {e['kind']} [{where or '-'}{rank}] {e['message']}"
+
+
+# --- a job's views ---------------------------------------------------------------------------
+
+
+def progress(d: dict[str, Any]) -> str:
+    if d["step"] is None:
+        return "no step reported yet"
+    return f"step {d['step']} (every rank), last reported {age(d['step_at'])}"
+
+
+def status_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        ("id", d["id"]),
+        ("name", d["name"]),
+        ("state", d["state"]),
+        ("reason", d["reason"]),
+        ("progress", progress(d)),
+        ("attempt", d["attempt"]),
+        ("restarts", d["restarts"]),
+        ("world size", d["world_size"]),
+        ("nodes", d["nodes"]),
+        ("created", clock(d["created_at"])),
+    ]
+
+
+def attempts_table(attempts: list[dict[str, Any]], title: str) -> Table:
+    t = table(
+        "#", "STATE", "NODES", "WORLD", "STARTED", "FIRST STEP", "ENDED", "CAUSE", title=title
+    )
+    for a in attempts:
+        cause = a["cause"]
+        t.add_row(
+            *map(cell, (a["number"], a["state"], a["nodes"], a["world_size"])),
+            *map(cell, (clock(a["started_at"]), clock(a["first_step_at"]))),
+            cell(clock(a["ended_at"])),
+            cell(f"{fault_what(cause)} ({fault_where(cause)})" if cause else None),
+        )
+    return t
+
+
+def ranks_table(ranks: list[dict[str, Any]], title: str) -> Table:
+    t = table("RANK", "NODE", "PID", "STATE", "STEP", "EXIT", title=title)
+    for r in ranks:
+        t.add_row(
+            *map(cell, (r["rank"], r["node"], r["pid"], r["state"], r["step"])),
+            cell(r["exit_reason"]),
+        )
+    return t
+
+
+def faults_table(faults: list[dict[str, Any]], title: str) -> Table:
+    t = table("ATTEMPT", "WHAT", "WHERE", "CLASS", "DETECTED", "RECOVERED IN", "STEPS LOST",
+              title=title)
+    for f in faults:
+        t.add_row(
+            *map(cell, (f["attempt"], fault_what(f), fault_where(f), f["classification"])),
+            cell(clock(f["detected_at"])),
+            cell(duration(f["recovery_s"])),
+            cell(f.get("steps_lost")),
+        )
+    return t
+
+
+def history_table(history: list[dict[str, Any]], title: str) -> Table:
+    t = table("AT", "STATE", "REASON", title=title)
+    for h in history:
+        t.add_row(*map(cell, (clock(h["at"]), h["state"], h["reason"])))
+    return t
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))

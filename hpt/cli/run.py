@@ -22,14 +22,14 @@ from typing import Any
 import click
 import grpc
 
-from hpt import _daemons
 from hpt import client as hc
-from hpt._cli_util import CliError, rpc_error
 from hpt._proto import common_pb2
+from hpt.cli import boot
+from hpt.cli.common import CliError, rpc_error
 
 READY_TIMEOUT_S = 60.0
 """How long the local cluster may take until its agent is READY."""
-CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
+CLUSTER_STOP_GRACE_S = boot.AGENT_STOP_GRACE_S + 15.0
 _POLL_S = 0.2
 _PROGRESS_EVERY_S = 2.0
 _LOG_DRAIN_S = 5.0
@@ -45,7 +45,7 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
     """
     run_dir = Path(tempfile.mkdtemp(prefix="hpt-run-"))
     log_path = run_dir / "cluster.log"
-    port = _daemons.free_port()
+    port = boot.free_port()
     addr = f"127.0.0.1:{port}"
     # the cluster requires a client token like any other (hptctl up): this run's own
     token = secrets.token_urlsafe(32)
@@ -55,13 +55,13 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
     argv = [sys.executable, "-m", "hpt.cli", "up", "--agents", "1", "--port", str(port),
             "--slots", str(procs), "--token-file", str(token_file)]
     interrupted = threading.Event()
-    restore = _daemons.install_stop_handlers(lambda signum: interrupted.set())
+    restore = boot.install_stop_handlers(lambda signum: interrupted.set())
     cluster: subprocess.Popen[bytes] | None = None
     final: dict[str, Any] | None = None
     job_id = ""
     try:
         with open(log_path, "wb") as log_file:
-            cluster = _daemons.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT,
+            cluster = boot.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         click.echo(f"hpt: local cluster on {addr} (log {log_path})", err=True)
         with hc.JobClient.connect(addr, token=token) as client:
@@ -78,9 +78,9 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
     except grpc.RpcError as e:
         raise rpc_error(e, addr) from None
     finally:
-        with _daemons.signals_ignored():
+        with boot.signals_ignored():
             if cluster is not None:
-                _daemons.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
+                boot.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
         restore()
     if final is None or final["state"] != "SUCCEEDED":
         state = final["state"] if final else "not started"
