@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 
+from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
-from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 

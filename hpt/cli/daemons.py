@@ -16,11 +16,11 @@ import click
 
 from hpt import client as hc
 from hpt import credentials
+from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt.cli import boot
 from hpt.cli import demo as demo_
 from hpt.cli.common import EXIT_USAGE, CliError
 from hpt.cli.limits import limit_options
-from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 
 def _token_from(path: str | None, option: str = "'--token-file'") -> str:

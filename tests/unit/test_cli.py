@@ -25,10 +25,9 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
-from hpt.cli import boot
 from hpt import client as hc
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
-from hpt.cli import main
+from hpt.cli import boot, main
 
 T0 = 1_700_000_000.0
 
