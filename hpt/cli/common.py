@@ -114,6 +114,27 @@ def wait_for_job(
         pause.wait(poll_s)
 
 
+def given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments whose value is not None: the options the user gave, so that the
+    config's own defaults apply to the others."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """``--env KEY=VALUE`` (repeatable) as a dict; a bad name or a repeated key is refused."""
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} must be KEY=VALUE", ctx, param)
+        if not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
+            raise click.BadParameter(f"{key!r} is not a valid variable name", ctx, param)
+        if key in env:
+            raise click.BadParameter(f"{key!r} is given twice", ctx, param)
+        env[key] = value
+    return env
+
+
 # --- connection options ----------------------------------------------------------------------
 
 
@@ -179,14 +200,12 @@ def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-output_option = click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+def output_option(*formats: str, help: str = "Output format.") -> Callable[..., Any]:
+    """``-o/--output`` choosing among ``formats`` (the first is the default): table or json
+    unless told."""
+    formats = formats or ("table", "json")
+    return click.option("-o", "--output", type=click.Choice(list(formats)), default=formats[0],
+                        show_default=True, help=help)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from hpt import credentials
 from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt.cli import boot
 from hpt.cli import demo as demo_
-from hpt.cli.common import EXIT_USAGE, CliError
+from hpt.cli.common import EXIT_USAGE, CliError, given
 from hpt.cli.limits import limit_options
 
 
@@ -223,17 +223,9 @@ def controller(
     """Run the controller only (as the Helm chart does)."""
     from hpt.controller.config import ControllerConfig
 
-    kwargs: dict[str, Any] = dict(limits)
-    if heartbeat_period is not None:
-        kwargs["heartbeat_period_s"] = heartbeat_period
-    if agent_lease is not None:
-        kwargs["agent_lease_s"] = agent_lease
-    if metrics_port is not None:
-        kwargs["metrics_port"] = metrics_port
-    if status_port is not None:
-        kwargs["status_port"] = status_port
-    if grow_after is not None:
-        kwargs["grow_hysteresis_s"] = grow_after
+    kwargs = limits | given(heartbeat_period_s=heartbeat_period, agent_lease_s=agent_lease,
+                            metrics_port=metrics_port, status_port=status_port,
+                            grow_hysteresis_s=grow_after)
     try:
         cfg = ControllerConfig(
             host=host,
@@ -347,15 +339,9 @@ def agent(
                         if a.strip()) or hc.resolve_controller(None)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--controller'") from None
-    given = {
-        "name": name,
-        "address": address,
-        "slots": slots,
-        "lease_s": lease,
-        "run_dir": os.path.abspath(run_dir) if run_dir else None,
-        "hang": _hang_config(hang_min),
-    }
-    kwargs = {k: v for k, v in given.items() if v is not None}
+    kwargs = given(name=name, address=address, slots=slots, lease_s=lease,
+                   run_dir=os.path.abspath(run_dir) if run_dir else None,
+                   hang=_hang_config(hang_min))
     try:
         cfg = AgentConfig(
             controller=addr,

@@ -18,6 +18,7 @@ from hpt.cli.common import (
     Conn,
     client_options,
     output_option,
+    parse_env,
     session,
     wait_for_job,
 )
@@ -54,20 +55,6 @@ def _no_checkpoints(job: Any) -> str:
         return (f"job {job.id} is {state}: its in-memory snapshots were freed when it ended; "
                 f"persisted checkpoints: {disk}")
     return f"job {job.id} is {state}: no snapshot yet; persisted checkpoints: {disk}"
-
-
-def _parse_env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
-    env: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} must be KEY=VALUE", ctx, param)
-        if not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-            raise click.BadParameter(f"{key!r} is not a valid variable name", ctx, param)
-        if key in env:
-            raise click.BadParameter(f"{key!r} is given twice", ctx, param)
-        env[key] = value
-    return env
 
 
 def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int | None]:
@@ -125,7 +112,7 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "--env",
     "env",
     multiple=True,
-    callback=_parse_env,
+    callback=parse_env,
     metavar="KEY=VALUE",
     help="Environment variable for every rank (repeatable).",
 )
@@ -256,7 +243,7 @@ def _echo_progress(d: dict[str, Any]) -> None:
 
 
 @click.command("ls")
-@output_option
+@output_option()
 @client_options
 def ls_(conn: Conn, output: str) -> None:
     """List jobs."""
@@ -277,7 +264,7 @@ def ls_(conn: Conn, output: str) -> None:
 
 @click.command()
 @click.argument("job_id", metavar="JOB")
-@output_option
+@output_option()
 @client_options
 def status(conn: Conn, job_id: str, output: str) -> None:
     """Show the state of a job."""
@@ -291,7 +278,7 @@ def status(conn: Conn, job_id: str, output: str) -> None:
 
 @click.command()
 @click.argument("job_id", metavar="JOB")
-@output_option
+@output_option()
 @client_options
 def describe(conn: Conn, job_id: str, output: str) -> None:
     """Show a job in detail: attempts, ranks, faults and history."""
@@ -332,12 +319,8 @@ def describe(conn: Conn, job_id: str, output: str) -> None:
 @click.argument("job_id", metavar="JOB")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
 @click.option("--rank", type=click.IntRange(min=0), default=None, help="Only this rank.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
+@output_option(
+    "text", "json",
     help="Output format: the lines, or one JSON object per line (attempt, rank, stream, text).",
 )
 @client_options
@@ -382,7 +365,7 @@ def ckpt() -> None:
 
 @ckpt.command("ls")
 @click.argument("job_id", metavar="JOB")
-@output_option
+@output_option()
 @client_options
 def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
     """List a job's snapshots (memory) and persisted checkpoints (disk), newest first."""
@@ -416,7 +399,7 @@ def _warn_store_degraded(store: Any) -> None:
 
 
 @click.command()
-@output_option
+@output_option()
 @client_options
 def nodes(conn: Conn, output: str) -> None:
     """List the agents (nodes) and their state."""
@@ -440,7 +423,7 @@ def nodes(conn: Conn, output: str) -> None:
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new events.")
 @click.option("--job", "job_id", metavar="JOB", default="", help="Only this job's events.")
-@output_option
+@output_option()
 @client_options
 def events(conn: Conn, follow: bool, job_id: str, output: str) -> None:
     """Show the event log: submissions, launches, faults, restarts."""

@@ -25,7 +25,7 @@ import grpc
 from hpt import client as hc
 from hpt._proto import common_pb2
 from hpt.cli import boot
-from hpt.cli.common import CliError, rpc_error
+from hpt.cli.common import CliError, parse_env, rpc_error
 
 READY_TIMEOUT_S = 60.0
 """How long the local cluster may take until its agent is READY."""
@@ -153,18 +153,12 @@ def _follow(client: hc.JobClient, job_id: str, interrupted: threading.Event) -> 
               type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to run.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Restarts after a fault before the job fails.")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+@click.option("--env", "env", multiple=True, callback=parse_env, metavar="KEY=VALUE",
               help="Environment variable for every rank (repeatable).")
 @click.option("--keep-dir", is_flag=True, help="Keep the cluster's log directory on success.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED,
                 metavar="-- CMD [ARGS]...")
-def run_command(procs: int, max_restarts: int, env: tuple[str, ...], keep_dir: bool,
+def run_command(procs: int, max_restarts: int, env: dict[str, str], keep_dir: bool,
                 command: tuple[str, ...]) -> None:
     """Run CMD as PROCS ranks on a throw-away local cluster; exit with the job's status."""
-    pairs = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"({item!r}) must be KEY=VALUE", param_hint="'--env'")
-        pairs[key] = value
-    run(command=command, procs=procs, max_restarts=max_restarts, env=pairs, keep_dir=keep_dir)
+    run(command=command, procs=procs, max_restarts=max_restarts, env=env, keep_dir=keep_dir)
