@@ -18,7 +18,6 @@ from hpt import client as hc
 from hpt import credentials
 from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt.cli import boot
-from hpt.cli import demo as demo_
 from hpt.cli.common import EXIT_USAGE, CliError, given
 from hpt.cli.limits import limit_options
 
@@ -402,6 +401,8 @@ def demo(
     steps: int, kill_at: int, agents: int, nodes: int, procs: int, script: str, keep: bool
 ) -> None:
     """Run a job on a local cluster, kill a rank, and watch hpt recover."""
+    from hpt.cli import demo as demo_
+
 
     if kill_at >= steps:
         raise click.BadParameter(
