@@ -40,10 +40,6 @@ from hpt.cli.render import (
     table,
 )
 
-READY_TIMEOUT_S = 240.0
-"""How long the local cluster may take until every agent is READY: each agent's health check
-and warm interpreters import torch, ~2 s each on an idle machine, over a minute on a loaded
-2-core one (measured: 60 s was not enough at load 19)."""
 JOB_TIMEOUT_S = 600.0
 """The demo job is cancelled when it has not ended after this long."""
 WARM_WAIT_S = 60.0
@@ -90,7 +86,7 @@ def run(
         _say(out, f"local cluster: controller on {cluster.addr}, {num_agents} agents "
                   f"(log: {cluster.log_path})")
         with cluster.connect() as client:
-            cluster.wait_ready(client, timeout_s=READY_TIMEOUT_S)
+            cluster.wait_ready(client)
             _wait_warm(client, procs)
             command = [sys.executable, script, "--steps", str(steps)]
             start = time.monotonic()

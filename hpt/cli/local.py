@@ -24,6 +24,10 @@ from hpt._proto import common_pb2
 from hpt.cli import boot
 from hpt.cli.common import CliError
 
+READY_TIMEOUT_S = 240.0
+"""How long the local cluster may take until every agent is READY: each agent's health check
+and warm interpreters import torch, ~2 s each on an idle machine, over a minute on a loaded
+2-core one (measured: 60 s was not enough at load 16-19, for ``run`` as for ``demo``)."""
 STOP_GRACE_S = boot.AGENT_STOP_GRACE_S + 15.0
 """``hptctl up`` stops its agents and controller within this after SIGTERM."""
 _POLL_S = 0.2
@@ -63,7 +67,7 @@ class LocalCluster:
     def connect(self) -> hc.JobClient:
         return hc.JobClient.connect(self.addr, token=self._token)
 
-    def wait_ready(self, client: hc.JobClient, *, timeout_s: float,
+    def wait_ready(self, client: hc.JobClient, *, timeout_s: float = READY_TIMEOUT_S,
                    stop: threading.Event | None = None) -> None:
         """Return once every agent is READY.
 

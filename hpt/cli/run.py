@@ -21,8 +21,6 @@ from hpt.cli import boot
 from hpt.cli.common import CliError, parse_env, rpc_error
 from hpt.cli.local import LocalCluster
 
-READY_TIMEOUT_S = 60.0
-"""How long the local cluster may take until its agent is READY."""
 _POLL_S = 0.2
 _PROGRESS_EVERY_S = 2.0
 _LOG_DRAIN_S = 5.0
@@ -45,7 +43,7 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
         cluster.start()
         click.echo(f"hpt: local cluster on {cluster.addr} (log {cluster.log_path})", err=True)
         with cluster.connect() as client:
-            cluster.wait_ready(client, timeout_s=READY_TIMEOUT_S, stop=interrupted)
+            cluster.wait_ready(client, stop=interrupted)
             job_id = client.submit(command=list(command), nodes=1, procs_per_node=procs,
                                    max_restarts=max_restarts, env=env, name="run",
                                    workdir=os.getcwd())
