@@ -327,7 +327,9 @@ class Agent:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
                       spec.attempt, self.cfg.name)
             return
-        # old snapshots this node's ranks need are in place (and verified) before they start
+        # the old attempt's ranks are gone (they write the snapshots read next), and the old
+        # snapshots this node's ranks need are in place (and verified) before they start
+        self.launcher.fence(spec.job_id, spec.attempt)
         spec = self.recovery.prepare(spec, msg.restore if msg.HasField("restore") else None)
         self.protector.protect(spec.job_id, spec.attempt, msg.protection)
         self.launcher.launch(spec)
