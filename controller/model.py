@@ -163,6 +163,89 @@ class FaultKind(str, Enum):
     """A rank still pending long after its launch command left: it will never start."""
 
 
+class RankEndCause(str, Enum):
+    """Why the controller ended a rank it did not see exit; NONE when its agent reported how
+    it ended. Decisions read this, never ``Rank.exit_reason`` (display text)."""
+
+    NONE = "NONE"
+    NODE_LOST = "NODE_LOST"
+    """Its node stopped heartbeating (or its stream closed) past the timeout."""
+    AGENT_FORGOT = "AGENT_FORGOT"
+    """Its agent re-registered without it."""
+    NEVER_STARTED = "NEVER_STARTED"
+    """Still pending ``launch_timeout_s`` after its launch left."""
+    STOPPED_BEFORE_START = "STOPPED_BEFORE_START"
+    """A stop reached its agent before the rank started (the agent refuses the launch now)."""
+    STOPPED_BEFORE_LAUNCH = "STOPPED_BEFORE_LAUNCH"
+    """Its attempt was stopped before its launch left the controller."""
+    STOPPED = "STOPPED"
+    """Its attempt was stopping and the re-registered agent no longer had it."""
+
+
+class StopCause(str, Enum):
+    """Why the controller stops ranks (``StopCommand.cause``); the agent acts on it."""
+
+    CANCELLED = "CANCELLED"
+    """The user cancelled the job: the agent persists the newest snapshot within the grace."""
+    FAULT = "FAULT"
+    RESIZE = "RESIZE"
+    """The job grows back onto returning nodes."""
+    UNCONFIRMED = "UNCONFIRMED"
+    """An earlier stop was not confirmed in time: again, without grace."""
+    UNKNOWN_ATTEMPT = "UNKNOWN_ATTEMPT"
+    """An agent reported a rank of a job or attempt this controller does not know."""
+    DECLARED_LOST = "DECLARED_LOST"
+    """A rank the controller gave up on (its node was lost) runs again: fence it."""
+
+
+class HangCulprit(str, Enum):
+    """Why an agent named a rank as the culprit of a hang on its node."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    STOPPED = "STOPPED"
+    """Its process is stopped (state T: SIGSTOP or a debugger): infra, not the script."""
+    OUTSIDE_COLLECTIVE = "OUTSIDE_COLLECTIVE"
+    """It is in no collective while its peers on the node wait in one."""
+    SILENT_LONGEST = "SILENT_LONGEST"
+
+
+class EventKind(str, Enum):
+    """What an event records. The value is the name ``hptctl events`` shows."""
+
+    JOB_SUBMITTED = "job_submitted"
+    CANCEL_REQUESTED = "cancel_requested"
+    JOB_CANCELLED = "job_cancelled"
+    JOB_SUCCEEDED = "job_succeeded"
+    JOB_FAILED = "job_failed"
+    WAITING_FOR_NODES = "waiting_for_nodes"
+    ATTEMPT_LAUNCHED = "attempt_launched"
+    RESTORE_SOURCE = "restore_source"
+    FIRST_STEP = "first_step"
+    RANK_EXITED = "rank_exited"
+    FAULT = "fault"
+    RECOVERING = "recovering"
+    RESIZE_REQUESTED = "resize_requested"
+    NODE_EXCLUDED = "node_excluded"
+    NODE_REGISTERED = "node_registered"
+    NODE_QUARANTINED = "node_quarantined"
+    NODE_REJOINED = "node_rejoined"
+    NODE_LOST = "node_lost"
+    # detectors (monitor.records.FindingKind and the agents' hang reports)
+    HANG = "hang"
+    STACKS = "stacks"
+    STRAGGLER = "straggler"
+    STRAGGLER_CLEARED = "straggler_cleared"
+    COLLECTIVE_LAGGARD = "collective_laggard"
+    COLLECTIVE_MISSING = "collective_missing"
+    # raised by agents and ranks
+    CHECKPOINT_SKIPPED = "checkpoint_skipped"
+    RESTORED = "restored"
+    TEARDOWN_CRASH = "teardown_crash"
+    RESTORE_FAILED = "restore_failed"
+    SNAPSHOT_REBUILT = "snapshot_rebuilt"
+    PERSIST_FAILED = "persist_failed"
+
+
 class FaultClass(str, Enum):
     USER = "user"
     """The script: an exception it raised, an exit code it chose."""
@@ -359,6 +442,8 @@ class Rank:
     """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
     persisted_steps: tuple[int, ...] = ()
     snapshot_bytes: int = 0
+    end_cause: RankEndCause = RankEndCause.NONE
+    """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -456,7 +541,7 @@ def _transition(record, table, new, reason: str, now: float):  # type: ignore[no
 class Event:
     """One line of the event log: every attempt, fault, decision and node change."""
 
-    kind: str
+    kind: EventKind
     at: float
     message: str
     job_id: str = ""
@@ -517,6 +602,8 @@ class StopCommand:
     """Stop every rank of the job whose attempt is <= this one."""
     grace_s: float
     reason: str
+    """For logs only; the agent acts on ``cause``."""
+    cause: StopCause
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -38,6 +38,7 @@ from hpt.controller.model import (
     Attempt,
     AttemptState,
     Event,
+    EventKind,
     Fault,
     FaultClass,
     FaultKind,
@@ -48,10 +49,12 @@ from hpt.controller.model import (
     Node,
     NodeState,
     Rank,
+    RankEndCause,
     RankReport,
     RankState,
     ReleaseCommand,
     RestoreCommand,
+    StopCause,
     StopCommand,
 )
 from hpt.controller.pieces import PieceBook
@@ -226,7 +229,7 @@ class Reconciler:
             self.store.put(f"jobs/{job_id}", convert.job_to_bytes(job), expected_version=0)
             self._versions[f"jobs/{job_id}"] = 1
             self.jobs[job_id] = job
-            self._emit("job_submitted", job, message=f"{spec.nodes}x{spec.procs_per_node} ranks: "
+            self._emit(EventKind.JOB_SUBMITTED, job, message=f"{spec.nodes}x{spec.procs_per_node} ranks: "
                        f"{' '.join(spec.command)}")
         self.wake()
         return job_id
@@ -236,7 +239,7 @@ class Reconciler:
             job = self.jobs[job_id]
             if not job.state.is_terminal and not job.cancel_requested:
                 job.cancel_requested = True
-                self._emit("cancel_requested", job, message="cancel requested by the user")
+                self._emit(EventKind.CANCEL_REQUESTED, job, message="cancel requested by the user")
                 self._dirty_jobs.add(job.id)
                 self._step(job, self._clock(), cancel_grace_s=grace_s)
         self.wake()
@@ -279,7 +282,7 @@ class Reconciler:
             self._dirty_nodes.add(node.name)
             self.events.emit(
                 Event(
-                    kind="node_registered",
+                    kind=EventKind.NODE_REGISTERED,
                     at=self._clock(),
                     node=node.name,
                     message=f"{node.slots} slots at {node.address}"
@@ -287,7 +290,7 @@ class Reconciler:
                 )
             )
             if health_problem:
-                self.events.emit(Event(kind="node_quarantined", at=self._clock(), node=node.name,
+                self.events.emit(Event(kind=EventKind.NODE_QUARANTINED, at=self._clock(), node=node.name,
                                        message=health_problem))
             reported = {(r.job_id, r.attempt, r.rank.rank) for r in reports}
             self._forget_unreported(node.name, reported)
@@ -322,7 +325,7 @@ class Reconciler:
                 runtime.node.state = NodeState.READY
                 runtime.node.reason = f"heartbeating again after: {runtime.node.reason}"
                 self._dirty_nodes.add(node)
-                self.events.emit(Event(kind="node_rejoined", at=self._clock(), node=node,
+                self.events.emit(Event(kind=EventKind.NODE_REJOINED, at=self._clock(), node=node,
                                        message=runtime.node.reason))
                 changed = True
             if runtime.node.warm_ready != warm_ready:
@@ -412,7 +415,8 @@ class Reconciler:
                 seen.rank,
             )
             self._send(node, StopCommand(job_id=report.job_id, attempt=report.attempt,
-                                         grace_s=0.0, reason="unknown job or attempt"))
+                                         grace_s=0.0, reason="unknown job or attempt",
+                                         cause=StopCause.UNKNOWN_ATTEMPT))
             return True
         rank = attempt.ranks[seen.rank]
         if rank.node != node:
@@ -430,7 +434,7 @@ class Reconciler:
             rank.first_step_at = seen.first_step_at or seen.step_at
             if not attempt.first_step_at:
                 attempt.first_step_at = rank.first_step_at
-                self._emit("first_step", job, attempt=attempt.number,
+                self._emit(EventKind.FIRST_STEP, job, attempt=attempt.number,
                            message=f"first step of attempt {attempt.number}")
                 self._dirty_jobs.add(job.id)
             self._progress_jobs.add(job.id)
@@ -438,7 +442,8 @@ class Reconciler:
             if seen.state == RankState.RUNNING and rank.state.is_terminal:
                 # a rank we gave up on (node declared lost) is alive again: fence it
                 self._send(node, StopCommand(job_id=job.id, attempt=attempt.number, grace_s=0.0,
-                                             reason="rank was declared lost"))
+                                             reason="rank was declared lost",
+                                             cause=StopCause.DECLARED_LOST))
                 return True
             return False
         rank.pid = seen.pid or rank.pid
@@ -447,7 +452,7 @@ class Reconciler:
         if seen.state.is_terminal:
             rank.exit = seen.exit
             rank.exit_reason = seen.exit_reason or (seen.exit.describe() if seen.exit else "")
-            self._emit("rank_exited", job, attempt=attempt.number, node=node, rank=rank.rank,
+            self._emit(EventKind.RANK_EXITED, job, attempt=attempt.number, node=node, rank=rank.rank,
                        message=f"{seen.state.value}: {rank.exit_reason}")
         if attempt.state == AttemptState.LAUNCHING and all(
             r.state != RankState.PENDING for r in attempt.ranks
@@ -480,9 +485,11 @@ class Reconciler:
                         continue
                     if attempt.state == AttemptState.STOPPING:
                         rank.state, rank.exit_reason = RankState.STOPPED, "stopped"
+                        rank.end_cause = RankEndCause.STOPPED
                     else:
                         rank.state = RankState.LOST
                         rank.exit_reason = "agent re-registered without this rank"
+                        rank.end_cause = RankEndCause.AGENT_FORGOT
                     self._dirty_jobs.add(job.id)
 
     def _sync_nodes(self, mono: float, now: float) -> None:
@@ -500,7 +507,7 @@ class Reconciler:
                 continue
             node.state, node.reason = NodeState.LOST, reason
             self._dirty_nodes.add(node.name)
-            self.events.emit(Event(kind="node_lost", at=now, node=node.name, message=reason))
+            self.events.emit(Event(kind=EventKind.NODE_LOST, at=now, node=node.name, message=reason))
             self._lose_ranks_on(node.name, now, reason)
 
     def _lose_ranks_on(self, node: str, now: float, reason: str) -> None:
@@ -510,6 +517,7 @@ class Reconciler:
                     if not rank.state.is_terminal:
                         rank.state = RankState.LOST
                         rank.exit_reason = f"node lost: {reason}"
+                        rank.end_cause = RankEndCause.NODE_LOST
                         rank.exit = None
                         self._dirty_jobs.add(job.id)
 
@@ -540,11 +548,12 @@ class Reconciler:
         if current is not None and not current.state.is_terminal:
             if current.state != AttemptState.STOPPING:
                 grace = job.spec.stop_grace_s if grace_s is None else grace_s
-                self._stop_attempt(job, current, "cancelled by the user", now, grace)
+                self._stop_attempt(job, current, "cancelled by the user", now, grace,
+                                   StopCause.CANCELLED)
             return
         job.set_state(JobState.CANCELLED, "cancelled by the user; every rank stopped", now)
         self._dirty_jobs.add(job.id)
-        self._emit("job_cancelled", job, message="every rank stopped")
+        self._emit(EventKind.JOB_CANCELLED, job, message="every rank stopped")
 
     def _step_running(self, job: Job, attempt: Attempt, now: float) -> None:
         if all(r.state == RankState.SUCCEEDED for r in attempt.ranks):
@@ -552,7 +561,7 @@ class Reconciler:
             attempt.ended_at = now
             job.set_state(JobState.SUCCEEDED, f"attempt {attempt.number} finished", now)
             self._dirty_jobs.add(job.id)
-            self._emit("job_succeeded", job, attempt=attempt.number,
+            self._emit(EventKind.JOB_SUCCEEDED, job, attempt=attempt.number,
                        message=f"after {job.restarts} restart(s)")
             return
         fault = _earliest_fault(attempt, now) or self.detection.pending_fault(
@@ -566,10 +575,10 @@ class Reconciler:
         job.root_cause = fault
         if fault.kind == FaultKind.STRAGGLER and fault.node not in job.excluded_nodes:
             job.excluded_nodes.append(fault.node)
-            self._emit("node_excluded", job, attempt=attempt.number, node=fault.node,
+            self._emit(EventKind.NODE_EXCLUDED, job, attempt=attempt.number, node=fault.node,
                        message=f"straggler policy: job no longer runs on {fault.node} "
                        f"(straggler_restart_after={job.spec.straggler_restart_after})")
-        self._emit("fault", job, attempt=attempt.number, node=fault.node, rank=fault.rank,
+        self._emit(EventKind.FAULT, job, attempt=attempt.number, node=fault.node, rank=fault.rank,
                    message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
         crash_point("fault-recorded")
         decision = policy.decide_after_fault(job, fault)
@@ -577,10 +586,10 @@ class Reconciler:
         # (their snapshots live in the agents' memory, not in the ranks).
         grace = 0.0 if fault.kind == FaultKind.HANG else job.spec.stop_grace_s
         self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
-                           grace)
+                           grace, StopCause.FAULT)
         if decision is not None:
             job.set_state(JobState.FAILED, decision.reason, now)
-            self._emit("job_failed", job, attempt=attempt.number, message=decision.reason)
+            self._emit(EventKind.JOB_FAILED, job, attempt=attempt.number, message=decision.reason)
             return
         job.restarts += 1
         reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
@@ -590,7 +599,7 @@ class Reconciler:
             reason += (f"; next attempt {backoff:g} s after this one stops (crash loop: "
                        f"{policy.crash_loop(job)} attempt(s) in a row ended before a step)")
         job.set_state(JobState.RECOVERING, reason, now)
-        self._emit("recovering", job, attempt=attempt.number, message=reason)
+        self._emit(EventKind.RECOVERING, job, attempt=attempt.number, message=reason)
 
     def _maybe_grow(self, job: Job, attempt: Attempt, now: float) -> None:
         if len(attempt.nodes) >= job.spec.nodes:
@@ -607,9 +616,9 @@ class Reconciler:
                                      self.cfg.grow_hysteresis_s)
         if reason is None:
             return
-        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s)
+        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s, StopCause.RESIZE)
         job.set_state(JobState.RECOVERING, reason, now)
-        self._emit("resize_requested", job, attempt=attempt.number, message=reason)
+        self._emit(EventKind.RESIZE_REQUESTED, job, attempt=attempt.number, message=reason)
 
     def _try_place(self, job: Job, now: float) -> None:
         decision = policy.decide_placement(job, self._capacity(), now)
@@ -618,11 +627,11 @@ class Reconciler:
         elif decision.action == policy.Action.FAIL:
             job.set_state(JobState.FAILED, decision.reason, now)
             self._dirty_jobs.add(job.id)
-            self._emit("job_failed", job, message=decision.reason)
+            self._emit(EventKind.JOB_FAILED, job, message=decision.reason)
         elif job.deadline_at != decision.deadline_at:
             job.deadline_at = decision.deadline_at
             self._dirty_jobs.add(job.id)
-            self._emit("waiting_for_nodes", job, message=decision.reason)
+            self._emit(EventKind.WAITING_FOR_NODES, job, message=decision.reason)
 
     def _capacity(self) -> list[Capacity]:
         used: dict[str, int] = {}
@@ -696,7 +705,7 @@ class Reconciler:
         job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
         self._dirty_jobs.add(job.id)
         restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
-        self._emit("attempt_launched", job, attempt=number,
+        self._emit(EventKind.ATTEMPT_LAUNCHED, job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
         if previous is not None:
             persisted = catalog.persisted_steps(previous) if spec.persist_dir else []
@@ -705,7 +714,7 @@ class Reconciler:
                 f"{persisted[0]}; ranks verify it and agree on the newest good one)"
                 if persisted else "; falls back to scratch: no checkpoint persisted on every "
                 "rank" + ("" if spec.persist_dir else " (no persist_dir)"))
-            self._emit("restore_source", job, attempt=number, message=choice.source + fallback)
+            self._emit(EventKind.RESTORE_SOURCE, job, attempt=number, message=choice.source + fallback)
 
     def _restore_choice(self, job: Job, previous: Attempt | None,
                         ranks: list[Rank]) -> elastic.RestoreChoice:
@@ -770,6 +779,7 @@ class Reconciler:
         for rank in pending:
             rank.state = RankState.LOST
             rank.exit_reason = f"never started within {self.cfg.launch_timeout_s:g}s of its launch"
+            rank.end_cause = RankEndCause.NEVER_STARTED
         self._dirty_jobs.add(job.id)
         first = pending[0]
         return Fault(kind=FaultKind.LAUNCH_TIMEOUT, attempt=attempt.number, node=first.node,
@@ -779,24 +789,27 @@ class Reconciler:
                      f"(launch_timeout_s={self.cfg.launch_timeout_s:g})")
 
     def _stop_attempt(
-        self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float
+        self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float,
+        cause: StopCause,
     ) -> None:
         attempt.set_state(AttemptState.STOPPING, reason, now)
         unsent = self._unsent.pop(job.id, None)
         sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace_s)
         for node in attempt.nodes:
             if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
-                                            grace_s=grace_s, reason=reason)):
+                                            grace_s=grace_s, reason=reason, cause=cause)):
                 sent.nodes.add(node)
                 # the agent now refuses this attempt's launch: a rank that has not started never
                 # will (a late one reports RUNNING and is fenced by ``_apply_report``)
                 for rank in attempt.ranks_on(node):
                     if rank.state == RankState.PENDING:
                         rank.state, rank.exit_reason = RankState.STOPPED, "stopped before it started"
+                        rank.end_cause = RankEndCause.STOPPED_BEFORE_START
             elif unsent is not None:  # never launched anywhere: nothing can be running
                 for rank in attempt.ranks_on(node):
                     if rank.state == RankState.PENDING:
                         rank.state, rank.exit_reason = RankState.STOPPED, "stopped before launch"
+                        rank.end_cause = RankEndCause.STOPPED_BEFORE_LAUNCH
         self._dirty_jobs.add(job.id)
         self._finish_stopping(job, attempt, now)
 
@@ -808,7 +821,8 @@ class Reconciler:
                 self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace)
                 for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
                     self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
-                                                 grace_s=0.0, reason="stop not confirmed"))
+                                                 grace_s=0.0, reason="stop not confirmed",
+                                                 cause=StopCause.UNCONFIRMED))
             return
         self._stops.pop((job.id, attempt.number), None)
         if attempt.cause is not None:
@@ -831,7 +845,7 @@ class Reconciler:
         runtime.link.send(command)
         return True
 
-    def _emit(self, kind: str, job: Job, *, attempt: int = 0, node: str = "", rank: int = -1,
+    def _emit(self, kind: EventKind, job: Job, *, attempt: int = 0, node: str = "", rank: int = -1,
               message: str) -> None:
         self.events.emit(Event(kind=kind, at=self._clock(), job_id=job.id,
                                attempt=attempt or (job.current.number if job.current else 0),
@@ -970,7 +984,8 @@ def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) 
                                 occurred_at=exit_.ended_at if exit_ else now,
                                 classification=classification))
         elif rank.state == RankState.LOST:
-            kind = FaultKind.NODE_LOST if rank.exit_reason.startswith("node lost") else FaultKind.RANK_LOST
+            kind = (FaultKind.NODE_LOST if rank.end_cause == RankEndCause.NODE_LOST
+                    else FaultKind.RANK_LOST)
             faults.append(Fault(kind=kind, attempt=attempt.number, node=rank.node, rank=rank.rank,
                                 message=rank.exit_reason, detected_at=now, occurred_at=now,
                                 classification=FaultClass.INFRA))

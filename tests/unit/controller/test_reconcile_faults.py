@@ -104,6 +104,7 @@ def test_a_hung_attempt_is_stopped_without_grace(mono):
         message="rank 1 (node-0) made no progress", silent_since=time.time() - 6,
         detected_at=time.time(),
         evidence={"culprit_reason": "its process is stopped (state T)", "proc_states": "1:T"},
+        culprit=agent_pb2.HANG_CULPRIT_STOPPED,
     )
     rec.detection.on_heartbeat("node-0", agent_pb2.Heartbeat(findings=[finding]))
     rec.reconcile_once()
