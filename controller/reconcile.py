@@ -58,9 +58,10 @@ from hpt.controller.model import (
     StopCommand,
 )
 from hpt.controller.pieces import PieceBook
+from hpt.controller.repository import Repository, SteppedDownError
 from hpt.controller.scheduler import Capacity
 from hpt.controller.stall import StallDetector
-from hpt.controller.store import ConflictError, Store, StoreUnavailableError
+from hpt.controller.store import FencedError, Store
 from hpt.controller.store.retrying import RetryingStore, StoreHealth
 from hpt.controller.streams import EventLog, LogBuffer
 
@@ -109,6 +110,8 @@ class Reconciler:
         self.store = store if isinstance(store, RetryingStore) else RetryingStore(store)
         self._store_recovered = threading.Event()
         self.store.on_recovered = self._store_recovered.set
+        self.repository = Repository(self.store)
+        self._deposed: SteppedDownError | None = None  # a conflict met outside the loop
         self.lock = threading.RLock()
         self.jobs: dict[str, Job] = {}
         self.nodes: dict[str, _NodeRuntime] = {}
@@ -120,7 +123,6 @@ class Reconciler:
         self._launch_sent: dict[tuple[str, int], float] = {}  # (job, attempt) -> monotonic
         self._next_retention = 0.0
         self._clock = clock
-        self._versions: dict[str, int] = {}
         self._dirty_jobs: set[str] = set()
         self._dirty_nodes: set[str] = set()
         self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
@@ -145,13 +147,11 @@ class Reconciler:
         """Rebuild state from the store; called once before the loop and the server start."""
         now_mono = time.monotonic()
         with self.lock:
-            for key, item in self.store.scan("jobs/").items():
-                job = convert.job_from_bytes(item.value)
+            for value in self.repository.load("jobs/").values():
+                job = convert.job_from_bytes(value)
                 self.jobs[job.id] = job
-                self._versions[key] = item.version
-            for key, item in self.store.scan("nodes/").items():
-                node = convert.node_from_bytes(item.value)
-                self._versions[key] = item.version
+            for value in self.repository.load("nodes/").values():
+                node = convert.node_from_bytes(value)
                 if node.state in (NodeState.READY, NodeState.UNKNOWN):
                     node.state = NodeState.UNKNOWN
                     node.reason = "controller restarted; waiting for the agent to re-register"
@@ -197,6 +197,10 @@ class Reconciler:
                 self._wake.clear()
                 with self.lock:
                     self.reconcile_once()
+        except FencedError as exc:  # another controller leads (a lost lease or a CAS conflict)
+            log.error("another controller leads; stepping down: %s", exc)
+            self.crashed = exc
+            self.on_crash(exc)
         except BaseException as exc:  # the loop is the controller: die loudly, never limp on
             log.critical("control loop crashed", exc_info=True)
             self.crashed = exc
@@ -205,6 +209,8 @@ class Reconciler:
     def reconcile_once(self) -> None:
         """One pass: passive node checks, then every job's active step, then persist."""
         self.fence()
+        if self._deposed is not None:
+            raise self._deposed
         now, mono = self._clock(), time.monotonic()
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
@@ -226,8 +232,12 @@ class Reconciler:
         with self.lock:
             job_id = f"{spec.name or 'job'}-{secrets.token_hex(4)}"
             job = Job(id=job_id, spec=spec, created_at=now, reason="submitted")
-            self.store.put(f"jobs/{job_id}", convert.job_to_bytes(job), expected_version=0)
-            self._versions[f"jobs/{job_id}"] = 1
+            try:
+                self.repository.create(f"jobs/{job_id}", convert.job_to_bytes(job))
+            except SteppedDownError as exc:
+                self._deposed = exc  # the loop's next pass steps down
+                self.wake()
+                raise
             self.jobs[job_id] = job
             self._emit(EventKind.JOB_SUBMITTED, job, message=f"{spec.nodes}x{spec.procs_per_node} ranks: "
                        f"{' '.join(spec.command)}")
@@ -880,7 +890,7 @@ class Reconciler:
         self._progress_jobs -= self._dirty_jobs
         for job_id in sorted(self._dirty_jobs):
             job = self.jobs[job_id]
-            if not self._put(f"jobs/{job_id}", convert.job_to_bytes(job)):
+            if not self.repository.save(f"jobs/{job_id}", convert.job_to_bytes(job)):
                 return
             self._dirty_jobs.discard(job_id)
             if job.state.is_terminal and job_id not in self._released and all(
@@ -895,31 +905,10 @@ class Reconciler:
                     self._send(node, command)
                 self._launch_sent[(job_id, command.attempt)] = time.monotonic()
         for name in sorted(self._dirty_nodes):
-            if not self._put(f"nodes/{name}", convert.node_to_bytes(self.nodes[name].node)):
+            if not self.repository.save(f"nodes/{name}",
+                                        convert.node_to_bytes(self.nodes[name].node)):
                 return
             self._dirty_nodes.discard(name)
-
-    def _put(self, key: str, value: bytes) -> bool:
-        """Write one record; False when the store is down (the caller retries next pass)."""
-        try:
-            self._versions[key] = self.store.put(
-                key, value, expected_version=self._versions.get(key, 0)
-            )
-        except ConflictError:
-            try:
-                item = self.store.get(key)
-                if item is None:  # the store lost it (restarted empty): write ours again
-                    log.warning("store lost %s; writing it again", key)
-                    self._versions[key] = self.store.put(key, value, expected_version=0)
-                    return True
-            except (ConflictError, StoreUnavailableError):
-                return False
-            # another controller wrote this record: we are not the only leader
-            log.error("store conflict on %s: another controller is writing; taking its copy", key)
-            self._versions[key] = item.version
-        except StoreUnavailableError:
-            return False
-        return True
 
     def _drop_expired(self, now: float) -> None:
         """Forget finished jobs past the retention bounds (memory and store)."""
@@ -932,15 +921,9 @@ class Reconciler:
                 continue  # its final state is not written yet
             if job_id not in self._released:  # loaded finished from the store
                 self._release(self.jobs[job_id])
-            try:
-                self.store.delete(key, expected_version=self._versions.get(key))
-            except ConflictError:
-                log.error("store conflict deleting %s: another controller is writing", key)
-                continue
-            except StoreUnavailableError:
+            if not self.repository.delete(key):
                 return
             job = self.jobs.pop(job_id)
-            self._versions.pop(key, None)
             self._released.discard(job_id)
             for attempt in job.attempts:
                 self._stops.pop((job_id, attempt.number), None)

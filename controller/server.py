@@ -24,7 +24,7 @@ from hpt.controller.model import (
     StopCommand,
 )
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.store import StoreUnavailableError
+from hpt.controller.store import FencedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job_id = self._rec.submit(spec)
         except StoreUnavailableError as exc:  # not acknowledged: nothing was stored
             context.abort(grpc.StatusCode.UNAVAILABLE, f"job not submitted, store down: {exc}")
+        except FencedError as exc:  # another controller leads: this one steps down
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job not submitted: {exc}")
         return jobs_pb2.SubmitJobResponse(job_id=job_id)
 
     def GetJob(self, request, context):  # type: ignore[no-untyped-def]
