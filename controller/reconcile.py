@@ -29,12 +29,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, elastic, policy, retention
+from hpt.controller import catalog, convert, detect, elastic, faults, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
+from hpt.controller.decide import (
+    Cancel,
+    Decision,
+    EndAttempt,
+    ExcludeNode,
+    Fail,
+    Grow,
+    Launch,
+    Restart,
+    Shrink,
+    Stop,
+    StopSent,
+    Succeed,
+    View,
+    WaitForNodes,
+    decide,
+)
 from hpt.controller.model import (
-    OOM_ERROR,
-    PLATFORM_ERRORS,
     Attempt,
     AttemptState,
     Event,
@@ -57,6 +72,13 @@ from hpt.controller.model import (
     StopCause,
     StopCommand,
 )
+from hpt.controller.observations import (
+    CancelRequested,
+    Disconnected,
+    Inbox,
+    PiecesHeld,
+    RestoreFailed,
+)
 from hpt.controller.pieces import PieceBook
 from hpt.controller.repository import Repository, SteppedDownError
 from hpt.controller.scheduler import Capacity
@@ -67,7 +89,6 @@ from hpt.controller.streams import EventLog, LogBuffer
 
 log = logging.getLogger(__name__)
 
-_RESEND_STOP_AFTER_S = 5.0
 _RETENTION_PERIOD_S = 1.0
 
 
@@ -140,6 +161,10 @@ class Reconciler:
         self.pieces = PieceBook()  # protection pieces agents hold (snapshot protection)
         self._free_since: dict[str, float] = {}  # node -> since when it could grow a job
         self._bad_steps: dict[str, set[int]] = {}  # job -> steps an agent failed to rebuild
+        self.inbox = Inbox()  # observations RPC handlers queued for the next pass
+        self._cancel_grace: dict[str, float | None] = {}  # job -> the grace its cancel asked
+        self.observers: list[Callable[[Job, JobState, JobState, str], None]] = [self._job_event]
+        """Called after every job transition: (job, previous, new, reason)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -212,6 +237,7 @@ class Reconciler:
         if self._deposed is not None:
             raise self._deposed
         now, mono = self._clock(), time.monotonic()
+        self._apply_observations(now)
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
@@ -244,16 +270,12 @@ class Reconciler:
         self.wake()
         return job_id
 
-    def cancel(self, job_id: str, grace_s: float | None) -> Job:
-        with self.lock:
-            job = self.jobs[job_id]
-            if not job.state.is_terminal and not job.cancel_requested:
-                job.cancel_requested = True
-                self._emit(EventKind.CANCEL_REQUESTED, job, message="cancel requested by the user")
-                self._dirty_jobs.add(job.id)
-                self._step(job, self._clock(), cancel_grace_s=grace_s)
+    def cancel(self, job_id: str, grace_s: float | None) -> threading.Event:
+        """Queue a user's cancel; returns the event the pass that applied it sets (the caller
+        answers once it is set, or at its own deadline)."""
+        applied = self.inbox.put(CancelRequested(job_id=job_id, grace_s=grace_s))
         self.wake()
-        return job
+        return applied
 
     def register(
         self, node: Node, link: AgentLink, reports: list[RankReport], free_port: int,
@@ -361,20 +383,59 @@ class Reconciler:
 
     def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
         """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
-        bytes). Updates each attempt's protected steps."""
-        with self.lock:
-            for job_id, number in self.pieces.update(node, pieces):
-                job = self.jobs.get(job_id)
-                if job is None or not 1 <= number <= len(job.attempts):
-                    continue
-                attempt = job.attempts[number - 1]
-                plan = self._plan_of(job, attempt)
-                steps = tuple(sorted(elastic.protected_steps(
-                    plan, self.pieces.held((job_id, number))))) if plan else ()
-                parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
-                if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
-                    attempt.protected_steps, attempt.parity_bytes = steps, parity
-                    self._dirty_jobs.add(job_id)
+        bytes). The next pass updates each attempt's protected steps."""
+        self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
+
+    def restore_failed(self, job_id: str, step: int) -> None:
+        """An agent could not put ``step`` in place: never choose it again for this job."""
+        self.inbox.put(RestoreFailed(job_id=job_id, step=step))
+
+    def disconnect(self, node: str, link: AgentLink) -> None:
+        self.inbox.put(Disconnected(node=node, link=link, at=time.monotonic()))
+        self.wake()
+
+    # ---------------------------------------------------------------- passive phase
+
+    def _apply_observations(self, now: float) -> None:
+        """Apply what RPC handlers queued since the last pass, in arrival order."""
+        for queued in self.inbox.take():
+            obs = queued.observation
+            if isinstance(obs, CancelRequested):
+                self._apply_cancel(obs, now)
+            elif isinstance(obs, PiecesHeld):
+                self._apply_pieces(obs.node, list(obs.pieces))
+            elif isinstance(obs, RestoreFailed):
+                if obs.job_id in self.jobs:
+                    self._bad_steps.setdefault(obs.job_id, set()).add(obs.step)
+            else:
+                runtime = self.nodes.get(obs.node)
+                if runtime is not None and runtime.link is obs.link:
+                    runtime.link = None
+                    runtime.disconnected_at = obs.at
+            queued.applied.set()
+
+    def _apply_cancel(self, obs: CancelRequested, now: float) -> None:
+        job = self.jobs.get(obs.job_id)
+        if job is None or job.state.is_terminal or job.cancel_requested:
+            return
+        job.cancel_requested = True
+        self._cancel_grace[job.id] = obs.grace_s
+        self._emit(EventKind.CANCEL_REQUESTED, job, message="cancel requested by the user")
+        self._dirty_jobs.add(job.id)
+
+    def _apply_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
+        for job_id, number in self.pieces.update(node, pieces):
+            job = self.jobs.get(job_id)
+            if job is None or not 1 <= number <= len(job.attempts):
+                continue
+            attempt = job.attempts[number - 1]
+            plan = self._plan_of(job, attempt)
+            steps = tuple(sorted(elastic.protected_steps(
+                plan, self.pieces.held((job_id, number))))) if plan else ()
+            parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
+            if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
+                attempt.protected_steps, attempt.parity_bytes = steps, parity
+                self._dirty_jobs.add(job_id)
 
     def _forget_memory(self, node: str) -> None:
         """The snapshots an earlier agent process of ``node`` reported are gone with it."""
@@ -385,12 +446,6 @@ class Reconciler:
                         rank.snapshot_steps = ()
                         self._dirty_jobs.add(job.id)
 
-    def restore_failed(self, job_id: str, step: int) -> None:
-        """An agent could not put ``step`` in place: never choose it again for this job."""
-        with self.lock:
-            if job_id in self.jobs:
-                self._bad_steps.setdefault(job_id, set()).add(step)
-
     def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
         """The attempt's protection layout, with the peer addresses agents have now."""
         ranks: dict[str, list[int]] = {}
@@ -399,15 +454,6 @@ class Reconciler:
         peers = {n: rt.node.peer_address for n, rt in self.nodes.items()}
         return elastic.protection_plan(job.spec.redundancy, attempt.nodes, ranks, peers)
 
-    def disconnect(self, node: str, link: AgentLink) -> None:
-        with self.lock:
-            runtime = self.nodes.get(node)
-            if runtime is not None and runtime.link is link:
-                runtime.link = None
-                runtime.disconnected_at = time.monotonic()
-        self.wake()
-
-    # ---------------------------------------------------------------- passive phase
 
     def _apply_report(self, node: str, report: RankReport) -> bool:
         """Apply one rank's report; True when the rank changed state or a stop was sent."""
@@ -533,87 +579,37 @@ class Reconciler:
 
     # ---------------------------------------------------------------- active phase
 
-    def _step(self, job: Job, now: float, cancel_grace_s: float | None = None) -> None:
-        for attempt in job.attempts:
-            if attempt.state == AttemptState.STOPPING:
-                self._finish_stopping(job, attempt, now)
+    def _step(self, job: Job, now: float) -> None:
+        """Observe what the job's record lacks, decide, then execute each decision in order."""
+        for decision in decide(job, self._view(job, now), now):
+            self._execute(job, decision, now)
+
+    def _view(self, job: Job, now: float) -> View:
+        """What ``decide`` needs beyond the record. Taking a detector's fault consumes it (once
+        per attempt); a launch that timed out marks its pending ranks LOST here."""
+        mono = time.monotonic()
+        stops = {a.number: StopSent(sent.at, sent.grace_s) for a in job.attempts
+                 if (sent := self._stops.get((job.id, a.number))) is not None}
         if job.state.is_terminal:
-            return
+            return View(mono=mono, stops=stops)
         current = job.current
-        if job.cancel_requested:
-            self._step_cancel(job, current, now, cancel_grace_s)
-            return
-        if job.state == JobState.PENDING:
-            self._try_place(job, now)
-        elif job.state == JobState.RUNNING and current is not None:
-            self._step_running(job, current, now)
-        elif job.state == JobState.RECOVERING and (current is None or current.state.is_terminal):
-            if current is not None and now < current.ended_at + policy.restart_backoff_s(job):
-                return  # a crash loop backs off; the loop's period brings us back
-            self._try_place(job, now)
+        fault: Fault | None = None
+        free_since: dict[str, float] = {}
+        if (job.state == JobState.RUNNING and not job.cancel_requested and current is not None
+                and not all(r.state == RankState.SUCCEEDED for r in current.ranks)):
+            fault = faults.earliest_fault(current, now) or self.detection.pending_fault(
+                job.id, current.number, {r.node for r in current.ranks if not r.state.is_terminal},
+                now, straggler_after=job.spec.straggler_restart_after,
+            ) or self._launch_timeout(job, current, now)
+            if fault is None and len(current.nodes) < job.spec.nodes:
+                free_since = self._free_since_for(job, current, now)
+        placing = not job.cancel_requested and job.state in (JobState.PENDING, JobState.RECOVERING)
+        return View(mono=mono, capacity=tuple(self._capacity()) if placing else (), fault=fault,
+                    stops=stops, free_since=free_since,
+                    grow_hysteresis_s=self.cfg.grow_hysteresis_s,
+                    cancel_grace_s=self._cancel_grace.get(job.id))
 
-    def _step_cancel(
-        self, job: Job, current: Attempt | None, now: float, grace_s: float | None
-    ) -> None:
-        if current is not None and not current.state.is_terminal:
-            if current.state != AttemptState.STOPPING:
-                grace = job.spec.stop_grace_s if grace_s is None else grace_s
-                self._stop_attempt(job, current, "cancelled by the user", now, grace,
-                                   StopCause.CANCELLED)
-            return
-        job.set_state(JobState.CANCELLED, "cancelled by the user; every rank stopped", now)
-        self._dirty_jobs.add(job.id)
-        self._emit(EventKind.JOB_CANCELLED, job, message="every rank stopped")
-
-    def _step_running(self, job: Job, attempt: Attempt, now: float) -> None:
-        if all(r.state == RankState.SUCCEEDED for r in attempt.ranks):
-            attempt.set_state(AttemptState.SUCCEEDED, "every rank exited 0", now)
-            attempt.ended_at = now
-            job.set_state(JobState.SUCCEEDED, f"attempt {attempt.number} finished", now)
-            self._dirty_jobs.add(job.id)
-            self._emit(EventKind.JOB_SUCCEEDED, job, attempt=attempt.number,
-                       message=f"after {job.restarts} restart(s)")
-            return
-        fault = _earliest_fault(attempt, now) or self.detection.pending_fault(
-            job.id, attempt.number, {r.node for r in attempt.ranks if not r.state.is_terminal}, now,
-            straggler_after=job.spec.straggler_restart_after,
-        ) or self._launch_timeout(job, attempt, now)
-        if fault is None:
-            self._maybe_grow(job, attempt, now)
-            return
-        attempt.cause = fault
-        job.root_cause = fault
-        if fault.kind == FaultKind.STRAGGLER and fault.node not in job.excluded_nodes:
-            job.excluded_nodes.append(fault.node)
-            self._emit(EventKind.NODE_EXCLUDED, job, attempt=attempt.number, node=fault.node,
-                       message=f"straggler policy: job no longer runs on {fault.node} "
-                       f"(straggler_restart_after={job.spec.straggler_restart_after})")
-        self._emit(EventKind.FAULT, job, attempt=attempt.number, node=fault.node, rank=fault.rank,
-                   message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
-        crash_point("fault-recorded")
-        decision = policy.decide_after_fault(job, fault)
-        # A hung attempt gets no grace: its ranks are stopped or stuck, SIGTERM would only wait
-        # (their snapshots live in the agents' memory, not in the ranks).
-        grace = 0.0 if fault.kind == FaultKind.HANG else job.spec.stop_grace_s
-        self._stop_attempt(job, attempt, f"fault: {fault.kind.value} of {fault.where()}", now,
-                           grace, StopCause.FAULT)
-        if decision is not None:
-            job.set_state(JobState.FAILED, decision.reason, now)
-            self._emit(EventKind.JOB_FAILED, job, attempt=attempt.number, message=decision.reason)
-            return
-        job.restarts += 1
-        reason = (f"restart {job.restarts}/{job.spec.max_restarts} after {fault.kind.value} of "
-                  f"{fault.where()}: {fault.message}")
-        backoff = policy.restart_backoff_s(job)
-        if backoff:
-            reason += (f"; next attempt {backoff:g} s after this one stops (crash loop: "
-                       f"{policy.crash_loop(job)} attempt(s) in a row ended before a step)")
-        job.set_state(JobState.RECOVERING, reason, now)
-        self._emit(EventKind.RECOVERING, job, attempt=attempt.number, message=reason)
-
-    def _maybe_grow(self, job: Job, attempt: Attempt, now: float) -> None:
-        if len(attempt.nodes) >= job.spec.nodes:
-            return
+    def _free_since_for(self, job: Job, attempt: Attempt, now: float) -> dict[str, float]:
         free = {c.node for c in self._capacity()
                 if c.free_slots >= job.spec.procs_per_node and c.node not in attempt.nodes}
         for name in list(self._free_since):
@@ -621,27 +617,84 @@ class Reconciler:
                 del self._free_since[name]
         for name in free:
             self._free_since.setdefault(name, now)
-        reason = elastic.decide_grow(job, attempt, {n: self._free_since[n] for n in free},
-                                     set(catalog.complete_steps(attempt)), now,
-                                     self.cfg.grow_hysteresis_s)
-        if reason is None:
-            return
-        self._stop_attempt(job, attempt, reason, now, job.spec.stop_grace_s, StopCause.RESIZE)
-        job.set_state(JobState.RECOVERING, reason, now)
-        self._emit(EventKind.RESIZE_REQUESTED, job, attempt=attempt.number, message=reason)
+        return {n: self._free_since[n] for n in free}
 
-    def _try_place(self, job: Job, now: float) -> None:
-        decision = policy.decide_placement(job, self._capacity(), now)
-        if decision.action == policy.Action.RESTART:
-            self._launch(job, list(decision.nodes), now, decision.reason)
-        elif decision.action == policy.Action.FAIL:
-            job.set_state(JobState.FAILED, decision.reason, now)
+    def _execute(self, job: Job, d: Decision, now: float) -> None:
+        """The one executor: every change it makes to a job or attempt goes through
+        ``_set_job_state`` / ``Attempt.set_state``; the job's events come from those."""
+        log.info("[%s/%s/-/-] decided %s (%s)", job.id,
+                 job.current.number if job.current else "-", type(d).__name__, d.why.value)
+        if isinstance(d, EndAttempt):
+            self._end_attempt(job, job.attempts[d.attempt - 1], now)
+        elif isinstance(d, Stop):
+            attempt = job.attempts[d.attempt - 1]
+            if d.resend:
+                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), d.grace_s)
+                for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
+                    self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
+                                                 grace_s=0.0, reason=d.message, cause=d.cause))
+                return
+            if d.fault is not None:
+                self._record_fault(job, attempt, d.fault)
+            self._stop_attempt(job, attempt, d.message, now, d.grace_s, d.cause)
+        elif isinstance(d, ExcludeNode):
+            if d.node not in job.excluded_nodes:
+                job.excluded_nodes.append(d.node)
+                self._dirty_jobs.add(job.id)
+                self._emit(EventKind.NODE_EXCLUDED, job, node=d.node, message=d.message)
+        elif isinstance(d, Restart):
+            job.restarts += 1
+            self._set_job_state(job, JobState.RECOVERING, d.message, now)
+        elif isinstance(d, Fail):
+            self._set_job_state(job, JobState.FAILED, d.message, now)
+        elif isinstance(d, Cancel):
+            self._set_job_state(job, JobState.CANCELLED, d.message, now)
+            self._cancel_grace.pop(job.id, None)
+        elif isinstance(d, Succeed):
+            attempt = job.attempts[d.attempt - 1]
+            attempt.set_state(AttemptState.SUCCEEDED, "every rank exited 0", now)
+            attempt.ended_at = now
+            self._set_job_state(job, JobState.SUCCEEDED, f"attempt {attempt.number} finished",
+                                now)
+        elif isinstance(d, Grow):
+            self._stop_attempt(job, job.attempts[d.attempt - 1], d.message, now,
+                               job.spec.stop_grace_s, StopCause.RESIZE)
+            self._set_job_state(job, JobState.RECOVERING, d.message, now)
+        elif isinstance(d, Launch | Shrink):
+            self._launch(job, list(d.nodes), now, d.message)
+        else:
+            assert isinstance(d, WaitForNodes), d
+            job.deadline_at = d.deadline_at
             self._dirty_jobs.add(job.id)
-            self._emit(EventKind.JOB_FAILED, job, message=decision.reason)
-        elif job.deadline_at != decision.deadline_at:
-            job.deadline_at = decision.deadline_at
-            self._dirty_jobs.add(job.id)
-            self._emit(EventKind.WAITING_FOR_NODES, job, message=decision.reason)
+            self._emit(EventKind.WAITING_FOR_NODES, job, message=d.message)
+
+    def _set_job_state(self, job: Job, new: JobState, reason: str, now: float) -> None:
+        previous = job.set_state(new, reason, now)
+        self._dirty_jobs.add(job.id)
+        for observer in self.observers:
+            observer(job, previous, new, reason)
+
+    def _job_event(self, job: Job, previous: JobState, new: JobState, reason: str) -> None:
+        """The event of a job's transition (an observer of ``_set_job_state``)."""
+        if new == JobState.SUCCEEDED:
+            self._emit(EventKind.JOB_SUCCEEDED, job, message=f"after {job.restarts} restart(s)")
+        elif new == JobState.FAILED:
+            self._emit(EventKind.JOB_FAILED, job, message=reason)
+        elif new == JobState.CANCELLED:
+            self._emit(EventKind.JOB_CANCELLED, job, message="every rank stopped")
+        elif new == JobState.RECOVERING:
+            current = job.current
+            grown = current is not None and current.cause is None
+            self._emit(EventKind.RESIZE_REQUESTED if grown else EventKind.RECOVERING, job,
+                       message=reason)
+
+    def _record_fault(self, job: Job, attempt: Attempt, fault: Fault) -> None:
+        attempt.cause = fault
+        job.root_cause = fault
+        self._dirty_jobs.add(job.id)
+        self._emit(EventKind.FAULT, job, attempt=attempt.number, node=fault.node, rank=fault.rank,
+                   message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
+        crash_point("fault-recorded")
 
     def _capacity(self) -> list[Capacity]:
         used: dict[str, int] = {}
@@ -712,8 +765,7 @@ class Reconciler:
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)
         self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())
-        job.set_state(JobState.RUNNING, f"attempt {number} launched: {reason}", now)
-        self._dirty_jobs.add(job.id)
+        self._set_job_state(job, JobState.RUNNING, f"attempt {number} launched: {reason}", now)
         restored = f"restores step {restore} from memory" if restore else "starts from scratch or disk"
         self._emit(EventKind.ATTEMPT_LAUNCHED, job, attempt=number,
                    message=f"world size {attempt.world_size}; {restored}; {reason}")
@@ -821,22 +873,14 @@ class Reconciler:
                         rank.state, rank.exit_reason = RankState.STOPPED, "stopped before launch"
                         rank.end_cause = RankEndCause.STOPPED_BEFORE_LAUNCH
         self._dirty_jobs.add(job.id)
-        self._finish_stopping(job, attempt, now)
+        if attempt.all_ended:
+            self._end_attempt(job, attempt, now)
 
-    def _finish_stopping(self, job: Job, attempt: Attempt, now: float) -> None:
-        if not attempt.all_ended:
-            sent = self._stops.get((job.id, attempt.number))
-            grace = job.spec.stop_grace_s if sent is None else sent.grace_s
-            if sent is None or time.monotonic() - sent.at > grace + _RESEND_STOP_AFTER_S:
-                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace)
-                for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
-                    self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
-                                                 grace_s=0.0, reason="stop not confirmed",
-                                                 cause=StopCause.UNCONFIRMED))
-            return
+    def _end_attempt(self, job: Job, attempt: Attempt, now: float) -> None:
+        """Every rank of a stopping attempt ended: FAILED by its fault, or STOPPED."""
         self._stops.pop((job.id, attempt.number), None)
         if attempt.cause is not None:
-            refined = _earliest_fault(attempt, now, include_stopped=False)
+            refined = faults.earliest_fault(attempt, now, include_stopped=False)
             if refined is not None and refined.occurred_at < attempt.cause.occurred_at:
                 attempt.cause = refined
                 job.root_cause = refined
@@ -929,6 +973,7 @@ class Reconciler:
                 self._stops.pop((job_id, attempt.number), None)
                 self._launch_sent.pop((job_id, attempt.number), None)
             self.logs.forget(job_id)
+            self._cancel_grace.pop(job_id, None)
             self.detection.forget(job_id)
 
 
@@ -947,39 +992,3 @@ def _state_change(state: str, at: float, reason: str):  # type: ignore[no-untype
     from hpt.controller.model import StateChange
 
     return StateChange(state, at, reason)
-
-
-def _earliest_fault(attempt: Attempt, now: float, include_stopped: bool = True) -> Fault | None:
-    """The earliest failure of the attempt: the root cause (later ones are usually its echo)."""
-    faults = []
-    for rank in attempt.ranks:
-        if rank.state == RankState.FAILED:
-            exit_ = rank.exit
-            classification = FaultClass.USER if exit_ and exit_.error_type else FaultClass.INFRA
-            if exit_ and exit_.signal in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT"):
-                classification = FaultClass.PLATFORM
-            if exit_ and exit_.error_type in PLATFORM_ERRORS:
-                classification = FaultClass.PLATFORM
-            if exit_ and exit_.error_type == OOM_ERROR:
-                classification = FaultClass.OOM
-            faults.append(Fault(kind=FaultKind.RANK_EXIT, attempt=attempt.number, node=rank.node,
-                                rank=rank.rank, message=rank.exit_reason, detected_at=now,
-                                occurred_at=exit_.ended_at if exit_ else now,
-                                classification=classification))
-        elif rank.state == RankState.LOST:
-            kind = (FaultKind.NODE_LOST if rank.end_cause == RankEndCause.NODE_LOST
-                    else FaultKind.RANK_LOST)
-            faults.append(Fault(kind=kind, attempt=attempt.number, node=rank.node, rank=rank.rank,
-                                message=rank.exit_reason, detected_at=now, occurred_at=now,
-                                classification=FaultClass.INFRA))
-        elif rank.state == RankState.STOPPED and include_stopped and attempt.state != AttemptState.STOPPING:
-            # its agent stopped it (self-fencing): infra, at the time it ended, so that the
-            # peers' errors it caused (a closed connection) come after it
-            ended = rank.exit.ended_at if rank.exit and rank.exit.ended_at else now
-            faults.append(Fault(kind=FaultKind.RANK_LOST, attempt=attempt.number, node=rank.node,
-                                rank=rank.rank, message=rank.exit_reason or "stopped by its agent",
-                                detected_at=now, occurred_at=min(ended, now),
-                                classification=FaultClass.INFRA))
-    if not faults:
-        return None
-    return min(faults, key=lambda f: (f.occurred_at, f.rank))

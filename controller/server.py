@@ -28,6 +28,8 @@ from hpt.controller.store import FencedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
+_CANCEL_REPLY_DEADLINE_S = 5.0
+
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MAX_SLOTS = 4096
 _MAX_REPORTS = 4096
@@ -90,7 +92,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grace_s must be >= 0")
         if request.job_id not in self._rec.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
-        self._rec.cancel(request.job_id, request.grace_s if request.grace_s > 0 else None)
+        applied = self._rec.cancel(request.job_id,
+                                   request.grace_s if request.grace_s > 0 else None)
+        # answer with the job as the pass that applied the cancel left it (a loop that does not
+        # get to it in time answers with the job as it is: the cancel stays queued)
+        applied.wait(_CANCEL_REPLY_DEADLINE_S)
         return self.GetJob(jobs_pb2.GetJobRequest(job_id=request.job_id), context)
 
     def ListNodes(self, request, context):  # type: ignore[no-untyped-def]
