@@ -144,12 +144,69 @@ class RankState(str, Enum):
         return self not in (RankState.PENDING, RankState.RUNNING)
 
 
+RANK_TRANSITIONS: dict[RankState, dict[RankState, str]] = {
+    RankState.PENDING: {
+        RankState.PENDING: "its agent reports it starting (a new pid)",
+        RankState.RUNNING: "its agent started it",
+        RankState.SUCCEEDED: "it exited 0 before it was seen running",
+        RankState.FAILED: "it failed before it was seen running",
+        RankState.STOPPED: "a stop reached its agent (or its launch never left) before it started",
+        RankState.LOST: "its node was lost, its agent forgot it, or it never started in time",
+    },
+    RankState.RUNNING: {
+        RankState.RUNNING: "its agent reports it again under a new pid",
+        RankState.SUCCEEDED: "it exited 0",
+        RankState.FAILED: "it exited non-zero or was killed by a signal",
+        RankState.STOPPED: "it was stopped (its attempt ends, or its agent self-fenced)",
+        RankState.LOST: "its node was lost or its agent re-registered without it",
+    },
+    # terminal: a rank reported alive after it was given up on is fenced, not revived
+    RankState.SUCCEEDED: {},
+    RankState.FAILED: {},
+    RankState.STOPPED: {},
+    RankState.LOST: {},
+}
+
+
 class NodeState(str, Enum):
+    """A node's agent as the controller sees it::
+
+        (register) ──► READY ◄──► LOST
+                        │  ▲        │
+                        ▼  │        ▼
+                    QUARANTINED ◄───┘        UNKNOWN (after a controller restart) ──► any
+    """
+
     READY = "READY"
     LOST = "LOST"
     QUARANTINED = "QUARANTINED"
     UNKNOWN = "UNKNOWN"
     """Known from the store after a controller restart, not yet re-registered."""
+
+
+NODE_TRANSITIONS: dict[NodeState, dict[NodeState, str]] = {
+    NodeState.READY: {
+        NodeState.READY: "its agent registered again",
+        NodeState.LOST: "no heartbeat within the timeout, or its stream closed for good",
+        NodeState.QUARANTINED: "it registered again and its health check failed",
+        NodeState.UNKNOWN: "the controller restarted; waiting for the agent to register again",
+    },
+    NodeState.LOST: {
+        NodeState.READY: "it heartbeats again, or its agent registered again",
+        NodeState.QUARANTINED: "its agent registered again and its health check failed",
+    },
+    NodeState.QUARANTINED: {
+        NodeState.READY: "its agent registered again and passed its health check",
+        NodeState.QUARANTINED: "its agent registered again and failed its health check again",
+        NodeState.UNKNOWN: "the controller restarted",
+    },
+    NodeState.UNKNOWN: {
+        NodeState.UNKNOWN: "the controller restarted again",
+        NodeState.READY: "its agent registered again",
+        NodeState.LOST: "its agent did not register again in time",
+        NodeState.QUARANTINED: "its agent registered again and its health check failed",
+    },
+}
 
 
 class FaultKind(str, Enum):
@@ -445,6 +502,20 @@ class Rank:
     end_cause: RankEndCause = RankEndCause.NONE
     """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
 
+    def set_state(self, new: RankState, exit_reason: str = "",
+                  cause: RankEndCause = RankEndCause.NONE) -> RankState:
+        """Move along ``RANK_TRANSITIONS`` (raises ``IllegalTransitionError`` off it); a rank
+        that ends records why (``exit_reason`` in words, ``cause`` when the controller ended
+        it itself). Ranks keep no history: their attempt's is the record."""
+        previous = self.state
+        if new not in RANK_TRANSITIONS[previous]:
+            raise IllegalTransitionError(f"Rank {self.rank} {previous.value} -> {new.value} is "
+                                         f"not allowed ({exit_reason})")
+        self.state = new
+        if new.is_terminal:
+            self.exit_reason, self.end_cause = exit_reason, cause
+        return previous
+
 
 @dataclass(kw_only=True, slots=True)
 class Attempt:
@@ -524,6 +595,15 @@ class Node:
     warm_ready: int = 0
     peer_address: str = ""
     """host:port of the agent's PeerService (snapshot protection traffic)."""
+
+    def set_state(self, new: NodeState, reason: str) -> NodeState:
+        """Move along ``NODE_TRANSITIONS`` (raises ``IllegalTransitionError`` off it)."""
+        previous = self.state
+        if new not in NODE_TRANSITIONS[previous]:
+            raise IllegalTransitionError(
+                f"Node {self.name} {previous.value} -> {new.value} is not allowed ({reason})")
+        self.state, self.reason = new, reason
+        return previous
 
 
 def _transition(record, table, new, reason: str, now: float):  # type: ignore[no-untyped-def]

@@ -50,6 +50,7 @@ from hpt.controller.decide import (
     decide,
 )
 from hpt.controller.model import (
+    RANK_TRANSITIONS,
     Attempt,
     AttemptState,
     Event,
@@ -178,8 +179,8 @@ class Reconciler:
             for value in self.repository.load("nodes/").values():
                 node = convert.node_from_bytes(value)
                 if node.state in (NodeState.READY, NodeState.UNKNOWN):
-                    node.state = NodeState.UNKNOWN
-                    node.reason = "controller restarted; waiting for the agent to re-register"
+                    node.set_state(NodeState.UNKNOWN,
+                                   "controller restarted; waiting for the agent to re-register")
                 self.nodes[node.name] = _NodeRuntime(node, last_heartbeat=now_mono)
             for job in self.jobs.values():
                 if job.current is not None and job.current.state == AttemptState.LAUNCHING:
@@ -297,12 +298,13 @@ class Reconciler:
                 runtime.link.close()
             if runtime is None:
                 runtime = self.nodes[node.name] = _NodeRuntime(node)
+                node.state, node.reason = NodeState.READY, "registered"  # its first state
             else:
+                node.state, node.reason = runtime.node.state, runtime.node.reason
                 runtime.node = node
-            node.state = NodeState.READY
-            node.reason = "registered"
+                node.set_state(NodeState.READY, "registered")
             if health_problem:  # not placed; `hptctl nodes` shows why
-                node.state, node.reason = NodeState.QUARANTINED, health_problem
+                node.set_state(NodeState.QUARANTINED, health_problem)
             node.last_seen_at = self._clock()
             runtime.link = link
             if runtime.instance_id and instance_id and runtime.instance_id != instance_id:
@@ -354,8 +356,8 @@ class Reconciler:
             if runtime.node.state == NodeState.LOST:
                 # it was silent (or we were), not dead: usable again; its ranks of the attempt we
                 # gave up on are fenced by their reports (``_apply_report`` stops them)
-                runtime.node.state = NodeState.READY
-                runtime.node.reason = f"heartbeating again after: {runtime.node.reason}"
+                runtime.node.set_state(NodeState.READY,
+                                       f"heartbeating again after: {runtime.node.reason}")
                 self._dirty_nodes.add(node)
                 self.events.emit(Event(kind=EventKind.NODE_REJOINED, at=self._clock(), node=node,
                                        message=runtime.node.reason))
@@ -502,12 +504,17 @@ class Reconciler:
                                              cause=StopCause.DECLARED_LOST))
                 return True
             return False
+        if seen.state not in RANK_TRANSITIONS[rank.state]:
+            log.warning("[%s/%s/%s/%s] report of %s -> %s refused", job.id, attempt.number, node,
+                        rank.rank, rank.state.value, seen.state.value)
+            return False
         rank.pid = seen.pid or rank.pid
-        rank.state = seen.state
         self._dirty_jobs.add(job.id)
         if seen.state.is_terminal:
             rank.exit = seen.exit
-            rank.exit_reason = seen.exit_reason or (seen.exit.describe() if seen.exit else "")
+        rank.set_state(seen.state,
+                       seen.exit_reason or (seen.exit.describe() if seen.exit else ""))
+        if seen.state.is_terminal:
             self._emit(EventKind.RANK_EXITED, job, attempt=attempt.number, node=node, rank=rank.rank,
                        message=f"{seen.state.value}: {rank.exit_reason}")
         if attempt.state == AttemptState.LAUNCHING and all(
@@ -540,12 +547,10 @@ class Reconciler:
                             attempt.state == AttemptState.LAUNCHING and not job.cancel_requested):
                         continue
                     if attempt.state == AttemptState.STOPPING:
-                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped"
-                        rank.end_cause = RankEndCause.STOPPED
+                        rank.set_state(RankState.STOPPED, "stopped", RankEndCause.STOPPED)
                     else:
-                        rank.state = RankState.LOST
-                        rank.exit_reason = "agent re-registered without this rank"
-                        rank.end_cause = RankEndCause.AGENT_FORGOT
+                        rank.set_state(RankState.LOST, "agent re-registered without this rank",
+                                       RankEndCause.AGENT_FORGOT)
                     self._dirty_jobs.add(job.id)
 
     def _sync_nodes(self, mono: float, now: float) -> None:
@@ -561,7 +566,7 @@ class Reconciler:
                 reason = f"no heartbeat for {silent:.1f}s (timeout {timeout:g}s)"
             else:
                 continue
-            node.state, node.reason = NodeState.LOST, reason
+            node.set_state(NodeState.LOST, reason)
             self._dirty_nodes.add(node.name)
             self.events.emit(Event(kind=EventKind.NODE_LOST, at=now, node=node.name, message=reason))
             self._lose_ranks_on(node.name, now, reason)
@@ -571,9 +576,8 @@ class Reconciler:
             for attempt in job.attempts:
                 for rank in attempt.ranks_on(node):
                     if not rank.state.is_terminal:
-                        rank.state = RankState.LOST
-                        rank.exit_reason = f"node lost: {reason}"
-                        rank.end_cause = RankEndCause.NODE_LOST
+                        rank.set_state(RankState.LOST, f"node lost: {reason}",
+                                       RankEndCause.NODE_LOST)
                         rank.exit = None
                         self._dirty_jobs.add(job.id)
 
@@ -839,9 +843,9 @@ class Reconciler:
             return None
         pending = [r for r in attempt.ranks if r.state == RankState.PENDING]
         for rank in pending:
-            rank.state = RankState.LOST
-            rank.exit_reason = f"never started within {self.cfg.launch_timeout_s:g}s of its launch"
-            rank.end_cause = RankEndCause.NEVER_STARTED
+            rank.set_state(RankState.LOST, f"never started within "
+                           f"{self.cfg.launch_timeout_s:g}s of its launch",
+                           RankEndCause.NEVER_STARTED)
         self._dirty_jobs.add(job.id)
         first = pending[0]
         return Fault(kind=FaultKind.LAUNCH_TIMEOUT, attempt=attempt.number, node=first.node,
@@ -865,13 +869,13 @@ class Reconciler:
                 # will (a late one reports RUNNING and is fenced by ``_apply_report``)
                 for rank in attempt.ranks_on(node):
                     if rank.state == RankState.PENDING:
-                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped before it started"
-                        rank.end_cause = RankEndCause.STOPPED_BEFORE_START
+                        rank.set_state(RankState.STOPPED, "stopped before it started",
+                                       RankEndCause.STOPPED_BEFORE_START)
             elif unsent is not None:  # never launched anywhere: nothing can be running
                 for rank in attempt.ranks_on(node):
                     if rank.state == RankState.PENDING:
-                        rank.state, rank.exit_reason = RankState.STOPPED, "stopped before launch"
-                        rank.end_cause = RankEndCause.STOPPED_BEFORE_LAUNCH
+                        rank.set_state(RankState.STOPPED, "stopped before launch",
+                                       RankEndCause.STOPPED_BEFORE_LAUNCH)
         self._dirty_jobs.add(job.id)
         if attempt.all_ended:
             self._end_attempt(job, attempt, now)

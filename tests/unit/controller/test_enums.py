@@ -104,3 +104,25 @@ def test_the_agents_event_names_map_to_the_wire_enum_and_unknown_ones_are_refuse
 def test_an_unknown_hang_culprit_reads_as_unspecified():
     assert convert.hang_culprit_from_proto(agent_pb2.HANG_CULPRIT_STOPPED) == HangCulprit.STOPPED
     assert convert.hang_culprit_from_proto(77) == HangCulprit.UNSPECIFIED
+
+
+def test_rank_and_node_tables_cover_every_state_and_refuse_edges_off_them():
+    from hpt.controller.model import (
+        NODE_TRANSITIONS,
+        RANK_TRANSITIONS,
+        IllegalTransitionError,
+        Node,
+        NodeState,
+    )
+
+    assert set(RANK_TRANSITIONS) == set(RankState) and set(NODE_TRANSITIONS) == set(NodeState)
+    assert all(not RANK_TRANSITIONS[s] for s in RankState if s.is_terminal)
+    rank = Rank(rank=0, local_rank=0, node="n")
+    assert rank.set_state(RankState.LOST, "node lost: x", RankEndCause.NODE_LOST) == RankState.PENDING
+    assert (rank.exit_reason, rank.end_cause) == ("node lost: x", RankEndCause.NODE_LOST)
+    with pytest.raises(IllegalTransitionError, match="LOST -> RUNNING"):
+        rank.set_state(RankState.RUNNING)
+    node = Node(name="n", address="h", slots=1, state=NodeState.LOST)
+    with pytest.raises(IllegalTransitionError, match="LOST -> UNKNOWN"):
+        node.set_state(NodeState.UNKNOWN, "restart")
+    assert node.set_state(NodeState.READY, "back") == NodeState.LOST and node.reason == "back"

@@ -265,3 +265,13 @@ def _straggler(job_id: str):  # type: ignore[no-untyped-def]
 
     return Fault(kind=FaultKind.STRAGGLER, attempt=1, node="n1", rank=1,
                  message="rank 1 (n1) was a straggler for 2 steps")
+
+
+def test_a_report_off_the_rank_table_is_refused_and_the_loop_goes_on(monkeypatch):
+    c = Cluster(monkeypatch, nodes=1)
+    job_id = c.rec.submit(JobSpec(command=("x",)))
+    c.rec.reconcile_once()
+    c.run_all(job_id)
+    c.report(job_id, 0, RankState.PENDING)  # RUNNING -> PENDING is no edge
+    c.rec.reconcile_once()
+    assert c.rec.jobs[job_id].attempts[0].ranks[0].state == RankState.RUNNING
