@@ -1,11 +1,17 @@
-"""The control loop: observe what agents report, then act on every job.
+"""The control loop: observe what agents and users report, decide, act on every job.
 
-Agent streams and RPC handlers feed observations in (``register``, ``heartbeat``,
-``disconnect``, ``submit``, ``cancel``) under one lock and wake the loop. Each pass of the loop
-runs two phases (Ray's reconciler pattern): passive transitions first (nodes whose heartbeats
-stopped are LOST, their ranks with them), then active ones per job (launch, detect the fault,
-stop the attempt everywhere, decide with ``policy``, relaunch). Every state change is persisted
-as protobuf bytes with compare-and-set, and every attempt, fault and decision is an event.
+Three parts, the shape of torch.elastic's rendezvous ops and Ray's autoscaler v2:
+
+1. Inputs. RPC handlers queue observations (``observations.py``: ``cancel``, ``held_pieces``,
+   ``restore_failed``, ``disconnect``) and wake the loop. Registrations and heartbeats apply
+   their rank reports under the lock on arrival (the passive sync of ``observe.py``): they
+   carry the liveness a pass judges, and a heartbeat tells its caller whether a pass is due.
+2. Each pass (``reconcile_once``) applies the queued observations, marks nodes whose heartbeats
+   stopped LOST (``observe.py``), then per job builds a view and asks the pure
+   ``decide.decide(job, view, now)`` for decisions (``execute.py``).
+3. One executor (``execute.py``) applies them through ``set_state``; the job's events come from
+   its transitions. The repository (``repository.py``) writes what changed with
+   compare-and-set; a conflict means another controller leads, and this one steps down.
 
 A restarted controller builds the same state from the store (``load``) and agent
 re-registration: ranks an agent still runs for the current attempt simply carry on.
@@ -26,38 +32,18 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, elastic, faults, retention
+from hpt.controller import catalog, convert, detect, elastic, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
-from hpt.controller.decide import (
-    Cancel,
-    Decision,
-    EndAttempt,
-    ExcludeNode,
-    Fail,
-    Grow,
-    Launch,
-    Restart,
-    Shrink,
-    Stop,
-    StopSent,
-    Succeed,
-    View,
-    WaitForNodes,
-    decide,
-)
+from hpt.controller.execute import Execute, _StopSent
 from hpt.controller.model import (
-    RANK_TRANSITIONS,
     Attempt,
     AttemptState,
     Event,
     EventKind,
-    Fault,
-    FaultClass,
-    FaultKind,
     Job,
     JobSpec,
     JobState,
@@ -65,12 +51,9 @@ from hpt.controller.model import (
     Node,
     NodeState,
     Rank,
-    RankEndCause,
     RankReport,
-    RankState,
     ReleaseCommand,
     RestoreCommand,
-    StopCause,
     StopCommand,
 )
 from hpt.controller.observations import (
@@ -80,9 +63,9 @@ from hpt.controller.observations import (
     PiecesHeld,
     RestoreFailed,
 )
+from hpt.controller.observe import Observe
 from hpt.controller.pieces import PieceBook
 from hpt.controller.repository import Repository, SteppedDownError
-from hpt.controller.scheduler import Capacity
 from hpt.controller.stall import StallDetector
 from hpt.controller.store import FencedError, Store
 from hpt.controller.store.retrying import RetryingStore, StoreHealth
@@ -117,14 +100,7 @@ class _NodeRuntime:
     instance_id: str = ""  # the registered agent process (a restarted agent gets a new one)
 
 
-@dataclass(slots=True)
-class _StopSent:
-    at: float  # monotonic
-    grace_s: float = 0.0  # the grace this stop gave the ranks (a cancel's own, if it had one)
-    nodes: set[str] = field(default_factory=set)
-
-
-class Reconciler:
+class Reconciler(Observe, Execute):
     def __init__(
         self, cfg: ControllerConfig, store: Store, *, clock: Callable[[], float] = time.time
     ) -> None:
@@ -396,57 +372,7 @@ class Reconciler:
         self.inbox.put(Disconnected(node=node, link=link, at=time.monotonic()))
         self.wake()
 
-    # ---------------------------------------------------------------- passive phase
-
-    def _apply_observations(self, now: float) -> None:
-        """Apply what RPC handlers queued since the last pass, in arrival order."""
-        for queued in self.inbox.take():
-            obs = queued.observation
-            if isinstance(obs, CancelRequested):
-                self._apply_cancel(obs, now)
-            elif isinstance(obs, PiecesHeld):
-                self._apply_pieces(obs.node, list(obs.pieces))
-            elif isinstance(obs, RestoreFailed):
-                if obs.job_id in self.jobs:
-                    self._bad_steps.setdefault(obs.job_id, set()).add(obs.step)
-            else:
-                runtime = self.nodes.get(obs.node)
-                if runtime is not None and runtime.link is obs.link:
-                    runtime.link = None
-                    runtime.disconnected_at = obs.at
-            queued.applied.set()
-
-    def _apply_cancel(self, obs: CancelRequested, now: float) -> None:
-        job = self.jobs.get(obs.job_id)
-        if job is None or job.state.is_terminal or job.cancel_requested:
-            return
-        job.cancel_requested = True
-        self._cancel_grace[job.id] = obs.grace_s
-        self._emit(EventKind.CANCEL_REQUESTED, job, message="cancel requested by the user")
-        self._dirty_jobs.add(job.id)
-
-    def _apply_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
-        for job_id, number in self.pieces.update(node, pieces):
-            job = self.jobs.get(job_id)
-            if job is None or not 1 <= number <= len(job.attempts):
-                continue
-            attempt = job.attempts[number - 1]
-            plan = self._plan_of(job, attempt)
-            steps = tuple(sorted(elastic.protected_steps(
-                plan, self.pieces.held((job_id, number))))) if plan else ()
-            parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
-            if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
-                attempt.protected_steps, attempt.parity_bytes = steps, parity
-                self._dirty_jobs.add(job_id)
-
-    def _forget_memory(self, node: str) -> None:
-        """The snapshots an earlier agent process of ``node`` reported are gone with it."""
-        for job in self.jobs.values():
-            for attempt in job.attempts:
-                for rank in attempt.ranks_on(node):
-                    if rank.snapshot_steps:
-                        rank.snapshot_steps = ()
-                        self._dirty_jobs.add(job.id)
+    # ---------------------------------------------------------------- launch
 
     def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
         """The attempt's protection layout, with the peer addresses agents have now."""
@@ -456,264 +382,6 @@ class Reconciler:
         peers = {n: rt.node.peer_address for n, rt in self.nodes.items()}
         return elastic.protection_plan(job.spec.redundancy, attempt.nodes, ranks, peers)
 
-
-    def _apply_report(self, node: str, report: RankReport) -> bool:
-        """Apply one rank's report; True when the rank changed state or a stop was sent."""
-        job = self.jobs.get(report.job_id)
-        attempt = None
-        if job is not None and 1 <= report.attempt <= len(job.attempts):
-            attempt = job.attempts[report.attempt - 1]
-        seen = report.rank
-        if attempt is None or not 0 <= seen.rank < len(attempt.ranks):
-            log.warning(
-                "[%s/%s/%s/%s] stale or unknown rank report refused; stopping it",
-                report.job_id,
-                report.attempt,
-                node,
-                seen.rank,
-            )
-            self._send(node, StopCommand(job_id=report.job_id, attempt=report.attempt,
-                                         grace_s=0.0, reason="unknown job or attempt",
-                                         cause=StopCause.UNKNOWN_ATTEMPT))
-            return True
-        rank = attempt.ranks[seen.rank]
-        if rank.node != node:
-            log.warning("[%s/%s/%s/%s] report from a node that does not host this rank",
-                        report.job_id, report.attempt, node, seen.rank)
-            return False
-        assert job is not None
-        if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
-                                                           rank.persisted_steps):
-            rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
-            rank.snapshot_bytes = seen.snapshot_bytes
-            self._progress_jobs.add(job.id)
-        if seen.step > rank.step:
-            rank.step, rank.step_at = seen.step, seen.step_at
-            rank.first_step_at = seen.first_step_at or seen.step_at
-            if not attempt.first_step_at:
-                attempt.first_step_at = rank.first_step_at
-                self._emit(EventKind.FIRST_STEP, job, attempt=attempt.number,
-                           message=f"first step of attempt {attempt.number}")
-                self._dirty_jobs.add(job.id)
-            self._progress_jobs.add(job.id)
-        if rank.state.is_terminal or seen.state == rank.state and seen.pid == rank.pid:
-            if seen.state == RankState.RUNNING and rank.state.is_terminal:
-                # a rank we gave up on (node declared lost) is alive again: fence it
-                self._send(node, StopCommand(job_id=job.id, attempt=attempt.number, grace_s=0.0,
-                                             reason="rank was declared lost",
-                                             cause=StopCause.DECLARED_LOST))
-                return True
-            return False
-        if seen.state not in RANK_TRANSITIONS[rank.state]:
-            log.warning("[%s/%s/%s/%s] report of %s -> %s refused", job.id, attempt.number, node,
-                        rank.rank, rank.state.value, seen.state.value)
-            return False
-        rank.pid = seen.pid or rank.pid
-        self._dirty_jobs.add(job.id)
-        if seen.state.is_terminal:
-            rank.exit = seen.exit
-        rank.set_state(seen.state,
-                       seen.exit_reason or (seen.exit.describe() if seen.exit else ""))
-        if seen.state.is_terminal:
-            self._emit(EventKind.RANK_EXITED, job, attempt=attempt.number, node=node, rank=rank.rank,
-                       message=f"{seen.state.value}: {rank.exit_reason}")
-        if attempt.state == AttemptState.LAUNCHING and all(
-            r.state != RankState.PENDING for r in attempt.ranks
-        ):
-            attempt.set_state(AttemptState.RUNNING, "every rank started", self._clock())
-        return True
-
-    def _forget_unreported(self, node: str, reported: set[tuple[str, int, int]]) -> None:
-        """On registration, ranks placed on ``node`` that its agent no longer knows ended, except
-        ranks of a launching attempt that never started: their launch is sent (again)."""
-        for job in self.jobs.values():
-            current = job.current
-            if (current is not None and current.state == AttemptState.LAUNCHING
-                    and not job.cancel_requested and not job.state.is_terminal
-                    and node in current.nodes and job.id not in self._unsent
-                    and all(r.state == RankState.PENDING
-                            and (job.id, current.number, r.rank) not in reported
-                            for r in current.ranks_on(node))):
-                self._send(node, self._launch_commands(job, current)[node])
-                self._launch_sent[(job.id, current.number)] = time.monotonic()
-                log.info("[%s/%d/%s/-] launch sent again: the agent never started it", job.id,
-                         current.number, node)
-            for attempt in job.attempts:
-                for rank in attempt.ranks_on(node):
-                    key = (job.id, attempt.number, rank.rank)
-                    if rank.state.is_terminal or key in reported:
-                        continue
-                    if attempt is current and rank.state == RankState.PENDING and (
-                            attempt.state == AttemptState.LAUNCHING and not job.cancel_requested):
-                        continue
-                    if attempt.state == AttemptState.STOPPING:
-                        rank.set_state(RankState.STOPPED, "stopped", RankEndCause.STOPPED)
-                    else:
-                        rank.set_state(RankState.LOST, "agent re-registered without this rank",
-                                       RankEndCause.AGENT_FORGOT)
-                    self._dirty_jobs.add(job.id)
-
-    def _sync_nodes(self, mono: float, now: float) -> None:
-        timeout = self.cfg.heartbeat_timeout_s
-        for runtime in self.nodes.values():
-            node = runtime.node
-            if node.state not in (NodeState.READY, NodeState.UNKNOWN):
-                continue
-            silent = mono - runtime.last_heartbeat
-            if runtime.disconnected_at and mono - runtime.disconnected_at > self.cfg.heartbeat_period_s:
-                reason = "stream closed and not re-established"
-            elif silent > timeout:
-                reason = f"no heartbeat for {silent:.1f}s (timeout {timeout:g}s)"
-            else:
-                continue
-            node.set_state(NodeState.LOST, reason)
-            self._dirty_nodes.add(node.name)
-            self.events.emit(Event(kind=EventKind.NODE_LOST, at=now, node=node.name, message=reason))
-            self._lose_ranks_on(node.name, now, reason)
-
-    def _lose_ranks_on(self, node: str, now: float, reason: str) -> None:
-        for job in self.jobs.values():
-            for attempt in job.attempts:
-                for rank in attempt.ranks_on(node):
-                    if not rank.state.is_terminal:
-                        rank.set_state(RankState.LOST, f"node lost: {reason}",
-                                       RankEndCause.NODE_LOST)
-                        rank.exit = None
-                        self._dirty_jobs.add(job.id)
-
-    # ---------------------------------------------------------------- active phase
-
-    def _step(self, job: Job, now: float) -> None:
-        """Observe what the job's record lacks, decide, then execute each decision in order."""
-        for decision in decide(job, self._view(job, now), now):
-            self._execute(job, decision, now)
-
-    def _view(self, job: Job, now: float) -> View:
-        """What ``decide`` needs beyond the record. Taking a detector's fault consumes it (once
-        per attempt); a launch that timed out marks its pending ranks LOST here."""
-        mono = time.monotonic()
-        stops = {a.number: StopSent(sent.at, sent.grace_s) for a in job.attempts
-                 if (sent := self._stops.get((job.id, a.number))) is not None}
-        if job.state.is_terminal:
-            return View(mono=mono, stops=stops)
-        current = job.current
-        fault: Fault | None = None
-        free_since: dict[str, float] = {}
-        if (job.state == JobState.RUNNING and not job.cancel_requested and current is not None
-                and not all(r.state == RankState.SUCCEEDED for r in current.ranks)):
-            fault = faults.earliest_fault(current, now) or self.detection.pending_fault(
-                job.id, current.number, {r.node for r in current.ranks if not r.state.is_terminal},
-                now, straggler_after=job.spec.straggler_restart_after,
-            ) or self._launch_timeout(job, current, now)
-            if fault is None and len(current.nodes) < job.spec.nodes:
-                free_since = self._free_since_for(job, current, now)
-        placing = not job.cancel_requested and job.state in (JobState.PENDING, JobState.RECOVERING)
-        return View(mono=mono, capacity=tuple(self._capacity()) if placing else (), fault=fault,
-                    stops=stops, free_since=free_since,
-                    grow_hysteresis_s=self.cfg.grow_hysteresis_s,
-                    cancel_grace_s=self._cancel_grace.get(job.id))
-
-    def _free_since_for(self, job: Job, attempt: Attempt, now: float) -> dict[str, float]:
-        free = {c.node for c in self._capacity()
-                if c.free_slots >= job.spec.procs_per_node and c.node not in attempt.nodes}
-        for name in list(self._free_since):
-            if name not in free:
-                del self._free_since[name]
-        for name in free:
-            self._free_since.setdefault(name, now)
-        return {n: self._free_since[n] for n in free}
-
-    def _execute(self, job: Job, d: Decision, now: float) -> None:
-        """The one executor: every change it makes to a job or attempt goes through
-        ``_set_job_state`` / ``Attempt.set_state``; the job's events come from those."""
-        log.info("[%s/%s/-/-] decided %s (%s)", job.id,
-                 job.current.number if job.current else "-", type(d).__name__, d.why.value)
-        if isinstance(d, EndAttempt):
-            self._end_attempt(job, job.attempts[d.attempt - 1], now)
-        elif isinstance(d, Stop):
-            attempt = job.attempts[d.attempt - 1]
-            if d.resend:
-                self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), d.grace_s)
-                for node in {r.node for r in attempt.ranks if not r.state.is_terminal}:
-                    self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
-                                                 grace_s=0.0, reason=d.message, cause=d.cause))
-                return
-            if d.fault is not None:
-                self._record_fault(job, attempt, d.fault)
-            self._stop_attempt(job, attempt, d.message, now, d.grace_s, d.cause)
-        elif isinstance(d, ExcludeNode):
-            if d.node not in job.excluded_nodes:
-                job.excluded_nodes.append(d.node)
-                self._dirty_jobs.add(job.id)
-                self._emit(EventKind.NODE_EXCLUDED, job, node=d.node, message=d.message)
-        elif isinstance(d, Restart):
-            job.restarts += 1
-            self._set_job_state(job, JobState.RECOVERING, d.message, now)
-        elif isinstance(d, Fail):
-            self._set_job_state(job, JobState.FAILED, d.message, now)
-        elif isinstance(d, Cancel):
-            self._set_job_state(job, JobState.CANCELLED, d.message, now)
-            self._cancel_grace.pop(job.id, None)
-        elif isinstance(d, Succeed):
-            attempt = job.attempts[d.attempt - 1]
-            attempt.set_state(AttemptState.SUCCEEDED, "every rank exited 0", now)
-            attempt.ended_at = now
-            self._set_job_state(job, JobState.SUCCEEDED, f"attempt {attempt.number} finished",
-                                now)
-        elif isinstance(d, Grow):
-            self._stop_attempt(job, job.attempts[d.attempt - 1], d.message, now,
-                               job.spec.stop_grace_s, StopCause.RESIZE)
-            self._set_job_state(job, JobState.RECOVERING, d.message, now)
-        elif isinstance(d, Launch | Shrink):
-            self._launch(job, list(d.nodes), now, d.message)
-        else:
-            assert isinstance(d, WaitForNodes), d
-            job.deadline_at = d.deadline_at
-            self._dirty_jobs.add(job.id)
-            self._emit(EventKind.WAITING_FOR_NODES, job, message=d.message)
-
-    def _set_job_state(self, job: Job, new: JobState, reason: str, now: float) -> None:
-        previous = job.set_state(new, reason, now)
-        self._dirty_jobs.add(job.id)
-        for observer in self.observers:
-            observer(job, previous, new, reason)
-
-    def _job_event(self, job: Job, previous: JobState, new: JobState, reason: str) -> None:
-        """The event of a job's transition (an observer of ``_set_job_state``)."""
-        if new == JobState.SUCCEEDED:
-            self._emit(EventKind.JOB_SUCCEEDED, job, message=f"after {job.restarts} restart(s)")
-        elif new == JobState.FAILED:
-            self._emit(EventKind.JOB_FAILED, job, message=reason)
-        elif new == JobState.CANCELLED:
-            self._emit(EventKind.JOB_CANCELLED, job, message="every rank stopped")
-        elif new == JobState.RECOVERING:
-            current = job.current
-            grown = current is not None and current.cause is None
-            self._emit(EventKind.RESIZE_REQUESTED if grown else EventKind.RECOVERING, job,
-                       message=reason)
-
-    def _record_fault(self, job: Job, attempt: Attempt, fault: Fault) -> None:
-        attempt.cause = fault
-        job.root_cause = fault
-        self._dirty_jobs.add(job.id)
-        self._emit(EventKind.FAULT, job, attempt=attempt.number, node=fault.node, rank=fault.rank,
-                   message=f"{fault.kind.value} ({fault.classification.value}): {fault.message}")
-        crash_point("fault-recorded")
-
-    def _capacity(self) -> list[Capacity]:
-        used: dict[str, int] = {}
-        for job in self.jobs.values():
-            for attempt in job.attempts:
-                if attempt.state.is_terminal:
-                    continue
-                for rank in attempt.ranks:
-                    if not rank.state.is_terminal:
-                        used[rank.node] = used.get(rank.node, 0) + 1
-        return [
-            Capacity(name, rt.node.slots - used.get(name, 0))
-            for name, rt in sorted(self.nodes.items())
-            if rt.node.state == NodeState.READY and rt.link is not None
-        ]
 
     def _launch(self, job: Job, nodes: list[str], now: float, reason: str) -> None:
         spec = job.spec
@@ -832,67 +500,6 @@ class Reconciler:
             )
             for i, node in enumerate(attempt.nodes)
         }
-
-    def _launch_timeout(self, job: Job, attempt: Attempt, now: float) -> Fault | None:
-        """A rank still PENDING ``launch_timeout_s`` after its launch left: it never starts."""
-        sent = self._launch_sent.get((job.id, attempt.number))
-        if attempt.state != AttemptState.LAUNCHING or sent is None:
-            return None
-        waited = time.monotonic() - sent
-        if waited <= self.cfg.launch_timeout_s:
-            return None
-        pending = [r for r in attempt.ranks if r.state == RankState.PENDING]
-        for rank in pending:
-            rank.set_state(RankState.LOST, f"never started within "
-                           f"{self.cfg.launch_timeout_s:g}s of its launch",
-                           RankEndCause.NEVER_STARTED)
-        self._dirty_jobs.add(job.id)
-        first = pending[0]
-        return Fault(kind=FaultKind.LAUNCH_TIMEOUT, attempt=attempt.number, node=first.node,
-                     rank=first.rank, detected_at=now, occurred_at=now,
-                     classification=FaultClass.INFRA,
-                     message=f"{len(pending)} rank(s) still pending {waited:.1f}s after the launch "
-                     f"(launch_timeout_s={self.cfg.launch_timeout_s:g})")
-
-    def _stop_attempt(
-        self, job: Job, attempt: Attempt, reason: str, now: float, grace_s: float,
-        cause: StopCause,
-    ) -> None:
-        attempt.set_state(AttemptState.STOPPING, reason, now)
-        unsent = self._unsent.pop(job.id, None)
-        sent = self._stops[(job.id, attempt.number)] = _StopSent(time.monotonic(), grace_s)
-        for node in attempt.nodes:
-            if self._send(node, StopCommand(job_id=job.id, attempt=attempt.number,
-                                            grace_s=grace_s, reason=reason, cause=cause)):
-                sent.nodes.add(node)
-                # the agent now refuses this attempt's launch: a rank that has not started never
-                # will (a late one reports RUNNING and is fenced by ``_apply_report``)
-                for rank in attempt.ranks_on(node):
-                    if rank.state == RankState.PENDING:
-                        rank.set_state(RankState.STOPPED, "stopped before it started",
-                                       RankEndCause.STOPPED_BEFORE_START)
-            elif unsent is not None:  # never launched anywhere: nothing can be running
-                for rank in attempt.ranks_on(node):
-                    if rank.state == RankState.PENDING:
-                        rank.set_state(RankState.STOPPED, "stopped before launch",
-                                       RankEndCause.STOPPED_BEFORE_LAUNCH)
-        self._dirty_jobs.add(job.id)
-        if attempt.all_ended:
-            self._end_attempt(job, attempt, now)
-
-    def _end_attempt(self, job: Job, attempt: Attempt, now: float) -> None:
-        """Every rank of a stopping attempt ended: FAILED by its fault, or STOPPED."""
-        self._stops.pop((job.id, attempt.number), None)
-        if attempt.cause is not None:
-            refined = faults.earliest_fault(attempt, now, include_stopped=False)
-            if refined is not None and refined.occurred_at < attempt.cause.occurred_at:
-                attempt.cause = refined
-                job.root_cause = refined
-            attempt.set_state(AttemptState.FAILED, f"ended by {attempt.cause.kind.value}", now)
-        else:
-            attempt.set_state(AttemptState.STOPPED, "every rank stopped", now)
-        attempt.ended_at = now
-        self._dirty_jobs.add(job.id)
 
     # ---------------------------------------------------------------- helpers
 
