@@ -65,7 +65,6 @@ class _StopSent:
 class Execute:
     """The active phase; a mixin of ``Reconciler``, called with its lock held."""
 
-
     def _step(self, job: Job, now: float) -> None:
         """Observe what the job's record lacks, decide, then execute each decision in order."""
         for decision in decide(job, self._view(job, now), now):
@@ -109,8 +108,9 @@ class Execute:
     def _execute(self, job: Job, d: Decision, now: float) -> None:
         """The one executor: every change it makes to a job or attempt goes through
         ``_set_job_state`` / ``Attempt.set_state``; the job's events come from those."""
-        log.info("[%s/%s/-/-] decided %s (%s)", job.id,
-                 job.current.number if job.current else "-", type(d).__name__, d.why.value)
+        log.info("[%s/%s/-/-] decided %s (%s): %s", job.id,
+                 job.current.number if job.current else "-", type(d).__name__, d.why.value,
+                 getattr(d, "message", ""))
         if isinstance(d, EndAttempt):
             self._end_attempt(job, job.attempts[d.attempt - 1], now)
         elif isinstance(d, Stop):

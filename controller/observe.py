@@ -38,7 +38,6 @@ log = logging.getLogger("hpt.controller.reconcile")
 class Observe:
     """The passive phase; a mixin of ``Reconciler``, called with its lock held."""
 
-
     def _apply_observations(self, now: float) -> None:
         """Apply what RPC handlers queued since the last pass, in arrival order."""
         for queued in self.inbox.take():
