@@ -226,7 +226,7 @@ class Agent:
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
-                    if s.reason.startswith("cancelled"):
+                    if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
                         # the newest snapshot reaches disk within the grace period (it is in
                         # shared memory: the ranks dying meanwhile does not matter)
                         self.snapshots.persist_newest(s.job_id)
