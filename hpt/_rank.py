@@ -1,5 +1,7 @@
 """Rank side of the agent socket: what ``hpt.init()`` and ``hpt.step()`` talk through.
 
+The messages are those of :mod:`hpt._rank_protocol` (the agent decodes them with it).
+
 Never raises into the training loop: a failure to reach the agent is latched (``error``) and
 the rank carries on; progress reports are then simply missing, which the agent treats like a
 rank that makes no progress.
@@ -15,14 +17,18 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+
+from hpt._rank_protocol import Hello, ProtocolError, RankMessage
 
 log = logging.getLogger(__name__)
 
 
 class AgentChannel:
-    def __init__(self, path: str, hello: dict[str, Any]) -> None:
+    """The rank's end of the agent socket: sends :mod:`hpt._rank_protocol` messages."""
+
+    def __init__(self, path: str, hello: Hello) -> None:
         self.error: BaseException | None = None
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         try:
@@ -34,12 +40,18 @@ class AgentChannel:
             self.error = exc
             log.warning("hpt: cannot reach the agent at %s: %s", path, exc)
             return
-        self.send({"op": "hello", **hello})
+        self.send(hello)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: RankMessage) -> None:
         if self._sock is None:
             return
-        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        try:
+            data = msg.encode()
+        except ProtocolError as exc:  # too large to send: say so once per type, train on
+            if msg.OP not in self._refused:
+                self._refused.add(msg.OP)
+                log.warning("hpt: not sent to the agent: %s", exc)
+            return
         with self._lock:
             try:
                 self._sock.sendall(data)

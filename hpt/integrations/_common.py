@@ -7,6 +7,7 @@ import logging
 import time
 
 import hpt
+from hpt._rank_protocol import Finished, Step
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def beat(completed: int) -> None:
     completing a training step: the hang deadline counts from here, step timings are untouched."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
+        ctx.channel.send(Step(step=int(completed), at=time.time()))
 
 
 def finished() -> None:
@@ -32,7 +33,7 @@ def finished() -> None:
     (a trainer's teardown and the interpreter's exit can be silent for seconds)."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "finished"})
+        ctx.channel.send(Finished())
 
 
 class Sections:

@@ -8,6 +8,7 @@ checked here from the source: every import statement of every module of a part.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ FORBIDDEN = {
 }
 # prometheus_client lives in one module of monitor/ only
 PROMETHEUS_ONLY_IN = {"monitor/export.py"}
+# modules both a training rank (hpt/) and the agent import: the standard library only (no torch,
+# nothing of ours), so neither side drags the other's dependencies in
+STDLIB_ONLY = ("hpt/_rank_protocol.py",)
 
 
 def imports_of(path: Path) -> list[str]:
@@ -56,3 +60,22 @@ def test_prometheus_client_is_imported_in_one_module():
         if "_proto" not in p.parts and any(n.startswith("prometheus_client") for n in imports_of(p))
     }
     assert users <= PROMETHEUS_ONLY_IN
+
+
+@pytest.mark.parametrize("module", STDLIB_ONLY)
+def test_shared_leaf_modules_import_only_the_standard_library(module):
+    names = imports_of(ROOT / module)
+    assert names, "a module without imports is not what this test means to check"
+    offenders = [n for n in names
+                 if n.split(".")[0] not in sys.stdlib_module_names and n != "__future__"]
+    assert offenders == []
+
+
+def test_the_agent_and_the_rank_side_speak_through_the_protocol_module():
+    users = {
+        str(p.relative_to(ROOT))
+        for part in ("agent", "hpt")
+        for p in (ROOT / part).rglob("*.py")
+        if "hpt._rank_protocol" in imports_of(p)
+    }
+    assert {"agent/rank_socket.py", "hpt/_rank.py"} <= users
