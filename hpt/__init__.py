@@ -23,13 +23,12 @@ import datetime
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 from hpt import _rank_monitor
 from hpt._rank import AgentChannel, install_error_file_hook
 from hpt._rank_monitor import section
-from hpt._rank_protocol import Exiting, Hello, Step
+from hpt._rank_protocol import Exiting, Hello
 from hpt._restore_env import restore_plan
 
 __all__ = ["Checkpointer", "Context", "init", "step", "current", "section"]
@@ -157,5 +156,5 @@ def step(completed: int) -> None:
     """Report that ``completed`` steps are done. Cheap; never raises into the training loop."""
     ctx = _context
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send(Step(step=int(completed), at=time.time()))
+        ctx.channel.step(completed)
         _rank_monitor.on_step(completed)

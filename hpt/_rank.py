@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import socket
 import sys
@@ -18,7 +19,7 @@ import threading
 import time
 import traceback
 
-from hpt._rank_protocol import Hello, ProtocolError, RankMessage
+from hpt._rank_protocol import Hello, ProtocolError, RankMessage, Step
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,23 @@ class AgentChannel:
             return
         self.send(hello)
 
+    def step(self, completed: int) -> None:
+        """Report ``completed`` steps done, stamped with the wall clock now. A value that is not
+        a count (a float, a negative number) is logged once and not sent, never raised."""
+        try:
+            msg = Step(step=operator.index(completed), at=time.time())
+        except (TypeError, ValueError) as exc:
+            self._refuse(Step.OP, exc)
+            return
+        self.send(msg)
+
     def send(self, msg: RankMessage) -> None:
         if self._sock is None:
             return
         try:
             data = msg.encode()
         except ProtocolError as exc:  # too large to send: say so once per type, train on
-            if msg.OP not in self._refused:
-                self._refused.add(msg.OP)
-                log.warning("hpt: not sent to the agent: %s", exc)
+            self._refuse(msg.OP, exc)
             return
         with self._lock:
             try:
@@ -59,6 +68,11 @@ class AgentChannel:
                 self.error = exc
                 self._sock.close()
                 self._sock = None
+
+    def _refuse(self, op: str, exc: Exception) -> None:
+        if op not in self._refused:
+            self._refused.add(op)
+            log.warning("hpt: %s not sent to the agent (warned once): %s", op, exc)
 
     def close(self) -> None:
         with self._lock:

@@ -239,3 +239,26 @@ def test_a_connection_without_a_hello_is_counted_and_closed(agent):
     finally:
         rank.close()
     assert got == [] and reasons == [ErrorReason.REFUSED]
+
+
+def test_the_rank_channel_sends_counts_and_never_raises_on_a_bad_step(agent, caplog):
+    import numpy as np
+
+    from hpt._rank import AgentChannel
+
+    server, got, reasons = agent
+    hello = Hello(job_id="j", attempt=1, rank=2, pid=1)
+    channel = AgentChannel(server.path, hello)
+    try:
+        channel.step(-1)
+        channel.step(1.5)  # type: ignore[arg-type]
+        channel.step(np.int64(4))  # type: ignore[arg-type]
+        channel.send(Finished())
+        _wait_for(lambda: len(got) == 2, "the step and finished messages")
+    finally:
+        channel.close()
+    assert [m for _, m in got][1] == Finished()
+    step = got[0][1]
+    assert isinstance(step, Step) and step.step == 4 and got[0][0] == hello
+    assert channel.error is None and reasons == []
+    assert sum("step not sent to the agent" in r.getMessage() for r in caplog.records) == 1
