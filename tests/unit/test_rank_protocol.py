@@ -262,3 +262,10 @@ def test_the_rank_channel_sends_counts_and_never_raises_on_a_bad_step(agent, cap
     assert isinstance(step, Step) and step.step == 4 and got[0][0] == hello
     assert channel.error is None and reasons == []
     assert sum("step not sent to the agent" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kind", list(RankEventKind))
+def test_every_rank_event_kind_is_an_event_kind_of_the_wire(kind):
+    from hpt.agent.snapshots import event_kind
+
+    assert event_kind(kind.value) > 0
