@@ -24,6 +24,16 @@ from typing import Any
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt._rank_protocol import (
+    ErrorReason,
+    Exiting,
+    Hello,
+    RankEvent,
+    RankMessage,
+    SnapshotCommitted,
+    SnapshotDiscarded,
+    Step,
+)
 from hpt.agent import tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
@@ -33,7 +43,7 @@ from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
 from hpt.agent.protect import Protector
 from hpt.agent.rank_socket import RankSocketServer
 from hpt.agent.recovery import Recovery
-from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
+from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 from hpt.agent.watch import AgentMonitoring, WatchConfig
@@ -41,7 +51,6 @@ from hpt.agent.watch import AgentMonitoring, WatchConfig
 log = logging.getLogger(__name__)
 
 _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
-_RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
 _SILENT_RECONNECT_S = 3.0
@@ -107,7 +116,8 @@ class Agent:
                                  agent_socket=self.socket_path, on_change=self._changed.set,
                                  spawner=self._spawner, snapshots=self.snapshots,
                                  warm_pool=self._warm, guard=self._guard)
-        self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
+        self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message,
+                                             on_error=self._on_rank_message_error)
         self.monitoring = AgentMonitoring(
             node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
             on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
@@ -348,30 +358,23 @@ class Agent:
         report.status.snapshot_bytes = nbytes
         return report
 
-    def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
-        self.monitoring.on_rank_message(hello, msg)  # step, records, inflight
-        if msg["op"] in ("snapshot", "discard"):
-            step, generation, nbytes = snapshot_message_fields(msg)
-            if msg["op"] == "snapshot":
-                self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
-                self.protector.notify()
-            else:
-                self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
-            return
-        if msg["op"] == "event":
-            kind, text = msg.get("kind"), msg.get("message")
-            if kind not in _RANK_EVENT_KINDS or not isinstance(text, str):
-                raise ValueError(f"event.kind must be one of {sorted(_RANK_EVENT_KINDS)}")
-            self.snapshots.event(kind, hello["job_id"], hello["attempt"], hello["rank"], text)
-            return
-        if msg["op"] == "exiting":
-            self.launcher.script_finished(hello["job_id"], hello["attempt"], hello["rank"])
-            return
-        if msg["op"] == "step":
-            step, at = msg.get("step"), msg.get("at")
-            if not isinstance(step, int) or not isinstance(at, int | float):
-                raise ValueError("step.step must be an int and step.at a number")
-            self.launcher.record_step(hello["job_id"], hello["attempt"], hello["rank"], step, at)
+    def _on_rank_message(self, hello: Hello, msg: RankMessage) -> None:
+        self.monitoring.on_rank_message(hello, msg)  # step, records, inflight, sections
+        job_id, attempt, rank = hello.job_id, hello.attempt, hello.rank
+        if isinstance(msg, SnapshotCommitted):
+            self.snapshots.committed(job_id, rank, msg.step, msg.generation, msg.nbytes)
+            self.protector.notify()
+        elif isinstance(msg, SnapshotDiscarded):
+            self.snapshots.discarded(job_id, rank, msg.generation)
+        elif isinstance(msg, RankEvent):
+            self.snapshots.event(msg.kind.value, job_id, attempt, rank, msg.message)
+        elif isinstance(msg, Exiting):
+            self.launcher.script_finished(job_id, attempt, rank)
+        elif isinstance(msg, Step):
+            self.launcher.record_step(job_id, attempt, rank, msg.step, msg.at)
+
+    def _on_rank_message_error(self, reason: ErrorReason) -> None:
+        self.monitoring.rank_message_error(reason)
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):

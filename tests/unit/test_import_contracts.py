@@ -33,7 +33,8 @@ FORBIDDEN = {
 PROMETHEUS_ONLY_IN = {"monitor/export.py"}
 
 # top-level modules of hpt/ that every side may import: they import only the standard library
-LEAVES = {"_address", "_pdeathsig"}
+# (_rank_protocol: the messages a training rank and its agent exchange, imported by both)
+LEAVES = {"_address", "_pdeathsig", "_rank_protocol"}
 # what the training API must never import: the CLI and its toolkit, the daemons' code
 TRAINING_API_FORBIDDEN = ("hpt.cli", "click", "rich", "hpt.controller", "hpt.agent")
 
@@ -131,3 +132,12 @@ def test_leaves_import_only_the_standard_library():
     ]
     assert offenders == []
 
+
+def test_the_agent_and_the_rank_side_speak_through_the_protocol_module():
+    users = {
+        str(p.relative_to(ROOT))
+        for part in ("agent", "hpt")
+        for p in (ROOT / part).rglob("*.py")
+        if "hpt._rank_protocol" in imports_of(p)
+    }
+    assert {"agent/rank_socket.py", "hpt/_rank.py"} <= users
