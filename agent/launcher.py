@@ -41,6 +41,7 @@ from hpt.agent.guard import Guard, kill_session
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
+from hpt.jobspec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,20 @@ class RankPhase:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LaunchSpec:
+    """One attempt's ranks on this node: the job's spec and this node's placement."""
+
     job_id: str
     attempt: int
-    command: tuple[str, ...]
-    env: dict[str, str]
+    job: JobSpec
+    """What to run and every per-job option, defaults applied (``hpt/jobspec.py``)."""
     ranks: tuple[tuple[int, int], ...]
     world_size: int
     local_world_size: int
     master_addr: str
     master_port: int
-    workdir: str
     node_rank: int
     num_nodes: int
     restore_step: int = 0
-    persist_dir: str = ""
-    persist_every: int = 0
-    keep_persisted: int = 3
-    hang_timeout_s: float = 0.0
     restore_shards: str = ""
     """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 
@@ -241,7 +239,7 @@ class Launcher:
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
                                local_rank=local_rank, node=self.node,
-                               hang_timeout_s=spec.hang_timeout_s)
+                               hang_timeout_s=spec.job.hang_timeout_s)
             with self._lock:
                 self._ranks[proc.key] = proc
             self._start(proc, spec)
@@ -256,7 +254,7 @@ class Launcher:
         env = dict(os.environ)
         # torch's libuv TCPStore server takes ~0.5 s to come up; the classic one ~10 ms
         env["USE_LIBUV"] = "0"
-        env.update(spec.env)
+        env.update(spec.job.env)
         env.update(
             RANK=str(proc.rank),
             LOCAL_RANK=str(proc.local_rank),
@@ -281,13 +279,13 @@ class Launcher:
         if spec.restore_shards:
             env["HPT_RESTORE_SHARDS"] = spec.restore_shards
         env.update(self._snapshots.prepare(
-            spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
-            persist_every=spec.persist_every, keep_persisted=spec.keep_persisted,
+            spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.job.persist_dir,
+            persist_every=spec.job.persist_every, keep_persisted=spec.job.keep_persisted,
             attempt=spec.attempt))
-        argv = list(spec.command)
+        argv = list(spec.job.command)
         if argv[0] in _PYTHON_NAMES:
             argv[0] = sys.executable
-        cwd = spec.workdir or None
+        cwd = spec.job.workdir or None
         proc.started_at = time.time()
         proc.oom_kills_at_start = oom.oom_kills()
         try:

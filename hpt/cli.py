@@ -51,7 +51,7 @@ from hpt._cli_util import (
 from hpt._control_opts import limit_options
 from hpt._run import run_command
 from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
-from hpt.controller.model import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
+from hpt.jobspec import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
 
 _CANCEL_MARGIN_S = 30.0
 """``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
@@ -430,7 +430,8 @@ def submit(
             command=command,
             nodes=max_nodes,
             procs_per_node=procs_per_node,
-            min_nodes=range_min if range_min is not None else min_nodes,
+            min_nodes=range_min if range_min is not None else (
+                max_nodes if min_nodes is None else min_nodes),
             max_restarts=max_restarts,
             env=env,
             name=name,

@@ -117,6 +117,11 @@ Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
+    """The wire form of hpt/jobspec.py's JobSpec, matched by field name: defaults, bounds and help
+    live there, each line here gives a field its number. Unset (proto3 zero) resolves to the
+    default in jobspec.from_proto.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final

@@ -13,6 +13,7 @@ from hpt.agent import oom
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
+from hpt.jobspec import JobSpec
 
 
 @pytest.fixture
@@ -31,9 +32,10 @@ def launcher(tmp_path):
 
 
 def run_rank(la: Launcher, code: str, tmp_path) -> object:  # type: ignore[no-untyped-def]
-    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", code), env={},
-                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     deadline = time.monotonic() + 60
     tick = threading.Event()
@@ -74,9 +76,10 @@ def launch_waiting(la: Launcher, code: str, tmp_path):  # type: ignore[no-untype
     go = tmp_path / "go"
     script = (f"import os, sys, time, pathlib\n"
               f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n{code}\n")
-    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", script), env={},
-                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    job = JobSpec(command=(sys.executable, "-c", script), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     return proc, go
 
