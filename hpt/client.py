@@ -467,20 +467,7 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     }
     if not detail:
         return d
-    d["spec"] = {
-        "name": spec.name,
-        "command": list(spec.command),
-        "nodes": spec.nodes,
-        "procs_per_node": spec.procs_per_node,
-        "min_nodes": spec.min_nodes,
-        "max_restarts": spec.max_restarts,
-        "env": dict(spec.env),
-        "workdir": spec.workdir,
-        "node_wait_timeout_s": (
-            spec.node_wait_timeout_s if spec.HasField("node_wait_timeout_s") else None
-        ),
-        "stop_grace_s": spec.stop_grace_s if spec.HasField("stop_grace_s") else None,
-    }
+    d["spec"] = jobspec.wire_values(spec)
     d["cancel_requested"] = job.cancel_requested
     d["deadline_at"] = _time(job.deadline_at)
     d["attempts"] = [attempt_to_dict(a) for a in sorted(job.attempts, key=lambda a: a.number)]

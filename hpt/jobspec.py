@@ -282,6 +282,22 @@ def from_proto(msg: Any) -> JobSpec:
     return JobSpec(**values)
 
 
+def wire_values(msg: Any) -> dict[str, Any]:
+    """A wire ``JobSpec`` as plain values by field name, as sent (None: a presence field left
+    unset, so the spec's default applies); for display, unvalidated."""
+    wire = msg.DESCRIPTOR.fields_by_name
+    out: dict[str, Any] = {}
+    for f, _ in options():
+        desc, value = wire[f.name], getattr(msg, f.name)
+        if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
+            out[f.name] = dict(value)
+        elif _is_repeated(desc):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = None if desc.has_presence and not msg.HasField(f.name) else value
+    return out
+
+
 def _unset(msg: Any, desc: Any, value: Any, option: Option) -> bool:
     if desc.has_presence:
         return not msg.HasField(desc.name)
@@ -335,4 +351,4 @@ def _is_repeated(desc: Any) -> bool:
 
 
 __all__ = ["JobSpec", "Bounds", "Option", "from_proto", "to_proto", "fill_proto",
-           "submit_proto", "options", "parse_redundancy", "spec_field"]
+           "submit_proto", "wire_values", "options", "parse_redundancy", "spec_field"]

@@ -148,3 +148,12 @@ def test_protos_are_built_from_the_spec_only_in_convert_modules():
             if "pb2.JobSpec(" in text or "pb2.Launch(" in text or "jobspec.from_proto" in text:
                 offenders.append(rel)
     assert offenders == []
+
+
+def test_describe_shows_every_field_as_sent_and_none_for_a_default_left_to_the_controller():
+    msg = jobspec.submit_proto({"command": ["x"], "env": {"A": "1"}, "stop_grace_s": 0.0},
+                               pb.JobSpec())
+    shown = jobspec.wire_values(msg)
+    assert set(shown) == {f.name for f in dataclasses.fields(JobSpec)}
+    assert (shown["command"], shown["env"], shown["stop_grace_s"]) == (["x"], {"A": "1"}, 0.0)
+    assert shown["node_wait_timeout_s"] is None and shown["max_restarts"] == 3
