@@ -162,6 +162,41 @@ class LogOutbox:
             return out, dropped
 
 
+class RankLog:
+    """A rank's log file on this node, written by its stdout and stderr pumps together.
+
+    With ``max_bytes`` (the job's ``rank_log_max_bytes``; 0: no limit) the file stops growing
+    at the first line that would pass it, and one line says so: a rank printing in a loop
+    cannot fill the node's disk. The output still goes to the controller (``hptctl logs``).
+    """
+
+    def __init__(self, path: Path, max_bytes: int, *, writers: int) -> None:
+        self._file = open(path, "ab")  # noqa: SIM115  (closed by the last writer)
+        self._max = max_bytes
+        self._written = 0
+        self._cut = False
+        self._writers = writers
+        self._lock = threading.Lock()
+
+    def write(self, raw: bytes) -> None:
+        with self._lock:
+            if self._cut:
+                return
+            if self._max and self._written + len(raw) > self._max:
+                self._cut = True
+                raw = (f"[hpt] this log stops at the job's rank_log_max_bytes ({self._max}); "
+                       "the rest of the output is in 'hptctl logs'\n").encode()
+            self._file.write(raw)
+            self._file.flush()
+            self._written += len(raw)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writers -= 1
+            if self._writers == 0:
+                self._file.close()
+
+
 class Launcher:
     def __init__(
         self,
@@ -310,21 +345,23 @@ class Launcher:
         proc.proc, proc.pid, proc.phase = popen, popen.pid, RankPhase.RUNNING
         if self._guard is not None:  # the rank's session dies with this agent, however it dies
             self._guard.watch(popen.pid)
-        log_path = rank_dir / f"rank-{proc.rank}.log"
+        sink = RankLog(rank_dir / f"rank-{proc.rank}.log", spec.job.rank_log_max_bytes,
+                       writers=2)
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            threading.Thread(target=self._pump, args=(proc, stream, pipe, log_path), daemon=True,
+            threading.Thread(target=self._pump, args=(proc, stream, pipe, sink), daemon=True,
                              name=f"hpt-log-{proc.rank}-{stream}").start()
         threading.Thread(target=self._wait, args=(proc,), daemon=True,
                          name=f"hpt-wait-{proc.rank}").start()
 
-    def _pump(self, proc: RankProcess, stream: str, pipe, log_path: Path) -> None:  # type: ignore[no-untyped-def]
-        with open(log_path, "ab") as sink:
+    def _pump(self, proc: RankProcess, stream: str, pipe, sink: RankLog) -> None:  # type: ignore[no-untyped-def]
+        try:
             for raw in iter(pipe.readline, b""):
                 sink.write(raw)
-                sink.flush()
                 self.outbox.put(proc.job_id, proc.attempt, proc.rank, stream,
                                 raw.decode(errors="replace"))
-        pipe.close()
+        finally:
+            sink.close()
+            pipe.close()
 
     def _wait(self, proc: RankProcess) -> None:
         assert proc.proc is not None

@@ -170,6 +170,11 @@ class JobSpec:
     redundancy: str = spec_field(
         "", "Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, "
         "or 'off'.", metavar="K+M", default_text="M=1, K from the node count; 2 nodes: a mirror")
+    rank_log_max_bytes: int = spec_field(
+        0, "Bytes each rank may write to its log file on its node; past them the agent stops "
+        "writing the file (one line says so) and still ships the output to the controller.",
+        lo=0, hi=1 << 40, default_text="0, unlimited")
+
     def __post_init__(self) -> None:
         for f in fields(self):
             bounds = option_of(f).bounds

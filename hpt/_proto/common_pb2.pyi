@@ -160,6 +160,7 @@ class JobSpec(_message.Message):
     STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
     REDUNDANCY_FIELD_NUMBER: _builtins.int
     HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RANK_LOG_MAX_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -186,6 +187,8 @@ class JobSpec(_message.Message):
     """the node count (2 nodes: a mirror); "off": no protection
     0: automatic hang deadline, only once the script reports steps;
     """
+    rank_log_max_bytes: _builtins.int
+    """S: the deadline once stepping (before: S or start-up, longer)"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -209,10 +212,11 @@ class JobSpec(_message.Message):
         straggler_restart_after: _builtins.int = ...,
         redundancy: _builtins.str = ...,
         hang_timeout_s: _builtins.float = ...,
+        rank_log_max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015

@@ -116,3 +116,27 @@ def test_an_exit_code_the_finished_script_chose_stays_a_failure(launcher, tmp_pa
     go.touch()
     wait_ended(proc)
     assert proc.phase == RankPhase.FAILED and proc.exit_code == 3
+
+
+def test_a_rank_log_stops_at_the_jobs_byte_limit_and_the_output_still_ships(launcher, tmp_path):
+    code = "import sys\nfor i in range(40):\n    print(f'line {i:03d} ' + 'x' * 40)\n" \
+           "print('to stderr', file=sys.stderr)\n"
+    job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path),
+                  rank_log_max_bytes=500)
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
+    launcher.launch(spec)
+    shipped: list[str] = []
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while len(shipped) < 41:
+        assert time.monotonic() < deadline, f"only {len(shipped)} lines shipped"
+        shipped += [chunk[4] for chunk in launcher.outbox.take(1 << 20)[0]]
+        tick.wait(0.02)
+    assert sum("line" in s for s in shipped) == 40 and "to stderr\n" in shipped
+    log = tmp_path / "run" / "jobs" / "j" / "attempt-1" / "rank-0.log"
+    lines = log.read_text().splitlines()
+    # 49 bytes a line: 10 lines fit in 500, then the one line that says why the file stops
+    assert lines[:10] == [f"line {i:03d} " + "x" * 40 for i in range(10)]
+    assert len(lines) == 11 and "rank_log_max_bytes (500)" in lines[10]
