@@ -7,7 +7,7 @@ its help text, its bounds and its command-line flags (``spec_field``); from that
 - ``from_proto`` / ``to_proto`` map it to and from the wire ``hpt.v1.JobSpec`` by field name
   (the controller's and the agent's convert modules call them; nothing else names spec fields
   on the wire), resolving proto3's "zero means unset" to the default in one function,
-- ``hptctl submit`` builds its options (``hpt/cli``), and ``JobClient.submit`` takes them as
+- ``hptctl submit`` builds its options (``hpt/cli/spec_options.py``), and ``JobClient.submit`` takes them as
   keyword arguments.
 
 The controller stores the spec and copies it whole into every ``Launch`` it sends, so an
@@ -278,7 +278,7 @@ def from_proto(msg: Any) -> JobSpec:
     for f, option in options():
         desc = wire[f.name]
         value = getattr(msg, f.name)
-        if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
+        if _is_map(desc):
             values[f.name] = tuple(sorted(value.items()))
         elif _is_repeated(desc):
             values[f.name] = tuple(value)
@@ -294,7 +294,7 @@ def wire_values(msg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f, _ in options():
         desc, value = wire[f.name], getattr(msg, f.name)
-        if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
+        if _is_map(desc):
             out[f.name] = dict(value)
         elif _is_repeated(desc):
             out[f.name] = list(value)
@@ -325,7 +325,7 @@ def fill_proto(values: Mapping[str, Any], msg: Any) -> Any:
         if name not in known:
             raise TypeError(f"{name!r} is not a job spec field (one of {', '.join(sorted(known))})")
         desc = wire[name]
-        if desc.message_type is not None and desc.message_type.GetOptions().map_entry:
+        if _is_map(desc):
             getattr(msg, name).update(dict(value))
         elif _is_repeated(desc):
             getattr(msg, name).extend(value)
@@ -347,6 +347,10 @@ def submit_proto(given: Mapping[str, Any], msg: Any) -> Any:
         if f.name not in values and not wire[f.name].has_presence and f.default is not MISSING:
             values[f.name] = f.default
     return fill_proto(values, msg)
+
+
+def _is_map(desc: Any) -> bool:
+    return desc.message_type is not None and bool(desc.message_type.GetOptions().map_entry)
 
 
 def _is_repeated(desc: Any) -> bool:
