@@ -34,10 +34,10 @@ from hpt._rank_protocol import (
     SnapshotDiscarded,
     Step,
 )
-from hpt.agent import tls
+from hpt.agent import convert, tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
-from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
+from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.agent.ownership import RUN_DIR_PREFIX, Ownership, sweep_dead_owners
 from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
 from hpt.agent.protect import Protector
@@ -59,7 +59,7 @@ a half-open connection) is cancelled and the next controller address is dialled,
 before the lease runs out and the ranks would be fenced."""
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Both directions of the controller stream; the controller's own limit is the same by default,
-and a launch is bounded by the job spec's size budget (``model.MAX_SPEC_BYTES``) far below it."""
+and a launch is bounded by the job spec's size budget (``jobspec.MAX_SPEC_BYTES``) far below it."""
 _SHM_DIR = "/dev/shm"
 _RANK_STATE = {
     RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
@@ -314,28 +314,11 @@ class Agent:
             self.launcher.reported(ranks)
 
     def _on_launch(self, msg: agent_pb2.Launch) -> None:
-        spec = LaunchSpec(
-            job_id=msg.job_id,
-            attempt=msg.attempt,
-            command=tuple(msg.command),
-            env=dict(msg.env),
-            ranks=tuple((r.rank, r.local_rank) for r in msg.ranks),
-            world_size=msg.world_size,
-            local_world_size=msg.local_world_size,
-            master_addr=msg.master_addr,
-            master_port=msg.master_port,
-            workdir=msg.workdir,
-            node_rank=msg.node_rank,
-            num_nodes=msg.num_nodes,
-            restore_step=msg.restore_step,
-            persist_dir=msg.persist_dir,
-            persist_every=msg.persist_every,
-            keep_persisted=msg.keep_persisted or 3,
-            hang_timeout_s=msg.hang_timeout_s,
-        )
-        if not spec.command or not spec.ranks:
-            log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
-                      spec.attempt, self.cfg.name)
+        try:
+            spec = convert.launch_from_proto(msg)
+        except ValueError as exc:
+            log.error("[%s/%d/%s/-] launch refused: %s", msg.job_id[:256], msg.attempt,
+                      self.cfg.name, exc)
             return
         # the old attempt's ranks are gone (they write the snapshots read next), and the old
         # snapshots this node's ranks need are in place (and verified) before they start

@@ -33,8 +33,9 @@ FORBIDDEN = {
 PROMETHEUS_ONLY_IN = {"monitor/export.py"}
 
 # top-level modules of hpt/ that every side may import: they import only the standard library
-# (_rank_protocol: the messages a training rank and its agent exchange, imported by both)
-LEAVES = {"_address", "_pdeathsig", "_rank_protocol"}
+# (_rank_protocol: the messages a training rank and its agent exchange, imported by both;
+# jobspec: the one definition of a job's options, read by the CLI, client, controller and agent)
+LEAVES = {"_address", "_pdeathsig", "_rank_protocol", "jobspec"}
 # what the training API must never import: the CLI and its toolkit, the daemons' code
 TRAINING_API_FORBIDDEN = ("hpt.cli", "click", "rich", "hpt.controller", "hpt.agent")
 
