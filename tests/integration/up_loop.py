@@ -60,7 +60,7 @@ def one_round(agents: int = 2, ready_timeout_s: float = 120.0, slots: int = 1) -
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        # on a timeout out.ready stays False: the caller says so; stop it all the same
+        # agents not ready in time: out.ready stays False and the caller says so; stop it anyway
         with contextlib.suppress(TimeoutError):
             wait_for(lambda: out.ready or proc.poll() is not None, ready_timeout_s,
                      "hptctl up: agents ready", poll_s=0.05)
