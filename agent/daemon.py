@@ -143,8 +143,19 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self._changed.set()
+        call = self._call
+        if call is not None:  # end the session now, not when the controller ends the stream
+            call.cancel()
 
     def _shutdown(self) -> None:
+        started = time.monotonic()
+        try:
+            self._release_all()
+        finally:  # whatever failed above, the lock goes: a later agent need not sweep us
+            self.ownership.release()
+            log.info("[-/-/%s/-] shut down in %.2fs", self.cfg.name, time.monotonic() - started)
+
+    def _release_all(self) -> None:
         self.snapshots.persist_newest(None)
         self.launcher.stop_all(grace_s=self.cfg.stop_grace_s, reason="agent shutting down")
         if not self.launcher.wait_all(self.cfg.stop_grace_s + 5.0):
@@ -163,7 +174,6 @@ class Agent:
             import shutil
 
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.ownership.release()
 
     # ---------------------------------------------------------------- controller stream
 
@@ -216,7 +226,7 @@ class Agent:
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
-                    if s.reason.startswith("cancelled"):
+                    if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
                         # the newest snapshot reaches disk within the grace period (it is in
                         # shared memory: the ranks dying meanwhile does not matter)
                         self.snapshots.persist_newest(s.job_id)

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Protocol
@@ -192,12 +192,22 @@ class PeerServer:
 # --------------------------------------------------------------------------- client
 
 class PeerClient:
-    """Fetches pieces from peers; one channel per peer address, reused."""
+    """Fetches pieces from peers; one channel per peer address, reused.
 
-    def __init__(self, auth: PeerAuth, *, retries: int = 4, backoff_s: float = 0.05) -> None:
+    A transfer that stops moving (no message for ``stall_s``: a silently dead connection, a
+    peer that froze) is cancelled and resumed, so a stall costs ``stall_s``, not the whole
+    deadline. Every retry starts at the first byte not yet verified: bytes verified before a
+    break are kept, and only attempts that verified nothing new count toward ``retries``.
+    """
+
+    def __init__(self, auth: PeerAuth, *, retries: int = 4, backoff_s: float = 0.05,
+                 stall_s: float = 10.0) -> None:
+        if stall_s <= 0:
+            raise ValueError(f"stall_s ({stall_s}) must be > 0")
         self._auth = auth
         self._retries = retries
         self._backoff_s = backoff_s
+        self._stall_s = stall_s
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -222,73 +232,120 @@ class PeerClient:
         """The whole piece, every chunk verified; resumes a broken stream where it broke.
 
         Raises:
-            PieceUnavailable: the peer lacks the piece, it changed at the source, or the
-                transfer failed ``retries`` times in a row without progress.
+            PieceUnavailable: the peer lacks the piece, it changed at the source, the
+                deadline passed, or ``retries`` attempts in a row verified no new byte.
         """
         deadline = time.monotonic() + timeout_s
-        header: checkpoint_pb2.PieceHeader | None = None
-        out: torch.Tensor | None = None
-        got = request.offset
+        xfer = _Transfer(got=request.offset)
         failures = 0
         while True:
-            progress = got
+            progress = xfer.got
             try:
-                header, out, got, done = self._stream(address, request, got, header, out,
-                                                      deadline)
-                if done:
-                    assert header is not None and out is not None
-                    return header, out
+                if self._stream(address, request, xfer, deadline):
+                    assert xfer.header is not None and xfer.out is not None
+                    return xfer.header, xfer.out
                 reason = "stream ended before its trailer"
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                if code not in _RETRYABLE:
+                if xfer.stalled:
+                    reason = f"no chunk for {self._stall_s:g} s (stalled; cancelled)"
+                elif code not in _RETRYABLE:
                     raise PieceUnavailable(f"{address}: {_code(exc)}") from exc
-                reason = _code(exc)
+                else:
+                    reason = _code(exc)
             except _BadChunk as exc:
                 reason = str(exc)
-            failures = 0 if got > progress else failures + 1
+            failures = 0 if xfer.got > progress else failures + 1
             if failures > self._retries or time.monotonic() >= deadline:
-                raise PieceUnavailable(f"{address}: transfer failed at byte {got}: {reason}")
-            log.info("peer fetch from %s broke at byte %d (%s); resuming", address, got, reason)
+                raise PieceUnavailable(f"{address}: transfer failed at byte {xfer.got} "
+                                       f"after {failures} attempt(s) without progress: {reason}")
+            log.info("peer fetch from %s broke at byte %d (%s); resuming", address, xfer.got,
+                     reason)
             time.sleep(min(self._backoff_s * (2 ** failures), 1.0) * (0.5 + random.random()))
 
-    def _stream(self, address: str, request: checkpoint_pb2.FetchRequest, got: int,
-                header: checkpoint_pb2.PieceHeader | None, out: torch.Tensor | None,
-                deadline: float) -> tuple[checkpoint_pb2.PieceHeader | None,
-                                          torch.Tensor | None, int, bool]:
+    def _stream(self, address: str, request: checkpoint_pb2.FetchRequest, xfer: _Transfer,
+                deadline: float) -> bool:
+        """One stream from ``xfer.got`` on; updates ``xfer`` chunk by chunk (what was verified
+        stays verified when the stream breaks). True when the trailer came."""
         req = checkpoint_pb2.FetchRequest()
         req.CopyFrom(request)
-        req.offset = got
-        stream: Iterator[checkpoint_pb2.PieceChunk] = self._stub(address).Fetch(
+        req.offset = xfer.got
+        xfer.stalled = False
+        call = self._stub(address).Fetch(
             req, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._auth.metadata)
-        for chunk in stream:
-            if chunk.HasField("header"):
-                if header is not None and header != chunk.header:
-                    raise PieceUnavailable(f"{address}: the piece changed between two streams")
-                header = chunk.header
-                if out is None:
-                    out = torch.empty(header.piece_bytes, dtype=torch.uint8)
-            if header is None or out is None:
-                raise _BadChunk("chunk before the header")
-            if chunk.data:
-                n = len(chunk.data)
-                if chunk.offset != got or got + n > out.numel():
-                    raise _BadChunk(f"chunk at {chunk.offset}, expected {got}")
-                if zlib.crc32(chunk.data) != chunk.crc32:
-                    raise _BadChunk(f"CRC mismatch in the chunk at byte {got}")
-                ctypes.memmove(out.data_ptr() + got, chunk.data, n)
-                got += n
-            if chunk.last:
-                if got != header.piece_bytes:
-                    raise _BadChunk(f"trailer after {got} of {header.piece_bytes} bytes")
-                return header, out, got, True
-        return header, out, got, False
+        watchdog = _StallWatchdog(call, self._stall_s, xfer)
+        try:
+            for chunk in call:
+                watchdog.moved()
+                if chunk.HasField("header"):
+                    if xfer.header is not None and xfer.header != chunk.header:
+                        raise PieceUnavailable(f"{address}: the piece changed between two streams")
+                    xfer.header = chunk.header
+                    if xfer.out is None:
+                        xfer.out = torch.empty(chunk.header.piece_bytes, dtype=torch.uint8)
+                header, out = xfer.header, xfer.out
+                if header is None or out is None:
+                    raise _BadChunk("chunk before the header")
+                if chunk.data:
+                    n = len(chunk.data)
+                    if chunk.offset != xfer.got or xfer.got + n > out.numel():
+                        raise _BadChunk(f"chunk at {chunk.offset}, expected {xfer.got}")
+                    if zlib.crc32(chunk.data) != chunk.crc32:
+                        raise _BadChunk(f"CRC mismatch in the chunk at byte {xfer.got}")
+                    ctypes.memmove(out.data_ptr() + xfer.got, chunk.data, n)
+                    xfer.got += n
+                if chunk.last:
+                    if xfer.got != header.piece_bytes:
+                        raise _BadChunk(f"trailer after {xfer.got} of {header.piece_bytes} bytes")
+                    return True
+            return False
+        finally:
+            watchdog.stop()
+            call.cancel()  # no-op when the stream ended; frees it when we stop reading early
 
     def close(self) -> None:
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """What a fetch verified so far, kept across its streams."""
+
+    got: int
+    header: checkpoint_pb2.PieceHeader | None = None
+    out: torch.Tensor | None = None
+    stalled: bool = False
+
+
+class _StallWatchdog:
+    """Cancels ``call`` when no message arrived for ``stall_s`` (one short-lived thread per
+    stream; it ends with the stream)."""
+
+    def __init__(self, call: grpc.Call, stall_s: float, xfer: _Transfer) -> None:
+        self._call = call
+        self._stall_s = stall_s
+        self._xfer = xfer
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="hpt-peer-stall")
+        self._thread.start()
+
+    def moved(self) -> None:
+        self._last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(self._stall_s / 4, 1.0)):
+            if time.monotonic() - self._last > self._stall_s:
+                self._xfer.stalled = True
+                self._call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5.0)
 
 
 class _BadChunk(Exception):

@@ -10,7 +10,8 @@ live and new, and can change at any time:
   kernel's buffers (TCP would retransmit them) and flow again after ``heal()``.
 - ``drop()``: close every live connection and every new one at once (a peer that is gone).
 - ``reset_after(nbytes)``: each live or new connection carries ``nbytes`` more bytes (both
-  directions together), then both of its sockets are reset (RST) mid-transfer.
+  directions together), then both of its sockets are reset (RST) mid-transfer. With
+  ``once=True`` only the first connection to run out is reset; then the proxy heals.
 
 Bounded: at most ``max_connections`` at once (more are closed on accept), chunks of
 ``CHUNK_BYTES``, every blocking call has a timeout, and ``close()`` joins every thread.
@@ -46,6 +47,7 @@ class TcpProxy:
         self._mode = "pass"
         self._delay_s = 0.0
         self._reset_bytes = 0
+        self._reset_once = False
         self._conns: list[_Conn] = []
         self._stop = threading.Event()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -92,11 +94,11 @@ class TcpProxy:
         for conn in conns:
             self._close(conn, reset=False)
 
-    def reset_after(self, nbytes: int) -> None:
+    def reset_after(self, nbytes: int, *, once: bool = False) -> None:
         if nbytes < 0:
             raise ValueError(f"nbytes ({nbytes}) must be >= 0")
         with self._lock:
-            self._mode, self._reset_bytes = "reset", nbytes
+            self._mode, self._reset_bytes, self._reset_once = "reset", nbytes, once
             for conn in self._conns:
                 conn.budget = nbytes
 
@@ -163,12 +165,20 @@ class TcpProxy:
                 conn.closed.wait(_POLL_S)  # read just before the partition: held until healed
             with self._lock:
                 budget = conn.budget
-                if budget is not None:
-                    conn.budget = max(0, budget - len(data))
-            if budget is not None and len(data) >= budget:
+                cut = budget is not None and len(data) >= budget
+                if cut:  # this thread resets the connection; the other direction never does
+                    conn.budget = None
+                    self.num_resets += 1
+                    if self._reset_once:
+                        self._mode = "pass"
+                        for other in self._conns:
+                            other.budget = None
+                elif budget is not None:
+                    conn.budget = budget - len(data)
+            if cut:
+                assert budget is not None
                 with contextlib.suppress(OSError):
                     dst.sendall(data[:budget])
-                self.num_resets += 1
                 self._close(conn, reset=True)
                 return
             if delay_s:

@@ -169,9 +169,6 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(t
     assert final_sha(cluster, job_id) == cluster.clean_sha
 
 
-@pytest.mark.skip(reason="bug (issue 10, open): the test's own checks pass, but an agent's "
-                  "snapshot-ownership lock file (hpt-node-0--<id>.lock) is left in /dev/shm at "
-                  "cluster close")
 def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(small_cluster,
                                                                      tmp_path) -> None:
     cluster = small_cluster(agents=3, slots=1)

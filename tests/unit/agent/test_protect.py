@@ -7,11 +7,7 @@ snapshot, which must equal the lost one bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import struct
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from hpt.agent.protect import Protector
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.ckpt import ShmSink, SnapshotEngine
 from hpt.controller.elastic import protection_plan
+from tests.faults.proxy import TcpProxy
 
 JOB = "job-1"
 TOKEN = "s3cret"
@@ -42,9 +39,9 @@ class Node:
         self.address = f"127.0.0.1:{self.server.port}"
         self.adopted: list[tuple[int, int, int]] = []
 
-    def save(self, rank: int, step: int, seed: int) -> None:
+    def save(self, rank: int, step: int, seed: int, floats: int = 1000) -> None:
         gen = torch.Generator().manual_seed(seed)
-        state = {"w": torch.randn(1000 + 37 * rank, generator=gen), "step": step,
+        state = {"w": torch.randn(floats + 37 * rank, generator=gen), "step": step,
                  "b": torch.randint(0, 255, (333,), dtype=torch.uint8, generator=gen)}
         engine = SnapshotEngine(ShmSink(self.keeper.prefix(JOB, rank), directory=str(self.dir)))
         engine.save(step, state)
@@ -200,88 +197,50 @@ def test_wrong_token_is_refused(cluster) -> None:
         bad.close()
 
 
-class _CuttingProxy:
-    """TCP proxy that resets the first connection after ``cut_after`` bytes server->client."""
-
-    def __init__(self, target: int, cut_after: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.target = target
-        self.cut_after = cut_after
-        self.cuts = 0
-        self._threads: list[threading.Thread] = []
-        self._socks: list[socket.socket] = []
-        self._closed = False
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            self._socks += [client, upstream]
-            cut = self.cut_after if self.cuts == 0 else None
-            for a, b, limit in ((client, upstream, None), (upstream, client, cut)):
-                t = threading.Thread(target=self._pipe, args=(a, b, limit), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if limit is not None and sent + len(data) > limit:
-                    dst.sendall(data[:max(limit - sent, 0)])
-                    self.cuts += 1
-                    for s in (src, dst):
-                        # RST instead of FIN: a reset in the middle of a chunk
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        s.close()
-                    return
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closed = True
-        self.listener.close()
-        for s in self._socks:
-            s.close()
-        for t in self._threads:
-            t.join(timeout=5.0)
+def _segment_request(step: int) -> checkpoint_pb2.FetchRequest:
+    return checkpoint_pb2.FetchRequest(job_id=JOB, attempt=1, step=step,
+                                       kind=checkpoint_pb2.PIECE_KIND_SEGMENT, ranks=[0], k=1,
+                                       chunk_bytes=1024)
 
 
 def test_transfer_cut_mid_chunk_is_resumed_and_never_half_valid(cluster) -> None:
     nodes = cluster(2)
-    nodes[0].save(0, 9, seed=5)
+    nodes[0].save(0, 9, seed=5, floats=8000)
+    offsets: list[int] = []  # where each stream the server opened starts
+    open_piece = nodes[0].protector.open_piece
+    nodes[0].protector.open_piece = lambda req: (offsets.append(req.offset), open_piece(req))[1]
     sink = ShmSink(nodes[0].keeper.prefix(JOB, 0), directory=str(nodes[0].dir))
-    proxy = _CuttingProxy(nodes[0].server.port, cut_after=3000)
-    client = PeerClient(PeerAuth(token=TOKEN), retries=4, backoff_s=0.01)
-    try:
-        request = checkpoint_pb2.FetchRequest(job_id=JOB, attempt=1, step=9,
-                                              kind=checkpoint_pb2.PIECE_KIND_SEGMENT, ranks=[0],
-                                              k=1, chunk_bytes=1024)
-        header, data = client.fetch(f"127.0.0.1:{proxy.port}", request, timeout_s=30.0)
-        assert proxy.cuts == 1
-        whole = blobs.NodeBlob(str(nodes[0].dir), [(0, sink.prefix)], 9)
-        expect = torch.empty(header.piece_bytes, dtype=torch.uint8)
-        whole.read_into(0, expect)
-        assert torch.equal(data, expect)
-    finally:
-        client.close()
-        proxy.close()
+    # the first connection is reset (RST) after 12 KB, both directions counted: past the
+    # first chunks, in the middle of one; the client must resume at its first unverified byte
+    with TcpProxy(nodes[0].server.port) as proxy:
+        proxy.reset_after(12_000, once=True)
+        client = PeerClient(PeerAuth(token=TOKEN), retries=4, backoff_s=0.01)
+        try:
+            header, data = client.fetch(proxy.address, _segment_request(9), timeout_s=120.0)
+        finally:
+            client.close()
+        assert proxy.num_resets == 1
+    assert len(offsets) == 2 and offsets[0] == 0
+    assert 0 < offsets[1] < header.piece_bytes and offsets[1] % 1024 == 0  # resumed, not redone
+    whole = blobs.NodeBlob(str(nodes[0].dir), [(0, sink.prefix)], 9)
+    expect = torch.empty(header.piece_bytes, dtype=torch.uint8)
+    whole.read_into(0, expect)
+    assert torch.equal(data, expect)
+
+
+def test_silently_stalled_transfer_is_cancelled_not_waited_out(cluster) -> None:
+    nodes = cluster(2)
+    nodes[0].save(0, 9, seed=6)
+    with TcpProxy(nodes[0].server.port) as proxy:
+        proxy.blackhole()  # connection open, nothing moves, nothing closes
+        client = PeerClient(PeerAuth(token=TOKEN), retries=1, backoff_s=0.01, stall_s=0.5)
+        try:
+            with pytest.raises(PieceUnavailable, match="stalled") as err:
+                client.fetch(proxy.address, _segment_request(9), timeout_s=600.0)
+        finally:
+            client.close()
+    # two attempts, each cancelled by the stall watchdog, never the 600 s deadline
+    assert "after 2 attempt(s) without progress" in str(err.value)
 
 
 def test_recovery_that_cannot_rebuild_keeps_the_step_and_reports_it(cluster) -> None:
