@@ -41,12 +41,13 @@ class Sections:
     def __init__(self) -> None:
         self._open: dict[str, contextlib.ExitStack] = {}
 
-    def enter(self, name: str) -> None:
+    def enter(self, name: str, timeout: float | None = None) -> None:
+        """Open section ``name`` (with its own hang deadline ``timeout``, seconds) unless open."""
         if name in self._open:
             return
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(hpt.section(name))
+            stack.enter_context(hpt.section(name, timeout=timeout))
         except Exception as exc:  # never into the training loop
             log.debug("hpt: section %s not timed: %s", name, exc)
         self._open[name] = stack
