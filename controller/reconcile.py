@@ -363,6 +363,12 @@ class Reconciler:
                     attempt.protected_steps, attempt.parity_bytes = steps, parity
                     self._dirty_jobs.add(job_id)
 
+    def protect_targets(self, node: str) -> list[tuple[str, int, int]]:
+        """(job, attempt, step) each protection round ``node`` takes part in builds now; sent
+        with every heartbeat ack (controller/rounds.py)."""
+        with self.lock:
+            return self.pieces.rounds.targets(self.jobs.values(), node)
+
     def _forget_memory(self, node: str) -> None:
         """The snapshots an earlier agent process of ``node`` reported are gone with it."""
         for job in self.jobs.values():

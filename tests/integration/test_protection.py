@@ -102,9 +102,6 @@ def three(tmp_path_factory):
         cluster.close()
 
 
-@pytest.mark.skip(reason="flaky (issue 10, open): the newest common step is not always protected "
-                  "within 30 s after the ranks are frozen, since parity holders pick their step "
-                  "independently; same fix as the shrink/grow test below")
 def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(three) -> None:
     cluster = three
     job_id = cluster.submit(*JOB, nodes=3, procs=1, redundancy="2+1")
@@ -200,10 +197,6 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(small_cluste
     assert all(step % 4 == 0 for step in resumed), resumed  # only persisted steps, never memory
 
 
-@pytest.mark.skip(reason="unreliable under load: parity holders pick steps independently, so "
-                  "the lost node's stripes may hold parity of different steps and the shrink "
-                  "then restarts from disk/scratch (passed its bit-for-bit part when the "
-                  "machine was less loaded); needs holders to agree on the step to protect")
 def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(small_cluster) -> None:
     cluster = small_cluster(agents=3, slots=1, controller_args=("--grow-after", "1"))
     job_id = cluster.submit("python", TRAIN, "--steps", "400", "--step-time", "0.05",
