@@ -27,7 +27,6 @@ commit record's checksums, a parity piece against the checksum taken when it was
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
@@ -41,6 +40,7 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
+from hpt.agent import chunks
 from hpt.agent.peers import PeerClient, Piece, PieceUnavailable
 from hpt.ckpt.checksum import checksum
 from hpt.ckpt.codec import Codec, best_codec
@@ -282,7 +282,7 @@ class Protector:
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
-        return Piece(header, lambda off, n: blob.read_bytes(base + off, n), blob.intact)
+        return Piece(header, lambda off, n: blob.view(base + off, n), blob.intact)
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -305,7 +305,7 @@ class Protector:
             piece_bytes=buf.numel(), parity_index=slot.parity_index,
             members=[checkpoint_pb2.MemberBlob(node_index=i, blob_bytes=b)
                      for i, b in slot.members])
-        return Piece(header, lambda off, n: ctypes.string_at(buf.data_ptr() + off, n),
+        return Piece(header, lambda off, n: chunks.shm_view(buf.data_ptr() + off, n),
                      lambda: slot.version == version and slot.valid)
 
     # ---------------------------------------------------------------- the protector thread
@@ -395,8 +395,7 @@ class Protector:
         if local:
             piece = self.open_piece(request)
             out = torch.empty(piece.header.piece_bytes, dtype=torch.uint8)
-            if out.numel():
-                ctypes.memmove(out.data_ptr(), piece.read(0, out.numel()), out.numel())
+            chunks.copy_into(out.data_ptr(), piece.read(0, out.numel()))
             if not piece.intact():
                 raise PieceUnavailable(f"[{self.node}] the local source changed while read")
             return piece.header, out

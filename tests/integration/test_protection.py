@@ -213,7 +213,7 @@ def test_shrink_rebuilds_the_lost_node_bit_for_bit_then_grows_back(small_cluster
     source = [e.message for e in cluster.events(job_id)
               if e.kind == "restore_source" and e.attempt == second.number]
     found = re.search(r"step (\d+): .* rebuilt from peers", source[0])
-    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
+    assert found, source
     step = int(found.group(1))
     lost = _snapshot_files(victim, job_id, 2, step)
     assert lost is not None
