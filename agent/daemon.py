@@ -229,7 +229,7 @@ class Agent:
                     self.snapshots.release(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
-                    if s.reason.startswith("cancelled"):
+                    if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
                         # the newest snapshot reaches disk within the grace period (it is in
                         # shared memory: the ranks dying meanwhile does not matter)
                         self.snapshots.persist_newest(s.job_id)
@@ -330,7 +330,9 @@ class Agent:
             log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
                       spec.attempt, self.cfg.name)
             return
-        # old snapshots this node's ranks need are in place (and verified) before they start
+        # the old attempt's ranks are gone (they write the snapshots read next), and the old
+        # snapshots this node's ranks need are in place (and verified) before they start
+        self.launcher.fence(spec.job_id, spec.attempt)
         spec = self.recovery.prepare(spec, msg.restore if msg.HasField("restore") else None)
         self.protector.protect(spec.job_id, spec.attempt, msg.protection)
         self.launcher.launch(spec)

@@ -235,8 +235,7 @@ class Launcher:
                             spec.attempt, self.node, highest)
                 return []
             self._highest_attempt[spec.job_id] = spec.attempt
-        # fencing: anything of an older attempt of this job still alive here goes now
-        self.stop(spec.job_id, spec.attempt - 1, grace_s=0.0, reason="superseded")
+        self.fence(spec.job_id, spec.attempt)
         started = []
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
@@ -389,6 +388,22 @@ class Launcher:
         for proc in targets:
             self._terminate(proc, grace_s)
         return len(targets)
+
+    def fence(self, job_id: str, attempt: int, timeout_s: float = 5.0) -> None:
+        """SIGKILL every rank of ``job_id`` older than ``attempt`` still alive here and wait (up
+        to ``timeout_s``) until they are gone: a rank that outlives its SIGTERM (Lightning turns
+        SIGTERM into a graceful stop that runs more hooks) must not write snapshots while the
+        agent reads them for the next attempt."""
+        self.stop(job_id, attempt - 1, grace_s=0.0, reason="superseded")
+        deadline = time.monotonic() + timeout_s
+        for proc in self.ranks():
+            if proc.job_id != job_id or proc.attempt >= attempt or proc.proc is None:
+                continue
+            try:
+                proc.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("[%s/%d/%s/%d] still alive %.1fs after SIGKILL", job_id,
+                            proc.attempt, self.node, proc.rank, timeout_s)
 
     def stop_all(self, *, grace_s: float, reason: str) -> None:
         """Stop every live rank. Fences each job only up to the newest attempt it ran here, so

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hpt._proto import agent_pb2
+from hpt._proto import agent_pb2, common_pb2
 from hpt.agent.ownership import node_prefix
 from hpt.ckpt import fmt
 from hpt.ckpt.checksum import verify
@@ -69,8 +69,11 @@ class SnapshotKeeper:
 
     def event(self, kind: str, job_id: str, attempt: int, rank: int, message: str,
               step: int = 0) -> None:
-        """Queue an event for the controller's log (sent with the next heartbeat)."""
-        self._events.append(agent_pb2.AgentEvent(kind=kind, job_id=job_id, attempt=attempt,
+        """Queue an event for the controller's log (sent with the next heartbeat).
+
+        Raises ValueError when ``kind`` names no ``EventKind`` of the wire."""
+        self._events.append(agent_pb2.AgentEvent(kind=kind, event_kind=event_kind(kind),
+                                                 job_id=job_id, attempt=attempt,
                                                  rank=rank, message=message[:4096],
                                                  at=time.time(), step=step))
 
@@ -268,3 +271,12 @@ def snapshot_message_fields(msg: dict[str, Any]) -> tuple[int, int, int]:
     if not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError("snapshot.bytes must be an int >= 0")
     return step, generation, nbytes
+
+
+def event_kind(kind: str) -> int:
+    """The wire ``EventKind`` of an event the agent or a rank names (``"restore_failed"``);
+    the agent's one mapping of event names. Raises ValueError when there is none."""
+    try:
+        return common_pb2.EventKind.Value(f"EVENT_KIND_{kind.upper()}")
+    except ValueError:
+        raise ValueError(f"event kind ({kind[:70]!r}) is not a known EventKind") from None

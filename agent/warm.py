@@ -7,12 +7,12 @@ interpreter runs the script as ``__main__`` (like ``python script.py`` would). A
 cannot reproduce exactly falls back to a cold ``subprocess.Popen``: another interpreter,
 interpreter flags, or an environment variable only read at interpreter start-up.
 
-Run as ``python -m hpt.agent.warm`` (that is the child side).
+This module is the agent's side (the pool). The child side is the rank side, :mod:`hpt._warm`,
+run as ``python -m hpt._warm READY_FD RENICE``: the agent never imports the training API.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,9 +36,7 @@ _STARTUP_ONLY = (
     "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
     "TORCH_CPP_LOG_LEVEL", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
 )
-_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-_READY_FD_ENV = "HPT_WARM_READY_FD"
-_NICE_ENV = "HPT_WARM_NICE"
+_CHILD_MODULE = "hpt._warm"
 
 
 class WarmPool:
@@ -72,8 +70,8 @@ class WarmPool:
         read_fd, write_fd = os.pipe()
         try:
             proc = self._spawner.popen(
-                [sys.executable, "-m", "hpt.agent.warm"],
-                env={**self._env, _READY_FD_ENV: str(write_fd), _NICE_ENV: _can_renice()},
+                [sys.executable, "-m", _CHILD_MODULE, str(write_fd), _can_renice()],
+                env=self._env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -209,72 +207,3 @@ def _can_renice() -> str:
         return "1"
     soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
     return "1" if soft == resource.RLIM_INFINITY or soft >= 40 else "0"
-
-
-def _prime_torch() -> None:
-    """Pay torch's lazy first-use costs now (the first optimizer step imports torch._dynamo:
-    ~0.8 s). Touches no RNG and leaves no state behind."""
-    import torch
-
-    param = torch.nn.Parameter(torch.zeros(4))
-    (param * 2.0).sum().backward()
-    for opt in (torch.optim.SGD([param], lr=0.1), torch.optim.Adam([param]),
-                torch.optim.AdamW([param])):
-        opt.step()
-        opt.zero_grad()
-
-
-def _serve() -> int:
-    import runpy
-
-    # Warm-up at the lowest CPU priority, so refilling the pool does not slow the ranks
-    # training next to it; only when we may raise the priority back before becoming a rank.
-    niced = os.environ.pop(_NICE_ENV, "") == "1"
-    if niced:
-        base = os.getpriority(os.PRIO_PROCESS, 0)
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-
-    import torch  # noqa: F401  (the point of a warm interpreter)
-    import torch.distributed  # noqa: F401
-    import torch.nn  # noqa: F401
-    import torch.optim  # noqa: F401
-
-    import hpt  # noqa: F401
-
-    _prime_torch()
-    ready_fd = os.environ.pop(_READY_FD_ENV, "")
-    if ready_fd:
-        # the pool may have handed us out (and closed its end) before we got here
-        with contextlib.suppress(OSError):
-            os.write(int(ready_fd), b"1")
-        os.close(int(ready_fd))
-    line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
-    if niced:
-        os.setpriority(os.PRIO_PROCESS, 0, base)
-    if not line:
-        return 0  # the pool closed us before handing out a rank
-    request = json.loads(line)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    if request["cwd"]:
-        os.chdir(request["cwd"])
-    args = list(request["argv"])
-    if args[0] == "-u":
-        args = args[1:]
-    if args[0] == "-m":
-        sys.argv = [args[1], *args[2:]]
-        sys.path.insert(0, os.getcwd())
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-    else:
-        script = os.path.abspath(args[0])
-        sys.argv = [args[0], *args[1:]]
-        sys.path[0] = os.path.dirname(script)
-        runpy.run_path(script, run_name="__main__")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_serve())

@@ -451,8 +451,9 @@ class RankWatch:
         outside = [r for r in hung if r not in waiting]
         if stopped:
             culprit, why = stopped[0], "its process is stopped (state T: SIGSTOP or a debugger)"
+            named = agent_pb2.HANG_CULPRIT_STOPPED
         elif waiting and outside:
-            culprit = outside[0]
+            culprit, named = outside[0], agent_pb2.HANG_CULPRIT_OUTSIDE_COLLECTIVE
             ops = sorted({f"{c['op']} seq {c['seq']}" for v in waiting.values() for c in v})
             why = (
                 f"it is in no collective while rank(s) {sorted(waiting)} on this node wait in "
@@ -460,6 +461,7 @@ class RankWatch:
             )
         else:
             culprit, why = hung[0], "it has been silent longest"
+            named = agent_pb2.HANG_CULPRIT_SILENT_LONGEST
         first = next(f for f in det.findings if f.rank == culprit)
         ev: dict[str, str] = {k: str(v) for k, v in first.evidence.items()}
         ev["hung_ranks"] = ",".join(map(str, hung))
@@ -485,6 +487,7 @@ class RankWatch:
             stacks=stacks,
             detected_at=time.time(),
             silent_since=time.time() - silent_s,
+            culprit=named,
         )
 
     def _dump_stacks(

@@ -138,6 +138,7 @@ class Checkpointer:
         self.timeout_s = timeout_s
         self._shards = dict(shards or {})
         self._saved_steps: set[int] = set()
+        self._lazy_params: set[str] = set()
         self._owns_sink = sink is None
         self.sink: SnapshotSink = MemorySink() if sink is None else sink
         self.engine = SnapshotEngine(
@@ -162,7 +163,8 @@ class Checkpointer:
         if step % self.every:
             return False
         state, shards = self._capture(step)
-        self.engine.save(step, state, shards=shards, timeout_s=self.timeout_s)
+        self.engine.save(step, state, shards=shards, timeout_s=self.timeout_s,
+                         copy_now=self._copy_now)
         self._saved_steps.add(step)
         return True
 
@@ -360,17 +362,29 @@ class Checkpointer:
             return None
         return names  # type: ignore[return-value]
 
+    def _copy_now(self, fqn: str) -> bool:
+        """Tensors cloned inside `save` (see the module doc): all but the model's parameters and
+        the optimizer's per-parameter state, which the step-pre-hook protects; and not the RNG
+        states, which `capture_rng` made fresh."""
+        if fqn.startswith("model."):
+            return fqn.removeprefix("model.") not in self._lazy_params
+        return not fqn.startswith(("optim.state.", "rng."))
+
     def _capture(self, step: int) -> tuple[dict[str, Any], dict[str, ShardInfo]]:
+        # Tensors are not cloned here: the engine clones those `_copy_now` names after its one
+        # walk of the state (a second walk to clone cost as much as the save's encoding).
         state: dict[str, Any] = {"version": STATE_VERSION, "step": step}
         shards: dict[str, ShardInfo] = {}
         if self.model is not None:
-            params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-            sd = self.model.state_dict()
-            state["model"] = {k: v if k in params else _clone(v) for k, v in sd.items()}
+            self._lazy_params = {
+                n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+            state["model"] = self.model.state_dict()
             shards.update({f"model.{k}": info for k, info in self._shards.items()})
         if self.optimizer is not None:
             osd = self.optimizer.state_dict()
-            groups = _clone(osd["param_groups"])  # schedulers may mutate tensor lr in place
+            # state_dict() packs new group dicts; their tensors (an lr a scheduler mutates in
+            # place) are cloned by the engine
+            groups = osd["param_groups"]
             names = self._param_names()
             if names is None:
                 state["optim"] = {"state": osd["state"], "param_groups": groups, "keys": "index"}
@@ -386,7 +400,7 @@ class Checkpointer:
                             and tuple(value.shape) == info.local_shape
                         ):
                             shards[f"optim.state.{pname}.{key}"] = info
-        state["extra"] = {k: _clone(obj.state_dict()) for k, obj in self.extra_state.items()}
+        state["extra"] = {k: obj.state_dict() for k, obj in self.extra_state.items()}
         state["rng"] = capture_rng()
         if self.model is not None and dtensor.has_dtensor(self.model):
             state, placed = dtensor.localize(state)  # DTensor leaves: local piece + offsets

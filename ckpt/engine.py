@@ -154,12 +154,16 @@ class SnapshotEngine:
         *,
         shards: Mapping[str, ShardInfo] | None = None,
         timeout_s: float | None = None,
+        copy_now: Callable[[str], bool] | None = None,
     ) -> None:
         """Launch the snapshot of `state` as the state after `step` completed steps.
 
         Waits (up to `timeout_s`) for the previous snapshot to finish first, then returns as soon
         as the copies are launched. The tensors in `state` must not be mutated until
-        `wait_copied()` returns; plain values are encoded before this returns.
+        `wait_copied()` returns, except those whose fqn `copy_now` accepts: they are cloned
+        before this returns (small tensors mutated where no hook can wait for the copies, found
+        in the one walk of the state that flatten does). Plain values are encoded before this
+        returns.
 
         Raises:
             SnapshotError: the PREVIOUS snapshot failed (this one is then not launched).
@@ -171,6 +175,9 @@ class SnapshotEngine:
             raise ValueError(f"step ({step}) must be >= 0")
         self.wait(timeout_s)
         layout, meta, tensors = flatten(state, shards)
+        if copy_now is not None:
+            tensors = [t.detach().clone() if copy_now(e.fqn) else t
+                       for e, t in zip(layout.entries, tensors, strict=True)]
         meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
         generation = self._next_generation()
         has_cuda = any(t.is_cuda for t in tensors)

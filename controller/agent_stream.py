@@ -46,6 +46,7 @@ from hpt.controller.server import (
     _decode_events,
     _decode_register,
     _decode_reports,
+    _restore_failures,
 )
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,8 @@ class HeartbeatIntake:
         for node, link, hb, _reports in accepted:
             if hb.events:
                 rec.agent_events(node, _decode_events(node, hb.events))
-            for e in hb.events:
-                if e.kind == "restore_failed" and e.step > 0:
-                    rec.restore_failed(e.job_id[:256], e.step)
+            for job_id, step in _restore_failures(hb.events):
+                rec.restore_failed(job_id, step)
             rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
                                    for p in hb.pieces[:_MAX_REPORTS]])
             protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s)

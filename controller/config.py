@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7470
-"""The control plane's default port on loopback; ``HPT_CONTROLLER`` or ``--controller`` override."""
+from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

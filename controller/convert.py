@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-from hpt._proto import checkpoint_pb2
+from hpt._proto import agent_pb2, checkpoint_pb2
 from hpt._proto import common_pb2 as pb
 from hpt.controller.elastic import ProtectionPlan
 from hpt.controller.model import (
     Attempt,
     AttemptState,
     Event,
+    EventKind,
     ExitInfo,
     Fault,
     FaultClass,
     FaultKind,
+    HangCulprit,
     Job,
     JobSpec,
     JobState,
     Node,
     NodeState,
     Rank,
+    RankEndCause,
     RankState,
     RestoreCommand,
     StateChange,
+    StopCause,
+    StopCommand,
 )
 
 # Wire enums are prefixed (JOB_STATE_RUNNING); the model's values are the bare names.
@@ -33,6 +38,44 @@ _JOB_BACK = {v: k for k, v in _JOB.items()}
 _ATTEMPT_BACK = {v: k for k, v in _ATTEMPT.items()}
 _RANK_BACK = {v: k for k, v in _RANK.items()}
 _NODE_BACK = {v: k for k, v in _NODE.items()}
+# Closed vocabularies that decisions read (the records' text fields are for display only).
+_FAULT_KIND = {k: pb.FaultKind.Value(f"FAULT_KIND_{k.name}") for k in FaultKind}
+_FAULT_CLASS = {c: pb.FaultClass.Value(f"FAULT_CLASS_{c.name}") for c in FaultClass}
+_END_CAUSE = {c: pb.RankEndCause.Value(f"RANK_END_CAUSE_{c.name}") for c in RankEndCause
+              if c != RankEndCause.NONE} | {RankEndCause.NONE: pb.RANK_END_CAUSE_UNSPECIFIED}
+_EVENT_KIND = {k: pb.EventKind.Value(f"EVENT_KIND_{k.name}") for k in EventKind}
+_STOP_CAUSE = {c: agent_pb2.StopCause.Value(f"STOP_CAUSE_{c.name}") for c in StopCause}
+_HANG_CULPRIT = {c: agent_pb2.HangCulprit.Value(f"HANG_CULPRIT_{c.name}") for c in HangCulprit}
+_FAULT_KIND_BACK = {v: k for k, v in _FAULT_KIND.items()}
+_FAULT_CLASS_BACK = {v: k for k, v in _FAULT_CLASS.items()}
+_END_CAUSE_BACK = {v: k for k, v in _END_CAUSE.items()}
+_EVENT_KIND_BACK = {v: k for k, v in _EVENT_KIND.items()}
+_HANG_CULPRIT_BACK = {v: k for k, v in _HANG_CULPRIT.items()}
+
+
+def event_kind_from_proto(value: int, name: str) -> EventKind:
+    """The kind of an event on the wire. ``name`` is read only for records written before the
+    enum field existed (their ``event_kind`` is unset). Raises ValueError when unknown."""
+    if value:
+        try:
+            return _EVENT_KIND_BACK[value]
+        except KeyError:
+            raise ValueError(f"event_kind ({value}) is not a known EventKind") from None
+    try:
+        return EventKind(name)
+    except ValueError:
+        raise ValueError(f"event kind ({name[:70]!r}) is not a known EventKind") from None
+
+
+def hang_culprit_from_proto(value: int) -> HangCulprit:
+    """Unknown values (a newer agent) read as UNSPECIFIED: the culprit is then judged from
+    the collective records and silence alone."""
+    return _HANG_CULPRIT_BACK.get(value, HangCulprit.UNSPECIFIED)
+
+
+def stop_to_proto(cmd: StopCommand) -> agent_pb2.Stop:
+    return agent_pb2.Stop(job_id=cmd.job_id, attempt=cmd.attempt, grace_s=cmd.grace_s,
+                          reason=cmd.reason, cause=_STOP_CAUSE[cmd.cause])
 
 
 def rank_state_from_proto(value: int) -> RankState:
@@ -112,6 +155,8 @@ def exit_from_proto(msg: pb.ExitInfo) -> ExitInfo:
 def fault_to_proto(fault: Fault) -> pb.Fault:
     return pb.Fault(
         kind=fault.kind.value,
+        fault_kind=_FAULT_KIND[fault.kind],
+        fault_class=_FAULT_CLASS[fault.classification],
         node=fault.node,
         rank=fault.rank,
         message=fault.message,
@@ -127,13 +172,15 @@ def fault_from_proto(msg: pb.Fault) -> Fault | None:
     if not msg.kind:
         return None
     return Fault(
-        kind=FaultKind(msg.kind),
+        # records written before the enum fields existed carry only the names
+        kind=_FAULT_KIND_BACK[msg.fault_kind] if msg.fault_kind else FaultKind(msg.kind),
         node=msg.node,
         rank=msg.rank,
         message=msg.message,
         detected_at=msg.detected_at,
         occurred_at=msg.occurred_at,
-        classification=FaultClass(msg.classification),
+        classification=(_FAULT_CLASS_BACK[msg.fault_class] if msg.fault_class
+                        else FaultClass(msg.classification)),
         attempt=msg.attempt,
         steps_lost=msg.steps_lost,
     )
@@ -161,6 +208,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         snapshot_steps=list(rank.snapshot_steps),
         persisted_steps=list(rank.persisted_steps),
         snapshot_bytes=rank.snapshot_bytes,
+        end_cause=_END_CAUSE[rank.end_cause],
     )
     if rank.exit is not None:
         msg.exit.CopyFrom(exit_to_proto(rank.exit))
@@ -182,6 +230,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_steps=tuple(msg.snapshot_steps),
         persisted_steps=tuple(msg.persisted_steps),
         snapshot_bytes=msg.snapshot_bytes,
+        end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
 
 
@@ -297,7 +346,8 @@ def event_to_proto(event: Event) -> pb.Event:
     return pb.Event(
         seq=event.seq,
         at=event.at,
-        kind=event.kind,
+        kind=event.kind.value,
+        event_kind=_EVENT_KIND[event.kind],
         job_id=event.job_id,
         attempt=event.attempt,
         node=event.node,
@@ -310,7 +360,7 @@ def event_from_proto(msg: pb.Event, seq: int) -> Event:
     return Event(
         seq=seq,
         at=msg.at,
-        kind=msg.kind,
+        kind=event_kind_from_proto(msg.event_kind, msg.kind),
         job_id=msg.job_id,
         attempt=msg.attempt,
         node=msg.node,

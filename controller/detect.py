@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpt.controller.model import Event, Fault, FaultClass, FaultKind
+from hpt.controller import convert
+from hpt.controller.model import Event, EventKind, Fault, FaultClass, FaultKind, HangCulprit
 from hpt.monitor.detectors.collective import CollectiveConfig, CollectiveDetector
 from hpt.monitor.detectors.straggler import StragglerConfig, StragglerDetector
-from hpt.monitor.records import CollectiveRecord, Finding, StepRecord
+from hpt.monitor.records import CollectiveRecord, Finding, FindingKind, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class _HangReport:
     rank: int
     message: str
     evidence: dict[str, str]
+    culprit: HangCulprit  # why the agent named this rank
     silent_since: float  # wall clock
     detected_at: float  # wall clock
     received: float  # monotonic
@@ -136,7 +138,7 @@ class Detection:
         decoded = []
         for node, hb in beats:
             steps, colls = _decode(node, hb)
-            hangs = [f for f in list(hb.findings)[:_MAX_FINDINGS_PER_BEAT] if f.kind == "hang"]
+            hangs = [f for f in list(hb.findings)[:_MAX_FINDINGS_PER_BEAT] if f.kind == FindingKind.HANG.value]
             decoded.append((node, hb, steps, colls, hangs))
         keys: set[tuple[str, int]] = set()
         with self._lock:
@@ -217,6 +219,7 @@ class Detection:
             rank=f.rank,
             message=f.message[:4000],
             evidence=dict(f.evidence),
+            culprit=convert.hang_culprit_from_proto(f.culprit),
             silent_since=f.silent_since,
             detected_at=f.detected_at,
             received=now,
@@ -225,7 +228,7 @@ class Detection:
             view.hangs.append(report)
         self._emit(
             Event(
-                kind="hang",
+                kind=EventKind.HANG,
                 at=self._clock(),
                 job_id=f.job_id,
                 attempt=f.attempt,
@@ -239,7 +242,7 @@ class Detection:
             state = f", state {s.proc_state}" if s.proc_state else ""
             self._emit(
                 Event(
-                    kind="stacks",
+                    kind=EventKind.STACKS,
                     at=self._clock(),
                     job_id=f.job_id,
                     attempt=f.attempt,
@@ -252,7 +255,7 @@ class Detection:
     def _emit_finding(self, f: Finding) -> None:
         self._emit(
             Event(
-                kind=f.kind.value,
+                kind=EventKind(f.kind.value),
                 at=self._clock(),
                 job_id=f.job_id,
                 attempt=f.attempt,
@@ -295,7 +298,7 @@ class Detection:
             view.fault_taken = True
             report, why = self._culprit(view)
         message = report.message + (f"; {why}" if why else "")
-        stopped = ":T" in report.evidence.get("proc_states", "")
+        stopped = report.culprit == HangCulprit.STOPPED
         log.error(
             "[%s/%d/%s/%d] hang fault: %s", job_id, attempt, report.node, report.rank, message
         )
@@ -337,7 +340,7 @@ class Detection:
     def _culprit(self, view: _AttemptView) -> tuple[_HangReport, str]:
         hangs = view.hangs
         for h in hangs:
-            if "stopped" in h.evidence.get("culprit_reason", ""):
+            if h.culprit == HangCulprit.STOPPED:
                 return h, ""
         missing = self._missing(view)
         if missing:
@@ -354,13 +357,14 @@ class Detection:
                     rank=rank,
                     message=f"rank {rank} ({node}) hung",
                     evidence={},
+                    culprit=HangCulprit.UNSPECIFIED,
                     silent_since=min(h.silent_since for h in hangs),
                     detected_at=hangs[0].detected_at,
                     received=0.0,
                 )
             return base, why
         for h in hangs:
-            if "no collective" in h.evidence.get("culprit_reason", ""):
+            if h.culprit == HangCulprit.OUTSIDE_COLLECTIVE:
                 return h, ""
         return min(hangs, key=lambda h: (h.silent_since, h.rank)), ""
 

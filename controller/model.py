@@ -144,12 +144,69 @@ class RankState(str, Enum):
         return self not in (RankState.PENDING, RankState.RUNNING)
 
 
+RANK_TRANSITIONS: dict[RankState, dict[RankState, str]] = {
+    RankState.PENDING: {
+        RankState.PENDING: "its agent reports it starting (a new pid)",
+        RankState.RUNNING: "its agent started it",
+        RankState.SUCCEEDED: "it exited 0 before it was seen running",
+        RankState.FAILED: "it failed before it was seen running",
+        RankState.STOPPED: "a stop reached its agent (or its launch never left) before it started",
+        RankState.LOST: "its node was lost, its agent forgot it, or it never started in time",
+    },
+    RankState.RUNNING: {
+        RankState.RUNNING: "its agent reports it again under a new pid",
+        RankState.SUCCEEDED: "it exited 0",
+        RankState.FAILED: "it exited non-zero or was killed by a signal",
+        RankState.STOPPED: "it was stopped (its attempt ends, or its agent self-fenced)",
+        RankState.LOST: "its node was lost or its agent re-registered without it",
+    },
+    # terminal: a rank reported alive after it was given up on is fenced, not revived
+    RankState.SUCCEEDED: {},
+    RankState.FAILED: {},
+    RankState.STOPPED: {},
+    RankState.LOST: {},
+}
+
+
 class NodeState(str, Enum):
+    """A node's agent as the controller sees it::
+
+        (register) ──► READY ◄──► LOST
+                        │  ▲        │
+                        ▼  │        ▼
+                    QUARANTINED ◄───┘        UNKNOWN (after a controller restart) ──► any
+    """
+
     READY = "READY"
     LOST = "LOST"
     QUARANTINED = "QUARANTINED"
     UNKNOWN = "UNKNOWN"
     """Known from the store after a controller restart, not yet re-registered."""
+
+
+NODE_TRANSITIONS: dict[NodeState, dict[NodeState, str]] = {
+    NodeState.READY: {
+        NodeState.READY: "its agent registered again",
+        NodeState.LOST: "no heartbeat within the timeout, or its stream closed for good",
+        NodeState.QUARANTINED: "it registered again and its health check failed",
+        NodeState.UNKNOWN: "the controller restarted; waiting for the agent to register again",
+    },
+    NodeState.LOST: {
+        NodeState.READY: "it heartbeats again, or its agent registered again",
+        NodeState.QUARANTINED: "its agent registered again and its health check failed",
+    },
+    NodeState.QUARANTINED: {
+        NodeState.READY: "its agent registered again and passed its health check",
+        NodeState.QUARANTINED: "its agent registered again and failed its health check again",
+        NodeState.UNKNOWN: "the controller restarted",
+    },
+    NodeState.UNKNOWN: {
+        NodeState.UNKNOWN: "the controller restarted again",
+        NodeState.READY: "its agent registered again",
+        NodeState.LOST: "its agent did not register again in time",
+        NodeState.QUARANTINED: "its agent registered again and its health check failed",
+    },
+}
 
 
 class FaultKind(str, Enum):
@@ -161,6 +218,89 @@ class FaultKind(str, Enum):
     """Ranks alive but without progress past the hang deadline (found by their agent)."""
     LAUNCH_TIMEOUT = "launch_timeout"
     """A rank still pending long after its launch command left: it will never start."""
+
+
+class RankEndCause(str, Enum):
+    """Why the controller ended a rank it did not see exit; NONE when its agent reported how
+    it ended. Decisions read this, never ``Rank.exit_reason`` (display text)."""
+
+    NONE = "NONE"
+    NODE_LOST = "NODE_LOST"
+    """Its node stopped heartbeating (or its stream closed) past the timeout."""
+    AGENT_FORGOT = "AGENT_FORGOT"
+    """Its agent re-registered without it."""
+    NEVER_STARTED = "NEVER_STARTED"
+    """Still pending ``launch_timeout_s`` after its launch left."""
+    STOPPED_BEFORE_START = "STOPPED_BEFORE_START"
+    """A stop reached its agent before the rank started (the agent refuses the launch now)."""
+    STOPPED_BEFORE_LAUNCH = "STOPPED_BEFORE_LAUNCH"
+    """Its attempt was stopped before its launch left the controller."""
+    STOPPED = "STOPPED"
+    """Its attempt was stopping and the re-registered agent no longer had it."""
+
+
+class StopCause(str, Enum):
+    """Why the controller stops ranks (``StopCommand.cause``); the agent acts on it."""
+
+    CANCELLED = "CANCELLED"
+    """The user cancelled the job: the agent persists the newest snapshot within the grace."""
+    FAULT = "FAULT"
+    RESIZE = "RESIZE"
+    """The job grows back onto returning nodes."""
+    UNCONFIRMED = "UNCONFIRMED"
+    """An earlier stop was not confirmed in time: again, without grace."""
+    UNKNOWN_ATTEMPT = "UNKNOWN_ATTEMPT"
+    """An agent reported a rank of a job or attempt this controller does not know."""
+    DECLARED_LOST = "DECLARED_LOST"
+    """A rank the controller gave up on (its node was lost) runs again: fence it."""
+
+
+class HangCulprit(str, Enum):
+    """Why an agent named a rank as the culprit of a hang on its node."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    STOPPED = "STOPPED"
+    """Its process is stopped (state T: SIGSTOP or a debugger): infra, not the script."""
+    OUTSIDE_COLLECTIVE = "OUTSIDE_COLLECTIVE"
+    """It is in no collective while its peers on the node wait in one."""
+    SILENT_LONGEST = "SILENT_LONGEST"
+
+
+class EventKind(str, Enum):
+    """What an event records. The value is the name ``hptctl events`` shows."""
+
+    JOB_SUBMITTED = "job_submitted"
+    CANCEL_REQUESTED = "cancel_requested"
+    JOB_CANCELLED = "job_cancelled"
+    JOB_SUCCEEDED = "job_succeeded"
+    JOB_FAILED = "job_failed"
+    WAITING_FOR_NODES = "waiting_for_nodes"
+    ATTEMPT_LAUNCHED = "attempt_launched"
+    RESTORE_SOURCE = "restore_source"
+    FIRST_STEP = "first_step"
+    RANK_EXITED = "rank_exited"
+    FAULT = "fault"
+    RECOVERING = "recovering"
+    RESIZE_REQUESTED = "resize_requested"
+    NODE_EXCLUDED = "node_excluded"
+    NODE_REGISTERED = "node_registered"
+    NODE_QUARANTINED = "node_quarantined"
+    NODE_REJOINED = "node_rejoined"
+    NODE_LOST = "node_lost"
+    # detectors (monitor.records.FindingKind and the agents' hang reports)
+    HANG = "hang"
+    STACKS = "stacks"
+    STRAGGLER = "straggler"
+    STRAGGLER_CLEARED = "straggler_cleared"
+    COLLECTIVE_LAGGARD = "collective_laggard"
+    COLLECTIVE_MISSING = "collective_missing"
+    # raised by agents and ranks
+    CHECKPOINT_SKIPPED = "checkpoint_skipped"
+    RESTORED = "restored"
+    TEARDOWN_CRASH = "teardown_crash"
+    RESTORE_FAILED = "restore_failed"
+    SNAPSHOT_REBUILT = "snapshot_rebuilt"
+    PERSIST_FAILED = "persist_failed"
 
 
 class FaultClass(str, Enum):
@@ -359,6 +499,22 @@ class Rank:
     """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
     persisted_steps: tuple[int, ...] = ()
     snapshot_bytes: int = 0
+    end_cause: RankEndCause = RankEndCause.NONE
+    """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
+
+    def set_state(self, new: RankState, exit_reason: str = "",
+                  cause: RankEndCause = RankEndCause.NONE) -> RankState:
+        """Move along ``RANK_TRANSITIONS`` (raises ``IllegalTransitionError`` off it); a rank
+        that ends records why (``exit_reason`` in words, ``cause`` when the controller ended
+        it itself). Ranks keep no history: their attempt's is the record."""
+        previous = self.state
+        if new not in RANK_TRANSITIONS[previous]:
+            raise IllegalTransitionError(f"Rank {self.rank} {previous.value} -> {new.value} is "
+                                         f"not allowed ({exit_reason})")
+        self.state = new
+        if new.is_terminal:
+            self.exit_reason, self.end_cause = exit_reason, cause
+        return previous
 
 
 @dataclass(kw_only=True, slots=True)
@@ -440,6 +596,15 @@ class Node:
     peer_address: str = ""
     """host:port of the agent's PeerService (snapshot protection traffic)."""
 
+    def set_state(self, new: NodeState, reason: str) -> NodeState:
+        """Move along ``NODE_TRANSITIONS`` (raises ``IllegalTransitionError`` off it)."""
+        previous = self.state
+        if new not in NODE_TRANSITIONS[previous]:
+            raise IllegalTransitionError(
+                f"Node {self.name} {previous.value} -> {new.value} is not allowed ({reason})")
+        self.state, self.reason = new, reason
+        return previous
+
 
 def _transition(record, table, new, reason: str, now: float):  # type: ignore[no-untyped-def]
     previous = record.state
@@ -456,7 +621,7 @@ def _transition(record, table, new, reason: str, now: float):  # type: ignore[no
 class Event:
     """One line of the event log: every attempt, fault, decision and node change."""
 
-    kind: str
+    kind: EventKind
     at: float
     message: str
     job_id: str = ""
@@ -517,6 +682,8 @@ class StopCommand:
     """Stop every rank of the job whose attempt is <= this one."""
     grace_s: float
     reason: str
+    """For logs only; the agent acts on ``cause``."""
+    cause: StopCause
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,7 +1,8 @@
 """Failure and scaling policy: what to do with a job after a fault. Pure functions.
 
-The reconciler asks; these answer with a ``Decision`` carrying a one-line reason that goes into
-the job's history and the event log. Nothing here reads a clock: ``now`` is passed in.
+``decide.py`` asks; these answer with a ``Decision`` carrying a one-line reason that goes into
+the job's history and the event log. Nothing here reads a clock: ``now`` is passed in. (What a
+fault does to a job, restart or fail, is decided in ``decide.py`` itself.)
 """
 
 from __future__ import annotations
@@ -9,29 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from hpt.controller.model import Fault, Job
+from hpt.controller.model import Attempt, Job
 from hpt.controller.scheduler import Capacity, place
 
 CRASH_LOOP_BACKOFF_FIRST_S = 0.5
 CRASH_LOOP_BACKOFF_CAP_S = 60.0
 
 
-def crash_loop(job: Job) -> int:
+def crash_loop(job: Job, ending: Attempt | None = None) -> int:
     """How many of the job's latest attempts in a row ended (or are ending) before their first
-    step: a crash loop (a bad script, a bad node, a missing file)."""
+    step: a crash loop (a bad script, a bad node, a missing file). ``ending``: an attempt a
+    fault is ending now (its cause is not recorded yet)."""
     n = 0
     for attempt in reversed(job.attempts):
-        if attempt.first_step_at or not (attempt.state.is_terminal or attempt.cause is not None):
+        if attempt.first_step_at or not (
+            attempt.state.is_terminal or attempt.cause is not None or attempt is ending
+        ):
             break
         n += 1
     return n
 
 
-def restart_backoff_s(job: Job) -> float:
+def restart_backoff_s(job: Job, ending: Attempt | None = None) -> float:
     """Seconds between the end of the last attempt and the launch of the next: none after an
     attempt that made progress (a fault mid-training restarts at once), else 0.5 s doubling
     per attempt of the crash loop, capped at 60 s."""
-    n = crash_loop(job)
+    n = crash_loop(job, ending)
     if n == 0:
         return 0.0
     return min(CRASH_LOOP_BACKOFF_CAP_S, CRASH_LOOP_BACKOFF_FIRST_S * 2 ** (n - 1))
@@ -52,19 +56,6 @@ class Decision:
     reason: str
     nodes: tuple[str, ...] = ()
     deadline_at: float = 0.0
-
-
-def decide_after_fault(job: Job, fault: Fault) -> Decision | None:
-    """Called once when a fault ends an attempt. ``FAIL`` when no restarts remain, else ``None``
-    (the job recovers; ``decide_placement`` picks nodes once the old attempt is stopped)."""
-    limit = job.spec.max_restarts
-    if job.restarts >= limit:
-        return Decision(
-            Action.FAIL,
-            f"max_restarts ({limit}) reached; root cause: {fault.kind.value} of "
-            f"{fault.where()}: {fault.message}",
-        )
-    return None
 
 
 def decide_placement(job: Job, capacity: list[Capacity], now: float) -> Decision:

@@ -15,6 +15,7 @@ from hpt._proto import agent_pb2, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert, limits
 from hpt.controller.model import (
     Event,
+    EventKind,
     LaunchCommand,
     Node,
     NodeState,
@@ -23,9 +24,11 @@ from hpt.controller.model import (
     StopCommand,
 )
 from hpt.controller.reconcile import Reconciler
-from hpt.controller.store import StoreUnavailableError
+from hpt.controller.store import FencedError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
+
+_CANCEL_REPLY_DEADLINE_S = 5.0
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _MAX_SLOTS = 4096
@@ -47,6 +50,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job_id = self._rec.submit(spec)
         except StoreUnavailableError as exc:  # not acknowledged: nothing was stored
             context.abort(grpc.StatusCode.UNAVAILABLE, f"job not submitted, store down: {exc}")
+        except FencedError as exc:  # another controller leads: this one steps down
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job not submitted: {exc}")
         return jobs_pb2.SubmitJobResponse(job_id=job_id)
 
     def GetJob(self, request, context):  # type: ignore[no-untyped-def]
@@ -87,7 +92,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "grace_s must be >= 0")
         if request.job_id not in self._rec.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
-        self._rec.cancel(request.job_id, request.grace_s if request.grace_s > 0 else None)
+        applied = self._rec.cancel(request.job_id,
+                                   request.grace_s if request.grace_s > 0 else None)
+        # answer with the job as the pass that applied the cancel left it (a loop that does not
+        # get to it in time answers with the job as it is: the cancel stays queued)
+        applied.wait(_CANCEL_REPLY_DEADLINE_S)
         return self.GetJob(jobs_pb2.GetJobRequest(job_id=request.job_id), context)
 
     def ListNodes(self, request, context):  # type: ignore[no-untyped-def]
@@ -169,18 +178,32 @@ def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:
     return node, _decode_reports(reg.ranks)
 
 
-_EVENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _MAX_EVENTS_PER_BEAT = 256
 
 
 def _decode_events(node: str, events) -> list[Event]:  # type: ignore[no-untyped-def]
     out = []
     for e in list(events)[:_MAX_EVENTS_PER_BEAT]:
-        if not _EVENT_KIND.match(e.kind):
-            log.warning("[-/-/%s/-] agent event with bad kind %r dropped", node, e.kind[:70])
+        try:
+            kind = convert.event_kind_from_proto(e.event_kind, e.kind)
+        except ValueError as exc:
+            log.warning("[-/-/%s/-] agent event dropped: %s", node, exc)
             continue
-        out.append(Event(kind=e.kind, at=e.at, job_id=e.job_id[:256], attempt=e.attempt,
+        out.append(Event(kind=kind, at=e.at, job_id=e.job_id[:256], attempt=e.attempt,
                          node=node, rank=e.rank, message=e.message[:4096]))
+    return out
+
+
+def _restore_failures(events) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """(job, step) of every ``restore_failed`` event: a step an agent could not put in place."""
+    out = []
+    for e in list(events)[:_MAX_EVENTS_PER_BEAT]:
+        try:
+            kind = convert.event_kind_from_proto(e.event_kind, e.kind)
+        except ValueError:
+            continue  # dropped (and logged) by _decode_events
+        if kind == EventKind.RESTORE_FAILED and e.step > 0:
+            out.append((e.job_id[:256], e.step))
     return out
 
 
@@ -202,10 +225,7 @@ def _command_to_proto(
     if isinstance(command, ReleaseCommand):
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):
-        return agent_pb2.ControllerMessage(
-            stop=agent_pb2.Stop(job_id=command.job_id, attempt=command.attempt,
-                                grace_s=command.grace_s, reason=command.reason)
-        )
+        return agent_pb2.ControllerMessage(stop=convert.stop_to_proto(command))
     return agent_pb2.ControllerMessage(
         launch=agent_pb2.Launch(
             job_id=command.job_id,

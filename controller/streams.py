@@ -45,7 +45,7 @@ class EventLog:
             event.attempt or "-",
             event.node or "-",
             event.rank if event.rank >= 0 else "-",
-            event.kind,
+            event.kind.value,
             event.message,
         )
         return seq

@@ -1,6 +1,6 @@
 """Client side of ``JobService``: the channel, one method per RPC, and JSON-safe views.
 
-``hptctl`` (``hpt/cli.py``) is the main user: it resolves the controller address, opens a channel
+``hptctl`` (:mod:`hpt.cli`) is the main user: it resolves the controller address, opens a channel
 with :func:`open_channel` (TLS and the bearer token live there), calls :class:`JobClient` and
 renders the ``*_to_dict`` views as tables or JSON. Scripts and tests can use the same pieces.
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 
+from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
-from hpt.controller.config import DEFAULT_HOST, DEFAULT_PORT
 
 log = logging.getLogger(__name__)
 

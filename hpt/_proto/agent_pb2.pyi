@@ -10,6 +10,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from hpt._proto import checkpoint_pb2 as _checkpoint_pb2
 from hpt._proto import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -22,6 +23,70 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _StopCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StopCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STOP_CAUSE_UNSPECIFIED: _StopCause.ValueType  # 0
+    STOP_CAUSE_CANCELLED: _StopCause.ValueType  # 1
+    """the user cancelled the job: persist the newest snapshot"""
+    STOP_CAUSE_FAULT: _StopCause.ValueType  # 2
+    """a fault ended the attempt"""
+    STOP_CAUSE_RESIZE: _StopCause.ValueType  # 3
+    """the job grows onto nodes that came back"""
+    STOP_CAUSE_UNCONFIRMED: _StopCause.ValueType  # 4
+    """an earlier stop was not confirmed in time: no grace now"""
+    STOP_CAUSE_UNKNOWN_ATTEMPT: _StopCause.ValueType  # 5
+    """the agent reported a job or attempt the controller lacks"""
+    STOP_CAUSE_DECLARED_LOST: _StopCause.ValueType  # 6
+    """the controller gave the rank up (node lost): fence it"""
+
+class StopCause(_StopCause, metaclass=_StopCauseEnumTypeWrapper):
+    """Why the controller stops ranks; the Stop's `reason` text is for logs only."""
+
+STOP_CAUSE_UNSPECIFIED: StopCause.ValueType  # 0
+STOP_CAUSE_CANCELLED: StopCause.ValueType  # 1
+"""the user cancelled the job: persist the newest snapshot"""
+STOP_CAUSE_FAULT: StopCause.ValueType  # 2
+"""a fault ended the attempt"""
+STOP_CAUSE_RESIZE: StopCause.ValueType  # 3
+"""the job grows onto nodes that came back"""
+STOP_CAUSE_UNCONFIRMED: StopCause.ValueType  # 4
+"""an earlier stop was not confirmed in time: no grace now"""
+STOP_CAUSE_UNKNOWN_ATTEMPT: StopCause.ValueType  # 5
+"""the agent reported a job or attempt the controller lacks"""
+STOP_CAUSE_DECLARED_LOST: StopCause.ValueType  # 6
+"""the controller gave the rank up (node lost): fence it"""
+Global___StopCause: _TypeAlias = StopCause  # noqa: Y015
+
+class _HangCulprit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HangCulpritEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HangCulprit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HANG_CULPRIT_UNSPECIFIED: _HangCulprit.ValueType  # 0
+    HANG_CULPRIT_STOPPED: _HangCulprit.ValueType  # 1
+    """its process is stopped (state T: SIGSTOP, a debugger)"""
+    HANG_CULPRIT_OUTSIDE_COLLECTIVE: _HangCulprit.ValueType  # 2
+    """in no collective while local peers wait in one"""
+    HANG_CULPRIT_SILENT_LONGEST: _HangCulprit.ValueType  # 3
+    """none of the above: silent longest"""
+
+class HangCulprit(_HangCulprit, metaclass=_HangCulpritEnumTypeWrapper):
+    """Why an agent named a rank as the culprit of a hang on its node."""
+
+HANG_CULPRIT_UNSPECIFIED: HangCulprit.ValueType  # 0
+HANG_CULPRIT_STOPPED: HangCulprit.ValueType  # 1
+"""its process is stopped (state T: SIGSTOP, a debugger)"""
+HANG_CULPRIT_OUTSIDE_COLLECTIVE: HangCulprit.ValueType  # 2
+"""in no collective while local peers wait in one"""
+HANG_CULPRIT_SILENT_LONGEST: HangCulprit.ValueType  # 3
+"""none of the above: silent longest"""
+Global___HangCulprit: _TypeAlias = HangCulprit  # noqa: Y015
 
 @_typing.final
 class RankReport(_message.Message):
@@ -220,6 +285,7 @@ class AgentEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    EVENT_KIND_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     job_id: _builtins.str
     attempt: _builtins.int
@@ -229,6 +295,8 @@ class AgentEvent(_message.Message):
     """wall clock"""
     step: _builtins.int
     """restore_failed: the step that could not be put in place"""
+    event_kind: _common_pb2.EventKind.ValueType
+    """what the controller matches on (`kind` is its display name)"""
     def __init__(
         self,
         *,
@@ -239,10 +307,11 @@ class AgentEvent(_message.Message):
         message: _builtins.str = ...,
         at: _builtins.float = ...,
         step: _builtins.int = ...,
+        event_kind: _common_pb2.EventKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "event_kind", b"event_kind", "job_id", b"job_id", "kind", b"kind", "message", b"message", "rank", b"rank", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,11 +498,13 @@ class Stop(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     GRACE_S_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     """stop ranks of this job whose attempt <= this"""
     grace_s: _builtins.float
     reason: _builtins.str
+    cause: Global___StopCause.ValueType
     def __init__(
         self,
         *,
@@ -441,10 +512,11 @@ class Stop(_message.Message):
         attempt: _builtins.int = ...,
         grace_s: _builtins.float = ...,
         reason: _builtins.str = ...,
+        cause: Global___StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "grace_s", b"grace_s", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cause", b"cause", "grace_s", b"grace_s", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -704,6 +776,7 @@ class Finding(_message.Message):
     STACKS_FIELD_NUMBER: _builtins.int
     DETECTED_AT_FIELD_NUMBER: _builtins.int
     SILENT_SINCE_FIELD_NUMBER: _builtins.int
+    CULPRIT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """hang, straggler, collective_missing, ..."""
     job_id: _builtins.str
@@ -716,6 +789,8 @@ class Finding(_message.Message):
     """wall clock of the observer"""
     silent_since: _builtins.float
     """wall clock: last progress (hang), 0 when not applicable"""
+    culprit: Global___HangCulprit.ValueType
+    """hang: why this rank was named (evidence has it in words)"""
     @_builtins.property
     def evidence(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -733,10 +808,11 @@ class Finding(_message.Message):
         stacks: _abc.Iterable[Global___RankStack] | None = ...,
         detected_at: _builtins.float = ...,
         silent_since: _builtins.float = ...,
+        culprit: Global___HangCulprit.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detected_at", b"detected_at", "evidence", b"evidence", "job_id", b"job_id", "kind", b"kind", "message", b"message", "node", b"node", "rank", b"rank", "silent_since", b"silent_since", "stacks", b"stacks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "culprit", b"culprit", "detected_at", b"detected_at", "evidence", b"evidence", "job_id", b"job_id", "kind", b"kind", "message", b"message", "node", b"node", "rank", b"rank", "silent_since", b"silent_since", "stacks", b"stacks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -115,6 +115,170 @@ NODE_STATE_QUARANTINED: NodeState.ValueType  # 3
 NODE_STATE_UNKNOWN: NodeState.ValueType  # 4
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _FaultKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FaultKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FaultKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAULT_KIND_UNSPECIFIED: _FaultKind.ValueType  # 0
+    FAULT_KIND_RANK_EXIT: _FaultKind.ValueType  # 1
+    FAULT_KIND_NODE_LOST: _FaultKind.ValueType  # 2
+    FAULT_KIND_RANK_LOST: _FaultKind.ValueType  # 3
+    FAULT_KIND_HANG: _FaultKind.ValueType  # 4
+    FAULT_KIND_STRAGGLER: _FaultKind.ValueType  # 5
+    FAULT_KIND_LAUNCH_TIMEOUT: _FaultKind.ValueType  # 6
+
+class FaultKind(_FaultKind, metaclass=_FaultKindEnumTypeWrapper):
+    """What ended an attempt (model.FaultKind). The Fault's `kind` string is kept for display."""
+
+FAULT_KIND_UNSPECIFIED: FaultKind.ValueType  # 0
+FAULT_KIND_RANK_EXIT: FaultKind.ValueType  # 1
+FAULT_KIND_NODE_LOST: FaultKind.ValueType  # 2
+FAULT_KIND_RANK_LOST: FaultKind.ValueType  # 3
+FAULT_KIND_HANG: FaultKind.ValueType  # 4
+FAULT_KIND_STRAGGLER: FaultKind.ValueType  # 5
+FAULT_KIND_LAUNCH_TIMEOUT: FaultKind.ValueType  # 6
+Global___FaultKind: _TypeAlias = FaultKind  # noqa: Y015
+
+class _FaultClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FaultClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FaultClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAULT_CLASS_UNSPECIFIED: _FaultClass.ValueType  # 0
+    FAULT_CLASS_USER: _FaultClass.ValueType  # 1
+    FAULT_CLASS_PLATFORM: _FaultClass.ValueType  # 2
+    FAULT_CLASS_INFRA: _FaultClass.ValueType  # 3
+    FAULT_CLASS_OOM: _FaultClass.ValueType  # 4
+
+class FaultClass(_FaultClass, metaclass=_FaultClassEnumTypeWrapper):
+    """Whose failure a fault is (model.FaultClass)."""
+
+FAULT_CLASS_UNSPECIFIED: FaultClass.ValueType  # 0
+FAULT_CLASS_USER: FaultClass.ValueType  # 1
+FAULT_CLASS_PLATFORM: FaultClass.ValueType  # 2
+FAULT_CLASS_INFRA: FaultClass.ValueType  # 3
+FAULT_CLASS_OOM: FaultClass.ValueType  # 4
+Global___FaultClass: _TypeAlias = FaultClass  # noqa: Y015
+
+class _RankEndCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RankEndCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RankEndCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RANK_END_CAUSE_UNSPECIFIED: _RankEndCause.ValueType  # 0
+    """the agent reported how it ended (or it has not)"""
+    RANK_END_CAUSE_NODE_LOST: _RankEndCause.ValueType  # 1
+    """its node stopped heartbeating"""
+    RANK_END_CAUSE_AGENT_FORGOT: _RankEndCause.ValueType  # 2
+    """its agent re-registered without it"""
+    RANK_END_CAUSE_NEVER_STARTED: _RankEndCause.ValueType  # 3
+    """still pending launch_timeout_s after its launch"""
+    RANK_END_CAUSE_STOPPED_BEFORE_START: _RankEndCause.ValueType  # 4
+    """a stop reached its agent before it started"""
+    RANK_END_CAUSE_STOPPED_BEFORE_LAUNCH: _RankEndCause.ValueType  # 5
+    """its launch never left the controller"""
+    RANK_END_CAUSE_STOPPED: _RankEndCause.ValueType  # 6
+    """its attempt was stopping and its agent no longer had it"""
+
+class RankEndCause(_RankEndCause, metaclass=_RankEndCauseEnumTypeWrapper):
+    """Why the controller ended a rank it did not see exit (model.RankEndCause); the rank's
+    `exit_reason` text is for display only.
+    """
+
+RANK_END_CAUSE_UNSPECIFIED: RankEndCause.ValueType  # 0
+"""the agent reported how it ended (or it has not)"""
+RANK_END_CAUSE_NODE_LOST: RankEndCause.ValueType  # 1
+"""its node stopped heartbeating"""
+RANK_END_CAUSE_AGENT_FORGOT: RankEndCause.ValueType  # 2
+"""its agent re-registered without it"""
+RANK_END_CAUSE_NEVER_STARTED: RankEndCause.ValueType  # 3
+"""still pending launch_timeout_s after its launch"""
+RANK_END_CAUSE_STOPPED_BEFORE_START: RankEndCause.ValueType  # 4
+"""a stop reached its agent before it started"""
+RANK_END_CAUSE_STOPPED_BEFORE_LAUNCH: RankEndCause.ValueType  # 5
+"""its launch never left the controller"""
+RANK_END_CAUSE_STOPPED: RankEndCause.ValueType  # 6
+"""its attempt was stopping and its agent no longer had it"""
+Global___RankEndCause: _TypeAlias = RankEndCause  # noqa: Y015
+
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    EVENT_KIND_JOB_SUBMITTED: _EventKind.ValueType  # 1
+    EVENT_KIND_CANCEL_REQUESTED: _EventKind.ValueType  # 2
+    EVENT_KIND_JOB_CANCELLED: _EventKind.ValueType  # 3
+    EVENT_KIND_JOB_SUCCEEDED: _EventKind.ValueType  # 4
+    EVENT_KIND_JOB_FAILED: _EventKind.ValueType  # 5
+    EVENT_KIND_WAITING_FOR_NODES: _EventKind.ValueType  # 6
+    EVENT_KIND_ATTEMPT_LAUNCHED: _EventKind.ValueType  # 7
+    EVENT_KIND_RESTORE_SOURCE: _EventKind.ValueType  # 8
+    EVENT_KIND_FIRST_STEP: _EventKind.ValueType  # 9
+    EVENT_KIND_RANK_EXITED: _EventKind.ValueType  # 10
+    EVENT_KIND_FAULT: _EventKind.ValueType  # 11
+    EVENT_KIND_RECOVERING: _EventKind.ValueType  # 12
+    EVENT_KIND_RESIZE_REQUESTED: _EventKind.ValueType  # 13
+    EVENT_KIND_NODE_EXCLUDED: _EventKind.ValueType  # 14
+    EVENT_KIND_NODE_REGISTERED: _EventKind.ValueType  # 15
+    EVENT_KIND_NODE_QUARANTINED: _EventKind.ValueType  # 16
+    EVENT_KIND_NODE_REJOINED: _EventKind.ValueType  # 17
+    EVENT_KIND_NODE_LOST: _EventKind.ValueType  # 18
+    EVENT_KIND_HANG: _EventKind.ValueType  # 19
+    EVENT_KIND_STACKS: _EventKind.ValueType  # 20
+    EVENT_KIND_STRAGGLER: _EventKind.ValueType  # 21
+    EVENT_KIND_STRAGGLER_CLEARED: _EventKind.ValueType  # 22
+    EVENT_KIND_COLLECTIVE_LAGGARD: _EventKind.ValueType  # 23
+    EVENT_KIND_COLLECTIVE_MISSING: _EventKind.ValueType  # 24
+    EVENT_KIND_CHECKPOINT_SKIPPED: _EventKind.ValueType  # 25
+    EVENT_KIND_RESTORED: _EventKind.ValueType  # 26
+    EVENT_KIND_TEARDOWN_CRASH: _EventKind.ValueType  # 27
+    EVENT_KIND_RESTORE_FAILED: _EventKind.ValueType  # 28
+    EVENT_KIND_SNAPSHOT_REBUILT: _EventKind.ValueType  # 29
+    EVENT_KIND_PERSIST_FAILED: _EventKind.ValueType  # 30
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """What an event records (model.EventKind). The Event's `kind` string is kept for display."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+EVENT_KIND_JOB_SUBMITTED: EventKind.ValueType  # 1
+EVENT_KIND_CANCEL_REQUESTED: EventKind.ValueType  # 2
+EVENT_KIND_JOB_CANCELLED: EventKind.ValueType  # 3
+EVENT_KIND_JOB_SUCCEEDED: EventKind.ValueType  # 4
+EVENT_KIND_JOB_FAILED: EventKind.ValueType  # 5
+EVENT_KIND_WAITING_FOR_NODES: EventKind.ValueType  # 6
+EVENT_KIND_ATTEMPT_LAUNCHED: EventKind.ValueType  # 7
+EVENT_KIND_RESTORE_SOURCE: EventKind.ValueType  # 8
+EVENT_KIND_FIRST_STEP: EventKind.ValueType  # 9
+EVENT_KIND_RANK_EXITED: EventKind.ValueType  # 10
+EVENT_KIND_FAULT: EventKind.ValueType  # 11
+EVENT_KIND_RECOVERING: EventKind.ValueType  # 12
+EVENT_KIND_RESIZE_REQUESTED: EventKind.ValueType  # 13
+EVENT_KIND_NODE_EXCLUDED: EventKind.ValueType  # 14
+EVENT_KIND_NODE_REGISTERED: EventKind.ValueType  # 15
+EVENT_KIND_NODE_QUARANTINED: EventKind.ValueType  # 16
+EVENT_KIND_NODE_REJOINED: EventKind.ValueType  # 17
+EVENT_KIND_NODE_LOST: EventKind.ValueType  # 18
+EVENT_KIND_HANG: EventKind.ValueType  # 19
+EVENT_KIND_STACKS: EventKind.ValueType  # 20
+EVENT_KIND_STRAGGLER: EventKind.ValueType  # 21
+EVENT_KIND_STRAGGLER_CLEARED: EventKind.ValueType  # 22
+EVENT_KIND_COLLECTIVE_LAGGARD: EventKind.ValueType  # 23
+EVENT_KIND_COLLECTIVE_MISSING: EventKind.ValueType  # 24
+EVENT_KIND_CHECKPOINT_SKIPPED: EventKind.ValueType  # 25
+EVENT_KIND_RESTORED: EventKind.ValueType  # 26
+EVENT_KIND_TEARDOWN_CRASH: EventKind.ValueType  # 27
+EVENT_KIND_RESTORE_FAILED: EventKind.ValueType  # 28
+EVENT_KIND_SNAPSHOT_REBUILT: EventKind.ValueType  # 29
+EVENT_KIND_PERSIST_FAILED: EventKind.ValueType  # 30
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class JobSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -277,6 +441,7 @@ class RankStatus(_message.Message):
     SNAPSHOT_STEPS_FIELD_NUMBER: _builtins.int
     PERSISTED_STEPS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
+    END_CAUSE_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -292,6 +457,8 @@ class RankStatus(_message.Message):
     """wall clock of the rank's first step report in this attempt"""
     snapshot_bytes: _builtins.int
     """size of one snapshot of this rank"""
+    end_cause: Global___RankEndCause.ValueType
+    """set by the controller when it ended the rank itself"""
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
     @_builtins.property
@@ -318,10 +485,11 @@ class RankStatus(_message.Message):
         snapshot_steps: _abc.Iterable[_builtins.int] | None = ...,
         persisted_steps: _abc.Iterable[_builtins.int] | None = ...,
         snapshot_bytes: _builtins.int = ...,
+        end_cause: Global___RankEndCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,6 +534,8 @@ class Fault(_message.Message):
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     STEPS_LOST_FIELD_NUMBER: _builtins.int
+    FAULT_KIND_FIELD_NUMBER: _builtins.int
+    FAULT_CLASS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """rank_exit, node_lost, launch_failed, ..."""
     node: _builtins.str
@@ -381,6 +551,10 @@ class Fault(_message.Message):
     attempt: _builtins.int
     steps_lost: _builtins.int
     """completed steps redone after the restore that followed (-1: not known yet)"""
+    fault_kind: Global___FaultKind.ValueType
+    """what decisions read (`kind` is its display name)"""
+    fault_class: Global___FaultClass.ValueType
+    """what decisions read (`classification` is its display name)"""
     def __init__(
         self,
         *,
@@ -393,10 +567,12 @@ class Fault(_message.Message):
         classification: _builtins.str = ...,
         attempt: _builtins.int = ...,
         steps_lost: _builtins.int = ...,
+        fault_kind: Global___FaultKind.ValueType = ...,
+        fault_class: Global___FaultClass.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank", "steps_lost", b"steps_lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "classification", b"classification", "detected_at", b"detected_at", "fault_class", b"fault_class", "fault_kind", b"fault_kind", "kind", b"kind", "message", b"message", "node", b"node", "occurred_at", b"occurred_at", "rank", b"rank", "steps_lost", b"steps_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,6 +772,7 @@ class Event(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    EVENT_KIND_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     at: _builtins.float
     """wall clock"""
@@ -605,6 +782,8 @@ class Event(_message.Message):
     node: _builtins.str
     rank: _builtins.int
     message: _builtins.str
+    event_kind: Global___EventKind.ValueType
+    """what readers match on (`kind` is its display name)"""
     def __init__(
         self,
         *,
@@ -616,10 +795,11 @@ class Event(_message.Message):
         node: _builtins.str = ...,
         rank: _builtins.int = ...,
         message: _builtins.str = ...,
+        event_kind: Global___EventKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "job_id", b"job_id", "kind", b"kind", "message", b"message", "node", b"node", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "event_kind", b"event_kind", "job_id", b"job_id", "kind", b"kind", "message", b"message", "node", b"node", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,8 +59,11 @@ def one_round(agents: int = 2, ready_timeout_s: float = 120.0, slots: int = 1) -
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        wait_for(lambda: out.ready or proc.poll() is not None, ready_timeout_s,
-                 "hptctl up: agents ready", poll_s=0.05)
+        try:
+            wait_for(lambda: out.ready or proc.poll() is not None, ready_timeout_s,
+                     "hptctl up: agents ready", poll_s=0.05)
+        except TimeoutError:
+            pass  # out.ready stays False: the caller says so; stop it all the same
         proc.send_signal(signal.SIGINT)
         out.returncode = proc.wait(timeout=60)
     finally:

@@ -25,10 +25,9 @@ import grpc
 import pytest
 from click.testing import CliRunner
 
-from hpt import _daemons
 from hpt import client as hc
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
-from hpt.cli import main
+from hpt.cli import boot, main
 
 T0 = 1_700_000_000.0
 
@@ -692,17 +691,17 @@ def test_control_plane_stops_and_reaps_its_agents_on_sigterm(monkeypatch) -> Non
     from hpt.controller.config import ControllerConfig
 
     procs: list[subprocess.Popen] = []
-    real_spawn = _daemons.spawn
+    real_spawn = boot.spawn
 
     def spawn(argv, **kw):
         procs.append(real_spawn(argv, **kw))
         return procs[-1]
 
-    monkeypatch.setattr(_daemons, "spawn", spawn)
+    monkeypatch.setattr(boot, "spawn", spawn)
     # The "agent" tells its parent to stop, then waits to be stopped.
     agent = "import os, signal, time; os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"
     previous = signal.getsignal(signal.SIGTERM)
-    _daemons.run_control_plane(
+    boot.run_control_plane(
         ControllerConfig(port=0),
         num_agents=1,
         agent_argv=lambda addr, i: [sys.executable, "-c", agent],
@@ -714,11 +713,11 @@ def test_control_plane_stops_and_reaps_its_agents_on_sigterm(monkeypatch) -> Non
 
 def test_stop_processes_escalates_to_sigkill_and_reaps() -> None:
     code = "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); signal.pause()"  # noqa: E501
-    proc = _daemons.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    proc = boot.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 30)
         assert ready and proc.stdout.readline() == b"ready\n"
-        _daemons.stop_processes([proc], grace_s=0.2)
+        boot.stop_processes([proc], grace_s=0.2)
         assert proc.returncode == -signal.SIGKILL
     finally:
         if proc.poll() is None:
@@ -791,9 +790,9 @@ def _demo_view(pid: int, step: int | None = 12, state: str = "RUNNING") -> dict:
 
 
 def test_demo_kills_rank_1_only_once_every_rank_reached_the_step() -> None:
-    from hpt import _demo
+    from hpt.cli import demo as _demo
 
-    proc = _daemons.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = boot.spawn([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert _demo._maybe_kill(_demo_view(proc.pid, step=11), kill_at=12) is None
         assert _demo._maybe_kill(_demo_view(proc.pid, step=None), kill_at=12) is None
@@ -813,7 +812,7 @@ def test_demo_summary_reports_the_fault_and_the_recovery(server) -> None:
 
     from rich.console import Console
 
-    from hpt import _demo
+    from hpt.cli import demo as _demo
 
     addr, fake = server
     fake.job_states = [common_pb2.JOB_STATE_SUCCEEDED]

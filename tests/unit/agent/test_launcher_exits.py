@@ -113,3 +113,26 @@ def test_an_exit_code_the_finished_script_chose_stays_a_failure(launcher, tmp_pa
     go.touch()
     wait_ended(proc)
     assert proc.phase == RankPhase.FAILED and proc.exit_code == 3
+
+
+def test_fence_kills_an_older_attempt_that_ignores_sigterm_and_returns_once_it_is_gone(
+        launcher, tmp_path):
+    # A Lightning rank turns SIGTERM into a graceful stop that keeps running hooks (and saving
+    # snapshots); the agent reads the old snapshots for the next attempt only after fence().
+    ready = tmp_path / "ready"
+    script = ("import pathlib, signal, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              f"pathlib.Path({str(ready)!r}).touch()\n"
+              "while True: time.sleep(0.05)\n")
+    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", script), env={},
+                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
+                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    (old,) = launcher.launch(spec)
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while not ready.exists():
+        assert time.monotonic() < deadline, "rank did not start"
+        tick.wait(0.02)
+    launcher.stop("j", 1, grace_s=30.0, reason="attempt failed")  # SIGTERM, ignored
+    launcher.fence("j", 2, timeout_s=30.0)
+    assert old.proc.poll() is not None, "fence returned while the old rank still ran"

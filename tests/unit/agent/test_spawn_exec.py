@@ -29,7 +29,7 @@ _SPAWNER = (
     "child = Spawner().popen([sys.executable, '-c', 'import time; time.sleep(0.2)'])\n"
 )
 _DAEMONS = (
-    "from hpt._daemons import spawn\n"
+    "from hpt.cli.boot import spawn\n"
     "child = spawn([sys.executable, '-c', 'import time; time.sleep(0.2)'])\n"
 )
 

@@ -21,8 +21,11 @@ def make(settle_s: float = 0.0) -> tuple[Detection, list]:
     return det, events
 
 
-def hang(rank: int, node: str, reason: str, states: str = "") -> agent_pb2.Finding:
+def hang(rank: int, node: str, reason: str, states: str = "",
+         culprit: int = agent_pb2.HANG_CULPRIT_SILENT_LONGEST) -> agent_pb2.Finding:
+    """An agent's hang report; the controller reads ``culprit``, the evidence is for people."""
     return agent_pb2.Finding(
+        culprit=culprit,
         kind="hang",
         job_id="j",
         attempt=1,
@@ -55,7 +58,8 @@ def beat(*findings: agent_pb2.Finding, colls=()) -> agent_pb2.Heartbeat:  # type
 def test_a_stopped_rank_reported_by_one_node_wins_over_the_other_nodes_guess():
     det, events = make()
     det.on_heartbeat("node-0", beat(hang(0, "node-0", "it has been silent longest")))
-    det.on_heartbeat("node-1", beat(hang(2, "node-1", "its process is stopped", "2:T,3:S")))
+    det.on_heartbeat("node-1", beat(hang(2, "node-1", "its process is stopped", "2:T,3:S",
+                                              agent_pb2.HANG_CULPRIT_STOPPED)))
     fault = det.pending_fault("j", 1, {"node-0", "node-1"}, now=time.time())
     assert fault is not None and fault.kind is FaultKind.HANG
     assert (fault.rank, fault.node, fault.classification) == (2, "node-1", FaultClass.INFRA)
@@ -76,7 +80,8 @@ def test_the_rank_missing_from_the_stuck_collective_is_the_culprit():
 
 def test_the_fault_waits_for_every_running_node_until_the_settle_time_and_is_taken_once():
     det, _ = make(settle_s=60.0)
-    det.on_heartbeat("node-0", beat(hang(1, "node-0", "it is in no collective while ...")))
+    det.on_heartbeat("node-0", beat(hang(1, "node-0", "it is in no collective while ...",
+                                              culprit=agent_pb2.HANG_CULPRIT_OUTSIDE_COLLECTIVE)))
     assert det.pending_fault("j", 1, {"node-0", "node-1"}, now=time.time()) is None
     fault = det.pending_fault("j", 1, {"node-0"}, now=time.time())
     assert fault is not None and fault.rank == 1

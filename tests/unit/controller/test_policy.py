@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from hpt.controller.model import Fault, FaultKind, Job, JobSpec
-from hpt.controller.policy import Action, decide_after_fault, decide_placement
+from hpt.controller.decide import Fail, Restart, View, decide
+from hpt.controller.model import Attempt, Fault, FaultKind, Job, JobSpec, JobState, Rank
+from hpt.controller.policy import Action, decide_placement
 from hpt.controller.scheduler import Capacity, place
 
 
@@ -32,17 +33,26 @@ def test_place_takes_at_most_max_nodes():
     assert place(caps, procs_per_node=2, min_nodes=1, max_nodes=3) == ["a", "b", "c"]
 
 
+def _running(j: Job) -> Job:
+    j.state = JobState.RUNNING
+    j.attempts.append(Attempt(number=1, nodes=["n1"], master_addr="h", master_port=1,
+                              world_size=1, ranks=[Rank(rank=0, local_rank=0, node="n1")]))
+    return j
+
+
 def test_fault_with_restarts_left_is_not_a_failure():
-    assert decide_after_fault(job(max_restarts=1), fault()) is None
+    decisions = decide(_running(job(max_restarts=1)), View(mono=0.0, fault=fault()), 0.0)
+    assert isinstance(decisions[-1], Restart)
+    assert not any(isinstance(d, Fail) for d in decisions)
 
 
 def test_fault_after_max_restarts_fails_with_root_cause_in_reason():
-    j = job(max_restarts=2)
+    j = _running(job(max_restarts=2))
     j.restarts = 2
-    decision = decide_after_fault(j, fault())
-    assert decision is not None and decision.action == Action.FAIL
-    assert "max_restarts (2) reached" in decision.reason
-    assert "rank 3 on n1" in decision.reason and "ValueError: boom" in decision.reason
+    decision = decide(j, View(mono=0.0, fault=fault()), 0.0)[-1]
+    assert isinstance(decision, Fail)
+    assert "max_restarts (2) reached" in decision.message
+    assert "rank 3 on n1" in decision.message and "ValueError: boom" in decision.message
 
 
 def test_enough_nodes_restarts_on_all_of_them():

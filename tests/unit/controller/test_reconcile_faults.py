@@ -85,8 +85,10 @@ def running_job(spec: JobSpec, clock=time.time) -> tuple[reconcile.Reconciler, s
 
 def test_cancel_with_its_own_grace_is_not_cut_short_by_the_job_default(mono):
     rec, job_id, link = running_job(JobSpec(command=("python", "x.py"), procs_per_node=2))
-    rec.cancel(job_id, grace_s=30.0)
-    assert [c.grace_s for c in link.stops()] == [30.0]
+    applied = rec.cancel(job_id, grace_s=30.0)  # queued: the next pass applies it
+    assert link.stops() == [] and not applied.is_set()
+    rec.reconcile_once()
+    assert applied.is_set() and [c.grace_s for c in link.stops()] == [30.0]
     # Past the job's stop_grace_s (5 s) + 5 s, well within the cancel's 30 s: no SIGKILL resend.
     start = mono.t
     beat_until(rec, mono, start + 12.0)
@@ -104,6 +106,7 @@ def test_a_hung_attempt_is_stopped_without_grace(mono):
         message="rank 1 (node-0) made no progress", silent_since=time.time() - 6,
         detected_at=time.time(),
         evidence={"culprit_reason": "its process is stopped (state T)", "proc_states": "1:T"},
+        culprit=agent_pb2.HANG_CULPRIT_STOPPED,
     )
     rec.detection.on_heartbeat("node-0", agent_pb2.Heartbeat(findings=[finding]))
     rec.reconcile_once()

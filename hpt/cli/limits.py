@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from hpt.cli.common import given
+
 _OPTIONS: dict[str, str] = {
     "keep_finished": "keep_finished_jobs",
     "keep_finished_for": "keep_finished_s",
@@ -33,7 +35,7 @@ def limit_options(f: Callable[..., Any]) -> Callable[..., Any]:
                   help="Concurrent 'logs -f'/'events -f' streams; more are refused [default: 32].")
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        limits = {cfg: kwargs.pop(opt) for opt, cfg in _OPTIONS.items()}
-        return f(*args, limits={k: v for k, v in limits.items() if v is not None}, **kwargs)
+        limits = given(**{cfg: kwargs.pop(opt) for opt, cfg in _OPTIONS.items()})
+        return f(*args, limits=limits, **kwargs)
 
     return wrapper

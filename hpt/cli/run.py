@@ -9,27 +9,18 @@ status: 0 when it succeeded, 1 otherwise (the reason on stderr). Ctrl-C cancels 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 import grpc
 
-from hpt import _daemons
 from hpt import client as hc
-from hpt._cli_util import CliError, rpc_error
-from hpt._proto import common_pb2
+from hpt.cli import boot
+from hpt.cli.common import CliError, parse_env, rpc_error
+from hpt.cli.local import LocalCluster
 
-READY_TIMEOUT_S = 60.0
-"""How long the local cluster may take until its agent is READY."""
-CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
 _POLL_S = 0.2
 _PROGRESS_EVERY_S = 2.0
 _LOG_DRAIN_S = 5.0
@@ -43,29 +34,16 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
     Raises:
         CliError: the cluster did not come up, an RPC failed, or the job did not succeed.
     """
-    run_dir = Path(tempfile.mkdtemp(prefix="hpt-run-"))
-    log_path = run_dir / "cluster.log"
-    port = _daemons.free_port()
-    addr = f"127.0.0.1:{port}"
-    # the cluster requires a client token like any other (hptctl up): this run's own
-    token = secrets.token_urlsafe(32)
-    token_file = run_dir / "token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token + "\n")
-    argv = [sys.executable, "-m", "hpt.cli", "up", "--agents", "1", "--port", str(port),
-            "--slots", str(procs), "--token-file", str(token_file)]
+    cluster = LocalCluster(prefix="hpt-run-", agents=1, slots=procs)
     interrupted = threading.Event()
-    restore = _daemons.install_stop_handlers(lambda signum: interrupted.set())
-    cluster: subprocess.Popen[bytes] | None = None
+    restore = boot.install_stop_handlers(lambda signum: interrupted.set())
     final: dict[str, Any] | None = None
     job_id = ""
     try:
-        with open(log_path, "wb") as log_file:
-            cluster = _daemons.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        click.echo(f"hpt: local cluster on {addr} (log {log_path})", err=True)
-        with hc.JobClient.connect(addr, token=token) as client:
-            _wait_ready(client, cluster, log_path, interrupted)
+        cluster.start()
+        click.echo(f"hpt: local cluster on {cluster.addr} (log {cluster.log_path})", err=True)
+        with cluster.connect() as client:
+            cluster.wait_ready(client, stop=interrupted)
             job_id = client.submit(command=list(command), nodes=1, procs_per_node=procs,
                                    max_restarts=max_restarts, env=env, name="run",
                                    workdir=os.getcwd())
@@ -76,39 +54,18 @@ def run(*, command: tuple[str, ...], procs: int, max_restarts: int, env: dict[st
             final = _follow(client, job_id, interrupted)
             printer.join(timeout=_LOG_DRAIN_S)
     except grpc.RpcError as e:
-        raise rpc_error(e, addr) from None
+        raise rpc_error(e, cluster.addr) from None
     finally:
-        with _daemons.signals_ignored():
-            if cluster is not None:
-                _daemons.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
+        with boot.signals_ignored():
+            cluster.stop()
         restore()
     if final is None or final["state"] != "SUCCEEDED":
         state = final["state"] if final else "not started"
         reason = (final or {}).get("reason") or "no reason given"
-        raise CliError(f"job {job_id or '-'} {state}: {reason}; cluster log: {log_path}")
+        raise CliError(f"job {job_id or '-'} {state}: {reason}; cluster log: {cluster.log_path}")
     click.echo(f"hpt: job {job_id} SUCCEEDED after {final['restarts']} restart(s)", err=True)
     if not keep_dir:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _wait_ready(client: hc.JobClient, cluster: subprocess.Popen[bytes], log_path: Path,
-                interrupted: threading.Event) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not interrupted.is_set():
-        if cluster.poll() is not None:
-            raise CliError(f"the local cluster exited with code {cluster.returncode} before its "
-                           f"agent was ready; see {log_path}")
-        try:
-            if any(n.state == common_pb2.NODE_STATE_READY for n in client.nodes()):
-                return
-        except grpc.RpcError as e:
-            if e.code() is not grpc.StatusCode.UNAVAILABLE:
-                raise
-        if time.monotonic() > deadline:
-            raise CliError(f"the local agent was not READY after {READY_TIMEOUT_S:.0f} s; "
-                           f"see {log_path}")
-        interrupted.wait(_POLL_S)
-    raise CliError("interrupted")
+        cluster.remove()
 
 
 def _print_logs(client: hc.JobClient, job_id: str) -> None:
@@ -153,18 +110,12 @@ def _follow(client: hc.JobClient, job_id: str, interrupted: threading.Event) -> 
               type=click.IntRange(min=1), default=1, show_default=True, help="Ranks to run.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Restarts after a fault before the job fails.")
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
+@click.option("--env", "env", multiple=True, callback=parse_env, metavar="KEY=VALUE",
               help="Environment variable for every rank (repeatable).")
 @click.option("--keep-dir", is_flag=True, help="Keep the cluster's log directory on success.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED,
                 metavar="-- CMD [ARGS]...")
-def run_command(procs: int, max_restarts: int, env: tuple[str, ...], keep_dir: bool,
+def run_command(procs: int, max_restarts: int, env: dict[str, str], keep_dir: bool,
                 command: tuple[str, ...]) -> None:
     """Run CMD as PROCS ranks on a throw-away local cluster; exit with the job's status."""
-    pairs = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"({item!r}) must be KEY=VALUE", param_hint="'--env'")
-        pairs[key] = value
-    run(command=command, procs=procs, max_restarts=max_restarts, env=pairs, keep_dir=keep_dir)
+    run(command=command, procs=procs, max_restarts=max_restarts, env=env, keep_dir=keep_dir)

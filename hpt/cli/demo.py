@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import grpc
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from hpt import _daemons
 from hpt import client as hc
-from hpt._cli_util import (
-    CliError,
+from hpt._proto import common_pb2
+from hpt.cli import boot
+from hpt.cli.common import CliError, rpc_error
+from hpt.cli.local import LocalCluster
+from hpt.cli.render import (
     cell,
     clock,
     console,
@@ -39,23 +37,14 @@ from hpt._cli_util import (
     event_line,
     fault_what,
     fault_where,
-    rpc_error,
     table,
 )
-from hpt._proto import common_pb2
 
-READY_TIMEOUT_S = 240.0
-"""How long the local cluster may take until every agent is READY: each agent's health check
-and warm interpreters import torch, ~2 s each on an idle machine, over a minute on a loaded
-2-core one (measured: 60 s was not enough at load 19)."""
 JOB_TIMEOUT_S = 600.0
 """The demo job is cancelled when it has not ended after this long."""
 WARM_WAIT_S = 60.0
-CLUSTER_STOP_GRACE_S = _daemons.AGENT_STOP_GRACE_S + 15.0
-"""``hptctl up`` stops its agents and controller within this after SIGTERM."""
 _REFRESH_S = 0.2
 _PLAIN_PROGRESS_S = 1.0
-_LOG_TAIL_BYTES = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +63,7 @@ def find_script(script: str) -> str | None:
     if path.is_file():
         return str(path.resolve())
     if not path.is_absolute():
-        in_repo = Path(__file__).resolve().parent.parent / path
+        in_repo = Path(__file__).resolve().parents[2] / path
         if in_repo.is_file():
             return str(in_repo)
     return None
@@ -89,32 +78,15 @@ def run(
         CliError: the cluster did not come up, an RPC failed, or the job did not recover.
     """
     out = console()
-    run_dir = Path(tempfile.mkdtemp(prefix="hpt-demo-"))
-    log_path = run_dir / "cluster.log"
-    port = _daemons.free_port()
-    addr = f"127.0.0.1:{port}"
-    argv = [
-        sys.executable,
-        "-m",
-        "hpt.cli",
-        "up",
-        "--agents",
-        str(num_agents),
-        "--port",
-        str(port),
-        "--slots",
-        str(procs),
-    ]
-    restore = _daemons.install_stop_handlers(_interrupt)
-    cluster: subprocess.Popen[bytes] | None = None
+    cluster = LocalCluster(prefix="hpt-demo-", agents=num_agents, slots=procs)
+    restore = boot.install_stop_handlers(_interrupt)
     ok = False
     try:
-        with open(log_path, "wb") as log_file:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            cluster = _daemons.spawn(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        _say(out, f"local cluster: controller on {addr}, {num_agents} agents (log: {log_path})")
-        with hc.JobClient.connect(addr) as client:
-            _wait_ready(client, cluster, num_agents, log_path)
+        cluster.start()
+        _say(out, f"local cluster: controller on {cluster.addr}, {num_agents} agents "
+                  f"(log: {cluster.log_path})")
+        with cluster.connect() as client:
+            cluster.wait_ready(client)
             _wait_warm(client, procs)
             command = [sys.executable, script, "--steps", str(steps)]
             start = time.monotonic()
@@ -134,23 +106,23 @@ def run(
             kill = _watch(client, job_id, kill_at, out, start, procs)
             ok = _summary(client, job_id, kill, out, time.monotonic() - start)
     except grpc.RpcError as e:
-        raise rpc_error(e, addr) from None
+        raise rpc_error(e, cluster.addr) from None
     finally:
-        with _daemons.signals_ignored():
-            if cluster is not None and keep and cluster.poll() is None:
+        with boot.signals_ignored():
+            if keep and cluster.proc is not None and cluster.proc.poll() is None:
                 _say(
                     out,
-                    f"the cluster keeps running: export HPT_CONTROLLER={addr}; "
-                    f"stop it with: kill {cluster.pid}",
+                    f"the cluster keeps running: export HPT_CONTROLLER={cluster.addr} "
+                    f"HPT_TOKEN_FILE={cluster.token_file}; stop it with: kill {cluster.proc.pid}",
                 )
-            elif cluster is not None:
+            else:
                 _say(out, "stopping the local cluster")
-                _daemons.stop_processes([cluster], grace_s=CLUSTER_STOP_GRACE_S)
+                cluster.stop()
         restore()
     if not ok:
-        raise CliError(f"the job did not recover as expected; cluster log: {log_path}")
+        raise CliError(f"the job did not recover as expected; cluster log: {cluster.log_path}")
     if not keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        cluster.remove()
 
 
 def _interrupt(signum: int) -> None:
@@ -160,45 +132,6 @@ def _interrupt(signum: int) -> None:
 
 def _say(out: Console, message: str) -> None:
     out.print(Text(message))
-
-
-def _log_tail(log_path: Path) -> str:
-    with contextlib.suppress(OSError), open(log_path, "rb") as f:
-        f.seek(max(0, log_path.stat().st_size - _LOG_TAIL_BYTES))
-        return f.read().decode("utf-8", "replace").strip()
-    return ""
-
-
-def _wait_ready(
-    client: hc.JobClient, cluster: subprocess.Popen[bytes], num_agents: int, log_path: Path
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    pause = threading.Event()
-    said = False
-    while True:
-        if cluster.poll() is not None:
-            raise CliError(
-                f"the local cluster exited with code {cluster.returncode} before its agents were "
-                f"ready; log {log_path}: {_log_tail(log_path)}"
-            )
-        ready = 0
-        try:
-            ready = sum(n.state == common_pb2.NODE_STATE_READY for n in client.nodes())
-        except grpc.RpcError as e:
-            if e.code() is not grpc.StatusCode.UNAVAILABLE:
-                raise
-        if ready >= num_agents:
-            return
-        if not said and time.monotonic() > deadline - READY_TIMEOUT_S + 10.0:
-            said = True
-            click.echo(f"waiting for the agents ({ready} of {num_agents} READY): each runs a "
-                       "health check and imports torch first", err=True)
-        if time.monotonic() > deadline:
-            raise CliError(
-                f"{ready} of {num_agents} agents READY after {READY_TIMEOUT_S:.0f} s; "
-                f"see {log_path}"
-            )
-        pause.wait(_REFRESH_S)
 
 
 def _maybe_kill(d: dict[str, Any], kill_at: int) -> _Kill | None:

@@ -2,8 +2,9 @@
 processes, signal handling, and stopping and reaping every process started here.
 
 ``hptctl up`` and ``hptctl controller`` call :func:`run_control_plane`; ``hptctl agent`` calls
-:func:`run_agent`; :mod:`hpt._demo` uses the process helpers. The controller and agent classes are
-imported inside the functions so that ``hptctl --help`` works without loading them.
+:func:`run_agent`; :mod:`hpt.cli.demo` and :mod:`hpt.cli.run` use the process helpers. The
+controller and agent classes are imported inside the functions so that ``hptctl --help`` works
+without loading them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import click
 
 from hpt import _pdeathsig
-from hpt._cli_util import EXIT_USAGE, CliError
+from hpt.cli.common import EXIT_USAGE, CliError
 
 AGENT_STOP_GRACE_S = 20.0
 """SIGTERM to SIGKILL for an agent: it stops its own ranks first (their grace is 5 s)."""

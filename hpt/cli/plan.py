@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from hpt.cli.common import given
 from hpt.monitor import goodput as gp
 
 
@@ -70,17 +71,9 @@ def plan(gpus: int | None, gpus_per_node: int | None, inputs_path: str | None,
     16,384 GPUs) and hpt's costs from docs/benchmarks.md."""
     try:
         inputs = gp.inputs_from_mapping(_load(inputs_path)) if inputs_path else gp.Inputs()
-        flags: dict[str, Any] = {}
-        if gpus is not None:
-            flags["gpus"] = gpus
-        if gpus_per_node is not None:
-            flags["gpus_per_node"] = gpus_per_node
-        if snapshot_interval is not None:
-            flags["snapshot_interval_s"] = snapshot_interval
-        if persist_interval is not None:
-            flags["persist_interval_s"] = persist_interval
-        if redundancy is not None:
-            flags["redundancy"] = redundancy
+        flags = given(gpus=gpus, gpus_per_node=gpus_per_node,
+                      snapshot_interval_s=snapshot_interval,
+                      persist_interval_s=persist_interval, redundancy=redundancy)
         inputs = replace(inputs, **flags)
         scenarios = [("hpt", inputs)]
         if torchrun_minutes is not None:

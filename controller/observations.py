@@ -1,0 +1,84 @@
+"""What RPC handlers tell the control loop: observations, queued, applied by the next pass.
+
+An RPC handler (a user's cancel, an agent's report of the pieces it holds, of a restore it
+could not do, of its stream closing) builds one of the records below and puts it in the
+:class:`Inbox`; it changes no state itself. Each pass of the loop (``reconcile.py``) first takes
+every queued observation and applies it, then decides (``decide.py``) and acts. A caller that
+needs to answer after the effect (``CancelJob`` returns the job as cancelling) waits on the
+observation's ``applied`` event with a deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CancelRequested:
+    job_id: str
+    grace_s: float | None
+    """Seconds between SIGTERM and SIGKILL; None: the job's ``stop_grace_s``."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RestoreFailed:
+    """An agent could not put ``step`` in place: never choose it again for this job."""
+
+    job_id: str
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PiecesHeld:
+    """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step, bytes)."""
+
+    node: str
+    pieces: tuple[tuple[str, int, int, int, int], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Disconnected:
+    """The agent stream ``link`` of ``node`` ended at ``at`` (this process's monotonic clock)."""
+
+    node: str
+    link: Any
+    at: float
+
+
+Observation = CancelRequested | RestoreFailed | PiecesHeld | Disconnected
+
+
+@dataclass(slots=True)
+class Queued:
+    observation: Observation
+    applied: threading.Event = field(default_factory=threading.Event)
+    """Set by the pass that applied the observation."""
+
+
+class Inbox:
+    """Observations in arrival order; thread-safe. Never blocks a handler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[Queued] = deque()
+
+    def put(self, observation: Observation) -> threading.Event:
+        """Queue ``observation``; returns the event the applying pass sets."""
+        queued = Queued(observation)
+        with self._lock:
+            self._queue.append(queued)
+        return queued.applied
+
+    def take(self) -> list[Queued]:
+        """Everything queued so far, oldest first (the pass sets ``applied`` once done)."""
+        with self._lock:
+            out = list(self._queue)
+            self._queue.clear()
+        return out
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._queue)

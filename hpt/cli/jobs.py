@@ -1,0 +1,449 @@
+"""``hptctl``'s client commands: ``submit``, ``ls``, ``status``, ``describe``, ``logs``,
+``cancel``, ``ckpt ls``, ``nodes`` and ``events``. Each opens a client (:mod:`hpt.client`) from
+the connection options, makes its RPCs and renders the answer (:mod:`hpt.cli.render`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+from rich.text import Text
+
+from hpt import client as hc
+from hpt.cli.common import (
+    CliError,
+    Conn,
+    client_options,
+    output_option,
+    parse_env,
+    session,
+    wait_for_job,
+)
+from hpt.cli.render import (
+    age,
+    attempts_table,
+    cell,
+    clock,
+    console,
+    echo_json,
+    event_line,
+    fault_what,
+    fault_where,
+    faults_table,
+    history_table,
+    kv_table,
+    ranks_table,
+    status_rows,
+    table,
+)
+from hpt.controller.model import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
+
+_CANCEL_MARGIN_S = 30.0
+"""``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
+_DEFAULT_STOP_GRACE_S = 5.0
+
+
+def _no_checkpoints(job: Any) -> str:
+    """What ``ckpt ls`` says instead of an empty table."""
+    state = hc.job_state_name(job.state)
+    disk = (f"nothing persisted yet under {job.spec.persist_dir}" if job.spec.persist_dir else
+            "none: submit with --persist-dir DIR --persist-every N to keep checkpoints on disk")
+    if state in hc.TERMINAL_JOB_STATES:
+        return (f"job {job.id} is {state}: its in-memory snapshots were freed when it ended; "
+                f"persisted checkpoints: {disk}")
+    return f"job {job.id} is {state}: no snapshot yet; persisted checkpoints: {disk}"
+
+
+def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int | None]:
+    """``N`` -> (N, None); ``MIN:MAX`` -> (MAX, MIN) (torchrun's elastic range)."""
+    lo, sep, hi = str(value).partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} must be N or MIN:MAX", ctx, param) from None
+    if low < 0 or high < low:
+        raise click.BadParameter(f"{value!r} needs 0 <= MIN <= MAX", ctx, param)
+    if not 1 <= high <= MAX_NODES:
+        raise click.BadParameter(f"{value!r}: nodes must be in 1..{MAX_NODES}", ctx, param)
+    return high, (low if sep else None)
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-n",
+    "--nodes",
+    "--nnodes",
+    "nodes",
+    default="1",
+    show_default=True,
+    callback=_parse_nodes,
+    metavar="N|MIN:MAX",
+    help=f"Nodes to run on (1..{MAX_NODES}); MIN:MAX shrinks to MIN after faults and grows "
+    "back to MAX.",
+)
+@click.option(
+    "-p",
+    "--procs-per-node",
+    "--nproc-per-node",
+    "--nproc_per_node",
+    "procs_per_node",
+    type=click.IntRange(1, MAX_PROCS_PER_NODE),
+    default=1,
+    show_default=True,
+    help="Ranks per node.",
+)
+@click.option(
+    "--min-nodes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Fewest nodes to continue on after a fault [default: NODES].",
+)
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0, max=MAX_RESTARTS),
+    default=3,
+    show_default=True,
+    help="Restarts after a fault before the job fails.",
+)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    callback=parse_env,
+    metavar="KEY=VALUE",
+    help="Environment variable for every rank (repeatable).",
+)
+@click.option("--name", default="", help="Job name.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Working directory of the ranks [default: current directory].",
+)
+@click.option(
+    "--node-wait",
+    type=float,
+    default=None,
+    help="Seconds to wait for enough nodes [default: 300].",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=None,
+    help="Seconds between SIGTERM and SIGKILL when stopping ranks [default: 5].",
+)
+@click.option(
+    "--persist-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory the agents persist snapshots to (DCP format + verified manifest).",
+)
+@click.option(
+    "--persist-every",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Persist every Nth complete snapshot (needs --persist-dir) [default: never].",
+)
+@click.option(
+    "--keep-persisted",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Persisted checkpoints kept per rank [default: 3].",
+)
+@click.option(
+    "--straggler-restart-after",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
+    "report only].",
+)
+@click.option(
+    "--hang-timeout",
+    type=click.FloatRange(min=0, max=7 * 24 * 3600.0),
+    default=0.0,
+    help="Seconds without progress (a step, a section's end) after which a rank is hung, also "
+    "for a script without hpt hooks; before the first step S or the 300 s start-up deadline, "
+    "whichever is longer [default: 0, automatic: 10 x the median step, at least 5 s, and only "
+    "once the script reports steps].",
+)
+@click.option(
+    "--redundancy",
+    default="",
+    metavar="K+M",
+    help="Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, or "
+    "'off' [default: M=1, K from the node count; 2 nodes: a mirror].",
+)
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
+@click.argument(
+    "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
+)
+@client_options
+def submit(
+    conn: Conn,
+    nodes: tuple[int, int | None],
+    procs_per_node: int,
+    min_nodes: int | None,
+    max_restarts: int,
+    env: dict[str, str],
+    name: str,
+    workdir: str | None,
+    node_wait: float | None,
+    grace: float | None,
+    persist_dir: str | None,
+    persist_every: int,
+    keep_persisted: int,
+    straggler_restart_after: int,
+    hang_timeout: float,
+    redundancy: str,
+    wait: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
+    max_nodes, range_min = nodes
+    if range_min is not None and min_nodes is not None:
+        raise click.UsageError("give --nodes MIN:MAX or --min-nodes, not both")
+    with session(conn) as client:
+        job_id = client.submit(
+            command=command,
+            nodes=max_nodes,
+            procs_per_node=procs_per_node,
+            min_nodes=range_min if range_min is not None else min_nodes,
+            max_restarts=max_restarts,
+            env=env,
+            name=name,
+            workdir=os.path.abspath(workdir or os.getcwd()),
+            node_wait_timeout_s=node_wait,
+            stop_grace_s=grace,
+            persist_dir=os.path.abspath(persist_dir) if persist_dir else "",
+            persist_every=persist_every,
+            keep_persisted=keep_persisted,
+            straggler_restart_after=straggler_restart_after,
+            hang_timeout_s=hang_timeout,
+            redundancy=redundancy,
+        )
+        click.echo(job_id)
+        if not wait:
+            return
+        job = wait_for_job(client, job_id, on_change=_echo_progress)
+    d = hc.job_to_dict(job)
+    if d["state"] != "SUCCEEDED":
+        raise CliError(f"job {job_id} {d['state']}: {d['reason'] or 'no reason given'}")
+
+
+def _echo_progress(d: dict[str, Any]) -> None:
+    reason = f": {d['reason']}" if d["reason"] else ""
+    click.echo(
+        f"job {d['id']} {d['state']} (attempt {d['attempt']}, restarts {d['restarts']}, "
+        f"world size {d['world_size']}){reason}",
+        err=True,
+    )
+
+
+@click.command("ls")
+@output_option()
+@client_options
+def ls_(conn: Conn, output: str) -> None:
+    """List jobs."""
+    with session(conn) as client:
+        jobs = [hc.job_to_dict(j) for j in client.list()]
+    if output == "json":
+        echo_json(jobs)
+        return
+    t = table("ID", "NAME", "STATE", "ATTEMPT", "RESTARTS", "WORLD", "NODES", "AGE", "REASON")
+    for d in jobs:
+        t.add_row(
+            *map(cell, (d["id"], d["name"], d["state"], d["attempt"], d["restarts"])),
+            *map(cell, (d["world_size"], d["nodes"], age(d["created_at"]))),
+            cell(d["reason"]),
+        )
+    console().print(t)
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@output_option()
+@client_options
+def status(conn: Conn, job_id: str, output: str) -> None:
+    """Show the state of a job."""
+    with session(conn) as client:
+        d = hc.job_to_dict(client.get(job_id))
+    if output == "json":
+        echo_json(d)
+    else:
+        console().print(kv_table(status_rows(d)))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@output_option()
+@client_options
+def describe(conn: Conn, job_id: str, output: str) -> None:
+    """Show a job in detail: attempts, ranks, faults and history."""
+    with session(conn) as client:
+        d = hc.job_to_dict(client.get(job_id), detail=True)
+    if output == "json":
+        echo_json(d)
+        return
+    out = console()
+    spec = d["spec"]
+    rows = status_rows(d) + [
+        ("command", " ".join(spec["command"])),
+        (
+            "requested",
+            f"{spec['nodes']} nodes x {spec['procs_per_node']} procs "
+            f"(min {spec['min_nodes']} nodes, max {spec['max_restarts']} restarts)",
+        ),
+        ("workdir", spec["workdir"]),
+    ]
+    if d["root_cause"]:
+        rc = d["root_cause"]
+        rows.append(
+            ("root cause", f"{fault_what(rc)} ({fault_where(rc)}, {rc['classification'] or '-'})")
+        )
+    out.print(kv_table(rows, title="Job"))
+    sections = (
+        ("Attempts", d["attempts"], attempts_table),
+        (f"Ranks (attempt {d['attempt']})", d["ranks"], ranks_table),
+        ("Faults", d["faults"], faults_table),
+        ("History", d["history"], history_table),
+    )
+    for title, rows, render in sections:
+        out.print()
+        out.print(render(rows, title) if rows else Text(f"{title}: none"))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="Only this rank.")
+@output_option(
+    "text", "json",
+    help="Output format: the lines, or one JSON object per line (attempt, rank, stream, text).",
+)
+@client_options
+def logs(conn: Conn, job_id: str, follow: bool, rank: int | None, output: str) -> None:
+    """Print the output of a job's ranks."""
+    with session(conn) as client:
+        for line in client.logs(job_id, follow=follow, rank=rank):
+            text = line.text.removesuffix("\n")
+            if output == "json":
+                click.echo(json.dumps({"attempt": line.attempt, "rank": line.rank,
+                                       "stream": line.stream, "text": text}))
+            else:
+                click.echo(text if rank is not None else f"[rank {line.rank}] {text}")
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--grace",
+    type=float,
+    default=0.0,
+    help="Seconds between SIGTERM and SIGKILL [default: the job's].",
+)
+@client_options
+def cancel(conn: Conn, job_id: str, grace: float) -> None:
+    """Stop a job and wait until it reports CANCELLED."""
+    with session(conn) as client:
+        job = client.cancel(job_id, grace_s=grace)
+        grace_s = grace or job.spec.stop_grace_s or _DEFAULT_STOP_GRACE_S
+        job = wait_for_job(client, job_id, timeout_s=grace_s + _CANCEL_MARGIN_S)
+    state = hc.job_state_name(job.state)
+    if state == "CANCELLED":
+        click.echo(f"job {job_id} cancelled")
+    else:
+        click.echo(f"job {job_id} had already ended: {state}", err=True)
+
+
+@click.group()
+def ckpt() -> None:
+    """Snapshots and persisted checkpoints."""
+
+
+@ckpt.command("ls")
+@click.argument("job_id", metavar="JOB")
+@output_option()
+@client_options
+def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
+    """List a job's snapshots (memory) and persisted checkpoints (disk), newest first."""
+    with session(conn) as client:
+        job = client.get(job_id)
+    rows, protection = hc.checkpoints_of(job), hc.protection_of(job)
+    if output == "json":
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(_no_checkpoints(job))
+        return
+    t = table("STEP", "TIER", "SIZE", "STATE")
+    for d in rows:
+        size = f"{d['size_bytes'] / 2**20:.1f} MiB" if d["size_bytes"] else "-"
+        t.add_row(*map(cell, (d["step"], d["tier"], size, d["state"])))
+    console().print(t)
+    if protection:
+        p = protection
+        ratio = f"{p['memory_ratio']:.2f} x state" if p["memory_ratio"] else "-"
+        expected = f" (1 + m/k = {p['expected_ratio']:.2f})" if p["expected_ratio"] else ""
+        click.echo(f"protection {p['redundancy']}: per node {p['state_bytes_per_node'] / 2**20:.1f}"
+                   f" MiB state + {p['parity_bytes_per_node'] / 2**20:.1f} MiB parity per "
+                   f"generation = {ratio}{expected}")
+
+
+def _warn_store_degraded(store: Any) -> None:
+    if store.ByteSize() and not store.up:
+        click.echo(f"store: DEGRADED, down since {age(store.down_since or None)}: {store.error} "
+                   f"({store.pending_events} event(s) held in the controller's memory)", err=True)
+
+
+@click.command()
+@output_option()
+@client_options
+def nodes(conn: Conn, output: str) -> None:
+    """List the agents (nodes) and their state."""
+    with session(conn) as client:
+        listed, store = client.nodes_and_store()
+        found = [hc.node_to_dict(n) for n in listed]
+    _warn_store_degraded(store)
+    if output == "json":
+        echo_json(found)
+        return
+    t = table("NAME", "STATE", "ADDRESS", "SLOTS", "LAST SEEN", "REASON")
+    for n in found:
+        t.add_row(
+            *map(cell, (n["name"], n["state"], n["address"], n["slots"])),
+            cell(age(n["last_seen_at"])),
+            cell(n["reason"]),
+        )
+    console().print(t)
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming new events.")
+@click.option("--job", "job_id", metavar="JOB", default="", help="Only this job's events.")
+@output_option()
+@client_options
+def events(conn: Conn, follow: bool, job_id: str, output: str) -> None:
+    """Show the event log: submissions, launches, faults, restarts."""
+    with session(conn) as client:
+        stream = (hc.event_to_dict(e) for e in client.events(follow=follow, job_id=job_id))
+        if output == "json":
+            for e in stream:
+                click.echo(json.dumps(e))
+        elif follow:
+            for e in stream:
+                click.echo(event_line(e))
+        else:
+            t = table("SEQ", "AT", "KIND", "JOB", "ATTEMPT", "NODE", "RANK", "MESSAGE")
+            for e in stream:
+                t.add_row(
+                    *map(cell, (e["seq"], clock(e["at"]), e["kind"], e["job_id"])),
+                    *map(cell, (e["attempt"] or None, e["node"], e["rank"])),
+                    cell(e["message"]),
+                )
+            console().print(t)
+
+
+COMMANDS = (submit, ls_, status, describe, logs, cancel, ckpt, nodes, events)
