@@ -231,6 +231,9 @@ class Agent:
                     beat.start()
                 elif kind == "launch":
                     self._on_launch(msg.launch)
+                elif kind == "ack":
+                    self.protector.set_targets([(t.job_id, t.attempt, t.step)
+                                                for t in msg.ack.protect])
                 elif kind == "release":
                     self.protector.release(msg.release.job_id)
                     self.snapshots.release(msg.release.job_id)

@@ -364,6 +364,12 @@ class Reconciler(Observe, Execute):
         bytes). The next pass updates each attempt's protected steps."""
         self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
 
+    def protect_targets(self, node: str) -> list[tuple[str, int, int]]:
+        """(job, attempt, step) each protection round ``node`` takes part in builds now; sent
+        with every heartbeat ack (controller/rounds.py)."""
+        with self.lock:
+            return self.pieces.rounds.targets(self.jobs.values(), node)
+
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
         self.inbox.put(RestoreFailed(job_id=job_id, step=step))

@@ -514,15 +514,23 @@ class HeartbeatAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
+    PROTECT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    @_builtins.property
+    def protect(self) -> _containers.RepeatedCompositeFieldContainer[_checkpoint_pb2.ProtectTarget]:
+        """The step each protection round on this node builds now, one per protected attempt the
+        node takes part in: every parity holder protects exactly this step (controller/rounds.py).
+        """
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
+        protect: _abc.Iterable[_checkpoint_pb2.ProtectTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protect", b"protect", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
