@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from redis.retry import Retry
 
 from tests.faults.faults import FaultCluster
 from tests.faults.proxy import TcpProxy
-from tests.integration.cluster import ROOT, free_port, wait_for
+from tests.integration.cluster import ROOT, free_port, hpt_argv, wait_for
 
 # Agents' own hang detection and health check are not under test here; on a loaded machine they
 # trip deadlines and slow every start.
@@ -96,7 +95,7 @@ class ControlPlaneCluster(FaultCluster):
                 args += ["--metrics-port", str(self.metrics_port)]
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (the child keeps it)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            hpt_argv(args), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True, env=env,
         )
         log.close()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.integration.cluster import ROOT, LocalCluster, free_port
+from tests.integration.cluster import ROOT, LocalCluster, free_port, hpt_argv
 
 FAULTY = str(Path(__file__).resolve().parent / "bin" / "faulty_train.py")
 FINDING_KINDS = (
@@ -91,7 +90,7 @@ class FaultCluster(LocalCluster):
             args = [*args, "--metrics-port", str(self.metrics_port)]
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (the child keeps it)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpt.cli", *args],
+            hpt_argv(args),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hpt import _pdeathsig
 from hpt._proto import common_pb2
 from hpt.client import JobClient
 
@@ -112,7 +113,7 @@ class LocalCluster:
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         with open(self.workdir / log_name, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hpt.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                hpt_argv(args), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
             )
         self._all.append(proc)
@@ -272,6 +273,12 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def hpt_argv(args: list[str]) -> list[str]:
+    """``python -m hpt.cli ARGS`` that gets SIGTERM when the test process dies (a test run
+    killed from outside leaves no controller or agent behind)."""
+    return _pdeathsig.wrap([sys.executable, "-m", "hpt.cli", *args], signal.SIGTERM)
 
 
 def shm_files(names: set[str], pids: set[int]) -> list[Path]:

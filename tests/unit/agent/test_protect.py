@@ -297,6 +297,7 @@ def test_silently_stalled_transfer_is_cancelled_not_waited_out(cluster) -> None:
 def test_recovery_that_cannot_rebuild_keeps_the_step_and_reports_it(cluster) -> None:
     from hpt.agent.launcher import LaunchSpec
     from hpt.agent.recovery import Recovery
+    from hpt.jobspec import JobSpec
 
     nodes = cluster(3)
     for i, node in enumerate(nodes):
@@ -305,9 +306,9 @@ def test_recovery_that_cannot_rebuild_keeps_the_step_and_reports_it(cluster) -> 
     _protect_all(nodes, layout, 4)
     nodes[1].close()
     nodes[2].close()
-    spec = LaunchSpec(job_id=JOB, attempt=2, command=("python",), env={}, ranks=((1, 0),),
+    spec = LaunchSpec(job_id=JOB, attempt=2, job=JobSpec(command=("python",)), ranks=((1, 0),),
                       world_size=3, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=1, workdir="", node_rank=0, num_nodes=1, restore_step=4)
+                      master_port=1, node_rank=0, num_nodes=1, restore_step=4)
     got = Recovery(nodes[0].protector, nodes[0].keeper).prepare(
         spec, _plan(layout, 4, [1, 2], [1]))
     # never a silent fallback on one node: the ranks keep the step (and fail to find it)
@@ -321,15 +322,16 @@ def test_recovery_that_cannot_rebuild_keeps_the_step_and_reports_it(cluster) -> 
 def test_recovery_at_the_same_world_size_lists_the_ranks_own_shard(cluster) -> None:
     from hpt.agent.launcher import LaunchSpec
     from hpt.agent.recovery import Recovery
+    from hpt.jobspec import JobSpec
 
     nodes = cluster(3)
     for i, node in enumerate(nodes):
         node.save(i, 6, seed=50 + i)
     layout = _layout(nodes)
     _protect_all(nodes, layout, 6)
-    spec = LaunchSpec(job_id=JOB, attempt=2, command=("python",), env={}, ranks=((0, 0),),
+    spec = LaunchSpec(job_id=JOB, attempt=2, job=JobSpec(command=("python",)), ranks=((0, 0),),
                       world_size=3, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=1, workdir="", node_rank=0, num_nodes=3, restore_step=6)
+                      master_port=1, node_rank=0, num_nodes=3, restore_step=6)
     got = Recovery(nodes[0].protector, nodes[0].keeper).prepare(
         spec, _plan(layout, 6, [], [0]))
     shards = json.loads(got.restore_shards)
