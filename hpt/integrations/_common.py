@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import hpt
+from hpt._rank_protocol import Finished
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def beat(completed: int) -> None:
     completing a training step: the hang deadline counts from here, step timings are untouched."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
+        ctx.channel.step(completed)
 
 
 def finished() -> None:
@@ -32,7 +32,7 @@ def finished() -> None:
     (a trainer's teardown and the interpreter's exit can be silent for seconds)."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "finished"})
+        ctx.channel.send(Finished())
 
 
 class Sections:
