@@ -41,7 +41,7 @@ from hpt.agent.guard import Guard, kill_session
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
-from hpt.jobspec import JobSpec
+from hpt.jobspec import JobSpec, Placement
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,11 @@ class RankPhase:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LaunchSpec:
+class LaunchSpec(Placement):
     """One attempt's ranks on this node: the job's spec and this node's placement."""
 
-    job_id: str
-    attempt: int
     job: JobSpec
     """What to run and every per-job option, defaults applied (``hpt/jobspec.py``)."""
-    ranks: tuple[tuple[int, int], ...]
-    world_size: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    node_rank: int
-    num_nodes: int
-    restore_step: int = 0
     restore_shards: str = ""
     """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 

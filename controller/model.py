@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hpt.controller.elastic import ProtectionPlan
-from hpt.jobspec import JobSpec  # the spec is defined once, shared with agent and CLI
+from hpt.jobspec import JobSpec, Placement  # the spec is defined once, shared with agent and CLI
 
 
 class IllegalTransitionError(RuntimeError):
@@ -477,22 +477,10 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LaunchCommand:
+class LaunchCommand(Placement):
     """What one node runs of one attempt: the job's spec, whole, and this node's placement."""
 
-    job_id: str
-    attempt: int
     spec: JobSpec
-    ranks: tuple[tuple[int, int], ...]
-    """(rank, local_rank) pairs this node runs."""
-    world_size: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    node_rank: int
-    num_nodes: int
-    restore_step: int = 0
-    """Newest snapshot complete on every rank (0: start fresh)."""
     protection: ProtectionPlan | None = None
     """How this attempt's snapshots are protected across its nodes."""
     restore: RestoreCommand | None = None

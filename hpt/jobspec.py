@@ -361,3 +361,23 @@ def _is_repeated(desc: Any) -> bool:
 
 __all__ = ["JobSpec", "Bounds", "Option", "from_proto", "to_proto", "fill_proto",
            "submit_proto", "wire_values", "options", "parse_redundancy", "spec_field"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Placement:
+    """What one node runs of one attempt: its ranks and the attempt's world. The controller's
+    launch command (``controller/model.py``) and the agent's launch (``agent/launcher.py``) are
+    this plus the spec and what each side adds."""
+
+    job_id: str
+    attempt: int
+    ranks: tuple[tuple[int, int], ...]
+    """(rank, local_rank) pairs this node runs."""
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    node_rank: int
+    num_nodes: int
+    restore_step: int = 0
+    """Newest snapshot complete on every rank (0: start fresh)."""
