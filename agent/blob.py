@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hpt.agent import chunks
 from hpt.ckpt.checksum import RangeChecksum, verify
 from hpt.ckpt.errors import CkptError
 from hpt.ckpt.layout import ALIGN_BYTES, Layout
@@ -152,6 +153,14 @@ class NodeBlob:
         out = torch.empty(n, dtype=torch.uint8)
         self.read_into(start, out)
         return tensor_bytes(out)
+
+    def view(self, start: int, n: int) -> bytes | memoryview:
+        """Blob bytes [start, start + n) without a copy when the range lies in one rank's
+        buffer (a view of its shared memory, valid while this blob lives), else a copy."""
+        for base, buf in [(p.offset, p.snap.buffer) for p in self._parts]:
+            if base <= start and start + n <= base + buf.numel():
+                return chunks.shm_view(buf.data_ptr() + start - base, n)
+        return self.read_bytes(start, n)
 
     def verify(self) -> list[int]:
         """Ranks whose buffer no longer matches the checksums of its commit record."""

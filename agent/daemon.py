@@ -24,16 +24,26 @@ from typing import Any
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
-from hpt.agent import tls
+from hpt._rank_protocol import (
+    ErrorReason,
+    Exiting,
+    Hello,
+    RankEvent,
+    RankMessage,
+    SnapshotCommitted,
+    SnapshotDiscarded,
+    Step,
+)
+from hpt.agent import convert, tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
-from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase, RankProcess
+from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.agent.ownership import RUN_DIR_PREFIX, Ownership, sweep_dead_owners
 from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
 from hpt.agent.protect import Protector
 from hpt.agent.rank_socket import RankSocketServer
 from hpt.agent.recovery import Recovery
-from hpt.agent.snapshots import SnapshotKeeper, snapshot_message_fields
+from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 from hpt.agent.watch import AgentMonitoring, WatchConfig
@@ -41,7 +51,6 @@ from hpt.agent.watch import AgentMonitoring, WatchConfig
 log = logging.getLogger(__name__)
 
 _LOG_BYTES_PER_HEARTBEAT = 256 * 1024
-_RANK_EVENT_KINDS = frozenset({"checkpoint_skipped", "restored"})
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_CAP_S = 1.0
 _SILENT_RECONNECT_S = 3.0
@@ -50,7 +59,7 @@ a half-open connection) is cancelled and the next controller address is dialled,
 before the lease runs out and the ranks would be fenced."""
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Both directions of the controller stream; the controller's own limit is the same by default,
-and a launch is bounded by the job spec's size budget (``model.MAX_SPEC_BYTES``) far below it."""
+and a launch is bounded by the job spec's size budget (``jobspec.MAX_SPEC_BYTES``) far below it."""
 _SHM_DIR = "/dev/shm"
 _RANK_STATE = {
     RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
@@ -107,7 +116,8 @@ class Agent:
                                  agent_socket=self.socket_path, on_change=self._changed.set,
                                  spawner=self._spawner, snapshots=self.snapshots,
                                  warm_pool=self._warm, guard=self._guard)
-        self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message)
+        self._rank_socket = RankSocketServer(self.socket_path, self._on_rank_message,
+                                             on_error=self._on_rank_message_error)
         self.monitoring = AgentMonitoring(
             node=cfg.name, launcher=self.launcher, run_dir=self.run_dir,
             on_change=self._changed.set, cfg=WatchConfig(hang=cfg.hang),
@@ -221,6 +231,9 @@ class Agent:
                     beat.start()
                 elif kind == "launch":
                     self._on_launch(msg.launch)
+                elif kind == "ack":
+                    self.protector.set_targets([(t.job_id, t.attempt, t.step)
+                                                for t in msg.ack.protect])
                 elif kind == "release":
                     self.protector.release(msg.release.job_id)
                     self.snapshots.release(msg.release.job_id)
@@ -304,28 +317,11 @@ class Agent:
             self.launcher.reported(ranks)
 
     def _on_launch(self, msg: agent_pb2.Launch) -> None:
-        spec = LaunchSpec(
-            job_id=msg.job_id,
-            attempt=msg.attempt,
-            command=tuple(msg.command),
-            env=dict(msg.env),
-            ranks=tuple((r.rank, r.local_rank) for r in msg.ranks),
-            world_size=msg.world_size,
-            local_world_size=msg.local_world_size,
-            master_addr=msg.master_addr,
-            master_port=msg.master_port,
-            workdir=msg.workdir,
-            node_rank=msg.node_rank,
-            num_nodes=msg.num_nodes,
-            restore_step=msg.restore_step,
-            persist_dir=msg.persist_dir,
-            persist_every=msg.persist_every,
-            keep_persisted=msg.keep_persisted or 3,
-            hang_timeout_s=msg.hang_timeout_s,
-        )
-        if not spec.command or not spec.ranks:
-            log.error("[%s/%d/%s/-] launch without command or ranks refused", spec.job_id,
-                      spec.attempt, self.cfg.name)
+        try:
+            spec = convert.launch_from_proto(msg)
+        except ValueError as exc:
+            log.error("[%s/%d/%s/-] launch refused: %s", msg.job_id[:256], msg.attempt,
+                      self.cfg.name, exc)
             return
         # the old attempt's ranks are gone (they write the snapshots read next), and the old
         # snapshots this node's ranks need are in place (and verified) before they start
@@ -348,30 +344,23 @@ class Agent:
         report.status.snapshot_bytes = nbytes
         return report
 
-    def _on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
-        self.monitoring.on_rank_message(hello, msg)  # step, records, inflight
-        if msg["op"] in ("snapshot", "discard"):
-            step, generation, nbytes = snapshot_message_fields(msg)
-            if msg["op"] == "snapshot":
-                self.snapshots.committed(hello["job_id"], hello["rank"], step, generation, nbytes)
-                self.protector.notify()
-            else:
-                self.snapshots.discarded(hello["job_id"], hello["rank"], generation)
-            return
-        if msg["op"] == "event":
-            kind, text = msg.get("kind"), msg.get("message")
-            if kind not in _RANK_EVENT_KINDS or not isinstance(text, str):
-                raise ValueError(f"event.kind must be one of {sorted(_RANK_EVENT_KINDS)}")
-            self.snapshots.event(kind, hello["job_id"], hello["attempt"], hello["rank"], text)
-            return
-        if msg["op"] == "exiting":
-            self.launcher.script_finished(hello["job_id"], hello["attempt"], hello["rank"])
-            return
-        if msg["op"] == "step":
-            step, at = msg.get("step"), msg.get("at")
-            if not isinstance(step, int) or not isinstance(at, int | float):
-                raise ValueError("step.step must be an int and step.at a number")
-            self.launcher.record_step(hello["job_id"], hello["attempt"], hello["rank"], step, at)
+    def _on_rank_message(self, hello: Hello, msg: RankMessage) -> None:
+        self.monitoring.on_rank_message(hello, msg)  # step, records, inflight, sections
+        job_id, attempt, rank = hello.job_id, hello.attempt, hello.rank
+        if isinstance(msg, SnapshotCommitted):
+            self.snapshots.committed(job_id, rank, msg.step, msg.generation, msg.nbytes)
+            self.protector.notify()
+        elif isinstance(msg, SnapshotDiscarded):
+            self.snapshots.discarded(job_id, rank, msg.generation)
+        elif isinstance(msg, RankEvent):
+            self.snapshots.event(msg.kind.value, job_id, attempt, rank, msg.message)
+        elif isinstance(msg, Exiting):
+            self.launcher.script_finished(job_id, attempt, rank)
+        elif isinstance(msg, Step):
+            self.launcher.record_step(job_id, attempt, rank, msg.step, msg.at)
+
+    def _on_rank_message_error(self, reason: ErrorReason) -> None:
+        self.monitoring.rank_message_error(reason)
 
     def _fence_loop(self) -> None:
         while not self._stop.wait(0.2):

@@ -41,6 +41,7 @@ from hpt.agent.guard import Guard, kill_session
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
+from hpt.jobspec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,20 @@ class RankPhase:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LaunchSpec:
+    """One attempt's ranks on this node: the job's spec and this node's placement."""
+
     job_id: str
     attempt: int
-    command: tuple[str, ...]
-    env: dict[str, str]
+    job: JobSpec
+    """What to run and every per-job option, defaults applied (``hpt/jobspec.py``)."""
     ranks: tuple[tuple[int, int], ...]
     world_size: int
     local_world_size: int
     master_addr: str
     master_port: int
-    workdir: str
     node_rank: int
     num_nodes: int
     restore_step: int = 0
-    persist_dir: str = ""
-    persist_every: int = 0
-    keep_persisted: int = 3
-    hang_timeout_s: float = 0.0
     restore_shards: str = ""
     """HPT_RESTORE_SHARDS: the old snapshots of restore_step in this node's memory (JSON)."""
 
@@ -164,6 +162,41 @@ class LogOutbox:
             return out, dropped
 
 
+class RankLog:
+    """A rank's log file on this node, written by its stdout and stderr pumps together.
+
+    With ``max_bytes`` (the job's ``rank_log_max_bytes``; 0: no limit) the file stops growing
+    at the first line that would pass it, and one line says so: a rank printing in a loop
+    cannot fill the node's disk. The output still goes to the controller (``hptctl logs``).
+    """
+
+    def __init__(self, path: Path, max_bytes: int, *, writers: int) -> None:
+        self._file = open(path, "ab")  # noqa: SIM115  (closed by the last writer)
+        self._max = max_bytes
+        self._written = 0
+        self._cut = False
+        self._writers = writers
+        self._lock = threading.Lock()
+
+    def write(self, raw: bytes) -> None:
+        with self._lock:
+            if self._cut:
+                return
+            if self._max and self._written + len(raw) > self._max:
+                self._cut = True
+                raw = (f"[hpt] this log stops at the job's rank_log_max_bytes ({self._max}); "
+                       "the rest of the output is in 'hptctl logs'\n").encode()
+            self._file.write(raw)
+            self._file.flush()
+            self._written += len(raw)
+
+    def close(self) -> None:
+        with self._lock:
+            self._writers -= 1
+            if self._writers == 0:
+                self._file.close()
+
+
 class Launcher:
     def __init__(
         self,
@@ -240,7 +273,7 @@ class Launcher:
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
                                local_rank=local_rank, node=self.node,
-                               hang_timeout_s=spec.hang_timeout_s)
+                               hang_timeout_s=spec.job.hang_timeout_s)
             with self._lock:
                 self._ranks[proc.key] = proc
             self._start(proc, spec)
@@ -255,7 +288,7 @@ class Launcher:
         env = dict(os.environ)
         # torch's libuv TCPStore server takes ~0.5 s to come up; the classic one ~10 ms
         env["USE_LIBUV"] = "0"
-        env.update(spec.env)
+        env.update(spec.job.env)
         env.update(
             RANK=str(proc.rank),
             LOCAL_RANK=str(proc.local_rank),
@@ -280,13 +313,13 @@ class Launcher:
         if spec.restore_shards:
             env["HPT_RESTORE_SHARDS"] = spec.restore_shards
         env.update(self._snapshots.prepare(
-            spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.persist_dir,
-            persist_every=spec.persist_every, keep_persisted=spec.keep_persisted,
+            spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.job.persist_dir,
+            persist_every=spec.job.persist_every, keep_persisted=spec.job.keep_persisted,
             attempt=spec.attempt))
-        argv = list(spec.command)
+        argv = list(spec.job.command)
         if argv[0] in _PYTHON_NAMES:
             argv[0] = sys.executable
-        cwd = spec.workdir or None
+        cwd = spec.job.workdir or None
         proc.started_at = time.time()
         proc.oom_kills_at_start = oom.oom_kills()
         try:
@@ -311,21 +344,23 @@ class Launcher:
         proc.proc, proc.pid, proc.phase = popen, popen.pid, RankPhase.RUNNING
         if self._guard is not None:  # the rank's session dies with this agent, however it dies
             self._guard.watch(popen.pid)
-        log_path = rank_dir / f"rank-{proc.rank}.log"
+        sink = RankLog(rank_dir / f"rank-{proc.rank}.log", spec.job.rank_log_max_bytes,
+                       writers=2)
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            threading.Thread(target=self._pump, args=(proc, stream, pipe, log_path), daemon=True,
+            threading.Thread(target=self._pump, args=(proc, stream, pipe, sink), daemon=True,
                              name=f"hpt-log-{proc.rank}-{stream}").start()
         threading.Thread(target=self._wait, args=(proc,), daemon=True,
                          name=f"hpt-wait-{proc.rank}").start()
 
-    def _pump(self, proc: RankProcess, stream: str, pipe, log_path: Path) -> None:  # type: ignore[no-untyped-def]
-        with open(log_path, "ab") as sink:
+    def _pump(self, proc: RankProcess, stream: str, pipe, sink: RankLog) -> None:  # type: ignore[no-untyped-def]
+        try:
             for raw in iter(pipe.readline, b""):
                 sink.write(raw)
-                sink.flush()
                 self.outbox.put(proc.job_id, proc.attempt, proc.rank, stream,
                                 raw.decode(errors="replace"))
-        pipe.close()
+        finally:
+            sink.close()
+            pipe.close()
 
     def _wait(self, proc: RankProcess) -> None:
         assert proc.proc is not None

@@ -2,7 +2,8 @@
 
 Bulk bytes (blob segments and parity pieces, see blob.py and protect.py) go from agent to agent
 over their own gRPC service, never through the controller. A piece travels as a stream of
-chunks (``chunk_bytes``, 1 MiB by default), each carrying its offset and a CRC-32; the stream
+chunks (``chunk_bytes``, 4 MiB by default), each carrying its offset and a CRC-32 (frames
+encoded and decoded in chunks.py: one copy out of the source, one into the destination); the stream
 ends with a trailer that says the source was still intact after the last byte (a rank may have
 overwritten the generation meanwhile; it removes the commit record first, so the check is
 sound). The client resumes a broken stream at the first byte it has not verified, a bounded
@@ -24,7 +25,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,11 +34,11 @@ import grpc
 import torch
 
 from hpt._proto import checkpoint_pb2, checkpoint_pb2_grpc
-from hpt.agent import tls
+from hpt.agent import chunks, tls
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 _MAX_CHUNK_BYTES = 8 << 20
 _MAX_MESSAGE_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -109,11 +110,12 @@ class _TokenCheck(grpc.ServerInterceptor):
 
 @dataclass(slots=True)
 class Piece:
-    """A piece a ``PieceSource`` serves: its header, a reader of byte ranges (offset, length)
-    and a check run after the last byte was sent (False: the bytes may have changed)."""
+    """A piece a ``PieceSource`` serves: its header, a reader of byte ranges (offset, length;
+    bytes, or a memoryview straight over the source's memory) and a check run after the last
+    byte was sent (False: the bytes may have changed)."""
 
     header: checkpoint_pb2.PieceHeader
-    read: Callable[[int, int], bytes]
+    read: Callable[[int, int], bytes | memoryview]
     intact: Callable[[], bool]
 
 
@@ -131,6 +133,13 @@ class PieceSource(Protocol):
             PieceUnavailable: not held here, or it failed verification.
         """
         ...
+
+
+_SERVICE = "hpt.v1.PeerService"
+
+
+def _as_is(frame: bytes) -> bytes:
+    return frame
 
 
 class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
@@ -154,17 +163,17 @@ class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
         total = piece.header.piece_bytes
         if request.offset > total:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset ({request.offset}) > {total}")
-        yield checkpoint_pb2.PieceChunk(header=piece.header, offset=request.offset)
+        yield checkpoint_pb2.PieceChunk(header=piece.header,
+                                        offset=request.offset).SerializeToString()
         offset = request.offset
         while offset < total:
             n = min(chunk, total - offset)
-            data = piece.read(offset, n)
-            yield checkpoint_pb2.PieceChunk(offset=offset, data=data, crc32=zlib.crc32(data))
+            yield chunks.encode_data(offset, piece.read(offset, n))
             offset += n
         if not piece.intact():
             context.abort(grpc.StatusCode.DATA_LOSS,
                           f"[{self._node}] the source changed while it was sent")
-        yield checkpoint_pb2.PieceChunk(offset=total, last=True)
+        yield checkpoint_pb2.PieceChunk(offset=total, last=True).SerializeToString()
 
 
 class PeerServer:
@@ -175,8 +184,17 @@ class PeerServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8,
                                                               thread_name_prefix="hpt-peer"),
                                    interceptors=auth.interceptors(), options=_OPTIONS)
-        checkpoint_pb2_grpc.add_PeerServiceServicer_to_server(_Servicer(source, node),
-                                                              self._server)
+        servicer = _Servicer(source, node)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            _SERVICE, {
+                "Held": grpc.unary_unary_rpc_method_handler(
+                    servicer.Held, request_deserializer=checkpoint_pb2.HeldRequest.FromString,
+                    response_serializer=checkpoint_pb2.HeldReply.SerializeToString),
+                # frames come encoded (chunks.py): no second serialisation
+                "Fetch": grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch, request_deserializer=checkpoint_pb2.FetchRequest.FromString,
+                    response_serializer=_as_is),
+            }),))
         self.port = auth.bind(self._server, f"{host}:{port}")
         if not self.port:
             raise OSError(f"cannot listen for peers on {host}:{port}")
@@ -211,12 +229,21 @@ class PeerClient:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
-    def _stub(self, address: str) -> checkpoint_pb2_grpc.PeerServiceStub:
+    def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
                 channel = self._channels[address] = self._auth.channel(address)
-        return checkpoint_pb2_grpc.PeerServiceStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> checkpoint_pb2_grpc.PeerServiceStub:
+        return checkpoint_pb2_grpc.PeerServiceStub(self._channel(address))
+
+    def _fetch_call(self, address: str) -> Callable[..., Iterator[bytes]]:
+        """Fetch with the chunks left as received bytes (decoded by chunks.decode)."""
+        return self._channel(address).unary_stream(
+            f"/{_SERVICE}/Fetch", request_serializer=checkpoint_pb2.FetchRequest.SerializeToString,
+            response_deserializer=_as_is)
 
     def held(self, address: str, job_id: str, ranks: list[int], timeout_s: float) -> list[int]:
         try:
@@ -271,13 +298,17 @@ class PeerClient:
         req.CopyFrom(request)
         req.offset = xfer.got
         xfer.stalled = False
-        call = self._stub(address).Fetch(
+        call = self._fetch_call(address)(
             req, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._auth.metadata)
         watchdog = _StallWatchdog(call, self._stall_s, xfer)
         try:
-            for chunk in call:
+            for frame in call:
                 watchdog.moved()
-                if chunk.HasField("header"):
+                try:
+                    chunk = chunks.decode(frame)
+                except chunks.FrameError as exc:
+                    raise _BadChunk(f"malformed chunk after byte {xfer.got}: {exc}") from exc
+                if chunk.header is not None:
                     if xfer.header is not None and xfer.header != chunk.header:
                         raise PieceUnavailable(f"{address}: the piece changed between two streams")
                     xfer.header = chunk.header
@@ -286,13 +317,14 @@ class PeerClient:
                 header, out = xfer.header, xfer.out
                 if header is None or out is None:
                     raise _BadChunk("chunk before the header")
-                if chunk.data:
-                    n = len(chunk.data)
+                if chunk.length:
+                    n, at = chunk.length, chunk.start
                     if chunk.offset != xfer.got or xfer.got + n > out.numel():
                         raise _BadChunk(f"chunk at {chunk.offset}, expected {xfer.got}")
-                    if zlib.crc32(chunk.data) != chunk.crc32:
+                    if zlib.crc32(memoryview(frame)[at:at + n]) != chunk.crc32:
                         raise _BadChunk(f"CRC mismatch in the chunk at byte {xfer.got}")
-                    ctypes.memmove(out.data_ptr() + xfer.got, chunk.data, n)
+                    # the one copy on this side: from the received frame into the destination
+                    ctypes.memmove(out.data_ptr() + xfer.got, _address(frame) + at, n)
                     xfer.got += n
                 if chunk.last:
                     if xfer.got != header.piece_bytes:
@@ -350,6 +382,13 @@ class _StallWatchdog:
 
 class _BadChunk(Exception):
     pass
+
+
+def _address(data: bytes) -> int:
+    """Where the bytes of ``data`` live (ctypes points at a bytes object's buffer, no copy)."""
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    assert address is not None
+    return address
 
 
 def _code(exc: grpc.RpcError) -> str:

@@ -6,9 +6,11 @@ rotating so every node holds parity for m stripes of its group and is a data mem
 Each node's blob (blob.py) is cut into k segments, one per stripe it is data in. For every
 stripe it holds parity for, this agent's protector thread:
 
-1. asks the k data members which steps they hold in memory (``Held``; itself directly) and
-   picks the newest step all of them hold that is newer than what it protects already; older
-   steps are skipped, never queued, so a slow network costs freshness, not memory;
+1. takes the step the controller named for the attempt's current protection round
+   (``set_targets``, from every heartbeat ack; controller/rounds.py): every holder of every
+   stripe protects that same step, so a lost node's stripes all decode at one step. A holder
+   never picks a step itself; steps saved while a round runs are skipped, never queued, so a
+   slow network costs freshness, not memory;
 2. pulls the k segments of that step (``PeerClient.fetch``: chunked, CRC-checked, resumable;
    the owners verify their ranks' checksums before sending and check nothing was overwritten
    after);
@@ -25,7 +27,6 @@ commit record's checksums, a parity piece against the checksum taken when it was
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
@@ -39,6 +40,7 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
+from hpt.agent import chunks
 from hpt.agent.peers import PeerClient, Piece, PieceUnavailable
 from hpt.ckpt.checksum import checksum
 from hpt.ckpt.codec import Codec, best_codec
@@ -46,7 +48,6 @@ from hpt.ckpt.codec import Codec, best_codec
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.2
-_HELD_TIMEOUT_S = 2.0
 _FETCH_TIMEOUT_S = 60.0
 
 
@@ -146,6 +147,7 @@ class Protector:
         self.codec = codec or best_codec()
         self._lock = threading.Lock()
         self._jobs: dict[str, _Protected] = {}
+        self._targets: dict[str, tuple[int, int]] = {}  # job id -> (attempt, round's step)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpt-protect", daemon=True)
@@ -187,6 +189,15 @@ class Protector:
         for e in drop:
             self._drop(e)
         self._wake.set()
+
+    def set_targets(self, targets: list[tuple[str, int, int]]) -> None:
+        """The controller's current rounds: (job, attempt, step) for every protected attempt
+        this node takes part in (the complete list; a job not named has no round now)."""
+        new = {job_id: (attempt, step) for job_id, attempt, step in targets}
+        with self._lock:
+            changed, self._targets = new != self._targets, new
+        if changed:
+            self._wake.set()
 
     def notify(self) -> None:
         """A rank committed a snapshot: look for a newer step to protect."""
@@ -271,7 +282,7 @@ class Protector:
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
-        return Piece(header, lambda off, n: blob.read_bytes(base + off, n), blob.intact)
+        return Piece(header, lambda off, n: blob.view(base + off, n), blob.intact)
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -294,7 +305,7 @@ class Protector:
             piece_bytes=buf.numel(), parity_index=slot.parity_index,
             members=[checkpoint_pb2.MemberBlob(node_index=i, blob_bytes=b)
                      for i, b in slot.members])
-        return Piece(header, lambda off, n: ctypes.string_at(buf.data_ptr() + off, n),
+        return Piece(header, lambda off, n: chunks.shm_view(buf.data_ptr() + off, n),
                      lambda: slot.version == version and slot.valid)
 
     # ---------------------------------------------------------------- the protector thread
@@ -315,19 +326,17 @@ class Protector:
                              entry.job_id, entry.attempt, self.node, stripe, exc)
 
     def build(self, entry: _Protected, stripe: int) -> int | None:
-        """Protect the newest step every data member of ``stripe`` holds; returns it, or None
-        when there is nothing newer."""
+        """Protect the step of the attempt's current round on ``stripe``; returns it, or None
+        when there is no round or this stripe holds that step (or a newer one) already."""
         layout = entry.layout
         data, parity = layout.stripes[stripe]
         slots = entry.slots[stripe]
-        common: set[int] | None = None
-        for member in data:
-            steps = set(self._held_by(entry, member))
-            common = steps if common is None else common & steps
-        newest = max((s.step for s in slots if s.valid), default=-1)
-        if not common or max(common) <= newest:
+        with self._lock:
+            attempt, step = self._targets.get(entry.job_id, (0, -1))
+        if attempt != entry.attempt or step < 0:
             return None
-        step = max(common)
+        if any(s.valid and s.step >= step for s in slots):
+            return None
         # the k segments come from k nodes: pull them at the same time
         pulled = list(self._pool.map(lambda member: self._segment(entry, member, stripe, step),
                                      data))
@@ -364,13 +373,6 @@ class Protector:
                   entry.attempt, self.node, stripe, step, size)
         return step
 
-    def _held_by(self, entry: _Protected, member: int) -> list[int]:
-        node = entry.layout.nodes[member]
-        if member == entry.me:
-            return self.held(entry.job_id, list(node.ranks))
-        return self.client.held(node.peer_address, entry.job_id, list(node.ranks),
-                                _HELD_TIMEOUT_S)
-
     def _segment(self, entry: _Protected, member: int, stripe: int,
                  step: int) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:
         request = entry.layout.segment_request(entry.job_id, entry.attempt, step, member, stripe)
@@ -393,8 +395,7 @@ class Protector:
         if local:
             piece = self.open_piece(request)
             out = torch.empty(piece.header.piece_bytes, dtype=torch.uint8)
-            if out.numel():
-                ctypes.memmove(out.data_ptr(), piece.read(0, out.numel()), out.numel())
+            chunks.copy_into(out.data_ptr(), piece.read(0, out.numel()))
             if not piece.intact():
                 raise PieceUnavailable(f"[{self.node}] the local source changed while read")
             return piece.header, out

@@ -1,33 +1,56 @@
 """The unix socket ``hpt.init()`` connects to (``HPT_AGENT_SOCKET``).
 
-One JSON object per line, rank to agent; never pickle. Messages:
-``{"op": "hello", "job_id", "attempt", "rank", "pid"}`` once, then
-``{"op": "step", "step": N, "at": wall_seconds}`` per reported step. A connection that sends
-something else is closed; the rank-side client latches that and carries on training.
+The messages and their framing (one JSON line each, rank to agent; never pickle) are defined
+once, in :mod:`hpt._rank_protocol`. The first message of a connection must be a ``Hello``;
+every later line is decoded into its typed message and handed to the handler with that hello.
+
+A line that does not decode (unknown type, wrong version, oversized, a bad field) or that the
+handler refuses (it raises ``ValueError``) is an error: counted by reason (``on_error``, the
+agent's ``hpt_rank_message_errors_total``) and logged, then skipped; the connection stays open,
+since closing it would also lose the rank's step reports and make a healthy rank look hung. A
+connection whose first message is not a valid hello is closed: nothing it sends could be
+attributed to a rank.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socketserver
 import threading
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import BinaryIO
+
+from hpt._rank_protocol import (
+    MAX_MESSAGE_BYTES,
+    ErrorReason,
+    Hello,
+    ProtocolError,
+    RankMessage,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 
-_MAX_LINE_BYTES = 1024 * 1024
+_MAX_LOGGED_ERRORS = 10
+"""Errors logged per connection; later ones are only counted (a broken rank must not flood)."""
 
-Handler = Callable[[dict[str, Any], dict[str, Any]], None]
-"""``handler(hello, message)``: called for every message after the hello on a connection."""
+Handler = Callable[[Hello, RankMessage], None]
+"""``handler(hello, message)``: called for every message after the hello on a connection;
+raises ``ValueError`` to refuse one."""
+ErrorHook = Callable[[ErrorReason], None]
+"""``on_error(reason)``: called once per message that was not applied."""
 
 
 class RankSocketServer:
-    def __init__(self, path: str, handler: Handler) -> None:
+    def __init__(self, path: str, handler: Handler, on_error: ErrorHook | None = None) -> None:
         self.path = path
         self._handler = handler
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self.errors: Counter[ErrorReason] = Counter()
+        """Messages not applied since start, by reason."""
         if os.path.exists(path):
             os.unlink(path)
         outer = self
@@ -47,20 +70,46 @@ class RankSocketServer:
     def start(self) -> None:
         self._thread.start()
 
-    def _serve(self, rfile) -> None:  # type: ignore[no-untyped-def]
-        hello: dict[str, Any] | None = None
-        for raw in iter(lambda: rfile.readline(_MAX_LINE_BYTES), b""):
-            try:
-                msg = json.loads(raw)
-                if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-                    raise ValueError("message must be an object with a string 'op'")
-                if hello is None:
-                    hello = _check_hello(msg)
-                    continue
-                self._handler(hello, msg)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("rank socket: closing connection after bad message: %s", exc)
+    def _serve(self, rfile: BinaryIO) -> None:
+        hello: Hello | None = None
+        num_errors = 0
+        while True:
+            raw = rfile.readline(MAX_MESSAGE_BYTES + 1)
+            if not raw:
                 return
+            if len(raw) > MAX_MESSAGE_BYTES and not raw.endswith(b"\n"):
+                _skip_line(rfile)  # the rest of the oversized line; decode() reports it
+            try:
+                msg = decode(raw)
+                if hello is None:
+                    if not isinstance(msg, Hello):
+                        raise ProtocolError(ErrorReason.REFUSED,
+                                            f"first message must be hello, not {msg.OP}")
+                    hello = msg
+                    continue
+                if isinstance(msg, Hello):
+                    raise ProtocolError(ErrorReason.REFUSED, "a second hello on one connection")
+                self._handler(hello, msg)
+            except ValueError as exc:  # ProtocolError, or the handler refused the message
+                reason = exc.reason if isinstance(exc, ProtocolError) else ErrorReason.REFUSED
+                num_errors += 1
+                self._count(reason)
+                who = "-/-/-" if hello is None else f"{hello.job_id}/{hello.attempt}/{hello.rank}"
+                if hello is None:
+                    log.warning("[%s] rank socket: closing a connection without a valid hello "
+                                "(%s): %s", who, reason.value, exc)
+                    return
+                if num_errors <= _MAX_LOGGED_ERRORS:
+                    log.warning("[%s] rank socket: message not applied (%s): %s%s", who,
+                                reason.value, exc,
+                                "; further errors on this connection are only counted"
+                                if num_errors == _MAX_LOGGED_ERRORS else "")
+
+    def _count(self, reason: ErrorReason) -> None:
+        with self._lock:
+            self.errors[reason] += 1
+        if self._on_error is not None:
+            self._on_error(reason)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -69,14 +118,8 @@ class RankSocketServer:
             os.unlink(self.path)
 
 
-def _check_hello(msg: dict[str, Any]) -> dict[str, Any]:
-    if msg["op"] != "hello":
-        raise ValueError("first message must be hello")
-    job_id, attempt, rank = msg.get("job_id"), msg.get("attempt"), msg.get("rank")
-    if not isinstance(job_id, str) or not job_id:
-        raise ValueError("hello.job_id must be a non-empty string")
-    if not isinstance(attempt, int) or attempt < 1:
-        raise ValueError("hello.attempt must be an int >= 1")
-    if not isinstance(rank, int) or rank < 0:
-        raise ValueError("hello.rank must be an int >= 0")
-    return {"job_id": job_id, "attempt": attempt, "rank": rank}
+def _skip_line(rfile: BinaryIO) -> None:
+    while True:
+        chunk = rfile.readline(64 * 1024)
+        if not chunk or chunk.endswith(b"\n"):
+            return

@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -260,17 +259,6 @@ def _verified_steps(root: Path, trust_newest: int | None = None) -> list[int]:
         steps.append(trust_newest)
     return sorted(steps)
 
-
-def snapshot_message_fields(msg: dict[str, Any]) -> tuple[int, int, int]:
-    """Validate a rank's ``snapshot``/``discard`` message; returns (step, generation, bytes)."""
-    step, generation, nbytes = msg.get("step", 0), msg.get("generation"), msg.get("bytes", 0)
-    if not isinstance(step, int) or step < 0:
-        raise ValueError("snapshot.step must be an int >= 0")
-    if not isinstance(generation, int) or not 0 <= generation < 64:
-        raise ValueError("snapshot.generation must be an int in 0..63")
-    if not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError("snapshot.bytes must be an int >= 0")
-    return step, generation, nbytes
 
 
 def event_kind(kind: str) -> int:

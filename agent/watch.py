@@ -1,6 +1,7 @@
 """Watching the local ranks: timing records up to the controller, hangs found here.
 
-The agent's rank socket hands every rank message to :meth:`RankWatch.on_rank_message`:
+The agent's rank socket hands every rank message (typed, :mod:`hpt._rank_protocol`) to
+:meth:`RankWatch.on_rank_message`:
 
 - ``step`` marks progress: the agent's monotonic receive time is the rank's last progress;
 - ``records`` carries timing records (:mod:`hpt.monitor.records` dicts). They are validated,
@@ -60,6 +61,19 @@ from pathlib import Path
 from typing import Any
 
 from hpt._proto import agent_pb2
+from hpt._rank_protocol import (
+    ErrorReason,
+    Exiting,
+    Finished,
+    Hello,
+    InFlight,
+    RankMessage,
+    Records,
+    SectionBegin,
+    SectionEnd,
+    StackDump,
+    Step,
+)
 from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.monitor.detectors._common import median
 from hpt.monitor.detectors.hang import HangConfig, check_hang, hang_deadline_s
@@ -69,7 +83,6 @@ log = logging.getLogger(__name__)
 
 _MAX_STACK_BYTES = 16 * 1024
 """Per rank, the part of a stack dump that travels to the controller."""
-_MAX_SECTION_TIMEOUT_S = 7 * 24 * 3600.0
 _MAX_OPEN_SECTIONS = 64
 _MAX_STEPPED_JOBS = 1024
 _EXIT_DEADLINE_S = 120.0
@@ -187,16 +200,16 @@ class RankWatch:
 
     # ---------------------------------------------------------------- inputs (socket threads)
 
-    def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
-        """Handle ``step``, ``records`` and ``inflight``; other ops are someone else's.
+    def on_rank_message(self, hello: Hello, msg: RankMessage) -> None:
+        """Handle progress, timing and rank-state messages; others are someone else's.
 
         Raises:
-            ValueError: a malformed records/inflight message (the socket then closes it).
+            ValueError: a message this watch cannot apply (more sections open than it tracks);
+                the socket counts and logs it.
         """
-        op = msg["op"]
-        key = (hello["job_id"], hello["attempt"])
-        rank = hello["rank"]
-        if op == "step":
+        key = (hello.job_id, hello.attempt)
+        rank = hello.rank
+        if isinstance(msg, Step):
             with self._lock:
                 w = self._watch(key)
                 w.progress[rank] = time.monotonic()
@@ -206,21 +219,24 @@ class RankWatch:
                 self._stepped_jobs.move_to_end(key[0])
                 while len(self._stepped_jobs) > _MAX_STEPPED_JOBS:
                     self._stepped_jobs.popitem(last=False)
-            return
-        if op in ("stack_dump", "section", "section_end", "exiting"):
-            self._on_rank_state(key, rank, op, msg)
-            return
-        if op == "finished":  # training is over: the silence of shutting down is no hang
+        elif isinstance(msg, StackDump | SectionBegin | SectionEnd | Exiting):
+            self._on_rank_state(key, rank, msg)
+        elif isinstance(msg, Finished):  # training is over: the silence of shutting down is no hang
             with self._lock:
                 self._watch(key).finished.add(rank)
-            return
-        if op not in ("records", "inflight"):
-            return
-        raw = msg.get("records")
-        if not isinstance(raw, list):
-            raise ValueError(f"{op}.records must be a list")  # not ours: close the socket
+        elif isinstance(msg, Records | InFlight):
+            recs = self._timing_records(key, rank, msg)
+            if isinstance(msg, InFlight):
+                self._on_inflight(key, rank, recs)
+            else:
+                self._on_records(key, recs)
+
+    def _timing_records(self, key: tuple[str, int], rank: int,
+                        msg: Records | InFlight) -> list[Any]:
+        """The message's timing records of this (job, attempt, rank); a bad one is dropped and
+        counted, not refused: the rest of the batch is good."""
         recs = []
-        for d in raw:
+        for d in msg.records:
             try:
                 rec = record_from_dict(d)
                 if (
@@ -228,10 +244,8 @@ class RankWatch:
                     getattr(rec, "attempt", None),
                     getattr(rec, "rank", None),
                 ) != (key[0], key[1], rank):
-                    raise ValueError(f"{op}: a record of another job, attempt or rank")
+                    raise ValueError(f"{msg.OP}: a record of another job, attempt or rank")
             except ValueError as exc:
-                # Dropped, not refused: closing the socket would also lose the rank's step
-                # reports and make a healthy rank look hung.
                 with self._lock:
                     self._dropped += 1
                     warn = not self._warned
@@ -247,48 +261,34 @@ class RankWatch:
                     )
                 continue
             recs.append(rec)
-        if op == "inflight":
-            self._on_inflight(key, rank, recs)
-        else:
-            self._on_records(key, recs)
+        return recs
 
-    def _on_rank_state(self, key: tuple[str, int], rank: int, op: str, msg: dict[str, Any]) -> None:
-        """``stack_dump {pid}``: that pid registered the SIGUSR1 dump; ``section {name, timeout}``
-        / ``section_end {name}``: a section with its own deadline opened / closed."""
+    def _on_rank_state(self, key: tuple[str, int], rank: int,
+                       msg: StackDump | SectionBegin | SectionEnd | Exiting) -> None:
+        """``StackDump``: that pid registered the SIGUSR1 dump; ``SectionBegin`` /
+        ``SectionEnd``: a section with its own deadline opened / closed; ``Exiting``: teardown."""
         now = time.monotonic()
-        if op == "exiting":
+        if isinstance(msg, Exiting):
             with self._lock:
                 self._watch(key).sections[rank] = [("interpreter exit", now, _EXIT_DEADLINE_S)]
-            return
-        if op == "stack_dump":
-            pid = msg.get("pid")
-            if not isinstance(pid, int) or pid <= 0:
-                raise ValueError("stack_dump.pid must be an int > 0")
+        elif isinstance(msg, StackDump):
             with self._lock:
-                self._watch(key).handlers[rank] = pid
-            return
-        name = msg.get("name")
-        if not isinstance(name, str) or not 0 < len(name) <= 200:
-            raise ValueError(f"{op}.name must be a string of 1..200 characters")
-        if op == "section":
-            timeout = msg.get("timeout")
-            if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
-                    or not 0 < timeout <= _MAX_SECTION_TIMEOUT_S):
-                raise ValueError(f"section.timeout must be in (0, {_MAX_SECTION_TIMEOUT_S:g}] s")
+                self._watch(key).handlers[rank] = msg.pid
+        elif isinstance(msg, SectionBegin):
             with self._lock:
                 stack = self._watch(key).sections.setdefault(rank, [])
                 if len(stack) >= _MAX_OPEN_SECTIONS:
                     raise ValueError(f"more than {_MAX_OPEN_SECTIONS} sections open")
-                stack.append((name, now, float(timeout)))
-            return
-        with self._lock:
-            w = self._watch(key)
-            stack = w.sections.get(rank, [])
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i][0] == name:
-                    del stack[i:]
-                    break
-            w.progress[rank] = now  # leaving a section is progress
+                stack.append((msg.name, now, msg.timeout_s))
+        else:
+            with self._lock:
+                w = self._watch(key)
+                stack = w.sections.get(rank, [])
+                for i in range(len(stack) - 1, -1, -1):
+                    if stack[i][0] == msg.name:
+                        del stack[i:]
+                        break
+                w.progress[rank] = now  # leaving a section is progress
 
     def _on_records(self, key: tuple[str, int], recs: list[Any]) -> None:
         m = self._metrics
@@ -672,10 +672,15 @@ class AgentMonitoring:
             self._server.server_close()
             self._server = None
 
-    def on_rank_message(self, hello: dict[str, Any], msg: dict[str, Any]) -> None:
+    def on_rank_message(self, hello: Hello, msg: RankMessage) -> None:
         self.watch.on_rank_message(hello, msg)
         if self._ckpt_metrics is not None:
             self._ckpt_metrics.on_rank_message(msg)
+
+    def rank_message_error(self, reason: ErrorReason) -> None:
+        """A rank's message was not applied (the rank socket's ``on_error``)."""
+        if self.metrics is not None:
+            self.metrics.inc("hpt_rank_message_errors_total", reason=reason.value)
 
     def persisted(self, seconds: float, nbytes: int) -> None:
         """A snapshot reached durable storage (the snapshot keeper's callback)."""

@@ -21,7 +21,7 @@ thing ``Checkpointer(shards=...)`` takes by hand), so that restore can reshard b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
 __all__ = ["has_dtensor", "is_dtensor", "like", "like_params", "like_state", "localize", "shard_info"]
 
 
-def is_dtensor(value: object) -> bool:
+def is_dtensor(value: object) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(value, DTensor)
 
 

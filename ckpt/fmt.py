@@ -277,7 +277,9 @@ def _snapshot_part(
     """(root, rank, world, attempt, layout, meta tree) when `meta` is an agent's snapshot meta."""
     if not ("layout" in meta and "meta_json" in meta and "rank" in meta):
         return None
-    rank, world, attempt = meta["rank"], meta.get("world_size"), meta.get("attempt", 0)
+    rank: Any = meta["rank"]  # checked just below
+    world: Any = meta.get("world_size")
+    attempt: Any = meta.get("attempt", 0)
     for name, value in (("rank", rank), ("world_size", world), ("attempt", attempt)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"meta.{name} ({value!r}) must be an int >= 0")
@@ -789,8 +791,7 @@ def load_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 (entry.global_offset, read_piece(path, piece, entry)))
     state = {}
     for t in manifest.tensors:
-        entry = entries.get(t.name)
-        if entry is None:
+        if entries.get(t.name) is None:
             raise CorruptCheckpointError(f"{path}: no piece of {t.name!r} in {META_NAME}")
         state[t.name] = assemble(pieces[t.name], (0,) * len(t.shape), t.shape,
                                  DTYPES[t.dtype], name=t.name)

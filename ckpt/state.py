@@ -50,11 +50,13 @@ _NP_HEAD = 3
 
 
 def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+    bits: int = struct.unpack("<q", struct.pack("<d", x))[0]
+    return bits
 
 
 def _bits_float(n: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", n))[0]
+    x: float = struct.unpack("<d", struct.pack("<q", n))[0]
+    return x
 
 
 def capture_rng() -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hpt._proto import agent_pb2, agent_pb2_grpc
+from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2
 from hpt.controller import auth
 from hpt.controller.detect import health_problem
 from hpt.controller.model import LaunchCommand, ReleaseCommand, StopCommand
@@ -142,8 +142,10 @@ class HeartbeatIntake:
                 rec.restore_failed(job_id, step)
             rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
                                    for p in hb.pieces[:_MAX_REPORTS]])
+            protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s)
+                       for j, a, s in rec.protect_targets(node)]
             acks.append((link, agent_pb2.ControllerMessage(
-                ack=agent_pb2.HeartbeatAck(seq=hb.seq))))
+                ack=agent_pb2.HeartbeatAck(seq=hb.seq, protect=protect))))
         if changed:
             rec.wake()
         self.num_batches += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hpt import jobspec
 from hpt._proto import agent_pb2, checkpoint_pb2
 from hpt._proto import common_pb2 as pb
 from hpt.controller.elastic import ProtectionPlan
@@ -18,6 +19,7 @@ from hpt.controller.model import (
     Job,
     JobSpec,
     JobState,
+    LaunchCommand,
     Node,
     NodeState,
     Rank,
@@ -87,47 +89,11 @@ def rank_state_from_proto(value: int) -> RankState:
 
 def spec_from_proto(msg: pb.JobSpec) -> JobSpec:
     """Raises ValueError naming the field when the spec is invalid."""
-    return JobSpec(
-        command=tuple(msg.command),
-        nodes=msg.nodes,
-        procs_per_node=msg.procs_per_node,
-        min_nodes=msg.min_nodes,
-        max_restarts=msg.max_restarts,
-        env=tuple(sorted(msg.env.items())),
-        name=msg.name,
-        workdir=msg.workdir,
-        node_wait_timeout_s=(
-            msg.node_wait_timeout_s if msg.HasField("node_wait_timeout_s") else 300.0
-        ),
-        stop_grace_s=msg.stop_grace_s if msg.HasField("stop_grace_s") else 5.0,
-        persist_dir=msg.persist_dir,
-        persist_every=msg.persist_every,
-        keep_persisted=msg.keep_persisted or 3,
-        straggler_restart_after=msg.straggler_restart_after,
-        hang_timeout_s=msg.hang_timeout_s,
-        redundancy=msg.redundancy,
-    )
+    return jobspec.from_proto(msg)
 
 
 def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
-    return pb.JobSpec(
-        name=spec.name,
-        command=list(spec.command),
-        nodes=spec.nodes,
-        procs_per_node=spec.procs_per_node,
-        min_nodes=spec.min_nodes,
-        max_restarts=spec.max_restarts,
-        env=dict(spec.env),
-        workdir=spec.workdir,
-        node_wait_timeout_s=spec.node_wait_timeout_s,
-        stop_grace_s=spec.stop_grace_s,
-        persist_dir=spec.persist_dir,
-        persist_every=spec.persist_every,
-        keep_persisted=spec.keep_persisted,
-        straggler_restart_after=spec.straggler_restart_after,
-        hang_timeout_s=spec.hang_timeout_s,
-        redundancy=spec.redundancy,
-    )
+    return jobspec.to_proto(spec, pb.JobSpec())
 
 
 def exit_to_proto(info: ExitInfo) -> pb.ExitInfo:
@@ -412,4 +378,23 @@ def restore_to_proto(cmd: RestoreCommand) -> checkpoint_pb2.RestorePlan:
     return checkpoint_pb2.RestorePlan(
         step=cmd.step, attempt=cmd.attempt, world_size=cmd.world_size,
         layout=protection_to_proto(cmd.layout), lost=cmd.lost, need_ranks=cmd.need_ranks,
+    )
+
+
+def launch_to_proto(cmd: LaunchCommand) -> agent_pb2.Launch:
+    """The spec goes whole: an option only agents use needs nothing here."""
+    return agent_pb2.Launch(
+        job_id=cmd.job_id,
+        attempt=cmd.attempt,
+        spec=spec_to_proto(cmd.spec),
+        ranks=[agent_pb2.LaunchRank(rank=r, local_rank=lr) for r, lr in cmd.ranks],
+        world_size=cmd.world_size,
+        local_world_size=cmd.local_world_size,
+        master_addr=cmd.master_addr,
+        master_port=cmd.master_port,
+        node_rank=cmd.node_rank,
+        num_nodes=cmd.num_nodes,
+        restore_step=cmd.restore_step,
+        protection=protection_to_proto(cmd.protection) if cmd.protection is not None else None,
+        restore=restore_to_proto(cmd.restore) if cmd.restore is not None else None,
     )

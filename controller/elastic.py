@@ -18,15 +18,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # model validates specs with parse_redundancy: no import cycle at runtime
+from hpt.jobspec import parse_redundancy
+
+if TYPE_CHECKING:  # model imports this module: no import cycle at runtime
     from hpt.controller.model import Attempt, Job
 
-_REDUNDANCY = re.compile(r"^(\d{1,3})\+(\d{1,3})$")
 GROW_HYSTERESIS_S = 10.0
 """A node must stay free this long before a job grows onto it (no flapping)."""
 
@@ -65,27 +65,6 @@ class RestoreChoice:
     """Indices of the previous attempt's nodes whose memory is gone for ``step``."""
     source: str
     """One line for the event log: where the state comes from and why."""
-
-
-def parse_redundancy(text: str, nodes: int) -> tuple[int, int] | None:
-    """``(k, m)`` of a job's ``redundancy`` field; None for "off"; (0, 1) for the default.
-
-    Raises:
-        ValueError: naming the field, when the text is not ``K+M`` or does not fit ``nodes``.
-    """
-    if text == "":
-        return (0, 1)
-    if text == "off":
-        return None
-    match = _REDUNDANCY.match(text)
-    if not match:
-        raise ValueError(f"redundancy ({text!r}) must be K+M (e.g. 2+1), or 'off'")
-    k, m = int(match.group(1)), int(match.group(2))
-    if k < 1 or m < 1:
-        raise ValueError(f"redundancy ({text!r}) needs k >= 1 and m >= 1")
-    if k + m > nodes:
-        raise ValueError(f"redundancy ({text!r}) needs k + m <= nodes ({nodes})")
-    return (k, m)
 
 
 def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Iterable[int]],

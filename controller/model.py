@@ -18,44 +18,11 @@ Job states::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hpt.controller.elastic import ProtectionPlan, parse_redundancy
-
-MAX_NODES = 1024
-MAX_PROCS_PER_NODE = 64
-MAX_RESTARTS = 1000
-MAX_COMMAND_ARGS = 256
-MAX_ARG_BYTES = 16 * 1024
-MAX_ENV_VARS = 256
-MAX_ENV_VALUE_BYTES = 32 * 1024
-MAX_SPEC_BYTES = 1024 * 1024
-"""One size budget for the whole spec (command, env, paths): a spec within it fits every hop
-(submit, the stored record, the launch command on each agent's stream, a page of ``ls``) with
-the channels' 16 MiB limits to spare, however many restarts the job goes through."""
-MAX_NODE_WAIT_S = 7 * 24 * 3600.0
-MAX_GRACE_S = 3600.0
-MAX_HANG_TIMEOUT_S = 7 * 24 * 3600.0
-_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESERVED_ENV = frozenset(
-    {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "NODE_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "TORCHELASTIC_RESTART_COUNT",
-    }
-)
-RESERVED_ENV_PREFIX = "HPT_"
-FAULT_ENV_PREFIX = "HPT_FAULT_"
-"""Fault-injection knobs (hpt/_faults.py) are the one HPT_ family a job may set."""
+from hpt.controller.elastic import ProtectionPlan
+from hpt.jobspec import JobSpec  # the spec is defined once, shared with agent and CLI
 
 
 class IllegalTransitionError(RuntimeError):
@@ -320,128 +287,6 @@ OOM_ERROR = "OutOfMemory"
 """``ExitInfo.error_type`` of a rank the agent saw killed by the OOM killer."""
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class JobSpec:
-    """What a user asked to run; validated on construction, stored unchanged."""
-
-    command: tuple[str, ...]
-    """argv of every rank; ``python`` resolves to the agent's interpreter."""
-    nodes: int = 1
-    """Nodes wanted (the maximum when elastic)."""
-    procs_per_node: int = 1
-    """Ranks per node."""
-    min_nodes: int = 0
-    """Fewest nodes the job may shrink to after a fault; 0 means ``nodes`` (not elastic)."""
-    max_restarts: int = 3
-    """Attempts after the first before the job fails."""
-    env: tuple[tuple[str, str], ...] = ()
-    """Extra environment for every rank, sorted by name."""
-    name: str = ""
-    """DNS-1123 label; empty means one is derived from the job id."""
-    workdir: str = ""
-    """Working directory of the ranks on every node; empty means the agent's."""
-    node_wait_timeout_s: float = 300.0
-    """How long a job waits for enough healthy nodes before it fails."""
-    stop_grace_s: float = 5.0
-    """Seconds between SIGTERM and SIGKILL when ranks are stopped."""
-    persist_dir: str = ""
-    """Directory (local or shared) the agents persist snapshots to; empty: never persist."""
-    persist_every: int = 0
-    """Persist every Nth complete snapshot (by step number); 0: never."""
-    keep_persisted: int = 3
-    """Persisted checkpoints kept per rank (older ones are deleted)."""
-    straggler_restart_after: int = 0
-    """0: stragglers are reported only. N: once a rank was flagged as a straggler for N of its
-    steps, the attempt restarts without that rank's node (within min_nodes)."""
-    hang_timeout_s: float = 0.0
-    """0: the automatic hang deadline, applied once the script reports steps (``hpt.step``).
-    S: no progress (step, section end) for S seconds is a hang once the attempt stepped, and
-    for max(S, the start-up deadline) before; also for a script without hooks. A
-    ``hpt.section(timeout=)`` overrides both."""
-    redundancy: str = ""
-    """Snapshot protection across nodes: "K+M" (Reed-Solomon, k data + m parity nodes per
-    group), "" (m = 1, k from the node count; 2 nodes: a mirror) or "off"."""
-
-    def __post_init__(self) -> None:
-        if not self.command:
-            raise ValueError("command must not be empty")
-        if len(self.command) > MAX_COMMAND_ARGS:
-            raise ValueError(f"command has {len(self.command)} args, at most {MAX_COMMAND_ARGS}")
-        for i, arg in enumerate(self.command):
-            if "\x00" in arg or len(arg.encode()) > MAX_ARG_BYTES:
-                raise ValueError(f"command[{i}] must be <= {MAX_ARG_BYTES} bytes without NUL")
-        if not self.command[0]:
-            raise ValueError("command[0] must not be empty")
-        if not 1 <= self.nodes <= MAX_NODES:
-            raise ValueError(f"nodes ({self.nodes}) must be in 1..{MAX_NODES}")
-        if not 1 <= self.procs_per_node <= MAX_PROCS_PER_NODE:
-            raise ValueError(
-                f"procs_per_node ({self.procs_per_node}) must be in 1..{MAX_PROCS_PER_NODE}"
-            )
-        if not 0 <= self.min_nodes <= self.nodes:
-            raise ValueError(f"min_nodes ({self.min_nodes}) must be in 0..nodes ({self.nodes})")
-        if not 0 <= self.max_restarts <= MAX_RESTARTS:
-            raise ValueError(f"max_restarts ({self.max_restarts}) must be in 0..{MAX_RESTARTS}")
-        if len(self.env) > MAX_ENV_VARS:
-            raise ValueError(f"env has {len(self.env)} variables, at most {MAX_ENV_VARS}")
-        for key, value in self.env:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"env name {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
-            if key in RESERVED_ENV or (
-                key.startswith(RESERVED_ENV_PREFIX) and not key.startswith(FAULT_ENV_PREFIX)
-            ):
-                raise ValueError(f"env name {key!r} is reserved: hpt sets it for every rank")
-            if "\x00" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
-                raise ValueError(f"env[{key}] must be <= {MAX_ENV_VALUE_BYTES} bytes without NUL")
-        sizes = {
-            "command": sum(len(arg.encode()) for arg in self.command),
-            "env": sum(len(k) + len(v.encode()) for k, v in self.env),
-            "workdir": len(self.workdir.encode()),
-            "persist_dir": len(self.persist_dir.encode()),
-        }
-        if sum(sizes.values()) > MAX_SPEC_BYTES:
-            biggest = max(sizes, key=lambda k: sizes[k])
-            raise ValueError(
-                f"{biggest} ({sizes[biggest]} bytes) makes the spec {sum(sizes.values())} bytes; "
-                f"a spec must be <= {MAX_SPEC_BYTES} bytes in all (command, env and paths)"
-            )
-        if self.name and not _DNS1123.match(self.name):
-            raise ValueError(
-                f"name ({self.name!r}) must be a DNS-1123 label: lowercase letters, digits "
-                "and '-', at most 63, starting and ending with a letter or digit"
-            )
-        if self.workdir and (not self.workdir.startswith("/") or "\x00" in self.workdir):
-            raise ValueError(f"workdir ({self.workdir!r}) must be an absolute path")
-        if not 0 < self.node_wait_timeout_s <= MAX_NODE_WAIT_S:
-            raise ValueError(
-                f"node_wait_timeout_s ({self.node_wait_timeout_s}) must be in (0, {MAX_NODE_WAIT_S}]"
-            )
-        if not 0 <= self.stop_grace_s <= MAX_GRACE_S:
-            raise ValueError(f"stop_grace_s ({self.stop_grace_s}) must be in 0..{MAX_GRACE_S}")
-        if self.persist_dir and (not self.persist_dir.startswith("/") or "\x00" in self.persist_dir):
-            raise ValueError(f"persist_dir ({self.persist_dir!r}) must be an absolute path")
-        if not 0 <= self.persist_every <= 1_000_000:
-            raise ValueError(f"persist_every ({self.persist_every}) must be in 0..1000000")
-        if self.persist_every and not self.persist_dir:
-            raise ValueError(f"persist_every ({self.persist_every}) needs persist_dir")
-        if not 1 <= self.keep_persisted <= 1000:
-            raise ValueError(f"keep_persisted ({self.keep_persisted}) must be in 1..1000")
-        if not 0 <= self.straggler_restart_after <= 100_000:
-            raise ValueError(
-                f"straggler_restart_after ({self.straggler_restart_after}) must be in 0..100000"
-            )
-        if not (0 <= self.hang_timeout_s <= MAX_HANG_TIMEOUT_S):  # also refuses NaN
-            raise ValueError(
-                f"hang_timeout_s ({self.hang_timeout_s}) must be in 0..{MAX_HANG_TIMEOUT_S:g}"
-            )
-
-        parse_redundancy(self.redundancy, self.nodes)
-
-    @property
-    def effective_min_nodes(self) -> int:
-        return self.min_nodes or self.nodes
-
-
 @dataclass(kw_only=True, slots=True)
 class ExitInfo:
     exit_code: int
@@ -633,25 +478,21 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LaunchCommand:
+    """What one node runs of one attempt: the job's spec, whole, and this node's placement."""
+
     job_id: str
     attempt: int
-    command: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
+    spec: JobSpec
     ranks: tuple[tuple[int, int], ...]
     """(rank, local_rank) pairs this node runs."""
     world_size: int
     local_world_size: int
     master_addr: str
     master_port: int
-    workdir: str
     node_rank: int
     num_nodes: int
     restore_step: int = 0
     """Newest snapshot complete on every rank (0: start fresh)."""
-    persist_dir: str = ""
-    persist_every: int = 0
-    keep_persisted: int = 3
-    hang_timeout_s: float = 0.0
     protection: ProtectionPlan | None = None
     """How this attempt's snapshots are protected across its nodes."""
     restore: RestoreCommand | None = None

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from hpt.controller.rounds import ProtectionRounds
+
 Key = tuple[str, int]  # (job id, attempt number)
 
 
 class PieceBook:
     def __init__(self) -> None:
+        self.rounds = ProtectionRounds()  # the step each attempt's holders protect now
         self._held: dict[Key, dict[str, set[tuple[int, int]]]] = {}
         self._bytes: dict[Key, dict[str, dict[tuple[int, int], int]]] = {}
 

@@ -380,6 +380,12 @@ class Reconciler(Observe, Execute):
         bytes). The next pass updates each attempt's protected steps."""
         self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
 
+    def protect_targets(self, node: str) -> list[tuple[str, int, int]]:
+        """(job, attempt, step) each protection round ``node`` takes part in builds now; sent
+        with every heartbeat ack (controller/rounds.py)."""
+        with self.lock:
+            return self.pieces.rounds.targets(self.jobs.values(), node)
+
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
         self.inbox.put(RestoreFailed(job_id=job_id, step=step))
@@ -496,21 +502,15 @@ class Reconciler(Observe, Execute):
             node: LaunchCommand(
                 job_id=job.id,
                 attempt=attempt.number,
-                command=spec.command,
-                env=spec.env,
+                spec=spec,
                 ranks=tuple((r.rank, r.local_rank) for r in attempt.ranks_on(node)),
                 world_size=attempt.world_size,
                 local_world_size=spec.procs_per_node,
                 master_addr=attempt.master_addr,
                 master_port=attempt.master_port,
-                workdir=spec.workdir,
                 node_rank=i,
                 num_nodes=len(attempt.nodes),
                 restore_step=restore,
-                persist_dir=spec.persist_dir,
-                persist_every=spec.persist_every,
-                keep_persisted=spec.keep_persisted,
-                hang_timeout_s=spec.hang_timeout_s,
                 protection=plan,
                 restore=(restores or {}).get(node),
             )

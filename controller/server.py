@@ -226,31 +226,7 @@ def _command_to_proto(
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):
         return agent_pb2.ControllerMessage(stop=convert.stop_to_proto(command))
-    return agent_pb2.ControllerMessage(
-        launch=agent_pb2.Launch(
-            job_id=command.job_id,
-            attempt=command.attempt,
-            command=list(command.command),
-            env=dict(command.env),
-            ranks=[agent_pb2.LaunchRank(rank=r, local_rank=lr) for r, lr in command.ranks],
-            world_size=command.world_size,
-            local_world_size=command.local_world_size,
-            master_addr=command.master_addr,
-            master_port=command.master_port,
-            workdir=command.workdir,
-            node_rank=command.node_rank,
-            num_nodes=command.num_nodes,
-            restore_step=command.restore_step,
-            persist_dir=command.persist_dir,
-            persist_every=command.persist_every,
-            keep_persisted=command.keep_persisted,
-            hang_timeout_s=command.hang_timeout_s,
-            protection=(convert.protection_to_proto(command.protection)
-                        if command.protection is not None else None),
-            restore=(convert.restore_to_proto(command.restore)
-                     if command.restore is not None else None),
-        )
-    )
+    return agent_pb2.ControllerMessage(launch=convert.launch_to_proto(command))
 
 
 __all__ = ["JobServicer"]

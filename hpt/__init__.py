@@ -23,12 +23,12 @@ import datetime
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 from hpt import _rank_monitor
 from hpt._rank import AgentChannel, install_error_file_hook
 from hpt._rank_monitor import section
+from hpt._rank_protocol import Exiting, Hello
 from hpt._restore_env import restore_plan
 
 __all__ = ["Checkpointer", "Context", "init", "step", "current", "section"]
@@ -88,11 +88,13 @@ def init(
         install_error_file_hook(error_file)
     channel = None
     if env.get("HPT_AGENT_SOCKET"):
-        channel = AgentChannel(
-            env["HPT_AGENT_SOCKET"],
-            {"job_id": env.get("HPT_JOB_ID", ""), "attempt": int(env.get("HPT_ATTEMPT", "1")),
-             "rank": rank, "pid": os.getpid()},
-        )
+        try:
+            hello = Hello(job_id=env.get("HPT_JOB_ID", ""),
+                          attempt=int(env.get("HPT_ATTEMPT", "1")), rank=rank, pid=os.getpid())
+        except ValueError as exc:  # not launched by an agent as it would: train without it
+            log.warning("hpt: not reporting to the agent at %s: %s", env["HPT_AGENT_SOCKET"], exc)
+        else:
+            channel = AgentChannel(env["HPT_AGENT_SOCKET"], hello)
     if init_process_group and "MASTER_ADDR" in env:
         import torch
         import torch.distributed as dist
@@ -130,7 +132,7 @@ def _at_exit() -> None:
     C++ destructors after Python is gone)."""
     ctx = _context
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "exiting"})
+        ctx.channel.send(Exiting())
     try:
         _rank_monitor.stop()
         # not after an uncaught exception (Python sets sys.last_value): peers may sit in a
@@ -154,5 +156,5 @@ def step(completed: int) -> None:
     """Report that ``completed`` steps are done. Cheap; never raises into the training loop."""
     ctx = _context
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
+        ctx.channel.step(completed)
         _rank_monitor.on_step(completed)

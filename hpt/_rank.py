@@ -1,5 +1,7 @@
 """Rank side of the agent socket: what ``hpt.init()`` and ``hpt.step()`` talk through.
 
+The messages are those of :mod:`hpt._rank_protocol` (the agent decodes them with it).
+
 Never raises into the training loop: a failure to reach the agent is latched (``error``) and
 the rank carries on; progress reports are then simply missing, which the agent treats like a
 rank that makes no progress.
@@ -9,20 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import socket
 import sys
 import threading
 import time
 import traceback
-from typing import Any
+
+from hpt._rank_protocol import Hello, ProtocolError, RankMessage, Step
 
 log = logging.getLogger(__name__)
 
 
 class AgentChannel:
-    def __init__(self, path: str, hello: dict[str, Any]) -> None:
+    """The rank's end of the agent socket: sends :mod:`hpt._rank_protocol` messages."""
+
+    def __init__(self, path: str, hello: Hello) -> None:
         self.error: BaseException | None = None
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         try:
@@ -34,12 +41,26 @@ class AgentChannel:
             self.error = exc
             log.warning("hpt: cannot reach the agent at %s: %s", path, exc)
             return
-        self.send({"op": "hello", **hello})
+        self.send(hello)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def step(self, completed: int) -> None:
+        """Report ``completed`` steps done, stamped with the wall clock now. A value that is not
+        a count (a float, a negative number) is logged once and not sent, never raised."""
+        try:
+            msg = Step(step=operator.index(completed), at=time.time())
+        except (TypeError, ValueError) as exc:
+            self._refuse(Step.OP, exc)
+            return
+        self.send(msg)
+
+    def send(self, msg: RankMessage) -> None:
         if self._sock is None:
             return
-        data = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        try:
+            data = msg.encode()
+        except ProtocolError as exc:  # too large to send: say so once per type, train on
+            self._refuse(msg.OP, exc)
+            return
         with self._lock:
             try:
                 self._sock.sendall(data)
@@ -47,6 +68,11 @@ class AgentChannel:
                 self.error = exc
                 self._sock.close()
                 self._sock = None
+
+    def _refuse(self, op: str, exc: Exception) -> None:
+        if op not in self._refused:
+            self._refused.add(op)
+            log.warning("hpt: %s not sent to the agent (warned once): %s", op, exc)
 
     def close(self) -> None:
         with self._lock:

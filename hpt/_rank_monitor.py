@@ -1,18 +1,20 @@
 """Rank-side monitoring that ``hpt.init()`` switches on: timings, in-flight collectives, stacks.
 
+Every message to the agent is one of :mod:`hpt._rank_protocol` (JSON lines, never pickle).
+
 - :func:`start` installs :mod:`hpt._instrument` with a sink that ships each batch of timing
-  records to the agent as ``{"op": "records", "records": [...]}`` (JSON, never pickle).
+  records to the agent (``Records``, at most ``MAX_RECORDS`` a message).
 - A watchdog thread ships the collectives the rank is blocked in every ``INFLIGHT_PERIOD_S``
-  (``{"op": "inflight", "records": [...]}``), so a stuck collective is visible to the
+  (``InFlight``), so a stuck collective is visible to the
   controller's C4-style detector even though the step never ends. A rank that holds the GIL
   starves this thread too; the agent then sees it from missing progress, not from here.
 - ``faulthandler`` is registered on SIGUSR1, writing every thread's stack to the per-rank file
   the launcher names in ``HPT_STACK_FILE``: the agent signals a hung rank and reads the file.
   faulthandler writes from its C signal handler, so it works while the rank holds the GIL.
-  The rank then tells the agent which pid registered it (``{"op": "stack_dump", "pid"}``): the
+  The rank then tells the agent which pid registered it (``StackDump``): the
   agent signals no other process (SIGUSR1 kills a process without a handler).
 - :func:`section` with a ``timeout`` tells the agent when the section opens and closes
-  (``section`` / ``section_end``): inside it the rank is hung only past that timeout.
+  (``SectionBegin`` / ``SectionEnd``): inside it the rank is hung only past that timeout.
 
 :func:`on_step` is what ``hpt.step(n)`` calls: it ends the step in progress and begins the next.
 Nothing here raises into the training loop: failures are logged once and the rank carries on.
@@ -30,14 +32,21 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from hpt._rank import AgentChannel
+from hpt._rank_protocol import (
+    MAX_NAME_CHARS,
+    MAX_RECORDS,
+    MAX_SECTION_TIMEOUT_S,
+    InFlight,
+    Records,
+    SectionBegin,
+    SectionEnd,
+    StackDump,
+)
 
 log = logging.getLogger(__name__)
 
 INFLIGHT_PERIOD_S = 1.0
 """How often the watchdog reports in-flight collectives."""
-_MAX_SECTION_TIMEOUT_S = 7 * 24 * 3600.0
-_MAX_RECORDS_PER_MESSAGE = 2000
-"""Large batches are split so one JSON line stays well under the agent's line limit."""
 
 
 class _State:
@@ -63,7 +72,7 @@ def start(*, job_id: str, attempt: int, rank: int, node: str, channel: AgentChan
     except Exception as exc:  # never into the training loop
         log.warning("hpt: stack dumps on SIGUSR1 unavailable: %s", exc)
     if channel is not None and registered:
-        channel.send({"op": "stack_dump", "pid": os.getpid()})
+        channel.send(StackDump(pid=os.getpid()))
     if channel is None or _state.timer is not None:
         return
     try:
@@ -112,13 +121,13 @@ def section(name: str, timeout: float | None = None) -> Iterator[None]:
     channel = _state.channel
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (
-            0 < timeout <= _MAX_SECTION_TIMEOUT_S
+            0 < timeout <= MAX_SECTION_TIMEOUT_S
         ):
-            raise ValueError(f"timeout ({timeout!r}) must be in (0, {_MAX_SECTION_TIMEOUT_S:g}] s")
-        if not 0 < len(name) <= 200:
-            raise ValueError(f"name ({name!r}) must be 1..200 characters")
+            raise ValueError(f"timeout ({timeout!r}) must be in (0, {MAX_SECTION_TIMEOUT_S:g}] s")
+        if not 0 < len(name) <= MAX_NAME_CHARS:
+            raise ValueError(f"name ({name!r}) must be 1..{MAX_NAME_CHARS} characters")
         if channel is not None:
-            channel.send({"op": "section", "name": name, "timeout": float(timeout)})
+            channel.send(SectionBegin(name=name, timeout_s=float(timeout)))
     timer = _state.timer
     try:
         if timer is None:
@@ -128,7 +137,7 @@ def section(name: str, timeout: float | None = None) -> Iterator[None]:
                 yield
     finally:
         if timeout is not None and channel is not None:
-            channel.send({"op": "section_end", "name": name})
+            channel.send(SectionEnd(name=name))
 
 
 def data_ready() -> None:
@@ -157,8 +166,8 @@ def _send_records(batch: list[dict[str, Any]]) -> None:
     channel = _state.channel
     if channel is None:
         return
-    for i in range(0, len(batch), _MAX_RECORDS_PER_MESSAGE):
-        channel.send({"op": "records", "records": batch[i : i + _MAX_RECORDS_PER_MESSAGE]})
+    for i in range(0, len(batch), MAX_RECORDS):
+        channel.send(Records(records=tuple(batch[i : i + MAX_RECORDS])))
 
 
 def _watchdog() -> None:
@@ -171,7 +180,7 @@ def _watchdog() -> None:
             pending = timer.in_flight()
             # An empty report after a non-empty one tells the agent the rank got out.
             if pending or reported:
-                channel.send({"op": "inflight", "records": pending[:_MAX_RECORDS_PER_MESSAGE]})
+                channel.send(InFlight(records=tuple(pending[:MAX_RECORDS])))
             reported = bool(pending)
         except Exception as exc:
             log.debug("hpt: in-flight report failed: %s", exc)

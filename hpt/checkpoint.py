@@ -37,6 +37,13 @@ from typing import Any
 
 import torch
 
+from hpt._rank_protocol import (
+    MAX_TEXT_CHARS,
+    RankEvent,
+    RankEventKind,
+    SnapshotCommitted,
+    SnapshotDiscarded,
+)
 from hpt._restore_env import RestorePlan, restore_plan
 from hpt.ckpt.checkpointer import Checkpointer as _EngineCheckpointer
 from hpt.ckpt.checkpointer import Stateful
@@ -67,18 +74,16 @@ class _AgentSink(ShmSink):
     def discard(self, generation: int) -> None:
         super().discard(generation)
         if self._channel is not None:
-            self._channel.send({"op": "discard", "generation": generation})
+            self._channel.send(SnapshotDiscarded(generation=generation))
 
     def commit(self, step: int, generation: int, layout: Layout, meta_json: str,
                checksums: Sequence[RangeChecksum]) -> None:
         super().commit(step, generation, layout, meta_json, checksums)
         if self._channel is not None:
             started = self._started.pop(generation, None)
-            msg = {"op": "snapshot", "step": step, "generation": generation,
-                   "bytes": layout.total_bytes}
-            if started is not None:
-                msg["copy_s"] = time.monotonic() - started
-            self._channel.send(msg)
+            self._channel.send(SnapshotCommitted(
+                step=step, generation=generation, nbytes=layout.total_bytes,
+                copy_s=None if started is None else time.monotonic() - started))
 
 
 class Checkpointer(_EngineCheckpointer):
@@ -149,18 +154,28 @@ class Checkpointer(_EngineCheckpointer):
             log.info("[hpt] rank %d restored step %d from %s", self._rank, outcome.step,
                      outcome.source)
             # seconds and the tier feed the agent's hpt_restore_seconds{source}
-            self._event("restored", f"restored step {outcome.step} from {outcome.source}",
+            self._event(RankEventKind.RESTORED,
+                        f"restored step {outcome.step} from {outcome.source}",
                         seconds=time.monotonic() - started,
                         source=_METRIC_SOURCE.get(outcome.source, ""))
         return outcome
 
     def _on_restore_event(self, kind: str, message: str) -> None:
-        self._event(kind, message)
+        try:
+            event = RankEventKind(kind)
+        except ValueError:  # the restore chain named a kind the protocol lacks: log it here
+            log.warning("[hpt] rank %d: restore event %s not sent to the agent: %s", self._rank,
+                        kind, message)
+            return
+        self._event(event, message)
 
-    def _event(self, kind: str, message: str, **fields: Any) -> None:
-        """An event for the controller's log; ``fields`` (numbers) feed the agent's metrics."""
+    def _event(self, kind: RankEventKind, message: str, *, seconds: float | None = None,
+               source: str = "") -> None:
+        """An event for the controller's log; ``seconds`` and ``source`` feed the agent's
+        restore metrics."""
         from hpt import current
 
         ctx = current()
         if ctx is not None and ctx.channel is not None:
-            ctx.channel.send({"op": "event", "kind": kind, "message": message, **fields})
+            ctx.channel.send(RankEvent(kind=kind, message=message[:MAX_TEXT_CHARS],
+                                       seconds=seconds, source=source))

@@ -15,11 +15,12 @@ import collections
 import ipaddress
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 
+from hpt import jobspec
 from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
 
@@ -253,51 +254,14 @@ class JobClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(
-        self,
-        *,
-        command: Sequence[str],
-        nodes: int = 1,
-        procs_per_node: int = 1,
-        min_nodes: int | None = None,
-        max_restarts: int = 3,
-        env: Mapping[str, str] | None = None,
-        name: str = "",
-        workdir: str = "",
-        node_wait_timeout_s: float | None = None,
-        stop_grace_s: float | None = None,
-        persist_dir: str = "",
-        persist_every: int = 0,
-        keep_persisted: int = 0,
-        straggler_restart_after: int = 0,
-        hang_timeout_s: float = 0.0,
-        redundancy: str = "",
-    ) -> str:
+    def submit(self, *, command: Sequence[str], **options: Any) -> str:
         """Submit a job; returns its id. The controller validates the spec (INVALID_ARGUMENT).
 
-        ``min_nodes`` defaults to ``nodes`` (no shrinking); ``node_wait_timeout_s`` and
-        ``stop_grace_s`` left ``None`` are not sent, so the controller's defaults apply.
+        ``options`` are ``hpt.jobspec.JobSpec`` fields by name (``nodes=2``, ``env={...}``);
+        one left out or ``None`` takes the spec's default. Raises TypeError naming an option
+        that is not a spec field.
         """
-        spec = common_pb2.JobSpec(
-            name=name,
-            command=list(command),
-            nodes=nodes,
-            procs_per_node=procs_per_node,
-            min_nodes=nodes if min_nodes is None else min_nodes,
-            max_restarts=max_restarts,
-            env=dict(env or {}),
-            workdir=workdir,
-            persist_dir=persist_dir,
-            persist_every=persist_every,
-            keep_persisted=keep_persisted,
-            straggler_restart_after=straggler_restart_after,
-            hang_timeout_s=hang_timeout_s,
-            redundancy=redundancy,
-        )
-        if node_wait_timeout_s is not None:
-            spec.node_wait_timeout_s = node_wait_timeout_s
-        if stop_grace_s is not None:
-            spec.stop_grace_s = stop_grace_s
+        spec = jobspec.submit_proto({"command": list(command), **options}, common_pb2.JobSpec())
         resp = self._stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=UNARY_TIMEOUT_S)
         return resp.job_id
 
@@ -503,20 +467,7 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     }
     if not detail:
         return d
-    d["spec"] = {
-        "name": spec.name,
-        "command": list(spec.command),
-        "nodes": spec.nodes,
-        "procs_per_node": spec.procs_per_node,
-        "min_nodes": spec.min_nodes,
-        "max_restarts": spec.max_restarts,
-        "env": dict(spec.env),
-        "workdir": spec.workdir,
-        "node_wait_timeout_s": (
-            spec.node_wait_timeout_s if spec.HasField("node_wait_timeout_s") else None
-        ),
-        "stop_grace_s": spec.stop_grace_s if spec.HasField("stop_grace_s") else None,
-    }
+    d["spec"] = jobspec.wire_values(spec)
     d["cancel_requested"] = job.cancel_requested
     d["deadline_at"] = _time(job.deadline_at)
     d["attempts"] = [attempt_to_dict(a) for a in sorted(job.attempts, key=lambda a: a.number)]

@@ -30,6 +30,7 @@ __all__ = [
     "METRICS",
     "METRICS_BY_NAME",
     "NODE_STATES",
+    "RANK_MESSAGE_ERRORS",
     "RESTORE_SOURCES",
     "AUTH_FAILURES",
     "MetricDef",
@@ -115,6 +116,11 @@ AUTH_FAILURES: Final = ("missing_token", "bad_token", "wrong_role", "wrong_ident
 """Why the controller refused a caller: no bearer token, an unknown one, a token of the other
 role (the CLI's token on the agent service or the reverse), or an agent whose certificate does
 not name the node it registers as. TLS handshake failures never reach the process."""
+
+RANK_MESSAGE_ERRORS: Final = ("malformed", "unknown_type", "oversized", "version", "refused")
+"""Why an agent did not apply a message from one of its ranks (``hpt._rank_protocol``'s
+``ErrorReason``; a test checks they agree): a bad field, an unknown type, an oversized line, an
+unsupported protocol version, or a well-formed message the agent could not apply."""
 
 _LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _RECOVERY_BUCKETS: Final = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -247,6 +253,13 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         help="Time ranks spent inside torch.distributed collectives, by operation.",
         labels=("op",),
         buckets=_COLLECTIVE_BUCKETS,
+    ),
+    MetricDef(
+        name="hpt_rank_message_errors_total",
+        type=_C,
+        help="Messages from local ranks the agent did not apply, by reason.",
+        labels=("reason",),
+        label_values={"reason": RANK_MESSAGE_ERRORS},
     ),
     # -- agents: checkpoint tiers ----------------------------------------------------------------
     MetricDef(

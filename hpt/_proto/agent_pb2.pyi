@@ -369,65 +369,29 @@ Global___LaunchRank: _TypeAlias = LaunchRank  # noqa: Y015
 class Launch(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class EnvEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
-    COMMAND_FIELD_NUMBER: _builtins.int
-    ENV_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
     WORLD_SIZE_FIELD_NUMBER: _builtins.int
     LOCAL_WORLD_SIZE_FIELD_NUMBER: _builtins.int
     MASTER_ADDR_FIELD_NUMBER: _builtins.int
     MASTER_PORT_FIELD_NUMBER: _builtins.int
-    WORKDIR_FIELD_NUMBER: _builtins.int
     NODE_RANK_FIELD_NUMBER: _builtins.int
     NUM_NODES_FIELD_NUMBER: _builtins.int
     RESTORE_STEP_FIELD_NUMBER: _builtins.int
-    PERSIST_DIR_FIELD_NUMBER: _builtins.int
-    PERSIST_EVERY_FIELD_NUMBER: _builtins.int
-    KEEP_PERSISTED_FIELD_NUMBER: _builtins.int
     PROTECTION_FIELD_NUMBER: _builtins.int
     RESTORE_FIELD_NUMBER: _builtins.int
-    HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     world_size: _builtins.int
     local_world_size: _builtins.int
     master_addr: _builtins.str
     master_port: _builtins.int
-    workdir: _builtins.str
     node_rank: _builtins.int
     num_nodes: _builtins.int
     restore_step: _builtins.int
     """newest snapshot complete on every rank (0: start fresh)"""
-    persist_dir: _builtins.str
-    persist_every: _builtins.int
-    keep_persisted: _builtins.int
-    hang_timeout_s: _builtins.float
-    """the job's hang deadline (JobSpec.hang_timeout_s)"""
-    @_builtins.property
-    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
-    @_builtins.property
-    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaunchRank]: ...
     @_builtins.property
@@ -438,32 +402,28 @@ class Launch(_message.Message):
     def restore(self) -> _checkpoint_pb2.RestorePlan:
         """what to materialise before the ranks start"""
 
+    @_builtins.property
+    def spec(self) -> _common_pb2.JobSpec: ...
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
-        command: _abc.Iterable[_builtins.str] | None = ...,
-        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ranks: _abc.Iterable[Global___LaunchRank] | None = ...,
         world_size: _builtins.int = ...,
         local_world_size: _builtins.int = ...,
         master_addr: _builtins.str = ...,
         master_port: _builtins.int = ...,
-        workdir: _builtins.str = ...,
         node_rank: _builtins.int = ...,
         num_nodes: _builtins.int = ...,
         restore_step: _builtins.int = ...,
-        persist_dir: _builtins.str = ...,
-        persist_every: _builtins.int = ...,
-        keep_persisted: _builtins.int = ...,
         protection: _checkpoint_pb2.ProtectionLayout | None = ...,
         restore: _checkpoint_pb2.RestorePlan | None = ...,
-        hang_timeout_s: _builtins.float = ...,
+        spec: _common_pb2.JobSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["protection", b"protection", "restore", b"restore"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["protection", b"protection", "restore", b"restore", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "job_id", b"job_id", "keep_persisted", b"keep_persisted", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "protection", b"protection", "ranks", b"ranks", "restore", b"restore", "restore_step", b"restore_step", "workdir", b"workdir", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "local_world_size", b"local_world_size", "master_addr", b"master_addr", "master_port", b"master_port", "node_rank", b"node_rank", "num_nodes", b"num_nodes", "protection", b"protection", "ranks", b"ranks", "restore", b"restore", "restore_step", b"restore_step", "spec", b"spec", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,15 +514,23 @@ class HeartbeatAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
+    PROTECT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    @_builtins.property
+    def protect(self) -> _containers.RepeatedCompositeFieldContainer[_checkpoint_pb2.ProtectTarget]:
+        """The step each protection round on this node builds now, one per protected attempt the
+        node takes part in: every parity holder protects exactly this step (controller/rounds.py).
+        """
+
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
+        protect: _abc.Iterable[_checkpoint_pb2.ProtectTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protect", b"protect", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

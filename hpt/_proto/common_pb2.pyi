@@ -281,6 +281,11 @@ Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
+    """The wire form of hpt/jobspec.py's JobSpec, matched by field name: defaults, bounds and help
+    live there, each line here gives a field its number. Unset (proto3 zero) resolves to the
+    default in jobspec.from_proto.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -319,6 +324,7 @@ class JobSpec(_message.Message):
     STRAGGLER_RESTART_AFTER_FIELD_NUMBER: _builtins.int
     REDUNDANCY_FIELD_NUMBER: _builtins.int
     HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RANK_LOG_MAX_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -326,25 +332,16 @@ class JobSpec(_message.Message):
     max_restarts: _builtins.int
     workdir: _builtins.str
     node_wait_timeout_s: _builtins.float
-    """unset: 300"""
+    """optional: absent takes the spec's default"""
     stop_grace_s: _builtins.float
-    """unset: 5"""
     persist_dir: _builtins.str
-    """where agents persist snapshots (DCP + manifest); empty: never"""
     persist_every: _builtins.int
-    """persist every Nth complete snapshot (0: never)"""
     keep_persisted: _builtins.int
-    """persisted checkpoints kept per rank (0: 3)"""
+    """0 (older clients): the spec's default"""
     straggler_restart_after: _builtins.int
-    """0: report stragglers only; N: restart without the"""
     redundancy: _builtins.str
-    """straggler's node once flagged for N of its steps
-    "K+M" (Reed-Solomon k data + m parity nodes); empty: m=1, k from
-    """
     hang_timeout_s: _builtins.float
-    """the node count (2 nodes: a mirror); "off": no protection
-    0: automatic hang deadline, only once the script reports steps;
-    """
+    rank_log_max_bytes: _builtins.int
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -368,10 +365,11 @@ class JobSpec(_message.Message):
         straggler_restart_after: _builtins.int = ...,
         redundancy: _builtins.str = ...,
         hang_timeout_s: _builtins.float = ...,
+        rank_log_max_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015

@@ -39,11 +39,11 @@ from hpt.cli.render import (
     status_rows,
     table,
 )
-from hpt.controller.model import MAX_NODES, MAX_PROCS_PER_NODE, MAX_RESTARTS
+from hpt.cli.spec_options import given, spec_help, spec_options
+from hpt.jobspec import MAX_NODES
 
 _CANCEL_MARGIN_S = 30.0
 """``cancel`` waits the stop grace plus this long for the job to report CANCELLED."""
-_DEFAULT_STOP_GRACE_S = 5.0
 
 
 def _no_checkpoints(job: Any) -> str:
@@ -78,104 +78,14 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "--nnodes",
     "nodes",
     default="1",
-    show_default=True,
     callback=_parse_nodes,
     metavar="N|MIN:MAX",
-    help=f"Nodes to run on (1..{MAX_NODES}); MIN:MAX shrinks to MIN after faults and grows "
-    "back to MAX.",
+    help=spec_help("nodes"),
 )
-@click.option(
-    "-p",
-    "--procs-per-node",
-    "--nproc-per-node",
-    "--nproc_per_node",
-    "procs_per_node",
-    type=click.IntRange(1, MAX_PROCS_PER_NODE),
-    default=1,
-    show_default=True,
-    help="Ranks per node.",
-)
-@click.option(
-    "--min-nodes",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Fewest nodes to continue on after a fault [default: NODES].",
-)
-@click.option(
-    "--max-restarts",
-    type=click.IntRange(min=0, max=MAX_RESTARTS),
-    default=3,
-    show_default=True,
-    help="Restarts after a fault before the job fails.",
-)
-@click.option(
-    "--env",
-    "env",
-    multiple=True,
-    callback=parse_env,
-    metavar="KEY=VALUE",
-    help="Environment variable for every rank (repeatable).",
-)
-@click.option("--name", default="", help="Job name.")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Working directory of the ranks [default: current directory].",
-)
-@click.option(
-    "--node-wait",
-    type=float,
-    default=None,
-    help="Seconds to wait for enough nodes [default: 300].",
-)
-@click.option(
-    "--grace",
-    type=float,
-    default=None,
-    help="Seconds between SIGTERM and SIGKILL when stopping ranks [default: 5].",
-)
-@click.option(
-    "--persist-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Directory the agents persist snapshots to (DCP format + verified manifest).",
-)
-@click.option(
-    "--persist-every",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Persist every Nth complete snapshot (needs --persist-dir) [default: never].",
-)
-@click.option(
-    "--keep-persisted",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Persisted checkpoints kept per rank [default: 3].",
-)
-@click.option(
-    "--straggler-restart-after",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Restart without a straggler's node once it was flagged for N steps [default: 0, "
-    "report only].",
-)
-@click.option(
-    "--hang-timeout",
-    type=click.FloatRange(min=0, max=7 * 24 * 3600.0),
-    default=0.0,
-    help="Seconds without progress (a step, a section's end) after which a rank is hung, also "
-    "for a script without hpt hooks; before the first step S or the 300 s start-up deadline, "
-    "whichever is longer [default: 0, automatic: 10 x the median step, at least 5 s, and only "
-    "once the script reports steps].",
-)
-@click.option(
-    "--redundancy",
-    default="",
-    metavar="K+M",
-    help="Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, or "
-    "'off' [default: M=1, K from the node count; 2 nodes: a mirror].",
-)
+@click.option("--min-nodes", type=click.IntRange(min=0), default=None, help=spec_help("min_nodes"))
+@click.option("--env", "env", multiple=True, callback=parse_env, metavar="KEY=VALUE",
+              help=spec_help("env", "none"))
+@spec_options(default_text={"workdir": "current directory"})
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 iff it succeeded.")
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
@@ -184,45 +94,26 @@ def _parse_nodes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 def submit(
     conn: Conn,
     nodes: tuple[int, int | None],
-    procs_per_node: int,
     min_nodes: int | None,
-    max_restarts: int,
     env: dict[str, str],
-    name: str,
-    workdir: str | None,
-    node_wait: float | None,
-    grace: float | None,
-    persist_dir: str | None,
-    persist_every: int,
-    keep_persisted: int,
-    straggler_restart_after: int,
-    hang_timeout: float,
-    redundancy: str,
     wait: bool,
     command: tuple[str, ...],
+    **spec: Any,
 ) -> None:
     """Submit a job: NODES x PROCS_PER_NODE ranks each running CMD."""
     max_nodes, range_min = nodes
     if range_min is not None and min_nodes is not None:
         raise click.UsageError("give --nodes MIN:MAX or --min-nodes, not both")
+    options = given(spec)
+    options.setdefault("workdir", os.getcwd())  # the ranks run where hptctl ran
     with session(conn) as client:
         job_id = client.submit(
             command=command,
             nodes=max_nodes,
-            procs_per_node=procs_per_node,
-            min_nodes=range_min if range_min is not None else min_nodes,
-            max_restarts=max_restarts,
+            min_nodes=range_min if range_min is not None else (
+                max_nodes if min_nodes is None else min_nodes),
             env=env,
-            name=name,
-            workdir=os.path.abspath(workdir or os.getcwd()),
-            node_wait_timeout_s=node_wait,
-            stop_grace_s=grace,
-            persist_dir=os.path.abspath(persist_dir) if persist_dir else "",
-            persist_every=persist_every,
-            keep_persisted=keep_persisted,
-            straggler_restart_after=straggler_restart_after,
-            hang_timeout_s=hang_timeout,
-            redundancy=redundancy,
+            **options,
         )
         click.echo(job_id)
         if not wait:
@@ -349,7 +240,7 @@ def cancel(conn: Conn, job_id: str, grace: float) -> None:
     """Stop a job and wait until it reports CANCELLED."""
     with session(conn) as client:
         job = client.cancel(job_id, grace_s=grace)
-        grace_s = grace or job.spec.stop_grace_s or _DEFAULT_STOP_GRACE_S
+        grace_s = grace or job.spec.stop_grace_s  # the stored spec has its grace resolved
         job = wait_for_job(client, job_id, timeout_s=grace_s + _CANCEL_MARGIN_S)
     state = hc.job_state_name(job.state)
     if state == "CANCELLED":

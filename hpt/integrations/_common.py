@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import hpt
+from hpt._rank_protocol import Finished
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def beat(completed: int) -> None:
     completing a training step: the hang deadline counts from here, step timings are untouched."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "step", "step": completed, "at": time.time()})
+        ctx.channel.step(completed)
 
 
 def finished() -> None:
@@ -32,7 +32,7 @@ def finished() -> None:
     (a trainer's teardown and the interpreter's exit can be silent for seconds)."""
     ctx = hpt.current()
     if ctx is not None and ctx.channel is not None:
-        ctx.channel.send({"op": "finished"})
+        ctx.channel.send(Finished())
 
 
 class Sections:
@@ -41,12 +41,13 @@ class Sections:
     def __init__(self) -> None:
         self._open: dict[str, contextlib.ExitStack] = {}
 
-    def enter(self, name: str) -> None:
+    def enter(self, name: str, timeout: float | None = None) -> None:
+        """Open section ``name`` (with its own hang deadline ``timeout``, seconds) unless open."""
         if name in self._open:
             return
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(hpt.section(name))
+            stack.enter_context(hpt.section(name, timeout=timeout))
         except Exception as exc:  # never into the training loop
             log.debug("hpt: section %s not timed: %s", name, exc)
         self._open[name] = stack

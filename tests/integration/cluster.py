@@ -7,6 +7,7 @@ reported is checked dead (no orphans).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -104,7 +105,7 @@ class LocalCluster:
         self._rank_pids: set[int] = set()
         self._client: JobClient | None = None
         self._restarts = 0
-        self._killed_agents: set[str] = set()
+        self._killed_agents: set[int] = set()  # pids of agents killed with -9
         self._agent_names: set[str] = set()
 
     # ---------------------------------------------------------------- processes
@@ -179,7 +180,7 @@ class LocalCluster:
         proc = self.agents.pop(name)
         proc.kill()
         proc.wait(timeout=30)
-        self._killed_agents.add(name)
+        self._killed_agents.add(proc.pid)
 
     # ---------------------------------------------------------------- client side
 
@@ -259,10 +260,12 @@ class LocalCluster:
         assert not survivors, f"orphan rank processes {survivors} (ranks known: {with_ranks})"
         # an agent killed with -9 cannot release its snapshot memory (its successor on the node
         # sweeps it at start); every agent that shut down normally must have released its own
-        for name in self._killed_agents:
-            for path in Path("/dev/shm").glob(f"hpt-{name}--*"):
-                path.unlink(missing_ok=True)
-        leaked = [p.name for name in self._agent_names for p in Path("/dev/shm").glob(f"hpt-{name}--*")]
+        # (files are told apart by their owner's pid, not by node name: another cluster's live
+        # agents, e.g. a module-scoped fixture's, may have the same names)
+        ours = {p.pid for p in self._all}
+        for path in shm_files(self._agent_names, self._killed_agents):
+            path.unlink(missing_ok=True)
+        leaked = [p.name for p in shm_files(self._agent_names, ours)]
         assert not leaked, f"snapshot memory leaked: {leaked[:5]}"
 
     def __enter__(self) -> LocalCluster:
@@ -276,6 +279,24 @@ def hpt_argv(args: list[str]) -> list[str]:
     """``python -m hpt.cli ARGS`` that gets SIGTERM when the test process dies (a test run
     killed from outside leaves no controller or agent behind)."""
     return _pdeathsig.wrap([sys.executable, "-m", "hpt.cli", *args], signal.SIGTERM)
+
+
+def shm_files(names: set[str], pids: set[int]) -> list[Path]:
+    """/dev/shm files of agents named ``names`` whose owner (the pid in its lock record, see
+    hpt.agent.ownership) is one of ``pids``, and files of those names with no owner at all."""
+    owners: dict[str, int] = {}  # "hpt-<node>--<instance>" -> pid
+    for lock in Path("/dev/shm").glob("hpt-*--*.lock"):
+        try:
+            owners[lock.name.removesuffix(".lock")] = int(json.loads(lock.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    found = []
+    for name in names:
+        for path in Path("/dev/shm").glob(f"hpt-{name}--*"):
+            owner = path.name.removesuffix(".lock")[:len(f"hpt-{name}--") + 12]
+            if owners.get(owner, -1) in pids or owner not in owners:
+                found.append(path)
+    return found
 
 
 def wait_for_dead(pids: set[int], timeout_s: float) -> set[int]:

@@ -33,7 +33,9 @@ FORBIDDEN = {
 PROMETHEUS_ONLY_IN = {"monitor/export.py"}
 
 # top-level modules of hpt/ that every side may import: they import only the standard library
-LEAVES = {"_address", "_pdeathsig"}
+# (_rank_protocol: the messages a training rank and its agent exchange, imported by both;
+# jobspec: the one definition of a job's options, read by the CLI, client, controller and agent)
+LEAVES = {"_address", "_pdeathsig", "_rank_protocol", "jobspec"}
 # what the training API must never import: the CLI and its toolkit, the daemons' code
 TRAINING_API_FORBIDDEN = ("hpt.cli", "click", "rich", "hpt.controller", "hpt.agent")
 
@@ -119,7 +121,8 @@ def test_daemons_and_libraries_do_not_import_the_training_api(part):
         for name in imports_of(path, with_names=True)
         if _is_training_api(name)
     ]
-    assert offenders == []
+    assert offenders == [], (
+        "a module the daemons share with the rank side belongs in LEAVES (standard library only)")
 
 
 def test_leaves_import_only_the_standard_library():
@@ -131,3 +134,12 @@ def test_leaves_import_only_the_standard_library():
     ]
     assert offenders == []
 
+
+def test_the_agent_and_the_rank_side_speak_through_the_protocol_module():
+    users = {
+        str(p.relative_to(ROOT))
+        for part in ("agent", "hpt")
+        for p in (ROOT / part).rglob("*.py")
+        if "hpt._rank_protocol" in imports_of(p)
+    }
+    assert {"agent/rank_socket.py", "hpt/_rank.py"} <= users

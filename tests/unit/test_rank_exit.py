@@ -8,6 +8,15 @@ import sys
 import threading
 import time
 
+from hpt._rank_protocol import (
+    Exiting,
+    Hello,
+    RankMessage,
+    SectionBegin,
+    SectionEnd,
+    StackDump,
+    Step,
+)
 from hpt.agent.rank_socket import RankSocketServer
 
 SCRIPT = """
@@ -24,12 +33,12 @@ print("script done", flush=True)
 
 
 def test_the_exit_hook_reports_exiting_and_destroys_the_process_group_it_created(tmp_path):
-    got: list[dict] = []
+    got: list[RankMessage] = []
     seen = threading.Event()
 
-    def handler(hello, msg):  # type: ignore[no-untyped-def]
+    def handler(hello: Hello, msg: RankMessage) -> None:
         got.append(msg)
-        if msg["op"] == "exiting":
+        if isinstance(msg, Exiting):
             seen.set()
 
     server = RankSocketServer(str(tmp_path / "agent.sock"), handler)
@@ -47,9 +56,10 @@ def test_the_exit_hook_reports_exiting_and_destroys_the_process_group_it_created
         assert seen.wait(10), got
     finally:
         server.close()
-    ops = [m["op"] for m in got]
+    ops = [m.OP for m in got]
     assert ops.index("stack_dump") < ops.index("step") < ops.index("exiting")
-    assert next(m for m in got if m["op"] == "stack_dump")["pid"] > 0
+    assert next(m for m in got if isinstance(m, StackDump)).pid > 0
+    assert next(m for m in got if isinstance(m, Step)).step == 1
 
 
 def _free_port() -> int:
@@ -61,7 +71,7 @@ def _free_port() -> int:
 
 
 def test_section_with_a_timeout_tells_the_agent_when_it_opens_and_closes(tmp_path):
-    got: list[dict] = []
+    got: list[RankMessage] = []
     server = RankSocketServer(str(tmp_path / "agent.sock"), lambda h, m: got.append(m))
     server.start()
     code = ("import hpt\nhpt.init(init_process_group=False)\n"
@@ -76,11 +86,11 @@ def test_section_with_a_timeout_tells_the_agent_when_it_opens_and_closes(tmp_pat
         assert out.returncode == 0, out.stderr
         assert "refused: timeout (-1) must be in" in out.stdout
         deadline = time.monotonic() + 10
-        while not any(m["op"] == "exiting" for m in got):
+        while not any(isinstance(m, Exiting) for m in got):
             assert time.monotonic() < deadline
             threading.Event().wait(0.02)
     finally:
         server.close()
-    sections = [m for m in got if m["op"].startswith("section")]
-    assert sections == [{"op": "section", "name": "eval", "timeout": 600.0},
-                        {"op": "section_end", "name": "eval"}]
+    sections = [m for m in got if isinstance(m, SectionBegin | SectionEnd)]
+    assert sections == [SectionBegin(name="eval", timeout_s=600.0), SectionEnd(name="eval")]
+    assert server.errors == {}

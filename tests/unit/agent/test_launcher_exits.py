@@ -13,6 +13,7 @@ from hpt.agent import oom
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
+from hpt.jobspec import JobSpec
 
 
 @pytest.fixture
@@ -31,9 +32,10 @@ def launcher(tmp_path):
 
 
 def run_rank(la: Launcher, code: str, tmp_path) -> object:  # type: ignore[no-untyped-def]
-    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", code), env={},
-                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     deadline = time.monotonic() + 60
     tick = threading.Event()
@@ -74,9 +76,10 @@ def launch_waiting(la: Launcher, code: str, tmp_path):  # type: ignore[no-untype
     go = tmp_path / "go"
     script = (f"import os, sys, time, pathlib\n"
               f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n{code}\n")
-    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", script), env={},
-                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    job = JobSpec(command=(sys.executable, "-c", script), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     return proc, go
 
@@ -115,6 +118,30 @@ def test_an_exit_code_the_finished_script_chose_stays_a_failure(launcher, tmp_pa
     assert proc.phase == RankPhase.FAILED and proc.exit_code == 3
 
 
+def test_a_rank_log_stops_at_the_jobs_byte_limit_and_the_output_still_ships(launcher, tmp_path):
+    code = "import sys\nfor i in range(40):\n    print(f'line {i:03d} ' + 'x' * 40)\n" \
+           "print('to stderr', file=sys.stderr)\n"
+    job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path),
+                  rank_log_max_bytes=500)
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
+    launcher.launch(spec)
+    shipped: list[str] = []
+    deadline = time.monotonic() + 60
+    tick = threading.Event()
+    while len(shipped) < 41:
+        assert time.monotonic() < deadline, f"only {len(shipped)} lines shipped"
+        shipped += [chunk[4] for chunk in launcher.outbox.take(1 << 20)[0]]
+        tick.wait(0.02)
+    assert sum("line" in s for s in shipped) == 40 and "to stderr\n" in shipped
+    log = tmp_path / "run" / "jobs" / "j" / "attempt-1" / "rank-0.log"
+    lines = log.read_text().splitlines()
+    # 49 bytes a line: 10 lines fit in 500, then the one line that says why the file stops
+    assert lines[:10] == [f"line {i:03d} " + "x" * 40 for i in range(10)]
+    assert len(lines) == 11 and "rank_log_max_bytes (500)" in lines[10]
+
+
 def test_fence_kills_an_older_attempt_that_ignores_sigterm_and_returns_once_it_is_gone(
         launcher, tmp_path):
     # A Lightning rank turns SIGTERM into a graceful stop that keeps running hooks (and saving
@@ -124,9 +151,10 @@ def test_fence_kills_an_older_attempt_that_ignores_sigterm_and_returns_once_it_i
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
               f"pathlib.Path({str(ready)!r}).touch()\n"
               "while True: time.sleep(0.05)\n")
-    spec = LaunchSpec(job_id="j", attempt=1, command=(sys.executable, "-c", script), env={},
-                      ranks=((0, 0),), world_size=1, local_world_size=1, master_addr="127.0.0.1",
-                      master_port=29500, workdir=str(tmp_path), node_rank=0, num_nodes=1)
+    job = JobSpec(command=(sys.executable, "-c", script), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      node_rank=0, num_nodes=1)
     (old,) = launcher.launch(spec)
     deadline = time.monotonic() + 60
     tick = threading.Event()

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from hpt._rank_protocol import Finished, Hello, ProtocolError, Records, StackDump, Step
 from hpt.agent.launcher import RankPhase, RankProcess
 from hpt.agent.watch import RankWatch, WatchConfig, proc_state, stack_file
 from hpt.monitor.detectors.hang import HangConfig
@@ -22,6 +23,8 @@ def waiting_here():
     time.sleep(60)
 waiting_here()
 """
+
+HELLO = Hello(job_id="j", attempt=1, rank=0, pid=1)
 
 
 class FakeLauncher:
@@ -62,9 +65,8 @@ def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
     t0 = time.monotonic()
     assert watch.check(t0) == []
-    hello = {"job_id": "j", "attempt": 1, "rank": 0}
-    watch.on_rank_message(hello, {"op": "stack_dump", "pid": rank.pid})
-    watch.on_rank_message(hello, {"op": "step", "step": 1})
+    watch.on_rank_message(HELLO, StackDump(pid=rank.pid))
+    watch.on_rank_message(HELLO, Step(step=1, at=time.time()))
     (finding,) = watch.check(time.monotonic() + 2.0)
     assert finding.kind == "hang" and finding.rank == 0 and finding.node == "n"
     assert "in waiting_here" in finding.stacks[0].text
@@ -75,7 +77,7 @@ def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
 def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
     watch.check(time.monotonic())
-    watch.on_rank_message({"job_id": "j", "attempt": 1, "rank": 0}, {"op": "step", "step": 1})
+    watch.on_rank_message(HELLO, Step(step=1, at=time.time()))
     os.kill(rank.pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 10
@@ -89,20 +91,18 @@ def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
 
 def test_bad_records_are_dropped_and_counted_without_closing_the_socket(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
-    hello = {"job_id": "j", "attempt": 1, "rank": 0}
-    watch.on_rank_message(hello, {"op": "records", "records": [{"type": "step"}]})
+    watch.on_rank_message(HELLO, Records(records=({"type": "step"},)))
     assert watch.take()[3] == 1
-    with pytest.raises(ValueError):
-        watch.on_rank_message(hello, {"op": "records", "records": "nope"})
+    with pytest.raises(ProtocolError, match=r"records\.records"):
+        Records(records="nope")  # type: ignore[arg-type]
 
 
 def test_a_rank_that_reported_finished_training_is_not_hung_while_it_shuts_down(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
-    hello = {"job_id": "j", "attempt": 1, "rank": 0}
-    watch.on_rank_message(hello, {"op": "step", "step": 5, "at": time.time()})
+    watch.on_rank_message(HELLO, Step(step=5, at=time.time()))
     now = time.monotonic()
     assert watch.check(now + 60.0), "silent for a minute past a 1 s deadline: hung"
     watch = make_watch(tmp_path, rank)
-    watch.on_rank_message(hello, {"op": "step", "step": 5, "at": time.time()})
-    watch.on_rank_message(hello, {"op": "finished"})
+    watch.on_rank_message(HELLO, Step(step=5, at=time.time()))
+    watch.on_rank_message(HELLO, Finished())
     assert watch.check(time.monotonic() + 60.0) == []
