@@ -2,7 +2,7 @@
 
 Bulk bytes (blob segments and parity pieces, see blob.py and protect.py) go from agent to agent
 over their own gRPC service, never through the controller. A piece travels as a stream of
-chunks (``chunk_bytes``, 4 MiB by default), each carrying its offset and a CRC-32 (frames
+chunks (``chunk_bytes``, 1 MiB by default), each carrying its offset and a CRC-32 (frames
 encoded and decoded in chunks.py: one copy out of the source, one into the destination); the stream
 ends with a trailer that says the source was still intact after the last byte (a rank may have
 overwritten the generation meanwhile; it removes the commit record first, so the check is
@@ -38,7 +38,7 @@ from hpt.agent import chunks, tls
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 _MAX_CHUNK_BYTES = 8 << 20
 _MAX_MESSAGE_BYTES = 16 << 20
 _OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),

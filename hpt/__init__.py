@@ -44,7 +44,6 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
 
 _context: Context | None = None
-_owns_process_group = False
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +78,7 @@ def init(
     Returns:
         The rank's Context (also available later from ``hpt.current()``).
     """
-    global _context, _owns_process_group
+    global _context
     env = os.environ
     rank = int(env.get("RANK", "0"))
     world = int(env.get("WORLD_SIZE", "1"))
@@ -103,7 +102,6 @@ def init(
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-            _owns_process_group = True
     first = _context is None
     _context = Context(
         rank=rank,
@@ -127,9 +125,13 @@ def _at_exit() -> None:
     """The script is done (its main returned, ``sys.exit``, or an exception was reported): tell
     the agent, so teardown is not judged as a hang and a crash inside the interpreter's teardown
     is told apart from a failure of the script; then end what hpt started while the interpreter
-    still runs: the watchdog thread, the instrumentation, and the process group if ``init``
-    created it and the script did not destroy it (its backend threads are joined now, not by
-    C++ destructors after Python is gone)."""
+    still runs: the watchdog thread, the instrumentation, and the default process group if the
+    script did not destroy it, whoever created it. Its backend threads are joined now: a gloo
+    worker thread ("pt_gloo_runloop") that drops the last reference to a finished work's
+    tensors during interpreter finalization must take the GIL, CPython ends such a thread with
+    ``pthread_exit``, and the forced unwind through that C++ destructor calls
+    ``std::terminate`` ("terminate called without an active exception": SIGABRT after the
+    script's last line, seen in about 1 of 15 exits of a plain two-rank gloo script)."""
     ctx = _context
     if ctx is not None and ctx.channel is not None:
         ctx.channel.send(Exiting())
@@ -137,7 +139,7 @@ def _at_exit() -> None:
         _rank_monitor.stop()
         # not after an uncaught exception (Python sets sys.last_value): peers may sit in a
         # collective with this rank, and a destroy could wait on them
-        if _owns_process_group and getattr(sys, "last_value", None) is None:
+        if getattr(sys, "last_value", None) is None:
             import torch.distributed as dist
 
             if dist.is_initialized():

@@ -1,7 +1,9 @@
-"""Where training code lives: hpt for PyTorch Lightning and DDP.
+"""Where training code lives: hpt for PyTorch Lightning, the Hugging Face Trainer and DDP.
 
 - :mod:`hpt.integrations.lightning` (``pip install hpt[lightning]``): ``HptCallback`` for
   ``lightning.pytorch``/``pytorch_lightning`` trainers.
+- :mod:`hpt.integrations.transformers` (``pip install hpt[transformers]``): ``HptCallback`` and
+  ``resume_from(trainer)`` for ``transformers.Trainer``.
 - :mod:`hpt.integrations.ddp`: a DDP communication hook that makes the reducer's bucket
   all-reduces visible to hpt's collective detector.
 

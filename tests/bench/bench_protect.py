@@ -62,16 +62,18 @@ def node_main(name: str, directory: str, mib: int, seed: int) -> None:
     print(json.dumps({"port": server.port}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "protect":
-            if cmd.get("save"):  # a new generation, as a rank's next snapshot
-                state["w"].add_(1.0)
-                engine.save(cmd["save"], state)
-                engine.wait()
+        if cmd["op"] == "save":  # a new generation, as a rank's next snapshot
+            state["w"].add_(1.0)
+            engine.save(cmd["save"], state)
+            engine.wait()
+            print(json.dumps({}), flush=True)
+        elif cmd["op"] == "protect":
             if JOB not in protector._jobs:
                 layout = checkpoint_pb2.ProtectionLayout()
                 layout.ParseFromString(bytes.fromhex(cmd["layout"]))
                 protector.protect(JOB, 1, layout)
             entry = protector._jobs[JOB]
+            protector.set_targets([(JOB, 1, cmd.get("save") or 1)])  # the controller's round
             t0 = time.perf_counter()
             for stripe in entry.slots:
                 protector.build(entry, stripe)
@@ -169,6 +171,8 @@ def main() -> None:
         state_bytes = (args.mib << 20)
         protect_s, parity = [], 0
         for run in range(args.runs + 2):
+            for i in range(3):  # every node saves the round's step first (the controller
+                ask(i, {"op": "save", "save": run + 2})  # names only complete steps)
             # every node builds at once (as in the cluster): per-node time under full load
             for i in range(3):
                 procs[i].stdin.write(json.dumps({"op": "protect", "save": run + 2,  # type: ignore[union-attr]

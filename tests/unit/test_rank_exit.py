@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from hpt._rank_protocol import (
     Exiting,
     Hello,
@@ -25,6 +27,8 @@ import torch.distributed as dist
 import hpt
 # registered before hpt.init: runs after hpt's own exit hook (atexit is last in, first out)
 atexit.register(lambda: print("pg alive after hpt's hook:", dist.is_initialized(), flush=True))
+if os.environ.get("SCRIPT_OWNS_PG"):  # a torchrun-style script creates the group itself
+    dist.init_process_group("gloo")
 hpt.init()
 assert dist.is_initialized()
 hpt.step(1)
@@ -32,7 +36,13 @@ print("script done", flush=True)
 """
 
 
-def test_the_exit_hook_reports_exiting_and_destroys_the_process_group_it_created(tmp_path):
+@pytest.mark.parametrize("script_owns_pg", [False, True], ids=["hpt-created", "script-created"])
+def test_the_exit_hook_reports_exiting_and_destroys_the_process_group(tmp_path, script_owns_pg):
+    """Whoever created it: a gloo worker thread ("pt_gloo_runloop") that drops the last
+    reference to a finished work's tensors during interpreter finalization takes the GIL, and
+    CPython ends such a thread with pthread_exit; the unwind through that C++ destructor calls
+    std::terminate ("terminate called without an active exception", SIGABRT after the script's
+    last line). Destroying the group in the exit hook joins those threads while Python runs."""
     got: list[RankMessage] = []
     seen = threading.Event()
 
@@ -48,7 +58,7 @@ def test_the_exit_hook_reports_exiting_and_destroys_the_process_group_it_created
         env = {**os.environ, "HPT_AGENT_SOCKET": str(tmp_path / "agent.sock"), "HPT_JOB_ID": "j",
                "HPT_ATTEMPT": "1", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "HPT_STACK_FILE": str(tmp_path / "stacks.txt"),
-               "USE_LIBUV": "0"}
+               "USE_LIBUV": "0", **({"SCRIPT_OWNS_PG": "1"} if script_owns_pg else {})}
         out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
