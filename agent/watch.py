@@ -28,6 +28,10 @@ Which ranks are judged, and by what deadline (the job's hang policy):
   attempt or an earlier one): a script that never calls ``hpt.step`` is never declared hung
   for being silent, and the deadline is the detector's (start-up, then ``max(min_s, factor x
   median step)``);
+- a rank that has not made a step of its own in this attempt is still starting (importing
+  torch, joining the process group: slow on a loaded machine) and is judged by the start-up
+  deadline only, however fast its peers already step; the controller's launch timeout covers
+  a rank that never even starts;
 - a rank inside ``with hpt.section(name, timeout=T)`` is judged by T from the section's start
   (an evaluation or a final save is not a hang);
 - the second signal, for ranks not judged by silence: the rank's watchdog reports a collective
@@ -138,6 +142,8 @@ class _AttemptWatch:
     """rank -> pid that registered the SIGUSR1 stack dump."""
     reported: bool = False
     stepped: bool = False
+    stepped_ranks: set[int] = field(default_factory=set)
+    """Ranks that made a step in this attempt; the others are still starting."""
     finished: set[int] = field(default_factory=set)  # ranks past training, shutting down
 
 
@@ -208,6 +214,7 @@ class RankWatch:
                 w = self._watch(key)
                 w.progress[rank] = time.monotonic()
                 w.stepped = True
+                w.stepped_ranks.add(rank)
                 self._stepped_jobs[key[0]] = None
                 self._stepped_jobs.move_to_end(key[0])
                 while len(self._stepped_jobs) > _MAX_STEPPED_JOBS:
@@ -377,6 +384,7 @@ class RankWatch:
                     continue
                 med = median(list(w.step_s)) if w.step_s and w.stepped else None
                 last, own, cfg = self._judged(key, w, procs, med, now)
+                starting = [r for r in last if r not in w.stepped_ranks]
                 if not last:
                     continue
                 det = check_hang(
@@ -388,6 +396,7 @@ class RankWatch:
                     attempt=key[1],
                     nodes_by_rank={p.rank: self.node for p in procs},
                     own_deadlines=own,
+                    starting=starting,
                 )
                 if det.findings:
                     w.reported = True
@@ -427,7 +436,7 @@ class RankWatch:
                 last[p.rank] = progress
             elif p.rank in w.stuck:
                 seq, op, since = w.stuck[p.rank]
-                deadline = hang_deadline_s(med, cfg)
+                deadline = hang_deadline_s(med if p.rank in w.stepped_ranks else None, cfg)
                 last[p.rank] = max(since, w.progress.get(p.rank, since))
                 own[p.rank] = (deadline, f"deadline {deadline:g} s for {op} seq {seq} in flight")
         return last, own, cfg

@@ -1,11 +1,12 @@
 """What RPC handlers tell the control loop: observations, queued, applied by the next pass.
 
-An RPC handler (a user's cancel, an agent's report of the pieces it holds, of a restore it
-could not do, of its stream closing) builds one of the records below and puts it in the
+An RPC handler (a user's submit or cancel, an agent's events, its report of the pieces it
+holds, of a restore it could not do, of its stream closing) builds one of the records below and puts it in the
 :class:`Inbox`; it changes no state itself. Each pass of the loop (``reconcile.py``) first takes
 every queued observation and applies it, then decides (``decide.py``) and acts. A caller that
 needs to answer after the effect (``CancelJob`` returns the job as cancelling) waits on the
-observation's ``applied`` event with a deadline.
+observation's ``applied`` event with a deadline; ``SubmitJob`` does too, and answers with
+what the pass found (stored, or the store's refusal in ``Queued.error``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,23 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubmitRequested:
+    """A user's new job, not stored yet: the pass stores it (or fails to, in ``Queued.error``)."""
+
+    job: Any
+    """The ``model.Job``, built by the handler with its id."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AgentEvents:
+    """Events an agent or its ranks raised (persist failures, skipped checkpoints...)."""
+
+    node: str
+    events: tuple[Any, ...]
+    """``model.Event`` records."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,7 +66,8 @@ class Disconnected:
     at: float
 
 
-Observation = CancelRequested | RestoreFailed | PiecesHeld | Disconnected
+Observation = (SubmitRequested | AgentEvents | CancelRequested | RestoreFailed | PiecesHeld
+               | Disconnected)
 
 
 @dataclass(slots=True)
@@ -56,6 +75,8 @@ class Queued:
     observation: Observation
     applied: threading.Event = field(default_factory=threading.Event)
     """Set by the pass that applied the observation."""
+    error: BaseException | None = None
+    """Why the pass could not apply it (a submit the store refused); set before ``applied``."""
 
 
 class Inbox:
@@ -67,10 +88,23 @@ class Inbox:
 
     def put(self, observation: Observation) -> threading.Event:
         """Queue ``observation``; returns the event the applying pass sets."""
+        return self.queue(observation).applied
+
+    def queue(self, observation: Observation) -> Queued:
+        """Queue ``observation``; returns its entry (``applied``, then ``error``)."""
         queued = Queued(observation)
         with self._lock:
             self._queue.append(queued)
-        return queued.applied
+        return queued
+
+    def withdraw(self, queued: Queued) -> bool:
+        """Take ``queued`` back unless a pass took it already; True when withdrawn."""
+        with self._lock:
+            try:
+                self._queue.remove(queued)
+            except ValueError:
+                return False
+            return True
 
     def take(self) -> list[Queued]:
         """Everything queued so far, oldest first (the pass sets ``applied`` once done)."""

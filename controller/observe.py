@@ -1,7 +1,8 @@
 """The passive phase of a reconcile pass: what agents and users reported, applied to the state.
 
 ``Reconciler`` (``reconcile.py``) mixes this in. Observations queued by RPC handlers
-(``observations.py``: a cancel, held pieces, a failed restore, a closed stream) are applied at
+(``observations.py``: a submit, a cancel, an agent's events, held pieces, a failed restore, a
+closed stream) are applied at
 the start of each pass; rank reports of registrations and heartbeats go through
 ``_apply_report``; nodes whose heartbeats stopped become LOST with their ranks. Every rank and
 node state change follows the transition tables of ``model.py`` (``set_state``). Nothing here
@@ -12,14 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hpt.controller import elastic
+from hpt.controller import convert, elastic
 from hpt.controller.model import (
     RANK_TRANSITIONS,
     AttemptState,
     Event,
     EventKind,
+    Job,
     NodeState,
     RankEndCause,
     RankReport,
@@ -27,7 +30,15 @@ from hpt.controller.model import (
     StopCause,
     StopCommand,
 )
-from hpt.controller.observations import CancelRequested, PiecesHeld, RestoreFailed
+from hpt.controller.observations import (
+    AgentEvents,
+    CancelRequested,
+    PiecesHeld,
+    RestoreFailed,
+    SubmitRequested,
+)
+from hpt.controller.repository import SteppedDownError
+from hpt.controller.store import FencedError, StoreUnavailableError
 
 if TYPE_CHECKING:
     pass
@@ -42,7 +53,14 @@ class Observe:
         """Apply what RPC handlers queued since the last pass, in arrival order."""
         for queued in self.inbox.take():
             obs = queued.observation
-            if isinstance(obs, CancelRequested):
+            if isinstance(obs, SubmitRequested):
+                queued.error = self._apply_submit(obs.job)
+            elif isinstance(obs, AgentEvents):
+                for event in obs.events:
+                    if event.at <= 0 or event.at > now + 60:
+                        event = replace(event, at=now)
+                    self.events.emit(event)
+            elif isinstance(obs, CancelRequested):
                 self._apply_cancel(obs, now)
             elif isinstance(obs, PiecesHeld):
                 self._apply_pieces(obs.node, list(obs.pieces))
@@ -55,6 +73,22 @@ class Observe:
                     runtime.link = None
                     runtime.disconnected_at = obs.at
             queued.applied.set()
+
+    def _apply_submit(self, job: Job) -> BaseException | None:
+        """Store a new job; the refusal, if any, is the submitter's answer (never acknowledged:
+        nothing was stored)."""
+        try:
+            self.repository.create(f"jobs/{job.id}", convert.job_to_bytes(job))
+        except SteppedDownError as exc:
+            self._deposed = exc  # this pass ends with stepping down
+            return exc
+        except (StoreUnavailableError, FencedError) as exc:
+            return exc
+        self.jobs[job.id] = job
+        spec = job.spec
+        self._emit(EventKind.JOB_SUBMITTED, job, message=f"{spec.nodes}x{spec.procs_per_node} "
+                   f"ranks: {' '.join(spec.command)}")
+        return None
 
     def _apply_cancel(self, obs: CancelRequested, now: float) -> None:
         job = self.jobs.get(obs.job_id)

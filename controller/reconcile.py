@@ -2,8 +2,9 @@
 
 Three parts, the shape of torch.elastic's rendezvous ops and Ray's autoscaler v2:
 
-1. Inputs. RPC handlers queue observations (``observations.py``: ``cancel``, ``held_pieces``,
-   ``restore_failed``, ``disconnect``) and wake the loop. Registrations and heartbeats apply
+1. Inputs. RPC handlers queue observations (``observations.py``: ``submit``, ``cancel``,
+   ``agent_events``, ``held_pieces``, ``restore_failed``, ``disconnect``) and wake the loop;
+   ``submit`` waits, with a deadline, for the pass that stored its job (or could not). Registrations and heartbeats apply
    their rank reports under the lock on arrival (the passive sync of ``observe.py``): they
    carry the liveness a pass judges, and a heartbeat tells its caller whether a pass is due.
 2. Each pass (``reconcile_once``) applies the queued observations, marks nodes whose heartbeats
@@ -32,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from hpt.controller import catalog, convert, detect, elastic, retention
@@ -57,23 +58,27 @@ from hpt.controller.model import (
     StopCommand,
 )
 from hpt.controller.observations import (
+    AgentEvents,
     CancelRequested,
     Disconnected,
     Inbox,
     PiecesHeld,
     RestoreFailed,
+    SubmitRequested,
 )
 from hpt.controller.observe import Observe
 from hpt.controller.pieces import PieceBook
 from hpt.controller.repository import Repository, SteppedDownError
 from hpt.controller.stall import StallDetector
-from hpt.controller.store import FencedError, Store
+from hpt.controller.store import FencedError, Store, StoreUnavailableError
 from hpt.controller.store.retrying import RetryingStore, StoreHealth
 from hpt.controller.streams import EventLog, LogBuffer
 
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_S = 1.0
+_SUBMIT_WAIT_S = 30.0
+"""How long ``submit`` waits for a pass to take its job (a pass blocked on a slow store)."""
 
 
 class DuplicateNodeError(Exception):
@@ -215,6 +220,8 @@ class Reconciler(Observe, Execute):
             raise self._deposed
         now, mono = self._clock(), time.monotonic()
         self._apply_observations(now)
+        if self._deposed is not None:  # a submit met another controller's record
+            raise self._deposed
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
@@ -231,20 +238,32 @@ class Reconciler(Observe, Execute):
     # ---------------------------------------------------------------- inputs (RPC threads)
 
     def submit(self, spec: JobSpec) -> str:
-        now = self._clock()
-        with self.lock:
-            job_id = f"{spec.name or 'job'}-{secrets.token_hex(4)}"
-            job = Job(id=job_id, spec=spec, created_at=now, reason="submitted")
-            try:
-                self.repository.create(f"jobs/{job_id}", convert.job_to_bytes(job))
-            except SteppedDownError as exc:
-                self._deposed = exc  # the loop's next pass steps down
-                self.wake()
-                raise
-            self.jobs[job_id] = job
-            self._emit(EventKind.JOB_SUBMITTED, job, message=f"{spec.nodes}x{spec.procs_per_node} ranks: "
-                       f"{' '.join(spec.command)}")
-        self.wake()
+        """Queue a new job and wait (``submit_wait_s``) for the pass that stores it.
+
+        Raises:
+            StoreUnavailableError: it could not be stored (nothing was: never acknowledged).
+            FencedError: another controller leads (``SteppedDownError``: it created the record).
+        """
+        job_id = f"{spec.name or 'job'}-{secrets.token_hex(4)}"
+        job = Job(id=job_id, spec=spec, created_at=self._clock(), reason="submitted")
+        queued = self.inbox.queue(SubmitRequested(job=job))
+        if self._thread is None:  # no loop runs (driven pass by pass): apply the inbox here
+            with self.lock:
+                self._apply_observations(self._clock())
+        else:
+            self.wake()
+            deadline = time.monotonic() + _SUBMIT_WAIT_S
+            while not queued.applied.wait(0.5):
+                loop_ended = self._thread is None or not self._thread.is_alive()
+                if not loop_ended and time.monotonic() <= deadline:
+                    continue
+                if self.inbox.withdraw(queued) or loop_ended:  # maybe stored: never acknowledged
+                    raise StoreUnavailableError(
+                        "the control loop ended" if loop_ended else
+                        f"no reconcile pass took the job within {_SUBMIT_WAIT_S:g}s")
+                # else a pass took it: it stores it or refuses, and then says so
+        if queued.error is not None:
+            raise queued.error
         return job_id
 
     def cancel(self, job_id: str, grace_s: float | None) -> threading.Event:
@@ -352,12 +371,9 @@ class Reconciler(Observe, Execute):
         return changed
 
     def agent_events(self, node: str, events: list[Event]) -> None:
-        """Events an agent or its ranks raised (persist failures, skipped checkpoints...)."""
-        now = self._clock()
-        for event in events:
-            if event.at <= 0 or event.at > now + 60:
-                event = replace(event, at=now)
-            self.events.emit(event)
+        """Events an agent or its ranks raised (persist failures, skipped checkpoints...);
+        the next pass records them."""
+        self.inbox.put(AgentEvents(node=node, events=tuple(events)))
 
     def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
         """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,

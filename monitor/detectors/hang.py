@@ -5,7 +5,9 @@ steps. The caller (the controller, fed by agents' step reports) keeps, per rank,
 saw progress on *its own* monotonic clock and asks :func:`check_hang` with its ``now``.
 
 The deadline scales with the job: ``max(min_s, factor x median step time)``; before any step has
-completed (imports, data loading, compilation, restore) the much longer ``startup_s`` applies.
+completed (imports, data loading, compilation, restore) the much longer ``startup_s`` applies,
+and it keeps applying to a rank that has not made a step of its own while its peers already
+step (on a loaded machine one rank may still be importing torch when another is at step 3).
 Findings are ordered by how long each rank has been silent, longest first: in a hang the rank
 that stopped first is the likeliest root cause.
 """
@@ -13,7 +15,7 @@ that stopped first is the likeliest root cause.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from hpt.monitor.detectors._common import is_finite, require
@@ -87,6 +89,7 @@ def check_hang(
     attempt: int,
     nodes_by_rank: Mapping[int, str] | None = None,
     own_deadlines: Mapping[int, tuple[float, str]] | None = None,
+    starting: Collection[int] = (),
 ) -> Detection:
     """Name the ranks with no progress for longer than the hang deadline.
 
@@ -101,6 +104,10 @@ def check_hang(
         nodes_by_rank: node of each rank, for the findings; missing ranks get "".
         own_deadlines: ranks judged by a deadline of their own instead, with what sets it
             (a section with its own timeout: ``(600.0, "section 'eval' timeout")``).
+        starting: ranks that have made no step of their own yet (importing torch, joining the
+            process group while a peer already steps): judged by the start-up deadline
+            whatever ``median_step_s`` says, since a peer's step time says nothing about
+            how long this rank's start-up takes.
 
     Returns:
         One HANG finding per hung rank, longest silent first, and a one-line reason.
@@ -109,8 +116,10 @@ def check_hang(
     deadline = hang_deadline_s(median_step_s, cfg)
     nodes = nodes_by_rank or {}
     own = own_deadlines or {}
+    startup = hang_deadline_s(None, cfg)
+    startup_basis = f"startup deadline {startup:.1f} s (no step completed yet)"
     if median_step_s is None:
-        basis = f"startup deadline {deadline:.1f} s (no step completed yet)"
+        basis = startup_basis
     elif cfg.timeout_s > 0:
         basis = f"the job's hang timeout {deadline:g} s"
     else:
@@ -125,16 +134,20 @@ def check_hang(
     )
     findings: list[Finding] = []
     for silent_s, rank in silent:
-        rank_deadline, rank_basis = own.get(rank, (deadline, basis))
+        if rank in own:
+            (rank_deadline, rank_basis), phase = own[rank], "section"
+        elif median_step_s is None or rank in starting:
+            rank_deadline, rank_basis, phase = startup, startup_basis, "startup"
+        else:
+            rank_deadline, rank_basis, phase = deadline, basis, "steady"
         if silent_s <= rank_deadline:
             continue
         node = nodes.get(rank, "")
         who = f"rank {rank} ({node})" if node else f"rank {rank}"
-        phase = "startup" if median_step_s is None else "steady"
         evidence: dict[str, float | int | str] = {
             "silent_s": round(silent_s, 3),
             "deadline_s": rank_deadline,
-            "phase": "section" if rank in own else phase,
+            "phase": phase,
         }
         if median_step_s is not None:
             evidence["median_step_s"] = median_step_s

@@ -12,7 +12,15 @@ import time
 
 import pytest
 
-from hpt._rank_protocol import Hello, InFlight, SectionBegin, SectionEnd, StackDump, Step
+from hpt._rank_protocol import (
+    Hello,
+    InFlight,
+    Records,
+    SectionBegin,
+    SectionEnd,
+    StackDump,
+    Step,
+)
 from hpt.agent.launcher import RankPhase, RankProcess
 from hpt.agent.watch import RankWatch, WatchConfig, stack_file
 from hpt.monitor.detectors.hang import HangConfig
@@ -152,3 +160,79 @@ def test_a_registration_naming_a_process_outside_the_rank_is_not_signalled(tmp_p
     finally:
         other.kill()
         other.wait()
+
+
+class FrozenTime:
+    """The watch's clock, moved by the test only (``hpt.agent.watch.time``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+def two_rank_watch(tmp_path, sleeper, monkeypatch, *, hang_timeout_s: float = 0.0):  # type: ignore[no-untyped-def]
+    """Ranks 0 and 1 of one attempt on this node (one sleeper stands for both), frozen clock."""
+    import hpt.agent.watch as watch_mod
+
+    clock = FrozenTime(1000.0)
+    monkeypatch.setattr(watch_mod, "time", clock)
+    procs = [RankProcess(job_id="j", attempt=1, rank=r, local_rank=r, node="n", pid=sleeper.pid,
+                         phase=RankPhase.RUNNING, hang_timeout_s=hang_timeout_s) for r in (0, 1)]
+    cfg = WatchConfig(hang=HangConfig(min_s=DEADLINE_S, startup_s=60.0), stack_deadline_s=0.0)
+    watch = RankWatch(node="n", launcher=FakeLauncher(procs), run_dir=tmp_path,
+                      on_change=lambda: None, cfg=cfg)
+    return watch, clock
+
+
+def peer_steps(watch: RankWatch, clock: FrozenTime, n: int) -> None:
+    """Rank 1 makes ``n`` fast steps (0.1 s each), reporting them as hpt.step does."""
+    peer = Hello(job_id="j", attempt=1, rank=1, pid=2)
+    for s in range(1, n + 1):
+        clock.now += 0.1
+        rec = {"type": "step", "job_id": "j", "attempt": 1, "rank": 1, "node": "n", "step": s,
+               "start_s": clock.now - 0.1, "end_s": clock.now, "data_wait_s": 0.0,
+               "compute_s": 0.1}
+        watch.on_rank_message(peer, Records(records=(rec,)))
+        watch.on_rank_message(peer, Step(step=s, at=clock.now))
+
+
+@pytest.mark.parametrize("hang_timeout_s", [0.0, 3.0])
+def test_a_rank_still_starting_is_not_judged_by_a_peers_step_deadline(
+        tmp_path, sleeper, monkeypatch, hang_timeout_s):
+    # Loaded machine: rank 1 is at step 3 while rank 0 is still importing torch. Rank 0 has
+    # made no step: only the start-up deadline (or a section's) judges it, never the 5 s one.
+    watch, clock = two_rank_watch(tmp_path, sleeper, monkeypatch, hang_timeout_s=hang_timeout_s)
+    t0 = clock.now
+    assert watch.check(t0) == []  # both launched, first seen now
+    clock.now = t0 + 5.5
+    peer_steps(watch, clock, 3)  # rank 1 at step 3, fresh
+    assert watch.check(clock.now) == []  # rank 0 silent 5.8 s: still starting, no hang
+    clock.now = t0 + 59.0
+    peer_steps(watch, clock, 3)
+    assert watch.check(clock.now) == []
+    clock.now = t0 + 61.0
+    peer_steps(watch, clock, 3)
+    (finding,) = watch.check(clock.now)  # past the start-up deadline: rank 0 never started
+    assert finding.rank == 0
+    assert "startup deadline 60.0 s" in finding.message
+    assert finding.evidence["phase"] == "startup"
+
+
+def test_a_rank_that_stepped_is_judged_by_the_step_deadline(tmp_path, sleeper, monkeypatch):
+    watch, clock = two_rank_watch(tmp_path, sleeper, monkeypatch)
+    t0 = clock.now
+    assert watch.check(t0) == []
+    watch.on_rank_message(HELLO, Step(step=1, at=clock.now))  # rank 0 started, went silent
+    peer_steps(watch, clock, 3)
+    clock.now = t0 + DEADLINE_S - 0.5
+    peer_steps(watch, clock, 3)
+    assert watch.check(clock.now) == []
+    clock.now = t0 + DEADLINE_S + 1.0
+    peer_steps(watch, clock, 3)
+    (finding,) = watch.check(clock.now)
+    assert finding.rank == 0 and finding.evidence["phase"] == "steady"

@@ -124,3 +124,13 @@ def test_a_rank_with_its_own_deadline_is_judged_by_it():
     det = check_hang({0: 0.0, 1: 0.0}, 0.01, 20.0, HangConfig(min_s=5.0), job_id="j", attempt=1,
                      own_deadlines={1: (30.0, "section 'eval' timeout 30 s")})
     assert [f.rank for f in det.findings] == [0]
+
+
+def test_a_rank_with_no_step_of_its_own_keeps_the_startup_deadline_while_peers_step():
+    progress = {0: 0.0, 1: 99.0}  # rank 1 steps fast; rank 0 is still importing torch
+    result = check_hang(progress, 0.1, 100.0, CFG, job_id="j", attempt=2, starting=[0])
+    assert result.findings == ()
+    (finding,) = check_hang(progress | {1: 300.5}, 0.1, 301.0, CFG, job_id="j", attempt=2,
+                            starting=[0]).findings
+    assert finding.rank == 0 and finding.evidence["phase"] == "startup"
+    assert "startup deadline 300.0 s" in finding.message
