@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt._proto import agent_pb2, agent_pb2_grpc
 from hpt._rank_protocol import (
     ErrorReason,
     Exiting,
@@ -37,7 +37,7 @@ from hpt._rank_protocol import (
 from hpt.agent import convert, tls
 from hpt.agent.config import AgentConfig
 from hpt.agent.guard import Guard
-from hpt.agent.launcher import Launcher, RankPhase, RankProcess
+from hpt.agent.launcher import Launcher, RankProcess
 from hpt.agent.ownership import RUN_DIR_PREFIX, Ownership, sweep_dead_owners
 from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
 from hpt.agent.protect import Protector
@@ -61,13 +61,6 @@ _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Both directions of the controller stream; the controller's own limit is the same by default,
 and a launch is bounded by the job spec's size budget (``jobspec.MAX_SPEC_BYTES``) far below it."""
 _SHM_DIR = "/dev/shm"
-_RANK_STATE = {
-    RankPhase.PENDING: common_pb2.RANK_STATE_PENDING,
-    RankPhase.RUNNING: common_pb2.RANK_STATE_RUNNING,
-    RankPhase.SUCCEEDED: common_pb2.RANK_STATE_SUCCEEDED,
-    RankPhase.FAILED: common_pb2.RANK_STATE_FAILED,
-    RankPhase.STOPPED: common_pb2.RANK_STATE_STOPPED,
-}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -337,7 +330,7 @@ class Agent:
         return all(r.step >= 0 or r.ended for r in self.launcher.ranks())
 
     def _report(self, proc: RankProcess) -> agent_pb2.RankReport:
-        report = _report(proc)
+        report = convert.rank_report(proc)
         held, persisted, nbytes = self.snapshots.steps(proc.job_id, proc.rank)
         report.status.snapshot_steps.extend(held)
         report.status.persisted_steps.extend(persisted)
@@ -381,29 +374,3 @@ class Agent:
                           self.cfg.name, silent, self._lease_s)
                 self.launcher.stop_all(grace_s=0.0, reason="self-fenced: controller unreachable")
                 self._fenced = True
-
-
-def _report(proc: RankProcess) -> agent_pb2.RankReport:
-    status = common_pb2.RankStatus(
-        rank=proc.rank,
-        local_rank=proc.local_rank,
-        node=proc.node,
-        pid=proc.pid,
-        state=_RANK_STATE[proc.phase],
-        step=proc.step,
-        step_at=proc.step_at,
-        first_step_at=proc.first_step_at,
-    )
-    if proc.ended:
-        status.exit_reason = proc.exit_reason()
-        status.exit.CopyFrom(
-            common_pb2.ExitInfo(
-                exit_code=proc.exit_code,
-                signal=proc.signal,
-                error_type=proc.error_type,
-                error_message=proc.error_message,
-                traceback=proc.traceback,
-                ended_at=proc.ended_at,
-            )
-        )
-    return agent_pb2.RankReport(job_id=proc.job_id, attempt=proc.attempt, status=status)

@@ -74,6 +74,7 @@ from hpt._rank_protocol import (
     StackDump,
     Step,
 )
+from hpt.agent import convert
 from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.monitor.detectors._common import median
 from hpt.monitor.detectors.hang import HangConfig, check_hang, hang_deadline_s
@@ -296,12 +297,12 @@ class RankWatch:
             w = self._watch(key)
             for rec in recs:
                 if isinstance(rec, StepRecord):
-                    self._push(self._steps, _step_proto(rec))
+                    self._push(self._steps, convert.step_timing(rec))
                     w.step_s.append(rec.step_s)
                     if m is not None:
                         m.set("hpt_step_seconds", rec.step_s, rank=rec.rank)
                 elif isinstance(rec, CollectiveRecord):
-                    self._push(self._colls, _coll_proto(rec, in_flight=False))
+                    self._push(self._colls, convert.collective_timing(rec, in_flight=False))
                     if m is not None and rec.duration_s is not None:
                         m.observe("hpt_collective_seconds", rec.duration_s, op=rec.op)
 
@@ -319,7 +320,7 @@ class RankWatch:
                     w.stuck[rank] = (oldest.seq, oldest.op, now)
             for rec in recs:
                 if isinstance(rec, CollectiveRecord):
-                    self._push(self._colls, _coll_proto(rec, in_flight=True))
+                    self._push(self._colls, convert.collective_timing(rec, in_flight=True))
 
     def _push(self, buf: deque[Any], item: Any) -> None:
         if len(buf) == buf.maxlen:
@@ -564,33 +565,6 @@ def _in_group(pid: int, group: int) -> bool:
         return os.getpgid(pid) == group
     except OSError:
         return False
-
-
-def _step_proto(rec: StepRecord) -> agent_pb2.StepTiming:
-    return agent_pb2.StepTiming(
-        job_id=rec.job_id,
-        attempt=rec.attempt,
-        rank=rec.rank,
-        step=rec.step,
-        start_s=rec.start_s,
-        end_s=rec.end_s,
-        data_wait_s=rec.data_wait_s,
-        compute_s=rec.compute_s,
-    )
-
-
-def _coll_proto(rec: CollectiveRecord, *, in_flight: bool) -> agent_pb2.CollectiveTiming:
-    return agent_pb2.CollectiveTiming(
-        job_id=rec.job_id,
-        attempt=rec.attempt,
-        rank=rec.rank,
-        seq=rec.seq,
-        op=rec.op,
-        nbytes=rec.nbytes,
-        enter_s=rec.enter_s,
-        exit_s=rec.exit_s or 0.0,
-        in_flight=in_flight,
-    )
 
 
 class AgentMonitoring:
