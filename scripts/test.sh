@@ -4,9 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup.sh | tail -n 1)
-# two workers (HPT_TEST_WORKERS): the cluster tests in order on one, unit tests on the other
-WORKERS=${HPT_TEST_WORKERS:-2}
-if [ "$WORKERS" -gt 1 ]; then
-  exec "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --dist loadgroup tests "$@"
+if [ "$#" -gt 0 ] || [ "${HPT_TEST_SERIAL:-0}" = 1 ]; then
+  exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
 fi
-exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
+# The whole suite as two pytest processes side by side: the tests that start local clusters
+# (agents named node-0, node-1 ... on one /dev/shm and loopback) one after another, and the
+# unit tests beside them; the unit tests' report is printed after the cluster tests' one.
+UNIT_LOG=$(mktemp)
+trap 'rm -f "$UNIT_LOG"' EXIT
+"$PY" -m pytest -q -p no:cacheprovider tests/unit > "$UNIT_LOG" 2>&1 &
+UNIT_PID=$!
+CLUSTER_RC=0
+"$PY" -m pytest -q -p no:cacheprovider tests/integration tests/faults || CLUSTER_RC=$?
+UNIT_RC=0
+wait "$UNIT_PID" || UNIT_RC=$?
+echo "---- tests/unit"
+cat "$UNIT_LOG"
+echo "---- cluster tests exit ${CLUSTER_RC}, unit tests exit ${UNIT_RC}"
+[ "$CLUSTER_RC" -eq 0 ] && [ "$UNIT_RC" -eq 0 ]

@@ -9,17 +9,6 @@ import pytest
 
 from tests.redis_fixture import start_redis, stop_redis
 
-# Tests that start local clusters (agents named node-0, node-1 ... on one /dev/shm and loopback)
-# run one after another on one worker; unit tests run beside them on the other (scripts/test.sh
-# runs two pytest-xdist workers with --dist loadgroup).
-_CLUSTER_DIRS = ("integration", "faults")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.parent.name in _CLUSTER_DIRS:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
