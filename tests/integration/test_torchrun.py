@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,5 +101,9 @@ def test_hptctl_run_starts_a_local_cluster_and_exits_with_the_job_status(tmp_pat
          "python", str(BIN / "record_fail.py")],
         capture_output=True, text=True, timeout=190, cwd=tmp_path, stdin=subprocess.DEVNULL,
     )
+    # a failed run keeps its cluster directory for the user to read (by design): not for a test
+    kept = re.search(r"cluster log: (\S+)/cluster\.log", failed.stderr)
+    if kept:
+        shutil.rmtree(kept.group(1), ignore_errors=True)
     assert failed.returncode == 1, failed.stderr
     assert "FAILED" in failed.stderr and "learning rate 42.0" in failed.stderr, failed.stderr
