@@ -307,3 +307,44 @@ def wait_for_dead(pids: set[int], timeout_s: float) -> set[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         tick.wait(0.05)
+
+
+# ---------------------------------------------------------------- one cluster, many tests
+
+TERMINAL_STATES = frozenset({common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
+                             common_pb2.JOB_STATE_CANCELLED})
+
+
+def restore_shape(cluster: LocalCluster, ready_timeout_s: float = 180) -> None:
+    """Bring a cluster that several tests share back to the shape it started in: the controller
+    serving and every agent ``node-0`` .. ``node-{N-1}`` running and READY (a test may have
+    killed one with ``kill_agent``; its successor sweeps what it left, as on a real node)."""
+    if cluster.controller is None or cluster.controller.poll() is not None:
+        cluster._drop_client()
+        cluster.start_controller()
+    names = [f"node-{i}" for i in range(cluster.num_agents)]
+    for name in names:
+        proc = cluster.agents.get(name)
+        if proc is None or proc.poll() is not None:
+            cluster.start_agent(name)
+
+    def ready() -> bool:
+        states = {n.name: n.state for n in cluster.client.nodes()}
+        return all(states.get(name) == common_pb2.NODE_STATE_READY for name in names)
+
+    wait_for(ready, ready_timeout_s, f"{', '.join(names)} READY", poll_s=0.1)
+
+
+def settle(cluster: LocalCluster, timeout_s: float = 60) -> None:
+    """What a test on a shared cluster leaves behind, checked as ``close()`` would: a job still
+    running is cancelled and must end; every rank any job ever had must be dead (no orphans);
+    every agent the test did not kill itself (``kill_agent``) must still be running."""
+    for job in cluster.client.list():
+        if job.state not in TERMINAL_STATES:
+            cluster.client.cancel(job.id)
+    for job in cluster.client.list():
+        cluster.wait_terminal(job.id, timeout_s)  # also records the jobs' rank pids
+    survivors = wait_for_dead(cluster._rank_pids, timeout_s)
+    assert not survivors, f"orphan rank processes {sorted(survivors)}"
+    died = {name: p.returncode for name, p in cluster.agents.items() if p.poll() is not None}
+    assert not died, f"agents exited during the test: {died}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpt._proto import common_pb2 as pb
 from hpt.ckpt import fmt
 from tests.integration.cluster import TRAIN, LocalCluster, state_name, wait_for
 
@@ -45,26 +46,44 @@ def resumed_steps(cluster: LocalCluster, job_id: str) -> set[int]:
             if (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}
 
 
-@pytest.fixture(scope="module")
-def clean_sha(tmp_path_factory) -> str:
-    with LocalCluster(tmp_path_factory.mktemp("clean")) as cluster:
-        job_id = cluster.submit(*JOB)
-        job = cluster.wait_terminal(job_id)
+_CLEAN_SHA: dict[str, str] = {}
+"""The clean run's digest, made once per session on the shared cluster."""
+
+
+@pytest.fixture
+def clean_sha(shared_cluster) -> str:
+    if "sha" not in _CLEAN_SHA:
+        job_id = shared_cluster.submit(*JOB)
+        job = shared_cluster.wait_terminal(job_id)
         assert state_name(job.state) == "SUCCEEDED", job.reason
-        return final_sha(cluster, job_id)
+        _CLEAN_SHA["sha"] = final_sha(shared_cluster, job_id)
+    return _CLEAN_SHA["sha"]
 
 
 def shm_files(job_id: str) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if job_id in n]
 
 
-def test_rank_killed_midrun_resumes_from_memory_bitwise_identical(cluster, clean_sha):
+def test_rank_killed_midrun_resumes_from_memory_bitwise_identical(shared_cluster, clean_sha):
+    cluster = shared_cluster
     job_id = cluster.submit(*JOB)
     job = cluster.wait_step(job_id, attempt=1, step=8)
-    os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)
+    victim = job.attempts[0].ranks[1]
+    os.kill(victim.pid, signal.SIGKILL)
     job = cluster.wait_terminal(job_id)
     assert state_name(job.state) == "SUCCEEDED", job.reason
-    assert len(job.attempts) == 2
+    # the fault's record: one restart, its cause, the events in order
+    assert len(job.attempts) == 2 and job.restarts == 1
+    first = job.attempts[0]
+    assert first.state == pb.ATTEMPT_STATE_FAILED
+    assert first.cause.kind == "rank_exit" and first.cause.rank == 1
+    assert first.cause.node == victim.node and "SIGKILL" in first.cause.message
+    assert {r.state for r in first.ranks} <= {pb.RANK_STATE_FAILED, pb.RANK_STATE_STOPPED}
+    assert job.attempts[1].first_step_at > first.cause.detected_at
+    seen = [e.kind for e in cluster.events(job_id)]
+    assert seen.index("fault") < seen.index("recovering") < seen.index("job_succeeded")
+    assert seen.count("attempt_launched") == 2
+    # the restart resumed from the agents' memory and lost nothing
     launched = [e.message for e in cluster.events(job_id) if e.kind == "attempt_launched"]
     step = int(re.search(r"restores step (\d+) from memory", launched[1]).group(1))
     assert step >= 8
@@ -74,8 +93,9 @@ def test_rank_killed_midrun_resumes_from_memory_bitwise_identical(cluster, clean
 
 
 def test_rank_killed_while_its_snapshot_is_in_flight_resumes_from_the_common_step(
-    cluster, clean_sha
+    shared_cluster, clean_sha
 ):
+    cluster = shared_cluster
     # rank 1's commit of step 10 is held for 4.5 s (under the 5 s hang deadline): the copy is
     # done, the snapshot not complete; the test kills rank 1 inside that window
     job = ["python", DELAYED_TRAIN, *JOB[2:]]

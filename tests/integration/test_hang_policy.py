@@ -1,4 +1,4 @@
-"""Healthy phases without steps are not hangs: a real 2x2 gloo job with an evaluation section
+"""Healthy phases without steps are not hangs: a real 2x2 gloo job (on the shared cluster) with an evaluation section
 longer than its hang deadline finishes in one attempt."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ HANG_TIMEOUT_S = 3.0
 
 
 @pytest.mark.timeout(400)  # a 9 s evaluation on a 2x2 cluster; slow on a loaded machine
-def test_an_eval_section_three_times_the_hang_timeout_is_not_restarted(cluster):
+def test_an_eval_section_three_times_the_hang_timeout_is_not_restarted(shared_cluster):
+    cluster = shared_cluster
     job_id = cluster.submit(*EVAL, "--eval-s", str(3 * HANG_TIMEOUT_S), "--section-timeout",
                             str(10 * HANG_TIMEOUT_S), hang_timeout_s=HANG_TIMEOUT_S,
                             max_restarts=0)

@@ -19,24 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.faults import FaultCluster
 from tests.integration.cluster import ROOT, TRAIN, state_name, wait_for
-from tests.integration.patient import start_slowly
 
 BIN = Path(__file__).resolve().parent / "bin"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = FaultCluster(tmp_path_factory.mktemp("torchrun"))
-    start_slowly(c)
-    try:
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.close()
+@pytest.fixture
+def cluster(shared_cluster):
+    """The session's shared 2 x 2 cluster (tests/conftest.py)."""
+    return shared_cluster
 
 
 def hptctl(cluster, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
