@@ -1,7 +1,8 @@
 """One rank of a job that restores a row-sharded model (ZeRO-style) through hpt.Checkpointer.
 
-Launched by tests/integration/test_reshard.py as WORLD_SIZE processes on gloo (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT and the HPT_RESTORE_* / HPT_PERSIST_DIR variables in the environment).
+Launched by tests/unit/ckpt/test_reshard_ranks.py as WORLD_SIZE processes on gloo (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT and the HPT_RESTORE_* / HPT_PERSIST_DIR variables in the
+environment).
 The model is `sharded_model(rank, world)` below: a row-sharded body and a replicated head, Adam.
 Each rank restores, then writes what it holds to OUT/rank-R.pt (read back with
 ``torch.load(weights_only=True)``) and OUT/rank-R.json (step, source, skipped).

@@ -1,6 +1,9 @@
 """Restore onto another world size with real ranks (gloo on CPU): the restore chain's peers
 source (HPT_RESTORE_SHARDS) and disk source reshard a row-sharded model and its Adam state by
-global offsets; the re-assembled global tensors equal the snapshot bit for bit."""
+global offsets; the re-assembled global tensors equal the snapshot bit for bit.
+
+No cluster: the ranks are started here, so these run with the unit tests (beside the cluster
+tests)."""
 
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import torch.distributed.checkpoint as dcp
 from hpt.ckpt import Checkpointer, ShmSink, fmt
 from tests.integration.cluster import free_port
 
-BIN = Path(__file__).parent / "bin"
+BIN = Path(__file__).resolve().parents[2] / "integration" / "bin"
 sys.path.insert(0, str(BIN))
 from reshard_rank import ROWS, GlobalPosition, sharded_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STEP = 6
 OLD_WORLD = 4
 
