@@ -15,7 +15,7 @@ trap 'rm -f "$UNIT_LOG"' EXIT
 "$PY" -m pytest -q -p no:cacheprovider tests/unit > "$UNIT_LOG" 2>&1 &
 UNIT_PID=$!
 CLUSTER_RC=0
-"$PY" -m pytest -q -p no:cacheprovider tests/integration tests/faults || CLUSTER_RC=$?
+"$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/integration tests/faults || CLUSTER_RC=$?
 UNIT_RC=0
 wait "$UNIT_PID" || UNIT_RC=$?
 echo "---- tests/unit"

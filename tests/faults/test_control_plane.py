@@ -6,6 +6,7 @@ and a real ``redis-server``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,15 @@ import pytest
 
 from hpt._proto import jobs_pb2
 from tests.faults.control_plane import ControlPlaneCluster, PersistentRedis, hold
-from tests.integration.cluster import BIN, TRAIN, pid_alive, state_name, wait_for, wait_for_dead
+from tests.integration.cluster import (
+    BIN,
+    TRAIN,
+    pid_alive,
+    shm_files,
+    state_name,
+    wait_for,
+    wait_for_dead,
+)
 from tests.redis_fixture import start_redis, stop_redis
 
 SLEEPER = str(BIN / "sleeper.py")
@@ -52,8 +61,18 @@ def min_step(job, attempt: int = 1) -> int:  # type: ignore[no-untyped-def]
     return min(r.step for r in job.attempts[attempt - 1].ranks)
 
 
-def owner_locks(node: str) -> list[Path]:
-    return sorted(SHM.glob(f"hpt-{node}--*.lock"))
+def owner_locks(cluster: ControlPlaneCluster, node: str) -> list[Path]:
+    """Owner locks of agents named ``node`` that this cluster started (another cluster on the
+    host may run agents of the same names)."""
+    ours = {p.pid for p in cluster._all}
+    return sorted(p for p in SHM.glob(f"hpt-{node}--*.lock") if _lock_pid(p) in ours)
+
+
+def _lock_pid(lock: Path) -> int:
+    try:
+        return int(json.loads(lock.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 # ------------------------------------------------------------------------ item 1 and item 3
@@ -234,7 +253,9 @@ def test_duplicate_agent_is_refused_and_cannot_sweep_a_live_agents_snapshots(cp)
     job_id = cluster.submit("python", TRAIN, "--steps", "100000", "--step-time", "0.05",
                             nodes=1, procs=1)
     job = cluster.wait_step(job_id, attempt=1, step=3)
-    live = list(SHM.glob("hpt-node-0--*.buf"))  # snapshot buffers: allocated once, kept
+    # snapshot buffers (allocated once, kept) of this cluster's node-0
+    live = [p for p in shm_files({"node-0"}, {cluster.agents["node-0"].pid})
+            if p.name.endswith(".buf")]
     assert live
 
     dup = cluster._spawn(["agent", "--controller", cluster.address, "--name", "node-0",
@@ -244,7 +265,7 @@ def test_duplicate_agent_is_refused_and_cannot_sweep_a_live_agents_snapshots(cp)
     wait_for(lambda: "refused this agent" in log_path.read_text(errors="replace")
              or not all(p.exists() for p in live), 60, "duplicate refused (or sweeping)")
     assert all(p.exists() for p in live), "the duplicate swept a live agent's snapshots"
-    assert len(owner_locks("node-0")) == 2  # each agent process owns its own files
+    assert len(owner_locks(cluster, "node-0")) == 2  # each agent process owns its own files
     dup.terminate()
     dup.wait(timeout=30)
     assert all(p.exists() for p in live), "the duplicate's shutdown removed live snapshots"
@@ -264,7 +285,7 @@ def test_agent_killed_with_9_leaves_no_orphan_and_the_next_agent_reclaims_its_le
     cluster.kill_agent("node-0")
     assert not wait_for_dead({child}, 15), "the rank's child outlived its agent"
 
-    [lock] = owner_locks("node-0")  # what the dead agent left: its lock, its snapshot files
+    [lock] = owner_locks(cluster, "node-0")  # what the dead agent left: its lock, its snapshot files
     instance = lock.name.removeprefix("hpt-node-0--").removesuffix(".lock")
     planted = SHM / f"hpt-node-0--{instance}-{job_id}-r0.g0.buf"
     planted.write_bytes(b"left behind")
