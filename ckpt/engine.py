@@ -193,7 +193,7 @@ class SnapshotEngine:
             tensors = [t.detach().clone() if copy_now(e.fqn) else t
                        for e, t in zip(layout.entries, tensors, strict=True)]
         meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-        generation = self._next_generation()
+        generation = self._next_generation(step)
         has_cuda = any(t.is_cuda for t in tensors)
         buffer, fresh = self._buffer_for(layout, generation, pin=has_cuda)
         self._sink.discard(generation)
@@ -280,9 +280,11 @@ class SnapshotEngine:
 
     # -- generations and buffers -------------------------------------------------------------
 
-    def _next_generation(self) -> int:
-        """The buffer the next save writes: never the newest complete snapshot nor a pinned
-        one; an unused one first, else the one holding the oldest step."""
+    def _next_generation(self, step: int) -> int:
+        """The buffer the save of `step` writes: never the newest complete snapshot nor a
+        pinned one; an unused one first, or one holding `step` or a later one (left by a
+        predecessor that got further before the restore: a step is never held twice), else the
+        one holding the oldest step."""
         if not self._synced_with_sink:
             # A restarted rank must not overwrite the snapshot its predecessor left behind.
             held = self._sink.held()
@@ -293,7 +295,8 @@ class SnapshotEngine:
         pool = self._num_generations + len(pins)
         free = [g for g in range(pool) if g != self._newest_generation and g not in pins]
         # free has >= num_generations - 1 >= 1 members: len(pool) minus the pins and the newest
-        return min(free, key=lambda g: (g in self._held, self._held.get(g, 0), g))
+        held = self._held
+        return min(free, key=lambda g: (g in held and held[g] < step, held.get(g, 0), g))
 
     def _buffer_for(
         self, layout: Layout, generation: int, *, pin: bool

@@ -262,6 +262,28 @@ def test_pinned_generations_are_never_written_and_the_rotation_keeps_its_size(
         engine.close()
 
 
+def test_a_restored_rank_overwrites_the_steps_its_predecessor_saved_beyond_the_restore(
+    sink: SnapshotSink,
+) -> None:
+    first = SnapshotEngine(sink, num_generations=3)
+    for step in (12, 13, 14):  # the predecessor got to 14; the job restores 12
+        first.save(step, {"w": torch.full((8,), float(step))})
+    first.close()
+    second = SnapshotEngine(sink, num_generations=3)
+    try:
+        for step in (13, 14):
+            second.save(step, {"w": torch.full((8,), -float(step))})
+            second.wait(DEADLINE_S)
+            steps = [ref.step for ref in sink.held()]
+            assert len(steps) == len(set(steps)) == 3, steps  # one snapshot per step
+            assert 12 in steps  # the restored one stays until it is the oldest
+    finally:
+        second.close()
+    for ref in sink.held():  # every snapshot of 13 and 14 is the new run's
+        assert torch.equal(sink.read(ref).buffer.view(torch.float32)[:1],
+                           torch.tensor([float(ref.step) * (1 if ref.step == 12 else -1)]))
+
+
 def test_layout_change_acquires_new_buffers_and_stays_correct(sink: SnapshotSink) -> None:
     engine = SnapshotEngine(sink)
     try:
