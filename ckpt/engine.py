@@ -295,8 +295,8 @@ class SnapshotEngine:
         pool = self._num_generations + len(pins)
         free = [g for g in range(pool) if g != self._newest_generation and g not in pins]
         # free has >= num_generations - 1 >= 1 members: len(pool) minus the pins and the newest
-        held = self._held
-        return min(free, key=lambda g: (g in held and held[g] < step, held.get(g, 0), g))
+        steps = self._held
+        return min(free, key=lambda g: (g in steps and steps[g] < step, steps.get(g, 0), g))
 
     def _buffer_for(
         self, layout: Layout, generation: int, *, pin: bool
