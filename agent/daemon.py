@@ -227,9 +227,11 @@ class Agent:
                 elif kind == "ack":
                     self.protector.set_targets([(t.job_id, t.attempt, t.step)
                                                 for t in msg.ack.protect])
+                    self.snapshots.pin_rounds([(t.job_id, t.step, t.protected_step)
+                                               for t in msg.ack.protect])
                 elif kind == "release":
                     self.protector.release(msg.release.job_id)
-                    self.snapshots.release(msg.release.job_id)
+                    self.snapshots.release_later(msg.release.job_id)
                 elif kind == "stop":
                     s = msg.stop
                     if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:

@@ -122,10 +122,6 @@ class Piece:
 class PieceSource(Protocol):
     """What the peer service serves; implemented by protect.Protector."""
 
-    def held(self, job_id: str, ranks: list[int]) -> list[int]:
-        """Steps complete in memory for every rank in ``ranks``, ascending."""
-        ...
-
     def open_piece(self, request: checkpoint_pb2.FetchRequest) -> Piece:
         """The piece ``request`` names, verified against its checksums.
 
@@ -146,10 +142,6 @@ class _Servicer(checkpoint_pb2_grpc.PeerServiceServicer):
     def __init__(self, source: PieceSource, node: str) -> None:
         self._source = source
         self._node = node
-
-    def Held(self, request, context):  # type: ignore[no-untyped-def]
-        return checkpoint_pb2.HeldReply(steps=self._source.held(request.job_id,
-                                                                 list(request.ranks)))
 
     def Fetch(self, request, context):  # type: ignore[no-untyped-def]
         chunk = request.chunk_bytes or CHUNK_BYTES
@@ -187,9 +179,6 @@ class PeerServer:
         servicer = _Servicer(source, node)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             _SERVICE, {
-                "Held": grpc.unary_unary_rpc_method_handler(
-                    servicer.Held, request_deserializer=checkpoint_pb2.HeldRequest.FromString,
-                    response_serializer=checkpoint_pb2.HeldReply.SerializeToString),
                 # frames come encoded (chunks.py): no second serialisation
                 "Fetch": grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch, request_deserializer=checkpoint_pb2.FetchRequest.FromString,
@@ -236,23 +225,11 @@ class PeerClient:
                 channel = self._channels[address] = self._auth.channel(address)
         return channel
 
-    def _stub(self, address: str) -> checkpoint_pb2_grpc.PeerServiceStub:
-        return checkpoint_pb2_grpc.PeerServiceStub(self._channel(address))
-
     def _fetch_call(self, address: str) -> Callable[..., Iterator[bytes]]:
         """Fetch with the chunks left as received bytes (decoded by chunks.decode)."""
         return self._channel(address).unary_stream(
             f"/{_SERVICE}/Fetch", request_serializer=checkpoint_pb2.FetchRequest.SerializeToString,
             response_deserializer=_as_is)
-
-    def held(self, address: str, job_id: str, ranks: list[int], timeout_s: float) -> list[int]:
-        try:
-            reply = self._stub(address).Held(
-                checkpoint_pb2.HeldRequest(job_id=job_id, ranks=ranks), timeout=timeout_s,
-                metadata=self._auth.metadata)
-        except grpc.RpcError as exc:
-            raise PieceUnavailable(f"{address}: {_code(exc)}") from exc
-        return list(reply.steps)
 
     def fetch(self, address: str, request: checkpoint_pb2.FetchRequest, *,
               timeout_s: float) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:

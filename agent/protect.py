@@ -10,7 +10,8 @@ stripe it holds parity for, this agent's protector thread:
    (``set_targets``, from every heartbeat ack; controller/rounds.py): every holder of every
    stripe protects that same step, so a lost node's stripes all decode at one step. A holder
    never picks a step itself; steps saved while a round runs are skipped, never queued, so a
-   slow network costs freshness, not memory;
+   slow network costs freshness, not memory. A step named ahead of the ranks is pulled once
+   this node's own ranks have saved it (the agents pin it meanwhile: snapshots.py);
 2. pulls the k segments of that step (``PeerClient.fetch``: chunked, CRC-checked, resumable;
    the owners verify their ranks' checksums before sending and check nothing was overwritten
    after);
@@ -249,13 +250,6 @@ class Protector:
 
     # ---------------------------------------------------------------- PieceSource
 
-    def held(self, job_id: str, ranks: list[int]) -> list[int]:
-        common: set[int] | None = None
-        for rank in ranks:
-            steps = blobs.held_steps(self.shm_dir, self.prefix_of(job_id, rank))
-            common = steps if common is None else common & steps
-        return sorted(common or ())
-
     def open_piece(self, request: checkpoint_pb2.FetchRequest) -> Piece:
         if request.kind == checkpoint_pb2.PIECE_KIND_SEGMENT:
             return self._open_segment(request.job_id, list(request.ranks), request.step,
@@ -337,6 +331,8 @@ class Protector:
             return None
         if any(s.valid and s.step >= step for s in slots):
             return None
+        if not self._reached(entry, step):
+            return None  # a round named ahead of the ranks: nothing to pull yet
         # the k segments come from k nodes: pull them at the same time
         pulled = list(self._pool.map(lambda member: self._segment(entry, member, stripe, step),
                                      data))
@@ -372,6 +368,15 @@ class Protector:
         log.debug("[%s/%d/%s/-] stripe %d protected at step %d (%d bytes)", entry.job_id,
                   entry.attempt, self.node, stripe, step, size)
         return step
+
+    def _reached(self, entry: _Protected, step: int) -> bool:
+        """This node's ranks of the attempt have saved ``step`` or a later one (the ranks of
+        a job step together, so its data members are about there too)."""
+        for rank in entry.layout.nodes[entry.me].ranks:
+            if max(blobs.held_steps(self.shm_dir, self.prefix_of(entry.job_id, rank)),
+                   default=-1) < step:
+                return False
+        return True
 
     def _segment(self, entry: _Protected, member: int, stripe: int,
                  step: int) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor]:

@@ -12,6 +12,14 @@ Every ``persist_every``-th complete snapshot is persisted in the background by a
 persister copies the generation out of shared memory and checks it against the checksums of its
 commit record before writing, so a generation the rank overwrote meanwhile is skipped, never
 written torn. ``release(job)`` unlinks everything of a job when the controller says it ended.
+
+Pins: a protection round (controller/rounds.py) reads one step from every data member, and a
+node loss is decoded from the newest protected step, so both must stay in the ranks' memory
+while the ranks save on. ``pin_rounds`` takes both steps of each job from the controller's
+acks; the generations holding them are written to a pin file next to the rank's snapshots
+(``ShmSink.pin``) that the rank's engine reads before each save; it writes other buffers
+meanwhile and never waits (ckpt/engine.py). A target the ranks have not saved yet is pinned
+the moment a rank reports its commit.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_EVENTS = 1000
+_RELEASE_WAIT_S = 65.0
+"""How long closing the keeper waits for a release in progress (its persister gets 60 s)."""
 
 
 @dataclass(slots=True)
@@ -51,6 +61,7 @@ class _RankSnapshots:
     attempt: int = 0  # the attempt whose ranks write this rank's persisted parts
     nbytes: int = 0
     persist_started: dict[int, float] = field(default_factory=dict)  # step -> monotonic
+    pinned: list[int] = field(default_factory=list)  # generations in the rank's pin file
 
 
 class SnapshotKeeper:
@@ -61,6 +72,8 @@ class SnapshotKeeper:
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int], _RankSnapshots] = {}
         self._events: deque[agent_pb2.AgentEvent] = deque(maxlen=_MAX_EVENTS)
+        self._rounds: dict[str, set[int]] = {}  # job id -> steps to pin (target, protected)
+        self._releasing: list[threading.Thread] = []
         self.on_persisted: Callable[[float, int], None] | None = None
         """Called with (seconds from copy-out to manifest, bytes written) per persisted step."""
 
@@ -129,6 +142,7 @@ class SnapshotKeeper:
             entry.nbytes = nbytes or entry.nbytes
             due = (entry.persister is not None and entry.persist_every > 0
                    and step % entry.persist_every == 0)
+            self._pin(entry, self._rounds.get(job_id, set()))
         if due:
             self._offer(job_id, rank, entry, step, generation)
 
@@ -177,6 +191,31 @@ class SnapshotKeeper:
                 return [], [], 0
             held = sorted(set(entry.generations.values()))
             return held, sorted(entry.persisted), entry.nbytes
+
+    def pin_rounds(self, rounds: Iterable[tuple[str, int, int]]) -> None:
+        """The controller's protection rounds now: (job, target step, newest protected step or
+        -1) each. Every rank of a named job keeps the generations holding these two steps
+        pinned. A job not named keeps its pins: its newest protected step is what a restore
+        after a node loss decodes from."""
+        with self._lock:
+            for job_id, step, protected in rounds:
+                self._rounds[job_id] = {s for s in (step, protected) if s >= 0}
+            for (job_id, _), entry in self._ranks.items():
+                if job_id in self._rounds:
+                    self._pin(entry, self._rounds[job_id])
+
+    def _pin(self, entry: _RankSnapshots, steps: set[int]) -> None:
+        """Pin the generations of ``entry`` holding ``steps`` (under the lock: pin files are
+        written in the order the pins were decided; a small tmpfs file)."""
+        generations = sorted(g for g, s in entry.generations.items() if s in steps)
+        if generations == entry.pinned:
+            return
+        try:
+            ShmSink(entry.prefix, directory=self.shm_dir).pin(generations)
+        except OSError as exc:  # the rank may overwrite them then: a round fails, no more
+            log.warning("[-/-/%s/-] pins of %s not written: %s", self.node, entry.prefix, exc)
+            return
+        entry.pinned = generations
 
     # ---------------------------------------------------------------- persistence
 
@@ -233,6 +272,7 @@ class SnapshotKeeper:
             entries = [(k, v) for k, v in self._ranks.items() if k[0] == job_id]
             for key, _ in entries:
                 del self._ranks[key]
+            self._rounds.pop(job_id, None)
         for _, entry in entries:
             if entry.persister is not None:
                 entry.persister.close(timeout_s=60.0)
@@ -240,7 +280,20 @@ class SnapshotKeeper:
             log.info("[%s/-/%s/-] released %d snapshot file(s) of %s", job_id, self.node,
                      removed, entry.prefix)
 
+    def release_later(self, job_id: str) -> None:
+        """``release`` on a thread of its own: a persister finishing its last write (up to 60 s)
+        must not hold up the caller (the controller stream); ``close`` waits for it."""
+        thread = threading.Thread(target=self.release, args=(job_id,), daemon=True,
+                                  name=f"hpt-release-{job_id[:32]}")
+        with self._lock:
+            self._releasing = [t for t in self._releasing if t.is_alive()] + [thread]
+        thread.start()
+
     def close(self) -> None:
+        with self._lock:
+            releasing, self._releasing = self._releasing, []
+        for thread in releasing:
+            thread.join(timeout=_RELEASE_WAIT_S)
         for job_id in {k[0] for k in list(self._ranks)}:
             self.release(job_id)
 

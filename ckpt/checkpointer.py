@@ -44,7 +44,7 @@ size. Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -108,6 +108,8 @@ class Checkpointer:
             is saved as replicated.
         num_threads: copy threads of the engine.
         num_generations: snapshot buffers written in turn (>= 2).
+        pinned: generations the sink's owner keeps from being overwritten for now
+            (``SnapshotEngine``'s ``pinned``).
         timeout_s: deadline of every wait for a previous snapshot.
     """
 
@@ -122,6 +124,7 @@ class Checkpointer:
         shards: Mapping[str, ShardInfo] | None = None,
         num_threads: int = DEFAULT_NUM_THREADS,
         num_generations: int = 2,
+        pinned: Callable[[], Collection[int]] | None = None,
         timeout_s: float = 600.0,
     ) -> None:
         if every < 1:
@@ -142,7 +145,7 @@ class Checkpointer:
         self._owns_sink = sink is None
         self.sink: SnapshotSink = MemorySink() if sink is None else sink
         self.engine = SnapshotEngine(
-            self.sink, num_threads=num_threads, num_generations=num_generations
+            self.sink, num_threads=num_threads, num_generations=num_generations, pinned=pinned
         )
         self._hook = (
             optimizer.register_step_pre_hook(self._before_optimizer_step)

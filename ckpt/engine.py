@@ -15,6 +15,12 @@ makes the current stream wait on the copy's event instead of blocking the host.
 Errors in worker threads are latched and raised by the next `save` or `wait` (never lost, never
 raised from the optimizer hook, STYLE rule 10); a failed snapshot is never committed, so the
 newest complete snapshot stays what it was.
+
+Pinned generations: whoever owns the sink's memory may keep up to `MAX_PINNED` generations
+from being overwritten for a while (the node agent pins the steps its protection rounds build
+and the newest protected one: `pinned`). The engine then writes into as many more buffers, so
+the rotation of unpinned generations, and with it every guarantee of `num_generations`, stays
+as it was; a save never waits for a pin.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +47,8 @@ DEFAULT_CHUNK_BYTES = 32 << 20
 DEFAULT_NUM_THREADS = max(1, min(4, os.cpu_count() or 1))
 """One copy worker per core, at most 4: with 4 workers on 2 cores the copy reached 61 % of
 memcpy bandwidth, with 2 workers 84 % (50M-parameter state, checksums queued after copies)."""
+MAX_PINNED = 2
+"""Pinned generations the engine honours at a time (each costs one more snapshot buffer)."""
 
 
 class SnapshotError(CkptError):
@@ -101,6 +109,9 @@ class SnapshotEngine:
             holding the newest complete snapshot.
         before_copy: fault-injection hook for tests, called in the worker thread as
             `before_copy(step, task_index)` before each task copies anything.
+        pinned: called before each save; the generations not to overwrite now (the sink's
+            owner holds them), beyond the `num_generations` in rotation. At most `MAX_PINNED`
+            are honoured (the lowest), so a save never waits for one.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class SnapshotEngine:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         num_generations: int = 2,
         before_copy: Callable[[int, int], None] | None = None,
+        pinned: Callable[[], Collection[int]] | None = None,
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads ({num_threads}) must be >= 1")
@@ -124,12 +136,14 @@ class SnapshotEngine:
         self._chunk_bytes = chunk_bytes
         self._num_generations = num_generations
         self._before_copy = before_copy
+        self._pinned = pinned
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="hpt-snapshot")
         self._buffers: dict[int, tuple[Layout, torch.Tensor]] = {}
         self._plan_key: tuple[Layout, tuple[bool, ...]] | None = None
         self._plan: list[_Task] = []
         self._inflight: _Inflight | None = None
         self._newest_generation: int | None = None
+        self._held: dict[int, int] = {}  # generation -> step of the complete snapshot in it
         self._synced_with_sink = False
         self._cuda_streams: dict[int, Any] = {}
         self._host_registered: list[int] = []
@@ -179,10 +193,11 @@ class SnapshotEngine:
             tensors = [t.detach().clone() if copy_now(e.fqn) else t
                        for e, t in zip(layout.entries, tensors, strict=True)]
         meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-        generation = self._next_generation()
+        generation = self._next_generation(step)
         has_cuda = any(t.is_cuda for t in tensors)
         buffer, fresh = self._buffer_for(layout, generation, pin=has_cuda)
         self._sink.discard(generation)
+        self._held.pop(generation, None)
         tasks = self._plan_for(layout, tensors)
         infl = _Inflight(
             step=step,
@@ -265,15 +280,23 @@ class SnapshotEngine:
 
     # -- generations and buffers -------------------------------------------------------------
 
-    def _next_generation(self) -> int:
+    def _next_generation(self, step: int) -> int:
+        """The buffer the save of `step` writes: never the newest complete snapshot nor a
+        pinned one; an unused one first, or one holding `step` or a later one (left by a
+        predecessor that got further before the restore: a step is never held twice), else the
+        one holding the oldest step."""
         if not self._synced_with_sink:
             # A restarted rank must not overwrite the snapshot its predecessor left behind.
-            ref = self._sink.latest()
-            self._newest_generation = None if ref is None else ref.generation
+            held = self._sink.held()
+            self._held = {ref.generation: ref.step for ref in held}
+            self._newest_generation = held[0].generation if held else None
             self._synced_with_sink = True
-        if self._newest_generation is None:
-            return 0
-        return (self._newest_generation + 1) % self._num_generations
+        pins = sorted(set(self._pinned()))[:MAX_PINNED] if self._pinned is not None else []
+        pool = self._num_generations + len(pins)
+        free = [g for g in range(pool) if g != self._newest_generation and g not in pins]
+        # free has >= num_generations - 1 >= 1 members: len(pool) minus the pins and the newest
+        steps = self._held
+        return min(free, key=lambda g: (g in steps and steps[g] < step, steps.get(g, 0), g))
 
     def _buffer_for(
         self, layout: Layout, generation: int, *, pin: bool
@@ -425,6 +448,7 @@ class SnapshotEngine:
                     infl.step, infl.generation, infl.layout, infl.meta_json, checksums
                 )
                 self._newest_generation = infl.generation
+                self._held[infl.generation] = infl.step
         except BaseException as e:
             infl.error = e
         finally:

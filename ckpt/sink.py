@@ -23,7 +23,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -209,6 +209,9 @@ class ShmSink:
            "checksum_algo": "hpt.wsum64.v1", "checksums": [[start, length, "hex64"], ...],
            "committed_unix_s": float, "pid": int}
 
+    - ``{prefix}.pins``: the generations the owner of the memory (the node agent) keeps from
+      being overwritten for now, a JSON list of ints (`pin`, `pinned`); written whole by rename.
+
     Plain files rather than `multiprocessing.shared_memory`: on Python 3.11 a SharedMemory segment
     is registered with the creator's resource tracker, which unlinks it when the creator dies; the
     whole point here is that the snapshot survives the rank. Nothing is removed automatically:
@@ -228,7 +231,8 @@ class ShmSink:
         if not self.directory.is_dir():
             raise ValueError(f"directory ({str(self.directory)!r}) does not exist")
         self._file_re = re.compile(
-            rf"^{re.escape(prefix)}\.g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp)$"
+            rf"^{re.escape(prefix)}\.(?:g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp)"
+            rf"|pins|pins\.tmp)$"
         )
 
     # -- paths -------------------------------------------------------------------------------
@@ -238,6 +242,29 @@ class ShmSink:
 
     def record_path(self, generation: int) -> Path:
         return self.directory / f"{self.prefix}.g{generation}.json"
+
+    def pins_path(self) -> Path:
+        return self.directory / f"{self.prefix}.pins"
+
+    def pin(self, generations: Collection[int]) -> None:
+        """Ask the writer not to overwrite ``generations`` for now (replaces earlier pins)."""
+        path = self.pins_path()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(sorted(set(generations))))
+        os.replace(tmp, path)
+
+    def pinned(self) -> set[int]:
+        """The generations pinned now (the engine's ``pinned``); none when unreadable."""
+        try:
+            raw = json.loads(self.pins_path().read_text())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as e:
+            log.warning("[ckpt %s] ignoring unreadable pins: %s", self.prefix, e)
+            return set()
+        if not isinstance(raw, list):
+            return set()
+        return {g for g in raw if isinstance(g, int) and not isinstance(g, bool) and g >= 0}
 
     def files(self) -> list[Path]:
         """Every file of this prefix in the directory."""

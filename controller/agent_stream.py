@@ -142,8 +142,9 @@ class HeartbeatIntake:
                 rec.restore_failed(job_id, step)
             rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
                                    for p in hb.pieces[:_MAX_REPORTS]])
-            protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s)
-                       for j, a, s in rec.protect_targets(node)]
+            protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s,
+                                                    protected_step=p)
+                       for j, a, s, p in rec.protect_targets(node)]
             acks.append((link, agent_pb2.ControllerMessage(
                 ack=agent_pb2.HeartbeatAck(seq=hb.seq, protect=protect))))
         if changed:

@@ -3,6 +3,8 @@
 Every heartbeat carries the node's complete list of verified pieces, so the newest report of a
 node replaces its previous one; a restarted controller learns everything again within one
 heartbeat period. ``elastic.protected_steps`` turns these reports into protected steps.
+An attempt no node reports pieces of any more leaves the book; a job's entries go when it ends
+(``forget``, with the release of its memory).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class PieceBook:
             else:
                 per_node.pop(node, None)
                 self._bytes.get(key, {}).pop(node, None)
+            if not per_node:
+                self._held.pop(key, None)
+                self._bytes.pop(key, None)
         return changed
 
     def held(self, key: Key) -> dict[str, set[tuple[int, int]]]:
@@ -51,6 +56,7 @@ class PieceBook:
                    for (_, s), n in per_node.items() if s == step)
 
     def forget(self, job_id: str) -> None:
+        """``job_id`` ended: its pieces are obsolete (its agents drop them on release)."""
         for key in [k for k in self._held if k[0] == job_id]:
             self._held.pop(key, None)
             self._bytes.pop(key, None)

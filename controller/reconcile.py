@@ -380,11 +380,11 @@ class Reconciler(Observe, Execute):
         bytes). The next pass updates each attempt's protected steps."""
         self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
 
-    def protect_targets(self, node: str) -> list[tuple[str, int, int]]:
-        """(job, attempt, step) each protection round ``node`` takes part in builds now; sent
-        with every heartbeat ack (controller/rounds.py)."""
+    def protect_targets(self, node: str) -> list[tuple[str, int, int, int]]:
+        """(job, attempt, step, newest protected step) of each protection round ``node`` takes
+        part in; sent with every heartbeat ack (controller/rounds.py)."""
         with self.lock:
-            return self.pieces.rounds.targets(self.jobs.values(), node)
+            return self.pieces.rounds.targets(self.jobs.values(), node, time.monotonic())
 
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
@@ -536,6 +536,7 @@ class Reconciler(Observe, Execute):
         """A terminal job's agents free its snapshot memory."""
         for node in {n for attempt in job.attempts for n in attempt.nodes}:
             self._send(node, ReleaseCommand(job_id=job.id))
+        self.pieces.forget(job.id)
 
     def _flush(self) -> None:
         # State changes are written on the pass that made them. Progress alone (steps, snapshot

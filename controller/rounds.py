@@ -5,59 +5,126 @@ the SAME step. Holders that each chose "the newest step my data members hold" ch
 different moments and often disagreed, so a node loss fell back to disk. Now a round has a
 target step, named here and sent to the attempt's agents with every heartbeat ack
 (``HeartbeatAck.protect``); a holder builds exactly that step and never picks one itself
-(``agent/protect.py``).
+(``agent/protect.py``). The agents keep the target and the newest protected step in their
+ranks' memory while the ranks save on (pins, ``agent/snapshots.py``).
 
-The target of an attempt is the newest step complete in memory on every rank (the ranks'
-reports). It stays until the round is done (the step is protected: every holder of every
-stripe reports it) and only then moves to the newest complete step, skipping the steps saved
-meanwhile: a slow network costs freshness, never an unbounded queue. A round whose step left
-the ranks' memory before it was done (overwritten by newer generations) can never finish: it is
-abandoned for the newest complete step.
+The target stays until the round is done (the step is protected: every holder of every stripe
+reports it) and only then moves on, skipping the steps saved meanwhile: a slow network costs
+freshness, never an unbounded queue. The next target is the newest step complete in memory on
+every rank. With fast steps that step may be overwritten before the ack naming it reaches the
+agents (a report and an ack take up to two heartbeat periods, a generation lives a few steps):
+the round can never finish. Such a round is abandoned once every rank has gone past its step,
+and from then on the job's targets are named ``lead`` steps AHEAD of the ranks (at least the
+steps the ranks made while the missed round was in flight, doubled after each miss): the
+agents pin a future step the moment their ranks commit it. A step ahead that
+the ranks do not reach within ``AHEAD_WAIT_S`` (slow steps, a pause) gives way to the newest
+complete step, which stays in memory long enough when the ranks move that slowly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from hpt.controller.catalog import complete_steps
-from hpt.controller.model import AttemptState, Job
+from hpt.controller.model import Attempt, AttemptState, Job
 
 _LIVE = (AttemptState.LAUNCHING, AttemptState.RUNNING)
+MAX_LEAD = 1024
+"""Steps ahead of the ranks a target is named at most."""
+AHEAD_WAIT_S = 2.0
+"""How long a round waits for the ranks to save a step named ahead of them."""
 
 
-def next_target(current: int | None, complete: set[int], protected: set[int]) -> int | None:
-    """The step a round builds now, given the current target (None: no round yet), the steps
-    complete on every rank and the steps already protected."""
-    if current is not None and current in complete and current not in protected:
-        return current  # round in progress: every holder builds this one
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The round of one attempt now."""
+
+    step: int
+    lead: int = 0
+    """0: targets are the newest complete step; else steps ahead of the ranks they are named."""
+    named_at: float = 0.0
+    """Monotonic time the step was named."""
+
+
+def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
+                reached: tuple[int, int], now: float, cadence: int = 1) -> Target | None:
+    """The round now.
+
+    Args:
+        current: the attempt's current round (None: no round of this attempt yet).
+        lead: the job's lead (0: name the newest complete step).
+        complete: steps complete in memory on every rank.
+        protected: steps already protected.
+        reached: (lowest, highest) newest snapshot step over the ranks: every rank has saved
+            the first, one has saved the second.
+        now: monotonic clock.
+        cadence: steps between two snapshots (a target ahead of the ranks is one they save).
+    """
     newest = max(complete, default=None)
-    if newest is None or (current is not None and newest <= current):
-        return current if current is not None and current in complete else None
-    return newest
+    if current is not None and current.step not in protected:
+        if current.step in complete:
+            return current  # round in progress
+        if current.step > reached[0]:  # a step a rank has yet to save
+            if now - current.named_at < AHEAD_WAIT_S or newest is None or newest in protected:
+                return current
+            return Target(newest, lead, now)  # the ranks are slow or paused
+        # every rank went past it and one lost it: name steps at least as far ahead as the
+        # ranks went while this one was in flight, and twice as far as the last lead
+        lead = min(max(1, 2 * lead, reached[1] - current.step), MAX_LEAD)
+    if lead:
+        if reached[1] < 0:
+            return None
+        return Target(reached[1] + cadence * -(-lead // cadence), lead, now)
+    if newest is None or (current is not None and newest <= current.step):
+        return current if current is not None and current.step in complete else None
+    return Target(newest, 0, now)
+
+
+def _reached(attempt: Attempt) -> tuple[int, int]:
+    newest = [max(r.snapshot_steps, default=-1) for r in attempt.ranks] or [-1]
+    return min(newest), max(newest)
+
+
+def _cadence(attempt: Attempt) -> int:
+    """Steps between two snapshots of the attempt's ranks (``Checkpointer(every=)``): the
+    greatest common divisor of the gaps between the steps they hold; 1 when unknown."""
+    out = 0
+    for r in attempt.ranks:
+        steps = sorted(r.snapshot_steps)
+        for a, b in zip(steps, steps[1:], strict=False):
+            out = math.gcd(out, b - a)
+    return out or 1
 
 
 class ProtectionRounds:
-    """The current target of each protected job's live attempt (memory only: a restarted
+    """The current round of each protected job's live attempt (memory only: a restarted
     controller starts a new round at the newest complete step, which holders accept)."""
 
     def __init__(self) -> None:
-        self._target: dict[str, tuple[int, int]] = {}  # job id -> (attempt, step)
+        self._rounds: dict[str, tuple[int, Target]] = {}  # job id -> (attempt, round)
 
-    def targets(self, jobs: Iterable[Job], node: str) -> list[tuple[str, int, int]]:
-        """(job id, attempt, step) for every live protected attempt running on ``node``."""
+    def targets(self, jobs: Iterable[Job], node: str,
+                now: float) -> list[tuple[str, int, int, int]]:
+        """(job id, attempt, step, newest protected step or -1) for every live protected
+        attempt running on ``node`` (``now``: monotonic clock)."""
         out = []
         for job in jobs:
             if job.state.is_terminal or not job.attempts:
-                self._target.pop(job.id, None)
+                self._rounds.pop(job.id, None)
                 continue
             attempt = job.attempts[-1]
             if not attempt.redundancy or attempt.state not in _LIVE or node not in attempt.nodes:
                 continue
-            current = self._target.get(job.id)
-            step = next_target(current[1] if current and current[0] == attempt.number else None,
-                               set(complete_steps(attempt)), set(attempt.protected_steps))
-            if step is None:
+            held = self._rounds.get(job.id)
+            current = held[1] if held and held[0] == attempt.number else None
+            protected = set(attempt.protected_steps)
+            target = next_target(current, held[1].lead if held else 0,
+                                 set(complete_steps(attempt)), protected, _reached(attempt),
+                                 now, _cadence(attempt))
+            if target is None:
                 continue
-            self._target[job.id] = (attempt.number, step)
-            out.append((job.id, attempt.number, step))
+            self._rounds[job.id] = (attempt.number, target)
+            out.append((job.id, attempt.number, target.step, max(protected, default=-1)))
         return out

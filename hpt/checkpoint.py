@@ -110,12 +110,13 @@ class Checkpointer(_EngineCheckpointer):
             sink = _AgentSink(prefix, env.get("HPT_SNAPSHOT_DIR", "/dev/shm"),
                               ctx.channel if ctx is not None else None,
                               int(env.get("RANK", "0")))
-        if prefix:
             # Ranks of a data-parallel job drift up to two snapshots apart: a rank whose commit
             # of step s is in flight blocks in save(s+2) while its peers already committed s+2.
             # Three generations keep a step every rank still holds, so a rank killed mid-copy
             # is restored from memory rather than disk.
             kwargs.setdefault("num_generations", 3)
+            # the agent pins the generations its protection rounds read (agent/snapshots.py)
+            kwargs.setdefault("pinned", sink.pinned)
         super().__init__(model, optimizer, extra_state=extra_state, sink=sink, every=every,
                          **kwargs)
         self._owns_sink = True  # closing an agent sink unmaps; the files stay with the agent

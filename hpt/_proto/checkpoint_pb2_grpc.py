@@ -34,11 +34,6 @@ class PeerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Held = channel.unary_unary(
-                '/hpt.v1.PeerService/Held',
-                request_serializer=hpt_dot_v1_dot_checkpoint__pb2.HeldRequest.SerializeToString,
-                response_deserializer=hpt_dot_v1_dot_checkpoint__pb2.HeldReply.FromString,
-                _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/hpt.v1.PeerService/Fetch',
                 request_serializer=hpt_dot_v1_dot_checkpoint__pb2.FetchRequest.SerializeToString,
@@ -48,13 +43,6 @@ class PeerServiceStub:
 
 class PeerServiceServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Held(self, request, context):
-        """Steps complete in this node's memory for every rank named.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
         """One piece: a segment of this node's blob, or a parity piece this node holds.
@@ -66,11 +54,6 @@ class PeerServiceServicer:
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Held': grpc.unary_unary_rpc_method_handler(
-                    servicer.Held,
-                    request_deserializer=hpt_dot_v1_dot_checkpoint__pb2.HeldRequest.FromString,
-                    response_serializer=hpt_dot_v1_dot_checkpoint__pb2.HeldReply.SerializeToString,
-            ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=hpt_dot_v1_dot_checkpoint__pb2.FetchRequest.FromString,
@@ -86,33 +69,6 @@ def add_PeerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PeerService:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Held(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/hpt.v1.PeerService/Held',
-            hpt_dot_v1_dot_checkpoint__pb2.HeldRequest.SerializeToString,
-            hpt_dot_v1_dot_checkpoint__pb2.HeldReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Fetch(request,

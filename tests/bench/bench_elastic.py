@@ -1,11 +1,13 @@
 """Elastic recovery of a lost node on a real local cluster (JSON lines on stdout).
 
-    python tests/bench/bench_elastic.py [--runs 3] [--hidden 512]
+    python tests/bench/bench_elastic.py [--runs 3] [--hidden 512] [--step-times 0.05,0.5]
 
 - ``node_kill_to_first_step_shrunk``: three agents (warm interpreters, one rank each), a job
   ``--nodes 2:3`` protected 2+1; SIGKILL the agent of rank 2 -> first step of the attempt on
   the two survivors, with the lost node's state rebuilt from parity; ``steps_lost`` = the
-  newest step any rank had reached before the kill minus the step restored.
+  newest step any rank had reached before the kill minus the step restored. Once per step
+  time of ``--step-times``: how many steps a node loss costs depends on how many steps the
+  ranks make while a protection round is in flight.
 - ``step_time_protected``: the same 3-node job, wall time per step from the first step to the
   end, protected (2+1, every step) against unprotected (``--redundancy off``) in the same run.
 Every figure is the median of ``--runs`` runs.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -34,9 +37,10 @@ def warm_ready(cluster: LocalCluster) -> bool:
     return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
 
 
-def node_kill(runs: int, hidden: int) -> tuple[list[float], list[int]]:
+def node_kill(runs: int, hidden: int, step_s: float) -> tuple[list[float], list[int]]:
     took, lost = [], []
-    job = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05", "--hidden", str(hidden)]
+    job = ["python", TRAIN, "--steps", "100000", "--step-time", str(step_s), "--hidden",
+           str(hidden)]
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), agents=3, slots=1,
                                                                 warm=True) as cluster:
@@ -83,20 +87,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--step-times", default="0.05,0.5",
+                        help="comma-separated seconds per step of the node-kill job")
     args = parser.parse_args()
-    took, lost = node_kill(args.runs, args.hidden)
-    print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "runs": len(took),
-                      "median_s": round(statistics.median(took), 3),
-                      "values_s": [round(v, 3) for v in took],
-                      "steps_lost_median": statistics.median(lost), "steps_lost": lost,
-                      "goal_s": 4.0, "goal_steps_lost": 1}), flush=True)
+    for step_s in (float(v) for v in args.step_times.split(",")):
+        took, lost = node_kill(args.runs, args.hidden, step_s)
+        print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
+                          "runs": len(took), "median_s": round(statistics.median(took), 3),
+                          "values_s": [round(v, 3) for v in took],
+                          "steps_lost_median": statistics.median(lost), "steps_lost": lost,
+                          "goal_s": 4.0, "goal_steps_lost": 1,
+                          "loadavg": [round(v, 1) for v in os.getloadavg()]}), flush=True)
     times = step_time(args.runs, args.hidden, args.steps)
     off, on = statistics.median(times["off"]), statistics.median(times["2+1"])
     print(json.dumps({"bench": "step_time_protected", "hidden": args.hidden,
                       "steps": args.steps, "runs": len(times["2+1"]),
                       "unprotected_s": round(off, 5), "protected_2p1_s": round(on, 5),
                       "inflation_pct": round(100 * (on / off - 1), 2),
-                      "goal_pct": 5}), flush=True)
+                      "goal_pct": 5,
+                      "loadavg": [round(v, 1) for v in os.getloadavg()]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from hpt._proto import common_pb2 as pb
 from hpt.ckpt import fmt
 from tests.integration.cluster import TRAIN, LocalCluster, state_name, wait_for
 
+# the first test to run also pays for the module's clean run and cluster (pytest-timeout
+# counts fixture setup): 72 s of setup + 48 s of test at load 8 hit the 120 s default
+pytestmark = pytest.mark.timeout(240)
+
 STEPS = 24
 JOB = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.03"]
 DELAYED_TRAIN = str(Path(__file__).parent / "bin" / "delayed_commit_train.py")

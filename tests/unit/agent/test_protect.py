@@ -213,7 +213,7 @@ def test_wrong_token_is_refused(cluster) -> None:
     bad = PeerClient(PeerAuth(token="wrong"), retries=0)
     try:
         with pytest.raises(PieceUnavailable, match="UNAUTHENTICATED"):
-            bad.held(nodes[0].address, JOB, [0], timeout_s=5.0)
+            bad.fetch(nodes[0].address, _segment_request(1), timeout_s=5.0)
     finally:
         bad.close()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hpt.agent.snapshots import SnapshotKeeper
+from hpt.ckpt import fmt
+from hpt.ckpt.sink import ShmSink
 
 
 def test_snapshot_names_carry_the_owning_agent_instance(tmp_path):
@@ -25,3 +29,56 @@ def test_reported_steps_follow_commits_and_discards(tmp_path):
     with pytest.raises(ValueError, match="unknown rank"):
         keeper.committed("j", 7, 1, 0)
 
+
+
+def test_a_round_pins_its_target_and_the_newest_protected_step_on_every_rank(tmp_path):
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    for rank in (0, 1):
+        keeper.prepare("j", rank, world_size=2, persist_dir="", persist_every=0,
+                       keep_persisted=3)
+    for generation, step in enumerate((10, 11, 12)):
+        for rank in (0, 1):
+            keeper.committed("j", rank, step, generation, 64)
+
+    def pins(rank: int) -> set[int]:
+        return ShmSink(keeper.prefix("j", rank), directory=str(tmp_path)).pinned()
+
+    keeper.pin_rounds([("j", 10, -1)])
+    assert pins(0) == pins(1) == {0}
+    keeper.pin_rounds([("j", 12, 10)])
+    assert pins(0) == pins(1) == {0, 2}
+    keeper.pin_rounds([("j", 14, 12)])  # a target ahead of the ranks: pinned when committed
+    assert pins(0) == pins(1) == {2}
+    keeper.committed("j", 0, 13, 0, 64)
+    keeper.committed("j", 0, 14, 1, 64)
+    assert pins(0) == {1, 2} and pins(1) == {2}
+    keeper.pin_rounds([])  # no round now (the attempt ended): the pins stay for a restore
+    assert pins(0) == {1, 2}
+    keeper.release("j")
+    assert not list(tmp_path.iterdir())
+
+
+def test_release_later_returns_while_a_persister_closes_and_close_waits_for_it(tmp_path,
+                                                                                monkeypatch):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    entered, go = threading.Event(), threading.Event()
+    real_close = fmt.Persister.close
+
+    def slow_close(self, timeout_s=60.0, *, drain=True):  # type: ignore[no-untyped-def]
+        entered.set()
+        assert go.wait(30), "never released"
+        return real_close(self, timeout_s, drain=drain)
+
+    monkeypatch.setattr(fmt.Persister, "close", slow_close)
+    keeper = SnapshotKeeper("n", shm_dir=str(shm))
+    keeper.prepare("j", 0, world_size=1, persist_dir=str(tmp_path / "persist"),
+                   persist_every=1, keep_persisted=3)
+    ShmSink(keeper.prefix("j", 0), directory=str(shm)).pin([0])  # one file of the job
+    keeper.release_later("j")  # returns although the persister's close blocks
+    assert entered.wait(30)
+    assert keeper.steps("j", 0) == ([], [], 0)  # no longer reported
+    assert list(shm.iterdir())  # its memory goes once the persister is done
+    go.set()
+    keeper.close()
+    assert not list(shm.iterdir())

@@ -230,6 +230,60 @@ def test_a_restarted_engine_does_not_overwrite_the_snapshot_it_finds(sink: Snaps
     assert read_latest(sink)[0].step == 11
 
 
+def test_pinned_generations_are_never_written_and_the_rotation_keeps_its_size(
+    sink: SnapshotSink,
+) -> None:
+    pins: set[int] = set()
+    engine = SnapshotEngine(sink, num_generations=3, pinned=lambda: set(pins))
+    w = torch.zeros(64)
+
+    def save(step: int) -> int:
+        w.fill_(step)
+        engine.save(step, {"w": w})
+        engine.wait(DEADLINE_S)
+        ref = sink.latest()
+        assert ref is not None and ref.step == step
+        return ref.generation
+
+    try:
+        written = [save(s) for s in (1, 2, 3)]
+        assert written == [0, 1, 2]
+        pins.update({0, 1})  # steps 1 and 2 pinned (a protection round reads them)
+        written = [save(s) for s in range(4, 10)]
+        assert not {0, 1} & set(written)  # two more buffers instead
+        held = {ref.step for ref in sink.held()}
+        assert {1, 2} <= held and {8, 9} <= held  # the pinned steps and the newest two
+        pins.clear()
+        pins.add(written[-1])  # the newest pinned too: nothing waits, nothing is skipped
+        assert save(10) != written[-1]
+        pins.update({0, 1, 2, 3, 4})  # more than MAX_PINNED: only the lowest two count
+        save(11)
+    finally:
+        engine.close()
+
+
+def test_a_restored_rank_overwrites_the_steps_its_predecessor_saved_beyond_the_restore(
+    sink: SnapshotSink,
+) -> None:
+    first = SnapshotEngine(sink, num_generations=3)
+    for step in (12, 13, 14):  # the predecessor got to 14; the job restores 12
+        first.save(step, {"w": torch.full((8,), float(step))})
+    first.close()
+    second = SnapshotEngine(sink, num_generations=3)
+    try:
+        for step in (13, 14):
+            second.save(step, {"w": torch.full((8,), -float(step))})
+            second.wait(DEADLINE_S)
+            steps = [ref.step for ref in sink.held()]
+            assert len(steps) == len(set(steps)) == 3, steps  # one snapshot per step
+            assert 12 in steps  # the restored one stays until it is the oldest
+    finally:
+        second.close()
+    for ref in sink.held():  # every snapshot of 13 and 14 is the new run's
+        assert torch.equal(sink.read(ref).buffer.view(torch.float32)[:1],
+                           torch.tensor([float(ref.step) * (1 if ref.step == 12 else -1)]))
+
+
 def test_layout_change_acquires_new_buffers_and_stays_correct(sink: SnapshotSink) -> None:
     engine = SnapshotEngine(sink)
     try:

@@ -163,3 +163,14 @@ def test_a_second_process_can_restore_from_the_files(shm_prefix: str) -> None:
 def test_bad_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         ShmSink(prefix)
+
+
+def test_pins_are_read_back_and_removed_with_the_prefix(shm_prefix: str) -> None:
+    sink = ShmSink(shm_prefix)
+    assert sink.pinned() == set()
+    sink.pin([3, 1, 1])
+    assert sink.pinned() == {1, 3}
+    assert json.loads(sink.pins_path().read_text()) == [1, 3]
+    sink.pins_path().write_text("not json")
+    assert sink.pinned() == set()  # unreadable pins pin nothing
+    assert ShmSink.remove(shm_prefix) == 1

@@ -175,3 +175,7 @@ def test_piece_book_keeps_each_nodes_newest_report_only() -> None:
     assert book.parity_bytes(("j", 1), 6) == 150
     assert book.update("a", []) == {("j", 1)}
     assert book.held(("j", 1)) == {"b": {(1, 6)}}
+    book.update("b", [("j", 2, 0, 9, 10), ("k", 1, 0, 3, 10)])  # attempt 1 reported by nobody
+    assert book.held(("j", 1)) == {}
+    book.forget("j")  # the job ended
+    assert book.held(("j", 2)) == {} and book.held(("k", 1)) == {"b": {(0, 3)}}

@@ -4,26 +4,48 @@ holder of an attempt protects, and keeps it until that step is protected."""
 from __future__ import annotations
 
 from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, Rank
-from hpt.controller.rounds import ProtectionRounds, next_target
+from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target
+
+
+def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0):  # type: ignore[no-untyped-def]
+    held = None if current is None else Target(current, lead, 100.0)
+    target = next_target(held, lead, set(complete), set(protected), reached, now, cadence)
+    return None if target is None else (target.step, target.lead)
 
 
 def test_first_round_is_the_newest_step_complete_on_every_rank() -> None:
-    assert next_target(None, {4, 6}, set()) == 6
-    assert next_target(None, set(), set()) is None
+    assert _next(None, {4, 6}, set(), (6, 6)) == (6, 0)
+    assert _next(None, set(), set()) is None
 
 
 def test_a_round_in_progress_keeps_its_step_while_newer_steps_complete() -> None:
-    assert next_target(6, {6, 8, 10}, set()) == 6
+    assert _next(6, {6, 8, 10}, set(), (10, 10)) == (6, 0)
 
 
 def test_a_finished_round_moves_to_the_newest_skipping_the_ones_between() -> None:
-    assert next_target(6, {6, 8, 10}, {6}) == 10
-    assert next_target(10, {10}, {6, 10}) == 10  # nothing newer: the round stays done
+    assert _next(6, {6, 8, 10}, {6}, (10, 10)) == (10, 0)
+    assert _next(10, {10}, {6, 10}, (10, 10)) == (10, 0)  # nothing newer: the round stays done
 
 
-def test_a_round_whose_step_left_memory_is_abandoned_for_the_newest() -> None:
-    assert next_target(6, {8, 10}, set()) == 10
-    assert next_target(6, set(), set()) is None
+def test_a_round_every_rank_went_past_without_keeping_its_step_names_steps_ahead() -> None:
+    # step 6 was overwritten before the agents pinned it: the next target is ahead of the ranks
+    # by as many steps as they made while step 6 was the target
+    assert _next(6, {8, 10}, set(), (10, 11)) == (16, 5)
+    assert _next(6, {7}, set(), (7, 7)) == (8, 1)
+    assert _next(12, {10}, set(), (11, 12), lead=1) == (12, 1)  # a rank has yet to save it
+    assert _next(12, {13}, set(), (13, 13), lead=1) == (15, 2)  # missed again: twice as far
+    assert _next(17, {17}, {17}, (20, 20), lead=2) == (22, 2)  # done: the next, as far ahead
+    # with a snapshot every 5 steps the target is one the ranks save
+    assert _next(20, {25}, set(), (25, 25), lead=2, cadence=5) == (30, 5)
+    assert _next(20, {25}, set(), (25, 25), lead=8, cadence=5) == (45, 16)
+
+
+def test_a_step_ahead_the_ranks_do_not_reach_in_time_gives_way_to_the_newest_complete() -> None:
+    # the ranks paused at 11 (or step slowly): after AHEAD_WAIT_S the newest complete step
+    late = 100.0 + AHEAD_WAIT_S
+    assert _next(12, {10, 11}, {10}, (11, 11), lead=1, now=late - 1) == (12, 1)
+    assert _next(12, {10, 11}, {10}, (11, 11), lead=1, now=late) == (11, 1)
+    assert _next(12, {10, 11}, {10, 11}, (11, 11), lead=1, now=late) == (12, 1)  # nothing new
 
 
 def _job(job_id: str, nodes: list[str], steps: tuple[int, ...], *, redundancy: str = "2+1",
@@ -38,14 +60,14 @@ def _job(job_id: str, nodes: list[str], steps: tuple[int, ...], *, redundancy: s
 def test_every_node_of_the_attempt_is_told_the_same_step_until_it_is_protected() -> None:
     rounds = ProtectionRounds()
     job = _job("j", ["a", "b", "c"], (4, 5))
-    assert rounds.targets([job], "a") == [("j", 2, 5)]
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 5, -1)]
     for rank in job.attempts[0].ranks:  # step 6 completes on every rank meanwhile
         rank.snapshot_steps = (5, 6)
-    assert rounds.targets([job], "b") == [("j", 2, 5)]  # same round for the other holders
+    assert rounds.targets([job], "b", 0.0) == [("j", 2, 5, -1)]  # same round for the other holders
     job.attempts[0].protected_steps = (5,)
-    assert rounds.targets([job], "c") == [("j", 2, 6)]
-    assert rounds.targets([job], "a") == [("j", 2, 6)]
-    assert rounds.targets([job], "z") == []  # not a node of the attempt
+    assert rounds.targets([job], "c", 0.0) == [("j", 2, 6, 5)]
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 6, 5)]
+    assert rounds.targets([job], "z", 0.0) == []  # not a node of the attempt
 
 
 def test_unprotected_stopping_or_finished_attempts_have_no_round() -> None:
@@ -54,14 +76,25 @@ def test_unprotected_stopping_or_finished_attempts_have_no_round() -> None:
             _job("stop", ["a", "b"], (3,), state=AttemptState.STOPPING),
             _job("done", ["a", "b"], (3,))]
     jobs[2].state = JobState.SUCCEEDED
-    assert rounds.targets(jobs, "a") == []
+    assert rounds.targets(jobs, "a", 0.0) == []
 
 
 def test_a_new_attempt_starts_its_own_round() -> None:
     rounds = ProtectionRounds()
     job = _job("j", ["a", "b"], (7,))
-    assert rounds.targets([job], "a") == [("j", 2, 7)]
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 7, -1)]
     job.attempts[0].number = 3  # the next attempt (after a resize) saved only step 4 so far
     for rank in job.attempts[0].ranks:
         rank.snapshot_steps = (4,)
-    assert rounds.targets([job], "a") == [("j", 3, 4)]
+    assert rounds.targets([job], "a", 0.0) == [("j", 3, 4, -1)]
+
+
+def test_a_missed_round_makes_the_next_attempt_name_steps_ahead_too() -> None:
+    rounds = ProtectionRounds()
+    job = _job("j", ["a", "b"], (7,))
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 7, -1)]
+    for rank in job.attempts[0].ranks:  # both ranks went on to 9, step 7 was overwritten
+        rank.snapshot_steps = (8, 9)
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 11, -1)]
+    job.attempts[0].number = 3
+    assert rounds.targets([job], "b", 0.0) == [("j", 3, 11, -1)]  # the job's lead stays
