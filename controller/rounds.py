@@ -45,13 +45,20 @@ class ProtectionRounds:
 
     def targets(self, jobs: Iterable[Job], node: str) -> list[tuple[str, int, int]]:
         """(job id, attempt, step) for every live protected attempt running on ``node``."""
+        return [(j, a, s) for j, a, s, nodes in self.all_targets(jobs) if node in nodes]
+
+    def all_targets(self, jobs: Iterable[Job]) -> list[tuple[str, int, int, frozenset[str]]]:
+        """(job id, attempt, step, the attempt's nodes) of every live protected attempt.
+
+        O(ranks) per protected job: the heartbeat intake calls it once per batch of
+        heartbeats and picks each node's share, never once per heartbeat."""
         out = []
         for job in jobs:
             if job.state.is_terminal or not job.attempts:
                 self._target.pop(job.id, None)
                 continue
             attempt = job.attempts[-1]
-            if not attempt.redundancy or attempt.state not in _LIVE or node not in attempt.nodes:
+            if not attempt.redundancy or attempt.state not in _LIVE:
                 continue
             current = self._target.get(job.id)
             step = next_target(current[1] if current and current[0] == attempt.number else None,
@@ -59,5 +66,5 @@ class ProtectionRounds:
             if step is None:
                 continue
             self._target[job.id] = (attempt.number, step)
-            out.append((job.id, attempt.number, step))
+            out.append((job.id, attempt.number, step, frozenset(attempt.nodes)))
         return out
