@@ -8,6 +8,8 @@ read where it is used (``LaunchSpec.job``), never named here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from hpt import jobspec
 from hpt._proto import agent_pb2, common_pb2
 from hpt.agent.launcher import LaunchSpec, RankPhase, RankProcess
@@ -74,17 +76,51 @@ def rank_report(proc: RankProcess) -> agent_pb2.RankReport:
     return agent_pb2.RankReport(job_id=proc.job_id, attempt=proc.attempt, status=status)
 
 
-def step_timing(rec: StepRecord) -> agent_pb2.StepTiming:
-    return agent_pb2.StepTiming(
-        job_id=rec.job_id,
-        attempt=rec.attempt,
-        rank=rec.rank,
-        step=rec.step,
-        start_s=rec.start_s,
-        end_s=rec.end_s,
-        data_wait_s=rec.data_wait_s,
-        compute_s=rec.compute_s,
-    )
+def step_columns(records: Iterable[StepRecord]) -> list[agent_pb2.StepColumns]:
+    """Completed steps as one columnar summary per (job, attempt), what a heartbeat carries
+    instead of one ``StepTiming`` per record (the controller decodes columns in C)."""
+    out: dict[tuple[str, int], agent_pb2.StepColumns] = {}
+    cols: dict[tuple[str, int], tuple[list[int], list[int], list[float], list[float],
+                                      list[float]]] = {}
+    for rec in records:
+        key = (rec.job_id, rec.attempt)
+        c = cols.get(key)
+        if c is None:
+            c = cols[key] = ([], [], [], [], [])
+        c[0].append(rec.rank)
+        c[1].append(rec.step)
+        c[2].append(rec.end_s - rec.start_s)
+        c[3].append(rec.data_wait_s)
+        c[4].append(rec.compute_s)
+    for (job_id, attempt), (rank, step, step_s, wait, compute) in cols.items():
+        out[(job_id, attempt)] = agent_pb2.StepColumns(
+            job_id=job_id, attempt=attempt, rank=rank, step=step, step_s=step_s,
+            data_wait_s=wait, compute_s=compute)
+    return list(out.values())
+
+
+def collective_columns(records: Iterable[CollectiveRecord]) -> list[agent_pb2.CollectiveColumns]:
+    """Completed collectives as one columnar summary per (job, attempt)."""
+    cols: dict[tuple[str, int], tuple[dict[str, int], list[int], list[int], list[int],
+                                      list[float]]] = {}
+    for rec in records:
+        key = (rec.job_id, rec.attempt)
+        c = cols.get(key)
+        if c is None:
+            c = cols[key] = ({}, [], [], [], [])
+        ops = c[0]
+        index = ops.get(rec.op)
+        if index is None:
+            index = ops[rec.op] = len(ops)
+        c[1].append(rec.rank)
+        c[2].append(rec.seq)
+        c[3].append(index)
+        c[4].append(rec.exit_s - rec.enter_s if rec.exit_s is not None else 0.0)
+    return [
+        agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt, ops=list(ops), rank=rank,
+                                    seq=seq, op_index=op_index, duration_s=duration)
+        for (job_id, attempt), (ops, rank, seq, op_index, duration) in cols.items()
+    ]
 
 
 def collective_timing(rec: CollectiveRecord, *, in_flight: bool) -> agent_pb2.CollectiveTiming:

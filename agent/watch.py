@@ -58,7 +58,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hpt._proto import agent_pb2
 from hpt._rank_protocol import (
@@ -129,6 +129,16 @@ class WatchConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
 
 
+class Taken(NamedTuple):
+    """The monitoring part of one heartbeat (``RankWatch.take``)."""
+
+    step_columns: list[agent_pb2.StepColumns]
+    collective_columns: list[agent_pb2.CollectiveColumns]
+    inflight: list[agent_pb2.CollectiveTiming]
+    findings: list[agent_pb2.Finding]
+    dropped: int
+
+
 @dataclass(slots=True)
 class _AttemptWatch:
     step_s: deque[float] = field(default_factory=lambda: deque(maxlen=64))
@@ -178,8 +188,11 @@ class RankWatch:
         self._metrics = metrics
         self._lock = threading.Lock()
         n = self.cfg.max_buffered_records
-        self._steps: deque[agent_pb2.StepTiming] = deque(maxlen=n)
-        self._colls: deque[agent_pb2.CollectiveTiming] = deque(maxlen=n)
+        # completed records wait as they came (summarised into columns when a heartbeat takes
+        # them); in-flight collectives as the messages they travel as
+        self._steps: deque[StepRecord] = deque(maxlen=n)
+        self._colls: deque[CollectiveRecord] = deque(maxlen=n)
+        self._inflight: deque[agent_pb2.CollectiveTiming] = deque(maxlen=n)
         self._findings: deque[agent_pb2.Finding] = deque(maxlen=256)
         self._dropped = 0
         self._warned = False
@@ -297,12 +310,12 @@ class RankWatch:
             w = self._watch(key)
             for rec in recs:
                 if isinstance(rec, StepRecord):
-                    self._push(self._steps, convert.step_timing(rec))
+                    self._push(self._steps, rec)
                     w.step_s.append(rec.step_s)
                     if m is not None:
                         m.set("hpt_step_seconds", rec.step_s, rank=rec.rank)
                 elif isinstance(rec, CollectiveRecord):
-                    self._push(self._colls, convert.collective_timing(rec, in_flight=False))
+                    self._push(self._colls, rec)
                     if m is not None and rec.duration_s is not None:
                         m.observe("hpt_collective_seconds", rec.duration_s, op=rec.op)
 
@@ -320,7 +333,7 @@ class RankWatch:
                     w.stuck[rank] = (oldest.seq, oldest.op, now)
             for rec in recs:
                 if isinstance(rec, CollectiveRecord):
-                    self._push(self._colls, convert.collective_timing(rec, in_flight=True))
+                    self._push(self._inflight, convert.collective_timing(rec, in_flight=True))
 
     def _push(self, buf: deque[Any], item: Any) -> None:
         if len(buf) == buf.maxlen:
@@ -335,25 +348,31 @@ class RankWatch:
 
     # ---------------------------------------------------------------- output (heartbeat)
 
-    def take(
-        self,
-    ) -> tuple[
-        list[agent_pb2.StepTiming], list[agent_pb2.CollectiveTiming], list[agent_pb2.Finding], int
-    ]:
-        """What the next heartbeat carries: records (bounded), findings, records dropped."""
+    def take(self) -> Taken:
+        """What the next heartbeat carries: completed records summarised into columns and
+        in-flight collectives (bounded: ``max_steps_per_beat`` steps, ``max_collectives_per_beat``
+        collectives, in-flight ones first), findings, records dropped."""
         cfg = self.cfg
         with self._lock:
             steps = [
                 self._steps.popleft() for _ in range(min(len(self._steps), cfg.max_steps_per_beat))
             ]
-            colls = [
-                self._colls.popleft()
-                for _ in range(min(len(self._colls), cfg.max_collectives_per_beat))
+            inflight = [
+                self._inflight.popleft()
+                for _ in range(min(len(self._inflight), cfg.max_collectives_per_beat))
             ]
+            room = cfg.max_collectives_per_beat - len(inflight)
+            colls = [self._colls.popleft() for _ in range(min(len(self._colls), room))]
             findings = list(self._findings)
             self._findings.clear()
             dropped, self._dropped = self._dropped, 0
-        return steps, colls, findings, dropped
+        return Taken(
+            step_columns=convert.step_columns(steps),
+            collective_columns=convert.collective_columns(colls),
+            inflight=inflight,
+            findings=findings,
+            dropped=dropped,
+        )
 
     # ---------------------------------------------------------------- hang check
 
@@ -672,10 +691,11 @@ class AgentMonitoring:
 
     def heartbeat_fields(self) -> dict[str, Any]:
         """Extra fields of a Heartbeat message (drains the watch's buffers)."""
-        steps, colls, findings, dropped = self.watch.take()
+        taken = self.watch.take()
         return {
-            "steps": steps,
-            "collectives": colls,
-            "findings": findings,
-            "dropped_records": dropped,
+            "step_columns": taken.step_columns,
+            "collective_columns": taken.collective_columns,
+            "collectives": taken.inflight,
+            "findings": taken.findings,
+            "dropped_records": taken.dropped,
         }

@@ -28,6 +28,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 _MAX_BATCH = 4096
 """Heartbeats applied under one acquisition of the reconciler's lock, at most."""
 _INTAKE_WAIT_S = 0.5
+_ROUNDS_MAX_AGE_S = 0.2
+"""Protection targets sent with acks are recomputed at most this often: finding them scans
+every rank of every protected job, and a round's target moves once per snapshot at most."""
 
 
 class _Link:
@@ -65,6 +69,11 @@ class _Link:
         self.node = node
         self._loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.last_received = 0.0
+        """Monotonic time the stream's last heartbeat arrived (set on the event loop): the
+        node is alive even while its heartbeat waits in the intake's queue."""
+        self.pieces: list[tuple[str, int, int, int, int]] | None = None
+        """The protection pieces this stream's last heartbeat reported (intake thread only)."""
 
     def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
         self.put(_command_to_proto(command))
@@ -94,6 +103,8 @@ class HeartbeatIntake:
         self._stopping = False
         self.num_batches = 0
         self.num_heartbeats = 0
+        self._rounds: list[tuple[str, int, int, int, frozenset[str]]] = []
+        self._rounds_at = -1e9  # monotonic
         self._thread = threading.Thread(target=self._run, name="hpt-heartbeats", daemon=True)
         self._thread.start()
 
@@ -134,17 +145,24 @@ class HeartbeatIntake:
                 changed |= rec.heartbeat(node, reports, logs, hb.free_port, hb.warm_ready,
                                          wake=False)
         rec.detection.on_heartbeats([(node, hb) for node, _l, hb, _r in accepted])
+        mono = time.monotonic()
+        if mono - self._rounds_at >= _ROUNDS_MAX_AGE_S:  # O(ranks): not once per small batch
+            self._rounds, self._rounds_at = rec.protect_targets(), mono
+        rounds = self._rounds
         acks = []
         for node, link, hb, _reports in accepted:
             if hb.events:
                 rec.agent_events(node, _decode_events(node, hb.events))
             for job_id, step in _restore_failures(hb.events):
                 rec.restore_failed(job_id, step)
-            rec.held_pieces(node, [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
-                                   for p in hb.pieces[:_MAX_REPORTS]])
+            pieces = [(p.job_id, p.attempt, p.stripe, p.step, p.bytes)
+                      for p in hb.pieces[:_MAX_REPORTS]]
+            if pieces != link.pieces:  # each beat repeats the node's whole list: pass changes on
+                link.pieces = pieces
+                rec.held_pieces(node, pieces)
             protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s,
                                                     protected_step=p)
-                       for j, a, s, p in rec.protect_targets(node)]
+                       for j, a, s, p, nodes in rounds if node in nodes]
             acks.append((link, agent_pb2.ControllerMessage(
                 ack=agent_pb2.HeartbeatAck(seq=hb.seq, protect=protect))))
         if changed:
@@ -227,6 +245,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     log.warning("[-/-/%s/-] unexpected %s message ignored", node,
                                 msg.WhichOneof("kind"))
                     continue
+                link.last_received = time.monotonic()
                 self._intake.put(node, link, msg.heartbeat)
         except (grpc.aio.AioRpcError, grpc.RpcError, DecodeError):
             pass  # the stream ended (or sent garbage); Connect's finally reports the disconnect

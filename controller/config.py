@@ -17,8 +17,12 @@ class ControllerConfig:
     """``redis://host:port/db`` to keep state in Redis; empty keeps it in this process."""
     heartbeat_period_s: float = 0.5
     """How often agents send a heartbeat."""
-    heartbeat_misses: int = 4
-    """An agent silent for ``heartbeat_period_s * heartbeat_misses`` seconds is declared lost."""
+    node_lease_s: float = 0.0
+    """A node whose agent sent nothing for this many seconds is declared lost (the time since
+    its last heartbeat *arrived*, so a backlog in this controller never counts against it);
+    checked on every pass of the control loop, at least every ``reconcile_period_s``. 0: the
+    default, ``max(2, 2.5 x heartbeat_period_s)`` (2 s at the 0.5 s period, 2.5 s at 1 s:
+    node-loss detection within 3 s at one heartbeat a second). At least two periods."""
     agent_lease_s: float = 10.0
     """Agents kill their ranks after losing the controller for this long (self-fencing)."""
     reconcile_period_s: float = 0.1
@@ -71,8 +75,9 @@ class ControllerConfig:
             raise ValueError(f"port ({self.port}) must be in 0..65535")
         if self.heartbeat_period_s <= 0:
             raise ValueError(f"heartbeat_period_s ({self.heartbeat_period_s}) must be > 0")
-        if self.heartbeat_misses < 2:
-            raise ValueError(f"heartbeat_misses ({self.heartbeat_misses}) must be >= 2")
+        if self.node_lease_s and not self.node_lease_s >= 2 * self.heartbeat_period_s:
+            raise ValueError(f"node_lease_s ({self.node_lease_s}) must be 0 (automatic) or >= "
+                             f"2 x heartbeat_period_s ({2 * self.heartbeat_period_s:g})")
         if self.agent_lease_s <= self.heartbeat_timeout_s:
             raise ValueError(
                 f"agent_lease_s ({self.agent_lease_s}) must be > the heartbeat timeout "
@@ -120,4 +125,5 @@ class ControllerConfig:
 
     @property
     def heartbeat_timeout_s(self) -> float:
-        return self.heartbeat_period_s * self.heartbeat_misses
+        """The node lease in effect (``node_lease_s``, or its automatic value)."""
+        return self.node_lease_s or max(2.0, 2.5 * self.heartbeat_period_s)

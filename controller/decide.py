@@ -229,8 +229,10 @@ def _running(job: Job, attempt: Attempt, view: View, now: float) -> list[Decisio
         return [Succeed(attempt=attempt.number)]
     fault = view.fault
     if fault is None:
-        reason = elastic.decide_grow(job, attempt, view.free_since,
-                                     set(complete_steps(attempt)), now, view.grow_hysteresis_s)
+        # complete_steps is O(ranks): only a shrunk attempt can grow
+        complete = set(complete_steps(attempt)) if len(attempt.nodes) < job.spec.nodes else set()
+        reason = elastic.decide_grow(job, attempt, view.free_since, complete, now,
+                                     view.grow_hysteresis_s)
         return [] if reason is None else [Grow(attempt=attempt.number, message=reason)]
     out: list[Decision] = []
     if fault.kind == FaultKind.STRAGGLER and fault.node not in job.excluded_nodes:

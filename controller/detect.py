@@ -36,7 +36,14 @@ from hpt.controller import convert
 from hpt.controller.model import Event, EventKind, Fault, FaultClass, FaultKind, HangCulprit
 from hpt.monitor.detectors.collective import CollectiveConfig, CollectiveDetector
 from hpt.monitor.detectors.straggler import StragglerConfig, StragglerDetector
-from hpt.monitor.records import CollectiveRecord, Finding, FindingKind, StepRecord
+from hpt.monitor.records import (
+    CollectiveRecord,
+    CollectiveSummary,
+    Finding,
+    FindingKind,
+    StepRecord,
+    StepSummary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,29 +145,39 @@ class Detection:
         decoded = []
         for node, hb in beats:
             steps, colls = _decode(node, hb)
+            summaries = _decode_summaries(node, hb)
             hangs = [f for f in list(hb.findings)[:_MAX_FINDINGS_PER_BEAT] if f.kind == FindingKind.HANG.value]
-            decoded.append((node, hb, steps, colls, hangs))
+            decoded.append((node, hb, steps, colls, summaries, hangs))
         keys: set[tuple[str, int]] = set()
         with self._lock:
-            for node, hb, steps, colls, hangs in decoded:
+            for node, hb, steps, colls, summaries, hangs in decoded:
                 self.num_heartbeats[node] = self.num_heartbeats.get(node, 0) + 1
                 self.num_dropped_records += hb.dropped_records
-                self.num_records += len(steps) + len(colls)
-                keys |= {(r.job_id, r.attempt) for r in (*steps, *colls)}
+                self.num_records += len(steps) + len(colls) + sum(len(x) for x in summaries)
+                keys |= {(r.job_id, r.attempt) for r in (*steps, *colls, *summaries)}
                 keys |= {(f.job_id, f.attempt) for f in hangs}
         views = {k: self._view(k) for k in keys}  # may take the reconciler's lock: not ours
-        all_steps: list[StepRecord] = []
-        all_colls: list[CollectiveRecord] = []
+        all_steps: list[StepRecord | StepSummary] = []
+        all_colls: list[CollectiveRecord | CollectiveSummary] = []
         with self._lock:
-            for _node, hb, steps, colls, _hangs in decoded:
+            for _node, _hb, steps, colls, summaries, _hangs in decoded:
                 colls = [r for r in colls if views.get((r.job_id, r.attempt)) is not None]
+                summaries = [x for x in summaries if views.get((x.job_id, x.attempt)) is not None]
                 all_steps += [r for r in steps if views.get((r.job_id, r.attempt)) is not None]
+                all_steps += [x for x in summaries if isinstance(x, StepSummary)]
+                done = [x for x in summaries if isinstance(x, CollectiveSummary)]
                 all_colls += colls
+                all_colls += done
                 for rec in colls:
                     v = views[(rec.job_id, rec.attempt)]
                     if rec.seq >= 0:
                         v.entered[rec.rank] = max(v.entered.get(rec.rank, -1), rec.seq)
-                for key, by_rank in _inflight_by_rank(colls, hb).items():
+                for summary in done:
+                    entered = views[(summary.job_id, summary.attempt)].entered  # type: ignore[union-attr]
+                    for rank, seq in zip(summary.rank, summary.seq, strict=True):
+                        if seq > entered.get(rank, -1):
+                            entered[rank] = seq
+                for key, by_rank in _inflight_by_rank(colls, done).items():
                     v = views.get(key)
                     if v is not None:
                         v.inflight.update(by_rank)
@@ -170,12 +187,14 @@ class Detection:
             self._count_flagged_steps(all_steps, views)
         for f in found:
             self._emit_finding(f)
-        for node, _hb, _steps, _colls, hangs in decoded:
+        for node, _hb, _steps, _colls, _summaries, hangs in decoded:
             for f in hangs:
                 self._on_hang(node, f, views.get((f.job_id, f.attempt)), now)
 
     def _count_flagged_steps(
-        self, steps: list[StepRecord], views: Mapping[tuple[str, int], _AttemptView | None]
+        self,
+        steps: list[StepRecord | StepSummary],
+        views: Mapping[tuple[str, int], _AttemptView | None],
     ) -> None:
         """Per rank, how many of its steps it has been a straggler for (reset when cleared);
         the straggler policy acts on it. Called with the lock held."""
@@ -184,10 +203,14 @@ class Detection:
             v = views.get((rec.job_id, rec.attempt))
             if v is None:
                 continue
-            if rec.rank in flagged[rec.job_id]:
-                v.flagged_steps[rec.rank] = v.flagged_steps.get(rec.rank, 0) + 1
-            else:
-                v.flagged_steps.pop(rec.rank, None)
+            job_flagged = flagged[rec.job_id]
+            if not job_flagged and not v.flagged_steps:
+                continue  # nobody flagged: nothing to count or reset (the common case)
+            for rank in (rec.rank if isinstance(rec, StepSummary) else (rec.rank,)):
+                if rank in job_flagged:
+                    v.flagged_steps[rank] = v.flagged_steps.get(rank, 0) + 1
+                else:
+                    v.flagged_steps.pop(rank, None)
 
     def _view(self, key: tuple[str, int]) -> _AttemptView | None:
         with self._lock:
@@ -380,6 +403,13 @@ class Detection:
             return None
         return missing[0], seq, op, waiting
 
+    def needs_pass(self, job_id: str, attempt: int) -> bool:
+        """Whether the attempt has something for :meth:`pending_fault` to judge: a hang report
+        not yet taken, or ranks counted as stragglers."""
+        with self._lock:
+            v = self._views.get((job_id, attempt))
+            return v is not None and not v.fault_taken and bool(v.hangs or v.flagged_steps)
+
     def forget(self, job_id: str) -> None:
         """Drop a finished job's state."""
         with self._lock:
@@ -461,9 +491,12 @@ def _decode(node: str, hb: Any) -> tuple[list[StepRecord], list[CollectiveRecord
 
 
 def _inflight_by_rank(
-    colls: list[CollectiveRecord], hb: Any
+    colls: list[CollectiveRecord], done: list[CollectiveSummary]
 ) -> dict[tuple[str, int], dict[int, list[tuple[int, str]]]]:
-    """Latest in-flight report per rank; a rank whose newest collective completed is in none."""
+    """Latest in-flight report per rank; a rank whose newest collective completed is in none.
+
+    A summary's completions are newer than any in-flight report of the same or an earlier seq
+    in the same heartbeat (a collective completes after it was seen in flight)."""
     out: dict[tuple[str, int], dict[int, list[tuple[int, str]]]] = {}
     for rec in colls:
         ranks = out.setdefault((rec.job_id, rec.attempt), {})
@@ -473,6 +506,62 @@ def _inflight_by_rank(
                 current.append((rec.seq, rec.op))
         else:
             ranks[rec.rank] = [x for x in current if x[0] > rec.seq]
+    for summary in done:
+        newest: dict[int, int] = {}
+        for rank, seq in zip(summary.rank, summary.seq, strict=True):
+            if seq > newest.get(rank, -2):
+                newest[rank] = seq
+        ranks = out.setdefault((summary.job_id, summary.attempt), {})
+        for rank, seq in newest.items():
+            ranks[rank] = [x for x in ranks.get(rank, ()) if x[0] > seq]
+    return out
+
+
+def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummary]:
+    """The heartbeat's columnar timing (``step_columns``, ``collective_columns``): columns are
+    turned into lists in C and checked a column at a time; only a summary with a bad entry
+    pays for a check per entry (and loses that entry)."""
+    out: list[StepSummary | CollectiveSummary] = []
+    budget = _MAX_STEPS_PER_BEAT
+    bad = 0
+    for c in hb.step_columns:
+        cols = (list(c.rank), list(c.step), list(c.step_s), list(c.data_wait_s),
+                list(c.compute_s))
+        n = len(cols[0])
+        if not c.job_id or any(len(x) != n for x in cols) or n > budget:
+            bad += max(n, 1)
+            continue
+        budget -= n
+        rank, step, step_s, wait, compute = cols
+        if n and (min(step) < 0 or not _finite(sum(step_s), sum(wait), sum(compute))
+                  or min(step_s) < 0 or min(wait) < 0 or min(compute) < 0):
+            keep = [i for i in range(n) if step[i] >= 0
+                    and _finite(step_s[i], wait[i], compute[i])
+                    and min(step_s[i], wait[i], compute[i]) >= 0]
+            bad += n - len(keep)
+            rank, step, step_s, wait, compute = ([col[i] for i in keep] for col in cols)
+        out.append(StepSummary(job_id=c.job_id, attempt=c.attempt, node=node, rank=rank,
+                               step=step, step_s=step_s, data_wait_s=wait, compute_s=compute))
+    budget = _MAX_COLLECTIVES_PER_BEAT
+    for c in hb.collective_columns:
+        ops = [op[:64] for op in c.ops]
+        cols = (list(c.rank), list(c.seq), list(c.op_index), list(c.duration_s))
+        n = len(cols[0])
+        if not c.job_id or any(len(x) != n for x in cols) or n > budget or len(ops) > 4096:
+            bad += max(n, 1)
+            continue
+        budget -= n
+        rank, seq, op_index, duration = cols
+        if n and (min(seq) < -1 or max(op_index) >= len(ops)
+                  or not _finite(sum(duration)) or min(duration) < 0):
+            keep = [i for i in range(n) if seq[i] >= -1 and op_index[i] < len(ops)
+                    and _finite(duration[i]) and duration[i] >= 0]
+            bad += n - len(keep)
+            rank, seq, op_index, duration = ([col[i] for i in keep] for col in cols)
+        out.append(CollectiveSummary(job_id=c.job_id, attempt=c.attempt, node=node, ops=ops,
+                                     rank=rank, seq=seq, op_index=op_index, duration_s=duration))
+    if bad:
+        log.warning("[-/-/%s/-] %d invalid summarised timing entr(ies) dropped", node, bad)
     return out
 
 

@@ -67,6 +67,10 @@ class RestoreChoice:
     """One line for the event log: where the state comes from and why."""
 
 
+DEFAULT_MAX_K = 16
+"""Data nodes per group when the job names no K (``hptctl plan``'s 16+1 for 16,384 GPUs)."""
+
+
 def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Iterable[int]],
                     peers: Mapping[str, str]) -> ProtectionPlan | None:
     """The layout of an attempt on ``nodes`` (in attempt order); None when unprotected."""
@@ -75,7 +79,9 @@ def protection_plan(redundancy: str, nodes: list[str], ranks: Mapping[str, Itera
     if km is None or len(nodes) < 2:
         return None
     k, m = km
-    size = k + m if k and k + m <= len(nodes) else len(nodes)
+    # the default K: every node in one group up to DEFAULT_MAX_K + m nodes, then groups of
+    # that size (a layout is O(group size x nodes), and Reed-Solomon over GF(2^8) stops at 256)
+    size = k + m if k and k + m <= len(nodes) else min(len(nodes), DEFAULT_MAX_K + m)
     if size - m < 1:
         return None
     groups = [size] * (len(nodes) // size)

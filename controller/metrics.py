@@ -45,13 +45,31 @@ class ControllerMetrics:
         self._recoveries: set[tuple[str, int]] = set()
         self._lost: set[tuple[str, int]] = set()
         self._goodput: dict[tuple[str, str], float] = {}
-        self._heartbeats: dict[str, int] = {}
         self._forgotten: set[str] = set()
         self._counted: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server: Any = None
         self.port = 0
+        # series per node and per rank: computed when scraped, never kept up to date (at
+        # 10,000 nodes and 80,000 ranks that upkeep cost more than the heartbeats)
+        self.metrics.on_scrape("hpt_agent_heartbeat_age_seconds", self._heartbeat_ages)
+        self.metrics.on_scrape("hpt_straggler_score", self._straggler_scores)
+        self.metrics.on_scrape("hpt_agent_heartbeats_total", lambda: [
+            ({"node": node}, float(n)) for node, n in dict(rec.detection.num_heartbeats).items()])
+
+    def _heartbeat_ages(self) -> list[tuple[dict[str, object], float]]:
+        rec, mono = self._rec, time.monotonic()
+        with rec.lock:
+            last = [(name, rt.last_heartbeat) for name, rt in rec.nodes.items()]
+        return [({"node": name}, max(0.0, mono - t)) for name, t in last]
+
+    def _straggler_scores(self) -> list[tuple[dict[str, object], float]]:
+        rec = self._rec
+        with rec.lock:
+            running = [j.id for j in rec.jobs.values() if j.state == JobState.RUNNING]
+        return [({"rank": rank}, score) for job_id in running
+                for rank, score in rec.detection.scores(job_id).items()]
 
     def start(self) -> None:
         self.sync()
@@ -83,7 +101,7 @@ class ControllerMetrics:
 
     def sync(self) -> None:
         rec, m = self._rec, self.metrics
-        now, mono = time.time(), time.monotonic()
+        now = time.time()
         with rec.lock:
             jobs = list(rec.jobs.values())
             by_state = {s: 0 for s in JOB_STATES}
@@ -91,12 +109,8 @@ class ControllerMetrics:
                 by_state[job.state.value.lower()] += 1
                 self._count_job(job, now)
             nodes = {s: 0 for s in NODE_STATES}
-            for name, rt in rec.nodes.items():
+            for rt in rec.nodes.values():
                 nodes[rt.node.state.value.lower()] += 1
-                m.set(
-                    "hpt_agent_heartbeat_age_seconds", max(0.0, mono - rt.last_heartbeat), node=name
-                )
-            running = [j.id for j in jobs if j.state == JobState.RUNNING]
             ratios = {j.id: r for j in jobs if j.state == JobState.RUNNING
                       and (r := memory_ratio(j)) is not None}
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
@@ -114,15 +128,6 @@ class ControllerMetrics:
         for state, n in nodes.items():
             m.set("hpt_nodes", n, state=state)
         det = rec.detection
-        for node, n in dict(det.num_heartbeats).items():
-            delta = n - self._heartbeats.get(node, 0)
-            if delta > 0:
-                m.inc("hpt_agent_heartbeats_total", delta, node=node)
-                self._heartbeats[node] = n
-        m.clear("hpt_straggler_score")
-        for job_id in running:
-            for rank, score in det.scores(job_id).items():
-                m.set("hpt_straggler_score", score, rank=rank)
         m.clear("hpt_snapshot_memory_ratio")
         for job_id, ratio in ratios.items():
             m.set("hpt_snapshot_memory_ratio", ratio, hpt_job=job_id)

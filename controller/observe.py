@@ -224,7 +224,9 @@ class Observe:
             node = runtime.node
             if node.state not in (NodeState.READY, NodeState.UNKNOWN):
                 continue
-            silent = mono - runtime.last_heartbeat
+            # a heartbeat that arrived but waits in the intake's queue counts: the node talks
+            silent = mono - max(runtime.last_heartbeat,
+                                getattr(runtime.link, "last_received", 0.0))
             if runtime.disconnected_at and mono - runtime.disconnected_at > self.cfg.heartbeat_period_s:
                 reason = "stream closed and not re-established"
             elif silent > timeout:

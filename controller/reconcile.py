@@ -77,6 +77,8 @@ from hpt.controller.streams import EventLog, LogBuffer
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_S = 1.0
+_QUIET_PASS_S = 1.0
+"""A running job nothing happened to is decided at least this often (``_quiet``)."""
 _SUBMIT_WAIT_S = 30.0
 """How long ``submit`` waits for a pass to take its job (a pass blocked on a slow store)."""
 
@@ -127,6 +129,7 @@ class Reconciler(Observe, Execute):
         self._next_retention = 0.0
         self._clock = clock
         self._dirty_jobs: set[str] = set()
+        self._stepped: dict[str, tuple[float, float]] = {}  # job -> (mono, wall) it was decided
         self._dirty_nodes: set[str] = set()
         self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
         self._progress_flushed = 0.0  # monotonic
@@ -225,12 +228,32 @@ class Reconciler(Observe, Execute):
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
+        nodes_changed = bool(self._dirty_nodes)  # capacity: growing and placing read it
         for job in list(self.jobs.values()):
-            self._step(job, now)
+            if nodes_changed or not self._quiet(job, mono, now):
+                self._stepped[job.id] = (mono, now)
+                self._step(job, now)
         self._flush()
         if mono >= self._next_retention:
             self._next_retention = mono + _RETENTION_PERIOD_S
             self._drop_expired(now)
+
+    def _quiet(self, job: Job, mono: float, now: float) -> bool:
+        """A running attempt that nothing happened to since the last pass that decided it, less
+        than ``_QUIET_PASS_S`` ago: decide would find nothing to do, and it costs O(ranks) (at
+        80,000 ranks and ten passes a second, most of a core). Everything decide reads for such
+        an attempt changes through a path that marks the job dirty (a rank's state, a lost node,
+        a cancel), a node (every job is decided in a pass that saw a node change) or the
+        detectors (``needs_pass``); what only time changes (the grow hysteresis running out)
+        waits at most ``_QUIET_PASS_S`` more."""
+        current = job.current
+        if (job.state != JobState.RUNNING or job.cancel_requested or current is None
+                or current.state != AttemptState.RUNNING or job.id in self._dirty_jobs
+                or self.detection.needs_pass(job.id, current.number)):
+            return False
+        last = self._stepped.get(job.id)
+        return (last is not None and 0 <= mono - last[0] < _QUIET_PASS_S
+                and 0 <= now - last[1] < _QUIET_PASS_S)
 
     def store_health(self) -> StoreHealth:
         return self.store.health
@@ -380,11 +403,12 @@ class Reconciler(Observe, Execute):
         bytes). The next pass updates each attempt's protected steps."""
         self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
 
-    def protect_targets(self, node: str) -> list[tuple[str, int, int, int]]:
-        """(job, attempt, step, newest protected step) of each protection round ``node`` takes
-        part in; sent with every heartbeat ack (controller/rounds.py)."""
+    def protect_targets(self) -> list[tuple[str, int, int, int, frozenset[str]]]:
+        """(job, attempt, step, newest protected step, nodes) of every protection round now:
+        each node in ``nodes`` is told the step with its heartbeat ack (controller/rounds.py).
+        The intake asks once per batch of heartbeats."""
         with self.lock:
-            return self.pieces.rounds.targets(self.jobs.values(), node, time.monotonic())
+            return self.pieces.rounds.all_targets(self.jobs.values(), time.monotonic())
 
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
@@ -498,12 +522,15 @@ class Reconciler(Observe, Execute):
         if restore is None:
             restore = catalog.restore_step(job.attempts[: attempt.number - 1],
                                            [(r.rank, r.node) for r in attempt.ranks])
+        by_node: dict[str, list[tuple[int, int]]] = {}  # one scan, not one per node
+        for r in attempt.ranks:
+            by_node.setdefault(r.node, []).append((r.rank, r.local_rank))
         return {
             node: LaunchCommand(
                 job_id=job.id,
                 attempt=attempt.number,
                 spec=spec,
-                ranks=tuple((r.rank, r.local_rank) for r in attempt.ranks_on(node)),
+                ranks=tuple(by_node.get(node, ())),
                 world_size=attempt.world_size,
                 local_world_size=spec.procs_per_node,
                 master_addr=attempt.master_addr,
@@ -602,6 +629,7 @@ class Reconciler(Observe, Execute):
                 self._launch_sent.pop((job_id, attempt.number), None)
             self.logs.forget(job_id)
             self._cancel_grace.pop(job_id, None)
+            self._stepped.pop(job_id, None)
             self.detection.forget(job_id)
 
 

@@ -109,13 +109,23 @@ class ProtectionRounds:
                 now: float) -> list[tuple[str, int, int, int]]:
         """(job id, attempt, step, newest protected step or -1) for every live protected
         attempt running on ``node`` (``now``: monotonic clock)."""
+        return [(j, a, s, p) for j, a, s, p, nodes in self.all_targets(jobs, now)
+                if node in nodes]
+
+    def all_targets(self, jobs: Iterable[Job],
+                    now: float) -> list[tuple[str, int, int, int, frozenset[str]]]:
+        """(job id, attempt, step, newest protected step or -1, the attempt's nodes) of every
+        live protected attempt (``now``: monotonic clock).
+
+        O(ranks) per protected job: the heartbeat intake calls it once per batch of
+        heartbeats and picks each node's share, never once per heartbeat."""
         out = []
         for job in jobs:
             if job.state.is_terminal or not job.attempts:
                 self._rounds.pop(job.id, None)
                 continue
             attempt = job.attempts[-1]
-            if not attempt.redundancy or attempt.state not in _LIVE or node not in attempt.nodes:
+            if not attempt.redundancy or attempt.state not in _LIVE:
                 continue
             held = self._rounds.get(job.id)
             current = held[1] if held and held[0] == attempt.number else None
@@ -126,5 +136,6 @@ class ProtectionRounds:
             if target is None:
                 continue
             self._rounds[job.id] = (attempt.number, target)
-            out.append((job.id, attempt.number, target.step, max(protected, default=-1)))
+            out.append((job.id, attempt.number, target.step, max(protected, default=-1),
+                        frozenset(attempt.nodes)))
         return out

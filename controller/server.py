@@ -226,7 +226,9 @@ def _command_to_proto(
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):
         return agent_pb2.ControllerMessage(stop=convert.stop_to_proto(command))
-    return agent_pb2.ControllerMessage(launch=convert.launch_to_proto(command))
+    msg = agent_pb2.ControllerMessage()
+    convert.launch_to_proto(command, msg.launch)
+    return msg
 
 
 __all__ = ["JobServicer"]

@@ -169,7 +169,7 @@ class JobSpec:
     """A ``hpt.section(timeout=)`` overrides it."""
     redundancy: str = spec_field(
         "", "Protect snapshots across nodes: Reed-Solomon K data + M parity nodes per group, "
-        "or 'off'.", metavar="K+M", default_text="M=1, K from the node count; 2 nodes: a mirror")
+        "or 'off'.", metavar="K+M", default_text="M=1, K from the node count (at most 16); 2 nodes: a mirror")
     rank_log_max_bytes: int = spec_field(
         0, "Bytes each rank may write to its log file on its node; past them the agent stops "
         "writing the file (one line says so) and still ships the output to the controller.",

@@ -19,12 +19,14 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import Enum
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from hpt.monitor.metrics import METRICS, MetricDef, MetricType
 
@@ -39,6 +41,33 @@ def _build(d: MetricDef, registry: CollectorRegistry) -> _Built:
     if d.type is MetricType.GAUGE:
         return Gauge(d.name, d.help, d.labels, registry=registry)
     return Histogram(d.name, d.help, d.labels, registry=registry, buckets=d.buckets)
+
+
+Samples = Callable[[], Iterable[tuple[Mapping[str, object], float]]]
+"""What a gauge computed on scrape returns: (labels, value) per series."""
+
+
+class _OnScrape(Collector):
+    """A gauge or counter whose series are computed when the registry is rendered, not kept
+    up to date."""
+
+    def __init__(self, d: MetricDef, samples: Samples, check: Callable[..., list[str]]) -> None:
+        self._d = d
+        self._samples = samples
+        self._check = check
+
+    def _family(self) -> GaugeMetricFamily | CounterMetricFamily:
+        kind = GaugeMetricFamily if self._d.type is MetricType.GAUGE else CounterMetricFamily
+        return kind(self._d.name, self._d.help, labels=list(self._d.labels))
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        family = self._family()
+        for labels, value in self._samples():
+            family.add_metric(self._check(labels), value)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield self._family()
 
 
 def _label_value(value: object) -> str:
@@ -85,14 +114,27 @@ class Metrics:
         if not d.labels:
             raise ValueError(f"metric {name!r} has no labels: nothing to remove")
         with contextlib.suppress(KeyError):
-            self._built[name].remove(*values)
+            self._built[name].remove(*values)  # KeyError too when computed on scrape
 
     def clear(self, name: str) -> None:
         """Drop every labelled series of a metric (e.g. before re-setting all states)."""
         d = self._check_name(name)
         if not d.labels:
             raise ValueError(f"metric {name!r} has no labels: nothing to clear")
-        self._built[name].clear()
+        if name in self._built:  # else computed on scrape: nothing kept to clear
+            self._built[name].clear()
+
+    def on_scrape(self, name: str, samples: Samples) -> None:
+        """Compute a gauge's or counter's series when the registry is rendered (``samples()``
+        returns ``(labels, value)`` pairs; a counter's value is its running total) instead of
+        setting them all the time: for series per node or per rank, whose upkeep would cost the
+        controller O(nodes) every second unscraped."""
+        d = self._check_name(name)
+        if d.type is MetricType.HISTOGRAM:
+            raise ValueError(f"metric {name!r} is a histogram: it cannot be computed on scrape")
+        built = self._built.pop(name)
+        self.registry.unregister(built)
+        self.registry.register(_OnScrape(d, samples, lambda labels: self._check(name, labels)[1]))
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -148,7 +190,9 @@ class Metrics:
         d, values = self._check(name, labels)
         if d.type not in types:
             raise ValueError(f"metric {name!r} is a {d.type.value}: {verb}() does not apply")
-        metric = self._built[name]
+        metric = self._built.get(name)
+        if metric is None:
+            raise ValueError(f"metric {name!r} is computed on scrape: {verb}() does not apply")
         if d.labels:
             return metric.labels(*values)
         return metric

@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Final
 
 __all__ = [
     "CollectiveRecord",
+    "CollectiveSummary",
     "Detection",
     "Finding",
     "FindingKind",
     "Record",
     "SectionRecord",
     "StepRecord",
+    "StepSummary",
     "decode_line",
     "encode_line",
     "record_from_dict",
@@ -234,6 +236,48 @@ class CollectiveRecord:
         if exit_s is not None:
             _check_order(n, "enter_s", rec.enter_s, "exit_s", exit_s)
         return rec
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepSummary:
+    """Completed steps of several ranks of one attempt on one node, column by column: entry
+    ``i`` is what a :class:`StepRecord` of ``rank[i]`` for ``step[i]`` carries, less the raw
+    timestamps (only durations are compared). The agent sends one per attempt per heartbeat
+    instead of one record per step and rank; the detectors take either. Columns have equal
+    lengths (the controller checks that when it decodes one)."""
+
+    job_id: str
+    attempt: int
+    node: str
+    rank: Sequence[int]
+    step: Sequence[int]
+    step_s: Sequence[float]
+    """``end_s - start_s`` of each step."""
+    data_wait_s: Sequence[float]
+    compute_s: Sequence[float]
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CollectiveSummary:
+    """Completed collectives of several ranks of one attempt on one node, column by column:
+    entry ``i`` is ``rank[i]``'s collective ``seq[i]`` (op ``ops[op_index[i]]``), which it
+    waited in for ``duration_s[i]`` (``exit_s - enter_s``). In-flight collectives are never
+    summarised: they travel as :class:`CollectiveRecord` with ``exit_s`` None."""
+
+    job_id: str
+    attempt: int
+    node: str
+    ops: Sequence[str]
+    rank: Sequence[int]
+    seq: Sequence[int]
+    op_index: Sequence[int]
+    duration_s: Sequence[float]
+
+    def __len__(self) -> int:
+        return len(self.rank)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -42,6 +42,10 @@ class FleetConfig:
     """Training steps per second per rank (timing records shipped per beat follow from it)."""
     collectives_per_step: int = 0
     """Collective timing records per rank per step."""
+    columns: bool = True
+    """Send completed steps and collectives as columnar summaries (``step_columns``,
+    ``collective_columns``), as the agent does; False: one message per record (older agents,
+    and the only form a controller from before the summaries reads)."""
     snapshot_every: int = 10
     """A snapshot every N steps; the newest 3 are reported as held in memory."""
     agents_per_channel: int = 100
@@ -212,8 +216,14 @@ class SimAgent:
         self._sent[self._seq] = mono
         self.last_beat_at = now
         self.fleet.num_records += len(steps) + len(colls)
-        self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-            seq=self._seq, ranks=reports, steps=steps, collectives=colls)))
+        hb = agent_pb2.Heartbeat(seq=self._seq, ranks=reports)
+        if cfg.columns:
+            hb.step_columns.extend(_step_columns(steps))
+            hb.collective_columns.extend(_collective_columns(colls))
+        else:
+            hb.steps.extend(steps)
+            hb.collectives.extend(colls)
+        self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=hb))
 
     def unacked(self, older_than_s: float) -> int:
         """Heartbeats sent more than ``older_than_s`` ago that were never acknowledged."""
@@ -298,6 +308,33 @@ class Fleet:
     def by_name(self, names: Iterable[str]) -> list[SimAgent]:
         wanted = set(names)
         return [a for a in self.agents if a.name in wanted]
+
+
+def _step_columns(steps: list[agent_pb2.StepTiming]) -> list[agent_pb2.StepColumns]:
+    by_attempt: dict[tuple[str, int], list[agent_pb2.StepTiming]] = {}
+    for t in steps:
+        by_attempt.setdefault((t.job_id, t.attempt), []).append(t)
+    return [agent_pb2.StepColumns(
+        job_id=job_id, attempt=attempt, rank=[t.rank for t in ts], step=[t.step for t in ts],
+        step_s=[t.end_s - t.start_s for t in ts], data_wait_s=[t.data_wait_s for t in ts],
+        compute_s=[t.compute_s for t in ts]) for (job_id, attempt), ts in by_attempt.items()]
+
+
+def _collective_columns(
+    colls: list[agent_pb2.CollectiveTiming],
+) -> list[agent_pb2.CollectiveColumns]:
+    by_attempt: dict[tuple[str, int], list[agent_pb2.CollectiveTiming]] = {}
+    for c in colls:
+        by_attempt.setdefault((c.job_id, c.attempt), []).append(c)
+    out = []
+    for (job_id, attempt), cs in by_attempt.items():
+        ops = sorted({c.op for c in cs})
+        index = {op: i for i, op in enumerate(ops)}
+        out.append(agent_pb2.CollectiveColumns(
+            job_id=job_id, attempt=attempt, ops=ops, rank=[c.rank for c in cs],
+            seq=[c.seq for c in cs], op_index=[index[c.op] for c in cs],
+            duration_s=[c.exit_s - c.enter_s for c in cs]))
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:

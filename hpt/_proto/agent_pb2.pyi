@@ -216,6 +216,8 @@ class Heartbeat(_message.Message):
     COLLECTIVES_FIELD_NUMBER: _builtins.int
     FINDINGS_FIELD_NUMBER: _builtins.int
     DROPPED_RECORDS_FIELD_NUMBER: _builtins.int
+    STEP_COLUMNS_FIELD_NUMBER: _builtins.int
+    COLLECTIVE_COLUMNS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     PIECES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
@@ -239,6 +241,16 @@ class Heartbeat(_message.Message):
     @_builtins.property
     def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Finding]: ...
     @_builtins.property
+    def step_columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepColumns]:
+        """The same records, aggregated: one columnar summary per (job, attempt) per heartbeat
+        instead of one message per record (decoded in C, no Python object per record). Agents
+        send completed steps and collectives here; `steps`/`collectives` stay accepted (older
+        agents), and in-flight collectives always go in `collectives`.
+        """
+
+    @_builtins.property
+    def collective_columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollectiveColumns]: ...
+    @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEvent]:
         """Checkpointing (field numbers 30..39)."""
 
@@ -259,12 +271,14 @@ class Heartbeat(_message.Message):
         collectives: _abc.Iterable[Global___CollectiveTiming] | None = ...,
         findings: _abc.Iterable[Global___Finding] | None = ...,
         dropped_records: _builtins.int = ...,
+        step_columns: _abc.Iterable[Global___StepColumns] | None = ...,
+        collective_columns: _abc.Iterable[Global___CollectiveColumns] | None = ...,
         events: _abc.Iterable[Global___AgentEvent] | None = ...,
         pieces: _abc.Iterable[_checkpoint_pb2.HeldPiece] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "events", b"events", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "pieces", b"pieces", "ranks", b"ranks", "seq", b"seq", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collective_columns", b"collective_columns", "collectives", b"collectives", "dropped_log_bytes", b"dropped_log_bytes", "dropped_records", b"dropped_records", "events", b"events", "findings", b"findings", "free_port", b"free_port", "logs", b"logs", "pieces", b"pieces", "ranks", b"ranks", "seq", b"seq", "step_columns", b"step_columns", "steps", b"steps", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -667,6 +681,103 @@ class CollectiveTiming(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CollectiveTiming: _TypeAlias = CollectiveTiming  # noqa: Y015
+
+@_typing.final
+class StepColumns(_message.Message):
+    """Completed steps of the ranks of one (job, attempt) on one node since the last heartbeat,
+    column by column: entry i is rank[i]'s step step[i]. Durations in seconds on the rank's clock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_S_FIELD_NUMBER: _builtins.int
+    DATA_WAIT_S_FIELD_NUMBER: _builtins.int
+    COMPUTE_S_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    @_builtins.property
+    def rank(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def step(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def step_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """end_s - start_s"""
+
+    @_builtins.property
+    def data_wait_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def compute_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        rank: _abc.Iterable[_builtins.int] | None = ...,
+        step: _abc.Iterable[_builtins.int] | None = ...,
+        step_s: _abc.Iterable[_builtins.float] | None = ...,
+        data_wait_s: _abc.Iterable[_builtins.float] | None = ...,
+        compute_s: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_s", b"compute_s", "data_wait_s", b"data_wait_s", "job_id", b"job_id", "rank", b"rank", "step", b"step", "step_s", b"step_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepColumns: _TypeAlias = StepColumns  # noqa: Y015
+
+@_typing.final
+class CollectiveColumns(_message.Message):
+    """Completed collectives of the ranks of one (job, attempt) on one node, column by column:
+    entry i is rank[i]'s collective seq[i] (ops[op_index[i]]), which it waited in for
+    duration_s[i] (exit - enter: the rank that entered last waits least).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    OP_INDEX_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the op names op_index points into"""
+
+    @_builtins.property
+    def rank(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def seq(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def op_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def duration_s(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        ops: _abc.Iterable[_builtins.str] | None = ...,
+        rank: _abc.Iterable[_builtins.int] | None = ...,
+        seq: _abc.Iterable[_builtins.int] | None = ...,
+        op_index: _abc.Iterable[_builtins.int] | None = ...,
+        duration_s: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration_s", b"duration_s", "job_id", b"job_id", "op_index", b"op_index", "ops", b"ops", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectiveColumns: _TypeAlias = CollectiveColumns  # noqa: Y015
 
 @_typing.final
 class RankStack(_message.Message):

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from hpt.monitor.detectors._common import LowWatermark, is_finite, median, require
-from hpt.monitor.records import CollectiveRecord, Detection, Finding, FindingKind
+from hpt.monitor.records import CollectiveRecord, CollectiveSummary, Detection, Finding, FindingKind
 
 __all__ = ["CollectiveConfig", "CollectiveDetector"]
 
@@ -131,8 +131,10 @@ class CollectiveDetector:
         """Feed a batch of records (non-collective records are ignored), then judge.
 
         Args:
-            records: records in any order, from any ranks and jobs; in-flight collectives
-                carry ``exit_s=None`` and may be reported again while still in flight.
+            records: :class:`CollectiveRecord` and :class:`CollectiveSummary` (completed
+                collectives column by column) in any order, from any ranks and jobs; in-flight
+                collectives carry ``exit_s=None`` and may be reported again while still in
+                flight.
             now: the caller's monotonic clock; ages of in-flight collectives are measured on it.
 
         Returns:
@@ -140,11 +142,21 @@ class CollectiveDetector:
         """
         require(is_finite(now), "now", now, "be a finite number")
         for rec in records:
-            if not isinstance(rec, CollectiveRecord) or rec.seq < 0:
-                continue
-            job = self._job_for(rec.job_id, rec.attempt)
-            if job is not None:
-                self._ingest(job, rec, now)
+            if isinstance(rec, CollectiveSummary):
+                job = self._job_for(rec.job_id, rec.attempt)
+                if job is None:
+                    continue
+                ops = rec.ops
+                for rank, seq, op, duration in zip(
+                    rec.rank, rec.seq, rec.op_index, rec.duration_s, strict=True
+                ):
+                    if seq >= 0:
+                        self._entered(job, rank, rec.node, seq)
+                        self._completed(job, rank, seq, duration, ops[op])
+            elif isinstance(rec, CollectiveRecord) and rec.seq >= 0:
+                job = self._job_for(rec.job_id, rec.attempt)
+                if job is not None:
+                    self._ingest(job, rec, now)
 
         findings: list[Finding] = []
         reasons: list[str] = []
@@ -173,23 +185,37 @@ class CollectiveDetector:
 
     def _ingest(self, job: _Job, rec: CollectiveRecord, now: float) -> None:
         rank, seq = rec.rank, rec.seq
-        if rec.node:
-            job.nodes[rank] = rec.node
-        if rank not in job.entered:
-            job.watermark.invalidate()  # a new member (when no ranks were declared)
-        job.entered[rank] = max(job.entered.get(rank, -1), seq)
+        self._entered(job, rank, rec.node, seq)
         if rec.exit_s is None:
             if seq > job.done.get(rank, -1):
                 job.inflight.setdefault((rank, seq), (rec.op, now))
             return
-        job.inflight.pop((rank, seq), None)
+        self._completed(job, rank, seq, rec.exit_s - rec.enter_s, rec.op)
+
+    def _entered(self, job: _Job, rank: int, node: str, seq: int) -> None:
+        if node:
+            job.nodes[rank] = node
+        entered = job.entered.get(rank)
+        if entered is None:
+            job.watermark.invalidate()  # a new member (when no ranks were declared)
+            job.entered[rank] = seq
+        elif seq > entered:
+            job.entered[rank] = seq
+
+    def _completed(self, job: _Job, rank: int, seq: int, duration_s: float, op: str) -> None:
+        """``rank`` left collective ``seq`` after waiting ``duration_s`` in it."""
+        if job.inflight:
+            job.inflight.pop((rank, seq), None)
         done = job.done.get(rank, -1)
         if seq > done:
             if job.expected is None or rank in job.expected:
                 job.watermark.raised(done, seq)
             job.done[rank] = seq
         if seq > job.finalized_through:
-            job.pending.setdefault(seq, {})[rank] = (rec.exit_s - rec.enter_s, rec.op)
+            pending = job.pending.get(seq)
+            if pending is None:
+                pending = job.pending[seq] = {}
+            pending[rank] = (duration_s, op)
 
     def _members(self, job: _Job) -> Iterable[int]:
         return job.expected if job.expected is not None else job.entered.keys()

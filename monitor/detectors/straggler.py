@@ -27,7 +27,7 @@ steps: the value of the ``hpt_straggler_score`` gauge.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -38,9 +38,9 @@ from hpt.monitor.detectors._common import (
     median_sorted,
     require,
 )
-from hpt.monitor.records import Detection, Finding, FindingKind, StepRecord
+from hpt.monitor.records import Detection, Finding, FindingKind, StepRecord, StepSummary
 
-__all__ = ["StepMetric", "StragglerConfig", "StragglerDetector", "step_value"]
+__all__ = ["StepMetric", "StragglerConfig", "StragglerDetector", "step_value", "summary_values"]
 
 _EPS = 1e-9
 
@@ -55,6 +55,15 @@ class StepMetric(str, Enum):  # noqa: UP042 (STYLE: (str, Enum) for logged value
     """``data_wait_s + compute_s``: the rank's own work, excluding time blocked on peers."""
     COMPUTE = "compute"
     """``compute_s`` only: ignores slow input pipelines."""
+
+
+def summary_values(summary: StepSummary, metric: StepMetric) -> Sequence[float]:
+    """The column of durations ``metric`` names in ``summary``, in seconds."""
+    if metric is StepMetric.STEP:
+        return summary.step_s
+    if metric is StepMetric.COMPUTE:
+        return summary.compute_s
+    return [w + c for w, c in zip(summary.data_wait_s, summary.compute_s, strict=True)]
 
 
 def step_value(rec: StepRecord, metric: StepMetric) -> float:
@@ -204,7 +213,8 @@ class StragglerDetector:
         """Feed a batch of records (non-step records are ignored) and evaluate ready steps.
 
         Args:
-            records: records in any order, from any ranks and jobs.
+            records: :class:`StepRecord` and :class:`StepSummary` (the same steps, column by
+                column) in any order, from any ranks and jobs.
             now: the caller's monotonic clock; stamped on findings as ``detected_at_s``.
 
         Returns:
@@ -212,26 +222,45 @@ class StragglerDetector:
         """
         touched: dict[str, _Job] = {}
         for rec in records:
-            if not isinstance(rec, StepRecord):
-                continue
-            job = self._job_for(rec.job_id, rec.attempt)
-            if job is None or rec.step <= job.evaluated_through:
-                continue
-            r = self._rank(job, rec.rank, rec.node)
-            if rec.step > r.last_step:
-                if job.expected is None or rec.rank in job.expected:
-                    job.watermark.raised(r.last_step, rec.step)
-                r.last_step = rec.step
-            value = step_value(rec, self.cfg.metric)
-            job.pending.setdefault(rec.step, {})[rec.rank] = (value, rec.end_s - rec.start_s)
-            touched[rec.job_id] = job
-
+            if isinstance(rec, StepSummary):
+                job = self._job_for(rec.job_id, rec.attempt)
+                if job is not None:
+                    for rank, step, value, step_s in zip(
+                        rec.rank, rec.step, summary_values(rec, self.cfg.metric), rec.step_s,
+                        strict=True,
+                    ):
+                        self._ingest(job, rank, rec.node, step, value, step_s)
+                    touched[rec.job_id] = job
+            elif isinstance(rec, StepRecord):
+                job = self._job_for(rec.job_id, rec.attempt)
+                if job is not None:
+                    self._ingest(job, rec.rank, rec.node, rec.step,
+                                 step_value(rec, self.cfg.metric), rec.end_s - rec.start_s)
+                    touched[rec.job_id] = job
         findings: list[Finding] = []
         reasons: list[str] = []
         for job_id, job in touched.items():
             reasons.append(self._evaluate_ready(job_id, job, now, findings))
         reason = "; ".join(reasons) if reasons else "no step records"
         return Detection(tuple(findings), reason)
+
+    def _ingest(
+        self, job: _Job, rank: int, node: str, step: int, value: float, step_s: float
+    ) -> None:
+        """One rank's step, from a record or a summary alike."""
+        if step <= job.evaluated_through:
+            return
+        r = job.ranks.get(rank)
+        if r is None or r.node != node:
+            r = self._rank(job, rank, node)
+        if step > r.last_step:
+            if job.expected is None or rank in job.expected:
+                job.watermark.raised(r.last_step, step)
+            r.last_step = step
+        pending = job.pending.get(step)
+        if pending is None:
+            pending = job.pending[step] = {}
+        pending[rank] = (value, step_s)
 
     def forget(self, job_id: str) -> None:
         """Drop all state of a job (it ended)."""
@@ -365,18 +394,21 @@ class StragglerDetector:
         r.slow.append(v.slow)
         r.ratios.append(v.ratio)
         num_slow = sum(r.slow)
-        evidence: dict[str, float | int | str] = {
-            "step": step,
-            "score": round(self._score(r), 4),
-            "ratio": round(v.ratio, 4),
-            "z": round(v.z, 2),
-            "value_s": v.value,
-            "peer_median_s": v.peer_median,
-            "slow_steps": num_slow,
-            "window": len(r.slow),
-            "threshold": cfg.threshold,
-            "metric": cfg.metric.value,
-        }
+
+        def evidence() -> dict[str, float | int | str]:  # built only for a finding: 80,000 ranks
+            return {
+                "step": step,
+                "score": round(self._score(r), 4),
+                "ratio": round(v.ratio, 4),
+                "z": round(v.z, 2),
+                "value_s": v.value,
+                "peer_median_s": v.peer_median,
+                "slow_steps": num_slow,
+                "window": len(r.slow),
+                "threshold": cfg.threshold,
+                "metric": cfg.metric.value,
+            }
+
         who = f"rank {v.rank} ({r.node})" if r.node else f"rank {v.rank}"
         if not r.flagged:
             if num_slow >= cfg.persistence:
@@ -397,7 +429,7 @@ class StragglerDetector:
                             f"persistence {cfg.persistence}) at step {step}"
                         ),
                         detected_at_s=now,
-                        evidence=evidence,
+                        evidence=evidence(),
                     )
                 )
             return
@@ -406,6 +438,7 @@ class StragglerDetector:
             r.flagged = False
             job.flagged.discard(v.rank)
             r.fine_run = 0
+            cleared_evidence = evidence()
             # Start the window afresh so old slow steps cannot re-flag the rank at once.
             r.slow.clear()
             out.append(
@@ -420,6 +453,6 @@ class StragglerDetector:
                         f"{cfg.clear_after} consecutive steps (ratio {v.ratio:.2f} at step {step})"
                     ),
                     detected_at_s=now,
-                    evidence=evidence,
+                    evidence=cleared_evidence,
                 )
             )

@@ -74,15 +74,18 @@ def _threads(pid: int) -> int:
 
 
 class _Controller:
-    def __init__(self, workdir: Path, redis_url: str, period_s: float) -> None:
+    def __init__(self, workdir: Path, redis_url: str, period_s: float, src: str = "") -> None:
         self.port = _free_port()
         self.log_path = workdir / f"controller-{self.port}.log"
+        env = dict(os.environ)
+        if src:  # another version of hpt (an importable tree: hpt/ with hpt/controller/ ...)
+            env["PYTHONPATH"] = src
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hpt.cli", "controller", "--port", str(self.port),
                  "--redis-url", redis_url, "--heartbeat-period", str(period_s)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=src or ROOT, env=env, start_new_session=True)
         self.target = f"127.0.0.1:{self.port}"
 
     async def wait_serving(self, deadline_s: float) -> None:
@@ -117,11 +120,14 @@ async def _watch_events(stub: jobs_pb2_grpc.JobServiceStub, sink: list) -> None:
         pass
 
 
-async def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+async def run_one(n: int, args: argparse.Namespace, workdir: Path,
+                  baseline: bool = False) -> dict[str, object]:
     out: dict[str, object] = {"bench": "controller_scale", "agents": n, "ranks": n * args.slots,
-                              "heartbeat_period_s": args.period, "broke": ""}
+                              "heartbeat_period_s": args.period, "broke": "",
+                              "controller": "baseline" if baseline else "this tree",
+                              "timing": "records" if baseline or args.records else "columns"}
     redis_url, redis_proc = start_redis(workdir)
-    ctl = _Controller(workdir, redis_url, args.period)
+    ctl = _Controller(workdir, redis_url, args.period, args.baseline_src if baseline else "")
     rclient = redis.Redis.from_url(redis_url)
     events: list = []  # type: ignore[type-arg]
     try:
@@ -131,7 +137,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
         watcher = asyncio.create_task(_watch_events(stub, events))
         cfg = FleetConfig(target=ctl.target, num_agents=n, slots=args.slots,
                           steps_per_s=args.steps_per_s,
-                          collectives_per_step=args.collectives_per_step)
+                          collectives_per_step=args.collectives_per_step,
+                          columns=not (baseline or args.records))
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
             t0 = time.monotonic()
@@ -169,7 +176,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
             if args.py_spy:  # a sampling profile of the controller over the window
                 spy = subprocess.Popen(
                     ["py-spy", "record", "-p", str(ctl.proc.pid), "-d", str(int(args.window)),
-                     "-r", "50", "-f", "raw", "-o", f"{args.py_spy}-{n}.txt", "--nonblocking"],
+                     "-r", "50", "-f", "raw", "-o",
+                     f"{args.py_spy}-{'base-' if baseline else ''}{n}.txt", "--nonblocking"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(args.window)
             if spy is not None:
@@ -252,9 +260,20 @@ def main() -> None:
     p.add_argument("--py-spy", default="", metavar="PREFIX",
                    help="profile the controller over the window with py-spy into PREFIX-N.txt")
     p.add_argument("--stop-on-break", action="store_true", default=True)
+    p.add_argument("--records", action="store_true",
+                   help="agents send one message per timing record (the pre-summary wire form)")
+    p.add_argument("--baseline-src", default="", metavar="DIR",
+                   help="also measure, before each N, the controller of another hpt tree "
+                   "(DIR/hpt with controller/, agent/, ckpt/, monitor/ copied under it), fed "
+                   "per-record timing; its line says controller=baseline")
     args = p.parse_args()
+    baseline_broke = False
     with tempfile.TemporaryDirectory(prefix="hpt-scale-") as tmp:
         for n in [int(x) for x in args.agents.split(",")]:
+            if args.baseline_src and not baseline_broke:
+                result = asyncio.run(run_one(n, args, Path(tmp), baseline=True))
+                print(json.dumps(result), flush=True)
+                baseline_broke = bool(result["broke"])
             result = asyncio.run(run_one(n, args, Path(tmp)))
             print(json.dumps(result), flush=True)
             if result["broke"] and args.stop_on_break:

@@ -71,7 +71,7 @@ def test_a_silent_rank_is_hung_once_and_its_stack_shows_where(tmp_path, rank):
     assert finding.kind == "hang" and finding.rank == 0 and finding.node == "n"
     assert "in waiting_here" in finding.stacks[0].text
     assert watch.check(time.monotonic() + 10.0) == []  # reported once per attempt
-    assert watch.take()[2] == [finding]
+    assert watch.take().findings == [finding]
 
 
 def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
@@ -92,7 +92,7 @@ def test_a_stopped_rank_is_named_as_stopped_without_a_stack(tmp_path, rank):
 def test_bad_records_are_dropped_and_counted_without_closing_the_socket(tmp_path, rank):
     watch = make_watch(tmp_path, rank)
     watch.on_rank_message(HELLO, Records(records=({"type": "step"},)))
-    assert watch.take()[3] == 1
+    assert watch.take().dropped == 1
     with pytest.raises(ProtocolError, match=r"records\.records"):
         Records(records="nope")  # type: ignore[arg-type]
 
