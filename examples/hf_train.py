@@ -23,19 +23,26 @@ from hpt.integrations.transformers import HptCallback, resume_from
 
 
 class Regressor(torch.nn.Module):
-    def __init__(self, step_time: float) -> None:
+    def __init__(self, step_time: float, slow_eval_batches: int = 0,
+                 eval_batch_time: float = 0.0) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
             torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1)
         )
         self.step_time = step_time
+        self.slow_eval_batches = slow_eval_batches
+        self.eval_batch_time = eval_batch_time
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         started = time.monotonic()
         out = self.net(x)
         loss = torch.nn.functional.mse_loss(out, labels)
-        left = self.step_time - (time.monotonic() - started)
-        if self.training and left > 0:
+        pace = self.step_time if self.training else 0.0
+        if not self.training and self.slow_eval_batches > 0:
+            self.slow_eval_batches -= 1  # a slow first evaluation, as the hang test needs
+            pace = self.eval_batch_time
+        left = pace - (time.monotonic() - started)
+        if left > 0:
             time.sleep(left)  # pacing of the workload, not a wait on anything
         return {"loss": loss, "logits": out}
 
@@ -75,6 +82,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batches", type=int, default=12, help="batches per epoch per rank")
     parser.add_argument("--step-time", type=float, default=0.05)
+    parser.add_argument("--eval-batches", type=int, default=2, help="per rank, each evaluation")
+    parser.add_argument("--eval-batch-time", type=float, default=0.0,
+                        help="seconds per batch of the first evaluation")
     parser.add_argument("--no-hpt", action="store_true", help="the same trainer without hpt")
     args = parser.parse_args()
 
@@ -91,8 +101,9 @@ def main() -> None:
         )
         set_seed(0)  # the model's initial weights (the Trainer seeds only after they exist)
         trainer = Trainer(
-            model=Regressor(args.step_time), args=targs,
-            train_dataset=Rows(1, batch * args.batches * world), eval_dataset=Rows(2, batch * 2),
+            model=Regressor(args.step_time, args.eval_batches, args.eval_batch_time), args=targs,
+            train_dataset=Rows(1, batch * args.batches * world),
+            eval_dataset=Rows(2, batch * args.eval_batches * world),
             callbacks=[] if args.no_hpt else [HptCallback()],
         )
         resume = None if args.no_hpt else resume_from(trainer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import hpt
 from hpt._rank_protocol import Finished
@@ -17,6 +18,24 @@ def ensure_init() -> hpt.Context:
     if ctx is None:
         ctx = hpt.init(init_process_group=False)
     return ctx
+
+
+def report_ddp(model: Any) -> bool:
+    """Report the bucket all-reduces of ``model`` when a trainer wrapped it in DDP (see
+    :mod:`hpt.integrations.ddp`); True when the hook is registered. A hook of the user's own
+    stays: hpt then only warns."""
+    import torch
+
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
+    from hpt.integrations.ddp import report_bucket_allreduces
+
+    try:
+        report_bucket_allreduces(model)
+    except RuntimeError as exc:  # the user registered a hook of their own
+        log.warning("[hpt] DDP all-reduces not reported: %s", exc)
+        return False
+    return True
 
 
 def beat(completed: int) -> None:

@@ -49,8 +49,6 @@ except ImportError:  # the unified package ships the same API as lightning.pytor
             "hpt.integrations.lightning needs PyTorch Lightning: pip install 'hpt[lightning]'"
         ) from exc
 
-import torch
-
 import hpt
 from hpt import _rank_monitor
 from hpt.ckpt.state import capture_rng, restore_rng
@@ -167,7 +165,7 @@ class HptCallback(pl.Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.report_ddp:
-            self._report_ddp(trainer)
+            _common.report_ddp(trainer.strategy.model)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.checkpointer = hpt.Checkpointer(
             pl_module, optimizer, extra_state={"trainer": _TrainerState(trainer)},
@@ -178,16 +176,6 @@ class HptCallback(pl.Callback):
             self._rng_after_restore = capture_rng()
             log.info("[hpt] resumed at optimizer step %d (epoch %d)", self.restored_step,
                      trainer.fit_loop.epoch_progress.current.processed)
-
-    def _report_ddp(self, trainer: Any) -> None:
-        from hpt.integrations.ddp import report_bucket_allreduces
-
-        model = trainer.strategy.model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            try:
-                report_bucket_allreduces(model)
-            except RuntimeError as exc:  # the user registered a hook of their own
-                log.warning("[hpt] DDP all-reduces not reported: %s", exc)
 
     # -- training ----------------------------------------------------------------------------
 

@@ -22,16 +22,19 @@ crossed a process boundary is unpickled. The callback deletes it once the Traine
 
 What the callback does:
 
-- ``on_train_begin`` (the Trainer built and wrapped model and optimizer): an ``hpt.Checkpointer``
+- ``on_train_begin`` (the Trainer built and wrapped model and optimizer): a model the Trainer
+  wrapped in DDP gets :func:`hpt.integrations.ddp.report_bucket_allreduces`; an ``hpt.Checkpointer``
   over the model, the optimizer (lazy copies, waited for by its step-pre-hook) and the rest of
   the Trainer's state: LR scheduler, grad scaler, and ``TrainerState`` (global step, epoch, log
   history, stateful callbacks) as one JSON byte tensor (the Trainer's own ``trainer_state.json``).
-- ``on_step_end`` (after each optimizer step): ``hpt.step(global_step)``; the snapshot of that
-  step (every ``every`` steps) is taken as the next step begins (``on_step_begin``, after the
-  Trainer drew its batches; at ``on_train_end`` for the last step), so that the RNG it holds is
-  the one the Trainer's resume puts back after drawing the skipped batches. Evaluation or a checkpoint save the Trainer is about to run
-  (its flow callback has just set ``should_evaluate``/``should_save``) opens a section
-  (``evaluation``/``save``, with ``eval_timeout_s``/``save_timeout_s`` as its own deadline when
+- ``on_step_end`` (after each optimizer step): ``hpt.step(global_step)``. The snapshot of that
+  step (every ``every`` steps) is taken where the Trainer's resume from it puts the RNG back:
+  mid-epoch, as the next step begins (``on_step_begin``, after the Trainer drew its batches,
+  as its resume does after drawing the skipped ones); after an epoch's last step, as the next
+  epoch begins (``on_epoch_begin``, before its iterator draws anything, as a resume with no
+  batch to skip does); after the last step, at ``on_train_end``. Evaluation or a checkpoint
+  save the Trainer is about to run (its flow callback has just set ``should_evaluate``/
+  ``should_save``) opens a section (``evaluation``/``save``, with ``eval_timeout_s``/``save_timeout_s`` as its own deadline when
   given); every evaluation batch is a progress beat, so a long evaluation is never taken for a
   hang while an evaluation batch that never ends still is. ``on_evaluate``/``on_save`` close
   them.
@@ -248,17 +251,20 @@ class HptCallback(TrainerCallback):  # type: ignore[misc]
         eval_timeout_s: the hang deadline of an evaluation (None: the job's own deadline, counted
             from the last evaluation batch).
         save_timeout_s: the hang deadline of a Trainer checkpoint save (None: the job's).
+        report_ddp: register the bucket all-reduce hook on the model the Trainer wrapped in DDP.
         **checkpointer_kwargs: passed to ``hpt.Checkpointer`` (``persist_dir``, ``timeout_s``...).
     """
 
     def __init__(self, every: int = 1, *, eval_timeout_s: float | None = None,
-                 save_timeout_s: float | None = None, **checkpointer_kwargs: Any) -> None:
+                 save_timeout_s: float | None = None, report_ddp: bool = True,
+                 **checkpointer_kwargs: Any) -> None:
         if every < 1:
             raise ValueError(f"every ({every}) must be >= 1")
         for name, value in (("eval_timeout_s", eval_timeout_s), ("save_timeout_s", save_timeout_s)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} ({value!r}) must be > 0 seconds")
         self.every = every
+        self.report_ddp = report_ddp
         self._timeouts = {"evaluation": eval_timeout_s, "save": save_timeout_s}
         self._ckpt_kwargs = checkpointer_kwargs
         self.checkpointer: Any = None
@@ -279,11 +285,22 @@ class HptCallback(TrainerCallback):  # type: ignore[misc]
         if trainer is None:
             raise ValueError("HptCallback needs trainer.train(resume_from_checkpoint="
                              "hpt.integrations.transformers.resume_from(trainer))")
+        if self.report_ddp:
+            # the Trainer wrapped the model (accelerate's DDP) before this hook, and its first
+            # backward comes after it
+            _common.report_ddp(trainer.model_wrapped)
         optimizer = _inner(kwargs.get("optimizer"))
         self.checkpointer = Checkpointer(
             kwargs["model"], optimizer, extra_state={"trainer": _TrainerState(trainer)},
             every=self.every, **self._ckpt_kwargs,
         )
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The last step of an epoch is snapshotted here, before the new epoch's iterator draws
+        # anything: a resume at an epoch boundary (no batch to skip) puts the RNG back as the
+        # epoch begins, not after its first batch is drawn as a resume mid-epoch does. (The
+        # resume directory stays: the Trainer reads its RNG file after this hook.)
+        self._save_due()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # the Trainer has read the resume directory (the RNG last, just before this)

@@ -3,9 +3,10 @@ in subprocesses writing their snapshots to shared-memory files (the agent's sink
 agent), one of them dying abruptly (``os._exit``) after a step, the next restoring the chosen step
 (``HPT_RESTORE_STEP``, as an agent sets it) through ``resume_from``.
 
-Crashes mid-epoch in the first epoch (step 4 of 6 per epoch: the Trainer skips 4 batches, then
-loads the RNG) and, resumed from there, in the second (step 9); the final model and optimizer
-state must be bitwise those of a clean run.
+Crashes at the epoch boundary (step 6 of 6 per epoch: no batch to skip, the Trainer puts the
+RNG back as the second epoch begins) and, resumed from there, mid-epoch in the second (step 9:
+the Trainer skips 3 batches, then loads the RNG); the final model and optimizer state must be
+bitwise those of a clean run.
 """
 
 from __future__ import annotations
@@ -24,20 +25,21 @@ ROOT = Path(__file__).resolve().parents[3]
 ARGS = ["--epochs", "2", "--batches", "6", "--step-time", "0"]
 
 # Runs examples/hf_train.py; HPT_TEST_EXIT_AT makes the process die right after the snapshot of
-# that step is complete, as a crash would leave it (no teardown, nothing flushed).
+# that step is complete, where the callback takes it (as the next step or epoch begins), as a
+# crash would leave it (no teardown, nothing flushed).
 DRIVER = """
 import os, runpy, sys
 import hpt.integrations.transformers as hf
 exit_at = int(os.environ.get("HPT_TEST_EXIT_AT", "0"))
-on_step_end = hf.HptCallback.on_step_end
-def crashing(self, args, state, control, **kw):
-    on_step_end(self, args, state, control, **kw)
-    if state.global_step == exit_at:
-        self._save_due()  # the snapshot of this step, as the next step's start would take it
+save_due = hf.HptCallback._save_due
+def crashing(self):
+    due = self._due
+    save_due(self)
+    if due and due == exit_at:
         self.checkpointer.wait()
         print(f"crash after step {exit_at}", flush=True)
         os._exit(9)
-hf.HptCallback.on_step_end = crashing
+hf.HptCallback._save_due = crashing
 resume_from = hf.resume_from
 def reporting(trainer):
     where = resume_from(trainer)
@@ -70,17 +72,17 @@ def final_sha(out: str) -> str:
 
 
 @pytest.mark.timeout(900)
-def test_trainer_crashed_mid_epoch_twice_resumes_bitwise(tmp_path):
+def test_trainer_crashed_at_an_epoch_boundary_then_mid_epoch_resumes_bitwise(tmp_path):
     shm = tmp_path / "shm"
     shm.mkdir()
     clean = final_sha(run(tmp_path, env={"HPT_SNAPSHOT_PREFIX": "hf-clean",
                                          "HPT_SNAPSHOT_DIR": str(shm)}))
     snap = {"HPT_SNAPSHOT_PREFIX": "hf-unit", "HPT_SNAPSHOT_DIR": str(shm)}
 
-    out = run(tmp_path, env={**snap, "HPT_TEST_EXIT_AT": "4"})
+    out = run(tmp_path, env={**snap, "HPT_TEST_EXIT_AT": "6"})
     assert out.startswith("exit 9") and "resumed at step 0 from None" in out, out
-    out = run(tmp_path, env={**snap, "HPT_RESTORE_STEP": "4", "HPT_TEST_EXIT_AT": "9"})
-    assert out.startswith("exit 9") and "resumed at step 4 from " in out, out
+    out = run(tmp_path, env={**snap, "HPT_RESTORE_STEP": "6", "HPT_TEST_EXIT_AT": "9"})
+    assert out.startswith("exit 9") and "resumed at step 6 from " in out, out
     out = run(tmp_path, env={**snap, "HPT_RESTORE_STEP": "9"})
     assert out.startswith("exit 0") and "resumed at step 9 from " in out, out
     assert final_sha(out) == clean
