@@ -129,6 +129,7 @@ class Reconciler(Observe, Execute):
         self._next_retention = 0.0
         self._clock = clock
         self._dirty_jobs: set[str] = set()
+        self._fenced: dict[tuple[str, str, int], float] = {}  # (node, job, attempt) -> mono
         self._stepped: dict[str, tuple[float, float]] = {}  # job -> (mono, wall) it was decided
         self._dirty_nodes: set[str] = set()
         self._progress_jobs: set[str] = set()  # only step/snapshot progress changed

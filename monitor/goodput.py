@@ -134,8 +134,8 @@ class Costs:
     """Snapshot -> verified on disk: 3.88 GB at 0.68 GB/s (bench_persist, low end)."""
     detect_s: Mapping[str, float] = field(default_factory=lambda: {
         Detect.RANK_EXIT.value: 0.08,  # rank exit seen by its agent: 50-80 ms (bench_recovery)
-        Detect.NODE_LOST.value: 2.0,   # 4 missed heartbeats of 0.5 s (0.61 s when the stream
-                                       # closes); bench_scale measures it under load
+        Detect.NODE_LOST.value: 2.0,   # the node lease at the 0.5 s heartbeat (2.5 s at 1 s;
+                                       # 0.61 s when the stream closes); bench_scale measures it
         Detect.HANG.value: 5.34,       # SIGSTOP -> hang fault (bench_detection)
         Detect.SILENT.value: 3600.0,   # not detected by hpt; assume a loss spike within an hour
     })

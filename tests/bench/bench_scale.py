@@ -242,6 +242,10 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
     finally:
         if ctl.proc.poll() is not None and not out.get("broke"):
             out["broke"] = f"controller exited {ctl.proc.returncode}"
+        if out.get("broke"):  # what the controller said (its log goes with the temporary dir)
+            lines = ctl.log_path.read_text(errors="replace").splitlines()
+            out["controller_log"] = [ln[:300] for ln in lines if "WARNING" in ln
+                                     or "ERROR" in ln or "CRITICAL" in ln][:15]
         ctl.stop()
         rclient.close()
         stop_redis(redis_proc)

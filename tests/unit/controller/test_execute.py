@@ -276,3 +276,25 @@ def test_a_report_off_the_rank_table_is_refused_and_the_loop_goes_on(monkeypatch
     c.report(job_id, 0, RankState.PENDING)  # RUNNING -> PENDING is no edge
     c.rec.reconcile_once()
     assert c.rec.jobs[job_id].attempts[0].ranks[0].state == RankState.RUNNING
+
+
+def test_a_rank_declared_lost_that_keeps_reporting_is_fenced_once_a_second_not_per_report(
+        monkeypatch):
+    c = Cluster(monkeypatch, nodes=2)
+    job_id = c.rec.submit(JobSpec(command=("x",), nodes=2, min_nodes=1))
+    c.rec.reconcile_once()
+    c.run_all(job_id)
+    c.rec.reconcile_once()
+    c.rec.disconnect("n1", c.links["n1"])
+    c.mono.t += c.rec.cfg.heartbeat_period_s + 0.1
+    c.rec.heartbeat("n0", [], [], free_port=0)
+    c.rec.reconcile_once()  # n1 lost, its rank with it
+    c.rec.register(Node(name="n1", address="127.0.0.1", slots=1), c.links["n1"],
+                   [], free_port=1)
+    for _ in range(3):  # the old rank goes on reporting RUNNING, heartbeat after heartbeat
+        c.report(job_id, 1, RankState.RUNNING)
+    fenced = [s for s in c.links["n1"].stops() if s.cause == StopCause.DECLARED_LOST]
+    assert len(fenced) == 1
+    c.mono.t += 1.1
+    c.report(job_id, 1, RankState.RUNNING)
+    assert len([s for s in c.links["n1"].stops() if s.cause == StopCause.DECLARED_LOST]) == 2
