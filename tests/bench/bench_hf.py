@@ -79,8 +79,8 @@ class Pace(TrainerCallback):  # type: ignore[misc]
 class TimedHpt(HptCallback):
     """HptCallback that records how long each snapshot launch blocks the training thread."""
 
-    def __init__(self, every: int) -> None:
-        super().__init__(every)
+    def __init__(self, every: int, **kwargs: Any) -> None:
+        super().__init__(every, **kwargs)
         self.save_s: list[float] = []
 
     def _save_due(self) -> None:
@@ -141,7 +141,8 @@ def run(args: argparse.Namespace, *, with_hpt: bool, blocking: bool = False) -> 
     model = Model(width)
     pace = Pace(args.step_ms / 1000)
     callbacks: list[Any] = [pace]
-    hpt_cb = TimedHpt(args.every) if with_hpt else None
+    kwargs = {"num_threads": args.num_threads} if args.num_threads else {}
+    hpt_cb = TimedHpt(args.every, **kwargs) if with_hpt else None
     if hpt_cb is not None:
         callbacks.insert(0, hpt_cb)
     probe = None
@@ -177,6 +178,8 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--every", type=int, default=1, help="HptCallback(every=N)")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="snapshot copy threads (0: the engine's default)")
     parser.add_argument("--blocking-every", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -194,7 +197,7 @@ def main() -> None:
         b, w = statistics.median(base), statistics.median(with_cb)
         print(json.dumps({"bench": "hf_callback_overhead", "params_m": args.params_m,
                           "step_ms": args.step_ms, "steps": args.steps, "repeats": args.repeats,
-                          "every": args.every,
+                          "every": args.every, "num_threads": args.num_threads,
                           "median_save_launch_s": round(statistics.median(launch), 5),
                           "median_step_s_without": round(b, 5), "median_step_s_with": round(w, 5),
                           "ratio": round(w / b, 4), "overhead_pct": round(100 * (w / b - 1), 2),
