@@ -111,7 +111,11 @@ class _TrainerState:
             name = type(cb).__name__
             if not isinstance(state.stateful_callbacks.get(name), list):
                 state.stateful_callbacks[name] = cb.state()
-        text = (json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n").encode()
+        # the fields as they are (no dataclasses.asdict: its deep copy of a log history that
+        # grows every logging step cost a millisecond a step), compact JSON, as the Trainer's
+        # TrainerState.load_from_json reads it
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        text = json.dumps(fields, separators=(",", ":")).encode()
         # padded with JSON whitespace to a multiple of 4 KiB: the same tensor shape from one step
         # to the next keeps the snapshot's layout, and so its buffers, the same
         text += b" " * (-len(text) % _STATE_PAD)

@@ -26,7 +26,7 @@ from tests.integration.patient import start_slowly
 TOKEN = "status-page-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = os.environ.get("HPT_STATUS_SCREENSHOT", "")
-"""Set to a path (docs/status_page.png) to keep the screenshot the test takes."""
+"""Set to a path (docs/status-page.png) to keep the screenshot the test takes."""
 
 
 class StatusCluster(LocalCluster):
