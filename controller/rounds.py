@@ -16,16 +16,21 @@ agents (a report and an ack take up to two heartbeat periods, a generation lives
 the round can never finish. Such a round is abandoned once every rank has gone past its step,
 and from then on the job's targets are named ``lead`` steps AHEAD of the ranks (at least the
 steps the ranks made while the missed round was in flight, doubled after each miss): the
-agents pin a future step the moment their ranks commit it. A step ahead that
-the ranks do not reach within ``AHEAD_WAIT_S`` (slow steps, a pause) gives way to the newest
-complete step, which stays in memory long enough when the ranks move that slowly.
+agents pin a future step the moment their ranks commit it. The same holds from the first
+round when no step is complete on every rank in the reports at hand (each node's report is from
+another moment, and ranks that keep three generations of 50 ms steps share none). A step ahead that
+the ranks stop moving towards for ``AHEAD_WAIT_S`` (slow steps, a pause) gives way to the newest
+complete step, which stays in memory long enough when the ranks move that slowly. A target far
+ahead that the ranks keep moving towards is kept however long they take: giving it up for the
+newest complete step after a fixed time missed again with fast steps, doubled the lead again,
+and on a loaded machine never protected a step at all.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hpt.controller.catalog import complete_steps
 from hpt.controller.model import Attempt, AttemptState, Job
@@ -34,7 +39,7 @@ _LIVE = (AttemptState.LAUNCHING, AttemptState.RUNNING)
 MAX_LEAD = 1024
 """Steps ahead of the ranks a target is named at most."""
 AHEAD_WAIT_S = 2.0
-"""How long a round waits for the ranks to save a step named ahead of them."""
+"""How long a round waits for the ranks to move towards a step named ahead of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,10 @@ class Target:
     """0: targets are the newest complete step; else steps ahead of the ranks they are named."""
     named_at: float = 0.0
     """Monotonic time the step was named."""
+    seen: int = -1
+    """The lowest newest snapshot step over the ranks when they last moved towards ``step``."""
+    moved_at: float = 0.0
+    """Monotonic time of that move (0: when named)."""
 
 
 def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
@@ -67,19 +76,27 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         if current.step in complete:
             return current  # round in progress
         if current.step > reached[0]:  # a step a rank has yet to save
-            if now - current.named_at < AHEAD_WAIT_S or newest is None or newest in protected:
+            if reached[0] > current.seen:  # the ranks move towards it: wait on
+                return replace(current, seen=reached[0], moved_at=now)
+            since = max(current.named_at, current.moved_at)
+            if now - since < AHEAD_WAIT_S or newest is None or newest in protected:
                 return current
-            return Target(newest, lead, now)  # the ranks are slow or paused
+            return Target(newest, lead, now, reached[0])  # the ranks are slow or paused
         # every rank went past it and one lost it: name steps at least as far ahead as the
         # ranks went while this one was in flight, and twice as far as the last lead
         lead = min(max(1, 2 * lead, reached[1] - current.step), MAX_LEAD)
+    if not lead and newest is None and reached[0] >= 0:
+        # every rank saved, yet no step is held by all of them in the reports at hand: they
+        # came from different moments (fast steps, heartbeats out of phase) and a rank keeps
+        # a few generations; naming "the newest complete step" would wait for ever
+        lead = min(max(1, reached[1] - reached[0]), MAX_LEAD)
     if lead:
         if reached[1] < 0:
             return None
-        return Target(reached[1] + cadence * -(-lead // cadence), lead, now)
+        return Target(reached[1] + cadence * -(-lead // cadence), lead, now, reached[0])
     if newest is None or (current is not None and newest <= current.step):
         return current if current is not None and current.step in complete else None
-    return Target(newest, 0, now)
+    return Target(newest, 0, now, reached[0])
 
 
 def _reached(attempt: Attempt) -> tuple[int, int]:

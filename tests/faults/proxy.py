@@ -128,6 +128,13 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            try:  # before the connection is published: drop() may close it any time after
+                client.settimeout(_POLL_S)
+                upstream.settimeout(_POLL_S)
+            except OSError:
+                client.close()
+                upstream.close()
+                continue
             conn = _Conn(client, upstream)
             with self._lock:  # the mode may have changed while we connected upstream
                 dropped = self._mode == "drop"
@@ -140,7 +147,6 @@ class TcpProxy:
                 continue
             self.num_accepted += 1
             for src, dst, name in ((client, upstream, "up"), (upstream, client, "down")):
-                src.settimeout(_POLL_S)
                 t = threading.Thread(target=self._pump, args=(conn, src, dst), daemon=True,
                                      name=f"proxy-{self.port}-{name}")
                 conn.threads.append(t)

@@ -19,13 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cluster import TRAIN, LocalCluster, state_name, wait_for
+from tests.integration.cluster import (
+    TERMINAL_STATES,
+    TRAIN,
+    LocalCluster,
+    restore_shape,
+    state_name,
+    wait_for,
+)
 from tests.integration.test_checkpoint import resumed_steps
 
 pytestmark = pytest.mark.timeout(600)  # clusters of three agents; slow on a loaded machine
 
 STEPS = 60
 JOB = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.05"]
+SLOW_JOB = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.15"]
+"""JOB with slower steps (the same digest): it still runs when a loaded machine's protection
+rounds first reach the step a test waits for."""
 ENDLESS = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05"]
 """A job the test cancels once it has seen what it checks."""
 
@@ -117,14 +127,19 @@ def three(tmp_path_factory):
 @pytest.fixture
 def shared(three):  # type: ignore[no-untyped-def]
     """The shared cluster with its three agents up (a test before may have restarted one)."""
-    three.wait_nodes_ready(3, timeout_s=240)
-    return three
+    restore_shape(three, ready_timeout_s=240)
+    yield three
+    # a test that failed half way leaves its job running: the next one needs every node
+    for job in three.client.list():
+        if job.state not in TERMINAL_STATES:
+            three.client.cancel(job.id, grace_s=1.0)
+            three.wait_terminal(job.id, 120)
 
 
 def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(shared) -> None:
     cluster = shared
     # the ranks are frozen below until a round protects their newest step: no hang meanwhile
-    job_id = cluster.submit(*JOB, nodes=3, procs=1, redundancy="2+1", hang_timeout_s=120.0)
+    job_id = cluster.submit(*SLOW_JOB, nodes=3, procs=1, redundancy="2+1", hang_timeout_s=120.0)
     job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
     hit = job.attempts[-1]  # (a loaded machine may have restarted the job already)
     ranks = hit.ranks
@@ -159,7 +174,7 @@ def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(shared) ->
 
 def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(shared) -> None:
     cluster = shared
-    job_id = cluster.submit(*JOB, nodes=3, procs=1, redundancy="2+1")
+    job_id = cluster.submit(*SLOW_JOB, nodes=3, procs=1, redundancy="2+1")
     job = cluster.wait_job(job_id, _protected_at_least(8), 90, "a protected step >= 8")
     first = job.attempts[-1]
     assert first.redundancy == "2+1"
@@ -252,8 +267,9 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(shared, tmp_
                             persist_every=4)
 
     def ready(job) -> bool:  # type: ignore[no-untyped-def]
-        attempt = job.attempts[-1]
-        return len(attempt.nodes) == 3 and all(r.persisted_steps for r in attempt.ranks)
+        attempt = job.attempts[-1] if job.attempts else None
+        return (attempt is not None and len(attempt.nodes) == 3
+                and all(r.persisted_steps for r in attempt.ranks))
 
     job = cluster.wait_job(job_id, _running(ready), 180, "a step persisted on every rank")
     hit = job.attempts[-1]

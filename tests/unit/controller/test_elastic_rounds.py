@@ -8,14 +8,22 @@ from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_t
 
 
 def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0):  # type: ignore[no-untyped-def]
-    held = None if current is None else Target(current, lead, 100.0)
+    held = None if current is None else Target(current, lead, 100.0, seen=reached[0])
     target = next_target(held, lead, set(complete), set(protected), reached, now, cadence)
     return None if target is None else (target.step, target.lead)
 
 
 def test_first_round_is_the_newest_step_complete_on_every_rank() -> None:
     assert _next(None, {4, 6}, set(), (6, 6)) == (6, 0)
-    assert _next(None, set(), set()) is None
+    assert _next(None, set(), set(), (-1, -1)) is None  # no rank saved yet
+    assert _next(None, set(), set(), (-1, 4)) is None
+
+
+def test_ranks_that_share_no_step_in_the_reports_at_hand_get_a_step_ahead() -> None:
+    # each node reported at another moment: rank 0 holds 13..15, rank 2 already 23..25
+    assert _next(None, set(), set(), (15, 25)) == (35, 10)
+    # after a round done at lead 0, the same
+    assert _next(6, set(), {6}, (15, 25)) == (35, 10)
 
 
 def test_a_round_in_progress_keeps_its_step_while_newer_steps_complete() -> None:
@@ -46,6 +54,20 @@ def test_a_step_ahead_the_ranks_do_not_reach_in_time_gives_way_to_the_newest_com
     assert _next(12, {10, 11}, {10}, (11, 11), lead=1, now=late - 1) == (12, 1)
     assert _next(12, {10, 11}, {10}, (11, 11), lead=1, now=late) == (11, 1)
     assert _next(12, {10, 11}, {10, 11}, (11, 11), lead=1, now=late) == (12, 1)  # nothing new
+
+
+def test_a_step_far_ahead_is_kept_while_the_ranks_move_towards_it() -> None:
+    # fast steps after two missed rounds: 80 steps ahead take longer than AHEAD_WAIT_S to
+    # reach; giving the target up then would miss once more with the newest complete step
+    named = Target(120, 80, 100.0, seen=40)
+    now = 100.0 + 3 * AHEAD_WAIT_S
+    moved = next_target(named, 80, {60, 61}, set(), (61, 62), now)
+    assert moved is not None and (moved.step, moved.lead) == (120, 80)
+    # the ranks stop short of it (paused): AHEAD_WAIT_S after their last move it gives way
+    still = next_target(moved, 80, {60, 61}, set(), (61, 62), now + AHEAD_WAIT_S - 0.1)
+    assert still is not None and still.step == 120
+    late = next_target(moved, 80, {60, 61}, set(), (61, 62), now + AHEAD_WAIT_S)
+    assert late is not None and late.step == 61
 
 
 def _job(job_id: str, nodes: list[str], steps: tuple[int, ...], *, redundancy: str = "2+1",
