@@ -32,15 +32,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpt._proto import agent_pb2, common_pb2
 from hpt.agent.ownership import node_prefix
-from hpt.ckpt import fmt
 from hpt.ckpt.checksum import verify
 from hpt.ckpt.errors import CkptError
 from hpt.ckpt.sink import ShmSink, SnapshotRef
+
+if TYPE_CHECKING:
+    from hpt.ckpt import fmt  # DCP: ~1.5 s of CPU to import; only jobs that persist need it
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,8 @@ class SnapshotKeeper:
                 # one global checkpoint per step: every rank writes its part under the job's dir
                 root = Path(persist_dir)
                 entry.persisted = set(_verified_steps(root))
+                from hpt.ckpt import fmt
+
                 entry.persister = fmt.Persister(
                     root, keep_last=keep_persisted, name=f"hpt-persist-{rank}",
                     on_result=lambda step, path, err, e=entry, r=root: self._persisted(
@@ -227,6 +232,8 @@ class SnapshotKeeper:
             private = snap.buffer.clone()  # the rank may reuse this generation from here on
             bad = verify(private, list(snap.checksums))
             if bad:
+                from hpt.ckpt import fmt
+
                 raise fmt.PersistError(
                     f"generation {ref.generation} was overwritten before step {ref.step} could be "
                     "persisted; skipped")
@@ -303,6 +310,8 @@ def _verified_steps(root: Path, trust_newest: int | None = None) -> list[int]:
     happens before any load; this is the cheap view for reporting)."""
     if not root.is_dir():
         return []
+    from hpt.ckpt import fmt
+
     steps = []
     for child in root.iterdir():
         step = fmt.parse_step_dir(child.name)

@@ -20,30 +20,38 @@ thing ``Checkpointer(shards=...)`` takes by hand), so that restore can reshard b
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
 from hpt.ckpt.layout import ShardInfo
 
-try:  # torch >= 2.5 has the public module; older ones only the private one
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-    Replicate = Shard = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+
+def _dtensor_type() -> type[DTensor] | None:
+    """The DTensor class once the process imported ``torch.distributed.tensor``, else None: no
+    DTensor exists before then. Importing it here would cost every process that imports the
+    checkpoint engine ~1.5 s of CPU (sympy and the op tables): an agent never needs it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
 
 __all__ = ["has_dtensor", "is_dtensor", "like", "like_params", "like_state", "localize", "shard_info"]
 
 
 def is_dtensor(value: object) -> TypeGuard[DTensor]:
-    return DTensor is not None and isinstance(value, DTensor)
+    cls = _dtensor_type()
+    return cls is not None and isinstance(value, cls)
 
 
 def has_dtensor(model: torch.nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (else a snapshot need not look for them:
     a state tree has thousands of leaves, the RNG states alone)."""
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+    cls = _dtensor_type()
+    return cls is not None and any(isinstance(p, cls) for p in model.parameters())
 
 
 def shard_info(t: Any, name: str = "tensor") -> ShardInfo:
@@ -53,6 +61,8 @@ def shard_info(t: Any, name: str = "tensor") -> ShardInfo:
         ValueError: a placement other than Shard/Replicate, or a local shape the rule does not
             give (an uneven strided sharding), naming ``name``.
     """
+    from torch.distributed.tensor import Replicate, Shard  # t is a DTensor: it is imported
+
     global_shape = tuple(int(n) for n in t.shape)
     mesh = t.device_mesh
     coordinate = mesh.get_coordinate()
@@ -114,7 +124,7 @@ def like(local: torch.Tensor, live: Any) -> Any:
     when ``live`` is not a DTensor."""
     if not is_dtensor(live):
         return local
-    return DTensor.from_local(local.to(live.to_local().device), live.device_mesh, live.placements,
+    return type(live).from_local(local.to(live.to_local().device), live.device_mesh, live.placements,
                               run_check=False, shape=live.shape, stride=live.stride())
 
 

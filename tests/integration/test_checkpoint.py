@@ -118,15 +118,22 @@ def test_rank_killed_while_its_snapshot_is_in_flight_resumes_from_the_common_ste
     assert final_sha(cluster, job_id) == clean_sha
 
 
-@pytest.mark.timeout(300)  # three clusters, three jobs
-def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_ones(tmp_path):
+@pytest.mark.timeout(300)
+def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_ones(
+    shared_cluster, clean_sha, tmp_path
+):
     persist = tmp_path / "ckpt"
     spec = dict(persist_dir=str(persist), persist_every=5)
-    long_job = ["python", TRAIN, "--steps", "80", "--step-time", "0.05"]
-    first = LocalCluster(tmp_path / "a")
+    # JOB's steps, slower: checkpoints of steps 5, 10 and 15 are persisted before it ends
+    job = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.1"]
     (tmp_path / "a").mkdir()
-    with first.start():
-        job_id = first.submit(*long_job, **spec)
+    first = LocalCluster(tmp_path / "a")
+    try:  # a cluster of its own (its agents' names are not the shared cluster's)
+        first.start_controller()
+        for name in ("gone-0", "gone-1"):
+            first.start_agent(name)
+        first.wait_nodes_ready(2, timeout_s=120)
+        first.submit(*job, **spec)
 
         def published() -> list[int]:  # global checkpoints, one per step for every rank
             if not persist.is_dir():
@@ -136,6 +143,8 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
                           and (p / fmt.MANIFEST_NAME).is_file())
 
         wait_for(lambda: len(published()) >= 3, 120, "3 checkpoints persisted")
+    finally:
+        first.close()
     # the whole cluster is gone; damage the newest checkpoint (a data file only rank 1 reads)
     # and plant a pickle as the second newest's DCP .metadata, which hpt never reads
     steps = published()
@@ -148,17 +157,15 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
     (persist / fmt.step_dir_name(second) / ".metadata").write_bytes(
         pickle.dumps(_Marker(str(marker))))
 
-    (tmp_path / "b").mkdir()
-    with LocalCluster(tmp_path / "b") as second_cluster:
-        reference = second_cluster.submit(*long_job)  # the same job, clean, no persistence
-        assert state_name(second_cluster.wait_terminal(reference).state) == "SUCCEEDED"
-        job_id = second_cluster.submit(*long_job, **spec)
-        job = second_cluster.wait_terminal(job_id)
-        assert state_name(job.state) == "SUCCEEDED", job.reason
-        assert resumed_steps(second_cluster, job_id) == {second}
-        assert final_sha(second_cluster, job_id) == final_sha(second_cluster, reference)
-        skipped = [e for e in second_cluster.events(job_id) if e.kind == "checkpoint_skipped"]
-        assert {e.rank for e in skipped} == {0, 1, 2, 3}, [e.message for e in skipped]
-        assert any(e.rank == 1 and f"disk: step {newest}: CorruptCheckpointError" in e.message
-                   for e in skipped), [e.message for e in skipped]
+    # another cluster (the shared one) runs the same job on the same persist_dir
+    cluster = shared_cluster
+    job_id = cluster.submit(*job, **spec)
+    done = cluster.wait_terminal(job_id)
+    assert state_name(done.state) == "SUCCEEDED", done.reason
+    assert resumed_steps(cluster, job_id) == {second}
+    assert final_sha(cluster, job_id) == clean_sha
+    skipped = [e for e in cluster.events(job_id) if e.kind == "checkpoint_skipped"]
+    assert {e.rank for e in skipped} == {0, 1, 2, 3}, [e.message for e in skipped]
+    assert any(e.rank == 1 and f"disk: step {newest}: CorruptCheckpointError" in e.message
+               for e in skipped), [e.message for e in skipped]
     assert not marker.exists(), "hpt unpickled DCP's .metadata"
