@@ -1,6 +1,6 @@
 """The controller's status page on a real cluster, rendered in headless Chromium.
 
-A 2 x 2 job has rank 1 SIGKILLed and recovers from memory; the page (behind the controller's
+A 2 x 1 job has rank 1 SIGKILLed and recovers from memory; the page (behind the controller's
 bearer token) must show the job, the fault, its detection and recovery times and the steps lost.
 The browser part needs Debian's ``chromium`` (scripts/setup.sh installs it); the JSON and the
 auth are checked without it.
@@ -66,7 +66,7 @@ def test_status_page_shows_the_job_its_fault_and_recovery(tmp_path):
     try:
         base = f"http://127.0.0.1:{cluster.status_port}/"
         job_id = cluster.submit("python", TRAIN, "--steps", "30", "--step-time", "0.05",
-                                name="status-demo")
+                                name="status-demo", procs=1)
         job = cluster.wait_step(job_id, attempt=1, step=10)
         os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)
         job = cluster.wait_terminal(job_id)
