@@ -7,7 +7,10 @@
   the two survivors, with the lost node's state rebuilt from parity; ``steps_lost`` = the
   newest step any rank had reached before the kill minus the step restored. Once per step
   time of ``--step-times``: how many steps a node loss costs depends on how many steps the
-  ranks make while a protection round is in flight.
+  ranks make while a protection round is in flight. ``first_protected_s``: from the attempt's
+  first step to its first protected step (the window in which a node loss falls back to disk).
+  ``--load N`` runs N busy loops beside the cluster (a loaded machine: heartbeats of different
+  nodes arrive further out of phase).
 - ``step_time_protected``: the same 3-node job, wall time per step from the first step to the
   end, protected (2+1, every step) against unprotected (``--redundancy off``) in the same run.
 Every figure is the median of ``--runs`` runs.
@@ -20,6 +23,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +41,19 @@ def warm_ready(cluster: LocalCluster) -> bool:
     return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
 
 
-def node_kill(runs: int, hidden: int, step_s: float) -> tuple[list[float], list[int]]:
-    took, lost = [], []
+def node_kill(runs: int, hidden: int,
+              step_s: float) -> tuple[list[float], list[int], list[float]]:
+    took, lost, first_protected = [], [], []
     job = ["python", TRAIN, "--steps", "100000", "--step-time", str(step_s), "--hidden",
            str(hidden)]
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), agents=3, slots=1,
                                                                 warm=True) as cluster:
             job_id = cluster.submit(*job, nodes=3, procs=1, min_nodes=2, redundancy="2+1")
+            protected = cluster.wait_job(job_id, lambda j: bool(
+                j.attempts and j.attempts[0].first_step_at and j.attempts[0].protected_steps),
+                180, "a protected step")
+            first_protected.append(time.time() - protected.attempts[0].first_step_at)
             cluster.wait_job(job_id, lambda j: any(s >= 5 for s in j.attempts[0].protected_steps),
                              180, "protected step >= 5")
             wait_for(lambda c=cluster: warm_ready(c), 180, "warm pools full", poll_s=0.1)
@@ -63,7 +72,7 @@ def node_kill(runs: int, hidden: int, step_s: float) -> tuple[list[float], list[
             lost.append(reached - restored)
             cluster.client.cancel(job_id)
             cluster.wait_terminal(job_id)
-    return took, lost
+    return took, lost, first_protected
 
 
 def step_time(runs: int, hidden: int, steps: int) -> dict[str, list[float]]:
@@ -89,15 +98,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--step-times", default="0.05,0.5",
                         help="comma-separated seconds per step of the node-kill job")
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy-loop processes beside the node-kill runs")
+    parser.add_argument("--no-step-time", action="store_true",
+                        help="skip the protected vs unprotected step time")
     args = parser.parse_args()
-    for step_s in (float(v) for v in args.step_times.split(",")):
-        took, lost = node_kill(args.runs, args.hidden, step_s)
-        print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
-                          "runs": len(took), "median_s": round(statistics.median(took), 3),
-                          "values_s": [round(v, 3) for v in took],
-                          "steps_lost_median": statistics.median(lost), "steps_lost": lost,
-                          "goal_s": 4.0, "goal_steps_lost": 1,
-                          "loadavg": [round(v, 1) for v in os.getloadavg()]}), flush=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.load)]
+    try:
+        for step_s in (float(v) for v in args.step_times.split(",")):
+            took, lost, first = node_kill(args.runs, args.hidden, step_s)
+            print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
+                              "load": args.load, "runs": len(took),
+                              "median_s": round(statistics.median(took), 3),
+                              "values_s": [round(v, 3) for v in took],
+                              "steps_lost_median": statistics.median(lost), "steps_lost": lost,
+                              "first_protected_median_s": round(statistics.median(first), 3),
+                              "first_protected_s": [round(v, 3) for v in first],
+                              "first_protected_steps_median": round(
+                                  statistics.median(first) / step_s, 1) if step_s else None,
+                              "goal_s": 4.0, "goal_steps_lost": 1,
+                              "loadavg": [round(v, 1) for v in os.getloadavg()]}), flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    if args.no_step_time:
+        return
     times = step_time(args.runs, args.hidden, args.steps)
     off, on = statistics.median(times["off"]), statistics.median(times["2+1"])
     print(json.dumps({"bench": "step_time_protected", "hidden": args.hidden,
