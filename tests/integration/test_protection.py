@@ -285,8 +285,12 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(shared, tmp_
               if e.kind == "restore_source" and e.attempt == after.number]
     assert "nothing recoverable in memory" in source[0], source
     assert "falls back to" in source[0], source  # the persisted checkpoint, else scratch
-    assert not _events(cluster, job_id, "snapshot_rebuilt")
-    resumed = resumed_steps(cluster, job_id)
+    # (a loaded machine may have restarted the job before the loss: its rebuilds are older)
+    assert not [e.message for e in cluster.events(job_id)
+                if e.kind == "snapshot_rebuilt" and e.attempt == after.number]
+    resumed = {int(m.group(1)) for line in cluster.client.logs(job_id)
+               if line.attempt == after.number
+               and (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}
     assert all(step % 4 == 0 for step in resumed), resumed  # only persisted steps, never memory
     cluster.client.cancel(job_id, grace_s=1.0)
     cluster.wait_terminal(job_id)
