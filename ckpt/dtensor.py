@@ -124,8 +124,9 @@ def like(local: torch.Tensor, live: Any) -> Any:
     when ``live`` is not a DTensor."""
     if not is_dtensor(live):
         return local
-    return type(live).from_local(local.to(live.to_local().device), live.device_mesh, live.placements,
-                              run_check=False, shape=live.shape, stride=live.stride())
+    return type(live).from_local(local.to(live.to_local().device), live.device_mesh,
+                                 live.placements, run_check=False, shape=live.shape,
+                                 stride=live.stride())
 
 
 def like_state(saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
