@@ -72,14 +72,16 @@ def _protected_at_least(step: int):  # type: ignore[no-untyped-def]
     return _running(check)
 
 
-def _newest_common_protected(number: int):  # type: ignore[no-untyped-def]
-    """Attempt ``number``'s newest step complete on every rank is protected (ranks frozen:
-    the protection rounds catch up with it)."""
-    def check(job) -> bool:  # type: ignore[no-untyped-def]
-        attempt = job.attempts[number - 1]
-        common = set.intersection(*(set(r.snapshot_steps) for r in attempt.ranks))
-        return bool(common) and max(common) in attempt.protected_steps
-    return check
+def _held_steps(node: str, job_id: str, rank: int) -> set[int]:
+    """The steps of ``rank`` whose commit records ``node`` holds in shared memory (the truth
+    the heartbeats report a moment later)."""
+    steps = set()
+    for record in Path("/dev/shm").glob(f"hpt-{node}--*{job_id}-r{rank}.g*.json"):
+        try:
+            steps.add(int(json.loads(record.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return steps
 
 
 def _snapshot_files(node: str, job_id: str, rank: int, step: int) -> tuple[dict, bytes] | None:
@@ -146,11 +148,15 @@ def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(shared) ->
     for r in ranks:
         os.kill(r.pid, signal.SIGSTOP)  # freeze: the newest common step stops moving
     try:
-        job = cluster.wait_job(job_id, _newest_common_protected(hit.number), 60,
-                               "the newest common step protected")
-        attempt = job.attempts[hit.number - 1]
-        step = max(set.intersection(*(set(r.snapshot_steps) for r in attempt.ranks)))
-        victim = attempt.ranks[1]
+        # frozen ranks write nothing more: their newest common step is read from shared
+        # memory itself (a heartbeat that has not yet reported a newer step would otherwise
+        # name an older one than the restore picks)
+        common = set.intersection(*(_held_steps(r.node, job_id, r.rank) for r in ranks))
+        assert common, [(r.rank, sorted(_held_steps(r.node, job_id, r.rank))) for r in ranks]
+        step = max(common)
+        cluster.wait_job(job_id, lambda j: step in j.attempts[hit.number - 1].protected_steps,
+                         60, f"step {step} (the newest on every frozen rank) protected")
+        victim = ranks[1]
         found = _snapshot_files(victim.node, job_id, 1, step)
         assert found is not None
         rec, data = found
