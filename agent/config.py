@@ -37,6 +37,9 @@ class AgentConfig:
     """Default seconds between SIGTERM and SIGKILL when stopping ranks."""
     warm_ranks: bool = True
     """Keep one pre-started Python (torch imported) per slot to cut restart time."""
+    fork_server: bool = True
+    """Fork the warm interpreters from one Python that imported torch once (``zygote.py``),
+    instead of starting each on its own."""
     health_check: bool = True
     """Run the pre-flight health check at start and report it at registration."""
     metrics_port: int | None = None

@@ -87,7 +87,8 @@ class Agent:
         self._session_started = time.monotonic()
         self._spawner = Spawner()
         self._warm = (
-            WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled)
+            WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled,
+                     fork_server=cfg.fork_server)
             if cfg.warm_ranks
             else None
         )

@@ -7,8 +7,12 @@ interpreter runs the script as ``__main__`` (like ``python script.py`` would). A
 cannot reproduce exactly falls back to a cold ``subprocess.Popen``: another interpreter,
 interpreter flags, or an environment variable only read at interpreter start-up.
 
-This module is the agent's side (the pool). The child side is the rank side, :mod:`hpt._warm`,
-run as ``python -m hpt._warm READY_FD RENICE``: the agent never imports the training API.
+The idle interpreters are forked by the agent's fork server (``zygote.py``), which imports torch
+once per agent: a replacement costs a fork, not another import, and a launch that finds the pool
+empty forks one on the spot. Without it (not Linux, ``fork_server=False``, or the zygote died)
+each interpreter is a Python of its own, :mod:`hpt._warm` run as ``python -m hpt._warm READY_FD
+RENICE``, and an empty pool means a cold start. Both are rank-side code: the agent never
+imports the training API.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from hpt.agent.spawn import Spawner
+from hpt.agent.zygote import Forked, Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,9 @@ _STARTUP_ONLY = (
     "TORCH_CPP_LOG_LEVEL", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
 )
 _CHILD_MODULE = "hpt._warm"
+
+Interpreter = subprocess.Popen[bytes] | Forked
+"""An idle interpreter: forked by the zygote, or started on its own when there is none."""
 
 
 class WarmPool:
@@ -50,6 +58,7 @@ class WarmPool:
         base_env: dict[str, str] | None = None,
         settled: Callable[[], bool] = lambda: True,
         settle_timeout_s: float = 30.0,
+        fork_server: bool = True,
     ) -> None:
         self._size = size
         self._spawner = spawner
@@ -58,14 +67,35 @@ class WarmPool:
         self._refilling = threading.Lock()
         self._env = dict(os.environ if base_env is None else base_env)
         self._env["PYTHONUNBUFFERED"] = "1"
-        self._idle: list[subprocess.Popen[bytes]] = []
+        self._idle: list[Interpreter] = []
         self._ready_fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._wake = threading.Event()
-        self._fill()
+        self._filling = 0
+        self._zygote: Zygote | None = None
+        if fork_server and sys.platform == "linux":
+            self._zygote = Zygote(spawner, self._env, _can_renice())
+            # forks wait for the zygote's imports: fill in the background, not in the caller
+            threading.Thread(target=self._fill, daemon=True, name="hpt-warm-fill").start()
+        else:
+            self._fill()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    @property
+    def zygote(self) -> Zygote | None:
+        return self._zygote
+
+    def _spawn(self) -> Interpreter:
+        zygote = self._zygote
+        if zygote is not None and zygote.alive():
+            try:
+                child = zygote.fork()
+            except ZygoteError as exc:
+                log.warning("warm pool: %s; starting an interpreter of its own", exc)
+            else:
+                with self._lock:
+                    self._ready_fds[child.pid] = child.ready_fd
+                return child
         # the child writes one byte on this pipe once torch is imported and primed
         read_fd, write_fd = os.pipe()
         try:
@@ -83,7 +113,8 @@ class WarmPool:
             raise
         finally:
             os.close(write_fd)
-        self._ready_fds[proc.pid] = read_fd
+        with self._lock:
+            self._ready_fds[proc.pid] = read_fd
         return proc
 
     def _fill(self) -> None:
@@ -94,22 +125,59 @@ class WarmPool:
                 if p.poll() is not None and p.pid in self._ready_fds:
                     os.close(self._ready_fds.pop(p.pid))
             self._idle = [p for p in self._idle if p.poll() is None]
-            missing = self._size - len(self._idle)
-            self._idle.extend(self._spawn() for _ in range(missing))
+            missing = self._size - len(self._idle) - self._filling
+            self._filling += max(0, missing)
+        # spawned outside the lock: a fork waits while the zygote still imports torch
+        for _ in range(max(0, missing)):
+            try:
+                proc = self._spawn()
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("warm pool: cannot start an interpreter: %s", exc)
+                with self._lock:
+                    self._filling -= 1
+                continue
+            with self._lock:
+                self._filling -= 1
+                if not self._closed:
+                    self._idle.append(proc)
+                    continue
+            self._discard(proc)
 
-    def take(self, argv: list[str], env: dict[str, str], cwd: str | None) -> subprocess.Popen[bytes] | None:
+    def _discard(self, proc: Interpreter) -> None:
+        proc.kill()
+        proc.wait()
+        with self._lock:
+            fd = self._ready_fds.pop(proc.pid, None)
+        if fd is not None:
+            os.close(fd)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def take(self, argv: list[str], env: dict[str, str], cwd: str | None) -> Interpreter | None:
         """Hand the rank to an idle interpreter and return it, or None when a cold start is
-        needed (the caller then spawns normally). A replacement starts in the background."""
+        needed (the caller then spawns normally). With the fork server an empty pool forks one
+        on the spot. A replacement starts in the background."""
         if not self.can_run(argv, env, cwd):
             return None
         with self._lock:
             idle = [p for p in self._idle if p.poll() is None]
-            if not idle:
+            if idle:
+                # one that finished its warm-up first; a still-importing one beats a cold start
+                idle.sort(key=lambda p: not self._ready_signalled(p))
+                proc: Interpreter | None = idle[0]
+                self._idle.remove(idle[0])
+            else:
+                proc = None
+            closed = self._closed
+        if proc is None:
+            if closed or self._zygote is None or not self._zygote.alive():
                 return None
-            # one that finished its warm-up first; a still-importing one still beats a cold start
-            idle.sort(key=lambda p: not self._ready_signalled(p))
-            proc = idle[0]
-            self._idle.remove(proc)
+            proc = self._spawn()
+            if isinstance(proc, subprocess.Popen):  # the zygote failed: that one starts cold
+                self._discard(proc)
+                return None
+        with self._lock:
             fd = self._ready_fds.pop(proc.pid, None)
         if fd is not None:
             os.close(fd)
@@ -127,12 +195,14 @@ class WarmPool:
         return proc
 
     def _refill(self) -> None:
-        # Replacements import torch (~2 s of CPU each): start them once the ranks just launched
-        # are past their own start-up, so they do not compete with it.
+        # Replacements of their own import torch (~7 s of CPU each): start them once the ranks
+        # just launched are past their own start-up, so they do not compete with it. Forks
+        # cost milliseconds and go at once.
         if not self._refilling.acquire(blocking=False):
             return
         try:
-            deadline = time.monotonic() + self._settle_timeout_s
+            forks = self._zygote is not None and self._zygote.alive()  # (milliseconds each)
+            deadline = time.monotonic() + (0.0 if forks else self._settle_timeout_s)
             while not self._closed and time.monotonic() < deadline and not self._settled():
                 self._wake.wait(0.2)
             self._fill()
@@ -144,7 +214,7 @@ class WarmPool:
         with self._lock:
             return sum(1 for p in self._idle if p.poll() is None and self._ready_signalled(p))
 
-    def _ready_signalled(self, proc: subprocess.Popen[bytes]) -> bool:
+    def _ready_signalled(self, proc: Interpreter) -> bool:
         fd = self._ready_fds.get(proc.pid)
         if fd is None:
             return True
@@ -181,6 +251,8 @@ class WarmPool:
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
+        if self._zygote is not None:
+            self._zygote.close()
 
 
 def same_interpreter(command: str, interpreter: str, path: str | None, cwd: str | None) -> bool:

@@ -20,13 +20,20 @@ import sys
 _MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
-def _prime_torch() -> None:
-    """Pay torch's lazy first-use costs now (the first optimizer step imports torch._dynamo:
-    ~0.8 s). Touches no RNG and leaves no state behind."""
+def import_torch(*, autograd: bool = True) -> None:
+    """Import torch and pay its lazy first-use costs now (the first optimizer step imports
+    torch._dynamo: ~0.8 s). Touches no RNG and leaves no state behind. ``autograd=False`` runs
+    no backward: the fork server (:mod:`hpt._zygote`) must not start autograd's threads."""
     import torch
+    import torch.distributed  # noqa: F401
+    import torch.nn  # noqa: F401
+    import torch.optim  # noqa: F401
 
     param = torch.nn.Parameter(torch.zeros(4))
-    (param * 2.0).sum().backward()
+    if autograd:
+        (param * 2.0).sum().backward()
+    else:
+        param.grad = torch.zeros(4)
     for opt in (torch.optim.SGD([param], lr=0.1), torch.optim.Adam([param]),
                 torch.optim.AdamW([param])):
         opt.step()
@@ -34,26 +41,25 @@ def _prime_torch() -> None:
 
 
 def _serve() -> int:
-    import runpy
-
     # Warm-up at the lowest CPU priority, so refilling the pool does not slow the ranks
     # training next to it; only when we may raise the priority back before becoming a rank.
     ready_fd, renice = sys.argv[1:3]
     niced = renice == "1"
+    base = os.getpriority(os.PRIO_PROCESS, 0)
     if niced:
-        base = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, 19)
+    import_torch()
+    return become_rank(int(ready_fd), niced=niced, base=base)
 
-    import torch  # noqa: F401  (the point of a warm interpreter)
-    import torch.distributed  # noqa: F401
-    import torch.nn  # noqa: F401
-    import torch.optim  # noqa: F401
 
-    _prime_torch()
+def become_rank(ready_fd: int, *, niced: bool, base: int) -> int:
+    """Say ready on ``ready_fd``, wait for the rank's request on stdin and run it as __main__."""
+    import runpy
+
     # the pool may have handed us out (and closed its end) before we got here
     with contextlib.suppress(OSError):
-        os.write(int(ready_fd), b"1")
-    os.close(int(ready_fd))
+        os.write(ready_fd, b"1")
+    os.close(ready_fd)
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
     if niced:
         os.setpriority(os.PRIO_PROCESS, 0, base)

@@ -285,6 +285,9 @@ def controller(
     help="Kill ranks after losing the controller this long [default: controller's].",
 )
 @click.option("--no-warm", is_flag=True, help="Do not keep warm (torch imported) processes.")
+@click.option("--no-fork-server", is_flag=True,
+              help="Start each warm process on its own instead of forking it from one that "
+                   "imported torch once.")
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
@@ -324,6 +327,7 @@ def agent(
     tls_key: str | None,
     lease: float | None,
     no_warm: bool,
+    no_fork_server: bool,
     metrics_port: int | None,
     no_health_check: bool,
     hang_min: float | None,
@@ -349,6 +353,7 @@ def agent(
             tls_cert=tls_cert or "",
             tls_key=tls_key or "",
             warm_ranks=not no_warm,
+            fork_server=not no_fork_server,
             metrics_port=metrics_port,
             health_check=not no_health_check,
             peer_port=peer_port,

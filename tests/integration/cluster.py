@@ -77,7 +77,8 @@ class LocalCluster:
         slots: int = 2,
         redis_url: str = "",
         token: str = "",
-        warm: bool = False,
+        warm: bool = True,
+        fork_server: bool = True,
         agent_lease_s: float | None = None,
         heartbeat_period_s: float | None = None,
         controller_args: tuple[str, ...] = (),
@@ -94,6 +95,7 @@ class LocalCluster:
                 Path(path).write_text(text + "\n")
                 os.chmod(path, 0o600)
         self.warm = warm
+        self.fork_server = fork_server
         self.slots = slots
         self.num_agents = agents
         self.agent_lease_s = agent_lease_s
@@ -151,6 +153,8 @@ class LocalCluster:
                 "--run-dir", str(self.workdir / f"run-{name}")]
         if not self.warm:
             args.append("--no-warm")
+        elif not self.fork_server:
+            args.append("--no-fork-server")
         if self.agent_token_file:
             args += ["--token-file", self.agent_token_file]
         self.agents[name] = self._spawn(args, f"agent-{name}.log")

@@ -36,7 +36,7 @@ T0 = 1_700_000_000.0
 # Changing the CLI surface is a decision: update this snapshot in the same change, on purpose.
 CLI_SURFACE = {
     "agent": ["--address", "--controller", "--hang-min", "--lease", "--metrics-port", "--name",
-              "--no-health-check", "--no-warm", "--peer-advertise", "--peer-port", "--run-dir",
+              "--no-fork-server", "--no-health-check", "--no-warm", "--peer-advertise", "--peer-port", "--run-dir",
               "--slots", "--tls-ca", "--tls-cert", "--tls-key", "--token-file"],
     "cancel": ["--controller", "--grace", "--tls-ca", "--token-file", "JOB_ID"],
     "cert ca": ["--days", "--out"],
@@ -752,6 +752,7 @@ def test_agent_command_stops_the_agent_on_sigterm(monkeypatch, tmp_path) -> None
         "--lease",
         "4",
         "--no-warm",
+        "--no-fork-server",
         "--run-dir",
         str(tmp_path),
     )
@@ -759,11 +760,13 @@ def test_agent_command_stops_the_agent_on_sigterm(monkeypatch, tmp_path) -> None
     assert signal.getsignal(signal.SIGTERM) is previous
     (agent,) = created
     cfg = agent.cfg
-    assert (cfg.controller, cfg.name, cfg.slots, cfg.lease_s, cfg.warm_ranks, cfg.run_dir) == (
+    assert (cfg.controller, cfg.name, cfg.slots, cfg.lease_s, cfg.warm_ranks, cfg.fork_server,
+            cfg.run_dir) == (
         "127.0.0.1:7000",
         "n1",
         3,
         4.0,
+        False,
         False,
         str(tmp_path),
     )

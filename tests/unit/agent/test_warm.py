@@ -14,10 +14,11 @@ from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 
 
-@pytest.fixture
-def pool():
+@pytest.fixture(params=[True, False], ids=["forked", "own-interpreter"])
+def pool(request):
+    """A pool of one: forked by the zygote, or (no fork server) a Python of its own."""
     spawner = Spawner()
-    pool = WarmPool(1, spawner, settle_timeout_s=0.0)
+    pool = WarmPool(1, spawner, settle_timeout_s=0.0, fork_server=request.param)
     yield pool
     pool.close()
     spawner.close()
@@ -76,7 +77,7 @@ def test_what_a_warm_interpreter_cannot_reproduce_starts_cold(pool, argv, env_ch
 
 def test_closing_the_pool_reaps_idle_interpreters():
     spawner = Spawner()
-    pool = WarmPool(2, spawner)
+    pool = WarmPool(2, spawner, fork_server=False)
     pids = [p.pid for p in pool._idle]
     pool.close()
     spawner.close()
