@@ -288,14 +288,15 @@ class SyncInterceptorAdapter(grpc.aio.ServerInterceptor):
         self._inner = inner
         self._wraps = wraps
         """The interceptor wraps handlers (decoding) rather than refusing calls: it applies to
-        sync handlers only (the agent stream's coroutine keeps grpcio's own decoding)."""
+        sync handlers and async generators (the follow-streams); the agent stream's coroutine
+        keeps grpcio's own decoding."""
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
         if handler is not None and self._wraps:
             behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                          or handler.stream_stream)
-            if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+            if inspect.iscoroutinefunction(behaviour):
                 return handler
             return self._inner.intercept_service(lambda details: handler, handler_call_details)
         chosen = self._inner.intercept_service(lambda details: handler, handler_call_details)

@@ -173,7 +173,7 @@ class Controller:
             maximum_concurrent_rpcs=_MAX_CONCURRENT_RPCS,
         )
         self._intake = HeartbeatIntake(self.reconciler, asyncio.get_running_loop())
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.reconciler, self._pool), server)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(
                 self.reconciler, self._intake, self._agent_pool, mtls=bool(cfg.tls_client_ca),

@@ -9,7 +9,8 @@ the method. Streams of requests are decoded message by message the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -33,6 +34,16 @@ class DecodeErrorInterceptor(grpc.ServerInterceptor):
             return handler._replace(request_deserializer=None, **{kind: streaming})
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         inner = getattr(handler, kind)
+        if inspect.isasyncgenfunction(inner):  # a follow-stream of the asyncio server
+            async def unary_async(request: bytes, context: Any) -> AsyncIterator[Any]:
+                try:
+                    decoded = decode(request)
+                except (DecodeError, ValueError, TypeError) as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _invalid(method, exc))
+                async for message in inner(decoded, context):
+                    yield message
+
+            return handler._replace(request_deserializer=None, unary_stream=unary_async)
 
         def unary(request: bytes, context: grpc.ServicerContext) -> Any:
             return inner(_decode(request, decode, method, context), context)
@@ -45,8 +56,11 @@ def _decode(raw: bytes, decode: Callable[[bytes], Any], method: str,
     try:
         return decode(raw)
     except (DecodeError, ValueError, TypeError) as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"request to {method} is not a valid protobuf message: {exc}")
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, _invalid(method, exc))
+
+
+def _invalid(method: str, exc: Exception) -> str:
+    return f"request to {method} is not a valid protobuf message: {exc}"
 
 
 def _decoded_stream(requests: Iterator[bytes], decode: Callable[[bytes], Any], method: str,

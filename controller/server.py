@@ -4,10 +4,12 @@ The agents' stream lives in ``agent_stream``; the decoders it shares are here.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
 
 import grpc
 
@@ -35,11 +37,18 @@ _MAX_SLOTS = 4096
 _MAX_REPORTS = 4096
 _STREAM_POLL_S = 0.5
 
+T = TypeVar("T")
+
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, rec: Reconciler) -> None:
+    def __init__(self, rec: Reconciler, executor: Executor | None = None) -> None:
         self._rec = rec
         self._streams = limits.StreamSlots(rec.cfg.max_streams)
+        self._executor = executor
+        """Where the follow-streams' blocking calls run (None: the loop's default executor)."""
+
+    async def _blocking(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def SubmitJob(self, request, context):  # type: ignore[no-untyped-def]
         try:
@@ -109,58 +118,70 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             return jobs_pb2.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in nodes],
                                               store=store)
 
-    def _stream_slot(self, context) -> None:  # type: ignore[no-untyped-def]
-        if not self._streams.try_acquire():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"too many streams ({self._streams.limit} follow at once, the "
-                          "controller's max_streams); stop one or retry later")
-        context.add_callback(self._streams.release)
+    # The two follow-streams are coroutines of the asyncio server, not sync generators: grpcio
+    # runs a sync streaming handler on a pool thread that hands each message to the event loop
+    # and blocks until it is sent, and such a thread never returned once the client or the loop
+    # was gone (a controller that had served one did not exit on SIGTERM). Here every blocking
+    # call (the reconciler's lock, the store, the wait for news) runs on the RPC pool and
+    # returns within _STREAM_POLL_S; a cancelled RPC cancels the coroutine at its await.
 
-    def StreamLogs(self, request, context):  # type: ignore[no-untyped-def]
+    async def _take_stream_slot(self, context) -> None:  # type: ignore[no-untyped-def]
+        if not self._streams.try_acquire():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many streams ({self._streams.limit} follow at once, the "
+                                "controller's max_streams); stop one or retry later")
+
+    def _job_running(self, job_id: str) -> bool:
+        with self._rec.lock:
+            job = self._rec.jobs.get(job_id)
+            return job is not None and not job.state.is_terminal
+
+    async def StreamLogs(self, request, context):  # type: ignore[no-untyped-def]
         if request.job_id not in self._rec.jobs:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"job_id ({request.job_id!r}) not found")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"job_id ({request.job_id!r}) not found")
         rank = request.rank if request.has_rank else None
         if request.follow:
-            self._stream_slot(context)
-        alive = _liveness(context)
+            await self._take_stream_slot(context)
+        try:
+            cursor = 0
+            while True:
+                lines = self._rec.logs.read(request.job_id, cursor, rank)  # (memory only)
+                for line in lines:
+                    yield jobs_pb2.LogLine(attempt=line.attempt, rank=line.rank,
+                                           stream=line.stream, text=line.text)
+                if lines:
+                    cursor = lines[-1].seq
+                if not request.follow or not await self._blocking(self._job_running,
+                                                                  request.job_id):
+                    return
+                await self._blocking(self._rec.logs.wait_beyond, cursor, _STREAM_POLL_S)
+        finally:
+            if request.follow:
+                self._streams.release()
 
-        def active() -> bool:
-            if not request.follow or not alive():
-                return False
-            with self._rec.lock:
-                return not self._rec.jobs[request.job_id].state.is_terminal
-
-        for line in self._rec.logs.follow(request.job_id, rank, active=active):
-            yield jobs_pb2.LogLine(
-                attempt=line.attempt, rank=line.rank, stream=line.stream, text=line.text
-            )
-
-    def StreamEvents(self, request, context):  # type: ignore[no-untyped-def]
+    async def StreamEvents(self, request, context):  # type: ignore[no-untyped-def]
         cursor = request.after_seq
         if request.follow:
-            self._stream_slot(context)
-        alive = _liveness(context)
-        while True:
-            try:
-                events = self._rec.events.read(cursor)
-            except StoreUnavailableError as exc:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"event log unavailable: {exc}")
-            for event in events:
-                cursor = event.seq
-                if not request.job_id or event.job_id == request.job_id:
-                    yield convert.event_to_proto(event)
-            if not request.follow or not alive():
-                return
-            if not events:
-                self._rec.events.wait_beyond(cursor, _STREAM_POLL_S)
-
-
-def _liveness(context) -> Callable[[], bool]:  # type: ignore[no-untyped-def]
-    """``() -> bool``: the RPC is still open. The asyncio server's context for sync handlers
-    has no ``is_active``; its termination callback tells the same."""
-    ended = threading.Event()
-    context.add_callback(ended.set)
-    return lambda: not ended.is_set()
+            await self._take_stream_slot(context)
+        try:
+            while True:
+                try:
+                    events = await self._blocking(self._rec.events.read, cursor)
+                except StoreUnavailableError as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"event log unavailable: {exc}")
+                for event in events:
+                    cursor = event.seq
+                    if not request.job_id or event.job_id == request.job_id:
+                        yield convert.event_to_proto(event)
+                if not request.follow:
+                    return
+                if not events:
+                    await self._blocking(self._rec.events.wait_beyond, cursor, _STREAM_POLL_S)
+        finally:
+            if request.follow:
+                self._streams.release()
 
 
 def _decode_register(reg: agent_pb2.Register) -> tuple[Node, list[RankReport]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hpt.controller import convert
@@ -156,17 +155,7 @@ class LogBuffer:
         picked.sort(key=lambda line: line.seq)
         return picked
 
-    def follow(
-        self, job_id: str, rank: int | None, *, active, poll_s: float = 0.5
-    ) -> Iterator[LogLine]:  # type: ignore[no-untyped-def]
-        """Yield lines as they arrive while ``active()`` is true."""
-        cursor = 0
-        while True:
-            lines = self.read(job_id, cursor, rank)
-            yield from lines
-            if lines:
-                cursor = lines[-1].seq
-            if not active():
-                return
-            with self._cond:
-                self._cond.wait_for(lambda seen=cursor: self._seq > seen, timeout=poll_s)
+    def wait_beyond(self, seq: int, timeout_s: float) -> None:
+        """Block until a line after ``seq`` arrived (any job), or ``timeout_s`` passed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > seq, timeout=timeout_s)

@@ -46,3 +46,14 @@ def test_a_valid_request_still_reaches_the_servicer(controller):
         with pytest.raises(grpc.RpcError) as err:
             call(jobs_pb2.GetJobRequest(job_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("method", ["/hpt.v1.JobService/StreamEvents",
+                                    "/hpt.v1.JobService/StreamLogs"])
+def test_malformed_request_to_a_follow_stream_is_invalid_argument(controller, method):
+    with grpc.insecure_channel(controller) as channel:
+        call = channel.unary_stream(method)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(GARBAGE, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert method in err.value.details()
