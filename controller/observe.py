@@ -149,8 +149,12 @@ class Observe:
                         report.job_id, report.attempt, node, seen.rank)
             return False
         assert job is not None
-        if (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
-                                                           rank.persisted_steps):
+        # An ended attempt keeps the snapshots it held when the next one was launched (what
+        # that launch's restore was chosen from): an agent reports a dead rank's (job, rank)
+        # memory until it forgets the rank, and by then the next attempt's ranks write there.
+        current = attempt is job.attempts[-1]
+        if current and (seen.snapshot_steps, seen.persisted_steps) != (rank.snapshot_steps,
+                                                                       rank.persisted_steps):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
             rank.snapshot_bytes = seen.snapshot_bytes
             self._progress_jobs.add(job.id)

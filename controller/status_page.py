@@ -27,7 +27,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from hpt.controller import catalog
 from hpt.controller.model import Attempt, Job
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,7 @@ def fault_timeline(job: Job, now: float) -> list[dict[str, Any]]:
         if cause is None:
             continue
         nxt = job.attempts[i + 1] if i + 1 < len(job.attempts) else None
-        restored = None
-        if nxt is not None:
-            restored = catalog.restore_step(job.attempts[: i + 1], [(r.rank, r.node) for r in nxt.ranks])
+        restored = nxt.restore_step if nxt is not None else None  # (0: scratch or disk)
         reached = attempt_step(attempt)
         recovered_at = nxt.first_step_at if nxt is not None and nxt.first_step_at else None
         out.append({

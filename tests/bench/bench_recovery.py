@@ -5,6 +5,9 @@
 - rank kill -> first step of the next attempt: hpt with warm interpreters and hpt cold (plain
   spawn); the baseline is torchrun on the same machine and script: its launch -> first step
   (the floor of any torchrun restart), and whether its restart after a rank kill steps at all;
+- the same, back to back (the next kill as soon as the restarted job stepped), with warm
+  interpreters forked by the agent's fork server and with interpreters of their own, with the
+  machine's busy CPU seconds per restart;
 - agent kill -> node declared lost, and -> first step on the remaining node;
 - job submit -> first step;
 - controller kill + restart (Redis store) -> every node re-registered, job untouched.
@@ -47,13 +50,28 @@ def warm_ready(cluster: LocalCluster) -> bool:
     return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
 
 
-def rank_kill_hpt(runs: int, warm: bool) -> list[float]:
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (not idle or iowait) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def rank_kill_hpt(runs: int, warm: bool, *, fork_server: bool = True,
+                  wait_pools: bool = True, cpu: list[float] | None = None) -> list[float]:
+    """Rank kill -> first step of the next attempt, ``runs`` times. ``wait_pools=False`` kills
+    again as soon as the previous attempt stepped (back to back: the pool had no time to
+    refill unless it forks). ``cpu`` gets the machine's busy CPU seconds per restart."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), warm=warm) as cluster:
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(
+            Path(tmp), warm=warm, fork_server=fork_server) as cluster:
         job_id = cluster.submit(*LONG, max_restarts=runs + 1)
+        cluster.wait_step(job_id, 1, 5)
+        if warm:
+            wait_for(lambda: warm_ready(cluster), 120, "warm pools full", poll_s=0.1)
+        busy = busy_cpu_s()
         for attempt in range(1, runs + 1):
-            cluster.wait_step(job_id, attempt, 5)
-            if warm:
+            cluster.wait_step(job_id, attempt, 5 if wait_pools else 1)
+            if warm and wait_pools:
                 wait_for(lambda: warm_ready(cluster), 120, "warm pools full", poll_s=0.1)
             job = cluster.job(job_id)
             victim = job.attempts[attempt - 1].ranks[1]
@@ -62,6 +80,8 @@ def rank_kill_hpt(runs: int, warm: bool) -> list[float]:
             job = cluster.wait_job(job_id, lambda j, a=attempt: len(j.attempts) > a
                                    and j.attempts[a].first_step_at > 0, 120, "next attempt steps")
             out.append(job.attempts[attempt].first_step_at - killed)
+        if cpu is not None:
+            cpu.append((busy_cpu_s() - busy) / runs)
         cluster.client.cancel(job_id)
         cluster.wait_terminal(job_id)
     return out
@@ -175,17 +195,38 @@ def controller_restart(runs: int) -> list[float]:
     return out
 
 
+def back_to_back(runs: int) -> None:
+    """The next kill as soon as the restarted job stepped: the fork server refills the pool in
+    milliseconds; interpreters of their own take seconds of CPU each, beside the job."""
+    meds = {}
+    for fork_server, name in ((True, "fork_server"), (False, "own_interpreters")):
+        cpu: list[float] = []
+        meds[name] = emit(
+            f"rank_kill_to_first_step.back_to_back.{name}",
+            rank_kill_hpt(runs, True, fork_server=fork_server, wait_pools=False, cpu=cpu),
+            busy_cpu_s_per_restart=round(cpu[0], 2))
+    print(json.dumps({"bench": "rank_kill_to_first_step.back_to_back.ratio",
+                      "fork_server_vs_own": round(meds["fork_server"] / meds["own_interpreters"],
+                                                  3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=["back_to_back"], default=None,
+                        help="run only this part")
     args = parser.parse_args()
     runs = args.runs
+    if args.only == "back_to_back":
+        back_to_back(runs)
+        return
     starts, restarted = torchrun_baseline(max(3, runs // 2))
     base = emit("torchrun_launch_to_first_step", starts, restart_after_rank_kill_ok=restarted)
     warm = emit("rank_kill_to_first_step.hpt_warm", rank_kill_hpt(runs, warm=True))
     cold = emit("rank_kill_to_first_step.hpt_cold", rank_kill_hpt(runs, warm=False))
     print(json.dumps({"bench": "rank_kill_to_first_step.ratio_vs_torchrun_launch",
                       "hpt_warm": round(warm / base, 3), "hpt_cold": round(cold / base, 3)}))
+    back_to_back(runs)
     lost, stepped = agent_kill(max(3, runs // 2))
     emit("agent_kill_to_node_lost", lost)
     emit("agent_kill_to_first_step_on_remaining_node", stepped)

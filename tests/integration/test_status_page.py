@@ -65,7 +65,8 @@ def test_status_page_shows_the_job_its_fault_and_recovery(tmp_path):
     cluster = start_slowly(StatusCluster(tmp_path))
     try:
         base = f"http://127.0.0.1:{cluster.status_port}/"
-        job_id = cluster.submit("python", TRAIN, "--steps", "30", "--step-time", "0.05",
+        # 0.1 s steps: the restarted attempt runs past two of the 1 s samples (the sparkline)
+        job_id = cluster.submit("python", TRAIN, "--steps", "40", "--step-time", "0.1",
                                 name="status-demo", procs=1)
         job = cluster.wait_step(job_id, attempt=1, step=10)
         os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)

@@ -145,6 +145,26 @@ def test_a_crash_stops_the_attempt_restarts_and_relaunches_once_it_stopped(monke
                           EventKind.RESTORE_SOURCE]
 
 
+def test_an_ended_attempt_keeps_the_snapshots_its_restore_was_chosen_from(monkeypatch):
+    # the agent reports the dead rank of attempt 1 with its (job, rank) memory, which the
+    # ranks of attempt 2 now write: attempt 1's record must not take their steps
+    c = Cluster(monkeypatch, nodes=1, slots=2)
+    job_id = c.rec.submit(JobSpec(command=("x",), procs_per_node=2))
+    c.rec.reconcile_once()
+    c.run_all(job_id, snapshots=(8, 9))
+    c.report(job_id, 1, RankState.FAILED, snapshots=(8, 9))
+    c.rec.reconcile_once()
+    c.report(job_id, 0, RankState.STOPPED, snapshots=(8, 9))
+    c.rec.reconcile_once()
+    job = c.rec.jobs[job_id]
+    assert len(job.attempts) == 2 and job.attempts[1].restore_step == 9
+    c.run_all(job_id, attempt=2, snapshots=(10, 11, 12))
+    c.report(job_id, 1, RankState.FAILED, snapshots=(10, 11, 12))  # attempt 1's dead rank
+    c.rec.reconcile_once()
+    assert [r.snapshot_steps for r in job.attempts[0].ranks] == [(8, 9), (8, 9)]
+    assert [r.snapshot_steps for r in job.attempts[1].ranks] == [(10, 11, 12)] * 2
+
+
 def test_a_stop_not_confirmed_is_sent_again_without_grace(monkeypatch):
     c = Cluster(monkeypatch, nodes=1, slots=2)
     job_id = c.rec.submit(JobSpec(command=("x",), procs_per_node=2, stop_grace_s=4.0))
