@@ -75,7 +75,7 @@ class WarmPool:
         self._filling = 0
         self._zygote: Zygote | None = None
         if fork_server and sys.platform == "linux":
-            self._zygote = Zygote(spawner, self._env, _can_renice())
+            self._zygote = Zygote(spawner, self._env)
             # forks wait for the zygote's imports: fill in the background, not in the caller
             threading.Thread(target=self._fill, daemon=True, name="hpt-warm-fill").start()
         else:

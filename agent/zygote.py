@@ -126,12 +126,12 @@ class Zygote:
     """The agent's side of one fork server. ``fork()`` returns a :class:`Forked` warm
     interpreter waiting for its rank (the same protocol as ``hpt._warm``)."""
 
-    def __init__(self, spawner: Spawner, env: dict[str, str], renice: str) -> None:
+    def __init__(self, spawner: Spawner, env: dict[str, str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ready_r, ready_w = os.pipe()
         try:
             self._proc = spawner.popen(
-                [sys.executable, "-m", _MODULE, str(theirs.fileno()), str(ready_w), renice],
+                [sys.executable, "-m", _MODULE, str(theirs.fileno()), str(ready_w)],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 start_new_session=True, pass_fds=(theirs.fileno(), ready_w))
         except BaseException:

@@ -1,6 +1,6 @@
 """The child side of the agent's fork server (:mod:`hpt.agent.zygote` is the agent's side).
 
-Run by the agent as ``python -m hpt._zygote SOCK_FD READY_FD RENICE``. It imports torch and
+Run by the agent as ``python -m hpt._zygote SOCK_FD READY_FD``. It imports torch and
 hpt once, primes what a rank's first optimizer step would import (``torch._dynamo``), writes
 one byte on READY_FD, then serves fork requests on SOCK_FD, a ``SOCK_SEQPACKET`` Unix socket:
 
@@ -128,13 +128,11 @@ def _fresh_child_state() -> None:
 def main() -> int:
     from hpt import _warm
 
-    sock_fd, ready_fd, renice = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    # Not at a low CPU priority, unlike an interpreter of its own refilling the pool: a rank
+    # launched now waits for this import (on a busy node a niced import took minutes).
+    sock_fd, ready_fd = int(sys.argv[1]), int(sys.argv[2])
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    if renice == "1":  # import at the lowest priority; children start at the agent's
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
     _warm.import_torch(autograd=False)
-    if renice == "1":
-        os.setpriority(os.PRIO_PROCESS, 0, base)
     with contextlib.suppress(OSError):
         os.write(ready_fd, b"1")
     os.close(ready_fd)
