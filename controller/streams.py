@@ -1,8 +1,11 @@
 """The event log (kept in the store) and the rank log buffer (kept in memory), each with a
 condition variable so ``hptctl events -f`` and ``hptctl logs -f`` wake on new lines.
 
-Emitting an event never raises when the store is down: events wait in a bounded in-memory queue,
-in order, and the control loop writes them out (``flush_pending``) once the store answers again.
+Emitting an event never raises and never waits for the store: events queue in memory, in order,
+and the control loop writes what queued since its last pass in one store call at the end of the
+pass (``flush_pending``), before the records that pass changed. A loss storm's hundreds of
+events cost one round trip, not one each under the reconciler's lock. While the store is down
+the queue is bounded and keeps the newest.
 Rank logs are bounded in bytes per rank, not only in lines."""
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 10_000
 """Events held in memory while the store is down; beyond it the oldest are dropped (counted)."""
+BATCH_EVENTS = 512
+BATCH_BYTES = 4 * 1024 * 1024
+"""At most this many events, and (past the first) bytes, per store call."""
 
 
 class EventLog:
@@ -29,15 +35,21 @@ class EventLog:
         self._last_seq = 0
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_lock = threading.Lock()
+        self._down_logged = False
         self.num_dropped = 0
 
     @property
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def emit(self, event: Event) -> int:
-        """Append ``event``; returns its seq, or 0 when it waits for the store to come back."""
-        seq = self._append(convert.event_to_bytes(event))
+    def emit(self, event: Event) -> None:
+        """Queue ``event``; the next ``flush_pending`` writes it."""
+        data = convert.event_to_bytes(event)
+        with self._pending_lock:
+            if len(self._pending) >= MAX_PENDING_EVENTS:
+                self._pending.popleft()
+                self.num_dropped += 1
+            self._pending.append(data)
         log.info(
             "[%s/%s/%s/%s] %s: %s",
             event.job_id or "-",
@@ -47,35 +59,34 @@ class EventLog:
             event.kind.value,
             event.message,
         )
-        return seq
 
     def flush_pending(self) -> int:
-        """Write queued events, oldest first, until the store refuses; returns how many left."""
+        """Write queued events, oldest first, in batches, until the store refuses; returns how
+        many are left. Emitters wait meanwhile (they run under the reconciler's lock, as the
+        loop does when it calls this)."""
         with self._pending_lock:
             while self._pending:
+                batch, size = [], 0
+                for data in self._pending:
+                    if batch and (len(batch) >= BATCH_EVENTS or size + len(data) > BATCH_BYTES):
+                        break
+                    batch.append(data)
+                    size += len(data)
                 try:
-                    seq = self._store.append_event(self._pending[0])
-                except StoreUnavailableError:
+                    seq = self._store.append_events(batch)
+                except StoreUnavailableError as exc:
+                    # the whole batch goes again next time (at least once, as a retried single
+                    # append always was: a reply lost after the write cannot be told apart)
+                    if not self._down_logged:
+                        log.warning("%d event(s) kept in memory until the store is back: %s",
+                                    len(self._pending), exc)
+                        self._down_logged = True
                     break
-                self._pending.popleft()
+                for _ in batch:
+                    self._pending.popleft()
+                self._down_logged = False
                 self._advance(seq)
             return len(self._pending)
-
-    def _append(self, data: bytes) -> int:
-        with self._pending_lock:
-            if not self._pending:
-                try:
-                    seq = self._store.append_event(data)
-                except StoreUnavailableError as exc:
-                    log.warning("event kept in memory until the store is back: %s", exc)
-                else:
-                    self._advance(seq)
-                    return seq
-            if len(self._pending) >= MAX_PENDING_EVENTS:
-                self._pending.popleft()
-                self.num_dropped += 1
-            self._pending.append(data)
-            return 0
 
     def _advance(self, seq: int) -> None:
         with self._cond:

@@ -2,7 +2,7 @@
 
 The controller persists every job and attempt record (protobuf bytes, never pickle) through
 ``Store.put`` with compare-and-set on ``expected_version``, appends every event (fault, attempt,
-state change) through ``Store.append_event``, and rebuilds its state with ``Store.scan`` when it
+state change) through ``Store.append_events`` (what one pass emitted, in one call), and rebuilds its state with ``Store.scan`` when it
 restarts. Two implementations follow the same contract and are tested by one suite
 (``tests/unit/controller/test_store_contract.py``):
 
@@ -17,6 +17,7 @@ cannot be reached raises ``StoreUnavailableError`` and the controller decides wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -112,6 +113,13 @@ class Store(Protocol):
         Returns:
             Its sequence number: 1 for the first event, then exactly one more each time.
         """
+        ...
+
+    def append_events(self, events: Sequence[bytes]) -> int:
+        """Append ``events`` in order, as ``append_event`` would one by one, in one call to the
+        store (the controller writes what a pass emitted at once). Returns the last one's
+        sequence number (the current one when ``events`` is empty). A failure part way leaves
+        a prefix appended and the sequence without a gap."""
         ...
 
     def read_events(self, after_seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Sequence
 
 from hpt.controller.store import (
     DEFAULT_MAX_EVENTS,
@@ -82,6 +83,14 @@ class MemoryStore:
             self._last_seq += 1
             self._events.append((self._last_seq, event))
             return self._last_seq
+
+    def append_events(self, events: Sequence[bytes]) -> int:
+        for event in events:  # a bad one refuses the batch before anything is appended
+            validate_value(event, "event")
+        seq = self._last_seq
+        for event in events:  # one at a time: a subclass that refuses one stops the rest
+            seq = self.append_event(event)
+        return seq
 
     def read_events(self, after_seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:
         validate_event_range(after_seq, limit)

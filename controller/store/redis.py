@@ -19,7 +19,7 @@ connection errors and timeouts become ``StoreUnavailableError`` and the controll
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import redis
@@ -82,6 +82,18 @@ redis.call('SET', KEYS[2], string.format('%d', seq))
 return seq
 """
 
+# KEYS: event stream, seq counter. ARGV: max_events, event..., fence. Returns the last seq.
+# Each XADD is followed by its SET: a failure part way leaves a prefix and no gap.
+_APPEND_MANY_LUA = _FENCE_LUA.replace("{-1, 0}", "-1") + """
+local seq = tonumber(redis.call('GET', KEYS[2])) or 0
+for i = 2, #ARGV - 1 do
+  seq = seq + 1
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], string.format('%d-0', seq), 'e', ARGV[i])
+  redis.call('SET', KEYS[2], string.format('%d', seq))
+end
+return seq
+"""
+
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SCAN_PAGE = 1000
 
@@ -136,6 +148,7 @@ class RedisStore:
         self._put_script = self._client.register_script(_PUT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
         self._append_script = self._client.register_script(_APPEND_LUA)
+        self._append_many_script = self._client.register_script(_APPEND_MANY_LUA)
         self.lease_key = prefix + "leader"
         """Where :mod:`hpt.controller.leader` keeps the leader lease (holder, epoch, expiry)."""
         self.epoch_key = prefix + "leader:epoch"
@@ -217,6 +230,19 @@ class RedisStore:
                 )
             )
         self._check_fence(seq, "append_event", "events")
+        return seq
+
+    def append_events(self, events: Sequence[bytes]) -> int:
+        for event in events:
+            validate_value(event, "event")
+        with self._errors("append_events"):
+            seq = int(
+                self._append_many_script(
+                    keys=[self._events_key, self._seq_key, self._fence[0]],
+                    args=[self._max_events, *events, self._fence[1]],
+                )
+            )
+        self._check_fence(seq, "append_events", "events")
         return seq
 
     def read_events(self, after_seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:

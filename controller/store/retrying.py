@@ -22,7 +22,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -123,6 +123,9 @@ class RetryingStore:
 
     def append_event(self, event: bytes) -> int:
         return self._call("append_event", lambda: self.inner.append_event(event))
+
+    def append_events(self, events: Sequence[bytes]) -> int:
+        return self._call("append_events", lambda: self.inner.append_events(events))
 
     def read_events(self, after_seq: int, limit: int = 1000) -> list[tuple[int, bytes]]:
         return self._call("read_events", lambda: self.inner.read_events(after_seq, limit))

@@ -71,7 +71,8 @@ def test_paused_leader_is_replaced_and_every_write_it_makes_is_refused(replicas)
     stale = {"put": lambda: a.store.put("jobs/j", b"stale", expected_version=1),
              "create": lambda: a.store.put("jobs/k", b"stale", expected_version=0),
              "delete": lambda: a.store.delete("jobs/j", expected_version=1),
-             "event": lambda: a.store.append_event(b"stale")}
+             "event": lambda: a.store.append_event(b"stale"),
+             "events": lambda: a.store.append_events([b"stale", b"staler"])}
     accepted = []
     for name, write in stale.items():
         try:

@@ -178,6 +178,19 @@ def test_event_seqs_start_at_1_and_have_no_gaps(store: Store) -> None:
     assert store.read_events(0) == list(enumerate(events, start=1))
 
 
+def test_a_batch_of_events_takes_the_next_seqs_in_order(make_store: MakeStore) -> None:
+    store = make_store(max_events=4)
+    assert store.append_events([]) == 0
+    assert store.append_event(b"one") == 1
+    assert store.append_events([b"two", b"", b"two"]) == 4  # the last one's seq
+    assert store.append_events([]) == 4
+    assert store.append_event(b"five") == 5
+    assert store.read_events(0) == [(2, b"two"), (3, b""), (4, b"two"), (5, b"five")]
+    with pytest.raises(ValueError, match="event"):
+        store.append_events([b"six", "text"])  # type: ignore[list-item]
+    assert store.read_events(5) == []  # nothing of a refused batch
+
+
 def test_read_events_pages_in_ascending_seq_after_the_cursor(store: Store) -> None:
     for i in range(1, 8):
         store.append_event(b"e%d" % i)
