@@ -42,6 +42,9 @@ _STARTUP_ONLY = (
     "TORCH_CPP_LOG_LEVEL", "KMP_AFFINITY", "GOMP_CPU_AFFINITY",
 )
 _CHILD_MODULE = "hpt._warm"
+_ON_DEMAND_FORK_S = 5.0
+"""How long a launch that found the pool empty waits for a ready zygote's fork (milliseconds
+when all is well) before it starts the rank cold."""
 
 Interpreter = subprocess.Popen[bytes] | Forked
 """An idle interpreter: forked by the zygote, or started on its own when there is none."""
@@ -156,8 +159,8 @@ class WarmPool:
 
     def take(self, argv: list[str], env: dict[str, str], cwd: str | None) -> Interpreter | None:
         """Hand the rank to an idle interpreter and return it, or None when a cold start is
-        needed (the caller then spawns normally). With the fork server an empty pool forks one
-        on the spot. A replacement starts in the background."""
+        needed (the caller then spawns normally). With a ready fork server an empty pool forks
+        one on the spot. A replacement starts in the background."""
         if not self.can_run(argv, env, cwd):
             return None
         with self._lock:
@@ -171,12 +174,18 @@ class WarmPool:
                 proc = None
             closed = self._closed
         if proc is None:
-            if closed or self._zygote is None or not self._zygote.alive():
+            # Fork one now only from a zygote that is ready: a launch never waits for the
+            # zygote's own import (the agent's stream would go silent meanwhile), it starts cold
+            zygote = self._zygote
+            if closed or zygote is None or not zygote.alive() or not zygote.ready():
                 return None
-            proc = self._spawn()
-            if isinstance(proc, subprocess.Popen):  # the zygote failed: that one starts cold
-                self._discard(proc)
+            try:
+                proc = zygote.fork(timeout_s=_ON_DEMAND_FORK_S)
+            except ZygoteError as exc:
+                log.warning("warm pool: %s; the rank starts cold", exc)
                 return None
+            with self._lock:
+                self._ready_fds[proc.pid] = proc.ready_fd
         with self._lock:
             fd = self._ready_fds.pop(proc.pid, None)
         if fd is not None:

@@ -24,6 +24,7 @@ def forking():
     """A pool that keeps no idle interpreter: every take() forks one on the spot."""
     spawner = Spawner()
     pool = WarmPool(0, spawner)
+    assert pool.zygote is not None and pool.zygote.wait_ready(120)
     yield pool
     pool.close()
     spawner.close()
@@ -58,6 +59,58 @@ def test_forked_ranks_are_fresh_processes_that_run_parallel_torch(forking, tmp_p
     lines = [out.decode().split() for out, _ in outs]
     assert [line[0] for line in lines] == ["True", "True"], outs
     assert lines[0][1] != lines[1][1], "forked ranks share numpy's global generator"
+
+
+def test_a_launch_never_waits_for_a_zygote_still_importing(tmp_path):
+    # the zygote's interpreter start blocks on a FIFO until the test opens it: its import
+    # cannot finish before the take below
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"open({str(gate)!r}).read()\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    spawner = Spawner()
+    pool = WarmPool(1, spawner, base_env=env)
+    try:
+        zygote = pool.zygote
+        assert zygote is not None
+        taken: list[object] = []
+        launch = threading.Thread(target=lambda: taken.append(
+            pool.take([sys.executable, str(tmp_path / "x.py")], env, None)), daemon=True)
+        launch.start()
+        launch.join(30)  # a deadline: the zygote cannot finish importing before the gate opens
+        assert not launch.is_alive(), "take() waited for the zygote's import"
+        assert taken == [None]  # the launch starts the rank cold
+        assert not zygote.ready()
+        assert _release(gate, 60), "the zygote never opened the gate"
+        assert zygote.wait_ready(120)
+        deadline = time.monotonic() + 120
+        tick = threading.Event()
+        while pool.ready() < 1:  # the pool fills from the zygote once it is ready
+            assert time.monotonic() < deadline, "the pool did not fill"
+            tick.wait(0.05)
+        assert isinstance(pool.take([sys.executable, str(tmp_path / "x.py")], env, None), Forked)
+    finally:
+        _release(gate)
+        pool.close()
+        spawner.close()
+
+
+def _release(fifo, timeout_s: float = 0.0) -> bool:  # type: ignore[no-untyped-def]
+    """Let the reader of ``fifo`` go (EOF), waiting up to ``timeout_s`` for it to open it."""
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: no reader yet
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            tick.wait(0.05)
+            continue
+        os.close(fd)
+        return True
 
 
 def _sleeper(pool: WarmPool, tmp_path) -> Forked:  # type: ignore[no-untyped-def]
@@ -99,6 +152,7 @@ def test_an_agent_killed_with_9_takes_the_zygote_and_every_forked_rank(tmp_path)
         "from hpt.agent.spawn import Spawner\n"
         "from hpt.agent.warm import WarmPool\n"
         "pool = WarmPool(0, Spawner())\n"
+        "assert pool.zygote.wait_ready(120)\n"
         f"rank = pool.take([sys.executable, {str(tmp_path / 'sleep.py')!r}], dict(os.environ),"
         " None)\n"
         "print(pool.zygote.pid, rank.pid, flush=True)\n"
