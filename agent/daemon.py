@@ -102,7 +102,7 @@ class Agent:
         self._guard = Guard()
         auth = PeerAuth(cfg.token, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.protector = Protector(cfg.name, self.snapshots.shm_dir, self.snapshots.prefix,
-                                   PeerClient(auth))
+                                   PeerClient(auth), on_built=self._changed.set)
         self._peer_server = PeerServer(self.protector, cfg.name, cfg.address, cfg.peer_port, auth)
         self.peer_address = cfg.peer_advertise or f"{cfg.address}:{self._peer_server.port}"
         self.recovery = Recovery(self.protector, self.snapshots)

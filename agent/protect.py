@@ -140,8 +140,12 @@ class Protector:
     """Holds and serves this node's protection pieces; implements ``peers.PieceSource``."""
 
     def __init__(self, node: str, shm_dir: str, prefix_of: Callable[[str, int], str],
-                 client: PeerClient, *, codec: Codec | None = None) -> None:
+                 client: PeerClient, *, codec: Codec | None = None,
+                 on_built: Callable[[], None] = lambda: None) -> None:
         self.node = node
+        self._on_built = on_built
+        """Called once a piece is verified: the agent reports it at once (the controller names
+        the next round on that report), not at its next periodic heartbeat."""
         self.shm_dir = shm_dir
         self.prefix_of = prefix_of  # (job_id, rank) -> ShmSink prefix of this node
         self.client = client
@@ -367,6 +371,7 @@ class Protector:
             self._drop(old)
         log.debug("[%s/%d/%s/-] stripe %d protected at step %d (%d bytes)", entry.job_id,
                   entry.attempt, self.node, stripe, step, size)
+        self._on_built()
         return step
 
     def _reached(self, entry: _Protected, step: int) -> bool:

@@ -34,10 +34,15 @@ class Node:
         self.dir.mkdir()
         self.keeper = SnapshotKeeper(name, shm_dir=str(self.dir))
         self.client = PeerClient(auth, retries=3, backoff_s=0.01)
-        self.protector = Protector(name, str(self.dir), self.keeper.prefix, self.client)
+        self.built = 0  # pieces this node reported built (the agent's early heartbeat)
+        self.protector = Protector(name, str(self.dir), self.keeper.prefix, self.client,
+                                   on_built=self._built)
         self.server = PeerServer(self.protector, name, "127.0.0.1", 0, auth)
         self.address = f"127.0.0.1:{self.server.port}"
         self.adopted: list[tuple[int, int, int]] = []
+
+    def _built(self) -> None:
+        self.built += 1
 
     def save(self, rank: int, step: int, seed: int, floats: int = 1000) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -196,6 +201,7 @@ def test_every_holder_protects_the_named_step_not_the_newest_it_sees(cluster) ->
     assert [n.protector.build(e, j) for n, e in entries for j in e.slots] == [None] * 3
     _round(nodes, 2)  # step 3 is newer, but the round is step 2
     assert {p.step for n in nodes for p in n.protector.pieces()} == {2}
+    assert [n.built for n in nodes] == [1, 1, 1]  # each said so at once
     _round(nodes, 3)  # the next round; 2 stays valid in the other buffer
     assert sorted((p.stripe, p.step) for n in nodes for p in n.protector.pieces()) == [
         (0, 2), (0, 3), (1, 2), (1, 3), (2, 2), (2, 3)]
@@ -205,6 +211,7 @@ def test_every_holder_protects_the_named_step_not_the_newest_it_sees(cluster) ->
     for node, entry in entries:  # nor does a round of another attempt
         node.protector.set_targets([(JOB, 2, 4)])
         assert [node.protector.build(entry, j) for j in entry.slots] == [None]
+    assert [n.built for n in nodes] == [2, 2, 2]  # nothing built, nothing reported
 
 
 def test_wrong_token_is_refused(cluster) -> None:
