@@ -77,6 +77,9 @@ class Agent:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
         self._changed = threading.Event()
+        self._commands: queue.Queue[agent_pb2.ControllerMessage | None] = queue.Queue()
+        self._commander = threading.Thread(target=self._command_loop, name="hpt-commands",
+                                           daemon=True)
         self._lease_s = cfg.lease_s
         self._period_s = 0.5
         self._last_contact = time.monotonic()
@@ -129,6 +132,7 @@ class Agent:
         self.monitoring.start()  # health check first: registration reports it
         fence = threading.Thread(target=self._fence_loop, name="hpt-fence", daemon=True)
         fence.start()
+        self._commander.start()
         backoff = _BACKOFF_FIRST_S
         try:
             while not self._stop.is_set():
@@ -160,6 +164,10 @@ class Agent:
             log.info("[-/-/%s/-] shut down in %.2fs", self.cfg.name, time.monotonic() - started)
 
     def _release_all(self) -> None:
+        # the commands already received go first (a launch under way ends before the stop)
+        self._commands.put(None)
+        if self._commander.is_alive():
+            self._commander.join(timeout=self.cfg.stop_grace_s + 30.0)
         self.snapshots.persist_newest(None)
         self.launcher.stop_all(grace_s=self.cfg.stop_grace_s, reason="agent shutting down")
         if not self.launcher.wait_all(self.cfg.stop_grace_s + 5.0):
@@ -223,23 +231,13 @@ class Agent:
                 if kind == "registered":
                     self._on_registered(msg.registered)
                     beat.start()
-                elif kind == "launch":
-                    self._on_launch(msg.launch)
                 elif kind == "ack":
                     self.protector.set_targets([(t.job_id, t.attempt, t.step)
                                                 for t in msg.ack.protect])
                     self.snapshots.pin_rounds([(t.job_id, t.step, t.protected_step)
                                                for t in msg.ack.protect])
-                elif kind == "release":
-                    self.protector.release(msg.release.job_id)
-                    self.snapshots.release_later(msg.release.job_id)
-                elif kind == "stop":
-                    s = msg.stop
-                    if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
-                        # the newest snapshot reaches disk within the grace period (it is in
-                        # shared memory: the ranks dying meanwhile does not matter)
-                        self.snapshots.persist_newest(s.job_id)
-                    self.launcher.stop(s.job_id, s.attempt, grace_s=s.grace_s, reason=s.reason)
+                elif kind in ("launch", "stop", "release"):
+                    self._commands.put(msg)
                 if self._stop.is_set():
                     break
         except grpc.RpcError as exc:
@@ -311,6 +309,36 @@ class Agent:
                 )
             )
             self.launcher.reported(ranks)
+
+    def _command_loop(self) -> None:
+        """Launch, stop and release, in the order the controller sent them, off the stream's
+        reader: a launch may rebuild gigabytes of snapshots from peers first, and meanwhile the
+        reader goes on taking the controller's answers (an agent that hears nothing for
+        _SILENT_RECONNECT_S leaves its controller, and past its lease kills its ranks)."""
+        while True:
+            msg = self._commands.get()
+            if msg is None:
+                return
+            try:
+                self._on_command(msg)
+            except Exception:  # one bad command must not stop the ones after it
+                log.exception("[-/-/%s/-] %s command failed", self.cfg.name,
+                              msg.WhichOneof("kind"))
+
+    def _on_command(self, msg: agent_pb2.ControllerMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "launch":
+            self._on_launch(msg.launch)
+        elif kind == "release":
+            self.protector.release(msg.release.job_id)
+            self.snapshots.release_later(msg.release.job_id)
+        elif kind == "stop":
+            s = msg.stop
+            if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
+                # the newest snapshot reaches disk within the grace period (it is in shared
+                # memory: the ranks dying meanwhile does not matter)
+                self.snapshots.persist_newest(s.job_id)
+            self.launcher.stop(s.job_id, s.attempt, grace_s=s.grace_s, reason=s.reason)
 
     def _on_launch(self, msg: agent_pb2.Launch) -> None:
         try:

@@ -44,6 +44,7 @@ class ControlPlaneCluster(FaultCluster):
         workdir: Path,
         *,
         proxied: bool = False,
+        peer_proxied: tuple[str, ...] = (),
         controller_env: dict[str, str] | None = None,
         controller_args: list[str] | None = None,
         **kw: object,
@@ -52,6 +53,10 @@ class ControlPlaneCluster(FaultCluster):
         super().__init__(workdir, **kw)  # type: ignore[arg-type]
         self.proxied = proxied
         self.proxies: dict[str, TcpProxy] = {}
+        self.peer_proxied = set(peer_proxied)
+        self.peer_proxies: dict[str, TcpProxy] = {}
+        """Proxies in front of these agents' peer services (what other agents pull their
+        snapshot pieces through)."""
         self.controller_env = dict(controller_env or {})
         self.controller_args = list(controller_args or [])
         self._paused: set[int] = set()
@@ -88,6 +93,12 @@ class ControlPlaneCluster(FaultCluster):
                 if proxy is None:
                     proxy = self.proxies[name] = TcpProxy(self.port).start()
                 args[args.index("--controller") + 1] = proxy.address
+            if name in self.peer_proxied:
+                peer = self.peer_proxies.get(name)
+                if peer is None:
+                    peer = self.peer_proxies[name] = TcpProxy(free_port()).start()
+                args += ["--peer-port", str(peer.upstream_port),
+                         "--peer-advertise", peer.address]
         elif args[0] == "controller":
             env.update(self.controller_env)
             args = [*args, *self.controller_args]
@@ -126,7 +137,7 @@ class ControlPlaneCluster(FaultCluster):
         try:
             super().close()
         finally:
-            for proxy in self.proxies.values():
+            for proxy in [*self.proxies.values(), *self.peer_proxies.values()]:
                 proxy.close()
 
 
