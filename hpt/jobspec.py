@@ -25,7 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-MAX_NODES = 1024
+MAX_NODES = 16384
+"""Nodes of the largest job: one controller is built for clusters of 10,000 nodes."""
 MAX_PROCS_PER_NODE = 64
 MAX_RESTARTS = 1000
 MAX_COMMAND_ARGS = 256

@@ -40,9 +40,9 @@ def test_every_option_of_every_command_has_help():
 
 def test_nodes_and_procs_advertise_and_enforce_the_range_the_controller_accepts():
     help_text = " ".join(_run("submit", "--help").output.split())
-    assert "(1..1024)" in help_text and "1<=x<=64" in help_text
+    assert "(1..16384)" in help_text and "1<=x<=64" in help_text
     result = _run("submit", "-n", "0", "--", "python", "x.py")
-    assert result.exit_code == 2 and "1..1024" in result.output
+    assert result.exit_code == 2 and "1..16384" in result.output
     result = _run("submit", "-p", "65", "--", "python", "x.py")
     assert result.exit_code == 2 and "1<=x<=64" in result.output
 

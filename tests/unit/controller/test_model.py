@@ -76,8 +76,8 @@ def test_attempt_cannot_go_from_running_straight_to_failed():
     "kwargs,field",
     [
         ({"procs_per_node": 0}, "procs_per_node (0) must be in 1..64"),
-        ({"nodes": 0}, "nodes (0) must be in 1..1024"),
-        ({"nodes": 5000}, "nodes (5000)"),
+        ({"nodes": 0}, "nodes (0) must be in 1..16384"),
+        ({"nodes": 20000}, "nodes (20000)"),
         ({"command": ()}, "command must not be empty"),
         ({"command": ("",)}, "command[0]"),
         ({"nodes": 2, "min_nodes": 3}, "min_nodes (3)"),
