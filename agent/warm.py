@@ -62,6 +62,7 @@ class WarmPool:
         settled: Callable[[], bool] = lambda: True,
         settle_timeout_s: float = 30.0,
         fork_server: bool = True,
+        zygote_restart_s: float = 10.0,
     ) -> None:
         self._size = size
         self._spawner = spawner
@@ -77,6 +78,8 @@ class WarmPool:
         self._wake = threading.Event()
         self._filling = 0
         self._zygote: Zygote | None = None
+        self._zygote_restart_s = zygote_restart_s
+        self._zygote_started = time.monotonic()
         if fork_server and sys.platform == "linux":
             self._zygote = Zygote(spawner, self._env)
             # forks wait for the zygote's imports: fill in the background, not in the caller
@@ -120,7 +123,23 @@ class WarmPool:
             self._ready_fds[proc.pid] = read_fd
         return proc
 
+    def _restart_zygote(self) -> None:
+        """A fork server that died is started again, at most once per ``zygote_restart_s``
+        (meanwhile, and while it imports torch, ranks start cold)."""
+        dead = self._zygote
+        if dead is None or dead.alive():
+            return
+        with self._lock:
+            now = time.monotonic()
+            if (self._closed or self._zygote is not dead
+                    or now - self._zygote_started < self._zygote_restart_s):
+                return
+            log.warning("warm pool: the fork server (pid %d) is gone; starting another", dead.pid)
+            self._zygote, self._zygote_started = Zygote(self._spawner, self._env), now
+        dead.close()
+
     def _fill(self) -> None:
+        self._restart_zygote()
         with self._lock:
             if self._closed:
                 return
@@ -178,6 +197,9 @@ class WarmPool:
             # zygote's own import (the agent's stream would go silent meanwhile), it starts cold
             zygote = self._zygote
             if closed or zygote is None or not zygote.alive() or not zygote.ready():
+                if zygote is not None and not zygote.alive() and not closed:
+                    threading.Thread(target=self._refill, daemon=True,
+                                     name="hpt-warm-fill").start()  # (a new fork server)
                 return None
             try:
                 proc = zygote.fork(timeout_s=_ON_DEMAND_FORK_S)

@@ -146,6 +146,34 @@ def test_a_killed_zygote_takes_its_children_and_says_how_they_ended(forking, tmp
                         None) is None
 
 
+def test_a_fork_server_that_died_is_replaced_and_forks_again(tmp_path):
+    spawner = Spawner()
+    pool = WarmPool(0, spawner, zygote_restart_s=0.0)
+    try:
+        first = pool.zygote
+        assert first is not None and first.wait_ready(120)
+        os.kill(first.pid, signal.SIGKILL)
+        wait = threading.Event()
+        deadline = time.monotonic() + 60
+        while first.alive():
+            assert time.monotonic() < deadline, "the pool never saw its fork server die"
+            wait.wait(0.05)
+        script = tmp_path / "ok.py"
+        script.write_text("print('ok', flush=True)\n")
+        argv = [sys.executable, str(script)]
+        assert pool.take(argv, dict(os.environ), None) is None  # cold meanwhile
+        deadline = time.monotonic() + 120
+        while pool.zygote is first or not pool.zygote.ready():  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no new fork server"
+            wait.wait(0.05)
+        rank = pool.take(argv, dict(os.environ), None)
+        assert isinstance(rank, Forked)
+        assert rank.communicate(timeout=60)[0] == b"ok\n" and rank.returncode == 0
+    finally:
+        pool.close()
+        spawner.close()
+
+
 def test_an_agent_killed_with_9_takes_the_zygote_and_every_forked_rank(tmp_path):
     code = (
         "import os, sys, time\n"
