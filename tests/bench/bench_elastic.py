@@ -106,7 +106,7 @@ def main() -> None:
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.load)]
     try:
-        for step_s in (float(v) for v in args.step_times.split(",")):
+        for step_s in (float(v) for v in args.step_times.split(",") if v):  # "": none
             took, lost, first = node_kill(args.runs, args.hidden, step_s)
             print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
                               "load": args.load, "runs": len(took),
