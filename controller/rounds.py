@@ -29,10 +29,10 @@ and on a loaded machine never protected a step at all.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from hpt.controller.catalog import complete_steps
 from hpt.controller.model import Attempt, AttemptState, Job
 
 _LIVE = (AttemptState.LAUNCHING, AttemptState.RUNNING)
@@ -99,20 +99,34 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
     return Target(newest, 0, now, reached[0])
 
 
-def _reached(attempt: Attempt) -> tuple[int, int]:
-    newest = [max(r.snapshot_steps, default=-1) for r in attempt.ranks] or [-1]
-    return min(newest), max(newest)
+_STEPS = operator.attrgetter("snapshot_steps")
 
 
-def _cadence(attempt: Attempt) -> int:
-    """Steps between two snapshots of the attempt's ranks (``Checkpointer(every=)``): the
-    greatest common divisor of the gaps between the steps they hold; 1 when unknown."""
-    out = 0
-    for r in attempt.ranks:
-        steps = sorted(r.snapshot_steps)
-        for a, b in zip(steps, steps[1:], strict=False):
-            out = math.gcd(out, b - a)
-    return out or 1
+def _survey(attempt: Attempt) -> tuple[set[int], tuple[int, int], int]:
+    """One pass over the attempt's ranks (O(ranks) in Python: it runs for every protected job
+    every time rounds are named): the steps every rank holds; the lowest and the highest of
+    the ranks' newest steps ((-1, -1) without ranks); the cadence, the steps between two
+    snapshots (``Checkpointer(every=)``), as the greatest common divisor of the gaps between
+    the steps they hold (1 when unknown)."""
+    # ranks that step together report the same few tuples: walk the distinct ones (collected
+    # in C), not the ranks
+    distinct = set(map(_STEPS, attempt.ranks))
+    if not distinct:
+        return set(), (-1, -1), 1
+    common: set[int] | None = None
+    newest = []
+    cadence = 0
+    for steps in distinct:
+        newest.append(max(steps, default=-1))
+        if common is None:
+            common = set(steps)
+        elif common:
+            common.intersection_update(steps)
+        if cadence != 1 and len(steps) > 1:  # 1 is as low as it goes
+            ordered = sorted(steps)
+            for a, b in zip(ordered, ordered[1:], strict=False):
+                cadence = math.gcd(cadence, b - a)
+    return common or set(), (min(newest), max(newest)), cadence or 1
 
 
 class ProtectionRounds:
@@ -147,9 +161,9 @@ class ProtectionRounds:
             held = self._rounds.get(job.id)
             current = held[1] if held and held[0] == attempt.number else None
             protected = set(attempt.protected_steps)
-            target = next_target(current, held[1].lead if held else 0,
-                                 set(complete_steps(attempt)), protected, _reached(attempt),
-                                 now, _cadence(attempt))
+            complete, reached, cadence = _survey(attempt)
+            target = next_target(current, held[1].lead if held else 0, complete, protected,
+                                 reached, now, cadence)
             if target is None:
                 continue
             self._rounds[job.id] = (attempt.number, target)

@@ -3,8 +3,11 @@ holder of an attempt protects, and keeps it until that step is protected."""
 
 from __future__ import annotations
 
+import math
+import random
+
 from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, Rank
-from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target
+from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, _survey, next_target
 
 
 def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0):  # type: ignore[no-untyped-def]
@@ -120,3 +123,23 @@ def test_a_missed_round_makes_the_next_attempt_name_steps_ahead_too() -> None:
     assert rounds.targets([job], "a", 0.0) == [("j", 2, 11, -1)]
     job.attempts[0].number = 3
     assert rounds.targets([job], "b", 0.0) == [("j", 3, 11, -1)]  # the job's lead stays
+
+
+def test_one_pass_over_the_ranks_finds_common_steps_their_spread_and_the_cadence() -> None:
+    # _survey walks the distinct step tuples, not the ranks: it must say what the rank by rank
+    # definitions say, on attempts of every shape (no rank, ranks that saved nothing, ...)
+    rng = random.Random(7)
+    shapes = [[], [()], [(5,)] * 3, [(2, 4, 6), (4, 6, 8)] * 2, [(9, 3, 6)] * 3,
+              [(1, 2, 3), (), (1, 2, 3)]]
+    shapes += [[tuple(rng.sample(range(12), rng.randint(0, 3))) for _ in range(rng.randint(0, 6))]
+               for _ in range(500)]
+    for steps in shapes:
+        ranks = [Rank(rank=i, local_rank=0, node=f"n{i}", snapshot_steps=s)
+                 for i, s in enumerate(steps)]
+        attempt = Attempt(number=1, nodes=[r.node for r in ranks], master_addr="127.0.0.1",
+                          master_port=1, world_size=len(ranks), ranks=ranks)
+        newest = [max(s, default=-1) for s in steps] or [-1]
+        gaps = [b - a for s in steps for a, b in zip(sorted(s), sorted(s)[1:], strict=False)]
+        want = (set.intersection(*map(set, steps)) if steps else set(),
+                (min(newest), max(newest)), math.gcd(*gaps) if gaps else 1)
+        assert _survey(attempt) == want, steps
