@@ -184,13 +184,14 @@ class WarmPool:
             return None
         with self._lock:
             idle = [p for p in self._idle if p.poll() is None]
+            proc: Interpreter | None = None
+            fd: int | None = None
             if idle:
                 # one that finished its warm-up first; a still-importing one beats a cold start
                 idle.sort(key=lambda p: not self._ready_signalled(p))
-                proc: Interpreter | None = idle[0]
-                self._idle.remove(idle[0])
-            else:
-                proc = None
+                proc = idle[0]
+                self._idle.remove(proc)
+                fd = self._ready_fds.pop(proc.pid, None)
             closed = self._closed
         if proc is None:
             # Fork one now only from a zygote that is ready: a launch never waits for the
@@ -206,10 +207,7 @@ class WarmPool:
             except ZygoteError as exc:
                 log.warning("warm pool: %s; the rank starts cold", exc)
                 return None
-            with self._lock:
-                self._ready_fds[proc.pid] = proc.ready_fd
-        with self._lock:
-            fd = self._ready_fds.pop(proc.pid, None)
+            fd = proc.ready_fd
         if fd is not None:
             os.close(fd)
         request = json.dumps({"argv": argv[1:], "env": env, "cwd": cwd}).encode() + b"\n"
@@ -273,15 +271,11 @@ class WarmPool:
             self._wake.set()
             idle, self._idle = self._idle, []
         for proc in idle:
-            proc.kill()
-        for fd in self._ready_fds.values():
+            self._discard(proc)
+        with self._lock:
+            left, self._ready_fds = list(self._ready_fds.values()), {}
+        for fd in left:
             os.close(fd)
-        self._ready_fds.clear()
-        for proc in idle:
-            proc.wait()
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
         if self._zygote is not None:
             self._zygote.close()
 

@@ -149,7 +149,6 @@ class Zygote:
         self._next_id = 0
         self._pending: dict[int, tuple[Future[Forked], list[int]]] = {}
         self._children: dict[int, Forked] = {}
-        self._early_exits: dict[int, int] = {}
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="hpt-zygote", daemon=True)
         self._reader.start()

@@ -103,10 +103,10 @@ _STEPS = operator.attrgetter("snapshot_steps")
 
 
 def _survey(attempt: Attempt) -> tuple[set[int], tuple[int, int], int]:
-    """One pass over the attempt's ranks (O(ranks) in Python: it runs for every protected job
-    every time rounds are named): the steps every rank holds; the lowest and the highest of
-    the ranks' newest steps ((-1, -1) without ranks); the cadence, the steps between two
-    snapshots (``Checkpointer(every=)``), as the greatest common divisor of the gaps between
+    """What rounds are named from, for every protected job each time (one pass, over the
+    distinct step tuples the ranks hold): the steps every rank holds; the lowest and the
+    highest of the ranks' newest steps ((-1, -1) without ranks); the cadence, the steps between
+    two snapshots (``Checkpointer(every=)``), as the greatest common divisor of the gaps between
     the steps they hold (1 when unknown)."""
     # ranks that step together report the same few tuples: walk the distinct ones (collected
     # in C), not the ranks

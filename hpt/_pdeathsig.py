@@ -15,9 +15,12 @@ long as the parent (the agent's spawner thread, ``hptctl up``'s main thread).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
+
+_PR_SET_PDEATHSIG = 1
 
 _WRAPPER = (
     "import ctypes,os,sys\n"
@@ -37,3 +40,13 @@ def wrap(argv: list[str], sig: signal.Signals = signal.SIGKILL) -> list[str]:
     if sys.platform != "linux":
         return list(argv)
     return [sys.executable, "-I", "-S", "-c", _WRAPPER, str(os.getpid()), str(int(sig)), *argv]
+
+
+def arm(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """In a process forked without exec (the fork server's children, :mod:`hpt._zygote`): get
+    ``sig`` when the forking thread of ``parent`` exits; exit at once (70, as the wrapper) if
+    ``parent`` is already gone."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(70)

@@ -49,11 +49,12 @@ def _serve() -> int:
     if niced:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     import_torch()
-    return become_rank(int(ready_fd), niced=niced, base=base)
+    return become_rank(int(ready_fd), restore_priority=base if niced else None)
 
 
-def become_rank(ready_fd: int, *, niced: bool, base: int) -> int:
-    """Say ready on ``ready_fd``, wait for the rank's request on stdin and run it as __main__."""
+def become_rank(ready_fd: int, *, restore_priority: int | None = None) -> int:
+    """Say ready on ``ready_fd``, wait for the rank's request on stdin and run it as __main__
+    (at ``restore_priority`` when the warm-up ran niced)."""
     import runpy
 
     # the pool may have handed us out (and closed its end) before we got here
@@ -61,8 +62,8 @@ def become_rank(ready_fd: int, *, niced: bool, base: int) -> int:
         os.write(ready_fd, b"1")
     os.close(ready_fd)
     line = sys.stdin.buffer.readline(_MAX_REQUEST_BYTES)
-    if niced:
-        os.setpriority(os.PRIO_PROCESS, 0, base)
+    if restore_priority is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, restore_priority)
     if not line:
         return 0  # the pool closed us before handing out a rank
     request = json.loads(line)

@@ -20,7 +20,6 @@ before forking: a forked child would inherit locks and pools whose threads it do
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -28,16 +27,9 @@ import signal
 import socket
 import sys
 
-_PR_SET_PDEATHSIG = 1
+from hpt import _pdeathsig
+
 _MAX_PACKET = 4096
-
-
-def _arm_death_signal(parent: int) -> None:
-    """SIGKILL this process when ``parent`` exits; exit at once if it already has."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(70)
 
 
 def _send(sock: socket.socket, message: dict[str, object]) -> None:
@@ -106,7 +98,7 @@ def _serve(sock: socket.socket) -> tuple[list[int], int] | None:
             os.close(wake_w)
             sock.close()
             os.setsid()
-            _arm_death_signal(me)
+            _pdeathsig.arm(me)
             return fds[:3], fds[3]
         for fd in fds:
             os.close(fd)
@@ -128,10 +120,9 @@ def _fresh_child_state() -> None:
 def main() -> int:
     from hpt import _warm
 
-    # Not at a low CPU priority, unlike an interpreter of its own refilling the pool: a rank
-    # launched now waits for this import (on a busy node a niced import took minutes).
+    # at the agent's priority (an interpreter of its own imports niced): the pool's first
+    # interpreters wait for this import, and it happens once
     sock_fd, ready_fd = int(sys.argv[1]), int(sys.argv[2])
-    base = os.getpriority(os.PRIO_PROCESS, 0)
     _warm.import_torch(autograd=False)
     with contextlib.suppress(OSError):
         os.write(ready_fd, b"1")
@@ -145,7 +136,7 @@ def main() -> int:
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
         os.close(fd)
-    return _warm.become_rank(child_ready, niced=False, base=base)
+    return _warm.become_rank(child_ready)
 
 
 if __name__ == "__main__":

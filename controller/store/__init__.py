@@ -2,8 +2,8 @@
 
 The controller persists every job and attempt record (protobuf bytes, never pickle) through
 ``Store.put`` with compare-and-set on ``expected_version``, appends every event (fault, attempt,
-state change) through ``Store.append_events`` (what one pass emitted, in one call), and rebuilds its state with ``Store.scan`` when it
-restarts. Two implementations follow the same contract and are tested by one suite
+state change) through ``Store.append_events`` (what one pass emitted, in one call), and
+rebuilds its state with ``Store.scan`` when it restarts. Two implementations follow the same contract and are tested by one suite
 (``tests/unit/controller/test_store_contract.py``):
 
 - ``memory.MemoryStore``: in-process and thread-safe; the embedded default for ``hptctl up``.

@@ -73,18 +73,9 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return {1, 0}
 """
 
-# KEYS: event stream, seq counter. ARGV: event, max_events. Returns the new seq.
-# XADD runs before the counter moves, so a failed append leaves no gap.
-_APPEND_LUA = _FENCE_LUA.replace("{-1, 0}", "-1") + """
-local seq = (tonumber(redis.call('GET', KEYS[2])) or 0) + 1
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], string.format('%d-0', seq), 'e', ARGV[1])
-redis.call('SET', KEYS[2], string.format('%d', seq))
-return seq
-"""
-
 # KEYS: event stream, seq counter. ARGV: max_events, event..., fence. Returns the last seq.
-# Each XADD is followed by its SET: a failure part way leaves a prefix and no gap.
-_APPEND_MANY_LUA = _FENCE_LUA.replace("{-1, 0}", "-1") + """
+# Each XADD runs before the counter moves past it: a failure part way leaves a prefix and no gap.
+_APPEND_LUA = _FENCE_LUA.replace("{-1, 0}", "-1") + """
 local seq = tonumber(redis.call('GET', KEYS[2])) or 0
 for i = 2, #ARGV - 1 do
   seq = seq + 1
@@ -148,7 +139,6 @@ class RedisStore:
         self._put_script = self._client.register_script(_PUT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
         self._append_script = self._client.register_script(_APPEND_LUA)
-        self._append_many_script = self._client.register_script(_APPEND_MANY_LUA)
         self.lease_key = prefix + "leader"
         """Where :mod:`hpt.controller.leader` keeps the leader lease (holder, epoch, expiry)."""
         self.epoch_key = prefix + "leader:epoch"
@@ -221,23 +211,14 @@ class RedisStore:
         return records
 
     def append_event(self, event: bytes) -> int:
-        validate_value(event, "event")
-        with self._errors("append_event"):
-            seq = int(
-                self._append_script(
-                    keys=[self._events_key, self._seq_key, self._fence[0]],
-                    args=[event, self._max_events, self._fence[1]],
-                )
-            )
-        self._check_fence(seq, "append_event", "events")
-        return seq
+        return self.append_events([event])
 
     def append_events(self, events: Sequence[bytes]) -> int:
         for event in events:
             validate_value(event, "event")
         with self._errors("append_events"):
             seq = int(
-                self._append_many_script(
+                self._append_script(
                     keys=[self._events_key, self._seq_key, self._fence[0]],
                     args=[self._max_events, *events, self._fence[1]],
                 )

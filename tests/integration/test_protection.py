@@ -72,27 +72,27 @@ def _protected_at_least(step: int):  # type: ignore[no-untyped-def]
     return _running(check)
 
 
-def _held_steps(node: str, job_id: str, rank: int) -> set[int]:
-    """The steps of ``rank`` whose commit records ``node`` holds in shared memory (the truth
-    the heartbeats report a moment later)."""
-    steps = set()
+def _records(node: str, job_id: str, rank: int) -> list[dict]:
+    """The commit records of ``rank``'s snapshots that ``node`` holds in shared memory (the
+    truth the heartbeats report a moment later)."""
+    out = []
     for record in Path("/dev/shm").glob(f"hpt-{node}--*{job_id}-r{rank}.g*.json"):
         try:
-            steps.add(int(json.loads(record.read_text())["step"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            out.append(json.loads(record.read_text()))
+        except (OSError, ValueError):
             continue
-    return steps
+    return out
+
+
+def _held_steps(node: str, job_id: str, rank: int) -> set[int]:
+    return {rec["step"] for rec in _records(node, job_id, rank)}
 
 
 def _snapshot_files(node: str, job_id: str, rank: int, step: int) -> tuple[dict, bytes] | None:
     """(commit record, buffer bytes) of ``rank``'s snapshot of ``step`` held by ``node``."""
-    for record in Path("/dev/shm").glob(f"hpt-{node}--*{job_id}-r{rank}.g*.json"):
-        try:
-            rec = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
+    for rec in _records(node, job_id, rank):
         if rec.get("step") == step:
-            return rec, (record.parent / rec["buffer"]).read_bytes()
+            return rec, (Path("/dev/shm") / rec["buffer"]).read_bytes()
     return None
 
 

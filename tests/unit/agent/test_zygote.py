@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from hpt.agent.spawn import Spawner
 from hpt.agent.warm import WarmPool
 from hpt.agent.zygote import Forked
-from tests.unit.agent.test_warm import _alive
+from tests.integration.cluster import pid_alive, wait_for, wait_for_dead
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,14 +27,6 @@ def forking():
     yield pool
     pool.close()
     spawner.close()
-
-
-def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, [p for p in pids if _alive(p)]
-        tick.wait(0.05)
 
 
 def test_forked_ranks_are_fresh_processes_that_run_parallel_torch(forking, tmp_path):
@@ -85,11 +76,7 @@ def test_a_launch_never_waits_for_a_zygote_still_importing(tmp_path):
         assert not zygote.ready()
         assert _release(gate, 60), "the zygote never opened the gate"
         assert zygote.wait_ready(120)
-        deadline = time.monotonic() + 120
-        tick = threading.Event()
-        while pool.ready() < 1:  # the pool fills from the zygote once it is ready
-            assert time.monotonic() < deadline, "the pool did not fill"
-            tick.wait(0.05)
+        wait_for(lambda: pool.ready() >= 1, 120, "the pool filled from the ready zygote")
         assert isinstance(pool.take([sys.executable, str(tmp_path / "x.py")], env, None), Forked)
     finally:
         _release(gate)
@@ -99,18 +86,20 @@ def test_a_launch_never_waits_for_a_zygote_still_importing(tmp_path):
 
 def _release(fifo, timeout_s: float = 0.0) -> bool:  # type: ignore[no-untyped-def]
     """Let the reader of ``fifo`` go (EOF), waiting up to ``timeout_s`` for it to open it."""
-    deadline = time.monotonic() + timeout_s
-    tick = threading.Event()
-    while True:
+
+    def opened() -> bool:
         try:
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: no reader yet
         except OSError:
-            if time.monotonic() >= deadline:
-                return False
-            tick.wait(0.05)
-            continue
+            return False
         os.close(fd)
         return True
+
+    try:
+        wait_for(opened, timeout_s, "a reader of the gate")
+    except TimeoutError:
+        return False
+    return True
 
 
 def _sleeper(pool: WarmPool, tmp_path) -> Forked:  # type: ignore[no-untyped-def]
@@ -139,7 +128,7 @@ def test_a_killed_zygote_takes_its_children_and_says_how_they_ended(forking, tmp
     assert zygote is not None
     os.kill(zygote.pid, signal.SIGKILL)
     assert rank.wait(60) == -signal.SIGKILL
-    _wait_gone([rank.pid])
+    assert not wait_for_dead({rank.pid}, 30)
     # the pool starts the next rank without the fork server: cold, from its own interpreter
     assert not zygote.alive()
     assert forking.take([sys.executable, str(tmp_path / "sleep.py")], dict(os.environ),
@@ -153,19 +142,13 @@ def test_a_fork_server_that_died_is_replaced_and_forks_again(tmp_path):
         first = pool.zygote
         assert first is not None and first.wait_ready(120)
         os.kill(first.pid, signal.SIGKILL)
-        wait = threading.Event()
-        deadline = time.monotonic() + 60
-        while first.alive():
-            assert time.monotonic() < deadline, "the pool never saw its fork server die"
-            wait.wait(0.05)
+        wait_for(lambda: not first.alive(), 60, "the pool saw its fork server die")
         script = tmp_path / "ok.py"
         script.write_text("print('ok', flush=True)\n")
         argv = [sys.executable, str(script)]
         assert pool.take(argv, dict(os.environ), None) is None  # cold meanwhile
-        deadline = time.monotonic() + 120
-        while pool.zygote is first or not pool.zygote.ready():  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no new fork server"
-            wait.wait(0.05)
+        wait_for(lambda: pool.zygote is not first and pool.zygote.ready(),  # type: ignore[union-attr]
+                 120, "a new fork server, ready")
         rank = pool.take(argv, dict(os.environ), None)
         assert isinstance(rank, Forked)
         assert rank.communicate(timeout=60)[0] == b"ok\n" and rank.returncode == 0
@@ -191,10 +174,10 @@ def test_an_agent_killed_with_9_takes_the_zygote_and_every_forked_rank(tmp_path)
     try:
         assert parent.stdout is not None
         pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(p) for p in pids), pids
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids), pids
         parent.kill()
         parent.wait(timeout=30)
-        _wait_gone(pids)
+        assert not wait_for_dead(set(pids), 30)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -206,14 +189,10 @@ def test_an_agent_killed_with_9_takes_the_zygote_and_every_forked_rank(tmp_path)
 def test_closing_the_pool_ends_the_zygote_and_its_idle_interpreters():
     spawner = Spawner()
     pool = WarmPool(2, spawner, settle_timeout_s=0.0)
-    deadline = time.monotonic() + 120
-    tick = threading.Event()
-    while pool.ready() < 2:
-        assert time.monotonic() < deadline, "the pool did not fill"
-        tick.wait(0.05)
+    wait_for(lambda: pool.ready() >= 2, 120, "the pool filled")
     zygote = pool.zygote
     assert zygote is not None
     pids = [zygote.pid, *(p.pid for p in pool._idle)]
     pool.close()
     spawner.close()
-    _wait_gone(pids)
+    assert not wait_for_dead(set(pids), 30)
