@@ -378,17 +378,35 @@ class Checkpointer:
         # walk of the state (a second walk to clone cost as much as the save's encoding).
         state: dict[str, Any] = {"version": STATE_VERSION, "step": step}
         shards: dict[str, ShardInfo] = {}
+        names: list[str] | None = None
+        has_dtensor = False
         if self.model is not None:
-            self._lazy_params = {
-                n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-            state["model"] = self.model.state_dict()
+            # One state_dict walk tells the parameters (copied lazily), their names for the
+            # optimizer state and whether any is a DTensor: named_parameters() twice and a
+            # third pass over the parameters cost as much again as the state_dict itself.
+            model_state = self.model.state_dict(keep_vars=True)
+            dtensor_type = dtensor.dtensor_type()
+            lazy: set[str] = set()
+            by_id: dict[int, str] = {}
+            for k, v in model_state.items():
+                if isinstance(v, torch.nn.Parameter):
+                    lazy.add(k)
+                    by_id.setdefault(id(v), k)
+                if dtensor_type is not None and isinstance(v, dtensor_type):
+                    has_dtensor = True
+            self._lazy_params = lazy
+            state["model"] = model_state
             shards.update({f"model.{k}": info for k, info in self._shards.items()})
+            if self.optimizer is not None:
+                found = [by_id.get(id(p)) for g in self.optimizer.param_groups
+                         for p in g["params"]]
+                if None not in found and len(set(found)) == len(found):
+                    names = found  # type: ignore[assignment]
         if self.optimizer is not None:
             osd = self.optimizer.state_dict()
             # state_dict() packs new group dicts; their tensors (an lr a scheduler mutates in
             # place) are cloned by the engine
             groups = osd["param_groups"]
-            names = self._param_names()
             if names is None:
                 state["optim"] = {"state": osd["state"], "param_groups": groups, "keys": "index"}
             else:
@@ -405,7 +423,7 @@ class Checkpointer:
                             shards[f"optim.state.{pname}.{key}"] = info
         state["extra"] = {k: obj.state_dict() for k, obj in self.extra_state.items()}
         state["rng"] = capture_rng()
-        if self.model is not None and dtensor.has_dtensor(self.model):
+        if has_dtensor:
             state, placed = dtensor.localize(state)  # DTensor leaves: local piece + offsets
             shards.update(placed)
         return state, shards

@@ -32,25 +32,26 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 
-def _dtensor_type() -> type[DTensor] | None:
+def dtensor_type() -> type[DTensor] | None:
     """The DTensor class once the process imported ``torch.distributed.tensor``, else None: no
     DTensor exists before then. Importing it here would cost every process that imports the
     checkpoint engine ~1.5 s of CPU (sympy and the op tables): an agent never needs it."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None) if module is not None else None
 
-__all__ = ["has_dtensor", "is_dtensor", "like", "like_params", "like_state", "localize", "shard_info"]
+__all__ = ["dtensor_type", "has_dtensor", "is_dtensor", "like", "like_params", "like_state",
+           "localize", "shard_info"]
 
 
 def is_dtensor(value: object) -> TypeGuard[DTensor]:
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and isinstance(value, cls)
 
 
 def has_dtensor(model: torch.nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (else a snapshot need not look for them:
     a state tree has thousands of leaves, the RNG states alone)."""
-    cls = _dtensor_type()
+    cls = dtensor_type()
     return cls is not None and any(isinstance(p, cls) for p in model.parameters())
 
 

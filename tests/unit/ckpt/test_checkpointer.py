@@ -185,6 +185,35 @@ def test_optimizer_state_is_keyed_by_parameter_name() -> None:
     assert {"model.0.weight", "optim.state.0.weight.exp_avg", "optim.state.4.bias.step"} <= fqns
 
 
+def test_tied_weights_key_the_optimizer_state_by_their_first_name_and_restore() -> None:
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(6, 4)
+    head = torch.nn.Linear(4, 6, bias=False)
+    head.weight = embed.weight  # tied: one parameter, two state_dict names
+    model = torch.nn.Sequential(embed, head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        model(torch.tensor([1, 2, 3])).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    sink = MemorySink()
+    with Checkpointer(model, optimizer, sink=sink) as ckpt:
+        ckpt.save(1)
+        ckpt.wait()
+        ref = sink.latest()
+        assert ref is not None
+        fqns = {e.fqn for e in sink.read(ref).layout}
+        assert {"model.0.weight", "model.1.weight", "optim.state.0.weight.exp_avg"} <= fqns
+        assert not any(f.startswith("optim.state.1.") for f in fqns)
+        saved = model[0].weight.detach().clone()
+        step()
+        assert ckpt.restore() == 1
+    assert torch.equal(model[0].weight, saved) and model[1].weight is model[0].weight
+
+
 def test_rng_state_survives_a_json_meta_round_trip() -> None:
     random.seed(5)
     np.random.seed(5)

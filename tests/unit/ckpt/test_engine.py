@@ -339,6 +339,35 @@ def test_commit_failure_is_latched_too() -> None:
     assert sink.latest() is None
 
 
+def test_a_buffer_the_sink_cannot_give_fails_that_snapshot_only() -> None:
+    class FullSink(MemorySink):
+        full = True
+
+        def acquire(self, layout: Layout, generation: int) -> torch.Tensor:
+            if self.full:
+                raise OSError("no space left for the buffer")
+            return super().acquire(layout, generation)
+
+    sink = FullSink()
+    engine = SnapshotEngine(sink)
+    try:
+        engine.save(1, {"w": torch.ones(4)})  # the buffer is acquired after save returns
+        engine.wait_copied(DEADLINE_S)  # never hangs on a launch that failed
+        with pytest.raises(SnapshotError, match="step 1.*no space left"):
+            engine.wait(DEADLINE_S)
+        assert sink.latest() is None
+        sink.full = False
+        engine.save(2, {"w": torch.full((4,), 2.0)})
+        engine.wait(DEADLINE_S)
+        ref = sink.latest()
+        assert ref is not None and ref.step == 2
+        snap = sink.read(ref)
+        restored = materialize(snap.layout, snap.meta_json, snap.buffer)
+        assert torch.equal(restored["w"], torch.full((4,), 2.0))
+    finally:
+        engine.close()
+
+
 def test_wait_gives_up_at_its_deadline_naming_the_seconds() -> None:
     gate = Gate(step=1)
     engine = SnapshotEngine(MemorySink(), before_copy=gate)

@@ -132,6 +132,20 @@ def test_layout_from_json_rejects_bad_input_naming_the_field(mutate, message: st
         Layout.from_json(json.dumps(obj))
 
 
+def test_a_repeated_layout_is_reused_and_any_change_gives_a_new_one() -> None:
+    state = {"w": torch.zeros(8, 8), "b": torch.zeros(4)}
+    first, _, _ = flatten(state)
+    again, _, _ = flatten({"w": torch.ones(8, 8), "b": torch.ones(4)})
+    assert again is first  # built once while names, dtypes, shapes and shards repeat
+    sharded, _, _ = flatten(state, shards={"w": shard_dim0((16, 8), 0, 2)})
+    assert sharded != first and sharded.entries[0].global_shape == (16, 8)
+    half, _, _ = flatten({"w": torch.zeros(8, 8, dtype=torch.float16), "b": torch.zeros(4)})
+    assert half.entries[0].dtype == "float16" and half.entries[1].offset < first.entries[1].offset
+    renamed, _, _ = flatten({"v": torch.zeros(8, 8), "b": torch.zeros(4)})
+    assert [e.fqn for e in renamed.entries] == ["v", "b"]
+    assert flatten(state)[0] == first
+
+
 def test_duplicate_fqn_is_rejected() -> None:
     with pytest.raises(ValueError, match="appears twice"):
         flatten({"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}})
