@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,7 @@ from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
 from hpt.agent.peers import PieceUnavailable
 from hpt.agent.protect import Layout, Protector
+from hpt.ckpt.errors import DecodeError
 from hpt.ckpt.sink import ShmSink
 
 log = logging.getLogger(__name__)
@@ -99,65 +103,180 @@ def _local_ok(protector: Protector, job_id: str, rank: int, step: int) -> bool:
 
 def decode_blob(protector: Protector, job_id: str, attempt: int, layout: Layout, target: int,
                 step: int, lost: set[int]) -> torch.Tensor:
-    """Rebuild node ``target``'s blob of ``step`` from the other members and parity pieces."""
+    """Rebuild node ``target``'s blob of ``step`` from the other members and parity pieces.
+
+    Every stripe's k pieces stream at once and are decoded chunk by chunk, as the same byte
+    range of all of them has arrived, straight into the blob: no piece is ever held whole, so
+    a rebuild needs the blob's memory plus the chunks in flight, not k pieces per stripe. A
+    stripe whose source fails is streamed again with a spare parity piece in its place.
+    """
     me = layout.index_of(protector.node)
-    segments, blob_bytes = [], -1
-    for stripe in layout.data_stripes(target):
-        data, parity = layout.stripes[stripe]
-        k, m = len(data), len(parity)
-        shards: list[torch.Tensor | None] = [None] * (k + m)
-        data_alive = [(pos, n) for pos, n in enumerate(data) if n not in lost]
-        parity_alive = [(pos, n) for pos, n in enumerate(parity) if n not in lost]
-        need = max(k - len(data_alive), 1)  # parity pieces: one at least, for the sizes
-        todo = ([("parity", n) for _, n in parity_alive[:need]]
-                + [("data", n) for _, n in data_alive])
-        spare = [n for _, n in parity_alive[need:]]
-        size, segments_of = -1, {}
-        while todo:  # every piece of a round at once; a failure costs a spare parity piece
-            requests = []
-            for kind, node in todo:
-                request = (checkpoint_pb2.FetchRequest(
-                    job_id=job_id, attempt=attempt, step=step,
-                    kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe)
-                    if kind == "parity" else
-                    layout.segment_request(job_id, attempt, step, node, stripe))
-                requests.append((layout, node, request, node == me))
-            results = protector.fetch_all(requests)
-            retry = []
-            for (kind, node), result in zip(todo, results, strict=True):
-                if isinstance(result, Exception):
-                    log.warning("[%s/-/%s/-] %s piece of stripe %d from %s: %s", job_id,
-                                protector.node, kind, stripe, layout.nodes[node].node, result)
-                    if spare:
-                        retry.append(("parity", spare.pop(0)))
-                    continue
-                header, piece = result
-                if kind == "data":
-                    segments_of[data.index(node)] = piece
-                    continue
-                shards[k + header.parity_index] = piece
-                size = piece.numel()
-                for member in header.members:
-                    if member.node_index == target:
-                        blob_bytes = int(member.blob_bytes)
-            todo = retry
-        if size < 0:
-            raise MaterialiseError(f"no parity piece of stripe {stripe} at step {step} is "
-                                   "reachable")
-        for pos, seg in segments_of.items():
-            shards[pos] = seg if seg.numel() == size else _pad(seg, size)
-        if sum(s is not None for s in shards) < k:
-            raise MaterialiseError(f"stripe {stripe} at step {step}: fewer than k={k} pieces "
-                                   "reachable")
-        if k == 1:
-            rebuilt = next(s for s in shards[k:] if s is not None)  # a mirror
-        else:
-            rebuilt = protector.codec.decode(shards, k, m)[data.index(target)]
-        segments.append(rebuilt)
-    if blob_bytes < 0 or not segments:
+    stripes = layout.data_stripes(target)
+    if not stripes:
         raise MaterialiseError(f"no stripe describes node {layout.nodes[target].node}")
-    each = blobs.segment_bytes(blob_bytes, len(segments))
-    return torch.cat([s[:each] for s in segments])[:blob_bytes]
+    assembly = _Assembly(target, len(stripes))
+    sources: dict[int, list[int]] = {}  # stripe -> shard positions to stream (k of them)
+    spare: dict[int, list[int]] = {}
+    for stripe in stripes:
+        data, parity = layout.stripes[stripe]
+        k = len(data)
+        alive = [pos for pos, n in enumerate(data) if n not in lost]
+        parity_alive = [k + i for i, n in enumerate(parity) if n not in lost]
+        need = max(k - len(alive), 1)  # parity pieces: one at least, for the sizes
+        sources[stripe] = parity_alive[:need] + alive
+        spare[stripe] = parity_alive[need:]
+    todo = list(stripes)
+    while todo:
+        decoders = {stripe: _StripeDecoder(assembly, protector.codec, stripes.index(stripe),
+                                           len(layout.stripes[stripe][0]),
+                                           len(layout.stripes[stripe][1]),
+                                           layout.stripes[stripe][0].index(target))
+                    for stripe in todo}
+        jobs, owners = [], []
+        for stripe in todo:
+            data, parity = layout.stripes[stripe]
+            for pos in sources[stripe]:
+                node = data[pos] if pos < len(data) else parity[pos - len(data)]
+                request = (layout.segment_request(job_id, attempt, step, node, stripe)
+                           if pos < len(data) else
+                           checkpoint_pb2.FetchRequest(
+                               job_id=job_id, attempt=attempt, step=step,
+                               kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe))
+                jobs.append((layout, node, request, node == me, decoders[stripe].sink(pos)))
+                owners.append((stripe, pos, node))
+        results = protector.stream_all(jobs)
+        retry = []
+        for (stripe, pos, node), result in zip(owners, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("[%s/-/%s/-] piece %d of stripe %d from %s: %s", job_id,
+                            protector.node, pos, stripe, layout.nodes[node].node, result)
+                sources[stripe].remove(pos)
+                if not spare[stripe]:
+                    raise MaterialiseError(f"stripe {stripe} at step {step}: fewer than k "
+                                           "pieces reachable")
+                sources[stripe].append(spare[stripe].pop(0))
+                if stripe not in retry:
+                    retry.append(stripe)
+            else:
+                decoders[stripe].finish(pos, result)
+        for stripe, decoder in decoders.items():
+            if stripe not in retry:
+                decoder.check(step)
+        todo = retry
+    assert assembly.blob is not None  # every stripe checked
+    return assembly.blob
+
+class _Assembly:
+    """The blob being rebuilt, allocated when the first parity header tells its size."""
+
+    def __init__(self, target: int, segments: int) -> None:
+        self.target = target
+        self.segments = segments
+        self.lock = threading.Lock()
+        self.blob: torch.Tensor | None = None
+        self.each = 0
+
+    def learn(self, header: checkpoint_pb2.PieceHeader) -> None:
+        with self.lock:
+            if self.blob is not None:
+                return
+            for member in header.members:
+                if member.node_index == self.target:
+                    self.each = blobs.segment_bytes(int(member.blob_bytes), self.segments)
+                    self.blob = torch.empty(int(member.blob_bytes), dtype=torch.uint8)
+
+class _StripeDecoder:
+    """Decodes one stripe's share of the blob as the same range of its k sources arrives.
+
+    Each source's chunks come in order and contiguous (``PeerClient.stream``); they wait here
+    only until the other sources reach the same bytes. A source shorter than the range (a
+    segment padded to the stripe's longest member) counts as zeros past its end.
+    """
+
+    def __init__(self, assembly: _Assembly, codec, segment: int, k: int, m: int,  # type: ignore[no-untyped-def]
+                 position: int) -> None:
+        self.assembly, self.codec = assembly, codec
+        self.segment, self.k, self.m, self.position = segment, k, m, position
+        self.lock = threading.Lock()
+        self.pending: dict[int, deque[tuple[int, memoryview]]] = {}
+        self.length: dict[int, int] = {}
+        self.done = 0
+        self.error = ""
+        self._zeros = torch.zeros(0, dtype=torch.uint8)
+
+    def sink(self, pos: int):  # type: ignore[no-untyped-def]
+        self.pending[pos] = deque()
+
+        def feed(header: checkpoint_pb2.PieceHeader, offset: int, view: memoryview) -> None:
+            if pos >= self.k:
+                self.assembly.learn(header)
+            with self.lock:
+                self.length[pos] = header.piece_bytes
+                self.pending[pos].append((offset, view))
+                self._advance()
+        return feed
+
+    def finish(self, pos: int, header: checkpoint_pb2.PieceHeader) -> None:
+        if pos >= self.k:
+            self.assembly.learn(header)
+        with self.lock:
+            self.length[pos] = header.piece_bytes
+            self._advance()
+
+    def check(self, step: int) -> None:
+        with self.lock:
+            self.pending.clear()  # views into memory that may be gone
+            if self.error:
+                raise MaterialiseError(f"segment {self.segment} of step {step}: {self.error}")
+            if self.assembly.blob is None:
+                raise MaterialiseError(f"no parity piece of step {step} names the lost node")
+            if self.done < self._need():
+                raise MaterialiseError(f"segment {self.segment} of step {step}: the pieces "
+                                       f"ended after {self.done} of {self._need()} bytes")
+
+    def _need(self) -> int:
+        a = self.assembly
+        assert a.blob is not None
+        return max(0, min(a.each, a.blob.numel() - self.segment * a.each))
+
+    def _advance(self) -> None:
+        """Decode every range all sources have (under ``self.lock``)."""
+        blob = self.assembly.blob
+        if blob is None or self.error:
+            return
+        need, base = self._need(), self.segment * self.assembly.each
+        while self.done < need:
+            n, views = need - self.done, {}
+            for pos, queue in self.pending.items():
+                while queue and queue[0][0] + len(queue[0][1]) <= self.done:
+                    queue.popleft()
+                if queue:
+                    offset, view = queue[0]
+                    n = min(n, offset + len(view) - self.done)
+                    views[pos] = view[self.done - offset:]
+                elif self.length.get(pos, self.done + 1) > self.done:
+                    return  # this source has not reached these bytes yet
+            if self._zeros.numel() < n:
+                self._zeros = torch.zeros(n, dtype=torch.uint8)
+            out = blob[base + self.done:base + self.done + n]
+            shards: list[memoryview | torch.Tensor | None] = [None] * (self.k + self.m)
+            for pos in self.pending:
+                shards[pos] = views[pos][:n] if pos in views else self._zeros[:n]
+            try:
+                if self.k == 1:  # a mirror: every parity piece is a copy
+                    piece = next(x for x in shards if x is not None)
+                    with warnings.catch_warnings():  # read only, never written
+                        warnings.simplefilter("ignore", UserWarning)
+                        out.copy_(piece if isinstance(piece, torch.Tensor)
+                                  else torch.frombuffer(piece, dtype=torch.uint8))
+                else:
+                    dst: list[torch.Tensor | None] = [None] * (self.k + self.m)
+                    dst[self.position] = out
+                    self.codec.decode(shards, self.k, self.m, out=dst, rebuild=[self.position])
+            except (ValueError, DecodeError) as exc:
+                self.error = str(exc)
+                return
+            self.done += n
 
 def _write(protector: Protector, job_id: str, blob: torch.Tensor, step: int, ranks: list[int],
            adopt) -> None:  # type: ignore[no-untyped-def]
@@ -181,11 +300,6 @@ def _write(protector: Protector, job_id: str, blob: torch.Tensor, step: int, ran
         wanted.discard(rank)
     if wanted:
         raise MaterialiseError(f"rebuilt blob of step {step} lacks rank(s) {sorted(wanted)}")
-
-def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.zeros(size, dtype=torch.uint8)
-    out[:min(size, t.numel())].copy_(t[:size])
-    return out
 
 def restore_shards_env(protector: Protector, job_id: str, step: int, world_size: int) -> str:
     """``HPT_RESTORE_SHARDS``: every old rank's snapshot of ``step`` in this node's memory."""

@@ -119,6 +119,10 @@ class Piece:
     intact: Callable[[], bool]
 
 
+ChunkSink = Callable[[checkpoint_pb2.PieceHeader, int, memoryview], None]
+"""Where ``PeerClient.stream`` delivers a piece: (its header, offset, verified bytes)."""
+
+
 class PieceSource(Protocol):
     """What the peer service serves; implemented by protect.Protector."""
 
@@ -239,14 +243,29 @@ class PeerClient:
             PieceUnavailable: the peer lacks the piece, it changed at the source, the
                 deadline passed, or ``retries`` attempts in a row verified no new byte.
         """
+        header, out = self._transfer(address, request, _Transfer(got=request.offset),
+                                     timeout_s)
+        assert out is not None
+        return header, out
+
+    def stream(self, address: str, request: checkpoint_pb2.FetchRequest, sink: ChunkSink, *,
+               timeout_s: float) -> checkpoint_pb2.PieceHeader:
+        """``fetch`` without a destination: ``sink(header, offset, view)`` gets every verified
+        chunk, in order and each byte once (a resumed stream goes on where the last verified
+        chunk ended). ``view`` stays valid as long as it is referenced. Same errors."""
+        header, _ = self._transfer(address, request, _Transfer(got=request.offset, sink=sink),
+                                   timeout_s)
+        return header
+
+    def _transfer(self, address: str, request: checkpoint_pb2.FetchRequest, xfer: _Transfer,
+                  timeout_s: float) -> tuple[checkpoint_pb2.PieceHeader, torch.Tensor | None]:
         deadline = time.monotonic() + timeout_s
-        xfer = _Transfer(got=request.offset)
         failures = 0
         while True:
             progress = xfer.got
             try:
                 if self._stream(address, request, xfer, deadline):
-                    assert xfer.header is not None and xfer.out is not None
+                    assert xfer.header is not None
                     return xfer.header, xfer.out
                 reason = "stream ended before its trailer"
             except grpc.RpcError as exc:
@@ -289,19 +308,23 @@ class PeerClient:
                     if xfer.header is not None and xfer.header != chunk.header:
                         raise PieceUnavailable(f"{address}: the piece changed between two streams")
                     xfer.header = chunk.header
-                    if xfer.out is None:
+                    if xfer.out is None and xfer.sink is None:
                         xfer.out = torch.empty(chunk.header.piece_bytes, dtype=torch.uint8)
                 header, out = xfer.header, xfer.out
-                if header is None or out is None:
+                if header is None:
                     raise _BadChunk("chunk before the header")
                 if chunk.length:
                     n, at = chunk.length, chunk.start
-                    if chunk.offset != xfer.got or xfer.got + n > out.numel():
+                    if chunk.offset != xfer.got or xfer.got + n > header.piece_bytes:
                         raise _BadChunk(f"chunk at {chunk.offset}, expected {xfer.got}")
-                    if zlib.crc32(memoryview(frame)[at:at + n]) != chunk.crc32:
+                    view = memoryview(frame)[at:at + n]
+                    if zlib.crc32(view) != chunk.crc32:
                         raise _BadChunk(f"CRC mismatch in the chunk at byte {xfer.got}")
-                    # the one copy on this side: from the received frame into the destination
-                    ctypes.memmove(out.data_ptr() + xfer.got, _address(frame) + at, n)
+                    if out is not None:  # the one copy on this side: frame -> destination
+                        ctypes.memmove(out.data_ptr() + xfer.got, _address(frame) + at, n)
+                    else:
+                        assert xfer.sink is not None
+                        xfer.sink(header, xfer.got, view)
                     xfer.got += n
                 if chunk.last:
                     if xfer.got != header.piece_bytes:
@@ -326,6 +349,7 @@ class _Transfer:
     got: int
     header: checkpoint_pb2.PieceHeader | None = None
     out: torch.Tensor | None = None
+    sink: ChunkSink | None = None
     stalled: bool = False
 
 

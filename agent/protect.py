@@ -42,7 +42,7 @@ import torch
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
 from hpt.agent import chunks
-from hpt.agent.peers import PeerClient, Piece, PieceUnavailable
+from hpt.agent.peers import ChunkSink, PeerClient, Piece, PieceUnavailable
 from hpt.ckpt.checksum import checksum
 from hpt.ckpt.codec import Codec, best_codec
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.2
 _FETCH_TIMEOUT_S = 60.0
+_LOCAL_CHUNK_BYTES = 4 << 20  # a local piece handed to a stream's sink in views this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +396,36 @@ class Protector:
             layout, member, request, local = job
             try:
                 return self.fetch(layout, member, request, local=local)
+            except (PieceUnavailable, blobs.BlobError, OSError) as exc:
+                return exc
+        return list(self._pool.map(one, jobs))
+
+    def stream_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool,
+                                          ChunkSink]],
+                   ) -> list[checkpoint_pb2.PieceHeader | Exception]:
+        """Several pieces at once, each delivered chunk by chunk to its sink (``PeerClient.
+        stream``; a local piece straight from this node's memory); a failed one gives its
+        exception. A local piece's views point into its memory: the pieces stay open until
+        every stream is done."""
+        opened: list[Piece] = []
+
+        def one(job):  # type: ignore[no-untyped-def]
+            layout, member, request, local, sink = job
+            try:
+                if not local:
+                    header = self.client.stream(layout.nodes[member].peer_address, request, sink,
+                                                timeout_s=_FETCH_TIMEOUT_S)
+                    self.bytes_pulled += header.piece_bytes
+                    return header
+                piece = self.open_piece(request)
+                opened.append(piece)
+                total = piece.header.piece_bytes
+                for offset in range(0, total, _LOCAL_CHUNK_BYTES):
+                    n = min(_LOCAL_CHUNK_BYTES, total - offset)
+                    sink(piece.header, offset, memoryview(piece.read(offset, n)))
+                if not piece.intact():
+                    raise PieceUnavailable(f"[{self.node}] the local source changed while read")
+                return piece.header
             except (PieceUnavailable, blobs.BlobError, OSError) as exc:
                 return exc
         return list(self._pool.map(one, jobs))

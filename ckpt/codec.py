@@ -254,11 +254,13 @@ class Codec(Protocol):
         k: int,
         m: int,
         out: Sequence[Buffer | None] | None = None,
-    ) -> list[torch.Tensor]:
+        rebuild: Sequence[int] | None = None,
+    ) -> list[torch.Tensor | None]:
         """Rebuild the missing (None) shards of a stripe of k + m shards (data first, then
         parity) from any k present ones. Returns all k + m shards as uint8 tensors: the present
         ones as views of the inputs, the rebuilt ones in ``out[i]`` when given, else new.
-        Raises `DecodeError` when more than m are missing."""
+        ``rebuild`` names the missing shards wanted (default: every one); the others stay
+        None and cost nothing. Raises `DecodeError` when more than m are missing."""
         ...
 
 
@@ -283,7 +285,8 @@ class _MatrixCodec:
         k: int,
         m: int,
         out: Sequence[Buffer | None] | None = None,
-    ) -> list[torch.Tensor]:
+        rebuild: Sequence[int] | None = None,
+    ) -> list[torch.Tensor | None]:
         _check_km(k, m)
         if len(shards) != k + m:
             raise ValueError(f"shards has {len(shards)} entries, expected k + m ({k + m})")
@@ -299,8 +302,14 @@ class _MatrixCodec:
                 f"cannot decode: {len(missing)} shards missing ({missing}) but only m={m} "
                 f"parity shards; any {k} of {k + m} are needed"
             )
+        if rebuild is not None:
+            wanted = set(rebuild)
+            if not wanted <= set(missing):
+                raise ValueError(f"rebuild ({sorted(wanted)}) must name missing shards only "
+                                 f"({missing})")
+            missing = [i for i in missing if i in wanted]
         if not missing:
-            return [v for v in views if v is not None]
+            return views
         size = _shard_len(
             [views[i] for i in present],  # type: ignore[misc]
             [f"shards[{i}]" for i in present],
@@ -329,7 +338,7 @@ class _MatrixCodec:
             self._apply(coeffs, srcs, dsts)  # type: ignore[arg-type]
         for i, d in zip(missing, dsts, strict=True):
             views[i] = d
-        return views  # type: ignore[return-value]
+        return views
 
     def _invert(self, matrix: list[list[int]]) -> list[list[int]]:
         return _gf_invert(matrix)

@@ -15,6 +15,7 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
+from hpt.agent import peers, protect
 from hpt.agent.materialise import MaterialiseError, materialise, restore_shards_env
 from hpt.agent.peers import PeerAuth, PeerClient, PeerServer, PieceUnavailable
 from hpt.agent.protect import Protector
@@ -140,6 +141,59 @@ def test_parity_k2_m1_rebuilds_a_lost_node_bit_for_bit(cluster) -> None:
     assert parsed["step"] == 7 and parsed["world_size"] == 3
     assert sorted(parsed["shards"]) == ["0", "1", "2"]
     assert parsed["shards"]["2"]["prefix"] == survivor.keeper.prefix(JOB, 2)
+
+
+@pytest.mark.parametrize("remote,local", [(1 << 20, 4 << 20), (1000, 777)])
+def test_k3_m2_rebuilds_two_lost_nodes_of_different_sizes_bit_for_bit(
+        cluster, monkeypatch, remote: int, local: int) -> None:
+    # chunk sizes that are not multiples of each other: the decoder lines up ranges of its
+    # sources wherever their chunks end
+    monkeypatch.setattr(peers, "CHUNK_BYTES", remote)
+    monkeypatch.setattr(protect, "_LOCAL_CHUNK_BYTES", local)
+    nodes = cluster(5)
+    for i, node in enumerate(nodes):
+        node.save(i, 4, seed=10 + i, floats=3000 * (i + 1))  # pieces padded to the longest
+    layout = _layout(nodes, "3+2")
+    assert (layout.k, layout.m) == (3, 2)
+    _protect_all(nodes, layout, 4)
+    originals = {r: bytes(_record(nodes[r], r, 4).buffer.numpy()) for r in (1, 3)}
+    nodes[1].close()
+    nodes[3].close()
+    survivor = nodes[4]
+    got = materialise(survivor.protector, JOB, _plan(layout, 4, [1, 3], [1, 3]),
+                      lambda *a: survivor.adopted.append(a))
+    assert got.sources == {1: "decoded", 3: "decoded"}
+    for rank, original in originals.items():
+        assert bytes(_record(survivor, rank, 4).buffer.numpy()) == original
+
+
+def test_a_source_failing_mid_stream_is_replaced_by_a_spare_parity_piece(
+        cluster, monkeypatch) -> None:
+    monkeypatch.setattr(peers, "CHUNK_BYTES", 1000)
+    nodes = cluster(5)
+    for i, node in enumerate(nodes):
+        node.save(i, 6, seed=20 + i, floats=4000)
+    layout = _layout(nodes, "3+2")
+    _protect_all(nodes, layout, 6)
+    original = bytes(_record(nodes[1], 1, 6).buffer.numpy())
+    nodes[1].close()
+    served: list[int] = []  # node 2 sends a few chunks of each piece, then loses it for good
+    open_piece = nodes[2].protector.open_piece
+
+    def failing(req):  # type: ignore[no-untyped-def]
+        if req.offset:
+            raise PieceUnavailable("gone")
+        piece = open_piece(req)
+        read = piece.read
+        piece.read = lambda off, n: (served.append(off), read(off, n) if off < 3000 else 1 // 0)[1]
+        return piece
+
+    nodes[2].protector.open_piece = failing
+    survivor = nodes[0]
+    got = materialise(survivor.protector, JOB, _plan(layout, 6, [1], [1]), lambda *a: None)
+    assert got.sources == {1: "decoded"}
+    assert served  # node 2 did send part of a piece before it failed
+    assert bytes(_record(survivor, 1, 6).buffer.numpy()) == original
 
 
 def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
@@ -284,6 +338,37 @@ def test_broken_stream_resumes_at_the_first_unverified_byte(cluster) -> None:
     expect = torch.empty(header.piece_bytes, dtype=torch.uint8)
     whole.read_into(0, expect)
     assert torch.equal(data, expect)
+
+
+def test_a_streamed_piece_reaches_its_sink_once_per_byte_across_a_broken_stream(cluster) -> None:
+    nodes = cluster(2)
+    nodes[0].save(0, 9, seed=8, floats=8000)
+    open_piece = nodes[0].protector.open_piece
+    opened: list[int] = []
+
+    def breaking(req):  # type: ignore[no-untyped-def]
+        opened.append(req.offset)
+        piece = open_piece(req)
+        if len(opened) == 1:
+            read = piece.read
+            piece.read = lambda off, n: read(off, n) if off < 5120 else 1 // 0
+        return piece
+
+    nodes[0].protector.open_piece = breaking
+    got: list[tuple[int, bytes]] = []
+    client = PeerClient(PeerAuth(token=TOKEN), retries=0, backoff_s=0.01)
+    try:
+        header = client.stream(nodes[0].address, _segment_request(9),
+                               lambda h, off, view: got.append((off, bytes(view))),
+                               timeout_s=120.0)
+    finally:
+        client.close()
+    assert opened == [0, 5120]
+    assert [off for off, _ in got] == list(range(0, header.piece_bytes, 1024))
+    whole = blobs.NodeBlob(str(nodes[0].dir), [(0, nodes[0].keeper.prefix(JOB, 0))], 9)
+    expect = torch.empty(header.piece_bytes, dtype=torch.uint8)
+    whole.read_into(0, expect)
+    assert b"".join(b for _, b in got) == bytes(expect.numpy())
 
 
 def test_silently_stalled_transfer_is_cancelled_not_waited_out(cluster) -> None:

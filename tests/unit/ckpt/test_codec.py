@@ -119,6 +119,20 @@ def test_codec_accepts_buffer_protocol_objects_and_writes_into_given_outputs(cod
     assert rebuilt[1].data_ptr() == torch.frombuffer(out[1], dtype=torch.uint8).data_ptr()
 
 
+def test_decode_rebuilds_only_the_named_shards(codec: Codec) -> None:
+    k, m, n = 4, 2, 200
+    data = _random_shards(k, n, seed=5)
+    parity = _reference_parity(data, m)
+    shards = [data[0], None, data[2], data[3], parity[0], None]  # a data and a parity lost
+    out: list[torch.Tensor | None] = [None] * (k + m)
+    out[1] = torch.zeros(n, dtype=torch.uint8)
+    rebuilt = codec.decode(shards, k, m, out=out, rebuild=[1])
+    assert torch.equal(out[1], data[1])
+    assert rebuilt[5] is None  # the parity piece nobody asked for is not computed
+    with pytest.raises(ValueError, match="must name missing shards only"):
+        codec.decode(shards, k, m, rebuild=[0])
+
+
 def test_codec_rejects_bad_shards(codec: Codec) -> None:
     data = _random_shards(2, 10, seed=1)
     with pytest.raises(ValueError, match=r"parity_out\[0\] has 9 bytes"):
