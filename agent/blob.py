@@ -179,32 +179,55 @@ class NodeBlob:
         return True
 
 
-def parse(blob: torch.Tensor) -> tuple[int, list[tuple[int, Layout, str, tuple[RangeChecksum, ...],
-                                                        torch.Tensor]]]:
-    """(step, [(rank, layout, meta_json, checksums, buffer view)]) of a whole blob.
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One rank's entry in a blob's header: where its buffer lies and how to check it."""
+
+    rank: int
+    layout: Layout
+    meta_json: str
+    checksums: tuple[RangeChecksum, ...]
+    offset: int
+    nbytes: int
+
+
+def header_length(prefix: bytes) -> int:
+    """The header length a blob's first 16 bytes give.
 
     Raises:
-        BlobError: the bytes are not a blob (bad magic, truncated, invalid header).
+        BlobError: bad magic, or a length out of range.
     """
-    raw = tensor_bytes(blob[:16]) if blob.numel() >= 16 else b""
-    if raw[:8] != MAGIC:
+    if len(prefix) < 16 or prefix[:8] != MAGIC:
         raise BlobError("not a snapshot blob (bad magic)")
-    (length,) = struct.unpack("<Q", raw[8:16])
-    if length > _MAX_HEADER_BYTES or 16 + length > blob.numel():
+    (length,) = struct.unpack("<Q", prefix[8:16])
+    if length > _MAX_HEADER_BYTES:
+        raise BlobError(f"blob header length ({length}) out of range")
+    return int(length)
+
+
+def parse_header(head: bytes, blob_bytes: int) -> tuple[int, list[Part]]:
+    """(step, parts) from a blob's first ``16 + header_length`` bytes.
+
+    Raises:
+        BlobError: the bytes are not a blob header, or a part lies outside ``blob_bytes``.
+    """
+    length = header_length(head[:16])
+    if 16 + length > min(len(head), blob_bytes):
         raise BlobError(f"blob header length ({length}) out of range")
     try:
-        header = json.loads(tensor_bytes(blob[16:16 + length]))
+        header = json.loads(head[16:16 + length])
         step = header["step"]
         out = []
         for i, entry in enumerate(header["ranks"]):
             layout = Layout.from_json(entry["layout"])
             offset, nbytes = entry["offset"], entry["bytes"]
-            if nbytes != layout.total_bytes or offset < 16 + length or offset + nbytes > blob.numel():
+            if (nbytes != layout.total_bytes or offset < 16 + length
+                    or offset + nbytes > blob_bytes):
                 raise ValueError(f"ranks[{i}] offset/bytes out of range")
             checksums = tuple(RangeChecksum.from_json(c, f"ranks[{i}].checksums")
                               for c in entry["checksums"])
-            out.append((int(entry["rank"]), layout, str(entry["meta_json"]), checksums,
-                        blob[offset:offset + nbytes]))
+            out.append(Part(int(entry["rank"]), layout, str(entry["meta_json"]), checksums,
+                            int(offset), int(nbytes)))
     except (KeyError, TypeError, ValueError) as exc:
         raise BlobError(f"blob header invalid: {exc}") from exc
     if not isinstance(step, int):
@@ -218,26 +241,31 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b""
 
 
-def write_snapshot(shm_dir: str, prefix: str, step: int, layout: Layout, meta_json: str,
-                   checksums: tuple[RangeChecksum, ...], src: torch.Tensor) -> int:
-    """Make ``src`` the complete snapshot of ``step`` under ``prefix`` (an ordinary ShmSink
-    generation); returns the generation. The copy is verified before it is committed.
+class Landing:
+    """A rank's snapshot of ``step`` being written under ``prefix`` (an ordinary ShmSink
+    generation, no commit record yet): fill ``buf``, then ``commit``."""
 
-    Raises:
-        BlobError: the bytes do not match their checksums.
-    """
-    sink = ShmSink(prefix, directory=shm_dir)
-    existing = find_generation(sink, step)
-    if existing is not None:
-        sink.discard(existing)
-    generation = _free_generation(sink)
-    buf = sink.acquire(layout, generation)
-    buf.copy_(src)
-    if verify(buf, list(checksums)):  # what was rebuilt or fetched is checked where it lands
-        sink.discard(generation)
-        raise BlobError(f"snapshot of step {step} for {prefix} does not match its checksums")
-    sink.commit(step, generation, layout, meta_json, checksums)
-    return generation
+    def __init__(self, shm_dir: str, prefix: str, step: int, layout: Layout) -> None:
+        self.sink = ShmSink(prefix, directory=shm_dir)
+        existing = find_generation(self.sink, step)
+        if existing is not None:
+            self.sink.discard(existing)
+        self.prefix, self.step, self.layout = prefix, step, layout
+        self.generation = _free_generation(self.sink)
+        self.buf = self.sink.acquire(layout, self.generation)
+
+    def commit(self, meta_json: str, checksums: tuple[RangeChecksum, ...]) -> int:
+        """Verify what landed and commit it; returns the generation.
+
+        Raises:
+            BlobError: the bytes do not match their checksums (nothing is committed).
+        """
+        if verify(self.buf, list(checksums)):  # rebuilt or fetched bytes, checked where they land
+            self.sink.discard(self.generation)
+            raise BlobError(f"snapshot of step {self.step} for {self.prefix} does not match "
+                            "its checksums")
+        self.sink.commit(self.step, self.generation, self.layout, meta_json, checksums)
+        return self.generation
 
 
 def _free_generation(sink: ShmSink) -> int:

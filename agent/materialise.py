@@ -30,7 +30,6 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
-from hpt.agent.peers import PieceUnavailable
 from hpt.agent.protect import Layout, Protector
 from hpt.ckpt.errors import DecodeError
 from hpt.ckpt.sink import ShmSink
@@ -71,21 +70,19 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
             raise MaterialiseError(f"old rank {rank} is not in the old attempt's layout")
         by_owner.setdefault(owners[rank], []).append(rank)
     for owner, ranks in sorted(by_owner.items()):
-        blob, how = None, ""
+        how = ""
         if owner not in lost and owner != me:
-            request = checkpoint_pb2.FetchRequest(
-                job_id=job_id, attempt=plan.attempt, step=step,
-                kind=checkpoint_pb2.PIECE_KIND_SEGMENT, ranks=layout.nodes[owner].ranks, k=1)
             try:
-                header, data = protector.fetch(layout, owner, request, local=False)
-                blob, how = data[:header.blob_bytes], "peer"
-            except PieceUnavailable as exc:
+                rebuild(protector, job_id, plan.attempt, layout, owner, step, ranks, set(),
+                        adopt)
+                how = "peer"
+            except MaterialiseError as exc:
                 log.warning("[%s/-/%s/-] old node %s cannot serve step %d (%s); decoding",
                             job_id, protector.node, layout.nodes[owner].node, step, exc)
-        if blob is None:
-            blob, how = decode_blob(protector, job_id, plan.attempt, layout, owner, step,
-                                    lost | {owner}), "decoded"
-        _write(protector, job_id, blob, step, ranks, adopt)
+        if not how:
+            rebuild(protector, job_id, plan.attempt, layout, owner, step, ranks,
+                    lost | {owner}, adopt)
+            how = "decoded"
         sources.update({r: how for r in ranks})
     return Materialised(step, sources)
 
@@ -101,23 +98,34 @@ def _local_ok(protector: Protector, job_id: str, rank: int, step: int) -> bool:
         return False
     return True
 
-def decode_blob(protector: Protector, job_id: str, attempt: int, layout: Layout, target: int,
-                step: int, lost: set[int]) -> torch.Tensor:
-    """Rebuild node ``target``'s blob of ``step`` from the other members and parity pieces.
+def rebuild(protector: Protector, job_id: str, attempt: int, layout: Layout, target: int,
+            step: int, ranks: list[int], lost: set[int], adopt) -> None:  # type: ignore[no-untyped-def]
+    """Write node ``target``'s snapshots of ``ranks`` at ``step`` into this node's memory.
 
-    Every stripe's k pieces stream at once and are decoded chunk by chunk, as the same byte
-    range of all of them has arrived, straight into the blob: no piece is ever held whole, so
-    a rebuild needs the blob's memory plus the chunks in flight, not k pieces per stripe. A
-    stripe whose source fails is streamed again with a spare parity piece in its place.
+    ``lost`` empty: the target itself serves its whole blob (one segment). Else the blob is
+    decoded: every stripe's k pieces (surviving data members' segments, parity pieces) stream
+    at once and are decoded chunk by chunk, as the same byte range of all of them has arrived.
+    Either way the bytes go straight where they belong: the blob's header comes first (it
+    starts segment 0), says where each rank's buffer lies, and every later range is written
+    into the ``ShmSink`` buffer of its rank (ranges of ranks not wanted are not decoded at all).
+    No piece and no whole blob is ever held: the memory a rebuild needs is the snapshots it
+    writes plus the chunks in flight. A stripe whose source fails is streamed again with a
+    spare parity piece in its place. Each snapshot is verified against its checksums before it
+    is committed and ``adopt(rank, step, generation, nbytes)`` is called.
+
+    Raises:
+        MaterialiseError: too few sources, or what arrived does not verify.
     """
     me = layout.index_of(protector.node)
-    stripes = layout.data_stripes(target)
+    stripes = layout.data_stripes(target) if lost else [-1]
     if not stripes:
         raise MaterialiseError(f"no stripe describes node {layout.nodes[target].node}")
-    assembly = _Assembly(target, len(stripes))
+    assembly = _Assembly(protector, job_id, step, ranks, len(stripes), target)
     sources: dict[int, list[int]] = {}  # stripe -> shard positions to stream (k of them)
-    spare: dict[int, list[int]] = {}
-    for stripe in stripes:
+    spare: dict[int, list[int]] = {-1: []}
+    if not lost:
+        sources[-1] = [0]  # the owner's own blob, k = 1
+    for stripe in stripes if lost else []:
         data, parity = layout.stripes[stripe]
         k = len(data)
         alive = [pos for pos, n in enumerate(data) if n not in lost]
@@ -126,77 +134,170 @@ def decode_blob(protector: Protector, job_id: str, attempt: int, layout: Layout,
         sources[stripe] = parity_alive[:need] + alive
         spare[stripe] = parity_alive[need:]
     todo = list(stripes)
-    while todo:
-        decoders = {stripe: _StripeDecoder(assembly, protector.codec, stripes.index(stripe),
-                                           len(layout.stripes[stripe][0]),
-                                           len(layout.stripes[stripe][1]),
-                                           layout.stripes[stripe][0].index(target))
-                    for stripe in todo}
-        jobs, owners = [], []
-        for stripe in todo:
-            data, parity = layout.stripes[stripe]
-            for pos in sources[stripe]:
-                node = data[pos] if pos < len(data) else parity[pos - len(data)]
-                request = (layout.segment_request(job_id, attempt, step, node, stripe)
-                           if pos < len(data) else
-                           checkpoint_pb2.FetchRequest(
-                               job_id=job_id, attempt=attempt, step=step,
-                               kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe))
-                jobs.append((layout, node, request, node == me, decoders[stripe].sink(pos)))
-                owners.append((stripe, pos, node))
-        results = protector.stream_all(jobs)
-        retry = []
-        for (stripe, pos, node), result in zip(owners, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("[%s/-/%s/-] piece %d of stripe %d from %s: %s", job_id,
-                            protector.node, pos, stripe, layout.nodes[node].node, result)
-                sources[stripe].remove(pos)
-                if not spare[stripe]:
-                    raise MaterialiseError(f"stripe {stripe} at step {step}: fewer than k "
-                                           "pieces reachable")
-                sources[stripe].append(spare[stripe].pop(0))
+    try:
+        while todo:
+            decoders = {}
+            for stripe in todo:
+                k, m, position = ((1, 0, 0) if stripe < 0 else
+                                  (len(layout.stripes[stripe][0]), len(layout.stripes[stripe][1]),
+                                   layout.stripes[stripe][0].index(target)))
+                decoders[stripe] = _StripeDecoder(assembly, protector.codec,
+                                                  stripes.index(stripe), k, m, position)
+            assembly.decoders = list(decoders.values())
+            if assembly.spans is None:  # a new segment 0 decodes the header from its start
+                assembly.head, assembly.head_len = bytearray(), -1
+            jobs, owners = [], []
+            for stripe in todo:
+                for pos in sources[stripe]:
+                    if stripe < 0:
+                        node, request = target, checkpoint_pb2.FetchRequest(
+                            job_id=job_id, attempt=attempt, step=step,
+                            kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
+                            ranks=layout.nodes[target].ranks, k=1)
+                    else:
+                        data, parity = layout.stripes[stripe]
+                        node = data[pos] if pos < len(data) else parity[pos - len(data)]
+                        request = (layout.segment_request(job_id, attempt, step, node, stripe)
+                                   if pos < len(data) else
+                                   checkpoint_pb2.FetchRequest(
+                                       job_id=job_id, attempt=attempt, step=step,
+                                       kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe))
+                    jobs.append((layout, node, request, node == me, decoders[stripe].sink(pos)))
+                    owners.append((stripe, pos, node))
+            results = protector.stream_all(jobs)
+            retry = []
+            for (stripe, pos, node), result in zip(owners, results, strict=True):
+                if isinstance(result, Exception):
+                    log.warning("[%s/-/%s/-] piece %d of stripe %d from %s: %s", job_id,
+                                protector.node, pos, stripe, layout.nodes[node].node, result)
+                    sources[stripe].remove(pos)
+                    if not spare[stripe]:
+                        raise MaterialiseError(f"stripe {stripe} at step {step}: fewer than k "
+                                               f"pieces reachable ({result})")
+                    sources[stripe].append(spare[stripe].pop(0))
+                    if stripe not in retry:
+                        retry.append(stripe)
+                else:
+                    decoders[stripe].finish(pos, result)
+            for stripe, decoder in decoders.items():
                 if stripe not in retry:
-                    retry.append(stripe)
-            else:
-                decoders[stripe].finish(pos, result)
-        for stripe, decoder in decoders.items():
-            if stripe not in retry:
-                decoder.check(step)
-        todo = retry
-    assert assembly.blob is not None  # every stripe checked
-    return assembly.blob
+                    decoder.check(step)
+            todo = retry
+        assembly.commit(adopt)
+    finally:
+        assembly.close()
 
 class _Assembly:
-    """The blob being rebuilt, allocated when the first parity header tells its size."""
+    """Where the rebuilt blob's bytes go.
 
-    def __init__(self, target: int, segments: int) -> None:
-        self.target = target
-        self.segments = segments
+    Segment 0 starts with the blob's header: its decoder writes the first bytes into ``head``
+    until the whole header is there, then the header is parsed and every wanted rank gets its
+    ``Landing`` (a ShmSink buffer); ``spans`` maps blob offsets onto them from then on and the
+    other segments' decoders, which waited with their chunks, go on. A header longer than
+    segment 0 (a blob of tiny snapshots cut into many segments) lands the whole blob in one
+    buffer instead, parsed and copied out at the end.
+    """
+
+    def __init__(self, protector: Protector, job_id: str, step: int, ranks: list[int],
+                 segments: int, target: int) -> None:
+        self.protector, self.job_id, self.step = protector, job_id, step
+        self.wanted, self.segments, self.target = set(ranks), segments, target
         self.lock = threading.Lock()
-        self.blob: torch.Tensor | None = None
+        self.blob_bytes = -1
         self.each = 0
+        self.head = bytearray()
+        self.head_len = -1
+        self.spans: list[tuple[int, int, torch.Tensor]] | None = None
+        self.parts: list[tuple[blobs.Part, blobs.Landing]] = []
+        self.whole: torch.Tensor | None = None  # the fallback: the blob in one buffer
+        self.decoders: list[_StripeDecoder] = []
 
-    def learn(self, header: checkpoint_pb2.PieceHeader) -> None:
+    def learn(self, header: checkpoint_pb2.PieceHeader, whole: bool) -> None:
+        """The blob's size, from the first header that names it."""
         with self.lock:
-            if self.blob is not None:
+            if self.blob_bytes >= 0:
                 return
+            if whole:
+                self.blob_bytes = int(header.blob_bytes)
             for member in header.members:
                 if member.node_index == self.target:
-                    self.each = blobs.segment_bytes(int(member.blob_bytes), self.segments)
-                    self.blob = torch.empty(int(member.blob_bytes), dtype=torch.uint8)
+                    self.blob_bytes = int(member.blob_bytes)
+            if self.blob_bytes >= 0:
+                self.each = blobs.segment_bytes(self.blob_bytes, self.segments)
+
+    def head_need(self) -> int:
+        """Bytes of the blob's start still to be decoded before the header can be parsed."""
+        if len(self.head) < 16:
+            return 16 - len(self.head)
+        if self.head_len < 0:
+            self.head_len = 16 + blobs.header_length(bytes(self.head[:16]))
+            if self.head_len > min(self.each, self.blob_bytes):
+                self.whole = torch.empty(self.blob_bytes, dtype=torch.uint8)
+                self.whole[:len(self.head)].copy_(torch.frombuffer(self.head, dtype=torch.uint8))
+                self.spans = [(0, self.blob_bytes, self.whole)]
+                return 0
+        return self.head_len - len(self.head)
+
+    def resolve(self) -> None:
+        """The header is complete: a Landing for every wanted rank."""
+        found_step, parts = blobs.parse_header(bytes(self.head), self.blob_bytes)
+        if found_step != self.step:
+            raise blobs.BlobError(f"rebuilt blob holds step {found_step}, not {self.step}")
+        self._land(parts)
+        self.spans = sorted((p.offset, p.offset + p.nbytes, landing.buf)
+                            for p, landing in self.parts)
+
+    def _land(self, parts: list[blobs.Part]) -> None:
+        missing = self.wanted - {p.rank for p in parts}
+        if missing:
+            raise blobs.BlobError(f"blob of step {self.step} lacks rank(s) {sorted(missing)}")
+        for part in parts:
+            if part.rank in self.wanted:
+                prefix = self.protector.prefix_of(self.job_id, part.rank)
+                self.parts.append((part, blobs.Landing(self.protector.shm_dir, prefix,
+                                                       self.step, part.layout)))
+
+    def commit(self, adopt) -> None:  # type: ignore[no-untyped-def]
+        """Verify and commit every wanted rank's snapshot, each adopted once committed."""
+        try:
+            if self.whole is not None:  # the fallback: parse the blob, copy each rank out
+                self.head = bytearray(blobs.tensor_bytes(self.whole[:self.head_len]))
+                found_step, parts = blobs.parse_header(bytes(self.head), self.blob_bytes)
+                if found_step != self.step:
+                    raise blobs.BlobError(f"rebuilt blob holds step {found_step}, not "
+                                          f"{self.step}")
+                self._land(parts)
+                for part, landing in self.parts:
+                    landing.buf.copy_(self.whole[part.offset:part.offset + part.nbytes])
+            while self.parts:
+                part, landing = self.parts[0]
+                generation = landing.commit(part.meta_json, part.checksums)
+                self.parts.pop(0)
+                adopt(part.rank, self.step, generation, part.nbytes)
+        except blobs.BlobError as exc:
+            raise MaterialiseError(str(exc)) from exc
+
+    def close(self) -> None:
+        """Drop what was not committed (a failed rebuild leaves no half snapshot behind: a
+        Landing has no commit record, so nothing reads its buffer)."""
+        for _, landing in self.parts:
+            landing.sink.discard(landing.generation)
+        self.parts = []
 
 class _StripeDecoder:
-    """Decodes one stripe's share of the blob as the same range of its k sources arrives.
+    """Decodes one segment of the blob as the same range of its k sources arrives.
 
     Each source's chunks come in order and contiguous (``PeerClient.stream``); they wait here
-    only until the other sources reach the same bytes. A source shorter than the range (a
-    segment padded to the stripe's longest member) counts as zeros past its end.
+    only until the other sources reach the same bytes (or, for segments after the first, until
+    the blob's header says where the bytes go). A source shorter than the range (a segment
+    padded to the stripe's longest member) counts as zeros past its end.
     """
 
     def __init__(self, assembly: _Assembly, codec, segment: int, k: int, m: int,  # type: ignore[no-untyped-def]
                  position: int) -> None:
         self.assembly, self.codec = assembly, codec
         self.segment, self.k, self.m, self.position = segment, k, m, position
+        self.whole = m == 0  # the target's own blob, not a stripe
         self.lock = threading.Lock()
         self.pending: dict[int, deque[tuple[int, memoryview]]] = {}
         self.length: dict[int, int] = {}
@@ -208,98 +309,115 @@ class _StripeDecoder:
         self.pending[pos] = deque()
 
         def feed(header: checkpoint_pb2.PieceHeader, offset: int, view: memoryview) -> None:
-            if pos >= self.k:
-                self.assembly.learn(header)
             with self.lock:
                 self.length[pos] = header.piece_bytes
                 self.pending[pos].append((offset, view))
-                self._advance()
+            self._learn(pos, header)
+            self._poke()
         return feed
 
     def finish(self, pos: int, header: checkpoint_pb2.PieceHeader) -> None:
-        if pos >= self.k:
-            self.assembly.learn(header)
         with self.lock:
             self.length[pos] = header.piece_bytes
-            self._advance()
+        self._learn(pos, header)
+        self._poke()
+
+    def _learn(self, pos: int, header: checkpoint_pb2.PieceHeader) -> None:
+        if self.whole or pos >= self.k:
+            self.assembly.learn(header, self.whole)
+
+    def _poke(self) -> None:
+        with self.lock:
+            resolved = self._advance()
+        if resolved:  # the other segments waited for the header
+            for other in self.assembly.decoders:
+                if other is not self:
+                    other._poke()
 
     def check(self, step: int) -> None:
         with self.lock:
             self.pending.clear()  # views into memory that may be gone
             if self.error:
                 raise MaterialiseError(f"segment {self.segment} of step {step}: {self.error}")
-            if self.assembly.blob is None:
-                raise MaterialiseError(f"no parity piece of step {step} names the lost node")
+            if self.assembly.blob_bytes < 0:
+                raise MaterialiseError(f"no piece of step {step} tells the lost blob's size")
             if self.done < self._need():
                 raise MaterialiseError(f"segment {self.segment} of step {step}: the pieces "
                                        f"ended after {self.done} of {self._need()} bytes")
 
     def _need(self) -> int:
         a = self.assembly
-        assert a.blob is not None
-        return max(0, min(a.each, a.blob.numel() - self.segment * a.each))
+        return max(0, min(a.each, a.blob_bytes - self.segment * a.each))
 
-    def _advance(self) -> None:
-        """Decode every range all sources have (under ``self.lock``)."""
-        blob = self.assembly.blob
-        if blob is None or self.error:
-            return
-        need, base = self._need(), self.segment * self.assembly.each
-        while self.done < need:
-            n, views = need - self.done, {}
-            for pos, queue in self.pending.items():
-                while queue and queue[0][0] + len(queue[0][1]) <= self.done:
-                    queue.popleft()
-                if queue:
-                    offset, view = queue[0]
-                    n = min(n, offset + len(view) - self.done)
-                    views[pos] = view[self.done - offset:]
-                elif self.length.get(pos, self.done + 1) > self.done:
-                    return  # this source has not reached these bytes yet
-            if self._zeros.numel() < n:
-                self._zeros = torch.zeros(n, dtype=torch.uint8)
-            out = blob[base + self.done:base + self.done + n]
-            shards: list[memoryview | torch.Tensor | None] = [None] * (self.k + self.m)
-            for pos in self.pending:
-                shards[pos] = views[pos][:n] if pos in views else self._zeros[:n]
-            try:
-                if self.k == 1:  # a mirror: every parity piece is a copy
-                    piece = next(x for x in shards if x is not None)
-                    with warnings.catch_warnings():  # read only, never written
-                        warnings.simplefilter("ignore", UserWarning)
-                        out.copy_(piece if isinstance(piece, torch.Tensor)
-                                  else torch.frombuffer(piece, dtype=torch.uint8))
-                else:
-                    dst: list[torch.Tensor | None] = [None] * (self.k + self.m)
-                    dst[self.position] = out
-                    self.codec.decode(shards, self.k, self.m, out=dst, rebuild=[self.position])
-            except (ValueError, DecodeError) as exc:
-                self.error = str(exc)
-                return
-            self.done += n
-
-def _write(protector: Protector, job_id: str, blob: torch.Tensor, step: int, ranks: list[int],
-           adopt) -> None:  # type: ignore[no-untyped-def]
-    try:
-        found_step, parts = blobs.parse(blob)
-    except blobs.BlobError as exc:
-        raise MaterialiseError(f"rebuilt snapshot of step {step} is not a blob: {exc}") from exc
-    if found_step != step:
-        raise MaterialiseError(f"rebuilt blob holds step {found_step}, not {step}")
-    wanted = set(ranks)
-    for rank, layout, meta_json, checksums, buf in parts:
-        if rank not in wanted:
-            continue
-        prefix = protector.prefix_of(job_id, rank)
+    def _advance(self) -> bool:
+        """Decode every range all sources have (under ``self.lock``); True when this call
+        completed the blob's header."""
+        a = self.assembly
+        if a.blob_bytes < 0 or self.error:
+            return False
+        need, base = self._need(), self.segment * a.each
+        resolved = False
         try:
-            generation = blobs.write_snapshot(protector.shm_dir, prefix, step, layout,
-                                              meta_json, checksums, buf)
-        except blobs.BlobError as exc:
-            raise MaterialiseError(str(exc)) from exc
-        adopt(rank, step, generation, layout.total_bytes)
-        wanted.discard(rank)
-    if wanted:
-        raise MaterialiseError(f"rebuilt blob of step {step} lacks rank(s) {sorted(wanted)}")
+            while self.done < need:
+                n, at = need - self.done, base + self.done
+                dest = None
+                if a.spans is None:
+                    if self.segment:
+                        return resolved  # the header decides where these bytes go
+                    n = min(n, a.head_need())
+                    if n == 0:  # the header is complete (or the blob goes to one buffer)
+                        if a.spans is None:
+                            a.resolve()
+                            resolved = True
+                        continue
+                else:
+                    for start, end, buf in a.spans:
+                        if at < end:
+                            if at < start:  # bytes no wanted rank holds: not decoded
+                                n = min(n, start - at)
+                            else:
+                                n, dest = min(n, end - at), buf[at - start:]
+                            break
+                    if dest is None:  # skipped: no source needs to have reached them
+                        self.done += n
+                        continue
+                views = {}
+                for pos, queue in self.pending.items():
+                    while queue and queue[0][0] + len(queue[0][1]) <= self.done:
+                        queue.popleft()
+                    if queue:
+                        offset, view = queue[0]
+                        n = min(n, offset + len(view) - self.done)
+                        views[pos] = view[self.done - offset:]
+                    elif self.length.get(pos, self.done + 1) > self.done:
+                        return resolved  # this source has not reached these bytes yet
+                if dest is None:  # header bytes: decoded into a small buffer first
+                    head = torch.empty(n, dtype=torch.uint8)
+                    self._decode(views, n, head)
+                    a.head += blobs.tensor_bytes(head)
+                else:
+                    self._decode(views, n, dest[:n])
+                self.done += n
+        except (ValueError, DecodeError, blobs.BlobError) as exc:
+            self.error = str(exc)
+        return resolved
+
+    def _decode(self, views: dict[int, memoryview], n: int, out: torch.Tensor) -> None:
+        if self._zeros.numel() < n:
+            self._zeros = torch.zeros(n, dtype=torch.uint8)
+        shards: list[memoryview | torch.Tensor | None] = [None] * (self.k + self.m)
+        for pos in self.pending:
+            shards[pos] = views[pos][:n] if pos in views else self._zeros[:n]
+        if self.k == 1:  # the blob itself, or a mirror: every parity piece is a copy
+            piece = next(x for x in shards if x is not None)
+            with warnings.catch_warnings():  # read only, never written
+                warnings.simplefilter("ignore", UserWarning)
+                out.copy_(piece if isinstance(piece, torch.Tensor)
+                          else torch.frombuffer(piece, dtype=torch.uint8))
+            return
+        dst: list[torch.Tensor | None] = [None] * (self.k + self.m)
+        dst[self.position] = out
+        self.codec.decode(shards, self.k, self.m, out=dst, rebuild=[self.position])
 
 def restore_shards_env(protector: Protector, job_id: str, step: int, world_size: int) -> str:
     """``HPT_RESTORE_SHARDS``: every old rank's snapshot of ``step`` in this node's memory."""

@@ -196,6 +196,55 @@ def test_a_source_failing_mid_stream_is_replaced_by_a_spare_parity_piece(
     assert bytes(_record(survivor, 1, 6).buffer.numpy()) == original
 
 
+def test_a_header_longer_than_a_segment_still_rebuilds(cluster, monkeypatch) -> None:
+    # hundreds of one-number tensors: the blob's header (their layout) is most of the blob,
+    # longer than the first of its k = 2 segments
+    monkeypatch.setattr(peers, "CHUNK_BYTES", 4096)
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        state = {f"t{j}": torch.tensor([float(i * 1000 + j)]) for j in range(300)}
+        engine = SnapshotEngine(ShmSink(node.keeper.prefix(JOB, i), directory=str(node.dir)))
+        engine.save(3, state)
+        engine.close()
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 3)
+    blob = blobs.NodeBlob(str(nodes[2].dir), [(2, nodes[2].keeper.prefix(JOB, 2))], 3)
+    head = torch.empty(16, dtype=torch.uint8)
+    blob.read_into(0, head)
+    assert 16 + blobs.header_length(bytes(head.numpy())) > blobs.segment_bytes(blob.nbytes, 2)
+    original = bytes(_record(nodes[2], 2, 3).buffer.numpy())
+    nodes[2].close()
+    got = materialise(nodes[0].protector, JOB, _plan(layout, 3, [2], [2]), lambda *a: None)
+    assert got.sources == {2: "decoded"}
+    assert bytes(_record(nodes[0], 2, 3).buffer.numpy()) == original
+
+
+def test_only_the_wanted_ranks_of_a_lost_node_are_written(cluster) -> None:
+    nodes = cluster(3)
+    ranks = {"n0": [0], "n1": [1], "n2": [2, 3]}
+    for node in nodes:
+        for rank in ranks[node.name]:
+            node.save(rank, 5, seed=30 + rank, floats=20_000)
+    plan = protection_plan("", [n.name for n in nodes], ranks, {n.name: n.address for n in nodes})
+    assert plan is not None
+    layout = checkpoint_pb2.ProtectionLayout(
+        k=plan.k, m=plan.m,
+        nodes=[checkpoint_pb2.GroupNode(node=p.node, peer_address=p.peer_address, ranks=p.ranks)
+               for p in plan.nodes],
+        stripes=[checkpoint_pb2.Stripe(data=d, parity=p) for d, p in plan.stripes])
+    _protect_all(nodes, layout, 5)
+    original = bytes(_record(nodes[2], 3, 5).buffer.numpy())
+    nodes[2].close()
+    adopted: list[tuple[int, ...]] = []
+    got = materialise(nodes[1].protector, JOB, _plan(layout, 5, [2], [3]),
+                      lambda *a: adopted.append(a))
+    assert got.sources == {3: "decoded"}
+    assert bytes(_record(nodes[1], 3, 5).buffer.numpy()) == original
+    assert [a[0] for a in adopted] == [3]
+    rank2 = ShmSink(nodes[1].keeper.prefix(JOB, 2), directory=str(nodes[1].dir))
+    assert rank2.files() == []  # rank 2's bytes were not decoded, nor written
+
+
 def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
     nodes = cluster(2)
     for i, node in enumerate(nodes):
