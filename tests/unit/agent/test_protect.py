@@ -73,9 +73,10 @@ def cluster(tmp_path: Path):
         node.close()
 
 
-def _layout(nodes: list[Node], redundancy: str = "") -> checkpoint_pb2.ProtectionLayout:
+def _layout(nodes: list[Node], redundancy: str = "",
+            ranks: dict[str, list[int]] | None = None) -> checkpoint_pb2.ProtectionLayout:
     plan = protection_plan(redundancy, [n.name for n in nodes],
-                           {n.name: [i] for i, n in enumerate(nodes)},
+                           ranks or {n.name: [i] for i, n in enumerate(nodes)},
                            {n.name: n.address for n in nodes})
     assert plan is not None
     return checkpoint_pb2.ProtectionLayout(
@@ -225,13 +226,7 @@ def test_only_the_wanted_ranks_of_a_lost_node_are_written(cluster) -> None:
     for node in nodes:
         for rank in ranks[node.name]:
             node.save(rank, 5, seed=30 + rank, floats=20_000)
-    plan = protection_plan("", [n.name for n in nodes], ranks, {n.name: n.address for n in nodes})
-    assert plan is not None
-    layout = checkpoint_pb2.ProtectionLayout(
-        k=plan.k, m=plan.m,
-        nodes=[checkpoint_pb2.GroupNode(node=p.node, peer_address=p.peer_address, ranks=p.ranks)
-               for p in plan.nodes],
-        stripes=[checkpoint_pb2.Stripe(data=d, parity=p) for d, p in plan.stripes])
+    layout = _layout(nodes, ranks=ranks)
     _protect_all(nodes, layout, 5)
     original = bytes(_record(nodes[2], 3, 5).buffer.numpy())
     nodes[2].close()
