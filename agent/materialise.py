@@ -24,6 +24,7 @@ import logging
 import threading
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,9 @@ import torch
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
 from hpt.agent.protect import Layout, Protector
-from hpt.ckpt.errors import DecodeError
-from hpt.ckpt.sink import ShmSink
+from hpt.ckpt.errors import CkptError, DecodeError
+from hpt.ckpt.sink import ShmSink, SnapshotRef
+from hpt.ckpt.sources import preferred_rank
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,25 @@ class MaterialiseError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Materialised:
-    """Where each old rank's snapshot of ``step`` came from (rank -> "local"|"peer"|"decoded")."""
+    """Where each old rank's snapshot of ``step`` came from (rank -> "local"|"peer"|"decoded"),
+    and the old ranks of the plan left alone because no new rank here reads them."""
 
     step: int
     sources: dict[int, str]
+    not_needed: tuple[int, ...] = ()
 
 def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestorePlan,
-                adopt) -> Materialised:  # type: ignore[no-untyped-def]
+                adopt, *, new_ranks: Sequence[int] = (),  # type: ignore[no-untyped-def]
+                world_size: int = 0) -> Materialised:
     """Make every rank of ``plan.need_ranks`` hold ``plan.step`` in this node's memory.
 
     ``adopt(rank, step, generation, nbytes)`` registers a written snapshot with the keeper.
+    ``new_ranks`` and ``world_size`` (this node's ranks in the new attempt, and its world)
+    narrow a resize: when this node's old snapshots hold no sharded tensor (data-parallel
+    state: every rank holds the same model and optimizer), a new rank reads only its preferred
+    old rank (``hpt.ckpt.sources.preferred_rank``, as the rank side does), so the other old
+    ranks, a lost node's among them, are neither fetched nor decoded: the replicas that
+    survived are the protection.
 
     Raises:
         MaterialiseError: a needed rank is in no source (the caller starts the ranks anyway;
@@ -61,6 +72,15 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     me = layout.index_of(protector.node)
     sources: dict[int, str] = {}
     need = sorted(set(plan.need_ranks))
+    not_needed: list[int] = []
+    if new_ranks and world_size and world_size != plan.world_size:
+        read = {preferred_rank(r, plan.world_size) for r in new_ranks}
+        if read < set(need) and _replicated(protector, job_id, need, step):
+            not_needed = [r for r in need if r not in read]
+            need = sorted(read & set(need))
+            log.info("[%s/-/%s/-] step %d: old rank(s) %s not needed here (no sharded tensor: "
+                     "new ranks %s read old rank(s) %s)", job_id, protector.node, step,
+                     not_needed, sorted(new_ranks), need)
     missing = [r for r in need if not _local_ok(protector, job_id, r, step)]
     sources.update({r: "local" for r in need if r not in missing})
     owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
@@ -84,7 +104,24 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
                     lost | {owner}, adopt)
             how = "decoded"
         sources.update({r: how for r in ranks})
-    return Materialised(step, sources)
+    return Materialised(step, sources, tuple(not_needed))
+
+def _replicated(protector: Protector, job_id: str, ranks: list[int], step: int) -> bool:
+    """Every old snapshot of ``step`` this node holds (one at least) has no sharded tensor."""
+    held = 0
+    for rank in ranks:
+        sink = ShmSink(protector.prefix_of(job_id, rank), directory=protector.shm_dir)
+        generation = blobs.find_generation(sink, step)
+        if generation is None:
+            continue
+        try:
+            snap = sink.read(SnapshotRef(step=step, generation=generation))
+        except (OSError, ValueError, CkptError):
+            continue
+        if not all(e.is_replicated for e in snap.layout.entries):
+            return False
+        held += 1
+    return held > 0
 
 def _local_ok(protector: Protector, job_id: str, rank: int, step: int) -> bool:
     prefix = protector.prefix_of(job_id, rank)

@@ -45,7 +45,8 @@ class Recovery:
             done = materialise(
                 self._protector, spec.job_id, plan,
                 lambda rank, step, gen, nbytes: self._keeper.adopt(spec.job_id, rank, step, gen,
-                                                                   nbytes))
+                                                                   nbytes),
+                new_ranks=[rank for rank, _ in spec.ranks], world_size=spec.world_size)
         except (MaterialiseError, PieceUnavailable, ValueError, OSError) as exc:
             log.error("[%s/%d/%s/-] cannot put step %d in place: %s", spec.job_id,
                       spec.attempt, self._protector.node, plan.step, exc)
@@ -56,13 +57,16 @@ class Recovery:
             env = restore_shards_env(self._protector, spec.job_id, plan.step, plan.world_size)
             return dataclasses.replace(spec, restore_shards=env)
         rebuilt = {r: s for r, s in done.sources.items() if s != "local"}
-        if rebuilt:
+        if rebuilt or done.not_needed:
             took = time.monotonic() - started
             text = ", ".join(f"rank {r} from {s}" for r, s in sorted(rebuilt.items()))
-            log.info("[%s/%d/%s/-] step %d in place in %.3fs: %s", spec.job_id, spec.attempt,
-                     self._protector.node, plan.step, took, text)
+            said = f" of old {text} (verified)" if rebuilt else ""
+            if done.not_needed:
+                said += (f"; old rank(s) {', '.join(map(str, done.not_needed))} not needed (no "
+                         "sharded tensor: each new rank reads its own old rank)")
+            log.info("[%s/%d/%s/-] step %d in place in %.3fs%s", spec.job_id, spec.attempt,
+                     self._protector.node, plan.step, took, said)
             self._keeper.event("snapshot_rebuilt", spec.job_id, spec.attempt, -1,
-                               f"{self._protector.node}: step {plan.step} of old {text} "
-                               f"(verified) in {took:.3f}s")
+                               f"{self._protector.node}: step {plan.step}{said} in {took:.3f}s")
         env = restore_shards_env(self._protector, spec.job_id, plan.step, plan.world_size)
         return dataclasses.replace(spec, restore_shards=env)

@@ -154,24 +154,33 @@ def test_network_delay_costs_no_attempt_and_a_reset_mid_transfer_is_recovered(cp
 
 
 def test_a_restore_slower_than_the_silence_limit_keeps_the_agents_controller(cp):
-    # node-2's peer service sits behind a slow link: rebuilding node-1's state after its agent
-    # is killed pulls node-2's pieces through it for longer than the 3 s an agent waits for a
-    # silent controller. The launch that waits for those pieces must not silence the stream.
-    cluster = cp(agents=3, slots=1, peer_proxied=("node-2",))
+    # Every peer service sits behind a slow link. The agent running old rank 1 is killed; the
+    # survivors keep their places, so the node of old rank 2 runs new rank 1 of the shrunk
+    # world, which reads old rank 1 (data parallel: its own rank number). Rebuilding it pulls
+    # the other survivor's pieces through a slow link for longer than the 3 s an agent waits
+    # for a silent controller. The launch that waits for those pieces must not silence the
+    # stream.
+    nodes = ("node-0", "node-1", "node-2")
+    cluster = cp(agents=3, slots=1, peer_proxied=nodes)
     job_id = cluster.submit("python", TRAIN, "--steps", "100000", "--step-time", "0.1",
                             "--hidden", "512", nodes=3, procs=1, min_nodes=2,
                             redundancy="2+1")
-    cluster.wait_job(job_id, lambda j: any(s >= 3 for s in j.attempts[-1].protected_steps),
-                     90, "a protected step >= 3")
-    cluster.peer_proxies["node-2"].delay(0.1)  # ~5 s for the 3.4 MB of one node's snapshot
-    cluster.kill_agent("node-1")
+    job = cluster.wait_job(job_id, lambda j: any(s >= 3 for s in j.attempts[-1].protected_steps),
+                           90, "a protected step >= 3")
+    first = job.attempts[-1]
+    victim, rebuilder = first.ranks[1].node, first.ranks[2].node
+    for name in nodes:
+        cluster.peer_proxies[name].delay(0.1)  # ~5 s for the 3.4 MB of one node's snapshot
+    cluster.kill_agent(victim)
     job = cluster.wait_job(job_id, lambda j: len(j.attempts) >= 2 and j.attempts[-1].ranks
                            and min(r.step for r in j.attempts[-1].ranks)
                            >= j.attempts[-1].restore_step + 5, 120,
                            "the shrunk attempt 5 steps past its restore")
-    cluster.peer_proxies["node-2"].heal()
+    for name in nodes:
+        cluster.peer_proxies[name].heal()
     restored = [e.message for e in cluster.events(job_id) if e.kind == "snapshot_rebuilt"]
-    assert any(m.startswith("node-0: ") for m in restored), restored  # through the slow link
+    assert any(m.startswith(f"{rebuilder}: ") and "rank 1 from decoded" in m  # the slow link
+               for m in restored), restored
     assert job.attempts[1].restore_step > 0
     assert len(job.attempts) == 2, [(a.number, a.cause.message) for a in job.attempts[1:]]
     registered = [e.node for e in cluster.events() if e.kind == "node_registered"]

@@ -240,6 +240,34 @@ def test_only_the_wanted_ranks_of_a_lost_node_are_written(cluster) -> None:
     assert rank2.files() == []  # rank 2's bytes were not decoded, nor written
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sharded) -> None:
+    from hpt.ckpt.layout import ShardInfo
+
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        state = {"w": torch.full((64,), float(i)), "step": 7}
+        shards = ({"w": ShardInfo(global_shape=(192,), global_offset=(64 * i,),
+                                  local_shape=(64,))} if sharded else None)
+        engine = SnapshotEngine(ShmSink(node.keeper.prefix(JOB, i), directory=str(node.dir)))
+        engine.save(7, state, shards=shards)
+        engine.close()
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 7)
+    nodes[2].close()
+    survivor = nodes[0]
+    # the controller's plan for a resize 3 -> 2: every old rank; survivor n0 runs new rank 0
+    got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
+                      lambda *a: None, new_ranks=[0], world_size=2)
+    rank2 = ShmSink(survivor.keeper.prefix(JOB, 2), directory=str(survivor.dir))
+    if sharded:  # new rank 0's rows of w lie in old ranks 0 and 1: every shard is needed
+        assert got.sources == {0: "local", 1: "peer", 2: "decoded"} and not got.not_needed
+        assert blobs.find_generation(rank2, 7) is not None
+    else:  # data parallel: new rank 0 reads old rank 0's replica, nothing else
+        assert got.sources == {0: "local"} and got.not_needed == (1, 2)
+        assert rank2.files() == []
+
+
 def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
     nodes = cluster(2)
     for i, node in enumerate(nodes):
