@@ -60,7 +60,11 @@ def clean_sha(cluster) -> str:
 @pytest.mark.timeout(600)
 def test_long_validation_is_no_hang_and_killed_rank_resumes_at_the_exact_batch(cluster, clean_sha):
     job_id = cluster.submit(*JOB, "--val-batches", "1", **ONE_RANK_PER_NODE)
-    job = cluster.wait_step(job_id, attempt=1, step=7, timeout_s=180)
+    cluster.wait_step(job_id, attempt=1, step=7, timeout_s=180)
+    # the premise: a snapshot every rank holds, as the controller knows it (on a loaded
+    # machine the first commits can still be in flight at step 7)
+    job = cluster.wait_job(job_id, lambda j: all(r.snapshot_steps for r in j.attempts[0].ranks),
+                           60, "a snapshot reported by every rank")
     os.kill(job.attempts[0].ranks[1].pid, signal.SIGKILL)
     job = cluster.wait_terminal(job_id, timeout_s=240)
     assert state_name(job.state) == "SUCCEEDED", job.reason
