@@ -331,6 +331,7 @@ class Agent:
             self._on_launch(msg.launch)
         elif kind == "release":
             self.protector.release(msg.release.job_id)
+            self.launcher.close_store(msg.release.job_id)
             self.snapshots.release_later(msg.release.job_id)
         elif kind == "stop":
             s = msg.stop

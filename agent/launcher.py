@@ -32,7 +32,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from hpt.agent import oom
 from hpt.agent.error_file import MAX_BYTES as ERROR_FILE_MAX_BYTES
@@ -212,6 +214,8 @@ class Launcher:
         self._lock = threading.Lock()
         self._ranks: dict[tuple[str, int, int], RankProcess] = {}
         self._highest_attempt: dict[str, int] = {}
+        self._stores: dict[str, tuple[int, Any]] = {}
+        """job id -> (attempt, the TCPStore server this agent hosts for it: see _host_store)"""
 
     # ---------------------------------------------------------------- queries
 
@@ -259,6 +263,7 @@ class Launcher:
                 return []
             self._highest_attempt[spec.job_id] = spec.attempt
         self.fence(spec.job_id, spec.attempt)
+        self._host_store(spec)
         started = []
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
@@ -270,6 +275,37 @@ class Launcher:
             started.append(proc)
         self._on_change()
         return started
+
+    def _host_store(self, spec: LaunchSpec) -> None:
+        """The agent of node rank 0 serves the attempt's rendezvous store (torch's TCPStore on
+        MASTER_ADDR:MASTER_PORT) before any rank starts; every rank connects to it as a client
+        (TORCHELASTIC_USE_AGENT_STORE, as under torchrun). When rank 0 hosted it, a rank of
+        another node that came up first was refused and retried after a backoff (0.3-0.7 s
+        measured, about one restart in two). The store lives until this node's ranks of the
+        attempt have ended, the next attempt replaces it, or the job is released."""
+        self.close_store(spec.job_id)
+        if spec.node_rank != 0:
+            return
+        from torch.distributed import TCPStore
+
+        try:
+            store = TCPStore(spec.master_addr, spec.master_port, None, True,
+                             timedelta(seconds=60), wait_for_workers=False, use_libuv=False)
+        except (RuntimeError, OSError) as exc:  # the ranks fail to rendezvous: an ordinary fault
+            log.error("[%s/%d/%s/-] cannot serve the rendezvous store on port %d: %s",
+                      spec.job_id, spec.attempt, self.node, spec.master_port, exc)
+            return
+        with self._lock:
+            self._stores[spec.job_id] = (spec.attempt, store)
+
+    def close_store(self, job_id: str, attempt: int | None = None) -> None:
+        """Stop serving ``job_id``'s rendezvous store (only ``attempt``'s, when given)."""
+        with self._lock:
+            held = self._stores.get(job_id)
+            if held is None or (attempt is not None and held[0] != attempt):
+                return
+            del self._stores[job_id]
+        del held  # the last reference: the server stops and frees its port
 
     def _start(self, proc: RankProcess, spec: LaunchSpec) -> None:
         rank_dir = self.run_dir / "jobs" / spec.job_id / f"attempt-{spec.attempt}"
@@ -288,6 +324,7 @@ class Launcher:
             LOCAL_WORLD_SIZE=str(spec.local_world_size),
             MASTER_ADDR=spec.master_addr,
             MASTER_PORT=str(spec.master_port),
+            TORCHELASTIC_USE_AGENT_STORE="True",  # node rank 0's agent serves it (_host_store)
             TORCHELASTIC_RESTART_COUNT=str(spec.attempt - 1),
             HPT_JOB_ID=spec.job_id,
             HPT_ATTEMPT=str(spec.attempt),
@@ -383,6 +420,11 @@ class Launcher:
             proc.phase = RankPhase.FAILED
         log.info("[%s/%d/%s/%d] %s", proc.job_id, proc.attempt, self.node, proc.rank,
                  proc.exit_reason())
+        with self._lock:
+            done = all(r.ended for r in self._ranks.values()
+                       if (r.job_id, r.attempt) == (proc.job_id, proc.attempt))
+        if done:
+            self.close_store(proc.job_id, proc.attempt)
         self._on_change()
 
     def _read_error_file(self, proc: RankProcess) -> None:

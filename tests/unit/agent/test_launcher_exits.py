@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ from hpt.agent import oom
 from hpt.agent.launcher import Launcher, LaunchSpec, RankPhase
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.agent.spawn import Spawner
+from hpt.cli.boot import free_port
 from hpt.jobspec import JobSpec
 
 
@@ -34,7 +36,7 @@ def launcher(tmp_path):
 def run_rank(la: Launcher, code: str, tmp_path) -> object:  # type: ignore[no-untyped-def]
     job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path))
     spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
-                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                       node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     deadline = time.monotonic() + 60
@@ -78,7 +80,7 @@ def launch_waiting(la: Launcher, code: str, tmp_path):  # type: ignore[no-untype
               f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n{code}\n")
     job = JobSpec(command=(sys.executable, "-c", script), workdir=str(tmp_path))
     spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
-                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                       node_rank=0, num_nodes=1)
     (proc,) = la.launch(spec)
     return proc, go
@@ -124,7 +126,7 @@ def test_a_rank_log_stops_at_the_jobs_byte_limit_and_the_output_still_ships(laun
     job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path),
                   rank_log_max_bytes=500)
     spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
-                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                       node_rank=0, num_nodes=1)
     launcher.launch(spec)
     shipped: list[str] = []
@@ -159,7 +161,7 @@ def test_fence_kills_an_older_attempt_that_ignores_sigterm_and_returns_once_it_i
               "while True: time.sleep(0.05)\n")
     job = JobSpec(command=(sys.executable, "-c", script), workdir=str(tmp_path))
     spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=1,
-                      local_world_size=1, master_addr="127.0.0.1", master_port=29500,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=free_port(),
                       node_rank=0, num_nodes=1)
     (old,) = launcher.launch(spec)
     deadline = time.monotonic() + 60
@@ -170,3 +172,46 @@ def test_fence_kills_an_older_attempt_that_ignores_sigterm_and_returns_once_it_i
     launcher.stop("j", 1, grace_s=30.0, reason="attempt failed")  # SIGTERM, ignored
     launcher.fence("j", 2, timeout_s=30.0)
     assert old.proc.poll() is not None, "fence returned while the old rank still ran"
+
+
+def test_node_rank_0s_agent_serves_the_rendezvous_store_until_its_ranks_end(launcher, tmp_path):
+    port = free_port()
+    # the rank connects as a client at once: nobody but the agent serves that port
+    code = ("import os, datetime\n"
+            "from torch.distributed import TCPStore\n"
+            "assert os.environ['TORCHELASTIC_USE_AGENT_STORE'] == 'True'\n"
+            "s = TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), 2, False,\n"
+            "             datetime.timedelta(seconds=30))\n"
+            "s.set('seen', 'yes')\n"
+            "print('store says', s.get('seen').decode(), flush=True)\n")
+    job = JobSpec(command=(sys.executable, "-c", code), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0),), world_size=2,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=port,
+                      node_rank=0, num_nodes=2)
+    (proc,) = launcher.launch(spec)
+    wait_ended(proc)
+    assert proc.phase == RankPhase.SUCCEEDED, proc.exit_reason()
+    log = (tmp_path / "run" / "jobs" / "j" / "attempt-1" / "rank-0.log").read_text()
+    assert "store says yes" in log
+
+    def refused() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) != 0
+
+    deadline = time.monotonic() + 30
+    tick = threading.Event()
+    while not refused():  # the store goes with the attempt's last rank on this node
+        assert time.monotonic() < deadline, "the store still listens after its ranks ended"
+        tick.wait(0.02)
+
+
+def test_other_nodes_agents_serve_no_store(launcher, tmp_path):
+    port = free_port()
+    job = JobSpec(command=(sys.executable, "-c", "print('hi')"), workdir=str(tmp_path))
+    spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((1, 0),), world_size=2,
+                      local_world_size=1, master_addr="127.0.0.1", master_port=port,
+                      node_rank=1, num_nodes=2)
+    (proc,) = launcher.launch(spec)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+    wait_ended(proc)
