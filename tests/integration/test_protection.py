@@ -230,7 +230,11 @@ def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_b
     # fetched or decoded before the shrunk world starts
     for r in second.ranks:
         assert _snapshot_files(r.node, job_id, 2, step) is None, r.node
-        assert _snapshot_files(r.node, job_id, r.rank, step) is not None, r.node
+        wait_for(lambda r=r: [e for e in cluster.events(job_id)
+                              if e.kind == "restored" and e.attempt == second.number
+                              and e.rank == r.rank
+                              and e.message == f"restored step {step} from shm"], 30,
+                 f"new rank {r.rank} restored from its own old rank's snapshot")
         said = f"{r.node}: step {step}; old rank(s) "
         wait_for(lambda said=said: [m for m in _events(cluster, job_id, "snapshot_rebuilt")
                                     if m.startswith(said) and "2 not needed" in m], 30,
