@@ -263,7 +263,7 @@ class Launcher:
                 return []
             self._highest_attempt[spec.job_id] = spec.attempt
         self.fence(spec.job_id, spec.attempt)
-        self._host_store(spec)
+        refused = self._host_store(spec)
         started = []
         for rank, local_rank in spec.ranks:
             proc = RankProcess(job_id=spec.job_id, attempt=spec.attempt, rank=rank,
@@ -271,32 +271,41 @@ class Launcher:
                                hang_timeout_s=spec.job.hang_timeout_s)
             with self._lock:
                 self._ranks[proc.key] = proc
-            self._start(proc, spec)
+            if refused:  # never joined to a store some other job may be serving on that port
+                proc.phase, proc.exit_code, proc.ended_at = RankPhase.FAILED, 127, time.time()
+                proc.error_type, proc.error_message = "LaunchError", refused
+            else:
+                self._start(proc, spec)
             started.append(proc)
         self._on_change()
         return started
 
-    def _host_store(self, spec: LaunchSpec) -> None:
+    def _host_store(self, spec: LaunchSpec) -> str:
         """The agent of node rank 0 serves the attempt's rendezvous store (torch's TCPStore on
         MASTER_ADDR:MASTER_PORT) before any rank starts; every rank connects to it as a client
         (TORCHELASTIC_USE_AGENT_STORE, as under torchrun). When rank 0 hosted it, a rank of
         another node that came up first was refused and retried after a backoff (0.3-0.7 s
         measured, about one restart in two). The store lives until this node's ranks of the
-        attempt have ended, the next attempt replaces it, or the job is released."""
+        attempt have ended, the next attempt replaces it, or the job is released.
+
+        Returns why the store cannot be served ("" when it is): the port is taken (by another
+        job's store, say). This node's ranks then fail to launch, an ordinary fault; the next
+        attempt gets another port."""
         self.close_store(spec.job_id)
         if spec.node_rank != 0:
-            return
+            return ""
         from torch.distributed import TCPStore
 
         try:
             store = TCPStore(spec.master_addr, spec.master_port, None, True,
                              timedelta(seconds=60), wait_for_workers=False, use_libuv=False)
-        except (RuntimeError, OSError) as exc:  # the ranks fail to rendezvous: an ordinary fault
-            log.error("[%s/%d/%s/-] cannot serve the rendezvous store on port %d: %s",
-                      spec.job_id, spec.attempt, self.node, spec.master_port, exc)
-            return
+        except (RuntimeError, OSError) as exc:
+            why = f"cannot serve the rendezvous store on port {spec.master_port}: {exc}"
+            log.error("[%s/%d/%s/-] %s", spec.job_id, spec.attempt, self.node, why)
+            return why
         with self._lock:
             self._stores[spec.job_id] = (spec.attempt, store)
+        return ""
 
     def close_store(self, job_id: str, attempt: int | None = None) -> None:
         """Stop serving ``job_id``'s rendezvous store (only ``attempt``'s, when given)."""

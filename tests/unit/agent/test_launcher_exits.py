@@ -215,3 +215,19 @@ def test_other_nodes_agents_serve_no_store(launcher, tmp_path):
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
     wait_ended(proc)
+
+
+def test_a_rendezvous_port_already_taken_fails_the_launch_instead_of_joining_it(launcher,
+                                                                                 tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job = JobSpec(command=(sys.executable, "-c", "print('hi')"), workdir=str(tmp_path))
+        spec = LaunchSpec(job_id="j", attempt=1, job=job, ranks=((0, 0), (1, 1)), world_size=2,
+                          local_world_size=2, master_addr="127.0.0.1", master_port=port,
+                          node_rank=0, num_nodes=1)
+        procs = launcher.launch(spec)
+    assert [p.phase for p in procs] == [RankPhase.FAILED, RankPhase.FAILED]
+    assert all(p.pid == 0 and p.error_type == "LaunchError" for p in procs)
+    assert f"rendezvous store on port {port}" in procs[0].error_message
