@@ -439,9 +439,16 @@ class Reconciler(Observe, Execute):
             if len(nodes) != len(previous.nodes):
                 reason = f"resize {len(previous.nodes)} -> {len(nodes)} nodes; {reason}"
         master = self.nodes[nodes[0]]
-        previous_port = job.current.master_port if job.current else 0
-        port = master.free_port
-        if not port or port == previous_port:
+        # The master's agent serves the rendezvous store on this port (agent/launcher.py): one
+        # port per attempt. The port an agent reports is used once (a second launch before its
+        # next heartbeat would get the same one), and never one a live attempt on that node or
+        # this job's previous attempt holds.
+        taken = {a.master_port for j in self.jobs.values() for a in j.attempts[-2:]
+                 if a.nodes and a.nodes[0] == nodes[0] and not a.state.is_terminal}
+        if job.current:
+            taken.add(job.current.master_port)
+        port, master.free_port = master.free_port, 0
+        while not port or port in taken:
             port = random.randint(20000, 59999)
         ppn = spec.procs_per_node
         ranks = [

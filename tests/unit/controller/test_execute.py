@@ -104,6 +104,16 @@ def test_launch_places_the_job_and_sends_each_node_its_ranks(monkeypatch):
     assert c.kinds(job_id) == [EventKind.JOB_SUBMITTED, EventKind.ATTEMPT_LAUNCHED]
 
 
+def test_two_attempts_on_one_master_never_share_a_rendezvous_port(monkeypatch):
+    c = Cluster(monkeypatch, nodes=1, slots=2)  # n0 reported port 20001 once
+    first = c.rec.submit(JobSpec(command=("python", "t.py"), nodes=1))
+    second = c.rec.submit(JobSpec(command=("python", "t.py"), nodes=1))
+    c.rec.reconcile_once()  # both placed before n0's next heartbeat
+    ports = [c.rec.jobs[j].current.master_port for j in (first, second)]
+    assert ports[0] == 20001 and ports[1] != 20001, ports
+    assert [cmd.master_port for cmd in c.links["n0"].launches()] == ports
+
+
 def test_wait_for_nodes_records_the_deadline_once(monkeypatch):
     c = Cluster(monkeypatch, nodes=1)
     job_id = c.rec.submit(JobSpec(command=("x",), nodes=2, node_wait_timeout_s=60.0))
