@@ -277,14 +277,15 @@ class _Assembly:
 
     def resolve(self) -> None:
         """The header is complete: a Landing for every wanted rank."""
-        found_step, parts = blobs.parse_header(bytes(self.head), self.blob_bytes)
-        if found_step != self.step:
-            raise blobs.BlobError(f"rebuilt blob holds step {found_step}, not {self.step}")
-        self._land(parts)
+        self._land()
         self.spans = sorted((p.offset, p.offset + p.nbytes, landing.buf)
                             for p, landing in self.parts)
 
-    def _land(self, parts: list[blobs.Part]) -> None:
+    def _land(self) -> None:
+        """Parse the header in ``head``; a Landing for every wanted rank."""
+        found_step, parts = blobs.parse_header(bytes(self.head), self.blob_bytes)
+        if found_step != self.step:
+            raise blobs.BlobError(f"rebuilt blob holds step {found_step}, not {self.step}")
         missing = self.wanted - {p.rank for p in parts}
         if missing:
             raise blobs.BlobError(f"blob of step {self.step} lacks rank(s) {sorted(missing)}")
@@ -299,11 +300,7 @@ class _Assembly:
         try:
             if self.whole is not None:  # the fallback: parse the blob, copy each rank out
                 self.head = bytearray(blobs.tensor_bytes(self.whole[:self.head_len]))
-                found_step, parts = blobs.parse_header(bytes(self.head), self.blob_bytes)
-                if found_step != self.step:
-                    raise blobs.BlobError(f"rebuilt blob holds step {found_step}, not "
-                                          f"{self.step}")
-                self._land(parts)
+                self._land()
                 for part, landing in self.parts:
                     landing.buf.copy_(self.whole[part.offset:part.offset + part.nbytes])
             while self.parts:

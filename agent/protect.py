@@ -389,17 +389,6 @@ class Protector:
         request = entry.layout.segment_request(entry.job_id, entry.attempt, step, member, stripe)
         return self.fetch(entry.layout, member, request, local=member == entry.me)
 
-    def fetch_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]],
-                  ) -> list[tuple[checkpoint_pb2.PieceHeader, torch.Tensor] | Exception]:
-        """Several ``fetch`` calls at once; a failed one gives its exception."""
-        def one(job: tuple[Layout, int, checkpoint_pb2.FetchRequest, bool]):  # type: ignore[no-untyped-def]
-            layout, member, request, local = job
-            try:
-                return self.fetch(layout, member, request, local=local)
-            except (PieceUnavailable, blobs.BlobError, OSError) as exc:
-                return exc
-        return list(self._pool.map(one, jobs))
-
     def stream_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool,
                                           ChunkSink]],
                    ) -> list[checkpoint_pb2.PieceHeader | Exception]:

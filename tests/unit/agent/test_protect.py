@@ -47,10 +47,13 @@ class Node:
 
     def save(self, rank: int, step: int, seed: int, floats: int = 1000) -> None:
         gen = torch.Generator().manual_seed(seed)
-        state = {"w": torch.randn(floats + 37 * rank, generator=gen), "step": step,
-                 "b": torch.randint(0, 255, (333,), dtype=torch.uint8, generator=gen)}
+        self.save_state(rank, step, {
+            "w": torch.randn(floats + 37 * rank, generator=gen), "step": step,
+            "b": torch.randint(0, 255, (333,), dtype=torch.uint8, generator=gen)})
+
+    def save_state(self, rank: int, step: int, state, shards=None) -> None:  # type: ignore[no-untyped-def]
         engine = SnapshotEngine(ShmSink(self.keeper.prefix(JOB, rank), directory=str(self.dir)))
-        engine.save(step, state)
+        engine.save(step, state, shards=shards)
         engine.close()
 
     def close(self) -> None:
@@ -203,10 +206,7 @@ def test_a_header_longer_than_a_segment_still_rebuilds(cluster, monkeypatch) -> 
     monkeypatch.setattr(peers, "CHUNK_BYTES", 4096)
     nodes = cluster(3)
     for i, node in enumerate(nodes):
-        state = {f"t{j}": torch.tensor([float(i * 1000 + j)]) for j in range(300)}
-        engine = SnapshotEngine(ShmSink(node.keeper.prefix(JOB, i), directory=str(node.dir)))
-        engine.save(3, state)
-        engine.close()
+        node.save_state(i, 3, {f"t{j}": torch.tensor([float(i * 1000 + j)]) for j in range(300)})
     layout = _layout(nodes)
     _protect_all(nodes, layout, 3)
     blob = blobs.NodeBlob(str(nodes[2].dir), [(2, nodes[2].keeper.prefix(JOB, 2))], 3)
@@ -246,12 +246,9 @@ def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sha
 
     nodes = cluster(3)
     for i, node in enumerate(nodes):
-        state = {"w": torch.full((64,), float(i)), "step": 7}
         shards = ({"w": ShardInfo(global_shape=(192,), global_offset=(64 * i,),
                                   local_shape=(64,))} if sharded else None)
-        engine = SnapshotEngine(ShmSink(node.keeper.prefix(JOB, i), directory=str(node.dir)))
-        engine.save(7, state, shards=shards)
-        engine.close()
+        node.save_state(i, 7, {"w": torch.full((64,), float(i)), "step": 7}, shards)
     layout = _layout(nodes)
     _protect_all(nodes, layout, 7)
     nodes[2].close()
