@@ -367,6 +367,7 @@ class Agent:
         report.status.snapshot_steps.extend(held)
         report.status.persisted_steps.extend(persisted)
         report.status.snapshot_bytes = nbytes
+        report.status.snapshot_replicated = self.snapshots.replicated(proc.job_id, proc.rank)
         return report
 
     def _on_rank_message(self, hello: Hello, msg: RankMessage) -> None:

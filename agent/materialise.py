@@ -34,7 +34,7 @@ from hpt.agent import blob as blobs
 from hpt.agent.protect import Layout, Protector
 from hpt.ckpt.errors import CkptError, DecodeError
 from hpt.ckpt.sink import ShmSink, SnapshotRef
-from hpt.ckpt.sources import preferred_rank
+from hpt.ckpt.sources import replica_rank
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,12 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
 
     ``adopt(rank, step, generation, nbytes)`` registers a written snapshot with the keeper.
     ``new_ranks`` and ``world_size`` (this node's ranks in the new attempt, and its world)
-    narrow a resize: when this node's old snapshots hold no sharded tensor (data-parallel
-    state: every rank holds the same model and optimizer), a new rank reads only its preferred
-    old rank (``hpt.ckpt.sources.preferred_rank``, as the rank side does), so the other old
-    ranks, a lost node's among them, are neither fetched nor decoded: the replicas that
+    narrow a resize of data-parallel state (no sharded tensor: every rank holds the same model
+    and optimizer; ``plan.replicated``, or this node's own old snapshots say so): a new rank
+    reads one replica (``hpt.ckpt.sources.replica_rank``, as the rank side does): its
+    preferred old rank when this node holds it, else the lowest old rank this node holds, else
+    its preferred one or the lowest one whose node survived, fetched whole. The other old
+    ranks, the lost nodes' among them, are neither fetched nor decoded: the replicas that
     survived are the protection.
 
     Raises:
@@ -73,17 +75,20 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     sources: dict[int, str] = {}
     need = sorted(set(plan.need_ranks))
     not_needed: list[int] = []
-    if new_ranks and world_size and world_size != plan.world_size:
-        read = {preferred_rank(r, plan.world_size) for r in new_ranks}
-        if read < set(need) and _replicated(protector, job_id, need, step):
+    owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
+    if new_ranks and world_size and world_size != plan.world_size and (
+            plan.replicated or _replicated(protector, job_id, need, step)):
+        held = {r for r in need if _held(protector, job_id, r, step)}
+        alive = {r for r in need if owners.get(r, -1) not in lost}
+        read = {replica_rank(r, plan.world_size, held, alive) for r in new_ranks}
+        if read < set(need):
             not_needed = [r for r in need if r not in read]
-            need = sorted(read & set(need))
+            need = sorted(read)
             log.info("[%s/-/%s/-] step %d: old rank(s) %s not needed here (no sharded tensor: "
                      "new ranks %s read old rank(s) %s)", job_id, protector.node, step,
                      not_needed, sorted(new_ranks), need)
     missing = [r for r in need if not _local_ok(protector, job_id, r, step)]
     sources.update({r: "local" for r in need if r not in missing})
-    owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
     by_owner: dict[int, list[int]] = {}
     for rank in missing:
         if rank not in owners:
@@ -122,6 +127,11 @@ def _replicated(protector: Protector, job_id: str, ranks: list[int], step: int) 
             return False
         held += 1
     return held > 0
+
+def _held(protector: Protector, job_id: str, rank: int, step: int) -> bool:
+    """This node's memory holds a committed snapshot of ``step`` of old rank ``rank``."""
+    sink = ShmSink(protector.prefix_of(job_id, rank), directory=protector.shm_dir)
+    return blobs.find_generation(sink, step) is not None
 
 def _local_ok(protector: Protector, job_id: str, rank: int, step: int) -> bool:
     prefix = protector.prefix_of(job_id, rank)

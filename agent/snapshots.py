@@ -65,6 +65,7 @@ class _RankSnapshots:
     nbytes: int = 0
     persist_started: dict[int, float] = field(default_factory=dict)  # step -> monotonic
     pinned: list[int] = field(default_factory=list)  # generations in the rank's pin file
+    replicated: bool | None = None  # every tensor whole (None: not read yet this attempt)
 
 
 class SnapshotKeeper:
@@ -118,6 +119,7 @@ class SnapshotKeeper:
                 entry = self._ranks[(job_id, rank)] = _RankSnapshots(self.prefix(job_id, rank))
             entry.world_size = world_size
             entry.attempt = attempt
+            entry.replicated = None  # a new attempt may shard its state differently
             entry.persist_every = persist_every if persist_dir else 0
             if persist_dir and entry.persister is None:
                 # one global checkpoint per step: every rank writes its part under the job's dir
@@ -148,6 +150,16 @@ class SnapshotKeeper:
             due = (entry.persister is not None and entry.persist_every > 0
                    and step % entry.persist_every == 0)
             self._pin(entry, self._rounds.get(job_id, set()))
+            learn = entry.replicated is None
+        if learn:  # once per attempt: the commit record's layout (a rank keeps its sharding)
+            try:
+                layout = ShmSink(entry.prefix, directory=self.shm_dir).layout(
+                    SnapshotRef(step=step, generation=generation))
+            except CkptError as exc:
+                log.warning("[%s/-/%s/%d] layout of step %d not read: %s", job_id, self.node,
+                            rank, step, exc)
+            else:
+                entry.replicated = all(e.is_replicated for e in layout.entries)
         if due:
             self._offer(job_id, rank, entry, step, generation)
 
@@ -196,6 +208,13 @@ class SnapshotKeeper:
                 return [], [], 0
             held = sorted(set(entry.generations.values()))
             return held, sorted(entry.persisted), entry.nbytes
+
+    def replicated(self, job_id: str, rank: int) -> bool:
+        """Every tensor of the rank's snapshots is whole (a data-parallel replica); False
+        until a snapshot of this attempt was read."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            return bool(entry is not None and entry.replicated)
 
     def pin_rounds(self, rounds: Iterable[tuple[str, int, int]]) -> None:
         """The controller's protection rounds now: (job, target step, newest protected step or

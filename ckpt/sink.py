@@ -374,6 +374,21 @@ class ShmSink:
             buffer=buf,
         )
 
+    def layout(self, ref: SnapshotRef) -> Layout:
+        """The layout of snapshot `ref`, from its commit record alone (the buffer is not mapped).
+        Raises RestoreError if it is no longer held, CorruptCheckpointError if unreadable."""
+        path = self.record_path(ref.generation)
+        try:
+            rec = self._load_record(path)
+        except FileNotFoundError:
+            raise RestoreError(f"snapshot of step {ref.step} is gone: no {path}") from None
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"commit record {path} is unreadable: {e}") from e
+        if rec["step"] != ref.step:
+            raise RestoreError(f"generation {ref.generation} now holds step {rec['step']}")
+        layout: Layout = rec["layout"]
+        return layout
+
     def close(self, unlink: bool = False) -> None:
         """With `unlink`, delete every file of the prefix. Mappings need no closing: each goes
         away with the last tensor that uses it (an unlinked file's memory is freed then)."""

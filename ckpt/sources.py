@@ -24,14 +24,16 @@ Resharding (Universal Checkpointing): a `RestoreTarget` says where each saved te
 new world (its `placement`: the new rank's box of the global tensor); `state_from_snapshots`
 cuts that box out of the old ranks' pieces with `restore.reshard`. Tensors that are not sharded
 come from the old rank with the same number when there is one, else from old rank 0 (so at the
-same world size every rank gets back exactly its own state, RNG and user state included).
+same world size every rank gets back exactly its own state, RNG and user state included);
+after a resize of data-parallel state whose preferred old rank was lost, from the replica the
+agent put in its place (`replica_rank`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,6 +77,35 @@ def preferred_rank(new_rank: int, old_world: int) -> int:
     return new_rank if new_rank < old_world else 0
 
 
+def replica_rank(new_rank: int, old_world: int, held: Collection[int],
+                 alive: Collection[int] = ()) -> int:
+    """The old rank a new rank reads after a resize of data-parallel state (no sharded tensor:
+    every old rank holds the same model and optimizer, so any one of them serves): its
+    preferred old rank when this node holds it, else the lowest old rank this node holds, else
+    the preferred one when its node survived (``alive``: old ranks whose node did; empty: not
+    known), else the lowest that survived. The agent fetches by this rule and the rank reads
+    by it, so both name the same snapshot."""
+    pref = preferred_rank(new_rank, old_world)
+    if pref in held:
+        return pref
+    if held:
+        return min(held)
+    if pref in alive or not alive:
+        return pref
+    return min(alive)
+
+
+def _source_rank(layouts: Mapping[int, Layout], old_world: int, target: RestoreTarget) -> int:
+    """The old rank whose unsharded tensors and plain values ``target`` gets back, among the
+    snapshots at hand: the preferred one, or after a resize of data-parallel state the
+    replica the agent put here when the preferred one was lost (``replica_rank``)."""
+    pref = preferred_rank(target.rank, old_world)
+    if (pref in layouts or not layouts or target.world_size == old_world
+            or not all(e.is_replicated for lay in layouts.values() for e in lay.entries)):
+        return pref
+    return replica_rank(target.rank, old_world, layouts)
+
+
 class RestoreSource(Protocol):
     """One place a rank's state can come from. See the module docstring."""
 
@@ -110,7 +141,7 @@ def state_from_snapshots(
     steps = {s.step for s in snapshots.values()}
     if len(steps) != 1:
         raise RestoreError(f"snapshots of different steps {sorted(steps)} cannot be combined")
-    pref = preferred_rank(target.rank, old_world)
+    pref = _source_rank({r: s.layout for r, s in snapshots.items()}, old_world, target)
     if pref not in snapshots:
         raise RestoreError(f"the snapshot of old rank {pref} (meta and unsharded state) is missing")
     main = snapshots[pref]
@@ -152,7 +183,7 @@ def needed_ranks(
     target's box of it."""
     from hpt.ckpt.restore import _intersect
 
-    pref = preferred_rank(target.rank, old_world)
+    pref = _source_rank(layouts, old_world, target)
     needed = {pref}
     boxes: dict[str, ShardInfo] = {}
     for rank, layout in layouts.items():

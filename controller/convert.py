@@ -176,6 +176,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         snapshot_steps=list(rank.snapshot_steps),
         persisted_steps=list(rank.persisted_steps),
         snapshot_bytes=rank.snapshot_bytes,
+        snapshot_replicated=rank.snapshot_replicated,
         end_cause=_END_CAUSE[rank.end_cause],
     )
     if rank.exit is not None:
@@ -198,6 +199,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_steps=tuple(msg.snapshot_steps),
         persisted_steps=tuple(msg.persisted_steps),
         snapshot_bytes=msg.snapshot_bytes,
+        snapshot_replicated=msg.snapshot_replicated,
         end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
 
@@ -410,6 +412,7 @@ def restore_to_proto(cmd: RestoreCommand, into: checkpoint_pb2.RestorePlan | Non
     msg.layout.MergeFromString(_LAYOUTS.get(cmd.layout))
     msg.lost.extend(cmd.lost)
     msg.need_ranks.extend(cmd.need_ranks)
+    msg.replicated = cmd.replicated
     return msg
 
 

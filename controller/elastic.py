@@ -127,7 +127,7 @@ def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, in
 
 def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
                    pieces: Mapping[str, set[tuple[int, int]]], alive: set[str],
-                   exclude: set[int] | None = None) -> RestoreChoice:
+                   exclude: set[int] | None = None, world_size: int = 0) -> RestoreChoice:
     """The newest step of ``previous`` every rank can restore, and from where.
 
     A node's data is available for a step when the node is alive and every rank of it still
@@ -135,9 +135,17 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
     step is recoverable when every stripe has at least k available pieces. Steps in
     ``exclude`` (an agent failed to put them in place before) are never chosen.
 
+    A resize (``world_size``, the new attempt's, differs from the previous one's) of a job
+    whose every rank reported data-parallel state (no sharded tensor) needs no parity at all:
+    any surviving replica serves any new rank (the agents read one they hold, else fetch one
+    from a surviving node), so a step one surviving node holds is recoverable however many
+    nodes were lost.
+
     Args:
         pieces: node -> {(stripe, step)} of ``previous`` it holds now (its newest report).
     """
+    replicas = (world_size and world_size != previous.world_size and previous.ranks
+                and all(r.snapshot_replicated for r in previous.ranks))
     candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
                         - (exclude or set()), reverse=True)
     gone = sorted(n for n in previous.nodes if n not in alive)
@@ -149,6 +157,10 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
         if not unavailable:
             return RestoreChoice(step, (), f"step {step} from memory (every node holds it)")
         names = ", ".join(previous.nodes[i] for i in sorted(unavailable))
+        if replicas and len(unavailable) < len(previous.nodes):
+            return RestoreChoice(step, tuple(sorted(unavailable)),
+                                 f"step {step}: from the surviving replicas (data-parallel "
+                                 f"state, no sharded tensor); {names} not needed")
         if plan is None or not plan.stripes:
             best_reason = f"{names} lost step {step} and the job is not protected"
             continue

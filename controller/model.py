@@ -344,6 +344,9 @@ class Rank:
     """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
     persisted_steps: tuple[int, ...] = ()
     snapshot_bytes: int = 0
+    snapshot_replicated: bool = False
+    """Every tensor of the rank's snapshots is whole: a data-parallel replica (any replica of
+    the job may stand in for it after a resize)."""
     end_cause: RankEndCause = RankEndCause.NONE
     """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
 
@@ -495,6 +498,8 @@ class RestoreCommand:
     layout: ProtectionPlan
     lost: tuple[int, ...]
     need_ranks: tuple[int, ...]
+    replicated: bool = False
+    """Every old rank reported data-parallel state (see ``elastic.choose_restore``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

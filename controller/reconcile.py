@@ -487,7 +487,8 @@ class Reconciler(Observe, Execute):
                 restores[node] = RestoreCommand(
                     step=restore, attempt=previous.number, world_size=previous.world_size,
                     layout=old_plan, lost=choice.lost,
-                    need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)))
+                    need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)),
+                    replicated=all(r.snapshot_replicated for r in previous.ranks))
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)
         self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())
@@ -512,7 +513,8 @@ class Reconciler(Observe, Execute):
                  if rt.node.state == NodeState.READY and rt.link is not None}
         choice = elastic.choose_restore(previous, self._plan_of(job, previous),
                                         self.pieces.held((job.id, previous.number)), alive,
-                                        exclude=self._bad_steps.get(job.id, set()))
+                                        exclude=self._bad_steps.get(job.id, set()),
+                                        world_size=len(ranks))
         if choice.step == 0:
             # the attempt before may have died before saving: older attempts' memory, same ranks
             step = catalog.restore_step(job.attempts, [(r.rank, r.node) for r in ranks])

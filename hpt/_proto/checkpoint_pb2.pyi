@@ -152,11 +152,16 @@ class RestorePlan(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
     NEED_RANKS_FIELD_NUMBER: _builtins.int
+    REPLICATED_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     attempt: _builtins.int
     """the attempt whose snapshots are restored"""
     world_size: _builtins.int
     """that attempt's world size"""
+    replicated: _builtins.bool
+    """Every old rank reported data-parallel state (no sharded tensor): after a resize any one
+    replica serves a new rank, so a node reads one it holds, else fetches one that survived.
+    """
     @_builtins.property
     def layout(self) -> Global___ProtectionLayout:
         """that attempt's layout"""
@@ -178,10 +183,11 @@ class RestorePlan(_message.Message):
         layout: Global___ProtectionLayout | None = ...,
         lost: _abc.Iterable[_builtins.int] | None = ...,
         need_ranks: _abc.Iterable[_builtins.int] | None = ...,
+        replicated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout", b"layout", "lost", b"lost", "need_ranks", b"need_ranks", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout", b"layout", "lost", b"lost", "need_ranks", b"need_ranks", "replicated", b"replicated", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

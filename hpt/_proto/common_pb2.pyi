@@ -440,6 +440,7 @@ class RankStatus(_message.Message):
     PERSISTED_STEPS_FIELD_NUMBER: _builtins.int
     SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
     END_CAUSE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_REPLICATED_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -457,6 +458,10 @@ class RankStatus(_message.Message):
     """size of one snapshot of this rank"""
     end_cause: Global___RankEndCause.ValueType
     """set by the controller when it ended the rank itself"""
+    snapshot_replicated: _builtins.bool
+    """Every tensor of the rank's newest snapshot is whole (no shard of a larger tensor): the
+    state of a data-parallel replica, which any other replica of the job holds as well.
+    """
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
     @_builtins.property
@@ -484,10 +489,11 @@ class RankStatus(_message.Message):
         persisted_steps: _abc.Iterable[_builtins.int] | None = ...,
         snapshot_bytes: _builtins.int = ...,
         end_cause: Global___RankEndCause.ValueType = ...,
+        snapshot_replicated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

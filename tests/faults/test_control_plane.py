@@ -154,21 +154,22 @@ def test_network_delay_costs_no_attempt_and_a_reset_mid_transfer_is_recovered(cp
 
 
 def test_a_restore_slower_than_the_silence_limit_keeps_the_agents_controller(cp):
-    # Every peer service sits behind a slow link. The agent running old rank 1 is killed; the
-    # survivors keep their places, so the node of old rank 2 runs new rank 1 of the shrunk
-    # world, which reads old rank 1 (data parallel: its own rank number). Rebuilding it pulls
-    # the other survivor's pieces through a slow link for longer than the 3 s an agent waits
-    # for a silent controller. The launch that waits for those pieces must not silence the
-    # stream.
-    nodes = ("node-0", "node-1", "node-2")
-    cluster = cp(agents=3, slots=1, peer_proxied=nodes)
+    # Every peer service sits behind a slow link. The agent running old rank 1 is killed; a
+    # spare node takes its place at the same world size, so it must hold old rank 1 itself
+    # (a resize of this data-parallel job would read the survivors' replicas instead).
+    # Decoding it pulls the survivors' pieces through a slow link for longer than the 3 s an
+    # agent waits for a silent controller. The launch that waits for those pieces must not
+    # silence the stream.
+    nodes = ("node-0", "node-1", "node-2", "node-3")
+    cluster = cp(agents=4, slots=1, peer_proxied=nodes)
     job_id = cluster.submit("python", TRAIN, "--steps", "100000", "--step-time", "0.1",
                             "--hidden", "512", nodes=3, procs=1, min_nodes=2,
                             redundancy="2+1")
     job = cluster.wait_job(job_id, lambda j: any(s >= 3 for s in j.attempts[-1].protected_steps),
                            90, "a protected step >= 3")
     first = job.attempts[-1]
-    victim, rebuilder = first.ranks[1].node, first.ranks[2].node
+    victim = first.ranks[1].node
+    (rebuilder,) = set(nodes) - set(first.nodes)  # the spare
     for name in nodes:
         cluster.peer_proxies[name].delay(0.1)  # ~5 s for the 3.4 MB of one node's snapshot
     cluster.kill_agent(victim)
@@ -184,7 +185,7 @@ def test_a_restore_slower_than_the_silence_limit_keeps_the_agents_controller(cp)
     assert job.attempts[1].restore_step > 0
     assert len(job.attempts) == 2, [(a.number, a.cause.message) for a in job.attempts[1:]]
     registered = [e.node for e in cluster.events() if e.kind == "node_registered"]
-    assert sorted(registered) == ["node-0", "node-1", "node-2"], registered  # nobody again
+    assert sorted(registered) == list(nodes), registered  # nobody again
     assert "silent for" not in cluster.logs()
     cluster.client.cancel(job_id)
     cluster.wait_terminal(job_id)

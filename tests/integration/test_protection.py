@@ -227,7 +227,8 @@ def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_b
     assert second.world_size == 2 and victim not in second.nodes
     source = [e.message for e in cluster.events(job_id)
               if e.kind == "restore_source" and e.attempt == second.number]
-    found = re.search(r"step (\d+): .* rebuilt from peers", source[0])
+    found = re.search(r"step (\d+): from the surviving replicas .*; node-\d not needed",
+                      source[0])
     assert found, source
     step = int(found.group(1))
     assert step >= 6
@@ -264,11 +265,17 @@ def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_b
     found = re.search(r"step (\d+) from memory", source[0])
     assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
     grown_step = int(found.group(1))
-    for old_rank in (0, 1):  # the returning node got the shrunk world's shards from peers
-        got = wait_for(lambda r=old_rank: _snapshot_files(victim, job_id, r, grown_step), 60,
-                       f"old rank {old_rank} in place on {victim}")
-        want = _snapshot_files(before.ranks[old_rank].node, job_id, old_rank, grown_step)
-        assert want is None or got[1] == want[1]
+    # the returning node runs new rank 2, which prefers old rank 0 of the world of 2: that
+    # replica comes from its peer, verified; old rank 1 is another replica, not fetched
+    got = wait_for(lambda: _snapshot_files(victim, job_id, 0, grown_step), 60,
+                   f"old rank 0 in place on {victim}")
+    want = _snapshot_files(before.ranks[0].node, job_id, 0, grown_step)
+    assert want is None or got[1] == want[1]
+    wait_for(lambda: [m for m in _events(cluster, job_id, "snapshot_rebuilt")
+                      if m.startswith(f"{victim}: step {grown_step} of old rank 0 from peer")
+                      and "old rank(s) 1 not needed" in m], 30,
+             f"{victim} saying it fetched old rank 0 only")
+    assert _snapshot_files(victim, job_id, 1, grown_step) is None
     # the grown world restores that step (resharded from 2 to 3 ranks) and trains on
     cluster.wait_job(job_id, _running(lambda j: j.attempts[grown.number - 1].first_step_at > 0
                                       or j.attempts[-1].number > grown.number),
@@ -278,10 +285,13 @@ def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_b
     cluster.wait_terminal(job_id)
 
 
-def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(shared, tmp_path) -> None:
+def test_losing_two_of_three_nodes_of_a_data_parallel_job_restores_the_last_replica(
+        shared, tmp_path) -> None:
     cluster = shared  # the last test of the module: it leaves one agent of three
     persist = tmp_path / "persist"
-    # slow steps: persisting copies a generation out before the rank reuses it
+    # parity 2+1 decodes one lost node of three, never two; the replicas need no decoding: a
+    # data-parallel job shrunk onto the last node reads that node's own replica from memory
+    # (the persisted checkpoint is older: it is the fallback, not the source)
     job_id = cluster.submit("python", TRAIN, "--steps", "100000", "--step-time", "0.2",
                             nodes=3, procs=1, min_nodes=1, persist_dir=str(persist),
                             persist_every=4)
@@ -293,8 +303,8 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(shared, tmp_
 
     job = cluster.wait_job(job_id, _running(ready), 180, "a step persisted on every rank")
     hit = job.attempts[-1]
-    survivor = hit.ranks[0].node
-    for rank in hit.ranks[1:]:
+    survivor = hit.ranks[2].node  # old rank 2: the new rank 0 it runs prefers old rank 0, lost
+    for rank in hit.ranks[:2]:
         cluster.kill_agent(rank.node)
     job = cluster.wait_job(job_id, _running(lambda j: len(j.attempts) > hit.number
                                             and j.attempts[hit.number].first_step_at > 0),
@@ -303,14 +313,21 @@ def test_losing_two_of_three_falls_back_to_the_persisted_checkpoint(shared, tmp_
     assert after.nodes == [survivor] and after.world_size == 1
     source = [e.message for e in cluster.events(job_id)
               if e.kind == "restore_source" and e.attempt == after.number]
-    assert "nothing recoverable in memory" in source[0], source
-    assert "falls back to" in source[0], source  # the persisted checkpoint, else scratch
-    # (a loaded machine may have restarted the job before the loss: its rebuilds are older)
-    assert not [e.message for e in cluster.events(job_id)
-                if e.kind == "snapshot_rebuilt" and e.attempt == after.number]
-    resumed = {int(m.group(1)) for line in cluster.client.logs(job_id)
-               if line.attempt == after.number
-               and (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}
-    assert all(step % 4 == 0 for step in resumed), resumed  # only persisted steps, never memory
+    found = re.match(r"step (\d+): from the surviving replicas", source[0])
+    assert found and "not needed" in source[0], source
+    step = int(found.group(1))
+    assert after.restore_step == step
+    rebuilt = [e.message for e in cluster.events(job_id)
+               if e.kind == "snapshot_rebuilt" and e.attempt == after.number]
+    assert rebuilt and all("from decoded" not in m and "from peer" not in m for m in rebuilt)
+    assert any(f"{survivor}: step {step}; old rank(s) 0, 1 not needed" in m
+               for m in rebuilt), rebuilt
+    # the one new rank read old rank 2's snapshot in shared memory: no disk, no older step
+    wait_for(lambda: [e for e in cluster.events(job_id)
+                      if e.kind == "restored" and e.attempt == after.number
+                      and e.message == f"restored step {step} from peers"], 30,
+             "new rank 0 restored the replica")
+    assert step in resumed_steps(cluster, job_id)
+    assert step >= max(hit.ranks[2].persisted_steps)
     cluster.client.cancel(job_id, grace_s=1.0)
     cluster.wait_terminal(job_id)

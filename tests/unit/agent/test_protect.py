@@ -265,6 +265,43 @@ def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sha
         assert rank2.files() == []
 
 
+def test_a_data_parallel_resize_reads_a_surviving_replica_when_the_preferred_one_is_lost(
+        cluster) -> None:
+    nodes = cluster(4)  # n0..n2 ran old ranks 0..2; n3 is a fresh node
+    for i, node in enumerate(nodes[:3]):
+        node.save_state(i, 7, {"w": torch.full((64,), 3.0), "rng": torch.tensor([i]),
+                               "step": 7})
+    layout = _layout(nodes[:3])
+    _protect_all(nodes[:3], layout, 7)
+    nodes[0].close()
+    nodes[1].close()
+    two_lost = checkpoint_pb2.RestorePlan(step=7, attempt=1, world_size=3, layout=layout,
+                                          lost=[0, 1], need_ranks=[0, 1, 2], replicated=True)
+    # 3 -> 1 onto n2: new rank 0 prefers old rank 0 (lost, not decodable); n2 holds old rank 2
+    got = materialise(nodes[2].protector, JOB, two_lost, lambda *a: None, new_ranks=[0],
+                      world_size=1)
+    assert got.sources == {2: "local"} and got.not_needed == (0, 1)
+    # 3 -> 2 onto n2 and the fresh n3: n3 holds nothing, so it fetches the one replica whose
+    # node survived (old rank 2 from n2), neither the lost ones nor a decode
+    adopted: list[tuple[int, ...]] = []
+    got = materialise(nodes[3].protector, JOB, two_lost, lambda *a: adopted.append(a),
+                      new_ranks=[1], world_size=2)
+    assert got.sources == {2: "peer"} and got.not_needed == (0, 1)
+    assert [a[0] for a in adopted] == [2]
+    assert (bytes(_record(nodes[3], 2, 7).buffer.numpy())
+            == bytes(_record(nodes[2], 2, 7).buffer.numpy()))
+    # the rank side picks the same replica from what this node now holds
+    from hpt.ckpt.sources import RestoreTarget, ShardRef, ShardSetSource, SourceUnavailable
+    source = ShardSetSource(7, 3, str(nodes[3].dir), {2: ShardRef(
+        nodes[3].keeper.prefix(JOB, 2), blobs.find_generation(ShmSink(
+            nodes[3].keeper.prefix(JOB, 2), directory=str(nodes[3].dir)), 7))})
+    state = source.load(7, RestoreTarget(rank=1, world_size=2))
+    assert state["rng"].tolist() == [2] and state["w"].eq(3.0).all()
+    # at the same world size a replica never stands in: new rank 0 needs old rank 0 itself
+    with pytest.raises(SourceUnavailable, match=r"old rank\(s\) \[0\]"):
+        source.load(7, RestoreTarget(rank=0, world_size=3))
+
+
 def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
     nodes = cluster(2)
     for i, node in enumerate(nodes):

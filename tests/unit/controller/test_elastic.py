@@ -17,8 +17,9 @@ from hpt.controller.model import Attempt, Job, JobSpec, Rank
 
 
 def _attempt(nodes: list[str], steps: dict[str, tuple[int, ...]], first_step_at: float = 1.0,
-             ppn: int = 1) -> Attempt:
-    ranks = [Rank(rank=i * ppn + j, local_rank=j, node=n, snapshot_steps=steps.get(n, ()))
+             ppn: int = 1, replicated: bool = False) -> Attempt:
+    ranks = [Rank(rank=i * ppn + j, local_rank=j, node=n, snapshot_steps=steps.get(n, ()),
+                  snapshot_replicated=replicated)
              for i, n in enumerate(nodes) for j in range(ppn)]
     return Attempt(number=1, nodes=list(nodes), master_addr="127.0.0.1", master_port=1,
                    world_size=len(ranks), ranks=ranks, first_step_at=first_step_at)
@@ -133,6 +134,32 @@ def test_a_step_whose_parity_was_overwritten_is_not_recoverable() -> None:
     assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 6
     held = _held({5})
     assert choose_restore(prev, _plan(prev.nodes), held, {"a", "c"}).step == 5
+
+
+def test_a_data_parallel_shrink_reads_the_surviving_replicas_however_many_nodes_were_lost() -> None:
+    prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"}, replicated=True)
+    # two of three lost: no stripe decodes, but one replica is left and the world shrinks
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"c"}, world_size=1)
+    assert (choice.step, choice.lost) == (5, (0, 1))
+    assert "surviving replicas" in choice.source and "a, b not needed" in choice.source
+    # unprotected too: the replicas are the protection
+    assert choose_restore(prev, None, {}, {"a"}, world_size=1).step == 5
+    # one lost, decodable: still no decode, the survivors' replicas serve
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"a", "c"}, world_size=2)
+    assert (choice.step, choice.lost) == (5, (1,)) and "surviving replicas" in choice.source
+
+
+def test_replicas_do_not_stand_in_at_the_same_world_size_or_for_sharded_state() -> None:
+    # same world size: each new rank resumes its own old rank bitwise, so b must be decoded
+    prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"}, replicated=True)
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4}), {"a", "c", "d"}, world_size=3)
+    assert (choice.step, choice.lost) == (4, (1,)) and "parity 2+1" in choice.source
+    # one rank of the job holds a shard: every lost node must be decodable
+    prev.ranks[2].snapshot_replicated = False
+    assert choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"c"}, world_size=1).step == 0
+    # nothing survives: nothing to read
+    prev = _attempt(["a", "b"], {n: (5,) for n in "ab"}, replicated=True)
+    assert choose_restore(prev, None, {}, set(), world_size=1).step == 0
 
 
 def test_unprotected_job_losing_a_node_restarts_without_memory() -> None:
