@@ -155,11 +155,13 @@ class SnapshotKeeper:
             try:
                 layout = ShmSink(entry.prefix, directory=self.shm_dir).layout(
                     SnapshotRef(step=step, generation=generation))
-            except CkptError as exc:
-                log.warning("[%s/-/%s/%d] layout of step %d not read: %s", job_id, self.node,
-                            rank, step, exc)
+            except CkptError as exc:  # (overwritten meanwhile: the next commit tells)
+                log.debug("[%s/-/%s/%d] layout of step %d not read: %s", job_id, self.node,
+                          rank, step, exc)
             else:
-                entry.replicated = all(e.is_replicated for e in layout.entries)
+                # (no tensor at all: plain values only, which may differ per rank)
+                entry.replicated = bool(layout.entries) and all(
+                    e.is_replicated for e in layout.entries)
         if due:
             self._offer(job_id, rank, entry, step, generation)
 

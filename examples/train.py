@@ -7,6 +7,12 @@ model, optimizer (Adam), the data position and every RNG after each step; after 
 next attempt resumes from the newest snapshot complete on every rank. Rank 0 prints the
 SHA-256 of the final model and optimizer state so runs can be compared bit for bit.
 
+``--shard`` keeps parameters and optimizer state sharded the way ZeRO-3 and FSDP do: every
+parameter flattened into one vector, each rank holding and updating only its slice (declared to
+the checkpointer with ``shards=``), the slices gathered back into the model before each
+forward. A node lost then takes state no other node holds: it is decoded from parity, and a
+resize cuts the old slices into the new world's.
+
     hptctl submit -n 2 -p 2 -- python examples/train.py --steps 40
 """
 
@@ -22,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import hpt
+from hpt.ckpt import ShardInfo
 
 
 def build_model(seed: int, hidden: int = 64) -> torch.nn.Module:
@@ -58,6 +65,64 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(flat.data_ptr(), flat.numel() * flat.element_size())
 
 
+class FlatShard(torch.nn.Module):
+    """This rank's slice of ``model``'s parameters flattened into one vector (ZeRO-3/FSDP):
+    the optimizer updates the slice; ``load_into_model`` gathers every rank's slice back into
+    the model's parameters, ``reduce_grads`` averages the model's gradients and keeps the
+    slice's part. Slices are as even as the world allows (the first ranks' may be one
+    shorter)."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, world: int) -> None:
+        super().__init__()
+        self._model = [model]  # (a list: the model is not part of this module's state)
+        self.rank, self.world = rank, world
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        self.total = flat.numel()
+        self.bounds = [self.total * r // world for r in range(world + 1)]
+        lo, hi = self.bounds[rank], self.bounds[rank + 1]
+        self.flat = torch.nn.Parameter(flat[lo:hi].clone())
+
+    def shards(self) -> dict[str, ShardInfo]:
+        lo = self.bounds[self.rank]
+        return {"flat": ShardInfo((self.total,), (lo,), (self.flat.numel(),))}
+
+    def gather(self, piece: torch.Tensor) -> torch.Tensor:
+        """The whole vector whose slice on this rank is ``piece`` (a collective)."""
+        if self.world == 1:
+            return piece.detach().clone()
+        sizes = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
+        padded = torch.zeros(max(sizes), dtype=piece.dtype)
+        padded[:piece.numel()] = piece.detach()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    def load_into_model(self) -> None:
+        whole = self.gather(self.flat)
+        with torch.no_grad():
+            at = 0
+            for p in self._model[0].parameters():
+                p.copy_(whole[at:at + p.numel()].view_as(p))
+                at += p.numel()
+
+    def reduce_grads(self) -> None:
+        grad = torch.cat([p.grad.reshape(-1) for p in self._model[0].parameters()])
+        if self.world > 1:
+            dist.all_reduce(grad)
+            grad /= self.world
+        self.flat.grad = grad[self.bounds[self.rank]:self.bounds[self.rank + 1]].clone()
+
+    def digest(self, opt: torch.optim.Optimizer) -> str:
+        """SHA-256 of the whole vector and the whole optimizer state (a collective)."""
+        h = hashlib.sha256(tensor_bytes(self.gather(self.flat)))
+        for key, value in sorted(opt.state[self.flat].items()):
+            whole = (self.gather(value) if torch.is_tensor(value)
+                     and value.shape == self.flat.shape else torch.as_tensor(value))
+            h.update(key.encode())
+            h.update(tensor_bytes(whole))
+        return h.hexdigest()
+
+
 def state_digest(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -79,6 +144,8 @@ def main() -> None:
     parser.add_argument("--no-ckpt", action="store_true", help="do not snapshot")
     parser.add_argument("--save-every", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
+    parser.add_argument("--shard", action="store_true",
+                        help="shard parameters and optimizer state across the ranks (ZeRO-3)")
     parser.add_argument("--first-step-file", default="",
                         help="rank 0 appends '<restart count> <wall time>' after its first step "
                         "(benchmarks compare runners with it)")
@@ -86,28 +153,37 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ctx = hpt.init()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     model = build_model(args.seed, args.hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    shard = FlatShard(model, ctx.rank, world) if args.shard else None
+    saved: torch.nn.Module = shard if shard is not None else model
+    opt = torch.optim.Adam(saved.parameters(), lr=0.01)
     position = DataPosition()
     torch.manual_seed(args.seed * 7919 + ctx.rank)  # dropout masks differ per rank
     ckpt = None
     start = 0
     if not args.no_ckpt:
-        ckpt = hpt.Checkpointer(model, opt, extra_state={"data": position},
-                                every=args.save_every)
+        ckpt = hpt.Checkpointer(saved, opt, extra_state={"data": position},
+                                every=args.save_every,
+                                shards=shard.shards() if shard is not None else None)
         start = ckpt.restore()
         if start:
             print(f"rank {ctx.rank} resumed at step {start}", flush=True)
-    world = dist.get_world_size() if dist.is_initialized() else 1
     for step in range(start, args.steps):
         started = time.monotonic()
         assert position.samples_seen == step * 64, "data position must match the step"
         x, y = batch(args.seed, step, ctx.rank)
         position.samples_seen += x.shape[0]
+        if shard is not None:
+            shard.load_into_model()
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
+        if shard is not None:
+            model.zero_grad()  # (the model's parameters are not the optimizer's)
         loss.backward()
-        if world > 1:
+        if shard is not None:
+            shard.reduce_grads()
+        elif world > 1:
             for p in model.parameters():
                 dist.all_reduce(p.grad)
                 p.grad /= world
@@ -128,8 +204,9 @@ def main() -> None:
     with hpt.section("finish", timeout=300):
         if ckpt is not None:
             ckpt.close()
+        digest = shard.digest(opt) if shard is not None else state_digest(model, opt)
         if ctx.rank == 0:
-            print(f"final sha256 {state_digest(model, opt)}", flush=True)
+            print(f"final sha256 {digest}", flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
 

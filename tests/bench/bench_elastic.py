@@ -10,7 +10,10 @@
   ranks make while a protection round is in flight. ``first_protected_s``: from the attempt's
   first step to its first protected step (the window in which a node loss falls back to disk).
   ``--load N`` runs N busy loops beside the cluster (a loaded machine: heartbeats of different
-  nodes arrive further out of phase).
+  nodes arrive further out of phase). ``--lose 1,2``: also kill two agents at once (those of
+  ranks 0 and 1: the node of old rank 2 goes on alone, reading its own replica although new
+  rank 0 prefers old rank 0; parity 2+1 cannot decode two lost nodes, the data-parallel
+  replicas need no decoding). Each count is measured in the same run, 1 being the baseline.
 - ``step_time_protected``: the same 3-node job, wall time per step from the first step to the
   end, protected (2+1, every step) against unprotected (``--redundancy off``) in the same run.
 Every figure is the median of ``--runs`` runs.
@@ -41,15 +44,16 @@ def warm_ready(cluster: LocalCluster) -> bool:
     return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
 
 
-def node_kill(runs: int, hidden: int,
-              step_s: float) -> tuple[list[float], list[int], list[float]]:
+def node_kill(runs: int, hidden: int, step_s: float,
+              lose: int = 1) -> tuple[list[float], list[int], list[float]]:
     took, lost, first_protected = [], [], []
     job = ["python", TRAIN, "--steps", "100000", "--step-time", str(step_s), "--hidden",
            str(hidden)]
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), agents=3, slots=1,
                                                                 warm=True) as cluster:
-            job_id = cluster.submit(*job, nodes=3, procs=1, min_nodes=2, redundancy="2+1")
+            job_id = cluster.submit(*job, nodes=3, procs=1, min_nodes=3 - lose,
+                                    redundancy="2+1")
             protected = cluster.wait_job(job_id, lambda j: bool(
                 j.attempts and j.attempts[0].first_step_at and j.attempts[0].protected_steps),
                 180, "a protected step")
@@ -58,17 +62,21 @@ def node_kill(runs: int, hidden: int,
                              180, "protected step >= 5")
             wait_for(lambda c=cluster: warm_ready(c), 180, "warm pools full", poll_s=0.1)
             before = cluster.job(job_id).attempts[0]
-            victim = before.ranks[2].node
+            victims = [before.ranks[2].node] if lose == 1 else [r.node for r in before.ranks[:lose]]
             killed = time.time()
-            cluster.kill_agent(victim)
+            for victim in victims:
+                cluster.kill_agent(victim)
             reached = max(r.step for r in cluster.job(job_id).attempts[0].ranks)
-            after = cluster.wait_job(job_id, lambda j: len(j.attempts) > 1
-                                     and j.attempts[1].first_step_at > 0, 180, "shrunk stepping")
+            # (two losses seen one heartbeat apart may cost an attempt on two nodes first)
+            job = cluster.wait_job(job_id, lambda j: any(
+                a.world_size == 3 - lose and a.first_step_at > 0 for a in j.attempts[1:]),
+                180, "shrunk stepping")
+            after = next(a for a in job.attempts[1:] if a.world_size == 3 - lose)
             source = next(e.message for e in cluster.events(job_id)
-                          if e.kind == "restore_source")
+                          if e.kind == "restore_source" and e.attempt == after.number)
             match = re.search(r"step (\d+)", source)
             restored = int(match.group(1)) if match else 0
-            took.append(after.attempts[1].first_step_at - killed)
+            took.append(after.first_step_at - killed)
             lost.append(reached - restored)
             cluster.client.cancel(job_id)
             cluster.wait_terminal(job_id)
@@ -100,16 +108,20 @@ def main() -> None:
                         help="comma-separated seconds per step of the node-kill job")
     parser.add_argument("--load", type=int, default=0,
                         help="busy-loop processes beside the node-kill runs")
+    parser.add_argument("--lose", default="1",
+                        help="comma-separated numbers of nodes killed at once (1 or 2 of 3)")
     parser.add_argument("--no-step-time", action="store_true",
                         help="skip the protected vs unprotected step time")
     args = parser.parse_args()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(args.load)]
     try:
-        for step_s in (float(v) for v in args.step_times.split(",") if v):  # "": none
-            took, lost, first = node_kill(args.runs, args.hidden, step_s)
+        kills = [(float(v), int(n)) for v in args.step_times.split(",") if v  # "": none
+                 for n in args.lose.split(",")]
+        for step_s, lose in kills:
+            took, lost, first = node_kill(args.runs, args.hidden, step_s, lose)
             print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
-                              "load": args.load, "runs": len(took),
+                              "lost_nodes": lose, "load": args.load, "runs": len(took),
                               "median_s": round(statistics.median(took), 3),
                               "values_s": [round(v, 3) for v in took],
                               "steps_lost_median": statistics.median(lost), "steps_lost": lost,

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
+from hpt.ckpt import fmt
 from tests.integration.cluster import (
     TERMINAL_STATES,
     TRAIN,
@@ -38,6 +40,8 @@ SLOW_JOB = ["python", TRAIN, "--steps", str(STEPS), "--step-time", "0.15"]
 rounds first reach the step a test waits for."""
 ENDLESS = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05"]
 """A job the test cancels once it has seen what it checks."""
+SHARDED = ["python", TRAIN, "--shard", "--steps", str(STEPS)]
+"""The example with parameters and optimizer state sharded across the ranks (ZeRO-3)."""
 
 
 def final_sha(cluster: LocalCluster, job_id: str) -> str:
@@ -209,6 +213,52 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(s
     assert any(f"step {step} of old rank 1 from decoded" in m for m in rebuilt), rebuilt
     assert _first_resume(cluster, job_id) == step
     assert final_sha(cluster, job_id) == cluster.clean_sha
+
+
+def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_disk_does(
+        shared, tmp_path) -> None:
+    cluster = shared
+    job_id = cluster.submit(*SHARDED, "--step-time", "0.15", nodes=3, procs=1, min_nodes=2,
+                            redundancy="2+1")
+    job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
+    first = job.attempts[-1]
+    cluster.kill_agent(first.ranks[1].node)  # its slice is on no other node: only parity has it
+    job = cluster.wait_terminal(job_id, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    shrunk = next(a for a in job.attempts[first.number:] if a.world_size == 2)
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == shrunk.number]
+    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
+    assert found, source
+    step = int(found.group(1))
+    # new rank 0 holds old slice 0 and the first half of old slice 1, new rank 1 the rest:
+    # both survivors decode old rank 1 (nothing is "not needed" with sharded state)
+    rebuilt = [m for m in _events(cluster, job_id, "snapshot_rebuilt") if f"step {step} " in m]
+    assert len([m for m in rebuilt if "rank 1 from decoded" in m]) == 2, rebuilt
+    assert not [m for m in rebuilt if "not needed" in m], rebuilt
+    assert _first_resume(cluster, job_id) == step
+    # the reference: the same job to that step on 3 nodes, persisted there, then on 2 nodes
+    # from that checkpoint (cut into 2 slices from disk): the same state, bit for bit
+    persist = tmp_path / "reference"
+    restore_shape(cluster, ready_timeout_s=240)  # the killed agent back: three nodes again
+
+    def published() -> set[int]:
+        return ({s for p in persist.iterdir() if (s := fmt.parse_step_dir(p.name)) is not None
+                 and (p / fmt.MANIFEST_NAME).is_file()} if persist.is_dir() else set())
+
+    ref = cluster.submit("python", TRAIN, "--shard", "--steps", str(step + 10), "--step-time",
+                         "0.15", nodes=3, procs=1, persist_dir=str(persist),
+                         persist_every=step)
+    done = cluster.wait_terminal(ref, 300)
+    assert state_name(done.state) == "SUCCEEDED", done.reason
+    assert step in published(), sorted(published())
+    for newer in published() - {step}:  # (2 x step may be within its steps too)
+        shutil.rmtree(persist / fmt.step_dir_name(newer))
+    ref = cluster.submit(*SHARDED, "--step-time", "0", nodes=2, procs=1,
+                         persist_dir=str(persist), persist_every=10 * STEPS)
+    assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
+    assert resumed_steps(cluster, ref) == {step}
+    assert final_sha(cluster, ref) == final_sha(cluster, job_id)
 
 
 def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_back(

@@ -8,7 +8,7 @@ import pytest
 
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.ckpt import fmt
-from hpt.ckpt.sink import ShmSink
+from hpt.ckpt.sink import ShmSink, SnapshotRef
 
 
 def test_snapshot_names_carry_the_owning_agent_instance(tmp_path):
@@ -29,6 +29,33 @@ def test_reported_steps_follow_commits_and_discards(tmp_path):
     with pytest.raises(ValueError, match="unknown rank"):
         keeper.committed("j", 7, 1, 0)
 
+
+
+def test_a_rank_is_reported_a_replica_only_when_no_tensor_of_its_snapshot_is_a_shard(tmp_path):
+    import torch
+
+    from hpt.ckpt.engine import SnapshotEngine
+    from hpt.ckpt.layout import ShardInfo
+
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    states = {0: ({"w": torch.ones(8), "step": 3}, None),
+              1: ({"w": torch.ones(8)}, {"w": ShardInfo((16,), (8,), (8,))}),
+              2: ({"step": 3}, None)}  # plain values only: they may differ per rank
+    for rank, (state, shards) in states.items():
+        keeper.prepare("j", rank, world_size=3, persist_dir="", persist_every=0,
+                       keep_persisted=3)
+        assert not keeper.replicated("j", rank)  # nothing read yet
+        engine = SnapshotEngine(ShmSink(keeper.prefix("j", rank), directory=str(tmp_path)))
+        engine.save(3, state, shards=shards)
+        engine.close()
+        keeper.committed("j", rank, 3, 0, 64)
+    assert [keeper.replicated("j", r) for r in (0, 1, 2)] == [True, False, False]
+    # (rank 1's record is readable: it is its shard that makes it no replica)
+    layout = ShmSink(keeper.prefix("j", 1), directory=str(tmp_path)).layout(SnapshotRef(3, 0))
+    assert [e.is_replicated for e in layout.entries] == [False]
+    keeper.prepare("j", 0, world_size=3, persist_dir="", persist_every=0, keep_persisted=3)
+    assert not keeper.replicated("j", 0)  # a new attempt is read again
+    keeper.release("j")
 
 
 def test_a_round_pins_its_target_and_the_newest_protected_step_on_every_rank(tmp_path):
