@@ -527,6 +527,8 @@ def protection_of(job: common_pb2.Job) -> dict[str, Any]:
         "memory_ratio": (state + attempt.parity_bytes) / state if state else None,
         "expected_ratio": expected,
         "protected_steps": sorted(attempt.protected_steps, reverse=True),
+        # every rank a data-parallel replica: a resize reads a survivor's replica, no parity
+        "replicated": bool(attempt.ranks) and all(r.snapshot_replicated for r in attempt.ranks),
     }
 
 

@@ -281,6 +281,9 @@ def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
         click.echo(f"protection {p['redundancy']}: per node {p['state_bytes_per_node'] / 2**20:.1f}"
                    f" MiB state + {p['parity_bytes_per_node'] / 2**20:.1f} MiB parity per "
                    f"generation = {ratio}{expected}")
+        if p["replicated"]:
+            click.echo("data parallel (no sharded tensor): a resize reads the survivors' "
+                       "replicas, whatever the number of nodes lost while one survives")
 
 
 def _warn_store_degraded(store: Any) -> None:

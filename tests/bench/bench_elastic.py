@@ -4,10 +4,10 @@
 
 - ``node_kill_to_first_step_shrunk``: three agents (warm interpreters, one rank each), a job
   ``--nodes 2:3`` protected 2+1; SIGKILL the agent of rank 2 -> first step of the attempt on
-  the two survivors, with the lost node's state rebuilt from parity; ``steps_lost`` = the
-  newest step any rank had reached before the kill minus the step restored. Once per step
-  time of ``--step-times``: how many steps a node loss costs depends on how many steps the
-  ranks make while a protection round is in flight. ``first_protected_s``: from the attempt's
+  the two survivors (the example is data parallel: each survivor reads its own replica, the
+  lost node is not decoded); ``steps_lost`` = the newest step any rank of the first attempt
+  reported (the survivors' last reports included) minus the step restored. Once per step
+  time of ``--step-times``. ``first_protected_s``: from the attempt's
   first step to its first protected step (the window in which a node loss falls back to disk).
   ``--load N`` runs N busy loops beside the cluster (a loaded machine: heartbeats of different
   nodes arrive further out of phase). ``--lose 1,2``: also kill two agents at once (those of
@@ -66,12 +66,14 @@ def node_kill(runs: int, hidden: int, step_s: float,
             killed = time.time()
             for victim in victims:
                 cluster.kill_agent(victim)
-            reached = max(r.step for r in cluster.job(job_id).attempts[0].ranks)
             # (two losses seen one heartbeat apart may cost an attempt on two nodes first)
-            job = cluster.wait_job(job_id, lambda j: any(
+            now = cluster.wait_job(job_id, lambda j: any(
                 a.world_size == 3 - lose and a.first_step_at > 0 for a in j.attempts[1:]),
                 180, "shrunk stepping")
-            after = next(a for a in job.attempts[1:] if a.world_size == 3 - lose)
+            after = next(a for a in now.attempts[1:] if a.world_size == 3 - lose)
+            # the newest step a rank of the first attempt reported, read once the survivors'
+            # last reports are in (read at the kill, heartbeats not yet sent lag behind)
+            reached = max(r.step for r in now.attempts[0].ranks)
             source = next(e.message for e in cluster.events(job_id)
                           if e.kind == "restore_source" and e.attempt == after.number)
             match = re.search(r"step (\d+)", source)

@@ -41,3 +41,8 @@ def test_ckpt_ls_marks_protected_steps_and_reports_memory_per_node() -> None:
     p = hc.protection_of(job)
     assert (p["state_bytes_per_node"], p["parity_bytes_per_node"]) == (1000, 500)
     assert p["memory_ratio"] == 1.5 and p["expected_ratio"] == 1.5
+    assert not p["replicated"]
+    for replicas, said in ((2, False), (3, True)):  # every rank a replica, or it is not said
+        for i, r in enumerate(job.attempts[0].ranks):
+            r.snapshot_replicated = i < replicas
+        assert hc.protection_of(job)["replicated"] is said
