@@ -146,7 +146,7 @@ def test_controller_metrics_endpoint_passes_promtool(shared_cluster):
         done = grew(text, 'hpt_jobs{state="succeeded"}') == 1.0 and 'kind="hang"' in text
         return text if done and grew(text, 'hpt_recovery_seconds_count{kind="hang"}') else None
 
-    text = wait_for(scrape, 10, "recovery recorded in /metrics", poll_s=0.5)
+    text = wait_for(scrape, 60, "recovery recorded in /metrics", poll_s=0.5)
     check = subprocess.run(
         ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
     )
