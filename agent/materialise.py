@@ -60,8 +60,8 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     narrow a resize of data-parallel state (no sharded tensor: every rank holds the same model
     and optimizer; ``plan.replicated``, or this node's own old snapshots say so): a new rank
     reads one replica (``hpt.ckpt.sources.replica_rank``, as the rank side does): its
-    preferred old rank when this node holds it, else the lowest old rank this node holds, else
-    its preferred one or the lowest one whose node survived, fetched whole. The other old
+    preferred old rank when this node holds it, else one this node holds, else its preferred
+    one or the lowest one whose node survived, fetched whole. The other old
     ranks, the lost nodes' among them, are neither fetched nor decoded: the replicas that
     survived are the protection.
 

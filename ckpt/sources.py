@@ -81,15 +81,18 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
                  alive: Collection[int] = ()) -> int:
     """The old rank a new rank reads after a resize of data-parallel state (no sharded tensor:
     every old rank holds the same model and optimizer, so any one of them serves): its
-    preferred old rank when this node holds it, else the lowest old rank this node holds, else
-    the preferred one when its node survived (``alive``: old ranks whose node did; empty: not
-    known), else the lowest that survived. The agent fetches by this rule and the rank reads
-    by it, so both name the same snapshot."""
+    preferred old rank when this node holds it, else one this node holds (spread by the new
+    rank's number, so new ranks of one node take distinct replicas, and their RNG streams,
+    while there are enough), else the preferred one when its node survived (``alive``: old
+    ranks whose node did; empty: not known), else the lowest that survived. The agent fetches
+    by this rule; the rank applies it to what the agent left in memory (``held``: what the
+    agent held, or when it held none, what it fetched), so the rank's pick is always there,
+    and verified when read."""
     pref = preferred_rank(new_rank, old_world)
     if pref in held:
         return pref
     if held:
-        return min(held)
+        return sorted(held)[new_rank % len(held)]
     if pref in alive or not alive:
         return pref
     return min(alive)

@@ -188,3 +188,23 @@ def test_a_shard_set_of_another_world_size_reshards_by_global_offset(shm_prefix:
     finally:
         for p in prefixes:
             ShmSink.remove(p)
+
+
+def test_a_replica_stands_in_for_a_lost_preferred_rank_that_the_rank_then_finds() -> None:
+    from hpt.ckpt.sources import replica_rank
+
+    # its own old rank when held: at the same number every rank keeps its own state
+    assert replica_rank(1, 4, held={1, 3}) == 1
+    # old ranks 0 and 1 lost, old ranks 2 and 3 held here: new ranks 0 and 1 take one each
+    assert [replica_rank(r, 4, held={2, 3}) for r in (0, 1)] == [2, 3]
+    # nothing held (a fresh node): the preferred one if its node survived, else the lowest
+    # survivor, which is also the lowest of what the agent then fetched for the rank to read
+    assert replica_rank(0, 4, held=set(), alive={0, 3}) == 0
+    assert replica_rank(1, 4, held=set(), alive={0, 3}) == 0
+    fetched = {replica_rank(r, 4, held=set(), alive={2, 3}) for r in (0, 1, 2)}
+    assert fetched == {2} and all(replica_rank(r, 4, held=fetched) == 2 for r in (0, 1, 2))
+    # whatever the agent fetched, a rank picks among it
+    fetched = {replica_rank(r, 4, held=set(), alive={0, 3}) for r in (1, 3)}
+    assert fetched == {0, 3} and all(replica_rank(r, 4, held=fetched) in fetched for r in (1, 3))
+    # a new rank past the old world prefers old rank 0
+    assert replica_rank(5, 4, held={0, 2}) == 0
