@@ -123,8 +123,8 @@ def _replicated(protector: Protector, job_id: str, ranks: list[int], step: int) 
             snap = sink.read(SnapshotRef(step=step, generation=generation))
         except (OSError, ValueError, CkptError):
             continue
-        if not snap.layout.entries or not all(e.is_replicated for e in snap.layout.entries):
-            return False  # (no tensor at all: plain values only, which may differ per rank)
+        if not snap.layout.is_replica:
+            return False
         held += 1
     return held > 0
 

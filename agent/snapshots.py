@@ -159,9 +159,7 @@ class SnapshotKeeper:
                 log.debug("[%s/-/%s/%d] layout of step %d not read: %s", job_id, self.node,
                           rank, step, exc)
             else:
-                # (no tensor at all: plain values only, which may differ per rank)
-                entry.replicated = bool(layout.entries) and all(
-                    e.is_replicated for e in layout.entries)
+                entry.replicated = layout.is_replica
         if due:
             self._offer(job_id, rank, entry, step, generation)
 

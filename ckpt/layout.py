@@ -260,6 +260,13 @@ class Layout:
             object.__setattr__(self, "_digest", hashlib.sha256(blob.encode()).hexdigest())
         return self._digest
 
+    @property
+    def is_replica(self) -> bool:
+        """Every tensor is whole, none a shard of a larger one: a data-parallel replica, whose
+        state any other replica of the job holds too. A layout without tensors is none (plain
+        values only, which may differ per rank)."""
+        return bool(self.entries) and all(e.is_replicated for e in self.entries)
+
     def __len__(self) -> int:
         return len(self.entries)
 

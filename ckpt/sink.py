@@ -344,19 +344,7 @@ class ShmSink:
         return sorted(refs, key=lambda r: r.step, reverse=True)
 
     def read(self, ref: SnapshotRef) -> Snapshot:
-        path = self.record_path(ref.generation)
-        try:
-            rec = self._load_record(path)
-        except FileNotFoundError:
-            raise RestoreError(
-                f"snapshot of step {ref.step} (generation {ref.generation}) is gone: no {path}"
-            ) from None
-        except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"commit record {path} is unreadable: {e}") from e
-        if rec["step"] != ref.step:
-            raise RestoreError(
-                f"generation {ref.generation} now holds step {rec['step']}, not step {ref.step}"
-            )
+        rec = self._record_of(ref)
         layout: Layout = rec["layout"]
         if layout.total_bytes == 0:
             buf = torch.empty(0, dtype=torch.uint8)
@@ -377,17 +365,25 @@ class ShmSink:
     def layout(self, ref: SnapshotRef) -> Layout:
         """The layout of snapshot `ref`, from its commit record alone (the buffer is not mapped).
         Raises RestoreError if it is no longer held, CorruptCheckpointError if unreadable."""
+        layout: Layout = self._record_of(ref)["layout"]
+        return layout
+
+    def _record_of(self, ref: SnapshotRef) -> dict[str, Any]:
+        """The validated commit record of `ref`; raises as `read` does."""
         path = self.record_path(ref.generation)
         try:
             rec = self._load_record(path)
         except FileNotFoundError:
-            raise RestoreError(f"snapshot of step {ref.step} is gone: no {path}") from None
+            raise RestoreError(
+                f"snapshot of step {ref.step} (generation {ref.generation}) is gone: no {path}"
+            ) from None
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(f"commit record {path} is unreadable: {e}") from e
         if rec["step"] != ref.step:
-            raise RestoreError(f"generation {ref.generation} now holds step {rec['step']}")
-        layout: Layout = rec["layout"]
-        return layout
+            raise RestoreError(
+                f"generation {ref.generation} now holds step {rec['step']}, not step {ref.step}"
+            )
+        return rec
 
     def close(self, unlink: bool = False) -> None:
         """With `unlink`, delete every file of the prefix. Mappings need no closing: each goes

@@ -104,7 +104,7 @@ def _source_rank(layouts: Mapping[int, Layout], old_world: int, target: RestoreT
     replica the agent put here when the preferred one was lost (``replica_rank``)."""
     pref = preferred_rank(target.rank, old_world)
     if (pref in layouts or not layouts or target.world_size == old_world
-            or not all(e.is_replicated for lay in layouts.values() for e in lay.entries)):
+            or not all(lay.is_replica for lay in layouts.values())):
         return pref
     return replica_rank(target.rank, old_world, layouts)
 

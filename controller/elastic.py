@@ -125,6 +125,11 @@ def protected_steps(plan: ProtectionPlan, pieces: Mapping[str, set[tuple[int, in
     return steps or set()
 
 
+def replicated(attempt: Attempt) -> bool:
+    """Every rank of ``attempt`` reported data-parallel state (no sharded tensor)."""
+    return bool(attempt.ranks) and all(r.snapshot_replicated for r in attempt.ranks)
+
+
 def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
                    pieces: Mapping[str, set[tuple[int, int]]], alive: set[str],
                    exclude: set[int] | None = None, world_size: int = 0) -> RestoreChoice:
@@ -144,8 +149,7 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
     Args:
         pieces: node -> {(stripe, step)} of ``previous`` it holds now (its newest report).
     """
-    replicas = (world_size and world_size != previous.world_size and previous.ranks
-                and all(r.snapshot_replicated for r in previous.ranks))
+    replicas = world_size and world_size != previous.world_size and replicated(previous)
     candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
                         - (exclude or set()), reverse=True)
     gone = sorted(n for n in previous.nodes if n not in alive)

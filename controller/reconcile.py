@@ -482,13 +482,14 @@ class Reconciler(Observe, Execute):
         job.deadline_at = 0.0
         restores: dict[str, RestoreCommand] = {}
         if old_plan is not None and previous is not None:
+            replicas = elastic.replicated(previous)
             for node in nodes:
                 here = [r.rank for r in attempt.ranks_on(node)]
                 restores[node] = RestoreCommand(
                     step=restore, attempt=previous.number, world_size=previous.world_size,
                     layout=old_plan, lost=choice.lost,
                     need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size)),
-                    replicated=all(r.snapshot_replicated for r in previous.ranks))
+                    replicated=replicas)
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)
         self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())
