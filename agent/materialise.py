@@ -31,7 +31,9 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
+from hpt.agent.peers import PieceUnavailable
 from hpt.agent.protect import Layout, Protector
+from hpt.ckpt.checksum import block_checksums
 from hpt.ckpt.errors import CkptError, DecodeError
 from hpt.ckpt.sink import ShmSink, SnapshotRef
 from hpt.ckpt.sources import replica_rank
@@ -230,9 +232,54 @@ def rebuild(protector: Protector, job_id: str, attempt: int, layout: Layout, tar
                 if stripe not in retry:
                     decoder.check(step)
             todo = retry
-        assembly.commit(adopt)
+        assembly.commit(adopt, lambda part, buf: _fill(protector, job_id, attempt, layout,
+                                                       step, lost | {target}, part, buf))
     finally:
         assembly.close()
+
+def _fill(protector: Protector, job_id: str, attempt: int, layout: Layout, step: int,
+          gone: set[int], part: blobs.Part, buf: torch.Tensor) -> None:
+    """Copy into ``buf`` the blocks of ``part`` its thin blob left out, each from a surviving
+    replica of ``step`` whose same block has the checksum the blob recorded: this node's
+    own ranks first, then the rank it was compared with, then the others (whole blobs
+    fetched from their nodes, verified at the source).
+
+    Raises:
+        BlobError: a left-out block matches no surviving replica.
+    """
+    assert part.thin is not None
+    block, left = part.thin.block, dict(part.thin.omit)
+    me = layout.index_of(protector.node)
+    owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
+    candidates = sorted((r for r, i in owners.items() if i not in gone and r != part.rank),
+                        key=lambda r: (owners[r] != me, r != part.thin.ref, r))
+    for rank in candidates:
+        if not left:
+            break
+        request = checkpoint_pb2.FetchRequest(job_id=job_id, attempt=attempt, step=step,
+                                              kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
+                                              ranks=[rank], k=1)
+        try:
+            header, raw = protector.fetch(layout, owners[rank], request,
+                                          local=owners[rank] == me)
+            head = 16 + blobs.header_length(blobs.tensor_bytes(raw[:16]))
+            _, (other,) = blobs.parse_header(blobs.tensor_bytes(raw[:head]),
+                                             int(header.blob_bytes))
+        except (PieceUnavailable, blobs.BlobError, OSError, ValueError) as exc:
+            log.info("[%s/-/%s/-] step %d: replica of rank %d unavailable for rank %d's "
+                     "left-out blocks (%s)", job_id, protector.node, step, rank, part.rank, exc)
+            continue
+        if other.nbytes != part.nbytes or other.thin is not None:
+            continue
+        replica = raw[other.offset:other.offset + other.nbytes]
+        sums = block_checksums(replica, block)
+        for index in [i for i, value in left.items() if sums[i] == value]:
+            lo, hi = index * block, min((index + 1) * block, part.nbytes)
+            buf[lo:hi].copy_(replica[lo:hi])
+            del left[index]
+    if left:
+        raise blobs.BlobError(f"{len(left)} block(s) of rank {part.rank}'s step {step} left "
+                              "out of its blob match no surviving replica")
 
 class _Assembly:
     """Where the rebuilt blob's bytes go.
@@ -286,10 +333,12 @@ class _Assembly:
         return self.head_len - len(self.head)
 
     def resolve(self) -> None:
-        """The header is complete: a Landing for every wanted rank."""
+        """The header is complete: a Landing for every wanted rank (a thin blob's rank: one
+        span per run of kept blocks)."""
         self._land()
-        self.spans = sorted((p.offset, p.offset + p.nbytes, landing.buf)
-                            for p, landing in self.parts)
+        self.spans = sorted(((at, at + end - start, landing.buf[start:end])
+                             for p, landing in self.parts for at, start, end in p.spans()),
+                            key=lambda span: span[0])
 
     def _land(self) -> None:
         """Parse the header in ``head``; a Landing for every wanted rank."""
@@ -305,14 +354,19 @@ class _Assembly:
                 self.parts.append((part, blobs.Landing(self.protector.shm_dir, prefix,
                                                        self.step, part.layout)))
 
-    def commit(self, adopt) -> None:  # type: ignore[no-untyped-def]
-        """Verify and commit every wanted rank's snapshot, each adopted once committed."""
+    def commit(self, adopt, fill) -> None:  # type: ignore[no-untyped-def]
+        """Verify and commit every wanted rank's snapshot, each adopted once committed;
+        ``fill(part, buf)`` first copies the blocks a thin blob left out from a replica."""
         try:
             if self.whole is not None:  # the fallback: parse the blob, copy each rank out
                 self.head = bytearray(blobs.tensor_bytes(self.whole[:self.head_len]))
                 self._land()
                 for part, landing in self.parts:
-                    landing.buf.copy_(self.whole[part.offset:part.offset + part.nbytes])
+                    for at, start, end in part.spans():
+                        landing.buf[start:end].copy_(self.whole[at:at + end - start])
+            for part, landing in self.parts:
+                if part.thin is not None:
+                    fill(part, landing.buf)
             while self.parts:
                 part, landing = self.parts[0]
                 generation = landing.commit(part.meta_json, part.checksums)

@@ -28,6 +28,7 @@ commit record's checksums, a parity piece against the checksum taken when it was
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -43,13 +44,15 @@ from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
 from hpt.agent import chunks
 from hpt.agent.peers import ChunkSink, PeerClient, Piece, PieceUnavailable
-from hpt.ckpt.checksum import checksum
+from hpt.ckpt.checksum import block_checksums, checksum
 from hpt.ckpt.codec import Codec, best_codec
+from hpt.ckpt.sink import Snapshot
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.2
 _FETCH_TIMEOUT_S = 60.0
+_SUMS_TIMEOUT_S = 2.0  # a reference replica's block checksums: small, else served whole
 _LOCAL_CHUNK_BYTES = 4 << 20  # a local piece handed to a stream's sink in views this long
 
 
@@ -94,7 +97,19 @@ class Layout:
         own = self.data_stripes(index)
         return checkpoint_pb2.FetchRequest(
             job_id=job_id, attempt=attempt, step=step, kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
-            ranks=self.nodes[index].ranks, k=len(own), index=own.index(stripe))
+            ranks=self.nodes[index].ranks, k=len(own), index=own.index(stripe), thin=True)
+
+    def reference(self, index: int, rank: int) -> tuple[int, int] | None:
+        """(node index, rank) of the replica a thin blob of ``rank`` (on node ``index``) is
+        compared with: the next node of the layout that has ranks, its rank in the same
+        position; None for a layout of one node."""
+        position = self.nodes[index].ranks.index(rank) if rank in self.nodes[index].ranks else 0
+        for step in range(1, len(self.nodes)):
+            other = (index + step) % len(self.nodes)
+            ranks = self.nodes[other].ranks
+            if ranks:
+                return other, ranks[position % len(ranks)]
+        return None
 
 
 @dataclass(slots=True)
@@ -152,6 +167,7 @@ class Protector:
         self.client = client
         self.codec = codec or best_codec()
         self._lock = threading.Lock()
+        self._thin_lock = threading.Lock()  # one decision per (rank, step), made once
         self._jobs: dict[str, _Protected] = {}
         self._targets: dict[str, tuple[int, int]] = {}  # job id -> (attempt, round's step)
         self._wake = threading.Event()
@@ -258,17 +274,15 @@ class Protector:
     def open_piece(self, request: checkpoint_pb2.FetchRequest) -> Piece:
         if request.kind == checkpoint_pb2.PIECE_KIND_SEGMENT:
             return self._open_segment(request.job_id, list(request.ranks), request.step,
-                                      request.k, request.index)
+                                      request.k, request.index, request.thin)
         if request.kind == checkpoint_pb2.PIECE_KIND_PARITY:
             return self._open_parity(request.job_id, request.attempt, request.stripe,
                                      request.step)
-        raise PieceUnavailable(f"kind ({request.kind}) must be SEGMENT or PARITY")
+        if request.kind == checkpoint_pb2.PIECE_KIND_SUMS:
+            return self._open_sums(request.job_id, list(request.ranks), request.step)
+        raise PieceUnavailable(f"kind ({request.kind}) must be SEGMENT, PARITY or SUMS")
 
-    def _open_segment(self, job_id: str, ranks: list[int], step: int, k: int,
-                      index: int) -> Piece:
-        if not ranks or not 1 <= k <= 255 or index >= k:
-            raise PieceUnavailable(f"segment request invalid (ranks {ranks}, k {k}, "
-                                   f"index {index})")
+    def _verified_blob(self, job_id: str, ranks: list[int], step: int) -> blobs.NodeBlob:
         try:
             blob = blobs.NodeBlob(self.shm_dir, [(r, self.prefix_of(job_id, r)) for r in ranks],
                                   step)
@@ -278,10 +292,95 @@ class Protector:
         if bad:
             raise PieceUnavailable(f"[{self.node}] snapshot of step {step} of rank(s) {bad} "
                                    "fails its checksums")
+        return blob
+
+    def _open_segment(self, job_id: str, ranks: list[int], step: int, k: int,
+                      index: int, thin: bool = False) -> Piece:
+        if not ranks or not 1 <= k <= 255 or index >= k:
+            raise PieceUnavailable(f"segment request invalid (ranks {ranks}, k {k}, "
+                                   f"index {index})")
+        blob = self._verified_blob(job_id, ranks, step)
+        if thin:
+            plans = self._thin_plans(job_id, blob)
+            if plans:
+                blob.thin(plans)
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
         return Piece(header, lambda off, n: blob.view(base + off, n), blob.intact)
+
+    def _open_sums(self, job_id: str, ranks: list[int], step: int) -> Piece:
+        """The block checksums of one rank's snapshot of ``step`` (a thin blob's reference)."""
+        if len(ranks) != 1:
+            raise PieceUnavailable(f"sums request invalid (ranks {ranks}: one rank)")
+        blob = self._verified_blob(job_id, ranks, step)
+        (_, _, _, snap), = blob.parts()
+        total = snap.layout.total_bytes
+        sums = block_checksums(snap.buffer, blobs.block_bytes(total))
+        if not blob.intact():
+            raise PieceUnavailable(f"[{self.node}] rank {ranks[0]}'s step {step} was overwritten")
+        data = json.dumps({"bytes": total, "sums": [f"{v:016x}" for v in sums]}).encode()
+        header = checkpoint_pb2.PieceHeader(piece_bytes=len(data))
+        return Piece(header, lambda off, n: data[off:off + n], lambda: True)
+
+    def _thin_plans(self, job_id: str, blob: blobs.NodeBlob) -> dict[int, blobs.Thin]:
+        """Rank -> the blocks its blob leaves out, decided once per (rank, step) and kept
+        beside the rank's generation (``<prefix>.g<N>.thin``), so every segment of the blob
+        served for that step, in a round or in a rebuild, comes from the same blob. Only a
+        data-parallel snapshot (no sharded tensor) is compared, with the replica of
+        ``Layout.reference`` (fetched block checksums); when that fails nothing is left out."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+        me = entry.layout.index_of(self.node) if entry is not None else None
+        plans = {}
+        with self._thin_lock:
+            for rank, sink, generation, snap in blob.parts():
+                total = snap.layout.total_bytes
+                if not snap.layout.is_replica or total < 2 * blobs.block_bytes(total):
+                    continue
+                path = sink.directory / f"{sink.prefix}.g{generation}.thin"
+                sums_of = [c.to_json() for c in snap.checksums]
+                kept = _read_thin(path, blob.step, sums_of, total)
+                if kept is None:
+                    ref = (entry.layout.reference(me, rank)
+                           if entry is not None and me is not None else None)
+                    plan = self._compare(entry, ref, blob.step, snap) if ref else None
+                    kept = (blob.step, plan)
+                    try:
+                        _write_thin(path, blob.step, sums_of, plan)
+                    except OSError as exc:  # unkept, a later segment might differ: serve none
+                        raise PieceUnavailable(f"[{self.node}] cannot keep the thin blob "
+                                               f"decision for rank {rank}: {exc}") from exc
+                if kept[1] is not None:
+                    plans[rank] = kept[1]
+        return plans
+
+    def _compare(self, entry: _Protected | None, ref: tuple[int, int], step: int,
+                 snap: Snapshot) -> blobs.Thin | None:
+        assert entry is not None
+        node, rank = ref
+        request = checkpoint_pb2.FetchRequest(job_id=entry.job_id, attempt=entry.attempt,
+                                              step=step, kind=checkpoint_pb2.PIECE_KIND_SUMS,
+                                              ranks=[rank])
+        try:
+            _, raw = self.client.fetch(entry.layout.nodes[node].peer_address, request,
+                                       timeout_s=_SUMS_TIMEOUT_S)
+            reply = json.loads(blobs.tensor_bytes(raw))
+            if reply.get("bytes") != snap.layout.total_bytes:
+                return None
+            sums = [int(v, 16) for v in reply["sums"]]
+        except PieceUnavailable as exc:
+            if "holds no snapshot of step" in str(exc):  # not saved there yet: decide later
+                raise PieceUnavailable(f"[{self.node}] step {step} not yet at rank {rank}, "
+                                       "the replica its blob is compared with") from exc
+            log.info("[%s/%d/%s/-] step %d: no block checksums from rank %d (%s): its blob is "
+                     "served whole", entry.job_id, entry.attempt, self.node, step, rank, exc)
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.info("[%s/%d/%s/-] step %d: no block checksums from rank %d (%s): its blob is "
+                     "served whole", entry.job_id, entry.attempt, self.node, step, rank, exc)
+            return None
+        return blobs.thin_against(snap.buffer, sums, rank)
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -433,6 +532,27 @@ class Protector:
                                         timeout_s=_FETCH_TIMEOUT_S)
         self.bytes_pulled += out.numel()
         return header, out
+
+
+def _read_thin(path: Path, step: int, sums_of: list, total: int,  # type: ignore[type-arg]
+               ) -> tuple[int, blobs.Thin | None] | None:
+    """A thin decision kept for this generation, if it is for this very snapshot."""
+    try:
+        rec = json.loads(path.read_text())
+        if rec.get("step") != step or rec.get("checksums") != sums_of:
+            return None
+        return step, (blobs.Thin.from_json(rec["thin"], total, str(path))
+                      if rec.get("thin") else None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_thin(path: Path, step: int, sums_of: list,  # type: ignore[type-arg]
+                plan: blobs.Thin | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "checksums": sums_of,
+                               "thin": plan.to_json() if plan else None}))
+    os.replace(tmp, path)
 
 
 def _padded(t: torch.Tensor, size: int) -> torch.Tensor:

@@ -71,6 +71,23 @@ def checksum(buf: torch.Tensor) -> int:
     return total & _MASK
 
 
+def block_checksums(buf: torch.Tensor, block: int) -> list[int]:
+    """``checksum`` of every ``block`` bytes of ``buf`` (the last block may be shorter), in
+    one pass: ``block`` is a multiple of 4 KiB, so each block is whole rows."""
+    if block <= 0 or block % (ROW_WORDS * 8):
+        raise ValueError(f"block ({block}) must be a positive multiple of {ROW_WORDS * 8}")
+    full = buf.numel() // block
+    out: list[int] = []
+    if full:
+        rows_per = block // (ROW_WORDS * 8)
+        rows = buf[: full * block].view(torch.int64).view(full, rows_per, ROW_WORDS).sum(dim=2)
+        weights = torch.arange(1, 2 * rows_per, 2, dtype=torch.int64)
+        out = [v & _MASK for v in rows.mul_(weights).sum(dim=1).tolist()]
+    if buf.numel() > full * block:
+        out.append(checksum(buf[full * block :]))
+    return out
+
+
 def verify(buf: torch.Tensor, checksums: list[RangeChecksum]) -> list[RangeChecksum]:
     """The ranges of `buf` whose checksum does not match (empty when the buffer is intact)."""
     bad = []

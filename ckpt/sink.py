@@ -231,7 +231,7 @@ class ShmSink:
         if not self.directory.is_dir():
             raise ValueError(f"directory ({str(self.directory)!r}) does not exist")
         self._file_re = re.compile(
-            rf"^{re.escape(prefix)}\.(?:g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp)"
+            rf"^{re.escape(prefix)}\.(?:g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp|thin|thin\.tmp)"
             rf"|pins|pins\.tmp)$"
         )
 

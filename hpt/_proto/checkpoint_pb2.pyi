@@ -39,6 +39,8 @@ class _PieceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PieceKind.V
     """segment `index` of the blob cut into `k` equal segments"""
     PIECE_KIND_PARITY: _PieceKind.ValueType  # 2
     """the parity piece this node holds for `stripe`"""
+    PIECE_KIND_SUMS: _PieceKind.ValueType  # 3
+    """block checksums of rank `ranks[0]`'s snapshot of `step` (JSON)"""
 
 class PieceKind(_PieceKind, metaclass=_PieceKindEnumTypeWrapper): ...
 
@@ -47,6 +49,8 @@ PIECE_KIND_SEGMENT: PieceKind.ValueType  # 1
 """segment `index` of the blob cut into `k` equal segments"""
 PIECE_KIND_PARITY: PieceKind.ValueType  # 2
 """the parity piece this node holds for `stripe`"""
+PIECE_KIND_SUMS: PieceKind.ValueType  # 3
+"""block checksums of rank `ranks[0]`'s snapshot of `step` (JSON)"""
 Global___PieceKind: _TypeAlias = PieceKind  # noqa: Y015
 
 @_typing.final
@@ -207,6 +211,7 @@ class FetchRequest(_message.Message):
     STRIPE_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    THIN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     step: _builtins.int
@@ -221,6 +226,11 @@ class FetchRequest(_message.Message):
     """first byte wanted (resume after a broken stream)"""
     chunk_bytes: _builtins.int
     """0: the server's default"""
+    thin: _builtins.bool
+    """SEGMENT: the blob may leave out blocks of data-parallel snapshots that a replica on
+    another node of the layout holds byte for byte (blob.py, "thin blobs"); the owner decides
+    once per (rank, step) and serves every later segment of that step the same way.
+    """
     @_builtins.property
     def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """SEGMENT: the ranks whose snapshots form the blob"""
@@ -238,10 +248,11 @@ class FetchRequest(_message.Message):
         stripe: _builtins.int = ...,
         offset: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        thin: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk_bytes", b"chunk_bytes", "index", b"index", "job_id", b"job_id", "k", b"k", "kind", b"kind", "offset", b"offset", "ranks", b"ranks", "step", b"step", "stripe", b"stripe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk_bytes", b"chunk_bytes", "index", b"index", "job_id", b"job_id", "k", b"k", "kind", b"kind", "offset", b"offset", "ranks", b"ranks", "step", b"step", "stripe", b"stripe", "thin", b"thin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

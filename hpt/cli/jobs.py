@@ -282,7 +282,9 @@ def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
                    f" MiB state + {p['parity_bytes_per_node'] / 2**20:.1f} MiB parity per "
                    f"generation = {ratio}{expected}")
         if p["replicated"]:
-            click.echo("data parallel (no sharded tensor): a resize reads the survivors' "
+            click.echo("data parallel (no sharded tensor): parity covers only the blocks "
+                       "that differ between replicas (RNG states and the like), a rebuild "
+                       "copies the rest from a survivor; a resize reads the survivors' "
                        "replicas, whatever the number of nodes lost while one survives")
 
 

@@ -14,7 +14,13 @@ shared-memory directory, a rank snapshot of ``--mib`` MiB, a ``Protector`` and a
 - ``memory``: parity bytes per node for one protected generation over the node's state,
   against 1 + m/k.
 
-    python tests/bench/bench_protect.py [--mib 64] [--runs 5]
+``--state`` picks what the nodes hold: ``unique`` (different bytes on every node, as sharded
+state), ``replicated`` (data-parallel state: the same weights everywhere, an RNG state of its
+own per node: thin blobs leave the shared blocks out of the parity, and a rebuild copies them
+from a surviving replica) or ``both`` (one after the other, then a ``replicated_vs_unique``
+line of ratios).
+
+    python tests/bench/bench_protect.py [--mib 64] [--runs 5] [--state both]
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ TOKEN = "bench-token"
 
 # --------------------------------------------------------------------------- node process
 
-def node_main(name: str, directory: str, mib: int, seed: int) -> None:
+def node_main(name: str, directory: str, mib: int, seed: int, replicated: bool) -> None:
     from hpt._proto import checkpoint_pb2
     from hpt.agent.materialise import materialise
     from hpt.agent.peers import PeerAuth, PeerClient, PeerServer
@@ -51,8 +57,11 @@ def node_main(name: str, directory: str, mib: int, seed: int) -> None:
 
     torch.set_num_threads(1)
     keeper = SnapshotKeeper(name, shm_dir=directory)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0 if replicated else seed)
     state = {"w": torch.randn((mib << 20) // 4, generator=gen)}
+    if replicated:  # what differs between data-parallel ranks: their RNG states
+        state["rng"] = torch.randint(0, 256, (5056,), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(seed))
     engine = SnapshotEngine(ShmSink(keeper.prefix(JOB, seed), directory=directory))
     engine.save(1, state)
     engine.wait()
@@ -130,12 +139,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="state per node, MiB")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--state", choices=("unique", "replicated", "both"), default="both")
+    parser.add_argument("--replicated", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--node", nargs=3, metavar=("NAME", "DIR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.node:
-        node_main(args.node[0], args.node[1], args.mib, int(args.node[2]))
+        node_main(args.node[0], args.node[1], args.mib, int(args.node[2]), args.replicated)
         return
+    modes = ["unique", "replicated"] if args.state == "both" else [args.state]
+    got = {mode: _measure(args, mode == "replicated") for mode in modes}
+    if len(got) == 2:
+        u, r = got["unique"], got["replicated"]
+        print(json.dumps({"bench": "replicated_vs_unique", "mib": args.mib,
+                          "protect_time_ratio": round(r["protect_s"] / u["protect_s"], 3),
+                          "parity_bytes_ratio": round(r["parity"] / max(u["parity"], 1), 4),
+                          "restore_time_ratio": round(r["restore_s"] / u["restore_s"], 3)}),
+              flush=True)
 
+
+def _measure(args: argparse.Namespace, replicated: bool) -> dict[str, float]:
     from hpt._proto import checkpoint_pb2
     from hpt.ckpt import fmt
     from hpt.ckpt.codec import best_codec
@@ -149,7 +171,8 @@ def main() -> None:
             d = base / f"n{i}"
             d.mkdir()
             p = subprocess.Popen([sys.executable, __file__, "--mib", str(args.mib), "--node",
-                                  f"n{i}", str(d), str(i)], stdin=subprocess.PIPE,
+                                  f"n{i}", str(d), str(i)]
+                                 + (["--replicated"] if replicated else []), stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
             procs.append(p)
             ports.append(json.loads(p.stdout.readline())["port"])  # type: ignore[union-attr]
@@ -198,13 +221,15 @@ def main() -> None:
             enc.append(time.perf_counter() - t0)
         loop = statistics.median(_loopback_gbps(data_per_node) for _ in range(args.runs))
         print(json.dumps({
-            "bench": "protect", "k": 2, "m": 1, "state_bytes_per_node": state_bytes,
+            "bench": "protect", "state": "replicated" if replicated else "unique",
+            "k": 2, "m": 1, "state_bytes_per_node": state_bytes,
             "runs": args.runs, "median_s": round(med, 4),
             "encode_ship_gbps_per_node": round(data_per_node / med / 1e9, 3),
             "codec_raw_gbps": round(seg * 2 / statistics.median(enc) / 1e9, 3),
             "codec": codec.name, "loopback_tcp_gbps": round(loop, 3),
             "ratio_vs_loopback": round(data_per_node / med / 1e9 / loop, 3)}), flush=True)
-        print(json.dumps({"bench": "memory", "k": 2, "m": 1,
+        print(json.dumps({"bench": "memory", "state": "replicated" if replicated else "unique",
+                          "k": 2, "m": 1,
                           "parity_bytes_per_node": parity, "state_bytes_per_node": state_bytes,
                           "ratio": round(1 + parity / state_bytes, 4),
                           "expected_1_plus_m_over_k": 1.5}), flush=True)
@@ -242,7 +267,9 @@ def main() -> None:
             copy_s.append(time.perf_counter() - t0)
         memcpy = state_bytes / statistics.median(copy_s) / 1e9
         floor_s = 2 * state_bytes / (loop * 1e9) + state_bytes / (memcpy * 1e9)
-        print(json.dumps({"bench": "restore_lost_node", "bytes": state_bytes, "runs": args.runs,
+        print(json.dumps({"bench": "restore_lost_node",
+                          "state": "replicated" if replicated else "unique",
+                          "bytes": state_bytes, "runs": args.runs,
                           "peer_decode_s": round(p_med, 4), "disk_s": round(d_med, 4),
                           "speedup_vs_disk": round(d_med / p_med, 2),
                           "memcpy_gbps": round(memcpy, 3), "loopback_tcp_gbps": round(loop, 3),
@@ -250,6 +277,7 @@ def main() -> None:
                           "peer_vs_floor": round(p_med / floor_s, 2),
                           "note": "disk = page cache dropped with posix_fadvise; floor = 2x the "
                                   "bytes over loopback + one memcpy"}), flush=True)
+        return {"protect_s": med, "parity": parity, "restore_s": p_med}
     finally:
         for p in procs:
             if p.stdin:

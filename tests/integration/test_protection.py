@@ -194,6 +194,10 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(s
     job = cluster.wait_job(job_id, _protected_at_least(8), 90, "a protected step >= 8")
     first = job.attempts[-1]
     assert first.redundancy == "2+1"
+    # data-parallel state: the blocks every replica holds are left out of the coded blobs, so
+    # parity is well under the (1 + m/k) of unique state (state / 2 in all, for 2+1)
+    state = sum(r.snapshot_bytes for r in first.ranks)
+    assert 0 < first.parity_bytes < state / 4, (first.parity_bytes, state)
     victim = first.ranks[1].node
     cluster.kill_agent(victim)  # with its ranks and its memory
     # a replacement node (a fresh agent: empty memory) joins; the job is not elastic, so it

@@ -15,12 +15,14 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
+from hpt.agent import materialise as materialise_mod
 from hpt.agent import peers, protect
 from hpt.agent.materialise import MaterialiseError, materialise, restore_shards_env
 from hpt.agent.peers import PeerAuth, PeerClient, PeerServer, PieceUnavailable
 from hpt.agent.protect import Protector
 from hpt.agent.snapshots import SnapshotKeeper
 from hpt.ckpt import ShmSink, SnapshotEngine
+from hpt.ckpt.layout import shard_dim0
 from hpt.controller.elastic import protection_plan
 from tests.faults.proxy import TcpProxy
 
@@ -332,6 +334,108 @@ def test_flipped_byte_in_local_snapshot_is_caught_and_rebuilt_from_parity(cluste
     got = materialise(nodes[1].protector, JOB, _plan(layout, 5, [], [1]), lambda *a: None)
     assert got.sources == {1: "decoded"}
     assert bytes(_record(nodes[1], 1, 5).buffer.numpy()) == original
+
+
+def _save_replica(node: Node, rank: int, step: int, weights: torch.Tensor) -> None:
+    """Data-parallel state: the same weights on every rank, an RNG state of its own."""
+    rng = torch.randint(0, 255, (5000,), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(100 + rank))
+    node.save_state(rank, step, {"w": weights.clone(), "step": step, "rng": rng})
+
+
+def _parity_bytes(nodes: list[Node]) -> int:
+    return sum(p.bytes for n in nodes for p in n.protector.pieces())
+
+
+def test_data_parallel_parity_covers_the_unique_bytes_and_rebuilds_bit_for_bit(cluster) -> None:
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))  # 1.6 MB
+    for i, node in enumerate(nodes):
+        _save_replica(node, i, 6, weights)
+    state = _record(nodes[0], 0, 6).layout.total_bytes
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 6)
+    # 2+1 parity of whole blobs would be state / 2 per node; the blocks every replica holds
+    # byte for byte are left out of the blobs: the RNG's blocks and the header remain
+    assert _parity_bytes(nodes) < 3 * state / 2 / 20
+    original = bytes(_record(nodes[2], 2, 6).buffer.numpy())
+    nodes[2].close()
+    got = materialise(nodes[0].protector, JOB, _plan(layout, 6, [2], [0, 1, 2]),
+                      lambda *a: None)
+    assert got.sources == {0: "local", 1: "peer", 2: "decoded"}
+    rebuilt = _record(nodes[0], 2, 6)
+    assert bytes(rebuilt.buffer.numpy()) == original  # its own RNG bytes included
+
+
+def test_sharded_state_is_coded_whole(cluster) -> None:
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    for i, node in enumerate(nodes):  # the same bytes, but declared a shard of a larger tensor
+        node.save_state(i, 2, {"w": weights.clone()},
+                        shards={"w": shard_dim0((1_200_000,), i, 3)})
+    state = _record(nodes[0], 0, 2).layout.total_bytes
+    _protect_all(nodes, _layout(nodes), 2)
+    assert _parity_bytes(nodes) >= 3 * state / 2
+
+
+def test_a_left_out_block_is_copied_only_from_a_replica_with_its_checksum(cluster) -> None:
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    _save_replica(nodes[0], 0, 6, weights)
+    other = weights.clone()
+    other[::1000] += 1.0  # rank 1 differs in every block: no replica of rank 2's blocks
+    _save_replica(nodes[1], 1, 6, other)
+    _save_replica(nodes[2], 2, 6, weights)
+    layout = _layout(nodes)
+    assert protect.Layout.from_proto(layout).reference(2, 2) == (0, 0)  # compared with rank 0
+    _protect_all(nodes, layout, 6)
+    original = bytes(_record(nodes[2], 2, 6).buffer.numpy())
+    nodes[2].close()
+    # node 1 rebuilds rank 2: its own rank 1 comes first but matches no block, rank 0 does
+    got = materialise(nodes[1].protector, JOB, _plan(layout, 6, [2], [2]), lambda *a: None)
+    assert got.sources == {2: "decoded"}
+    assert bytes(_record(nodes[1], 2, 6).buffer.numpy()) == original
+
+
+def test_without_a_matching_replica_the_rebuild_fails_and_keeps_nothing(
+        cluster, monkeypatch) -> None:
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    for i, node in enumerate(nodes):
+        _save_replica(node, i, 6, weights)
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 6)
+    nodes[2].close()
+    # no surviving replica's blocks have the checksums rank 2's blob recorded for the blocks
+    # it left out (as if they had changed since): nothing is copied on trust
+    monkeypatch.setattr(materialise_mod, "block_checksums",
+                        lambda buf, block: [0] * -(-buf.numel() // block))
+    with pytest.raises(MaterialiseError, match="match no surviving replica"):
+        materialise(nodes[1].protector, JOB, _plan(layout, 6, [2], [2]), lambda *a: None)
+    assert blobs.find_generation(ShmSink(nodes[1].keeper.prefix(JOB, 2),
+                                         directory=str(nodes[1].dir)), 6) is None
+
+
+def test_thin_decision_is_kept_with_the_generation_and_swept_with_it(cluster) -> None:
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    for i, node in enumerate(nodes):
+        _save_replica(node, i, 6, weights)
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 6)
+    sink = ShmSink(nodes[0].keeper.prefix(JOB, 0), directory=str(nodes[0].dir))
+    (kept,) = [p for p in sink.files() if p.suffix == ".thin"]
+    first = kept.read_text()
+    # the same segment served again (a rebuild's request) is the same bytes: no new decision
+    decoded = protect.Layout.from_proto(layout)
+    request = decoded.segment_request(JOB, 1, 6, 0, decoded.data_stripes(0)[0])
+    a = nodes[0].protector.open_piece(request)
+    b = nodes[0].protector.open_piece(request)
+    n = a.header.piece_bytes
+    assert a.header == b.header and bytes(a.read(0, n)) == bytes(b.read(0, n))
+    assert kept.read_text() == first
+    assert ShmSink.remove(sink.prefix, directory=str(nodes[0].dir)) >= 3
+    assert not kept.exists()
 
 
 def test_two_of_three_lost_is_not_decodable(cluster) -> None:
