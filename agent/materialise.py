@@ -256,30 +256,56 @@ def _fill(protector: Protector, job_id: str, attempt: int, layout: Layout, step:
     for rank in candidates:
         if not left:
             break
-        request = checkpoint_pb2.FetchRequest(job_id=job_id, attempt=attempt, step=step,
-                                              kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
-                                              ranks=[rank], k=1)
         try:
-            header, raw = protector.fetch(layout, owners[rank], request,
-                                          local=owners[rank] == me)
-            head = 16 + blobs.header_length(blobs.tensor_bytes(raw[:16]))
-            _, (other,) = blobs.parse_header(blobs.tensor_bytes(raw[:head]),
-                                             int(header.blob_bytes))
+            replica = _replica(protector, job_id, attempt, layout, owners[rank] == me,
+                               owners[rank], rank, step)
         except (PieceUnavailable, blobs.BlobError, OSError, ValueError) as exc:
             log.info("[%s/-/%s/-] step %d: replica of rank %d unavailable for rank %d's "
                      "left-out blocks (%s)", job_id, protector.node, step, rank, part.rank, exc)
             continue
-        if other.nbytes != part.nbytes or other.thin is not None:
+        if replica.numel() != part.nbytes:
             continue
-        replica = raw[other.offset:other.offset + other.nbytes]
         sums = block_checksums(replica, block)
-        for index in [i for i, value in left.items() if sums[i] == value]:
-            lo, hi = index * block, min((index + 1) * block, part.nbytes)
+        found = [i for i, value in left.items() if sums[i] == value]
+        for first, last in _runs(found):  # consecutive blocks in one copy
+            lo, hi = first * block, min((last + 1) * block, part.nbytes)
             buf[lo:hi].copy_(replica[lo:hi])
+        for index in found:
             del left[index]
     if left:
         raise blobs.BlobError(f"{len(left)} block(s) of rank {part.rank}'s step {step} left "
                               "out of its blob match no surviving replica")
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Ascending ``indices`` as (first, last) runs of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+def _replica(protector: Protector, job_id: str, attempt: int, layout: Layout, local: bool,
+             owner: int, rank: int, step: int) -> torch.Tensor:
+    """Old rank ``rank``'s buffer of ``step``: in place in this node's memory (verified), or
+    fetched whole from node ``owner``."""
+    if local:
+        blob = blobs.NodeBlob(protector.shm_dir, [(rank, protector.prefix_of(job_id, rank))],
+                              step)
+        if blob.verify():
+            raise blobs.BlobError(f"local snapshot of rank {rank} fails its checksums")
+        (_, _, _, snap), = blob.parts()
+        return snap.buffer
+    request = checkpoint_pb2.FetchRequest(job_id=job_id, attempt=attempt, step=step,
+                                          kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
+                                          ranks=[rank], k=1)
+    header, raw = protector.fetch(layout, owner, request, local=False)
+    head = 16 + blobs.header_length(blobs.tensor_bytes(raw[:16]))
+    _, (other,) = blobs.parse_header(blobs.tensor_bytes(raw[:head]), int(header.blob_bytes))
+    if other.thin is not None:
+        raise blobs.BlobError(f"rank {rank}'s blob came thin")
+    return raw[other.offset:other.offset + other.nbytes]
 
 class _Assembly:
     """Where the rebuilt blob's bytes go.
