@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2
 from hpt.controller import auth
 from hpt.controller.detect import health_problem
-from hpt.controller.model import LaunchCommand, ReleaseCommand, StopCommand
+from hpt.controller.model import LaunchCommand, ProtectCommand, ReleaseCommand, StopCommand
 from hpt.controller.reconcile import DuplicateNodeError, Reconciler
 from hpt.controller.server import (
     _MAX_REPORTS,
@@ -75,7 +75,8 @@ class _Link:
         self.pieces: list[tuple[str, int, int, int, int]] | None = None
         """The protection pieces this stream's last heartbeat reported (intake thread only)."""
 
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
+    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
+             ) -> None:
         self.put(_command_to_proto(command))
 
     def put(self, message: object) -> None:
@@ -105,6 +106,7 @@ class HeartbeatIntake:
         self.num_heartbeats = 0
         self._rounds: list[tuple[str, int, int, int, frozenset[str]]] = []
         self._rounds_at = -1e9  # monotonic
+        self._rounds_version = -1
         self._thread = threading.Thread(target=self._run, name="hpt-heartbeats", daemon=True)
         self._thread.start()
 
@@ -146,7 +148,11 @@ class HeartbeatIntake:
                                          wake=False)
         rec.detection.on_heartbeats([(node, hb) for node, _l, hb, _r in accepted])
         mono = time.monotonic()
-        if mono - self._rounds_at >= _ROUNDS_MAX_AGE_S:  # O(ranks): not once per small batch
+        # O(ranks): not once per small batch; at once when a round completed (the pass told
+        # the attempt's nodes the next one: an older one here would send them back)
+        if (mono - self._rounds_at >= _ROUNDS_MAX_AGE_S
+                or rec.rounds_version != self._rounds_version):
+            self._rounds_version = rec.rounds_version
             self._rounds, self._rounds_at = rec.protect_targets(), mono
         rounds = self._rounds
         acks = []

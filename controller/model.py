@@ -503,6 +503,15 @@ class RestoreCommand:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ProtectCommand:
+    """The protection rounds of a node now, sent as soon as a round of one of its attempts
+    completed (otherwise each heartbeat's ack carries them): (job, attempt, step, newest
+    protected step), the node's complete list."""
+
+    targets: tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ReleaseCommand:
     """The job ended: the agent frees what it holds for it (snapshot memory)."""
 

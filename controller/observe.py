@@ -112,6 +112,8 @@ class Observe:
                 plan, self.pieces.held((job_id, number))))) if plan else ()
             parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0
             if (steps, parity) != (attempt.protected_steps, attempt.parity_bytes):
+                if steps and steps[-1] > max(attempt.protected_steps, default=-1):
+                    self._rounds_done.add((job_id, number))  # a round completed
                 attempt.protected_steps, attempt.parity_bytes = steps, parity
                 self._dirty_jobs.add(job_id)
 

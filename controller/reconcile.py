@@ -51,6 +51,7 @@ from hpt.controller.model import (
     LaunchCommand,
     Node,
     NodeState,
+    ProtectCommand,
     Rank,
     RankReport,
     ReleaseCommand,
@@ -87,10 +88,15 @@ class DuplicateNodeError(Exception):
     """Another live agent is registered under this node name."""
 
 
+_PUSH_S_PER_NODE = 0.0005
+"""Protection targets pushed to an attempt's nodes at most once per this x its nodes."""
+
+
 class AgentLink(Protocol):
     """The command half of one agent's stream; implemented by the gRPC servicer."""
 
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand) -> None:
+    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
+             ) -> None:
         """Queue a command; never blocks. Called by the loop under the reconciler's lock."""
 
     def close(self) -> None:
@@ -131,6 +137,10 @@ class Reconciler(Observe, Execute):
         self._dirty_jobs: set[str] = set()
         self._fenced: dict[tuple[str, str, int], float] = {}  # (node, job, attempt) -> mono
         self._stepped: dict[str, tuple[float, float]] = {}  # job -> (mono, wall) it was decided
+        self._rounds_done: set[tuple[str, int]] = set()  # (job, attempt) protected a new step
+        self._rounds_pushed: dict[str, float] = {}  # job -> monotonic time of the last push
+        self.rounds_version = 0
+        """Bumped when the pass told nodes new protection targets (the intake's cue)."""
         self._dirty_nodes: set[str] = set()
         self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
         self._progress_flushed = 0.0  # monotonic
@@ -226,6 +236,7 @@ class Reconciler(Observe, Execute):
         self._apply_observations(now)
         if self._deposed is not None:  # a submit met another controller's record
             raise self._deposed
+        self._push_rounds(mono)
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
@@ -401,8 +412,10 @@ class Reconciler(Observe, Execute):
 
     def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
         """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
-        bytes). The next pass updates each attempt's protected steps."""
+        bytes). The pass it wakes updates each attempt's protected steps (and, when a round
+        completed, names the next one to the attempt's nodes at once: ``_push_rounds``)."""
         self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
+        self.wake()
 
     def protect_targets(self) -> list[tuple[str, int, int, int, frozenset[str]]]:
         """(job, attempt, step, newest protected step, nodes) of every protection round now:
@@ -557,7 +570,37 @@ class Reconciler(Observe, Execute):
 
     # ---------------------------------------------------------------- helpers
 
-    def _send(self, node: str, command: LaunchCommand | StopCommand | ReleaseCommand) -> bool:
+    def _push_rounds(self, mono: float) -> None:
+        """Tell the nodes of every attempt whose round just completed its next round now.
+
+        Otherwise a node learns it from the ack of its next heartbeat: the holders that built
+        their pieces before the last one did wait up to a heartbeat period, while the ranks
+        make steps a node loss would cost. One push costs a message per node of the attempt,
+        so an attempt is pushed to at most once per ``_PUSH_S_PER_NODE`` x its nodes (a
+        1,000-node job: every 0.5 s, as often as the heartbeats tell it anyway)."""
+        if not self._rounds_done:
+            return
+        done, self._rounds_done = self._rounds_done, set()
+        nodes: set[str] = set()
+        for job_id, number in done:
+            job = self.jobs.get(job_id)
+            if job is None or job.current is None or job.current.number != number:
+                continue
+            members = job.current.nodes
+            if mono - self._rounds_pushed.get(job_id, -1e9) < _PUSH_S_PER_NODE * len(members):
+                continue
+            self._rounds_pushed[job_id] = mono
+            nodes.update(members)
+        if not nodes:
+            return
+        targets = self.pieces.rounds.all_targets(self.jobs.values(), mono)
+        self.rounds_version += 1
+        for node in sorted(nodes):
+            self._send(node, ProtectCommand(targets=tuple(
+                (j, a, s, p) for j, a, s, p, members in targets if node in members)))
+
+    def _send(self, node: str,
+              command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand) -> bool:
         runtime = self.nodes.get(node)
         if runtime is None or runtime.link is None:
             return False
@@ -641,6 +684,7 @@ class Reconciler(Observe, Execute):
             self.logs.forget(job_id)
             self._cancel_grace.pop(job_id, None)
             self._stepped.pop(job_id, None)
+            self._rounds_pushed.pop(job_id, None)
             self.detection.forget(job_id)
 
 

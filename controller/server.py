@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 
-from hpt._proto import agent_pb2, jobs_pb2, jobs_pb2_grpc
+from hpt._proto import agent_pb2, checkpoint_pb2, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert, limits
 from hpt.controller.model import (
     Event,
@@ -21,6 +21,7 @@ from hpt.controller.model import (
     LaunchCommand,
     Node,
     NodeState,
+    ProtectCommand,
     RankReport,
     ReleaseCommand,
     StopCommand,
@@ -241,8 +242,12 @@ def _decode_reports(reports) -> list[RankReport]:  # type: ignore[no-untyped-def
 
 
 def _command_to_proto(
-    command: LaunchCommand | StopCommand | ReleaseCommand,
+    command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
 ) -> agent_pb2.ControllerMessage:
+    if isinstance(command, ProtectCommand):  # an ack no heartbeat asked for (seq 0)
+        return agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=0, protect=[
+            checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s, protected_step=p)
+            for j, a, s, p in command.targets]))
     if isinstance(command, ReleaseCommand):
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):

@@ -1,6 +1,6 @@
 """Elastic recovery of a lost node on a real local cluster (JSON lines on stdout).
 
-    python tests/bench/bench_elastic.py [--runs 3] [--hidden 512] [--step-times 0.05,0.5]
+    python tests/bench/bench_elastic.py [--runs 3] [--hidden 512] [--step-times 0.05,0.5] [--shard]
 
 - ``node_kill_to_first_step_shrunk``: three agents (warm interpreters, one rank each), a job
   ``--nodes 2:3`` protected 2+1; SIGKILL the agent of rank 2 -> first step of the attempt on
@@ -14,6 +14,9 @@
   ranks 0 and 1: the node of old rank 2 goes on alone, reading its own replica although new
   rank 0 prefers old rank 0; parity 2+1 cannot decode two lost nodes, the data-parallel
   replicas need no decoding). Each count is measured in the same run, 1 being the baseline.
+  ``--shard``: the job keeps its parameters and Adam state sharded (``train.py --shard``,
+  ZeRO-3 style), so the survivors decode the lost node from parity and restore the newest
+  protected step.
 - ``step_time_protected``: the same 3-node job, wall time per step from the first step to the
   end, protected (2+1, every step) against unprotected (``--redundancy off``) in the same run.
 Every figure is the median of ``--runs`` runs.
@@ -44,11 +47,11 @@ def warm_ready(cluster: LocalCluster) -> bool:
     return bool(nodes) and all(n.warm_ready >= cluster.slots for n in nodes)
 
 
-def node_kill(runs: int, hidden: int, step_s: float,
-              lose: int = 1) -> tuple[list[float], list[int], list[float]]:
+def node_kill(runs: int, hidden: int, step_s: float, lose: int = 1,
+              shard: bool = False) -> tuple[list[float], list[int], list[float]]:
     took, lost, first_protected = [], [], []
     job = ["python", TRAIN, "--steps", "100000", "--step-time", str(step_s), "--hidden",
-           str(hidden)]
+           str(hidden)] + (["--shard"] if shard else [])
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp, LocalCluster(Path(tmp), agents=3, slots=1,
                                                                 warm=True) as cluster:
@@ -112,6 +115,10 @@ def main() -> None:
                         help="busy-loop processes beside the node-kill runs")
     parser.add_argument("--lose", default="1",
                         help="comma-separated numbers of nodes killed at once (1 or 2 of 3)")
+    parser.add_argument("--shard", action="store_true",
+                        help="the node-kill job keeps parameters and optimizer state sharded "
+                             "(ZeRO-3): a lost node is decoded from parity, not read from a "
+                             "replica")
     parser.add_argument("--no-step-time", action="store_true",
                         help="skip the protected vs unprotected step time")
     args = parser.parse_args()
@@ -121,8 +128,9 @@ def main() -> None:
         kills = [(float(v), int(n)) for v in args.step_times.split(",") if v  # "": none
                  for n in args.lose.split(",")]
         for step_s, lose in kills:
-            took, lost, first = node_kill(args.runs, args.hidden, step_s, lose)
+            took, lost, first = node_kill(args.runs, args.hidden, step_s, lose, args.shard)
             print(json.dumps({"bench": "node_kill_to_first_step_shrunk", "step_s": step_s,
+                              "state": "sharded" if args.shard else "data parallel",
                               "lost_nodes": lose, "load": args.load, "runs": len(took),
                               "median_s": round(statistics.median(took), 3),
                               "values_s": [round(v, 3) for v in took],
