@@ -50,14 +50,6 @@ class RestoreFailed:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PiecesHeld:
-    """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step, bytes)."""
-
-    node: str
-    pieces: tuple[tuple[str, int, int, int, int], ...]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class Disconnected:
     """The agent stream ``link`` of ``node`` ended at ``at`` (this process's monotonic clock)."""
 
@@ -66,8 +58,7 @@ class Disconnected:
     at: float
 
 
-Observation = (SubmitRequested | AgentEvents | CancelRequested | RestoreFailed | PiecesHeld
-               | Disconnected)
+Observation = SubmitRequested | AgentEvents | CancelRequested | RestoreFailed | Disconnected
 
 
 @dataclass(slots=True)

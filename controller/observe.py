@@ -33,7 +33,6 @@ from hpt.controller.model import (
 from hpt.controller.observations import (
     AgentEvents,
     CancelRequested,
-    PiecesHeld,
     RestoreFailed,
     SubmitRequested,
 )
@@ -64,8 +63,6 @@ class Observe:
                     self.events.emit(event)
             elif isinstance(obs, CancelRequested):
                 self._apply_cancel(obs, now)
-            elif isinstance(obs, PiecesHeld):
-                self._apply_pieces(obs.node, list(obs.pieces))
             elif isinstance(obs, RestoreFailed):
                 if obs.job_id in self.jobs:
                     self._bad_steps.setdefault(obs.job_id, set()).add(obs.step)

@@ -63,7 +63,6 @@ from hpt.controller.observations import (
     CancelRequested,
     Disconnected,
     Inbox,
-    PiecesHeld,
     RestoreFailed,
     SubmitRequested,
 )
@@ -236,7 +235,6 @@ class Reconciler(Observe, Execute):
         self._apply_observations(now)
         if self._deposed is not None:  # a submit met another controller's record
             raise self._deposed
-        self._push_rounds(mono)
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
@@ -412,10 +410,12 @@ class Reconciler(Observe, Execute):
 
     def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
         """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
-        bytes). The pass it wakes updates each attempt's protected steps (and, when a round
-        completed, names the next one to the attempt's nodes at once: ``_push_rounds``)."""
-        self.inbox.put(PiecesHeld(node=node, pieces=tuple(pieces)))
-        self.wake()
+        bytes), applied at once (the heartbeat intake calls it when a node's list changed):
+        each attempt's protected steps follow, and when a round completed the attempt's nodes
+        are told the next one now (``_push_rounds``), not at the next pass."""
+        with self.lock:
+            self._apply_pieces(node, pieces)
+            self._push_rounds(time.monotonic())
 
     def protect_targets(self) -> list[tuple[str, int, int, int, frozenset[str]]]:
         """(job, attempt, step, newest protected step, nodes) of every protection round now:

@@ -9,8 +9,8 @@ target step, named here and sent to the attempt's agents with every heartbeat ac
 ranks' memory while the ranks save on (pins, ``agent/snapshots.py``).
 
 The target stays until the round is done (the step is protected: every holder of every stripe
-reports it; the pass that sees it names the next round to every node of the attempt at once,
-``Reconciler._push_rounds``, rather than with each node's next heartbeat ack) and only then
+reports it; the report that completes it names the next round to every node of the attempt at
+once, ``Reconciler._push_rounds``, rather than with each node's next heartbeat ack) and only then
 moves on, skipping the steps saved meanwhile: a slow network costs
 freshness, never an unbounded queue. The next target is the newest step complete in memory on
 every rank. With fast steps that step may be overwritten before the ack naming it reaches the
