@@ -31,7 +31,7 @@ import torch
 
 from hpt._proto import checkpoint_pb2
 from hpt.agent import blob as blobs
-from hpt.agent.peers import PieceUnavailable
+from hpt.agent.peers import Piece, PieceUnavailable
 from hpt.agent.protect import Layout, Protector
 from hpt.ckpt.checksum import block_checksums
 from hpt.ckpt.errors import CkptError, DecodeError
@@ -183,6 +183,7 @@ def rebuild(protector: Protector, job_id: str, attempt: int, layout: Layout, tar
         sources[stripe] = parity_alive[:need] + alive
         spare[stripe] = parity_alive[need:]
     todo = list(stripes)
+    opened: list[Piece] = []  # local pieces, whose views decoders may hold till the end
     try:
         while todo:
             decoders = {}
@@ -213,7 +214,7 @@ def rebuild(protector: Protector, job_id: str, attempt: int, layout: Layout, tar
                                        kind=checkpoint_pb2.PIECE_KIND_PARITY, stripe=stripe))
                     jobs.append((layout, node, request, node == me, decoders[stripe].sink(pos)))
                     owners.append((stripe, pos, node))
-            results = protector.stream_all(jobs)
+            results = protector.stream_all(jobs, opened)
             retry = []
             for (stripe, pos, node), result in zip(owners, results, strict=True):
                 if isinstance(result, Exception):

@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 _TICK_S = 0.2
 _FETCH_TIMEOUT_S = 60.0
 _SUMS_TIMEOUT_S = 2.0  # a reference replica's block checksums: small, else served whole
+_OTHER_LAYOUT = "another layout"
+_REFERENCE_NODES = 8
+"""Nodes after its own a rank looks on for a replica of its snapshot (``Layout.references``)."""
 _LOCAL_CHUNK_BYTES = 4 << 20  # a local piece handed to a stream's sink in views this long
 
 
@@ -99,17 +103,19 @@ class Layout:
             job_id=job_id, attempt=attempt, step=step, kind=checkpoint_pb2.PIECE_KIND_SEGMENT,
             ranks=self.nodes[index].ranks, k=len(own), index=own.index(stripe), thin=True)
 
-    def reference(self, index: int, rank: int) -> tuple[int, int] | None:
-        """(node index, rank) of the replica a thin blob of ``rank`` (on node ``index``) is
-        compared with: the next node of the layout that has ranks, its rank in the same
-        position; None for a layout of one node."""
+    def references(self, index: int, rank: int) -> list[tuple[int, int]]:
+        """(node index, rank) of the replicas a thin blob of ``rank`` (on node ``index``) may
+        be compared with, in the order they are asked: the rank in the same position on each
+        of the next ``_REFERENCE_NODES`` nodes of the layout (data parallel: the first holds
+        the same state; HSDP: the replica of a shard is a replica group's width of nodes on)."""
         position = self.nodes[index].ranks.index(rank) if rank in self.nodes[index].ranks else 0
-        for step in range(1, len(self.nodes)):
+        out = []
+        for step in range(1, min(len(self.nodes), _REFERENCE_NODES + 1)):
             other = (index + step) % len(self.nodes)
             ranks = self.nodes[other].ranks
             if ranks:
-                return other, ranks[position % len(ranks)]
-        return None
+                out.append((other, ranks[position % len(ranks)]))
+        return out
 
 
 @dataclass(slots=True)
@@ -168,6 +174,9 @@ class Protector:
         self.codec = codec or best_codec()
         self._lock = threading.Lock()
         self._thin_lock = threading.Lock()  # one decision per (rank, step), made once
+        self._refs: dict[tuple[str, int, int], tuple[int, int] | None] = {}
+        """(job, attempt, rank) -> the replica found for it ((node index, rank)), or None when
+        every node asked holds another layout: asked once per attempt, not per round."""
         self._jobs: dict[str, _Protected] = {}
         self._targets: dict[str, tuple[int, int]] = {}  # job id -> (attempt, round's step)
         self._wake = threading.Event()
@@ -210,6 +219,9 @@ class Protector:
                                           for s in range(2)]
         for e in drop:
             self._drop(e)
+        with self._thin_lock:  # replicas found for attempts older than the one before
+            for key in [k for k in self._refs if k[0] == job_id and k[1] < attempt - 1]:
+                del self._refs[key]
         self._wake.set()
 
     def set_targets(self, targets: list[tuple[str, int, int]]) -> None:
@@ -228,6 +240,9 @@ class Protector:
     def release(self, job_id: str) -> None:
         with self._lock:
             entry = self._jobs.pop(job_id, None)
+        with self._thin_lock:
+            for key in [k for k in self._refs if k[0] == job_id]:
+                del self._refs[key]
         while entry is not None:
             self._drop(entry)
             entry = entry.previous
@@ -279,7 +294,8 @@ class Protector:
             return self._open_parity(request.job_id, request.attempt, request.stripe,
                                      request.step)
         if request.kind == checkpoint_pb2.PIECE_KIND_SUMS:
-            return self._open_sums(request.job_id, list(request.ranks), request.step)
+            return self._open_sums(request.job_id, list(request.ranks), request.step,
+                                   request.layout_digest)
         raise PieceUnavailable(f"kind ({request.kind}) must be SEGMENT, PARITY or SUMS")
 
     def _verified_blob(self, job_id: str, ranks: list[int], step: int) -> blobs.NodeBlob:
@@ -309,8 +325,9 @@ class Protector:
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
         return Piece(header, lambda off, n: blob.view(base + off, n), blob.intact)
 
-    def _open_sums(self, job_id: str, ranks: list[int], step: int) -> Piece:
-        """The block checksums of one rank's snapshot of ``step`` (a thin blob's reference)."""
+    def _open_sums(self, job_id: str, ranks: list[int], step: int, digest: str = "") -> Piece:
+        """The block checksums of one rank's snapshot of ``step`` (a thin blob's reference),
+        when its layout is ``digest`` (any, when empty)."""
         if len(ranks) != 1:
             raise PieceUnavailable(f"sums request invalid (ranks {ranks}: one rank)")
         try:  # not verified first: a damaged block's checksum differs, so it is never left out
@@ -319,6 +336,8 @@ class Protector:
         except (blobs.BlobError, ValueError) as exc:
             raise PieceUnavailable(f"[{self.node}] {exc}") from exc
         (_, _, _, snap), = blob.parts()
+        if digest and snap.layout.digest != digest:
+            raise PieceUnavailable(f"[{self.node}] rank {ranks[0]} holds {_OTHER_LAYOUT}")
         total = snap.layout.total_bytes
         sums = block_checksums(snap.buffer, blobs.block_bytes(total))
         if not blob.intact():
@@ -331,8 +350,8 @@ class Protector:
         """Rank -> the blocks its blob leaves out, decided once per (rank, step) and kept
         beside the rank's generation (``<prefix>.g<N>.thin``), so every segment of the blob
         served for that step, in a round or in a rebuild, comes from the same blob. Only a
-        data-parallel snapshot (no sharded tensor) is compared, with the replica of
-        ``Layout.reference`` (fetched block checksums); when that fails nothing is left out."""
+        snapshot is compared with a replica of the same layout on another node
+        (``Layout.references``: fetched block checksums); without one nothing is left out."""
         with self._lock:
             entry = self._jobs.get(job_id)
         me = entry.layout.index_of(self.node) if entry is not None else None
@@ -340,15 +359,14 @@ class Protector:
         with self._thin_lock:
             for rank, sink, generation, snap in blob.parts():
                 total = snap.layout.total_bytes
-                if not snap.layout.is_replica or total < 2 * blobs.block_bytes(total):
+                if total < 2 * blobs.block_bytes(total):
                     continue
                 path = sink.directory / f"{sink.prefix}.g{generation}.thin"
                 sums_of = [c.to_json() for c in snap.checksums]
                 kept = _read_thin(path, blob.step, sums_of, total)
                 if kept is None:
-                    ref = (entry.layout.reference(me, rank)
-                           if entry is not None and me is not None else None)
-                    plan = self._compare(entry, ref, blob.step, snap) if ref else None
+                    plan = (self._compare(entry, me, rank, blob.step, snap)
+                            if entry is not None and me is not None else None)
                     kept = (blob.step, plan)
                     try:
                         _write_thin(path, blob.step, sums_of, plan)
@@ -359,32 +377,49 @@ class Protector:
                     plans[rank] = kept[1]
         return plans
 
-    def _compare(self, entry: _Protected | None, ref: tuple[int, int], step: int,
+    def _compare(self, entry: _Protected, me: int, rank: int, step: int,
                  snap: Snapshot) -> blobs.Thin | None:
-        assert entry is not None
-        node, rank = ref
-        request = checkpoint_pb2.FetchRequest(job_id=entry.job_id, attempt=entry.attempt,
-                                              step=step, kind=checkpoint_pb2.PIECE_KIND_SUMS,
-                                              ranks=[rank])
-        try:
-            _, raw = self.client.fetch(entry.layout.nodes[node].peer_address, request,
-                                       timeout_s=_SUMS_TIMEOUT_S)
-            reply = json.loads(blobs.tensor_bytes(raw))
-            if reply.get("bytes") != snap.layout.total_bytes:
-                return None
-            sums = [int(v, 16) for v in reply["sums"]]
-        except PieceUnavailable as exc:
-            if "holds no snapshot of step" in str(exc):  # not saved there yet: decide later
-                raise PieceUnavailable(f"[{self.node}] step {step} not yet at rank {rank}, "
-                                       "the replica its blob is compared with") from exc
-            log.info("[%s/%d/%s/-] step %d: no block checksums from rank %d (%s): its blob is "
-                     "served whole", entry.job_id, entry.attempt, self.node, step, rank, exc)
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.info("[%s/%d/%s/-] step %d: no block checksums from rank %d (%s): its blob is "
-                     "served whole", entry.job_id, entry.attempt, self.node, step, rank, exc)
-            return None
-        return blobs.thin_against(snap.buffer, sums, rank)
+        """The blocks of ``snap`` a replica on another node holds too (None: none, or no
+        replica answered). The replica is looked for once per attempt (``_refs``)."""
+        key = (entry.job_id, entry.attempt, rank)
+        known = key in self._refs
+        found = self._refs.get(key)
+        candidates = ([found] if found else []) if known else entry.layout.references(me, rank)
+        definite = True  # every node asked answered "another layout"
+        deadline = time.monotonic() + _SUMS_TIMEOUT_S  # the search, all nodes together
+        for node, other in candidates:
+            if time.monotonic() >= deadline:
+                definite = False
+                break
+            request = checkpoint_pb2.FetchRequest(
+                job_id=entry.job_id, attempt=entry.attempt, step=step,
+                kind=checkpoint_pb2.PIECE_KIND_SUMS, ranks=[other],
+                layout_digest=snap.layout.digest)
+            try:
+                _, raw = self.client.fetch(entry.layout.nodes[node].peer_address, request,
+                                           timeout_s=max(deadline - time.monotonic(), 0.05))
+                reply = json.loads(blobs.tensor_bytes(raw))
+                sums = [int(v, 16) for v in reply["sums"]]
+            except PieceUnavailable as exc:
+                if "holds no snapshot of step" in str(exc):  # not saved there yet: later
+                    raise PieceUnavailable(f"[{self.node}] step {step} not yet at rank {other},"
+                                           " a replica its blob is compared with") from exc
+                definite &= _OTHER_LAYOUT in str(exc)
+                continue
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.info("[%s/%d/%s/-] step %d: bad block checksums from rank %d (%s)",
+                         entry.job_id, entry.attempt, self.node, step, other, exc)
+                definite = False
+                continue
+            self._refs[key] = (node, other)
+            return blobs.thin_against(snap.buffer, sums, other)
+        if not known:
+            if definite:
+                self._refs[key] = None  # sharded state: no replica anywhere near, ask no more
+            log.info("[%s/%d/%s/-] step %d: no replica of rank %d's snapshot answered%s: its "
+                     "blob is served whole", entry.job_id, entry.attempt, self.node, step, rank,
+                     " (none holds its layout)" if definite else "")
+        return None
 
     def _open_parity(self, job_id: str, attempt: int, stripe: int, step: int) -> Piece:
         with self._lock:
@@ -493,13 +528,15 @@ class Protector:
         return self.fetch(entry.layout, member, request, local=member == entry.me)
 
     def stream_all(self, jobs: list[tuple[Layout, int, checkpoint_pb2.FetchRequest, bool,
-                                          ChunkSink]],
+                                          ChunkSink]], opened: list[Piece] | None = None,
                    ) -> list[checkpoint_pb2.PieceHeader | Exception]:
         """Several pieces at once, each delivered chunk by chunk to its sink (``PeerClient.
         stream``; a local piece straight from this node's memory); a failed one gives its
-        exception. A local piece's views point into its memory: the pieces stay open until
-        every stream is done."""
-        opened: list[Piece] = []
+        exception. A local piece's views point into its memory: the pieces stay open in
+        ``opened`` (the caller's, when a sink keeps views after this returns: a decoder
+        waiting for another source's bytes), else until every stream is done."""
+        if opened is None:
+            opened = []
 
         def one(job):  # type: ignore[no-untyped-def]
             layout, member, request, local, sink = job

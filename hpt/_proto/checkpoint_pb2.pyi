@@ -212,6 +212,7 @@ class FetchRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     THIN_FIELD_NUMBER: _builtins.int
+    LAYOUT_DIGEST_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     step: _builtins.int
@@ -231,6 +232,10 @@ class FetchRequest(_message.Message):
     another node of the layout holds byte for byte (blob.py, "thin blobs"); the owner decides
     once per (rank, step) and serves every later segment of that step the same way.
     """
+    layout_digest: _builtins.str
+    """SUMS: answered only when the rank's snapshot has this layout (Layout.digest): a replica
+    holds the same tensors at the same offsets (data parallel, or one shard of HSDP's).
+    """
     @_builtins.property
     def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """SEGMENT: the ranks whose snapshots form the blob"""
@@ -249,10 +254,11 @@ class FetchRequest(_message.Message):
         offset: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
         thin: _builtins.bool = ...,
+        layout_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk_bytes", b"chunk_bytes", "index", b"index", "job_id", b"job_id", "k", b"k", "kind", b"kind", "offset", b"offset", "ranks", b"ranks", "step", b"step", "stripe", b"stripe", "thin", b"thin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chunk_bytes", b"chunk_bytes", "index", b"index", "job_id", b"job_id", "k", b"k", "kind", b"kind", "layout_digest", b"layout_digest", "offset", b"offset", "ranks", b"ranks", "step", b"step", "stripe", b"stripe", "thin", b"thin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -367,15 +367,58 @@ def test_data_parallel_parity_covers_the_unique_bytes_and_rebuilds_bit_for_bit(c
     assert bytes(rebuilt.buffer.numpy()) == original  # its own RNG bytes included
 
 
-def test_sharded_state_is_coded_whole(cluster) -> None:
+def _count_sums(nodes: list[Node]) -> list[int]:
+    """Wrap each node's ``open_piece``; the list counts the SUMS requests each served."""
+    served = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        def counted(req, i=i, inner=node.protector.open_piece):  # type: ignore[no-untyped-def]
+            served[i] += req.kind == checkpoint_pb2.PIECE_KIND_SUMS
+            return inner(req)
+        node.protector.open_piece = counted  # type: ignore[method-assign]
+    return served
+
+
+def test_sharded_state_is_coded_whole_and_its_replica_looked_for_once(cluster) -> None:
     nodes = cluster(3)
     weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    served = _count_sums(nodes)
     for i, node in enumerate(nodes):  # the same bytes, but declared a shard of a larger tensor
         node.save_state(i, 2, {"w": weights.clone()},
                         shards={"w": shard_dim0((1_200_000,), i, 3)})
     state = _record(nodes[0], 0, 2).layout.total_bytes
     _protect_all(nodes, _layout(nodes), 2)
     assert _parity_bytes(nodes) >= 3 * state / 2
+    asked = sum(served)
+    assert asked == 3 * 2  # each rank asked the two other nodes: both hold another layout
+    for i, node in enumerate(nodes):
+        node.save_state(i, 3, {"w": weights.clone()},
+                        shards={"w": shard_dim0((1_200_000,), i, 3)})
+    _round(nodes, 3)
+    assert sum(served) == asked  # known for this attempt: not asked again
+
+
+def test_an_hsdp_shard_is_compared_with_its_replica_a_group_away(cluster) -> None:
+    # HSDP over 4 nodes: ranks 0 and 1 shard the model, ranks 2 and 3 replicate that sharding
+    nodes = cluster(4)
+    whole = torch.randn(800_000, generator=torch.Generator().manual_seed(6))
+    for i, node in enumerate(nodes):
+        shard = i % 2
+        rng = torch.randint(0, 255, (5000,), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(200 + i))
+        node.save_state(i, 4, {"w": whole[shard * 400_000:(shard + 1) * 400_000].clone(),
+                               "rng": rng},
+                        shards={"w": shard_dim0((800_000,), shard, 2)})
+    state = _record(nodes[0], 0, 4).layout.total_bytes
+    layout = _layout(nodes)
+    assert (layout.k, layout.m) == (3, 1)
+    _protect_all(nodes, layout, 4)
+    # node 0 asked node 1 (the other shard: another layout), then node 2 (its replica)
+    assert _parity_bytes(nodes) < 4 * state / 3 / 20
+    original = bytes(_record(nodes[0], 0, 4).buffer.numpy())
+    nodes[0].close()
+    got = materialise(nodes[1].protector, JOB, _plan(layout, 4, [0], [0]), lambda *a: None)
+    assert got.sources == {0: "decoded"}
+    assert bytes(_record(nodes[1], 0, 4).buffer.numpy()) == original
 
 
 def test_a_left_out_block_is_copied_only_from_a_replica_with_its_checksum(cluster) -> None:
@@ -387,7 +430,7 @@ def test_a_left_out_block_is_copied_only_from_a_replica_with_its_checksum(cluste
     _save_replica(nodes[1], 1, 6, other)
     _save_replica(nodes[2], 2, 6, weights)
     layout = _layout(nodes)
-    assert protect.Layout.from_proto(layout).reference(2, 2) == (0, 0)  # compared with rank 0
+    assert protect.Layout.from_proto(layout).references(2, 2)[0] == (0, 0)  # rank 0 first
     _protect_all(nodes, layout, 6)
     original = bytes(_record(nodes[2], 2, 6).buffer.numpy())
     nodes[2].close()
