@@ -148,14 +148,10 @@ class HeartbeatIntake:
                                          wake=False)
         rec.detection.on_heartbeats([(node, hb) for node, _l, hb, _r in accepted])
         mono = time.monotonic()
-        # O(ranks): not once per small batch; at once when a round completed (the pass told
-        # the attempt's nodes the next one: an older one here would send them back)
-        if (mono - self._rounds_at >= _ROUNDS_MAX_AGE_S
-                or rec.rounds_version != self._rounds_version):
-            self._rounds_version = rec.rounds_version
+        if mono - self._rounds_at >= _ROUNDS_MAX_AGE_S:  # O(ranks): not once per small batch
             self._rounds, self._rounds_at = rec.protect_targets(), mono
-        rounds = self._rounds
         acks = []
+        changed_pieces = []
         for node, link, hb, _reports in accepted:
             if hb.events:
                 rec.agent_events(node, _decode_events(node, hb.events))
@@ -165,7 +161,15 @@ class HeartbeatIntake:
                       for p in hb.pieces[:_MAX_REPORTS]]
             if pieces != link.pieces:  # each beat repeats the node's whole list: pass changes on
                 link.pieces = pieces
-                rec.held_pieces(node, pieces)
+                changed_pieces.append((node, pieces))
+        # pieces first: a round they complete is named to its attempt's nodes at once, and the
+        # acks of this batch name the next one too (older targets would send nodes back)
+        rec.held_pieces(changed_pieces)
+        if rec.rounds_version != self._rounds_version:
+            self._rounds_version = rec.rounds_version
+            self._rounds, self._rounds_at = rec.rounds_pushed, mono
+        rounds = self._rounds
+        for node, link, hb, _reports in accepted:
             protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s,
                                                     protected_step=p)
                        for j, a, s, p, nodes in rounds if node in nodes]

@@ -98,13 +98,20 @@ class Observe:
         self._emit(EventKind.CANCEL_REQUESTED, job, message="cancel requested by the user")
         self._dirty_jobs.add(job.id)
 
-    def _apply_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
-        for job_id, number in self.pieces.update(node, pieces):
+    def _apply_pieces(self, reports: list[tuple[str, list[tuple[str, int, int, int, int]]]],
+                      ) -> None:
+        """Each node's newest list of pieces; each attempt they changed is judged once (a
+        round of a 1,000-node job brings a report from every holder: judged per report, that
+        was O(nodes) each, O(nodes^2) a round)."""
+        changed: set[tuple[str, int]] = set()
+        for node, pieces in reports:
+            changed |= self.pieces.update(node, pieces)
+        for job_id, number in sorted(changed):
             job = self.jobs.get(job_id)
             if job is None or not 1 <= number <= len(job.attempts):
                 continue
             attempt = job.attempts[number - 1]
-            plan = self._plan_of(job, attempt)
+            plan = self._stripes_of(job, attempt)
             steps = tuple(sorted(elastic.protected_steps(
                 plan, self.pieces.held((job_id, number))))) if plan else ()
             parity = self.pieces.parity_bytes((job_id, number), steps[-1]) if steps else 0

@@ -138,8 +138,11 @@ class Reconciler(Observe, Execute):
         self._stepped: dict[str, tuple[float, float]] = {}  # job -> (mono, wall) it was decided
         self._rounds_done: set[tuple[str, int]] = set()  # (job, attempt) protected a new step
         self._rounds_pushed: dict[str, float] = {}  # job -> monotonic time of the last push
+        self._stripes: dict[tuple[str, int], elastic.ProtectionPlan | None] = {}
         self.rounds_version = 0
-        """Bumped when the pass told nodes new protection targets (the intake's cue)."""
+        """Bumped when nodes were told new protection targets (``rounds_pushed``): the
+        intake's cue to take those for its acks."""
+        self.rounds_pushed: list[tuple[str, int, int, int, frozenset[str]]] = []
         self._dirty_nodes: set[str] = set()
         self._progress_jobs: set[str] = set()  # only step/snapshot progress changed
         self._progress_flushed = 0.0  # monotonic
@@ -408,13 +411,17 @@ class Reconciler(Observe, Execute):
         the next pass records them."""
         self.inbox.put(AgentEvents(node=node, events=tuple(events)))
 
-    def held_pieces(self, node: str, pieces: list[tuple[str, int, int, int, int]]) -> None:
-        """The verified protection pieces ``node`` holds now: (job, attempt, stripe, step,
-        bytes), applied at once (the heartbeat intake calls it when a node's list changed):
-        each attempt's protected steps follow, and when a round completed the attempt's nodes
-        are told the next one now (``_push_rounds``), not at the next pass."""
+    def held_pieces(self, reports: list[tuple[str, list[tuple[str, int, int, int, int]]]],
+                    ) -> None:
+        """The verified protection pieces some nodes hold now: (node, [(job, attempt, stripe,
+        step, bytes)]) for each node whose list changed, applied at once (the heartbeat intake
+        calls it once per batch): each attempt's protected steps follow, and when a round
+        completed the attempt's nodes are told the next one now (``_push_rounds``), not at
+        the next pass."""
+        if not reports:
+            return
         with self.lock:
-            self._apply_pieces(node, pieces)
+            self._apply_pieces(reports)
             self._push_rounds(time.monotonic())
 
     def protect_targets(self) -> list[tuple[str, int, int, int, frozenset[str]]]:
@@ -433,6 +440,16 @@ class Reconciler(Observe, Execute):
         self.wake()
 
     # ---------------------------------------------------------------- launch
+
+    def _stripes_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
+        """The attempt's protection layout for judging pieces (its nodes and stripes, which
+        never change during an attempt: built once per attempt, not per report)."""
+        key = (job.id, attempt.number)
+        if key not in self._stripes:
+            if len(self._stripes) > 4 * len(self.jobs) + 16:  # attempts long gone
+                self._stripes.clear()
+            self._stripes[key] = self._plan_of(job, attempt)
+        return self._stripes[key]
 
     def _plan_of(self, job: Job, attempt: Attempt) -> elastic.ProtectionPlan | None:
         """The attempt's protection layout, with the peer addresses agents have now."""
@@ -594,6 +611,7 @@ class Reconciler(Observe, Execute):
         if not nodes:
             return
         targets = self.pieces.rounds.all_targets(self.jobs.values(), mono)
+        self.rounds_pushed = targets
         self.rounds_version += 1
         for node in sorted(nodes):
             self._send(node, ProtectCommand(targets=tuple(

@@ -9,7 +9,11 @@ one ``RankReport`` per live rank with step progress and held/persisted snapshot 
 timing records of the steps its ranks made since the last beat (``steps_per_s`` per rank), and
 ``collectives_per_step`` collective records per step. A ``Launch`` starts simulated ranks at
 once (state RUNNING, reported on the next beat, which is sent immediately as a real agent
-does); a ``Stop`` ends them as STOPPED.
+does); a ``Stop`` ends them as STOPPED. With ``protect_build_s`` (default), a node that the
+launch's protection layout makes a parity holder protects the step each protection round names
+(the targets of every ack, pushed ones included): ``protect_build_s`` after a target its ranks
+hold, it reports the piece at once, as a real agent's early heartbeat does, and keeps
+reporting it (two per stripe: the newest two steps built).
 
 The fleet measures what the controller does with it: the latency from sending heartbeat ``seq``
 to receiving its ``HeartbeatAck``, when each ``Launch`` arrived, and it can silence an agent
@@ -28,7 +32,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from hpt._proto import agent_pb2, agent_pb2_grpc, common_pb2
+from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2, common_pb2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,6 +52,9 @@ class FleetConfig:
     and the only form a controller from before the summaries reads)."""
     snapshot_every: int = 10
     """A snapshot every N steps; the newest 3 are reported as held in memory."""
+    protect_build_s: float = 0.05
+    """Seconds a parity holder takes to build a round's piece; 0: no protection simulated
+    (pieces never reported: no round ever completes)."""
     agents_per_channel: int = 100
     name_prefix: str = "sim"
     connect_concurrency: int = 256
@@ -92,6 +99,9 @@ class SimAgent:
         self._sent: dict[int, float] = {}  # seq -> monotonic send time
         self._kick = asyncio.Event()
         self.error: str = ""
+        self.stripes: dict[tuple[str, int], list[int]] = {}  # (job, attempt) -> parity stripes
+        self.pieces: dict[tuple[str, int, int], list[int]] = {}  # (job, attempt, stripe) -> steps
+        self._building: set[tuple[str, int, int]] = set()  # (job, attempt, step) in progress
 
     # ---------------------------------------------------------------- stream
 
@@ -137,12 +147,19 @@ class SimAgent:
             sent = self._sent.pop(msg.ack.seq, None)
             if sent is not None:
                 self.fleet.record_latency(time.monotonic() - sent)
+            for target in msg.ack.protect:
+                self._protect(target)
         elif kind == "launch":
             launch = msg.launch
             now = time.time()
             self.launches.append((launch.job_id, launch.attempt, now))
             self.fleet.on_launch(launch.job_id, launch.attempt, now)
             mono = time.monotonic()
+            layout = launch.protection
+            me = next((i for i, n in enumerate(layout.nodes) if n.node == self.name), None)
+            if me is not None:
+                self.stripes[(launch.job_id, launch.attempt)] = [
+                    j for j, stripe in enumerate(layout.stripes) if me in stripe.parity]
             for r in launch.ranks:
                 self.ranks[(launch.job_id, launch.attempt, r.rank)] = _SimRank(
                     job_id=launch.job_id, attempt=launch.attempt, rank=r.rank,
@@ -158,6 +175,37 @@ class SimAgent:
         elif kind == "release":
             for key in [k for k in self.ranks if k[0] == msg.release.job_id]:
                 del self.ranks[key]
+            for key in [k for k in self.stripes if k[0] == msg.release.job_id]:
+                del self.stripes[key]
+            for key in [k for k in self.pieces if k[0] == msg.release.job_id]:
+                del self.pieces[key]
+
+    def _protect(self, target: checkpoint_pb2.ProtectTarget) -> None:
+        """A round's target: build this node's pieces of it (once its ranks hold the step)."""
+        cfg = self.fleet.cfg
+        stripes = self.stripes.get((target.job_id, target.attempt))
+        key = (target.job_id, target.attempt, target.step)
+        if not stripes or not cfg.protect_build_s or key in self._building:
+            return
+        held = [s for (j, a, s) in self.pieces if (j, a) == key[:2]]
+        if held and all(target.step in self.pieces[(*key[:2], s)] for s in held):
+            return  # built already
+        newest = max((r.step - r.step % cfg.snapshot_every for r in self.ranks.values()
+                      if (r.job_id, r.attempt) == key[:2]), default=-1)
+        if newest < target.step:
+            return  # named ahead: the next ack names it again
+        self._building.add(key)
+
+        def built() -> None:
+            self._building.discard(key)
+            if (target.job_id, target.attempt) not in self.stripes:
+                return
+            for stripe in stripes:
+                steps = self.pieces.setdefault((target.job_id, target.attempt, stripe), [])
+                self.pieces[(target.job_id, target.attempt, stripe)] = (steps + [target.step])[-2:]
+            self.fleet.num_pieces_built += len(stripes)
+            self._kick.set()  # reported at once
+        asyncio.get_running_loop().call_later(cfg.protect_build_s, built)
 
     def silence(self) -> None:
         """Stop heartbeating but keep the stream open (a hung or partitioned node)."""
@@ -216,7 +264,9 @@ class SimAgent:
         self._sent[self._seq] = mono
         self.last_beat_at = now
         self.fleet.num_records += len(steps) + len(colls)
-        hb = agent_pb2.Heartbeat(seq=self._seq, ranks=reports)
+        hb = agent_pb2.Heartbeat(seq=self._seq, ranks=reports, pieces=[
+            checkpoint_pb2.HeldPiece(job_id=j, attempt=a, stripe=s, step=step, bytes=1 << 29)
+            for (j, a, s), steps in self.pieces.items() for step in steps])
         if cfg.columns:
             hb.step_columns.extend(_step_columns(steps))
             hb.collective_columns.extend(_collective_columns(colls))
@@ -242,6 +292,7 @@ class Fleet:
         self.closing = False
         self.latencies: list[float] = []
         self.num_records = 0
+        self.num_pieces_built = 0
         self._channels: list[grpc.aio.Channel] = []
         self.agents: list[SimAgent] = []
         self._tasks: list[asyncio.Task[None]] = []

@@ -10,7 +10,9 @@ For each N, in this order:
    until the last agent received its Launch;
 3. steady state for ``--window`` seconds with the job running: heartbeat latency (send -> ack)
    p50/p99, heartbeats never acknowledged, controller CPU (fraction of one core) and RSS,
-   Redis commands/s, nodes wrongly declared lost;
+   Redis commands/s, nodes wrongly declared lost, protection pieces built per second (the
+   job is protected by default: parity holders report the pieces of each round the controller
+   names, ``--protect-build-s`` after it);
 4. node loss: ``--lose`` agents stop heartbeating (their streams stay open); detection = the
    controller's ``node_lost`` event time minus the agent's last heartbeat, p50/p99; and the
    time until the job's next attempt was launched on every surviving node.
@@ -138,7 +140,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
         cfg = FleetConfig(target=ctl.target, num_agents=n, slots=args.slots,
                           steps_per_s=args.steps_per_s,
                           collectives_per_step=args.collectives_per_step,
-                          columns=not (baseline or args.records))
+                          columns=not (baseline or args.records),
+                          protect_build_s=args.protect_build_s)
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
             t0 = time.monotonic()
@@ -168,7 +171,7 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
             # 3. steady state
             await asyncio.sleep(min(5.0, args.window / 4))  # first-step burst settles
             fleet.latencies.clear()
-            recs0 = fleet.num_records
+            recs0, pieces0 = fleet.num_records, fleet.num_pieces_built
             cpu0, ops0 = _cpu_s(ctl.proc.pid), rclient.info("stats")["total_commands_processed"]
             sim0, w0 = time.process_time(), time.monotonic()
             lost_before = sum(1 for e in events if e.kind == "node_lost")
@@ -196,6 +199,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                 redis_ops_per_s=round(
                     (rclient.info("stats")["total_commands_processed"] - ops0) / wall, 1),
                 timing_records_per_s=round((fleet.num_records - recs0) / wall, 1),
+                protection_pieces_built_per_s=round(
+                    (fleet.num_pieces_built - pieces0) / wall, 1),
                 simulator_cpu=round((time.process_time() - sim0) / wall, 3),
             )
             acked = len(lat)
@@ -261,6 +266,9 @@ def main() -> None:
     p.add_argument("--lose", type=int, default=5, help="agents silenced in the loss phase")
     p.add_argument("--steps-per-s", type=float, default=1.0)
     p.add_argument("--collectives-per-step", type=int, default=2)
+    p.add_argument("--protect-build-s", type=float, default=0.05,
+                   help="seconds a simulated parity holder takes per round's piece (0: the "
+                        "fleet reports no pieces, no protection round completes)")
     p.add_argument("--py-spy", default="", metavar="PREFIX",
                    help="profile the controller over the window with py-spy into PREFIX-N.txt")
     p.add_argument("--stop-on-break", action="store_true", default=True)

@@ -43,14 +43,13 @@ def _report(rec: Reconciler, job_id: str, steps: tuple[int, ...]) -> None:
 def _all_hold(rec: Reconciler, job_id: str, step: int) -> None:
     """Every parity holder reports its piece of ``step`` (the round is done)."""
     attempt = rec.jobs[job_id].attempts[-1]
-    plan = rec._plan_of(rec.jobs[job_id], attempt)
+    plan = rec._stripes_of(rec.jobs[job_id], attempt)
     assert plan is not None
     held: dict[str, list[tuple[str, int, int, int, int]]] = {n: [] for n in NODES}
     for stripe, (_, parity) in enumerate(plan.stripes):
         for holder in parity:
             held[plan.nodes[holder].node].append((job_id, attempt.number, stripe, step, 64))
-    for node, pieces in held.items():
-        rec.held_pieces(node, pieces)
+    rec.held_pieces(list(held.items()))  # one batch of heartbeats
     rec.reconcile_once()
 
 
@@ -64,7 +63,8 @@ def test_a_completed_round_names_the_next_to_every_node_of_the_attempt_at_once()
     assert rec.jobs[job_id].attempts[-1].protected_steps == (5,)
     for name in NODES:  # each node told the next round, and that 5 is protected (kept pinned)
         assert [c.targets for c in _pushed(links[name])] == [((job_id, 1, 6, 5),)]
-    assert rec.rounds_version == version + 1  # the intake re-reads its targets
+    assert rec.rounds_version == version + 1  # the intake takes the pushed targets
+    assert [t[:4] for t in rec.rounds_pushed] == [(job_id, 1, 6, 5)]
 
 
 def test_nothing_is_pushed_while_a_round_is_in_progress() -> None:
@@ -72,7 +72,7 @@ def test_nothing_is_pushed_while_a_round_is_in_progress() -> None:
     _report(rec, job_id, (4, 5))
     rec.protect_targets()
     attempt = rec.jobs[job_id].attempts[-1]
-    rec.held_pieces("n0", [(job_id, attempt.number, 0, 5, 64)])  # one holder of three
+    rec.held_pieces([("n0", [(job_id, attempt.number, 0, 5, 64)])])  # one holder of three
     rec.reconcile_once()
     assert all(not _pushed(link) for link in links.values())
 
@@ -90,3 +90,24 @@ def test_a_large_attempt_is_pushed_to_at_most_once_per_its_share_of_time(
     _all_hold(rec, job_id, 6)  # the next round completed within the window
     assert rec.jobs[job_id].attempts[-1].protected_steps[-1] == 6
     assert [len(_pushed(link)) for link in links.values()] == [1, 1, 1]
+
+
+def test_pieces_are_judged_once_per_attempt_per_batch_with_its_layout_built_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rec, _, job_id = _protected_job()
+    _report(rec, job_id, (4, 5))
+    rec.protect_targets()
+    built = []
+    plan_of = rec._plan_of
+    monkeypatch.setattr(rec, "_plan_of", lambda job, attempt: built.append(1) or plan_of(
+        job, attempt))
+    judged = []
+    protected_steps = reconcile.elastic.protected_steps
+    monkeypatch.setattr(reconcile.elastic, "protected_steps",
+                        lambda plan, held: judged.append(1) or protected_steps(plan, held))
+    _all_hold(rec, job_id, 5)  # three nodes' reports in one batch
+    assert rec.jobs[job_id].attempts[-1].protected_steps == (5,)
+    assert (len(built), len(judged)) == (1, 1)
+    _report(rec, job_id, (5, 6))
+    _all_hold(rec, job_id, 6)
+    assert (len(built), len(judged)) == (1, 2)  # the layout is the attempt's: built once
