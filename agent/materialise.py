@@ -35,8 +35,9 @@ from hpt.agent.peers import Piece, PieceUnavailable
 from hpt.agent.protect import Layout, Protector
 from hpt.ckpt.checksum import block_checksums
 from hpt.ckpt.errors import CkptError, DecodeError
+from hpt.ckpt.layout import Layout as LayoutOf
 from hpt.ckpt.sink import ShmSink, SnapshotRef
-from hpt.ckpt.sources import replica_rank
+from hpt.ckpt.sources import replica_rank, split_needs
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class Materialised:
     step: int
     sources: dict[int, str]
     not_needed: tuple[int, ...] = ()
+    why: str = ""
+    """Why the old ranks in ``not_needed`` are: what the new ranks here read instead."""
 
 def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestorePlan,
                 adopt, *, new_ranks: Sequence[int] = (),  # type: ignore[no-untyped-def]
@@ -78,17 +81,25 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     need = sorted(set(plan.need_ranks))
     not_needed: list[int] = []
     owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
-    if new_ranks and world_size and world_size != plan.world_size and (
-            plan.replicated or _replicated(protector, job_id, need, step)):
-        held = {r for r in need if _held(protector, job_id, r, step)}
-        alive = {r for r in need if owners.get(r, -1) not in lost}
-        read = {replica_rank(r, plan.world_size, held, alive) for r in new_ranks}
-        if read < set(need):
-            not_needed = [r for r in need if r not in read]
-            need = sorted(read)
-            log.info("[%s/-/%s/-] step %d: old rank(s) %s not needed here (no sharded tensor: "
-                     "new ranks %s read old rank(s) %s)", job_id, protector.node, step,
-                     not_needed, sorted(new_ranks), need)
+    read: set[int] | None = None
+    why = ""
+    if new_ranks and world_size and world_size != plan.world_size:
+        if plan.replicated or _replicated(protector, job_id, need, step):
+            held = {r for r in need if _held(protector, job_id, r, step)}
+            alive = {r for r in need if owners.get(r, -1) not in lost}
+            read = {replica_rank(r, plan.world_size, held, alive) for r in new_ranks}
+            why = "no sharded tensor: each new rank reads one surviving replica"
+        else:
+            read = split_needs(_held_layouts(protector, job_id, need, step), plan.world_size,
+                               new_ranks, world_size)
+            why = ("sharded on dim 0: no new rank here takes part of their slices; "
+                   "the new ranks' slices lie in the others")
+    if read is not None and read & set(need) < set(need):
+        not_needed = [r for r in need if r not in read]
+        need = sorted(read & set(need))
+        log.info("[%s/-/%s/-] step %d: old rank(s) %s not needed here (%s; new ranks %s read "
+                 "old rank(s) %s)", job_id, protector.node, step, not_needed, why,
+                 sorted(new_ranks), need)
     missing = [r for r in need if not _local_ok(protector, job_id, r, step)]
     sources.update({r: "local" for r in need if r not in missing})
     by_owner: dict[int, list[int]] = {}
@@ -111,24 +122,27 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
                     lost | {owner}, adopt)
             how = "decoded"
         sources.update({r: how for r in ranks})
-    return Materialised(step, sources, tuple(not_needed))
+    return Materialised(step, sources, tuple(not_needed), why if not_needed else "")
 
 def _replicated(protector: Protector, job_id: str, ranks: list[int], step: int) -> bool:
     """Every old snapshot of ``step`` this node holds (one at least) has no sharded tensor."""
-    held = 0
+    layouts = _held_layouts(protector, job_id, ranks, step)
+    return bool(layouts) and all(layout.is_replica for layout in layouts.values())
+
+def _held_layouts(protector: Protector, job_id: str, ranks: list[int],
+                  step: int) -> dict[int, LayoutOf]:
+    """The layouts of the old snapshots of ``step`` this node holds (commit records only)."""
+    out = {}
     for rank in ranks:
         sink = ShmSink(protector.prefix_of(job_id, rank), directory=protector.shm_dir)
         generation = blobs.find_generation(sink, step)
         if generation is None:
             continue
         try:
-            snap = sink.read(SnapshotRef(step=step, generation=generation))
+            out[rank] = sink.layout(SnapshotRef(step=step, generation=generation))
         except (OSError, ValueError, CkptError):
             continue
-        if not snap.layout.is_replica:
-            return False
-        held += 1
-    return held > 0
+    return out
 
 def _held(protector: Protector, job_id: str, rank: int, step: int) -> bool:
     """This node's memory holds a committed snapshot of ``step`` of old rank ``rank``."""

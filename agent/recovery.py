@@ -62,8 +62,8 @@ class Recovery:
             text = ", ".join(f"rank {r} from {s}" for r, s in sorted(rebuilt.items()))
             said = f" of old {text} (verified)" if rebuilt else ""
             if done.not_needed:
-                said += (f"; old rank(s) {', '.join(map(str, done.not_needed))} not needed (no "
-                         "sharded tensor: each new rank reads one surviving replica)")
+                said += (f"; old rank(s) {', '.join(map(str, done.not_needed))} not needed "
+                         f"({done.why})")
             log.info("[%s/%d/%s/-] step %d in place in %.3fs%s", spec.job_id, spec.attempt,
                      self._protector.node, plan.step, took, said)
             self._keeper.event("snapshot_rebuilt", spec.job_id, spec.attempt, -1,

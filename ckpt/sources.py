@@ -98,6 +98,57 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
     return min(alive)
 
 
+_SPLITS: dict[str, Callable[[int, int, int], int]] = {
+    # where rank r's slice of `size` rows starts when a world of w splits them evenly on dim 0
+    "floor": lambda size, r, w: size * r // w,  # FlatShard-style (total * r // world)
+    "tensor_split": lambda size, r, w: r * (size // w) + min(r, size % w),  # shard_dim0
+    "chunk": lambda size, r, w: min(r * -(-size // w), size),  # torch.chunk, DTensor Shard(0)
+}
+
+
+def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterable[int],
+                new_world: int) -> set[int] | None:
+    """The old ranks that new ranks ``new_ranks`` of ``new_world`` read after a resize of
+    sharded state, predicted before they start (the agent does not know their boxes yet):
+    each one's preferred old rank, and every old rank whose slice of a sharded tensor overlaps
+    the slice the new rank takes under the even split on dim 0 that the old snapshots at hand
+    follow (``_SPLITS``; under each of them when several fit). None when they follow none (a
+    tensor sharded on another dim, or slices cut some other way): then every old rank is
+    needed, as before.
+
+    A wrong guess costs the restore from memory (the rank finds a box uncovered and goes on to
+    disk), never a wrong state: the rank assembles only what covers its boxes."""
+    if not layouts:
+        return None
+    sizes: dict[str, int] = {}
+    fits = set(_SPLITS)
+    for rank, layout in layouts.items():
+        for e in layout.entries:
+            if e.is_replicated:
+                continue
+            size = e.global_shape[0]
+            if any(e.global_offset[1:]) or tuple(e.shape[1:]) != tuple(e.global_shape[1:]):
+                return None
+            begin, end = e.global_offset[0], e.global_offset[0] + e.shape[0]
+            fits = {name for name in fits if (_SPLITS[name](size, rank, old_world),
+                                              _SPLITS[name](size, rank + 1, old_world))
+                    == (begin, end)}
+            if not fits:
+                return None
+            sizes[e.fqn] = size
+    needs = set()
+    for new in new_ranks:
+        needs.add(preferred_rank(new, old_world))
+        for name in fits:
+            start = _SPLITS[name]
+            for size in sizes.values():
+                lo, hi = start(size, new, new_world), start(size, new + 1, new_world)
+                needs.update(old for old in range(old_world)
+                             if start(size, old, old_world) < hi
+                             and lo < start(size, old + 1, old_world))
+    return needs
+
+
 def _source_rank(layouts: Mapping[int, Layout], old_world: int, target: RestoreTarget) -> int:
     """The old rank whose unsharded tensors and plain values ``target`` gets back, among the
     snapshots at hand: the preferred one, or after a resize of data-parallel state the

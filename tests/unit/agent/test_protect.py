@@ -255,16 +255,38 @@ def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sha
     _protect_all(nodes, layout, 7)
     nodes[2].close()
     survivor = nodes[0]
-    # the controller's plan for a resize 3 -> 2: every old rank; survivor n0 runs new rank 0
+    # the controller's plan for a resize 3 -> 2: every old rank; survivor n0 runs new rank 1
     got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
-                      lambda *a: None, new_ranks=[0], world_size=2)
+                      lambda *a: None, new_ranks=[1], world_size=2)
     rank2 = ShmSink(survivor.keeper.prefix(JOB, 2), directory=str(survivor.dir))
-    if sharded:  # new rank 0's rows of w lie in old ranks 0 and 1: every shard is needed
-        assert got.sources == {0: "local", 1: "peer", 2: "decoded"} and not got.not_needed
+    if sharded:  # new rank 1's rows 96..191 of w lie in old ranks 1 and 2: the lost one too
+        assert got.sources == {1: "peer", 2: "decoded"} and got.not_needed == (0,)
         assert blobs.find_generation(rank2, 7) is not None
-    else:  # data parallel: new rank 0 reads old rank 0's replica, nothing else
+    else:  # data parallel: new rank 1 reads the replica this node holds, nothing else
         assert got.sources == {0: "local"} and got.not_needed == (1, 2)
         assert rank2.files() == []
+
+
+def test_a_sharded_resize_leaves_the_slices_no_new_rank_here_overlaps(cluster) -> None:
+    from hpt.ckpt.layout import ShardInfo
+
+    nodes = cluster(3)
+    for i, node in enumerate(nodes):
+        node.save_state(i, 7, {"w": torch.full((64,), float(i)), "step": 7},
+                        {"w": ShardInfo(global_shape=(192,), global_offset=(64 * i,),
+                                        local_shape=(64,))})
+    layout = _layout(nodes)
+    _protect_all(nodes, layout, 7)
+    nodes[2].close()
+    survivor = nodes[0]
+    # new rank 0 takes rows 0..95: old ranks 0 and 1; the lost node's slice is not decoded
+    got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
+                      lambda *a: None, new_ranks=[0], world_size=2)
+    assert got.sources == {0: "local", 1: "peer"} and got.not_needed == (2,)
+    assert ShmSink(survivor.keeper.prefix(JOB, 2), directory=str(survivor.dir)).files() == []
+    # what the rank side assembles from them: its rows, bit for bit
+    env = json.loads(restore_shards_env(survivor.protector, JOB, 7, 3))
+    assert sorted(env["shards"]) == ["0", "1"]
 
 
 def test_a_data_parallel_resize_reads_a_surviving_replica_when_the_preferred_one_is_lost(
