@@ -122,11 +122,13 @@ class Thin:
         return cls(block, tuple(out), ref)
 
 
-def thin_against(buf: torch.Tensor, ref_sums: list[int], ref: int) -> Thin | None:
+def thin_against(buf: torch.Tensor, ref_sums: list[int], ref: int,
+                 own: list[int] | None = None) -> Thin | None:
     """The blocks of ``buf`` equal (by checksum) to the same blocks of a replica whose block
-    checksums are ``ref_sums``; None when none is (or the sizes differ)."""
+    checksums are ``ref_sums``; None when none is (or the sizes differ). ``own``: the block
+    checksums of ``buf``, when known."""
     block = block_bytes(buf.numel())
-    own = block_checksums(buf, block)
+    own = own if own is not None else block_checksums(buf, block)
     if len(own) != len(ref_sums):
         return None
     omit = tuple((i, v) for i, (v, r) in enumerate(zip(own, ref_sums, strict=True)) if v == r)

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _TICK_S = 0.2
 _FETCH_TIMEOUT_S = 60.0
 _SUMS_TIMEOUT_S = 2.0  # a reference replica's block checksums: small, else served whole
+_SERVED_BLOBS = 8
+_SERVED_S = 1.0
 _OTHER_LAYOUT = "another layout"
 _REFERENCE_NODES = 8
 """Nodes after its own a rank looks on for a replica of its snapshot (``Layout.references``)."""
@@ -174,6 +176,12 @@ class Protector:
         self.codec = codec or best_codec()
         self._lock = threading.Lock()
         self._thin_lock = threading.Lock()  # one decision per (rank, step), made once
+        self._served: dict[tuple[str, tuple[int, ...], int, bool],
+                           tuple[float, blobs.NodeBlob]] = {}
+        """Blobs served within ``_SERVED_S``, verified and cut (thin) once: the k holders of
+        a round each ask for a segment of the same blob within moments. A rebuild asks later
+        and gets a blob verified again (memory damaged meanwhile is refused, not served)."""
+        self._sums: dict[tuple[str, int, int, tuple[object, ...]], list[int]] = {}
         self._refs: dict[tuple[str, int, int], tuple[int, int] | None] = {}
         """(job, attempt, rank) -> the replica found for it ((node index, rank)), or None when
         every node asked holds another layout: asked once per attempt, not per round."""
@@ -243,6 +251,11 @@ class Protector:
         with self._thin_lock:
             for key in [k for k in self._refs if k[0] == job_id]:
                 del self._refs[key]
+        with self._lock:
+            for served in [k for k in self._served if k[0] == job_id]:
+                del self._served[served]
+            for taken in [k for k in self._sums if k[0] == job_id]:
+                del self._sums[taken]
         while entry is not None:
             self._drop(entry)
             entry = entry.previous
@@ -315,11 +328,19 @@ class Protector:
         if not ranks or not 1 <= k <= 255 or index >= k:
             raise PieceUnavailable(f"segment request invalid (ranks {ranks}, k {k}, "
                                    f"index {index})")
-        blob = self._verified_blob(job_id, ranks, step)
-        if thin:
-            plans = self._thin_plans(job_id, blob)
-            if plans:
-                blob.thin(plans)
+        key, now = (job_id, tuple(ranks), step, thin), time.monotonic()
+        with self._lock:
+            at, blob = self._served.get(key, (0.0, None))
+        if blob is None or now - at > _SERVED_S or not blob.intact():
+            blob = self._verified_blob(job_id, ranks, step)
+            if thin:
+                plans = self._thin_plans(job_id, blob)
+                if plans:
+                    blob.thin(plans)
+            with self._lock:
+                self._served[key] = (now, blob)
+                while len(self._served) > _SERVED_BLOBS:
+                    del self._served[next(iter(self._served))]
         size = blobs.segment_bytes(blob.nbytes, k)
         base = index * size
         header = checkpoint_pb2.PieceHeader(piece_bytes=size, blob_bytes=blob.nbytes)
@@ -339,12 +360,26 @@ class Protector:
         if digest and snap.layout.digest != digest:
             raise PieceUnavailable(f"[{self.node}] rank {ranks[0]} holds {_OTHER_LAYOUT}")
         total = snap.layout.total_bytes
-        sums = block_checksums(snap.buffer, blobs.block_bytes(total))
+        sums = self._block_sums(job_id, ranks[0], step, snap)
         if not blob.intact():
             raise PieceUnavailable(f"[{self.node}] rank {ranks[0]}'s step {step} was overwritten")
         data = json.dumps({"bytes": total, "sums": [f"{v:016x}" for v in sums]}).encode()
         header = checkpoint_pb2.PieceHeader(piece_bytes=len(data))
         return Piece(header, lambda off, n: data[off:off + n], lambda: True)
+
+    def _block_sums(self, job_id: str, rank: int, step: int, snap: Snapshot) -> list[int]:
+        """Block checksums of a rank's snapshot, taken once: a round needs them twice on each
+        node (its own thin decision, and the answer to the node before it)."""
+        key = (job_id, rank, step, tuple(snap.checksums))
+        with self._lock:
+            sums = self._sums.get(key)
+        if sums is None:
+            sums = block_checksums(snap.buffer, blobs.block_bytes(snap.layout.total_bytes))
+            with self._lock:
+                self._sums[key] = sums
+                while len(self._sums) > _SERVED_BLOBS:
+                    del self._sums[next(iter(self._sums))]
+        return sums
 
     def _thin_plans(self, job_id: str, blob: blobs.NodeBlob) -> dict[int, blobs.Thin]:
         """Rank -> the blocks its blob leaves out, decided once per (rank, step) and kept
@@ -412,7 +447,8 @@ class Protector:
                 definite = False
                 continue
             self._refs[key] = (node, other)
-            return blobs.thin_against(snap.buffer, sums, other)
+            return blobs.thin_against(snap.buffer, sums, other,
+                                      self._block_sums(entry.job_id, rank, step, snap))
         if not known:
             if definite:
                 self._refs[key] = None  # sharded state: no replica anywhere near, ask no more

@@ -89,6 +89,11 @@ class DuplicateNodeError(Exception):
 
 _PUSH_S_PER_NODE = 0.0005
 """Protection targets pushed to an attempt's nodes at most once per this x its nodes."""
+MIN_ROUND_S = 0.5
+"""Protection targets pushed to an attempt's nodes at most this often (a round that completes
+sooner is pushed by a later pass). Rounds pushed back to back took 8-17 % of the step time of
+a 3-node job stepping every 35 ms on two cores, against 2-5 % paced by heartbeats; at 0.5 s,
+5-6.5 %, and a sharded shrink still lost 2 steps at 0.05 s steps (docs/benchmarks.md)."""
 
 
 class AgentLink(Protocol):
@@ -238,6 +243,7 @@ class Reconciler(Observe, Execute):
         self._apply_observations(now)
         if self._deposed is not None:  # a submit met another controller's record
             raise self._deposed
+        self._push_rounds(mono)  # rounds that completed sooner than MIN_ROUND_S after the last
         self.stall.observe(mono)
         if self.stall.may_judge(mono):
             self._sync_nodes(mono, now)
@@ -592,9 +598,10 @@ class Reconciler(Observe, Execute):
 
         Otherwise a node learns it from the ack of its next heartbeat: the holders that built
         their pieces before the last one did wait up to a heartbeat period, while the ranks
-        make steps a node loss would cost. One push costs a message per node of the attempt,
-        so an attempt is pushed to at most once per ``_PUSH_S_PER_NODE`` x its nodes (a
-        1,000-node job: every 0.5 s, as often as the heartbeats tell it anyway)."""
+        make steps a node loss would cost. An attempt is pushed to at most every
+        ``MIN_ROUND_S`` (rounds cost the ranks CPU), and at most once per
+        ``_PUSH_S_PER_NODE`` x its nodes (one message per node); a round that completes
+        sooner waits here for a later pass."""
         if not self._rounds_done:
             return
         done, self._rounds_done = self._rounds_done, set()
@@ -604,7 +611,9 @@ class Reconciler(Observe, Execute):
             if job is None or job.current is None or job.current.number != number:
                 continue
             members = job.current.nodes
-            if mono - self._rounds_pushed.get(job_id, -1e9) < _PUSH_S_PER_NODE * len(members):
+            wait = max(MIN_ROUND_S, _PUSH_S_PER_NODE * len(members))
+            if mono - self._rounds_pushed.get(job_id, -1e9) < wait:
+                self._rounds_done.add((job_id, number))  # a later pass pushes it
                 continue
             self._rounds_pushed[job_id] = mono
             nodes.update(members)

@@ -77,7 +77,7 @@ def test_nothing_is_pushed_while_a_round_is_in_progress() -> None:
     assert all(not _pushed(link) for link in links.values())
 
 
-def test_a_large_attempt_is_pushed_to_at_most_once_per_its_share_of_time(
+def test_an_attempt_is_pushed_to_at_most_once_per_its_share_of_time_then_later(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reconcile, "_PUSH_S_PER_NODE", 3600.0)
     rec, links, job_id = _protected_job()
@@ -90,6 +90,10 @@ def test_a_large_attempt_is_pushed_to_at_most_once_per_its_share_of_time(
     _all_hold(rec, job_id, 6)  # the next round completed within the window
     assert rec.jobs[job_id].attempts[-1].protected_steps[-1] == 6
     assert [len(_pushed(link)) for link in links.values()] == [1, 1, 1]
+    monkeypatch.setattr(reconcile, "_PUSH_S_PER_NODE", 0.0)
+    monkeypatch.setattr(reconcile, "MIN_ROUND_S", 0.0)
+    rec.reconcile_once()  # the round that completed too soon is pushed by a later pass
+    assert [len(_pushed(link)) for link in links.values()] == [2, 2, 2]
 
 
 def test_pieces_are_judged_once_per_attempt_per_batch_with_its_layout_built_once(
