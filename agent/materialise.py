@@ -66,7 +66,7 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     and optimizer; ``plan.replicated``, or this node's own old snapshots say so): a new rank
     reads one replica (``hpt.ckpt.sources.replica_rank``, as the rank side does): its
     preferred old rank when this node holds it, else one this node holds, else its preferred
-    one or the lowest one whose node survived, fetched whole. The other old
+    one or another whose node survived, fetched whole. The other old
     ranks, the lost nodes' among them, are neither fetched nor decoded: the replicas that
     survived are the protection.
 

@@ -84,7 +84,9 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
     preferred old rank when this node holds it, else one this node holds (spread by the new
     rank's number, so new ranks of one node take distinct replicas, and their RNG streams,
     while there are enough), else the preferred one when its node survived (``alive``: old
-    ranks whose node did; empty: not known), else the lowest that survived. The agent fetches
+    ranks whose node did; empty: not known), else one that survived, spread by the new rank's
+    number in the same way (new ranks of a fresh node do not all read the same replica and
+    RNG streams). The agent fetches
     by this rule; the rank applies it to what the agent left in memory (``held``: what the
     agent held, or when it held none, what it fetched), so the rank's pick is always there,
     and verified when read."""
@@ -95,7 +97,7 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
         return sorted(held)[new_rank % len(held)]
     if pref in alive or not alive:
         return pref
-    return min(alive)
+    return sorted(alive)[new_rank % len(alive)]
 
 
 _SPLITS: dict[str, Callable[[int, int, int], int]] = {

@@ -197,14 +197,16 @@ def test_a_replica_stands_in_for_a_lost_preferred_rank_that_the_rank_then_finds(
     assert replica_rank(1, 4, held={1, 3}) == 1
     # old ranks 0 and 1 lost, old ranks 2 and 3 held here: new ranks 0 and 1 take one each
     assert [replica_rank(r, 4, held={2, 3}) for r in (0, 1)] == [2, 3]
-    # nothing held (a fresh node): the preferred one if its node survived, else the lowest
-    # survivor, which is also the lowest of what the agent then fetched for the rank to read
+    # nothing held (a fresh node): the preferred one if its node survived, else a survivor
+    # spread by the new rank's number: new ranks 0 and 1 of a fresh node read distinct ones
     assert replica_rank(0, 4, held=set(), alive={0, 3}) == 0
-    assert replica_rank(1, 4, held=set(), alive={0, 3}) == 0
+    assert replica_rank(1, 4, held=set(), alive={0, 3}) == 3
     fetched = {replica_rank(r, 4, held=set(), alive={2, 3}) for r in (0, 1, 2)}
-    assert fetched == {2} and all(replica_rank(r, 4, held=fetched) == 2 for r in (0, 1, 2))
+    assert fetched == {2, 3}
+    # the rank side picks among what was fetched, with the same spread
+    assert [replica_rank(r, 4, held=fetched) for r in (0, 1, 2)] == [2, 3, 2]
     # whatever the agent fetched, a rank picks among it
     fetched = {replica_rank(r, 4, held=set(), alive={0, 3}) for r in (1, 3)}
-    assert fetched == {0, 3} and all(replica_rank(r, 4, held=fetched) in fetched for r in (1, 3))
+    assert fetched == {3} and all(replica_rank(r, 4, held=fetched) in fetched for r in (1, 3))
     # a new rank past the old world prefers old rank 0
     assert replica_rank(5, 4, held={0, 2}) == 0
