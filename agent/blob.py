@@ -12,7 +12,8 @@ copying it first (the ranks' buffers are read straight from their shared-memory 
     zero padding to a multiple of 64, then each rank's buffer at its offset (64-aligned)
 
 A blob cut into ``k`` segments (``segment_bytes``) is what a stripe of the erasure code holds of
-the node.
+the node. ``materialise`` goes the other way: the ranks of a (decoded or fetched) blob become
+ordinary ``ShmSink`` files that a rank restores from, verified against their checksums first.
 
 A *thin* blob leaves out blocks of a rank's buffer that a replica on another node holds byte
 for byte (data-parallel state: every rank holds the same model and optimizer; only the RNG
@@ -22,8 +23,7 @@ states and the like differ). Its header entry then also has ``"block": B`` (the 
 the blob): the kept blocks follow each other from the rank's offset. Protection codes the
 thin blob, so parity costs what is unique to a node, not (1 + m/k) x its state; a rebuild
 decodes the thin blob and copies each left-out block from a surviving replica whose block has
-the same checksum (``Thin``; materialise.py). ``materialise`` goes the other way: the ranks of a (decoded or fetched) blob become
-ordinary ``ShmSink`` files that a rank restores from, verified against their checksums first.
+the same checksum (``Thin``; materialise.py).
 """
 
 from __future__ import annotations
@@ -122,6 +122,12 @@ class Thin:
         return cls(block, tuple(out), ref)
 
 
+def kept_runs(thin: Thin | None, total: int) -> list[tuple[int, int]]:
+    """The byte ranges of a buffer of ``total`` bytes that its blob holds (all of it unless
+    ``thin`` leaves blocks out)."""
+    return thin.runs(total) if thin else [(0, total)]
+
+
 def thin_against(buf: torch.Tensor, ref_sums: list[int], ref: int,
                  own: list[int] | None = None) -> Thin | None:
     """The blocks of ``buf`` equal (by checksum) to the same blocks of a replica whose block
@@ -189,12 +195,10 @@ class _Part:
 
     @property
     def stored(self) -> int:
-        total = self.snap.layout.total_bytes
-        return self.thin.stored(total) if self.thin else total
+        return sum(end - start for start, end in self.runs())
 
     def runs(self) -> list[tuple[int, int]]:
-        total = self.snap.layout.total_bytes
-        return self.thin.runs(total) if self.thin else [(0, total)]
+        return kept_runs(self.thin, self.snap.layout.total_bytes)
 
 
 class NodeBlob:
@@ -320,12 +324,12 @@ class Part:
     @property
     def stored(self) -> int:
         """Bytes the rank takes in the blob (its buffer less the blocks left out)."""
-        return self.thin.stored(self.nbytes) if self.thin else self.nbytes
+        return sum(end - start for start, end in kept_runs(self.thin, self.nbytes))
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(blob offset, buffer start, buffer end) of each kept run of the rank's buffer."""
         out, at = [], self.offset
-        for start, end in (self.thin.runs(self.nbytes) if self.thin else [(0, self.nbytes)]):
+        for start, end in kept_runs(self.thin, self.nbytes):
             out.append((at, start, end))
             at += end - start
         return out

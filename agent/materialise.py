@@ -80,7 +80,7 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     sources: dict[int, str] = {}
     need = sorted(set(plan.need_ranks))
     not_needed: list[int] = []
-    owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
+    owners = layout.owners()
     read: set[int] | None = None
     why = ""
     if new_ranks and world_size and world_size != plan.world_size:
@@ -265,7 +265,7 @@ def _fill(protector: Protector, job_id: str, attempt: int, layout: Layout, step:
     assert part.thin is not None
     block, left = part.thin.block, dict(part.thin.omit)
     me = layout.index_of(protector.node)
-    owners = {r: i for i, n in enumerate(layout.nodes) for r in n.ranks}
+    owners = layout.owners()
     candidates = sorted((r for r, i in owners.items() if i not in gone and r != part.rank),
                         key=lambda r: (owners[r] != me, r != part.thin.ref, r))
     for rank in candidates:

@@ -93,6 +93,10 @@ class Layout:
                 return i
         return None
 
+    def owners(self) -> dict[int, int]:
+        """Rank -> the index of the node that ran it."""
+        return {r: i for i, n in enumerate(self.nodes) for r in n.ranks}
+
     def data_stripes(self, index: int) -> list[int]:
         """Stripes node ``index`` is a data member of, in order: segment s of its blob is in
         the s-th of them, and their count is the number of segments its blob is cut into."""
@@ -396,20 +400,20 @@ class Protector:
                 total = snap.layout.total_bytes
                 if total < 2 * blobs.block_bytes(total):
                     continue
-                path = sink.directory / f"{sink.prefix}.g{generation}.thin"
+                path = sink.thin_path(generation)
                 sums_of = [c.to_json() for c in snap.checksums]
-                kept = _read_thin(path, blob.step, sums_of, total)
-                if kept is None:
+                try:
+                    plan = _read_thin(path, blob.step, sums_of, total)
+                except LookupError:  # not decided for this snapshot yet
                     plan = (self._compare(entry, me, rank, blob.step, snap)
                             if entry is not None and me is not None else None)
-                    kept = (blob.step, plan)
                     try:
                         _write_thin(path, blob.step, sums_of, plan)
                     except OSError as exc:  # unkept, a later segment might differ: serve none
                         raise PieceUnavailable(f"[{self.node}] cannot keep the thin blob "
                                                f"decision for rank {rank}: {exc}") from exc
-                if kept[1] is not None:
-                    plans[rank] = kept[1]
+                if plan is not None:
+                    plans[rank] = plan
         return plans
 
     def _compare(self, entry: _Protected, me: int, rank: int, step: int,
@@ -612,16 +616,20 @@ class Protector:
 
 
 def _read_thin(path: Path, step: int, sums_of: list, total: int,  # type: ignore[type-arg]
-               ) -> tuple[int, blobs.Thin | None] | None:
-    """A thin decision kept for this generation, if it is for this very snapshot."""
+               ) -> blobs.Thin | None:
+    """The thin decision kept for this generation (None: nothing left out).
+
+    Raises:
+        LookupError: none is kept for this very snapshot (or it is unreadable).
+    """
     try:
         rec = json.loads(path.read_text())
-        if rec.get("step") != step or rec.get("checksums") != sums_of:
-            return None
-        return step, (blobs.Thin.from_json(rec["thin"], total, str(path))
-                      if rec.get("thin") else None)
+        if rec.get("step") == step and rec.get("checksums") == sums_of:
+            return (blobs.Thin.from_json(rec["thin"], total, str(path))
+                    if rec.get("thin") else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        pass
+    raise LookupError(path)
 
 
 def _write_thin(path: Path, step: int, sums_of: list,  # type: ignore[type-arg]

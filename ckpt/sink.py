@@ -243,6 +243,10 @@ class ShmSink:
     def record_path(self, generation: int) -> Path:
         return self.directory / f"{self.prefix}.g{generation}.json"
 
+    def thin_path(self, generation: int) -> Path:
+        """Where the agent keeps which blocks of this generation its protection leaves out."""
+        return self.directory / f"{self.prefix}.g{generation}.thin"
+
     def pins_path(self) -> Path:
         return self.directory / f"{self.prefix}.pins"
 

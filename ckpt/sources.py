@@ -40,7 +40,14 @@ from typing import Any, Protocol
 import torch
 
 from hpt.ckpt.errors import CkptError, RestoreError
-from hpt.ckpt.layout import Layout, ShardInfo, TensorEntry, build_layout, unflatten
+from hpt.ckpt.layout import (
+    Layout,
+    ShardInfo,
+    TensorEntry,
+    build_layout,
+    dim0_split,
+    unflatten,
+)
 from hpt.ckpt.restore import reshard, tensors_of, verify_snapshot
 from hpt.ckpt.sink import ShmSink, Snapshot, SnapshotRef, SnapshotSink
 
@@ -103,7 +110,7 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
 _SPLITS: dict[str, Callable[[int, int, int], int]] = {
     # where rank r's slice of `size` rows starts when a world of w splits them evenly on dim 0
     "floor": lambda size, r, w: size * r // w,  # FlatShard-style (total * r // world)
-    "tensor_split": lambda size, r, w: r * (size // w) + min(r, size % w),  # shard_dim0
+    "tensor_split": lambda size, r, w: dim0_split(size, r, w)[0] if r < w else size,
     "chunk": lambda size, r, w: min(r * -(-size // w), size),  # torch.chunk, DTensor Shard(0)
 }
 

@@ -36,10 +36,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2
+from hpt._proto import agent_pb2, agent_pb2_grpc
 from hpt.controller import auth
 from hpt.controller.detect import health_problem
-from hpt.controller.model import LaunchCommand, ProtectCommand, ReleaseCommand, StopCommand
+from hpt.controller.model import Command
 from hpt.controller.reconcile import DuplicateNodeError, Reconciler
 from hpt.controller.server import (
     _MAX_REPORTS,
@@ -48,6 +48,7 @@ from hpt.controller.server import (
     _decode_register,
     _decode_reports,
     _restore_failures,
+    _targets_to_proto,
 )
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class _Link:
         self.pieces: list[tuple[str, int, int, int, int]] | None = None
         """The protection pieces this stream's last heartbeat reported (intake thread only)."""
 
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
-             ) -> None:
+    def send(self, command: Command) -> None:
         self.put(_command_to_proto(command))
 
     def put(self, message: object) -> None:
@@ -170,9 +170,8 @@ class HeartbeatIntake:
             self._rounds, self._rounds_at = rec.rounds_pushed, mono
         rounds = self._rounds
         for node, link, hb, _reports in accepted:
-            protect = [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s,
-                                                    protected_step=p)
-                       for j, a, s, p, nodes in rounds if node in nodes]
+            protect = _targets_to_proto((j, a, s, p) for j, a, s, p, nodes in rounds
+                                        if node in nodes)
             acks.append((link, agent_pb2.ControllerMessage(
                 ack=agent_pb2.HeartbeatAck(seq=hb.seq, protect=protect))))
         if changed:

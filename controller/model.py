@@ -529,6 +529,10 @@ class StopCommand:
     cause: StopCause
 
 
+Command = LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand
+"""What the controller sends down an agent's stream."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RankReport:
     """What an agent says about one rank of one (job, attempt)."""

@@ -43,6 +43,7 @@ from hpt.controller.execute import Execute, _StopSent
 from hpt.controller.model import (
     Attempt,
     AttemptState,
+    Command,
     Event,
     EventKind,
     Job,
@@ -56,7 +57,6 @@ from hpt.controller.model import (
     RankReport,
     ReleaseCommand,
     RestoreCommand,
-    StopCommand,
 )
 from hpt.controller.observations import (
     AgentEvents,
@@ -99,8 +99,7 @@ a 3-node job stepping every 35 ms on two cores, against 2-5 % paced by heartbeat
 class AgentLink(Protocol):
     """The command half of one agent's stream; implemented by the gRPC servicer."""
 
-    def send(self, command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
-             ) -> None:
+    def send(self, command: Command) -> None:
         """Queue a command; never blocks. Called by the loop under the reconciler's lock."""
 
     def close(self) -> None:
@@ -452,8 +451,6 @@ class Reconciler(Observe, Execute):
         never change during an attempt: built once per attempt, not per report)."""
         key = (job.id, attempt.number)
         if key not in self._stripes:
-            if len(self._stripes) > 4 * len(self.jobs) + 16:  # attempts long gone
-                self._stripes.clear()
             self._stripes[key] = self._plan_of(job, attempt)
         return self._stripes[key]
 
@@ -626,8 +623,7 @@ class Reconciler(Observe, Execute):
             self._send(node, ProtectCommand(targets=tuple(
                 (j, a, s, p) for j, a, s, p, members in targets if node in members)))
 
-    def _send(self, node: str,
-              command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand) -> bool:
+    def _send(self, node: str, command: Command) -> bool:
         runtime = self.nodes.get(node)
         if runtime is None or runtime.link is None:
             return False
@@ -708,6 +704,7 @@ class Reconciler(Observe, Execute):
             for attempt in job.attempts:
                 self._stops.pop((job_id, attempt.number), None)
                 self._launch_sent.pop((job_id, attempt.number), None)
+                self._stripes.pop((job_id, attempt.number), None)
             self.logs.forget(job_id)
             self._cancel_grace.pop(job_id, None)
             self._stepped.pop(job_id, None)

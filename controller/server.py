@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -16,9 +16,9 @@ import grpc
 from hpt._proto import agent_pb2, checkpoint_pb2, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert, limits
 from hpt.controller.model import (
+    Command,
     Event,
     EventKind,
-    LaunchCommand,
     Node,
     NodeState,
     ProtectCommand,
@@ -241,13 +241,18 @@ def _decode_reports(reports) -> list[RankReport]:  # type: ignore[no-untyped-def
     return out
 
 
-def _command_to_proto(
-    command: LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand,
-) -> agent_pb2.ControllerMessage:
+def _targets_to_proto(
+    targets: Iterable[tuple[str, int, int, int]],
+) -> list[checkpoint_pb2.ProtectTarget]:
+    """(job, attempt, round's step, newest protected step) as a heartbeat ack carries them."""
+    return [checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s, protected_step=p)
+            for j, a, s, p in targets]
+
+
+def _command_to_proto(command: Command) -> agent_pb2.ControllerMessage:
     if isinstance(command, ProtectCommand):  # an ack no heartbeat asked for (seq 0)
-        return agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(seq=0, protect=[
-            checkpoint_pb2.ProtectTarget(job_id=j, attempt=a, step=s, protected_step=p)
-            for j, a, s, p in command.targets]))
+        return agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(
+            seq=0, protect=_targets_to_proto(command.targets)))
     if isinstance(command, ReleaseCommand):
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):

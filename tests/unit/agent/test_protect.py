@@ -112,6 +112,16 @@ def _plan(layout, step: int, lost: list[int], need: list[int]) -> checkpoint_pb2
                                       layout=layout, lost=lost, need_ranks=need)
 
 
+def _lose_and_rebuild(nodes: list[Node], layout, step: int, lost: int, on: Node,
+                      need: list[int]) -> tuple[dict[int, str], bytes, bytes]:
+    """Node ``lost`` (running old rank ``lost``) goes with its memory; ``on`` puts ``need`` of
+    ``step`` in place. (where each came from, the lost rank's bytes, the bytes rebuilt)."""
+    original = bytes(_record(nodes[lost], lost, step).buffer.numpy())
+    nodes[lost].close()
+    got = materialise(on.protector, JOB, _plan(layout, step, [lost], need), lambda *a: None)
+    return got.sources, original, bytes(_record(on, lost, step).buffer.numpy())
+
+
 def _record(node: Node, rank: int, step: int):
     sink = ShmSink(node.keeper.prefix(JOB, rank), directory=str(node.dir))
     g = blobs.find_generation(sink, step)
@@ -215,11 +225,9 @@ def test_a_header_longer_than_a_segment_still_rebuilds(cluster, monkeypatch) -> 
     head = torch.empty(16, dtype=torch.uint8)
     blob.read_into(0, head)
     assert 16 + blobs.header_length(bytes(head.numpy())) > blobs.segment_bytes(blob.nbytes, 2)
-    original = bytes(_record(nodes[2], 2, 3).buffer.numpy())
-    nodes[2].close()
-    got = materialise(nodes[0].protector, JOB, _plan(layout, 3, [2], [2]), lambda *a: None)
-    assert got.sources == {2: "decoded"}
-    assert bytes(_record(nodes[0], 2, 3).buffer.numpy()) == original
+    sources, original, rebuilt = _lose_and_rebuild(nodes, layout, 3, 2, nodes[0], [2])
+    assert sources == {2: "decoded"}
+    assert rebuilt == original
 
 
 def test_only_the_wanted_ranks_of_a_lost_node_are_written(cluster) -> None:
@@ -333,11 +341,9 @@ def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
     layout = _layout(nodes)
     assert (layout.k, layout.m) == (1, 1)
     _protect_all(nodes, layout, 3)
-    original = bytes(_record(nodes[1], 1, 3).buffer.numpy())
-    nodes[1].close()
-    got = materialise(nodes[0].protector, JOB, _plan(layout, 3, [1], [1]), lambda *a: None)
-    assert got.sources == {1: "decoded"}
-    assert bytes(_record(nodes[0], 1, 3).buffer.numpy()) == original
+    sources, original, rebuilt = _lose_and_rebuild(nodes, layout, 3, 1, nodes[0], [1])
+    assert sources == {1: "decoded"}
+    assert rebuilt == original
 
 
 def test_flipped_byte_in_local_snapshot_is_caught_and_rebuilt_from_parity(cluster) -> None:
@@ -380,13 +386,9 @@ def test_data_parallel_parity_covers_the_unique_bytes_and_rebuilds_bit_for_bit(c
     # 2+1 parity of whole blobs would be state / 2 per node; the blocks every replica holds
     # byte for byte are left out of the blobs: the RNG's blocks and the header remain
     assert _parity_bytes(nodes) < 3 * state / 2 / 20
-    original = bytes(_record(nodes[2], 2, 6).buffer.numpy())
-    nodes[2].close()
-    got = materialise(nodes[0].protector, JOB, _plan(layout, 6, [2], [0, 1, 2]),
-                      lambda *a: None)
-    assert got.sources == {0: "local", 1: "peer", 2: "decoded"}
-    rebuilt = _record(nodes[0], 2, 6)
-    assert bytes(rebuilt.buffer.numpy()) == original  # its own RNG bytes included
+    sources, original, rebuilt = _lose_and_rebuild(nodes, layout, 6, 2, nodes[0], [0, 1, 2])
+    assert sources == {0: "local", 1: "peer", 2: "decoded"}
+    assert rebuilt == original  # its own RNG bytes included
 
 
 def _count_sums(nodes: list[Node]) -> list[int]:
@@ -436,11 +438,9 @@ def test_an_hsdp_shard_is_compared_with_its_replica_a_group_away(cluster) -> Non
     _protect_all(nodes, layout, 4)
     # node 0 asked node 1 (the other shard: another layout), then node 2 (its replica)
     assert _parity_bytes(nodes) < 4 * state / 3 / 20
-    original = bytes(_record(nodes[0], 0, 4).buffer.numpy())
-    nodes[0].close()
-    got = materialise(nodes[1].protector, JOB, _plan(layout, 4, [0], [0]), lambda *a: None)
-    assert got.sources == {0: "decoded"}
-    assert bytes(_record(nodes[1], 0, 4).buffer.numpy()) == original
+    sources, original, rebuilt = _lose_and_rebuild(nodes, layout, 4, 0, nodes[1], [0])
+    assert sources == {0: "decoded"}
+    assert rebuilt == original
 
 
 def test_a_left_out_block_is_copied_only_from_a_replica_with_its_checksum(cluster) -> None:
@@ -454,12 +454,10 @@ def test_a_left_out_block_is_copied_only_from_a_replica_with_its_checksum(cluste
     layout = _layout(nodes)
     assert protect.Layout.from_proto(layout).references(2, 2)[0] == (0, 0)  # rank 0 first
     _protect_all(nodes, layout, 6)
-    original = bytes(_record(nodes[2], 2, 6).buffer.numpy())
-    nodes[2].close()
     # node 1 rebuilds rank 2: its own rank 1 comes first but matches no block, rank 0 does
-    got = materialise(nodes[1].protector, JOB, _plan(layout, 6, [2], [2]), lambda *a: None)
-    assert got.sources == {2: "decoded"}
-    assert bytes(_record(nodes[1], 2, 6).buffer.numpy()) == original
+    sources, original, rebuilt = _lose_and_rebuild(nodes, layout, 6, 2, nodes[1], [2])
+    assert sources == {2: "decoded"}
+    assert rebuilt == original
 
 
 def test_without_a_matching_replica_the_rebuild_fails_and_keeps_nothing(
