@@ -108,7 +108,9 @@ def main() -> None:
     )
     train_loader = loader if args.no_hpt else ResumableLoader(loader)
     trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val)
-    if trainer.global_rank == 0:
+    # Lightning keeps training after a SIGTERM (its handler only sets a flag): a rank the agent
+    # stopped must not print a final state for the attempt that replaced it
+    if trainer.global_rank == 0 and not trainer.received_sigterm and not trainer.interrupted:
         print(f"final sha256 {digest(model, trainer.optimizers[0])}", flush=True)
 
 

@@ -32,10 +32,13 @@ def cluster(shared_cluster):  # type: ignore[no-untyped-def]
 
 
 def final_sha(cluster, job_id: str) -> str:
-    text = [line.text for line in cluster.client.logs(job_id, rank=0)]
-    shas = [t.split()[-1] for t in text if t.startswith("final sha256 ")]
-    assert len(shas) == 1, "\n".join(text[-30:])
-    return shas[0]
+    """The digest rank 0 printed in the job's last attempt (and only there, only once)."""
+    lines = list(cluster.client.logs(job_id, rank=0))
+    last = max(line.attempt for line in lines)
+    shas = [(line.attempt, line.text.split()[-1]) for line in lines
+            if line.text.startswith("final sha256 ")]
+    assert [a for a, _ in shas] == [last], "\n".join(f"{x.attempt}: {x.text}" for x in lines[-30:])
+    return shas[0][1]
 
 
 @pytest.fixture
