@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from hpt import jobspec
 from hpt._proto import agent_pb2, common_pb2
 from hpt.agent.launcher import LaunchSpec, RankPhase, RankProcess
+from hpt.monitor.columns import pack_collectives, pack_steps
 from hpt.monitor.records import CollectiveRecord, StepRecord
 
 _RANK_STATE = {
@@ -78,7 +79,8 @@ def rank_report(proc: RankProcess) -> agent_pb2.RankReport:
 
 def step_columns(records: Iterable[StepRecord]) -> list[agent_pb2.StepColumns]:
     """Completed steps as one columnar summary per (job, attempt), what a heartbeat carries
-    instead of one ``StepTiming`` per record (the controller decodes columns in C)."""
+    instead of one ``StepTiming`` per record: packed (``hpt.monitor.columns``), which the
+    controller turns into lists in one C call."""
     out: dict[tuple[str, int], agent_pb2.StepColumns] = {}
     cols: dict[tuple[str, int], tuple[list[int], list[int], list[float], list[float],
                                       list[float]]] = {}
@@ -94,8 +96,7 @@ def step_columns(records: Iterable[StepRecord]) -> list[agent_pb2.StepColumns]:
         c[4].append(rec.compute_s)
     for (job_id, attempt), (rank, step, step_s, wait, compute) in cols.items():
         out[(job_id, attempt)] = agent_pb2.StepColumns(
-            job_id=job_id, attempt=attempt, rank=rank, step=step, step_s=step_s,
-            data_wait_s=wait, compute_s=compute)
+            job_id=job_id, attempt=attempt, packed=pack_steps(rank, step, step_s, wait, compute))
     return list(out.values())
 
 
@@ -117,8 +118,8 @@ def collective_columns(records: Iterable[CollectiveRecord]) -> list[agent_pb2.Co
         c[3].append(index)
         c[4].append(rec.exit_s - rec.enter_s if rec.exit_s is not None else 0.0)
     return [
-        agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt, ops=list(ops), rank=rank,
-                                    seq=seq, op_index=op_index, duration_s=duration)
+        agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt, ops=list(ops),
+                                    packed=pack_collectives(rank, seq, op_index, duration))
         for (job_id, attempt), (ops, rank, seq, op_index, duration) in cols.items()
     ]
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from hpt.controller import convert
 from hpt.controller.model import Event, EventKind, Fault, FaultClass, FaultKind, HangCulprit
+from hpt.monitor.columns import unpack_collectives, unpack_steps
 from hpt.monitor.detectors.collective import CollectiveConfig, CollectiveDetector
 from hpt.monitor.detectors.straggler import StragglerConfig, StragglerDetector
 from hpt.monitor.records import (
@@ -84,9 +85,11 @@ class _HangReport:
 
 @dataclass(slots=True)
 class _AttemptView:
+    job_id: str
+    attempt: int
     nodes_by_rank: dict[int, str]
-    entered: dict[int, int] = field(default_factory=dict)  # rank -> highest seq entered
-    inflight: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # latest report
+    # rank -> its in-flight collectives in its node's latest report (ranks with none left out)
+    inflight: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     hangs: list[_HangReport] = field(default_factory=list)
     fault_taken: bool = False
     flagged_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps while flagged
@@ -168,19 +171,14 @@ class Detection:
                 done = [x for x in summaries if isinstance(x, CollectiveSummary)]
                 all_colls += colls
                 all_colls += done
-                for rec in colls:
-                    v = views[(rec.job_id, rec.attempt)]
-                    if rec.seq >= 0:
-                        v.entered[rec.rank] = max(v.entered.get(rec.rank, -1), rec.seq)
-                for summary in done:
-                    entered = views[(summary.job_id, summary.attempt)].entered  # type: ignore[union-attr]
-                    for rank, seq in zip(summary.rank, summary.seq, strict=True):
-                        if seq > entered.get(rank, -1):
-                            entered[rank] = seq
-                for key, by_rank in _inflight_by_rank(colls, done).items():
+                for key, by_rank in _inflight_by_rank(colls, done, views).items():
                     v = views.get(key)
                     if v is not None:
-                        v.inflight.update(by_rank)
+                        for rank, inflight in by_rank.items():
+                            if inflight:
+                                v.inflight[rank] = inflight
+                            else:
+                                v.inflight.pop(rank, None)
             found = list(self.straggler.observe(all_steps, now).findings)
             found += self.collective.observe(all_colls, now).findings
             self.findings.extend(found)
@@ -225,7 +223,7 @@ class Detection:
         with self._lock:
             v = self._views.get(key)
             if v is None:
-                v = self._views[key] = _AttemptView(nodes_by_rank=dict(nodes))
+                v = self._views[key] = _AttemptView(*key, nodes_by_rank=dict(nodes))
                 if key[1] > self._current.get(key[0], 0):
                     self._current[key[0]] = key[1]
                     for old in [k for k in self._views if k[0] == key[0] and k[1] < key[1]]:
@@ -398,7 +396,8 @@ class Detection:
         seq = max(s for s, _, _ in stuck)
         op = next(o for s, o, _ in stuck if s == seq)
         waiting = sorted({r for s, _, r in stuck if s == seq})
-        missing = sorted(r for r in view.nodes_by_rank if view.entered.get(r, -1) < seq)
+        entered = self.collective.entered(view.job_id, view.attempt)
+        missing = sorted(r for r in view.nodes_by_rank if entered.get(r, -1) < seq)
         if not missing:
             return None
         return missing[0], seq, op, waiting
@@ -491,12 +490,16 @@ def _decode(node: str, hb: Any) -> tuple[list[StepRecord], list[CollectiveRecord
 
 
 def _inflight_by_rank(
-    colls: list[CollectiveRecord], done: list[CollectiveSummary]
+    colls: list[CollectiveRecord],
+    done: list[CollectiveSummary],
+    views: Mapping[tuple[str, int], _AttemptView | None],
 ) -> dict[tuple[str, int], dict[int, list[tuple[int, str]]]]:
     """Latest in-flight report per rank; a rank whose newest collective completed is in none.
 
     A summary's completions are newer than any in-flight report of the same or an earlier seq
-    in the same heartbeat (a collective completes after it was seen in flight)."""
+    in the same heartbeat (a collective completes after it was seen in flight). Only ranks in
+    flight, in this batch or in their attempt's view, are looked at in a summary: the others
+    have nothing to clear (most of them, most of the time)."""
     out: dict[tuple[str, int], dict[int, list[tuple[int, str]]]] = {}
     for rec in colls:
         ranks = out.setdefault((rec.job_id, rec.attempt), {})
@@ -507,11 +510,16 @@ def _inflight_by_rank(
         else:
             ranks[rec.rank] = [x for x in current if x[0] > rec.seq]
     for summary in done:
+        key = (summary.job_id, summary.attempt)
+        ranks = out.setdefault(key, {})
+        view = views.get(key)
+        held = view.inflight if view is not None else {}
+        if not ranks and not held:
+            continue
         newest: dict[int, int] = {}
         for rank, seq in zip(summary.rank, summary.seq, strict=True):
-            if seq > newest.get(rank, -2):
+            if (rank in ranks or rank in held) and seq > newest.get(rank, -2):
                 newest[rank] = seq
-        ranks = out.setdefault((summary.job_id, summary.attempt), {})
         for rank, seq in newest.items():
             ranks[rank] = [x for x in ranks.get(rank, ()) if x[0] > seq]
     return out
@@ -525,8 +533,16 @@ def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummar
     budget = _MAX_STEPS_PER_BEAT
     bad = 0
     for c in hb.step_columns:
-        cols = (list(c.rank), list(c.step), list(c.step_s), list(c.data_wait_s),
-                list(c.compute_s))
+        if c.packed:
+            try:
+                cols = unpack_steps(c.packed, budget)
+            except ValueError as e:
+                log.warning("[-/-/%s/-] %s", node, e)
+                bad += 1
+                continue
+        else:  # an agent that sends the repeated fields
+            cols = [list(c.rank), list(c.step), list(c.step_s), list(c.data_wait_s),
+                    list(c.compute_s)]
         n = len(cols[0])
         if not c.job_id or any(len(x) != n for x in cols) or n > budget:
             bad += max(n, 1)
@@ -545,7 +561,15 @@ def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummar
     budget = _MAX_COLLECTIVES_PER_BEAT
     for c in hb.collective_columns:
         ops = [op[:64] for op in c.ops]
-        cols = (list(c.rank), list(c.seq), list(c.op_index), list(c.duration_s))
+        if c.packed:
+            try:
+                cols = unpack_collectives(c.packed, budget)
+            except ValueError as e:
+                log.warning("[-/-/%s/-] %s", node, e)
+                bad += 1
+                continue
+        else:
+            cols = [list(c.rank), list(c.seq), list(c.op_index), list(c.duration_s)]
         n = len(cols[0])
         if not c.job_id or any(len(x) != n for x in cols) or n > budget or len(ops) > 4096:
             bad += max(n, 1)

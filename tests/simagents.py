@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2, common_pb2
+from hpt.monitor.columns import pack_collectives, pack_steps
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,6 +51,9 @@ class FleetConfig:
     """Send completed steps and collectives as columnar summaries (``step_columns``,
     ``collective_columns``), as the agent does; False: one message per record (older agents,
     and the only form a controller from before the summaries reads)."""
+    packed: bool = True
+    """Columns packed into bytes (``packed``), as the agent sends them; False: the repeated
+    fields (agents before the packed form)."""
     snapshot_every: int = 10
     """A snapshot every N steps; the newest 3 are reported as held in memory."""
     protect_build_s: float = 0.05
@@ -268,8 +272,8 @@ class SimAgent:
             checkpoint_pb2.HeldPiece(job_id=j, attempt=a, stripe=s, step=step, bytes=1 << 29)
             for (j, a, s), steps in self.pieces.items() for step in steps])
         if cfg.columns:
-            hb.step_columns.extend(_step_columns(steps))
-            hb.collective_columns.extend(_collective_columns(colls))
+            hb.step_columns.extend(_step_columns(steps, cfg.packed))
+            hb.collective_columns.extend(_collective_columns(colls, cfg.packed))
         else:
             hb.steps.extend(steps)
             hb.collectives.extend(colls)
@@ -361,18 +365,26 @@ class Fleet:
         return [a for a in self.agents if a.name in wanted]
 
 
-def _step_columns(steps: list[agent_pb2.StepTiming]) -> list[agent_pb2.StepColumns]:
+def _step_columns(steps: list[agent_pb2.StepTiming], packed: bool) -> list[agent_pb2.StepColumns]:
     by_attempt: dict[tuple[str, int], list[agent_pb2.StepTiming]] = {}
     for t in steps:
         by_attempt.setdefault((t.job_id, t.attempt), []).append(t)
-    return [agent_pb2.StepColumns(
-        job_id=job_id, attempt=attempt, rank=[t.rank for t in ts], step=[t.step for t in ts],
-        step_s=[t.end_s - t.start_s for t in ts], data_wait_s=[t.data_wait_s for t in ts],
-        compute_s=[t.compute_s for t in ts]) for (job_id, attempt), ts in by_attempt.items()]
+    out = []
+    for (job_id, attempt), ts in by_attempt.items():
+        cols = ([t.rank for t in ts], [t.step for t in ts], [t.end_s - t.start_s for t in ts],
+                [t.data_wait_s for t in ts], [t.compute_s for t in ts])
+        if packed:
+            out.append(agent_pb2.StepColumns(job_id=job_id, attempt=attempt,
+                                             packed=pack_steps(*cols)))
+        else:
+            out.append(agent_pb2.StepColumns(
+                job_id=job_id, attempt=attempt, rank=cols[0], step=cols[1], step_s=cols[2],
+                data_wait_s=cols[3], compute_s=cols[4]))
+    return out
 
 
 def _collective_columns(
-    colls: list[agent_pb2.CollectiveTiming],
+    colls: list[agent_pb2.CollectiveTiming], packed: bool,
 ) -> list[agent_pb2.CollectiveColumns]:
     by_attempt: dict[tuple[str, int], list[agent_pb2.CollectiveTiming]] = {}
     for c in colls:
@@ -381,10 +393,15 @@ def _collective_columns(
     for (job_id, attempt), cs in by_attempt.items():
         ops = sorted({c.op for c in cs})
         index = {op: i for i, op in enumerate(ops)}
-        out.append(agent_pb2.CollectiveColumns(
-            job_id=job_id, attempt=attempt, ops=ops, rank=[c.rank for c in cs],
-            seq=[c.seq for c in cs], op_index=[index[c.op] for c in cs],
-            duration_s=[c.exit_s - c.enter_s for c in cs]))
+        cols = ([c.rank for c in cs], [c.seq for c in cs], [index[c.op] for c in cs],
+                [c.exit_s - c.enter_s for c in cs])
+        if packed:
+            out.append(agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt, ops=ops,
+                                                   packed=pack_collectives(*cols)))
+        else:
+            out.append(agent_pb2.CollectiveColumns(
+                job_id=job_id, attempt=attempt, ops=ops, rank=cols[0], seq=cols[1],
+                op_index=cols[2], duration_s=cols[3]))
     return out
 
 

@@ -697,8 +697,16 @@ class StepColumns(_message.Message):
     STEP_S_FIELD_NUMBER: _builtins.int
     DATA_WAIT_S_FIELD_NUMBER: _builtins.int
     COMPUTE_S_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
+    packed: _builtins.bytes
+    """The same columns packed little-endian, one after the other: rank uint32[n], step int64[n],
+    step_s, data_wait_s, compute_s float64[n] (36 bytes an entry). What the agent sends: the
+    controller turns it into lists in one C call, where the repeated fields above cost a call
+    into the protobuf runtime per entry (80,000 ranks: 80,000 entries a second). Used when
+    set; the repeated fields are then empty.
+    """
     @_builtins.property
     def rank(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -721,10 +729,11 @@ class StepColumns(_message.Message):
         step_s: _abc.Iterable[_builtins.float] | None = ...,
         data_wait_s: _abc.Iterable[_builtins.float] | None = ...,
         compute_s: _abc.Iterable[_builtins.float] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_s", b"compute_s", "data_wait_s", b"data_wait_s", "job_id", b"job_id", "rank", b"rank", "step", b"step", "step_s", b"step_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_s", b"compute_s", "data_wait_s", b"data_wait_s", "job_id", b"job_id", "packed", b"packed", "rank", b"rank", "step", b"step", "step_s", b"step_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -746,8 +755,13 @@ class CollectiveColumns(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     OP_INDEX_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
+    packed: _builtins.bytes
+    """Packed as StepColumns.packed: rank uint32[n], seq int64[n], op_index uint32[n],
+    duration_s float64[n] (24 bytes an entry); used when set.
+    """
     @_builtins.property
     def ops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the op names op_index points into"""
@@ -770,10 +784,11 @@ class CollectiveColumns(_message.Message):
         seq: _abc.Iterable[_builtins.int] | None = ...,
         op_index: _abc.Iterable[_builtins.int] | None = ...,
         duration_s: _abc.Iterable[_builtins.float] | None = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration_s", b"duration_s", "job_id", b"job_id", "op_index", b"op_index", "ops", b"ops", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration_s", b"duration_s", "job_id", b"job_id", "op_index", b"op_index", "ops", b"ops", "packed", b"packed", "rank", b"rank", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

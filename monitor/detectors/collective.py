@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from hpt.monitor.detectors._common import LowWatermark, is_finite, median, require
+from hpt.monitor.detectors._common import LowWatermark, is_finite, median, median_sorted, require
 from hpt.monitor.records import CollectiveRecord, CollectiveSummary, Detection, Finding, FindingKind
 
 __all__ = ["CollectiveConfig", "CollectiveDetector"]
@@ -127,6 +127,11 @@ class CollectiveDetector:
         job = self._jobs.get(job_id)
         return frozenset(job.laggards) if job is not None else frozenset()
 
+    def entered(self, job_id: str, attempt: int) -> Mapping[int, int]:
+        """Per rank, the highest seq it entered in ``attempt`` (empty for another attempt)."""
+        job = self._jobs.get(job_id)
+        return job.entered if job is not None and job.attempt == attempt else {}
+
     def observe(self, records: Iterable[object], now: float) -> Detection:
         """Feed a batch of records (non-collective records are ignored), then judge.
 
@@ -146,13 +151,7 @@ class CollectiveDetector:
                 job = self._job_for(rec.job_id, rec.attempt)
                 if job is None:
                     continue
-                ops = rec.ops
-                for rank, seq, op, duration in zip(
-                    rec.rank, rec.seq, rec.op_index, rec.duration_s, strict=True
-                ):
-                    if seq >= 0:
-                        self._entered(job, rank, rec.node, seq)
-                        self._completed(job, rank, seq, duration, ops[op])
+                self._ingest_columns(job, rec)
             elif isinstance(rec, CollectiveRecord) and rec.seq >= 0:
                 job = self._job_for(rec.job_id, rec.attempt)
                 if job is not None:
@@ -182,6 +181,43 @@ class CollectiveDetector:
         elif attempt < job.attempt:
             return None
         return job
+
+    def _ingest_columns(self, job: _Job, rec: CollectiveSummary) -> None:
+        """A summary's completed collectives: :meth:`_entered` and :meth:`_completed` of each
+        entry, inlined (this loop runs once per rank and collective of the whole cluster)."""
+        if rec.node:
+            job.nodes.update(dict.fromkeys(rec.rank, rec.node))
+        ops = rec.ops
+        entered = job.entered
+        done = job.done
+        pending = job.pending
+        inflight = job.inflight
+        expected = job.expected
+        watermark = job.watermark
+        through = job.finalized_through
+        for rank, seq, op, duration in zip(
+            rec.rank, rec.seq, rec.op_index, rec.duration_s, strict=True
+        ):
+            if seq < 0:
+                continue
+            last = entered.get(rank)
+            if last is None:
+                watermark.invalidate()  # a new member (when no ranks were declared)
+                entered[rank] = seq
+            elif seq > last:
+                entered[rank] = seq
+            if inflight:
+                inflight.pop((rank, seq), None)
+            last = done.get(rank, -1)
+            if seq > last:
+                if expected is None or rank in expected:
+                    watermark.raised(last, seq)
+                done[rank] = seq
+            if seq > through:
+                entries = pending.get(seq)
+                if entries is None:
+                    entries = pending[seq] = {}
+                entries[rank] = (duration, ops[op])
 
     def _ingest(self, job: _Job, rec: CollectiveRecord, now: float) -> None:
         rank, seq = rec.rank, rec.seq
@@ -232,8 +268,9 @@ class CollectiveDetector:
             job.finalized_through = max(job.finalized_through, seq)
             if len(entries) < cfg.min_ranks:
                 continue
-            med = median([w for w, _ in entries.values()])
-            last = min(entries, key=lambda r: (entries[r][0], r))
+            waits = sorted([w for w, _ in entries.values()])
+            med = median_sorted(waits)
+            last = min(r for r, (w, _) in entries.items() if w == waits[0])
             lateness = med - entries[last][0]
             op = entries[last][1]
             job.recent.append(_Last(seq, last if lateness > cfg.min_lag_s else None, op, lateness))

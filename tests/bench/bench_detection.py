@@ -15,6 +15,10 @@ Prints JSON lines (figures are medians over ``--runs`` runs where it says so):
 - ``controller_cpu``: CPU seconds the controller spends per 1,000 timing records in
   :meth:`hpt.controller.detect.Detection.on_heartbeat` (proto decode, validation, straggler and
   collective detectors), measured in-process on synthetic heartbeats.
+- ``detection_at_scale``: per ``--scale-agents`` N, the CPU the detection hub takes for N nodes
+  x 8 ranks at 1 step/s with 2 collectives per step (one heartbeat per node per second, fed in
+  the intake's batches of 50), timing columns packed as the agent sends them vs the repeated
+  fields (older agents), in one run; core fraction and microseconds per rank-step.
 
 This is a benchmark, never a test; it uses the real local cluster of the fault matrix.
 """
@@ -169,13 +173,71 @@ def controller_cpu(runs: int) -> None:
     )
 
 
+def _scale_beats(nodes: int, seconds: int, packed: bool) -> list[list[tuple[str, Any]]]:
+    from hpt.monitor.columns import pack_collectives, pack_steps
+
+    per_node, colls_per_step = 8, 2
+    out = []
+    for s in range(seconds):
+        beats = []
+        for n in range(nodes):
+            ranks = list(range(n * per_node, (n + 1) * per_node))
+            steps = (ranks, [s] * per_node, [1.0 + 0.001 * ((r * 7 + s) % 10) for r in ranks],
+                     [0.001] * per_node, [0.8 + 0.001 * ((r * 3 + s) % 10) for r in ranks])
+            colls: tuple[list[Any], ...] = ([], [], [], [])
+            for k in range(colls_per_step):
+                colls[0].extend(ranks)
+                colls[1].extend([s * colls_per_step + k] * per_node)
+                colls[2].extend([0] * per_node)
+                colls[3].extend(0.001 * ((r * 5 + k) % 10) for r in ranks)
+            hb = agent_pb2.Heartbeat()
+            if packed:
+                hb.step_columns.add(job_id="j", attempt=1, packed=pack_steps(*steps))
+                hb.collective_columns.add(job_id="j", attempt=1, ops=["all_reduce"],
+                                          packed=pack_collectives(*colls))
+            else:
+                hb.step_columns.add(job_id="j", attempt=1, rank=steps[0], step=steps[1],
+                                    step_s=steps[2], data_wait_s=steps[3], compute_s=steps[4])
+                hb.collective_columns.add(job_id="j", attempt=1, ops=["all_reduce"],
+                                          rank=colls[0], seq=colls[1], op_index=colls[2],
+                                          duration_s=colls[3])
+            beats.append((f"node-{n}", hb))
+        out.append(beats)
+    return out
+
+
+def detection_at_scale(agents: list[int], runs: int, seconds: int = 6) -> None:
+    for n in agents:
+        ranks = {r: f"node-{r // 8}" for r in range(n * 8)}
+        for packed in (False, True):
+            per_run = []
+            for _ in range(runs):
+                det = Detection(lambda e: None, lambda j, a, ranks=ranks: ranks)
+                beats = _scale_beats(n, seconds, packed)
+                c0 = time.process_time()
+                for second in beats:
+                    for i in range(0, len(second), 50):
+                        det.on_heartbeats(second[i:i + 50])
+                per_run.append((time.process_time() - c0) / seconds)
+            core = med(per_run)
+            assert core is not None
+            emit(bench="detection_at_scale", agents=n, ranks=n * 8,
+                 timing="packed columns" if packed else "columns", runs=runs,
+                 core_at_1_step_per_s_median=round(core, 4),
+                 us_per_rank_step=round(core / (n * 8) * 1e6, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clean-seconds", type=float, default=120.0)
     parser.add_argument("--skip-cluster", action="store_true", help="only the in-process part")
+    parser.add_argument("--scale-agents", default="1000,4000",
+                        help="node counts for detection_at_scale (comma-separated; '' skips it)")
     args = parser.parse_args()
     controller_cpu(args.runs)
+    if args.scale_agents:
+        detection_at_scale([int(x) for x in args.scale_agents.split(",")], args.runs)
     if args.skip_cluster:
         return
     with tempfile.TemporaryDirectory() as d:

@@ -122,12 +122,22 @@ async def _watch_events(stub: jobs_pb2_grpc.JobServiceStub, sink: list) -> None:
         pass
 
 
+def _timing(args: argparse.Namespace, baseline: bool) -> str:
+    """The wire form of the timing the fleet sends: a baseline controller gets records, or the
+    unpacked columns with ``--baseline-columns``; this tree packed columns unless told."""
+    if args.records or (baseline and not args.baseline_columns):
+        return "records"
+    if baseline or args.unpacked:
+        return "columns"
+    return "packed columns"
+
+
 async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                   baseline: bool = False) -> dict[str, object]:
     out: dict[str, object] = {"bench": "controller_scale", "agents": n, "ranks": n * args.slots,
                               "heartbeat_period_s": args.period, "broke": "",
                               "controller": "baseline" if baseline else "this tree",
-                              "timing": "records" if baseline or args.records else "columns"}
+                              "timing": _timing(args, baseline)}
     redis_url, redis_proc = start_redis(workdir)
     ctl = _Controller(workdir, redis_url, args.period, args.baseline_src if baseline else "")
     rclient = redis.Redis.from_url(redis_url)
@@ -140,7 +150,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
         cfg = FleetConfig(target=ctl.target, num_agents=n, slots=args.slots,
                           steps_per_s=args.steps_per_s,
                           collectives_per_step=args.collectives_per_step,
-                          columns=not (baseline or args.records),
+                          columns=_timing(args, baseline) != "records",
+                          packed=_timing(args, baseline) == "packed columns",
                           protect_build_s=args.protect_build_s)
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
@@ -274,6 +285,10 @@ def main() -> None:
     p.add_argument("--stop-on-break", action="store_true", default=True)
     p.add_argument("--records", action="store_true",
                    help="agents send one message per timing record (the pre-summary wire form)")
+    p.add_argument("--unpacked", action="store_true",
+                   help="agents send timing columns in the repeated fields, not packed")
+    p.add_argument("--baseline-columns", action="store_true",
+                   help="the baseline controller gets (unpacked) timing columns, not records")
     p.add_argument("--baseline-src", default="", metavar="DIR",
                    help="also measure, before each N, the controller of another hpt tree "
                    "(DIR/hpt with controller/, agent/, ckpt/, monitor/ copied under it), fed "

@@ -221,3 +221,19 @@ def test_invalid_summary_entries_are_dropped_and_a_malformed_summary_whole():
                               seq=[1, 1], op_index=[0, 3], duration_s=[0.1, 0.1])
     det.on_heartbeat("node-0", hb)
     assert det.num_records == 2  # step 1 of rank 0 and rank 0's collective
+
+
+def test_a_packed_summary_cut_short_is_dropped_alone_and_packed_reads_as_unpacked() -> None:
+    from hpt.monitor.columns import pack_steps
+
+    det, _ = _wide()
+    hb = agent_pb2.Heartbeat()
+    cols = ([0, 1], [1, 1], [1.0, 1.0], [0.0, 0.0], [0.5, 0.5])
+    hb.step_columns.add(job_id="j", attempt=1, packed=pack_steps(*cols)[:-3])  # cut short
+    hb.step_columns.add(job_id="j", attempt=1, packed=pack_steps(*cols))
+    hb.step_columns.add(job_id="j", attempt=1, rank=cols[0], step=cols[1], step_s=cols[2],
+                        data_wait_s=cols[3], compute_s=cols[4])
+    det.on_heartbeat("node-0", hb)
+    assert det.num_records == 4  # both whole summaries, nothing of the cut one
+    pending = det.straggler._jobs["j"].pending[1]
+    assert pending == {0: (0.5, 1.0), 1: (0.5, 1.0)}

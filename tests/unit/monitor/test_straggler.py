@@ -338,3 +338,50 @@ def test_the_same_slowdown_on_a_compute_bound_step_is_flagged():
     found = det.observe(make_steps(4, range(30), base_s=0.050, jitter=0.01, slow={1: 1.3}),
                         now=100.0).findings
     assert [(f.kind, f.rank) for f in found] == [(FindingKind.STRAGGLER, 1)]
+
+
+def _reference_verdicts(cfg: StragglerConfig, entries: dict[int, tuple[float, float]]
+                        ) -> dict[int, tuple[float, bool]]:
+    """Per rank (ratio, slow) by the definition, the slow way: the median of every other rank,
+    then the MAD of those others around it."""
+    from hpt.monitor.detectors._common import MAD_TO_SIGMA, median
+
+    step_s = median([e[1] for e in entries.values()])
+    out = {}
+    for rank, (v, _) in entries.items():
+        peers = [e[0] for r, e in entries.items() if r != rank]
+        med = median(peers)
+        ratio = v / max(med, cfg.noise_floor_s)
+        mad = median([abs(p - med) for p in peers])
+        sigma = max(MAD_TO_SIGMA * mad, cfg.noise_floor * med, cfg.noise_floor_s)
+        slow = (ratio >= cfg.threshold - 1e-9 and (v - med) / sigma >= cfg.min_z - 1e-9
+                and v - med >= cfg.min_step_fraction * step_s - 1e-9)
+        out[rank] = (ratio, slow)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_verdicts_of_the_ranks_that_can_change_state_match_the_definition(seed: int) -> None:
+    # The detector judges only the ranks at or above the threshold (a suffix of the sorted
+    # values) and the flagged ones, with leave-one-out medians in O(1): the same verdicts as
+    # recomputing every rank's peers, for odd and even worlds, ties and heavy tails.
+    from hpt.monitor.detectors.straggler import _Job
+
+    rng = random.Random(seed)
+    n = rng.choice([2, 3, 4, 5, 8, 9, 16, 33])
+    cfg = StragglerConfig(threshold=rng.choice([1.02, 1.08, 1.3]))
+    det = StragglerDetector(cfg)
+    base = [0.1, 0.1, 0.1, 0.2, 0.3]  # some ties
+    entries = {r: (rng.choice(base) if rng.random() < 0.3 else rng.uniform(0.05, 0.4),
+                   rng.uniform(0.9, 1.1)) for r in range(n)}
+    job = _Job(attempt=1, flagged=set(rng.sample(range(n), k=min(2, n))))
+    verdicts, top = det._judge(job, entries)
+    want = _reference_verdicts(cfg, entries)
+    above = {r for r, (ratio, _) in want.items() if ratio >= cfg.threshold - 1e-9}
+    assert {v.rank for v in verdicts} == above | job.flagged
+    for v in verdicts:
+        assert v.ratio == pytest.approx(want[v.rank][0], rel=1e-12)
+        assert v.slow == want[v.rank][1], (v, want[v.rank])
+    assert top.ratio == pytest.approx(max(r for r, _ in want.values()), rel=1e-12)
+    # scores are recomputed from the kept step, not stored per rank
+    assert det._score(job, 0) == pytest.approx(want[0][0], rel=1e-12)
