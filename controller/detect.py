@@ -525,6 +525,20 @@ def _inflight_by_rank(
     return out
 
 
+def _columns(node: str, summary: Any, unpack: Callable[[bytes, int], list[Any]], budget: int,
+             names: tuple[str, ...]) -> list[Any] | None:
+    """A summary's columns: unpacked from ``packed`` (what the agent sends), else read from
+    the repeated fields ``names`` (older agents); None, logged, for packed bytes that are not
+    whole entries or more than ``budget`` of them."""
+    if not summary.packed:
+        return [list(getattr(summary, name)) for name in names]
+    try:
+        return unpack(summary.packed, budget)
+    except ValueError as e:
+        log.warning("[-/-/%s/-] %s", node, e)
+        return None
+
+
 def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummary]:
     """The heartbeat's columnar timing (``step_columns``, ``collective_columns``): columns are
     turned into lists in C and checked a column at a time; only a summary with a bad entry
@@ -533,16 +547,11 @@ def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummar
     budget = _MAX_STEPS_PER_BEAT
     bad = 0
     for c in hb.step_columns:
-        if c.packed:
-            try:
-                cols = unpack_steps(c.packed, budget)
-            except ValueError as e:
-                log.warning("[-/-/%s/-] %s", node, e)
-                bad += 1
-                continue
-        else:  # an agent that sends the repeated fields
-            cols = [list(c.rank), list(c.step), list(c.step_s), list(c.data_wait_s),
-                    list(c.compute_s)]
+        cols = _columns(node, c, unpack_steps, budget,
+                        ("rank", "step", "step_s", "data_wait_s", "compute_s"))
+        if cols is None:
+            bad += 1
+            continue
         n = len(cols[0])
         if not c.job_id or any(len(x) != n for x in cols) or n > budget:
             bad += max(n, 1)
@@ -561,15 +570,11 @@ def _decode_summaries(node: str, hb: Any) -> list[StepSummary | CollectiveSummar
     budget = _MAX_COLLECTIVES_PER_BEAT
     for c in hb.collective_columns:
         ops = [op[:64] for op in c.ops]
-        if c.packed:
-            try:
-                cols = unpack_collectives(c.packed, budget)
-            except ValueError as e:
-                log.warning("[-/-/%s/-] %s", node, e)
-                bad += 1
-                continue
-        else:
-            cols = [list(c.rank), list(c.seq), list(c.op_index), list(c.duration_s)]
+        cols = _columns(node, c, unpack_collectives, budget,
+                        ("rank", "seq", "op_index", "duration_s"))
+        if cols is None:
+            bad += 1
+            continue
         n = len(cols[0])
         if not c.job_id or any(len(x) != n for x in cols) or n > budget or len(ops) > 4096:
             bad += max(n, 1)
