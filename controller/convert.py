@@ -204,7 +204,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
     )
 
 
-def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
+def attempt_to_proto(attempt: Attempt, *, ranks: bool = True) -> pb.Attempt:
     msg = pb.Attempt(
         number=attempt.number,
         state=_ATTEMPT[attempt.state],
@@ -212,7 +212,7 @@ def attempt_to_proto(attempt: Attempt) -> pb.Attempt:
         master_addr=attempt.master_addr,
         master_port=attempt.master_port,
         world_size=attempt.world_size,
-        ranks=[rank_to_proto(r) for r in attempt.ranks],
+        ranks=[rank_to_proto(r) for r in attempt.ranks] if ranks else [],
         history=_history_to_proto(attempt.history),
         started_at=attempt.started_at,
         first_step_at=attempt.first_step_at,
@@ -248,12 +248,12 @@ def attempt_from_proto(msg: pb.Attempt) -> Attempt:
     )
 
 
-def job_to_proto(job: Job) -> pb.Job:
+def job_to_proto(job: Job, *, attempts: bool = True) -> pb.Job:
     msg = pb.Job(
         id=job.id,
         spec=spec_to_proto(job.spec),
         state=_JOB[job.state],
-        attempts=[attempt_to_proto(a) for a in job.attempts],
+        attempts=[attempt_to_proto(a) for a in job.attempts] if attempts else [],
         history=_history_to_proto(job.history),
         created_at=job.created_at,
         reason=job.reason,
@@ -339,8 +339,49 @@ def event_from_proto(msg: pb.Event, seq: int) -> Event:
     )
 
 
+def _tagged(field_number: int, payload: bytes) -> bytes:
+    """``payload`` as one occurrence of the length-delimited field ``field_number``."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_JOB_ATTEMPTS = pb.Job.DESCRIPTOR.fields_by_name["attempts"].number
+_ATTEMPT_RANKS = pb.Attempt.DESCRIPTOR.fields_by_name["ranks"].number
+
+
+def _rank_bytes(rank: Rank) -> bytes:
+    """``rank_to_proto(rank)`` serialized, made again only when one of its fields changed
+    (ExitInfo is replaced, never changed in place)."""
+    key = (rank.rank, rank.local_rank, rank.node, rank.pid, rank.state, rank.exit, rank.step,
+           rank.step_at, rank.first_step_at, rank.exit_reason, rank.snapshot_steps,
+           rank.persisted_steps, rank.snapshot_bytes, rank.snapshot_replicated, rank.end_cause)
+    wire = rank.wire
+    if wire is None or wire[0] != key:
+        wire = rank.wire = (key, rank_to_proto(rank).SerializeToString())
+    return wire[1]
+
+
 def job_to_bytes(job: Job) -> bytes:
-    return job_to_proto(job).SerializeToString()
+    """The job's record as ``job_to_proto(job).SerializeToString()`` parses, built from each
+    rank's kept bytes: a repeated field is its occurrences one after the other, so the job
+    without its attempts, then each attempt without its ranks, then its ranks, is the same
+    message. Building the protos of 16,000 ranks took 44 ms a write (80,000: 0.2 s), a fifth
+    of the controller's CPU at 2,000 agents."""
+    msg = job_to_proto(job, attempts=False)
+    out = [msg.SerializeToString()]
+    for attempt in job.attempts:
+        head = attempt_to_proto(attempt, ranks=False).SerializeToString()
+        out.append(_tagged(_JOB_ATTEMPTS, head + b"".join(
+            _tagged(_ATTEMPT_RANKS, _rank_bytes(r)) for r in attempt.ranks)))
+    return b"".join(out)
 
 
 def job_from_bytes(data: bytes) -> Job:

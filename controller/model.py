@@ -349,6 +349,11 @@ class Rank:
     the job may stand in for it after a resize)."""
     end_cause: RankEndCause = RankEndCause.NONE
     """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
+    wire: tuple[tuple[object, ...], bytes] | None = field(default=None, repr=False,
+                                                          compare=False)
+    """The rank's serialized record and the field values it was made from
+    (``convert.job_to_bytes``): a job's record is written with every rank of every attempt,
+    and most ranks did not change since the last write."""
 
     def set_state(self, new: RankState, exit_reason: str = "",
                   cause: RankEndCause = RankEndCause.NONE) -> RankState:
@@ -412,6 +417,19 @@ class Attempt:
                 by_node.setdefault(r.node, []).append(r)
             self._by_node = by_node
         return list(by_node.get(node, ()))
+
+    _started_through: int = field(default=0, init=False, repr=False, compare=False)
+
+    def none_pending(self) -> bool:
+        """Whether every rank left PENDING. No rank goes back to it, so the scan resumes where
+        the last one stopped: O(ranks) over a whole launch, where asking every report scanned
+        from the start (16,000 ranks: 8 s to launch 2,000 nodes, a quarter of the CPU)."""
+        ranks = self.ranks
+        i = self._started_through
+        while i < len(ranks) and ranks[i].state != RankState.PENDING:
+            i += 1
+        self._started_through = i
+        return i == len(ranks)
 
     @property
     def all_ended(self) -> bool:

@@ -195,9 +195,7 @@ class Observe:
         if seen.state.is_terminal:
             self._emit(EventKind.RANK_EXITED, job, attempt=attempt.number, node=node, rank=rank.rank,
                        message=f"{seen.state.value}: {rank.exit_reason}")
-        if attempt.state == AttemptState.LAUNCHING and all(
-            r.state != RankState.PENDING for r in attempt.ranks
-        ):
+        if attempt.state == AttemptState.LAUNCHING and attempt.none_pending():
             attempt.set_state(AttemptState.RUNNING, "every rank started", self._clock())
         return True
 

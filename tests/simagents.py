@@ -233,22 +233,21 @@ class SimAgent:
         cfg = self.fleet.cfg
         self._seq += 1
         now, mono = time.time(), time.monotonic()
-        reports, steps, colls = [], [], []
+        reports: list[agent_pb2.RankReport] = []
+        steps: list[_Step] = []
+        colls: list[_Collective] = []
         ended = []
         for key, r in self.ranks.items():
             if r.state == common_pb2.RANK_STATE_RUNNING:
                 target = int((mono - r.started) * cfg.steps_per_s)
                 first = max(r.step + 1, target - 4 * int(cfg.steps_per_s * self.period_s + 1))
-                for s in range(first, target + 1):
-                    steps.append(agent_pb2.StepTiming(
-                        job_id=r.job_id, attempt=r.attempt, rank=r.rank, step=s,
-                        start_s=mono - 0.9 / cfg.steps_per_s, end_s=mono, data_wait_s=0.001,
-                        compute_s=0.8 / cfg.steps_per_s))
+                for s in range(first, target + 1):  # (plain tuples: the simulator's CPU
+                    # is taken from the controller's two cores, so it builds as little as it can)
+                    steps.append((r.job_id, r.attempt, r.rank, s, 0.9 / cfg.steps_per_s, 0.001,
+                                  0.8 / cfg.steps_per_s))
                     for c in range(cfg.collectives_per_step):
-                        colls.append(agent_pb2.CollectiveTiming(
-                            job_id=r.job_id, attempt=r.attempt, rank=r.rank,
-                            seq=s * cfg.collectives_per_step + c, op="all_reduce",
-                            nbytes=1 << 20, enter_s=mono - 0.01, exit_s=mono))
+                        colls.append((r.job_id, r.attempt, r.rank,
+                                      s * cfg.collectives_per_step + c, 0.01))
                 if target > r.step:
                     r.step, r.last_step_at = target, now
                     r.first_step_at = r.first_step_at or now
@@ -275,8 +274,13 @@ class SimAgent:
             hb.step_columns.extend(_step_columns(steps, cfg.packed))
             hb.collective_columns.extend(_collective_columns(colls, cfg.packed))
         else:
-            hb.steps.extend(steps)
-            hb.collectives.extend(colls)
+            hb.steps.extend(agent_pb2.StepTiming(
+                job_id=j, attempt=a, rank=rank, step=step, start_s=mono - took, end_s=mono,
+                data_wait_s=wait, compute_s=compute)
+                for j, a, rank, step, took, wait, compute in steps)
+            hb.collectives.extend(agent_pb2.CollectiveTiming(
+                job_id=j, attempt=a, rank=rank, seq=seq, op="all_reduce", nbytes=1 << 20,
+                enter_s=mono - took, exit_s=mono) for j, a, rank, seq, took in colls)
         self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=hb))
 
     def unacked(self, older_than_s: float) -> int:
@@ -365,14 +369,19 @@ class Fleet:
         return [a for a in self.agents if a.name in wanted]
 
 
-def _step_columns(steps: list[agent_pb2.StepTiming], packed: bool) -> list[agent_pb2.StepColumns]:
-    by_attempt: dict[tuple[str, int], list[agent_pb2.StepTiming]] = {}
+_Step = tuple[str, int, int, int, float, float, float]  # job, attempt, rank, step, step_s,
+#                                                         data_wait_s, compute_s
+_Collective = tuple[str, int, int, int, float]  # job, attempt, rank, seq, duration_s
+
+
+def _step_columns(steps: list[_Step], packed: bool) -> list[agent_pb2.StepColumns]:
+    by_attempt: dict[tuple[str, int], list[_Step]] = {}
     for t in steps:
-        by_attempt.setdefault((t.job_id, t.attempt), []).append(t)
+        by_attempt.setdefault((t[0], t[1]), []).append(t)
     out = []
     for (job_id, attempt), ts in by_attempt.items():
-        cols = ([t.rank for t in ts], [t.step for t in ts], [t.end_s - t.start_s for t in ts],
-                [t.data_wait_s for t in ts], [t.compute_s for t in ts])
+        cols = ([t[2] for t in ts], [t[3] for t in ts], [t[4] for t in ts],
+                [t[5] for t in ts], [t[6] for t in ts])
         if packed:
             out.append(agent_pb2.StepColumns(job_id=job_id, attempt=attempt,
                                              packed=pack_steps(*cols)))
@@ -383,24 +392,21 @@ def _step_columns(steps: list[agent_pb2.StepTiming], packed: bool) -> list[agent
     return out
 
 
-def _collective_columns(
-    colls: list[agent_pb2.CollectiveTiming], packed: bool,
-) -> list[agent_pb2.CollectiveColumns]:
-    by_attempt: dict[tuple[str, int], list[agent_pb2.CollectiveTiming]] = {}
+def _collective_columns(colls: list[_Collective], packed: bool,
+                        ) -> list[agent_pb2.CollectiveColumns]:
+    by_attempt: dict[tuple[str, int], list[_Collective]] = {}
     for c in colls:
-        by_attempt.setdefault((c.job_id, c.attempt), []).append(c)
+        by_attempt.setdefault((c[0], c[1]), []).append(c)
     out = []
     for (job_id, attempt), cs in by_attempt.items():
-        ops = sorted({c.op for c in cs})
-        index = {op: i for i, op in enumerate(ops)}
-        cols = ([c.rank for c in cs], [c.seq for c in cs], [index[c.op] for c in cs],
-                [c.exit_s - c.enter_s for c in cs])
+        cols = ([c[2] for c in cs], [c[3] for c in cs], [0] * len(cs), [c[4] for c in cs])
         if packed:
-            out.append(agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt, ops=ops,
+            out.append(agent_pb2.CollectiveColumns(job_id=job_id, attempt=attempt,
+                                                   ops=["all_reduce"],
                                                    packed=pack_collectives(*cols)))
         else:
             out.append(agent_pb2.CollectiveColumns(
-                job_id=job_id, attempt=attempt, ops=ops, rank=cols[0], seq=cols[1],
+                job_id=job_id, attempt=attempt, ops=["all_reduce"], rank=cols[0], seq=cols[1],
                 op_index=cols[2], duration_s=cols[3]))
     return out
 

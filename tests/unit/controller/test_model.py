@@ -130,6 +130,34 @@ def test_job_round_trips_through_stored_bytes():
     assert back == job
 
 
+def test_stored_bytes_are_the_message_of_every_rank_and_follow_each_change():
+    # job_to_bytes joins each rank's kept bytes: the same message as the protos built whole,
+    # and a rank's bytes are made again when any of its fields changed
+    from hpt.controller.model import ExitInfo, Fault, FaultKind
+
+    job = Job(id="j-2", spec=spec(nodes=2), created_at=5.0, reason="r", restarts=1,
+              excluded_nodes=["bad"])
+    job.set_state(JobState.RUNNING, "go", 6.0)
+    for number in (1, 2):
+        ranks = [Rank(rank=r, local_rank=r % 2, node=f"n{r // 2}", pid=100 + r,
+                      state=RankState.RUNNING, step=10 * number + r,
+                      snapshot_steps=(number, number + 1), snapshot_bytes=1 << 40)
+                 for r in range(4)]
+        job.attempts.append(Attempt(number=number, nodes=["n0", "n1"], master_addr="h",
+                                    master_port=9, world_size=4, ranks=ranks,
+                                    protected_steps=(3,), redundancy="1+1", parity_bytes=5))
+    job.attempts[0].cause = Fault(kind=FaultKind.RANK_EXIT, attempt=1, node="n1", rank=3,
+                                  message="boom")
+    for _ in range(2):  # the second time from the kept bytes
+        assert pb.Job.FromString(convert.job_to_bytes(job)) == convert.job_to_proto(job)
+    rank = job.attempts[1].ranks[2]
+    rank.step, rank.snapshot_steps = 99, (98, 99)
+    rank.exit = ExitInfo(exit_code=1, error_type="E", error_message="m")
+    back = convert.job_from_bytes(convert.job_to_bytes(job))
+    assert back == job
+    assert back.attempts[1].ranks[2].step == 99 and back.attempts[1].ranks[2].exit == rank.exit
+
+
 def test_unknown_wire_rank_state_is_a_value_error():
     with pytest.raises(ValueError, match="rank state"):
         convert.rank_state_from_proto(99)
