@@ -122,6 +122,13 @@ async def _watch_events(stub: jobs_pb2_grpc.JobServiceStub, sink: list) -> None:
         pass
 
 
+def _py_spy(pid: int, seconds: float, out: str) -> subprocess.Popen[bytes]:
+    """A sampling profile of ``pid`` for ``seconds`` into ``out`` (py-spy's raw format)."""
+    return subprocess.Popen(
+        ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw",
+         "-o", out, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _timing(args: argparse.Namespace, baseline: bool) -> str:
     """The wire form of the timing the fleet sends: a baseline controller gets records, or the
     unpacked columns with ``--baseline-columns``; this tree packed columns unless told."""
@@ -167,6 +174,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
             spec = common_pb2.JobSpec(name="scale", command=["python", "-c", "pass"], nodes=n,
                                       procs_per_node=args.slots, min_nodes=max(1, n - args.lose),
                                       max_restarts=3)
+            launch_spy = _py_spy(ctl.proc.pid, 10, f"{args.py_spy}-launch-{n}.txt") \
+                if args.py_spy and not baseline else None
             submitted = time.time()
             resp = await stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec), timeout=60)
             job_id = resp.job_id
@@ -174,6 +183,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
             while len(fleet.launches(job_id, 1)) < n and time.monotonic() < end:
                 await asyncio.sleep(0.02)
             launched = fleet.launches(job_id, 1)
+            if launch_spy is not None:
+                launch_spy.wait(timeout=60)
             out["submit_to_all_launched_s"] = round(max(launched) - submitted, 3) \
                 if len(launched) == n else None
             if len(launched) < n:
@@ -188,11 +199,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
             lost_before = sum(1 for e in events if e.kind == "node_lost")
             spy = None
             if args.py_spy:  # a sampling profile of the controller over the window
-                spy = subprocess.Popen(
-                    ["py-spy", "record", "-p", str(ctl.proc.pid), "-d", str(int(args.window)),
-                     "-r", "50", "-f", "raw", "-o",
-                     f"{args.py_spy}-{'base-' if baseline else ''}{n}.txt", "--nonblocking"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = _py_spy(ctl.proc.pid, args.window,
+                              f"{args.py_spy}-{'base-' if baseline else ''}{n}.txt")
             await asyncio.sleep(args.window)
             if spy is not None:
                 spy.wait(timeout=60)
@@ -281,7 +289,8 @@ def main() -> None:
                    help="seconds a simulated parity holder takes per round's piece (0: the "
                         "fleet reports no pieces, no protection round completes)")
     p.add_argument("--py-spy", default="", metavar="PREFIX",
-                   help="profile the controller over the window with py-spy into PREFIX-N.txt")
+                   help="profile the controller with py-spy over the window into PREFIX-N.txt "
+                        "and over the 10 s after the submit into PREFIX-launch-N.txt")
     p.add_argument("--stop-on-break", action="store_true", default=True)
     p.add_argument("--records", action="store_true",
                    help="agents send one message per timing record (the pre-summary wire form)")
