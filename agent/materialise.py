@@ -92,7 +92,7 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
         else:
             read = split_needs(_held_layouts(protector, job_id, need, step), plan.world_size,
                                new_ranks, world_size)
-            why = ("sharded on dim 0: no new rank here takes part of their slices; "
+            why = ("split evenly on one dim: no new rank here takes part of their slices; "
                    "the new ranks' slices lie in the others")
     if read is not None and read & set(need) < set(need):
         not_needed = [r for r in need if r not in read]

@@ -120,10 +120,11 @@ def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterab
     """The old ranks that new ranks ``new_ranks`` of ``new_world`` read after a resize of
     sharded state, predicted before they start (the agent does not know their boxes yet):
     each one's preferred old rank, and every old rank whose slice of a sharded tensor overlaps
-    the slice the new rank takes under the even split on dim 0 that the old snapshots at hand
-    follow (``_SPLITS``; under each of them when several fit). None when they follow none (a
-    tensor sharded on another dim, or slices cut some other way): then every old rank is
-    needed, as before.
+    the slice the new rank takes under the even split that the old snapshots at hand follow
+    (``_SPLITS``; under each of them when several fit), on the one dim each tensor is cut on
+    (dim 0 for ZeRO/FSDP and DTensor ``Shard(0)``, dim 1 for a row-parallel weight or
+    ``Shard(1)``; tensors may differ). None when they follow none (a tensor cut on two dims,
+    or slices cut some other way): then every old rank is needed, as before.
 
     A wrong guess costs the restore from memory (the rank finds a box uncovered and goes on to
     disk), never a wrong state: the rank assembles only what covers its boxes."""
@@ -135,10 +136,13 @@ def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterab
         for e in layout.entries:
             if e.is_replicated:
                 continue
-            size = e.global_shape[0]
-            if any(e.global_offset[1:]) or tuple(e.shape[1:]) != tuple(e.global_shape[1:]):
+            cut = [d for d, (n, whole) in enumerate(zip(e.shape, e.global_shape, strict=True))
+                   if n != whole or e.global_offset[d]]
+            if len(cut) > 1:
                 return None
-            begin, end = e.global_offset[0], e.global_offset[0] + e.shape[0]
+            dim = cut[0] if cut else 0
+            size = e.global_shape[dim]
+            begin, end = e.global_offset[dim], e.global_offset[dim] + e.shape[dim]
             fits = {name for name in fits if (_SPLITS[name](size, rank, old_world),
                                               _SPLITS[name](size, rank + 1, old_world))
                     == (begin, end)}

@@ -241,7 +241,7 @@ def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_di
                if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
     assert len([m for m in rebuilt if f"step {step} " in m and "rank 1 from decoded" in m]) == 2
     skipped = sorted(hit.group(1) for m in rebuilt if (hit := re.search(
-        r"old rank\(s\) (\d+) not needed \(sharded on dim 0", m)))
+        r"old rank\(s\) (\d+) not needed \(split evenly on one dim", m)))
     assert skipped == ["0", "2"], rebuilt
     assert not [m for m in rebuilt if "from peer" in m], rebuilt
     resumed = {int(m.group(1)) for line in cluster.client.logs(job_id)

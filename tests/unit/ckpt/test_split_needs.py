@@ -50,10 +50,24 @@ def test_the_split_the_old_slices_follow_is_the_one_predicted() -> None:
     assert split_needs({0: _rows(0, 3, 12)}, 3, [1], 4) == {0, 1}
 
 
-def test_a_layout_that_is_no_even_dim0_split_needs_every_old_rank() -> None:
-    # sharded on dim 1
+def test_tensors_cut_on_dim_1_or_on_different_dims_are_predicted_per_tensor() -> None:
+    # a row-parallel weight (Shard(1)): 12 columns over 3, rank 1 holds columns 4..7
     box = ShardInfo((4, 12), (0, 4), (4, 4))
-    assert split_needs({1: build_layout([("w", torch.float32, (4, 4))], shards={"w": box})},
+    cols = build_layout([("w", torch.float32, (4, 4))], shards={"w": box})
+    assert split_needs({1: cols}, 3, [0], 2) == {0, 1}  # new rank 0: columns 0..5
+    assert split_needs({1: cols}, 3, [1], 2) == {1, 2}
+    # column- and row-parallel weights side by side: 9 rows of one, 6 columns of the other
+    both = build_layout([("a", torch.float32, (3, 5)), ("b", torch.float32, (5, 2))],
+                        shards={"a": ShardInfo((9, 5), (3, 0), (3, 5)),
+                                "b": ShardInfo((5, 6), (0, 2), (5, 2))})
+    assert split_needs({1: both}, 3, [2], 4) == {1, 2}  # 3/4 of each: olds 1 and 2 (pref 1)
+    assert split_needs({1: both}, 3, [0], 4) == {0}
+
+
+def test_a_layout_that_is_no_even_split_on_one_dim_needs_every_old_rank() -> None:
+    # cut on two dims (a 2-D mesh)
+    box = ShardInfo((4, 12), (2, 4), (2, 4))
+    assert split_needs({1: build_layout([("w", torch.float32, (2, 4))], shards={"w": box})},
                        3, [0], 2) is None
     # a slice where no even split of its rank puts it
     box = ShardInfo((3000,), (0,), (1000,))
