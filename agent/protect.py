@@ -34,7 +34,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,8 @@ _SERVED_BLOBS = 8
 _SERVED_S = 1.0
 _OTHER_LAYOUT = "another layout"
 _REFERENCE_NODES = 8
-"""Nodes after its own a rank looks on for a replica of its snapshot (``Layout.references``)."""
+"""Nodes after its own a rank looks on for a replica of its snapshot (``Layout.references``);
+the controller puts as many in a node's share of a layout (``convert.REFERENCE_NODES``)."""
 _LOCAL_CHUNK_BYTES = 4 << 20  # a local piece handed to a stream's sink in views this long
 
 
@@ -71,36 +72,46 @@ class GroupNode:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """A ProtectionLayout, decoded."""
+    """A ProtectionLayout, decoded: the whole of it (a restore plan's), or the share of it one
+    node needs (a launch's: ``num_nodes`` set), where ``nodes`` and ``stripes`` hold only
+    their members of that share, by index."""
 
     k: int
     m: int
-    nodes: tuple[GroupNode, ...]
-    stripes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (data, parity) node indices
+    nodes: Mapping[int, GroupNode]
+    stripes: Mapping[int, tuple[tuple[int, ...], tuple[int, ...]]]  # (data, parity) indices
+    num_nodes: int
 
     @classmethod
     def from_proto(cls, msg: checkpoint_pb2.ProtectionLayout) -> Layout:
-        nodes = tuple(GroupNode(n.node, n.peer_address, tuple(n.ranks)) for n in msg.nodes)
-        stripes = tuple((tuple(s.data), tuple(s.parity)) for s in msg.stripes)
-        for i, (data, parity) in enumerate(stripes):
-            if not data or any(x >= len(nodes) for x in (*data, *parity)):
+        share = msg.num_nodes > 0
+        nodes = {(n.index if share else i): GroupNode(n.node, n.peer_address, tuple(n.ranks))
+                 for i, n in enumerate(msg.nodes)}
+        stripes = {(s.index if share else i): (tuple(s.data), tuple(s.parity))
+                   for i, s in enumerate(msg.stripes)}
+        num_nodes = msg.num_nodes if share else len(nodes)
+        if any(i >= num_nodes for i in nodes) or len(nodes) != len(msg.nodes):
+            raise ValueError("protection.nodes: an index out of range or given twice")
+        for i, (data, parity) in stripes.items():
+            if not data or any(x not in nodes for x in (*data, *parity)):
                 raise ValueError(f"protection.stripes[{i}] names a node out of range")
-        return cls(msg.k, msg.m, nodes, stripes)
+        return cls(msg.k, msg.m, nodes, stripes, num_nodes)
 
     def index_of(self, node: str) -> int | None:
-        for i, n in enumerate(self.nodes):
+        for i, n in self.nodes.items():
             if n.node == node:
                 return i
         return None
 
     def owners(self) -> dict[int, int]:
-        """Rank -> the index of the node that ran it."""
-        return {r: i for i, n in enumerate(self.nodes) for r in n.ranks}
+        """Rank -> the index of the node that ran it (of the nodes at hand)."""
+        return {r: i for i, n in self.nodes.items() for r in n.ranks}
 
     def data_stripes(self, index: int) -> list[int]:
         """Stripes node ``index`` is a data member of, in order: segment s of its blob is in
-        the s-th of them, and their count is the number of segments its blob is cut into."""
-        return [j for j, (data, _) in enumerate(self.stripes) if index in data]
+        the s-th of them, and their count is the number of segments its blob is cut into. (A
+        node's share holds every stripe of its group: complete for the group's nodes.)"""
+        return sorted(j for j, (data, _) in self.stripes.items() if index in data)
 
     def segment_request(self, job_id: str, attempt: int, step: int, index: int,
                         stripe: int) -> checkpoint_pb2.FetchRequest:
@@ -116,11 +127,11 @@ class Layout:
         the same state; HSDP: the replica of a shard is a replica group's width of nodes on)."""
         position = self.nodes[index].ranks.index(rank) if rank in self.nodes[index].ranks else 0
         out = []
-        for step in range(1, min(len(self.nodes), _REFERENCE_NODES + 1)):
-            other = (index + step) % len(self.nodes)
-            ranks = self.nodes[other].ranks
-            if ranks:
-                out.append((other, ranks[position % len(ranks)]))
+        for step in range(1, min(self.num_nodes, _REFERENCE_NODES + 1)):
+            other = (index + step) % self.num_nodes
+            node = self.nodes.get(other)
+            if node is not None and node.ranks:
+                out.append((other, node.ranks[position % len(node.ranks)]))
         return out
 
 
@@ -225,7 +236,7 @@ class Protector:
             entry = self._jobs[job_id] = _Protected(job_id, attempt, layout, me or 0,
                                                     previous=old)
             if me is not None:
-                for j, (_, parity) in enumerate(layout.stripes):
+                for j, (_, parity) in layout.stripes.items():
                     if me in parity:
                         entry.slots[j] = [_Slot(self._piece_path(job_id, attempt, j, s))
                                           for s in range(2)]

@@ -77,7 +77,7 @@ class _Link:
         """The protection pieces this stream's last heartbeat reported (intake thread only)."""
 
     def send(self, command: Command) -> None:
-        self.put(_command_to_proto(command))
+        self.put(_command_to_proto(command, self.node))
 
     def put(self, message: object) -> None:
         # RuntimeError: the loop is closed (the server stopped, and the stream with it)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 from hpt import jobspec
 from hpt._proto import agent_pb2, checkpoint_pb2
@@ -419,16 +420,52 @@ def protection_to_proto(plan: ProtectionPlan) -> checkpoint_pb2.ProtectionLayout
     )
 
 
+REFERENCE_NODES = 8
+"""Nodes after its own whose ranks a node may ask for a replica of its ranks' snapshots (the
+agent's ``Layout.references``): they are in every node's share of a layout."""
+
+
+def protection_share_to_proto(plan: ProtectionPlan, index: int,
+                              stripes_of: Mapping[int, list[int]],
+                              ) -> checkpoint_pb2.ProtectionLayout:
+    """The share of ``plan`` node ``index`` needs (``ProtectionLayout.num_nodes`` set): the
+    stripes it is a member of, the nodes in them, and the next ``REFERENCE_NODES`` nodes.
+    ``stripes_of``: node index -> the stripes it is a member of.
+
+    Every stripe of its group is among its stripes (a group's stripes all span the group), so
+    a parity holder finds each data member's stripes, and the segment it serves, in its
+    share."""
+    n = len(plan.nodes)
+    stripes = stripes_of.get(index, [])
+    members = {index, *((index + d) % n for d in range(1, min(n, REFERENCE_NODES + 1)))}
+    for j in stripes:
+        members.update(plan.stripes[j][0])
+        members.update(plan.stripes[j][1])
+    return checkpoint_pb2.ProtectionLayout(
+        k=plan.k, m=plan.m, num_nodes=n,
+        nodes=[checkpoint_pb2.GroupNode(node=plan.nodes[i].node,
+                                        peer_address=plan.nodes[i].peer_address,
+                                        ranks=plan.nodes[i].ranks, index=i)
+               for i in sorted(members)],
+        stripes=[checkpoint_pb2.Stripe(data=plan.stripes[j][0], parity=plan.stripes[j][1],
+                                       index=j) for j in stripes],
+    )
+
+
 class _EncodedLayouts:
     """The serialized layout of the last few plans, by identity: every node of an attempt gets
     the same plan object in its launch, and building the layout anew for each node made a
     launch O(nodes^2) in Python (80 s of CPU for 1,000 nodes, tests/bench/bench_scale.py).
-    Merging the bytes parses in C."""
+    Merging the bytes parses in C. A launch carries the node's share of it
+    (:func:`protection_share_to_proto`; the whole layout to every node was still O(nodes^2)
+    bytes: a third of the controller's CPU over a 2,000-node launch, merging and writing
+    them); a restore plan the whole of it."""
 
     def __init__(self, size: int = 4) -> None:
         self._size = size
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[ProtectionPlan, bytes]] = {}
+        self._stripes: dict[int, tuple[ProtectionPlan, dict[str, int], dict[int, list[int]]]] = {}
 
     def get(self, plan: ProtectionPlan) -> bytes:
         with self._lock:
@@ -441,6 +478,27 @@ class _EncodedLayouts:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[id(plan)] = (plan, data)  # holding the plan keeps its id unique
         return data
+
+    def share(self, plan: ProtectionPlan, node: str) -> bytes:
+        """The serialized share of ``plan`` for ``node`` (the whole layout for a node that is
+        not in it)."""
+        with self._lock:
+            hit = self._stripes.get(id(plan))
+        if hit is None or hit[0] is not plan:
+            index = {n.node: i for i, n in enumerate(plan.nodes)}
+            stripes_of: dict[int, list[int]] = {}
+            for j, (data, parity) in enumerate(plan.stripes):
+                for i in (*data, *parity):
+                    stripes_of.setdefault(i, []).append(j)
+            hit = (plan, index, stripes_of)
+            with self._lock:
+                if len(self._stripes) >= self._size:
+                    self._stripes.pop(next(iter(self._stripes)))
+                self._stripes[id(plan)] = hit
+        i = hit[1].get(node)
+        if i is None:
+            return self.get(plan)
+        return protection_share_to_proto(plan, i, hit[2]).SerializeToString()
 
 
 _LAYOUTS = _EncodedLayouts()
@@ -457,7 +515,8 @@ def restore_to_proto(cmd: RestoreCommand, into: checkpoint_pb2.RestorePlan | Non
     return msg
 
 
-def launch_to_proto(cmd: LaunchCommand, into: agent_pb2.Launch | None = None) -> agent_pb2.Launch:
+def launch_to_proto(cmd: LaunchCommand, into: agent_pb2.Launch | None = None,
+                    node: str = "") -> agent_pb2.Launch:
     """The spec goes whole: an option only agents use needs nothing here. ``into``: fill this
     message (the launch inside a ``ControllerMessage``) rather than a new one."""
     msg = into if into is not None else agent_pb2.Launch()
@@ -468,7 +527,8 @@ def launch_to_proto(cmd: LaunchCommand, into: agent_pb2.Launch | None = None) ->
     msg.master_addr, msg.master_port = cmd.master_addr, cmd.master_port
     msg.node_rank, msg.num_nodes, msg.restore_step = cmd.node_rank, cmd.num_nodes, cmd.restore_step
     if cmd.protection is not None:
-        msg.protection.MergeFromString(_LAYOUTS.get(cmd.protection))
+        msg.protection.MergeFromString(_LAYOUTS.share(cmd.protection, node) if node
+                                       else _LAYOUTS.get(cmd.protection))
     if cmd.restore is not None:
         restore_to_proto(cmd.restore, msg.restore)
     return msg

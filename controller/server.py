@@ -249,7 +249,8 @@ def _targets_to_proto(
             for j, a, s, p in targets]
 
 
-def _command_to_proto(command: Command) -> agent_pb2.ControllerMessage:
+def _command_to_proto(command: Command, node: str = "") -> agent_pb2.ControllerMessage:
+    """``command`` as sent to ``node`` (a launch carries that node's share of its layout)."""
     if isinstance(command, ProtectCommand):  # an ack no heartbeat asked for (seq 0)
         return agent_pb2.ControllerMessage(ack=agent_pb2.HeartbeatAck(
             seq=0, protect=_targets_to_proto(command.targets)))
@@ -258,7 +259,7 @@ def _command_to_proto(command: Command) -> agent_pb2.ControllerMessage:
     if isinstance(command, StopCommand):
         return agent_pb2.ControllerMessage(stop=convert.stop_to_proto(command))
     msg = agent_pb2.ControllerMessage()
-    convert.launch_to_proto(command, msg.launch)
+    convert.launch_to_proto(command, msg.launch, node)
     return msg
 
 

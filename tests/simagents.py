@@ -159,11 +159,14 @@ class SimAgent:
             self.launches.append((launch.job_id, launch.attempt, now))
             self.fleet.on_launch(launch.job_id, launch.attempt, now)
             mono = time.monotonic()
-            layout = launch.protection
-            me = next((i for i, n in enumerate(layout.nodes) if n.node == self.name), None)
+            layout = launch.protection  # this node's share of it (num_nodes set), or whole
+            share = layout.num_nodes > 0
+            me = next(((n.index if share else i) for i, n in enumerate(layout.nodes)
+                       if n.node == self.name), None)
             if me is not None:
                 self.stripes[(launch.job_id, launch.attempt)] = [
-                    j for j, stripe in enumerate(layout.stripes) if me in stripe.parity]
+                    (stripe.index if share else j) for j, stripe in enumerate(layout.stripes)
+                    if me in stripe.parity]
             for r in launch.ranks:
                 self.ranks[(launch.job_id, launch.attempt, r.rank)] = _SimRank(
                     job_id=launch.job_id, attempt=launch.attempt, rank=r.rank,

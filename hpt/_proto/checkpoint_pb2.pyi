@@ -60,9 +60,12 @@ class GroupNode(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     RANKS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     peer_address: _builtins.str
     """host:port of the node's PeerService"""
+    index: _builtins.int
+    """its place in the attempt's nodes (a node's share: see num_nodes)"""
     @_builtins.property
     def ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """ranks of the attempt on this node, ascending"""
@@ -73,10 +76,11 @@ class GroupNode(_message.Message):
         node: _builtins.str = ...,
         peer_address: _builtins.str = ...,
         ranks: _abc.Iterable[_builtins.int] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "peer_address", b"peer_address", "ranks", b"ranks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,6 +92,9 @@ class Stripe(_message.Message):
 
     DATA_FIELD_NUMBER: _builtins.int
     PARITY_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """its place in the attempt's stripes (a node's share)"""
     @_builtins.property
     def data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """indices into ProtectionLayout.nodes, k of them"""
@@ -101,10 +108,11 @@ class Stripe(_message.Message):
         *,
         data: _abc.Iterable[_builtins.int] | None = ...,
         parity: _abc.Iterable[_builtins.int] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "parity", b"parity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "parity", b"parity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -120,8 +128,15 @@ class ProtectionLayout(_message.Message):
     M_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     STRIPES_FIELD_NUMBER: _builtins.int
+    NUM_NODES_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     m: _builtins.int
+    num_nodes: _builtins.int
+    """Set: the layout is the share of it one node needs (what a launch carries), and the
+    attempt has num_nodes nodes: the stripes of its group, the nodes in them and the nodes it
+    may ask for a replica (Layout.references), each with its index. The whole layout goes to
+    every node of 10,000 as O(nodes) bytes each, 10^8 in all; a share is O(group) bytes.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupNode]:
         """every node of the attempt, in attempt order"""
@@ -135,10 +150,11 @@ class ProtectionLayout(_message.Message):
         m: _builtins.int = ...,
         nodes: _abc.Iterable[Global___GroupNode] | None = ...,
         stripes: _abc.Iterable[Global___Stripe] | None = ...,
+        num_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "m", b"m", "nodes", b"nodes", "stripes", b"stripes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "m", b"m", "nodes", b"nodes", "num_nodes", b"num_nodes", "stripes", b"stripes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
