@@ -353,6 +353,7 @@ class Agent:
         self.launcher.fence(spec.job_id, spec.attempt)
         spec = self.recovery.prepare(spec, msg.restore if msg.HasField("restore") else None)
         self.protector.protect(spec.job_id, spec.attempt, msg.protection)
+        self.monitoring.watch.expect(spec.job_id, spec.attempt, spec.world_size)
         self.launcher.launch(spec)
 
     # ---------------------------------------------------------------- ranks and fencing

@@ -78,7 +78,13 @@ from hpt.agent import convert
 from hpt.agent.launcher import Launcher, RankPhase, RankProcess
 from hpt.monitor.detectors._common import median
 from hpt.monitor.detectors.hang import HangConfig, check_hang, hang_deadline_s
-from hpt.monitor.records import CollectiveRecord, FindingKind, StepRecord, record_from_dict
+from hpt.monitor.records import (
+    CollectiveRecord,
+    FindingKind,
+    StepRecord,
+    record_from_dict,
+    timing_stride,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +162,10 @@ class _AttemptWatch:
     stepped_ranks: set[int] = field(default_factory=set)
     """Ranks that made a step in this attempt; the others are still starting."""
     finished: set[int] = field(default_factory=set)  # ranks past training, shutting down
+    stride: int = 1
+    """Steps per timing entry of a rank (``timing_stride`` of the attempt's world size)."""
+    window: dict[int, list[float]] = field(default_factory=dict)
+    """rank -> [window (step // stride), steps, step_s, data_wait_s, compute_s summed]."""
 
 
 class RankWatch:
@@ -304,20 +314,46 @@ class RankWatch:
                         break
                 w.progress[rank] = now  # leaving a section is progress
 
+    def expect(self, job_id: str, attempt: int, world_size: int) -> None:
+        """An attempt of ``world_size`` ranks launches here: its ranks' timing goes up one
+        entry per ``timing_stride(world_size)`` steps."""
+        with self._lock:
+            self._watch((job_id, attempt)).stride = timing_stride(world_size)
+
     def _on_records(self, key: tuple[str, int], recs: list[Any]) -> None:
         m = self._metrics
         with self._lock:
             w = self._watch(key)
             for rec in recs:
                 if isinstance(rec, StepRecord):
-                    self._push(self._steps, rec)
                     w.step_s.append(rec.step_s)
                     if m is not None:
                         m.set("hpt_step_seconds", rec.step_s, rank=rec.rank)
+                    if w.stride == 1:
+                        self._push(self._steps, rec)
+                    else:
+                        self._window_step(w, rec)
                 elif isinstance(rec, CollectiveRecord):
-                    self._push(self._colls, rec)
+                    if w.stride == 1 or (rec.seq >= 0 and rec.seq % w.stride == 0):
+                        self._push(self._colls, rec)
                     if m is not None and rec.duration_s is not None:
                         m.observe("hpt_collective_seconds", rec.duration_s, op=rec.op)
+
+    def _window_step(self, w: _AttemptWatch, rec: StepRecord) -> None:
+        """Add a step to its rank's window; the window's last step sends their mean."""
+        window = rec.step // w.stride
+        acc = w.window.get(rec.rank)
+        if acc is None or acc[0] != window:  # a window whose end it skipped is dropped
+            acc = w.window[rec.rank] = [window, 0, 0.0, 0.0, 0.0]
+        acc[1] += 1
+        acc[2] += rec.step_s
+        acc[3] += rec.data_wait_s
+        acc[4] += rec.compute_s
+        if rec.step % w.stride == w.stride - 1:
+            n = acc[1]
+            del w.window[rec.rank]
+            self._push(self._steps, replace(rec, start_s=rec.end_s - acc[2] / n,
+                                            data_wait_s=acc[3] / n, compute_s=acc[4] / n))
 
     def _on_inflight(self, key: tuple[str, int], rank: int, recs: list[Any]) -> None:
         now = time.monotonic()

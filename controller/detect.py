@@ -44,6 +44,7 @@ from hpt.monitor.records import (
     FindingKind,
     StepRecord,
     StepSummary,
+    timing_stride,
 )
 
 log = logging.getLogger(__name__)
@@ -204,9 +205,10 @@ class Detection:
             job_flagged = flagged[rec.job_id]
             if not job_flagged and not v.flagged_steps:
                 continue  # nobody flagged: nothing to count or reset (the common case)
+            stride = timing_stride(len(v.nodes_by_rank))  # steps an entry stands for
             for rank in (rec.rank if isinstance(rec, StepSummary) else (rec.rank,)):
                 if rank in job_flagged:
-                    v.flagged_steps[rank] = v.flagged_steps.get(rank, 0) + 1
+                    v.flagged_steps[rank] = v.flagged_steps.get(rank, 0) + stride
                 else:
                     v.flagged_steps.pop(rank, None)
 

@@ -34,6 +34,7 @@ import grpc
 
 from hpt._proto import agent_pb2, agent_pb2_grpc, checkpoint_pb2, common_pb2
 from hpt.monitor.columns import pack_collectives, pack_steps
+from hpt.monitor.records import timing_stride
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -82,6 +83,7 @@ class _SimRank:
     started: float = 0.0  # monotonic
     last_step_at: float = 0.0  # wall clock
     first_step_at: float = 0.0
+    stride: int = 1  # steps per timing entry (timing_stride of the world size), as the agent
 
 
 class SimAgent:
@@ -170,7 +172,8 @@ class SimAgent:
             for r in launch.ranks:
                 self.ranks[(launch.job_id, launch.attempt, r.rank)] = _SimRank(
                     job_id=launch.job_id, attempt=launch.attempt, rank=r.rank,
-                    local_rank=r.local_rank, step=max(launch.restore_step, 0), started=mono)
+                    local_rank=r.local_rank, step=max(launch.restore_step, 0), started=mono,
+                    stride=timing_stride(launch.world_size))
             self._kick.set()  # a real agent reports a launch at once
         elif kind == "stop":
             stop = msg.stop
@@ -246,11 +249,13 @@ class SimAgent:
                 first = max(r.step + 1, target - 4 * int(cfg.steps_per_s * self.period_s + 1))
                 for s in range(first, target + 1):  # (plain tuples: the simulator's CPU
                     # is taken from the controller's two cores, so it builds as little as it can)
-                    steps.append((r.job_id, r.attempt, r.rank, s, 0.9 / cfg.steps_per_s, 0.001,
-                                  0.8 / cfg.steps_per_s))
+                    if s % r.stride == r.stride - 1:  # a window's mean, at its last step
+                        steps.append((r.job_id, r.attempt, r.rank, s, 0.9 / cfg.steps_per_s,
+                                      0.001, 0.8 / cfg.steps_per_s))
                     for c in range(cfg.collectives_per_step):
-                        colls.append((r.job_id, r.attempt, r.rank,
-                                      s * cfg.collectives_per_step + c, 0.01))
+                        seq = s * cfg.collectives_per_step + c
+                        if seq % r.stride == 0:
+                            colls.append((r.job_id, r.attempt, r.rank, seq, 0.01))
                 if target > r.step:
                     r.step, r.last_step_at = target, now
                     r.first_step_at = r.first_step_at or now

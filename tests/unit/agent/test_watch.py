@@ -106,3 +106,36 @@ def test_a_rank_that_reported_finished_training_is_not_hung_while_it_shuts_down(
     watch.on_rank_message(HELLO, Step(step=5, at=time.time()))
     watch.on_rank_message(HELLO, Finished())
     assert watch.check(time.monotonic() + 60.0) == []
+
+
+def test_a_world_beyond_the_timing_budget_sends_a_mean_per_window_and_every_nth_collective(
+        tmp_path, rank):
+    from hpt.monitor.columns import unpack_collectives, unpack_steps
+    from hpt.monitor.records import TIMING_RANKS, CollectiveRecord, StepRecord, timing_stride
+
+    assert timing_stride(TIMING_RANKS) == 1 and timing_stride(TIMING_RANKS + 1) == 2
+    assert timing_stride(80_000) == 10
+    watch = make_watch(tmp_path, rank)
+    world = 3 * TIMING_RANKS  # a stride of 3
+    watch.expect("j", 1, world)
+    steps = [StepRecord(job_id="j", attempt=1, rank=0, node="n", step=s, start_s=float(s),
+                        end_s=s + 1.0 + 0.1 * s, data_wait_s=0.01 * s, compute_s=0.5)
+             for s in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11)]  # 8 missing: window 6-8 is dropped
+    colls = [CollectiveRecord(job_id="j", attempt=1, rank=0, node="n", seq=q, op="all_reduce",
+                              nbytes=8, enter_s=0.0, exit_s=0.25) for q in range(-1, 7)]
+    watch.on_rank_message(HELLO, Records(records=tuple(r.to_dict() for r in steps + colls)))
+    taken = watch.take()
+    (cols,) = taken.step_columns
+    rank_col, step_col, step_s, wait, compute = unpack_steps(cols.packed, 100)
+    # windows 0-2 (steps 1, 2: the attempt started mid-window), 3-5, 9-11; 6-8 never ended
+    assert list(step_col) == [2, 5, 11] and set(rank_col) == {0}
+    assert step_s == pytest.approx([1.15, 1.4, 2.0]) and compute == pytest.approx([0.5] * 3)
+    assert wait == pytest.approx([0.015, 0.04, 0.1])
+    (ccols,) = taken.collective_columns
+    assert list(unpack_collectives(ccols.packed, 100)[1]) == [0, 3, 6]
+    # a world within the budget sends every step and collective as they come
+    small = make_watch(tmp_path, rank)
+    small.expect("j", 1, 16)
+    small.on_rank_message(HELLO, Records(records=tuple(r.to_dict() for r in steps + colls)))
+    taken = small.take()
+    assert len(unpack_steps(taken.step_columns[0].packed, 100)[1]) == len(steps)

@@ -237,3 +237,31 @@ def test_a_packed_summary_cut_short_is_dropped_alone_and_packed_reads_as_unpacke
     assert det.num_records == 4  # both whole summaries, nothing of the cut one
     pending = det.straggler._jobs["j"].pending[1]
     assert pending == {0: (0.5, 1.0), 1: (0.5, 1.0)}
+
+
+def test_a_strided_world_counts_each_entry_of_a_flagged_rank_as_its_steps() -> None:
+    # past TIMING_RANKS ranks an entry is the mean of `stride` steps: the straggler policy's
+    # "flagged for N steps" counts them all
+    from hpt.monitor.columns import pack_steps
+    from hpt.monitor.records import TIMING_RANKS, timing_stride
+
+    world = 2 * TIMING_RANKS + 1
+    stride = timing_stride(world)
+    assert stride == 3
+    nodes = {r: f"node-{r // 8}" for r in range(world)}
+    det = Detection(lambda e: None, lambda job, attempt: nodes if job == "j" else None)
+    slow = 5
+    for window in range(12):
+        step = window * stride + stride - 1
+        for lo in range(0, world, 8000):
+            ranks = list(range(lo, min(lo + 8000, world)))
+            compute = [0.8 if r == slow else 0.5 + 0.0001 * (r % 7) for r in ranks]
+            hb = agent_pb2.Heartbeat()
+            hb.step_columns.add(job_id="j", attempt=1, packed=pack_steps(
+                ranks, [step] * len(ranks), [1.0] * len(ranks), [0.0] * len(ranks), compute))
+            det.on_heartbeat("node-0", hb)
+    assert det.straggler.flagged("j") == {slow}
+    flagged = det._views[("j", 1)].flagged_steps[slow]
+    assert flagged % stride == 0 and flagged >= stride * 2
+    fault = det.pending_fault("j", 1, {"node-0"}, time.time(), straggler_after=flagged)
+    assert fault is not None and f"straggler for {flagged} steps" in fault.message
