@@ -207,6 +207,7 @@ class RankWatch:
         self._dropped = 0
         self._warned = False
         self._attempts: dict[tuple[str, int], _AttemptWatch] = {}
+        self._strides: dict[tuple[str, int], int] = {}  # timing_stride of recent launches
         self._stepped_jobs: OrderedDict[str, None] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -317,8 +318,13 @@ class RankWatch:
     def expect(self, job_id: str, attempt: int, world_size: int) -> None:
         """An attempt of ``world_size`` ranks launches here: its ranks' timing goes up one
         entry per ``timing_stride(world_size)`` steps."""
+        key = (job_id, attempt)
         with self._lock:
-            self._watch((job_id, attempt)).stride = timing_stride(world_size)
+            # kept apart from the attempt's watch, which the hang check drops while the
+            # attempt has no rank running here (before its launch, between ranks)
+            self._strides[key] = self._watch(key).stride = timing_stride(world_size)
+            while len(self._strides) > _MAX_STEPPED_JOBS:
+                del self._strides[next(iter(self._strides))]
 
     def _on_records(self, key: tuple[str, int], recs: list[Any]) -> None:
         m = self._metrics
@@ -379,7 +385,7 @@ class RankWatch:
     def _watch(self, key: tuple[str, int]) -> _AttemptWatch:
         w = self._attempts.get(key)
         if w is None:
-            w = self._attempts[key] = _AttemptWatch()
+            w = self._attempts[key] = _AttemptWatch(stride=self._strides.get(key, 1))
         return w
 
     # ---------------------------------------------------------------- output (heartbeat)
