@@ -134,8 +134,8 @@ class ProtectionLayout(_message.Message):
     num_nodes: _builtins.int
     """Set: the layout is the share of it one node needs (what a launch carries), and the
     attempt has num_nodes nodes: the stripes of its group, the nodes in them and the nodes it
-    may ask for a replica (Layout.references), each with its index. The whole layout goes to
-    every node of 10,000 as O(nodes) bytes each, 10^8 in all; a share is O(group) bytes.
+    may ask for a replica (Layout.references), each with its index. The whole layout is
+    O(nodes) bytes, to every node: about 5 GB for 10,000 nodes; a share is O(group) bytes.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupNode]:
