@@ -124,6 +124,22 @@ def local_agent_name(controller_addr: str, i: int) -> str:
     return f"node-{i}.{controller_addr.rsplit(':', 1)[-1]}"
 
 
+SERVER_GC_THRESHOLDS = (100_000, 50, 100)
+"""The controller's garbage collector thresholds (CPython's default: 700, 10, 10).
+
+With CPython's defaults, a controller taking 2,000 heartbeats a second ran a full collection
+every 0.6-1 s, each 200-330 ms with every thread stopped, and found nothing to collect (its
+garbage goes with reference counts): the heartbeats waiting a few milliseconds in the intake's
+queue outlived two young collections and counted as long-lived. Acks came 4-5 s late and
+talking nodes were declared lost. With these thresholds the same run made one full
+collection, and 4,000 agents ran on a core where 3,000 did not (docs/benchmarks.md)."""
+
+
+def tune_server_gc() -> None:
+    """Set :data:`SERVER_GC_THRESHOLDS` (the process is a long-lived server)."""
+    gc.set_threshold(*SERVER_GC_THRESHOLDS)
+
+
 def run_control_plane(
     cfg: Any,
     *,
@@ -157,6 +173,7 @@ def run_control_plane(
     agents: list[tuple[str, subprocess.Popen[bytes]]] = []
     started = False
     try:
+        tune_server_gc()
         try:
             port = controller.start()
         except (OSError, RuntimeError) as e:
