@@ -11,7 +11,9 @@ SHA-256 of the final model and optimizer state so runs can be compared bit for b
 parameter flattened into one vector, each rank holding and updating only its slice (declared to
 the checkpointer with ``shards=``), the slices gathered back into the model before each
 forward. A node lost then takes state no other node holds: it is decoded from parity, and a
-resize cuts the old slices into the new world's.
+resize cuts the old slices into the new world's. ``--hsdp G`` shards the same way within each
+group of G consecutive ranks (a node's, with G its ranks) and replicates across the groups
+(HSDP): a lost node's slices are on every other node, and its coded snapshot leaves them out.
 
     hptctl submit -n 2 -p 2 -- python examples/train.py --steps 40
 """
@@ -72,14 +74,24 @@ class FlatShard(torch.nn.Module):
     slice's part. Slices are as even as the world allows (the first ranks' may be one
     shorter)."""
 
-    def __init__(self, model: torch.nn.Module, rank: int, world: int) -> None:
+    def __init__(self, model: torch.nn.Module, rank: int, world: int, group: int = 0) -> None:
         super().__init__()
         self._model = [model]  # (a list: the model is not part of this module's state)
-        self.rank, self.world = rank, world
+        self.world = world
+        group = group or world  # ranks one copy of the state is sliced over
+        if world % group:
+            raise ValueError(f"--hsdp ({group}) must divide the world size ({world})")
+        self.group, self.rank = group, rank % group  # the slice this rank holds
+        self.pg = None
+        if 1 < group < world:  # every rank makes every group, in the same order
+            for first in range(0, world, group):
+                pg = dist.new_group(list(range(first, first + group)))
+                if first <= rank < first + group:
+                    self.pg = pg
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         self.total = flat.numel()
-        self.bounds = [self.total * r // world for r in range(world + 1)]
-        lo, hi = self.bounds[rank], self.bounds[rank + 1]
+        self.bounds = [self.total * r // group for r in range(group + 1)]
+        lo, hi = self.bounds[self.rank], self.bounds[self.rank + 1]
         self.flat = torch.nn.Parameter(flat[lo:hi].clone())
 
     def shards(self) -> dict[str, ShardInfo]:
@@ -87,14 +99,14 @@ class FlatShard(torch.nn.Module):
         return {"flat": ShardInfo((self.total,), (lo,), (self.flat.numel(),))}
 
     def gather(self, piece: torch.Tensor) -> torch.Tensor:
-        """The whole vector whose slice on this rank is ``piece`` (a collective)."""
-        if self.world == 1:
+        """The whole vector whose slice on this rank is ``piece`` (a collective of its group)."""
+        if self.group == 1:
             return piece.detach().clone()
-        sizes = [self.bounds[r + 1] - self.bounds[r] for r in range(self.world)]
+        sizes = [self.bounds[r + 1] - self.bounds[r] for r in range(self.group)]
         padded = torch.zeros(max(sizes), dtype=piece.dtype)
         padded[:piece.numel()] = piece.detach()
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
+        dist.all_gather(parts, padded, group=self.pg)
         return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
     def load_into_model(self) -> None:
@@ -146,6 +158,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
     parser.add_argument("--shard", action="store_true",
                         help="shard parameters and optimizer state across the ranks (ZeRO-3)")
+    parser.add_argument("--hsdp", type=int, default=0, metavar="G",
+                        help="shard across each group of G ranks, replicate across groups")
     parser.add_argument("--first-step-file", default="",
                         help="rank 0 appends '<restart count> <wall time>' after its first step "
                         "(benchmarks compare runners with it)")
@@ -155,7 +169,7 @@ def main() -> None:
     ctx = hpt.init()
     world = dist.get_world_size() if dist.is_initialized() else 1
     model = build_model(args.seed, args.hidden)
-    shard = FlatShard(model, ctx.rank, world) if args.shard else None
+    shard = FlatShard(model, ctx.rank, world, args.hsdp) if args.shard or args.hsdp else None
     saved: torch.nn.Module = shard if shard is not None else model
     opt = torch.optim.Adam(saved.parameters(), lr=0.01)
     position = DataPosition()

@@ -42,6 +42,8 @@ ENDLESS = ["python", TRAIN, "--steps", "100000", "--step-time", "0.05"]
 """A job the test cancels once it has seen what it checks."""
 SHARDED = ["python", TRAIN, "--shard", "--steps", str(STEPS)]
 """The example with parameters and optimizer state sharded across the ranks (ZeRO-3)."""
+HSDP = ["python", TRAIN, "--hsdp", "2", "--steps", str(STEPS), "--step-time", "0.15"]
+"""Sharded across each node's two ranks, replicated across the nodes (HSDP)."""
 
 
 def final_sha(cluster: LocalCluster, job_id: str) -> str:
@@ -116,9 +118,10 @@ def _start(cluster: LocalCluster) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    """Three agents, one slot each, and the clean run's digest of the 3-node job. A shrunk
-    elastic job grows back once a node has been free for 1 s."""
-    cluster = _start(LocalCluster(tmp_path_factory.mktemp("three"), agents=3, slots=1,
+    """Three agents, two slots each (the HSDP job runs two ranks a node), and the clean run's
+    digest of the 3-node job. A shrunk elastic job grows back once a node has been free for
+    1 s."""
+    cluster = _start(LocalCluster(tmp_path_factory.mktemp("three"), agents=3, slots=2,
                                   controller_args=("--grow-after", "1")))
     try:
         job_id = cluster.submit(*JOB, nodes=3, procs=1)
@@ -217,6 +220,42 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(s
     assert any(f"step {step} of old rank 1 from decoded" in m for m in rebuilt), rebuilt
     assert _first_resume(cluster, job_id) == step
     assert final_sha(cluster, job_id) == cluster.clean_sha
+
+
+def test_an_hsdp_node_lost_is_rebuilt_from_its_thin_blob_and_the_replicas_bitwise(shared) -> None:
+    # each node holds the whole state, sliced over its two ranks: a slice's replicas are on the
+    # other nodes, so the coded blobs leave their blocks out and the replacement node gets them
+    # back from a replica, checked against the lost rank's checksums
+    cluster = shared
+    clean = cluster.submit(*HSDP, nodes=3, procs=2, redundancy="2+1")
+    job = cluster.wait_terminal(clean, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    want = final_sha(cluster, clean)
+    job_id = cluster.submit(*HSDP, nodes=3, procs=2, redundancy="2+1")
+    job = cluster.wait_job(job_id, _protected_at_least(8), 90, "a protected step >= 8")
+    first = job.attempts[-1]
+    state = sum(r.snapshot_bytes for r in first.ranks)
+    assert 0 < first.parity_bytes < state / 4, (first.parity_bytes, state)
+    victim = first.nodes[1]
+    lost = sorted(r.rank for r in first.ranks if r.node == victim)
+    assert len(lost) == 2
+    cluster.kill_agent(victim)  # with its ranks and its memory
+    cluster.start_agent(victim)  # a replacement with empty memory, at the same world size
+    job = cluster.wait_terminal(job_id, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    second = job.attempts[first.number]
+    assert second.nodes == first.nodes and second.world_size == 6
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == second.number]
+    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
+    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
+    step = int(found.group(1))
+    rebuilt = _events(cluster, job_id, "snapshot_rebuilt")
+    for rank in lost:  # "step 9 of old rank 2 from decoded, rank 3 from decoded (verified)"
+        assert any(re.search(rf"step {step} of old .*\brank {rank} from decoded", m)
+                   for m in rebuilt), rebuilt
+    assert _first_resume(cluster, job_id) == step
+    assert final_sha(cluster, job_id) == want
 
 
 def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_disk_does(
