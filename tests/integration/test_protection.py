@@ -191,6 +191,23 @@ def test_flipped_byte_in_a_snapshot_is_caught_and_rebuilt_from_parity(shared) ->
     assert final_sha(cluster, job_id) == cluster.clean_sha
 
 
+def _replace_lost_node(cluster: LocalCluster, job_id: str, first, victim: str) -> int:  # type: ignore[no-untyped-def]
+    """Kill ``victim``'s agent with its ranks and memory, start a replacement (a fresh agent:
+    empty memory; the job is not elastic, so it waits for it and runs at the same world
+    size); the job must succeed restoring a step rebuilt from parity, which is returned."""
+    cluster.kill_agent(victim)
+    cluster.start_agent(victim)
+    job = cluster.wait_terminal(job_id, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    second = job.attempts[first.number]
+    assert second.nodes == first.nodes and second.world_size == first.world_size
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == second.number]
+    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
+    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
+    return int(found.group(1))
+
+
 def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(shared) -> None:
     cluster = shared
     job_id = cluster.submit(*SLOW_JOB, nodes=3, procs=1, redundancy="2+1")
@@ -201,20 +218,7 @@ def test_lost_node_is_rebuilt_from_parity_on_its_replacement_bitwise_identical(s
     # parity is well under the (1 + m/k) of unique state (state / 2 in all, for 2+1)
     state = sum(r.snapshot_bytes for r in first.ranks)
     assert 0 < first.parity_bytes < state / 4, (first.parity_bytes, state)
-    victim = first.ranks[1].node
-    cluster.kill_agent(victim)  # with its ranks and its memory
-    # a replacement node (a fresh agent: empty memory) joins; the job is not elastic, so it
-    # waits for it and runs at the same world size
-    cluster.start_agent(victim)
-    job = cluster.wait_terminal(job_id, 300)
-    assert state_name(job.state) == "SUCCEEDED", job.reason
-    second = job.attempts[first.number]
-    assert second.nodes == first.nodes and second.world_size == 3
-    source = [e.message for e in cluster.events(job_id)
-              if e.kind == "restore_source" and e.attempt == second.number]
-    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
-    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
-    step = int(found.group(1))
+    step = _replace_lost_node(cluster, job_id, first, first.ranks[1].node)
     assert step >= 8
     rebuilt = _events(cluster, job_id, "snapshot_rebuilt")
     assert any(f"step {step} of old rank 1 from decoded" in m for m in rebuilt), rebuilt
@@ -236,20 +240,9 @@ def test_an_hsdp_node_lost_is_rebuilt_from_its_thin_blob_and_the_replicas_bitwis
     first = job.attempts[-1]
     state = sum(r.snapshot_bytes for r in first.ranks)
     assert 0 < first.parity_bytes < state / 4, (first.parity_bytes, state)
-    victim = first.nodes[1]
-    lost = sorted(r.rank for r in first.ranks if r.node == victim)
+    lost = sorted(r.rank for r in first.ranks if r.node == first.nodes[1])
     assert len(lost) == 2
-    cluster.kill_agent(victim)  # with its ranks and its memory
-    cluster.start_agent(victim)  # a replacement with empty memory, at the same world size
-    job = cluster.wait_terminal(job_id, 300)
-    assert state_name(job.state) == "SUCCEEDED", job.reason
-    second = job.attempts[first.number]
-    assert second.nodes == first.nodes and second.world_size == 6
-    source = [e.message for e in cluster.events(job_id)
-              if e.kind == "restore_source" and e.attempt == second.number]
-    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
-    assert found, [(e.kind, e.message) for e in cluster.events(job_id)]
-    step = int(found.group(1))
+    step = _replace_lost_node(cluster, job_id, first, first.nodes[1])
     rebuilt = _events(cluster, job_id, "snapshot_rebuilt")
     for rank in lost:  # "step 9 of old rank 2 from decoded, rank 3 from decoded (verified)"
         assert any(re.search(rf"step {step} of old .*\brank {rank} from decoded", m)
