@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from hpt import jobspec
 from hpt._proto import agent_pb2, checkpoint_pb2
@@ -425,19 +425,27 @@ REFERENCE_NODES = 8
 agent's ``Layout.references``): they are in every node's share of a layout."""
 
 
-def protection_share_to_proto(plan: ProtectionPlan, index: int,
+def protection_share_to_proto(plan: ProtectionPlan, index: int | None,
                               stripes_of: Mapping[int, list[int]],
+                              rebuilt: Iterable[int] = (), read: Iterable[int] = (),
                               ) -> checkpoint_pb2.ProtectionLayout:
-    """The share of ``plan`` node ``index`` needs (``ProtectionLayout.num_nodes`` set): the
-    stripes it is a member of, the nodes in them, and the next ``REFERENCE_NODES`` nodes.
+    """The share of ``plan`` a node needs (``ProtectionLayout.num_nodes`` set): for node
+    ``index`` (None: a node not in the plan) the stripes it is a member of, the nodes in them
+    and the next ``REFERENCE_NODES`` nodes (what a launch needs); for each node in ``rebuilt``
+    the same (a restore decodes its blob: its stripes, their members, the replicas its thin
+    blob names); and the nodes in ``read`` (a restore reads their ranks' snapshots).
     ``stripes_of``: node index -> the stripes it is a member of.
 
-    Every stripe of its group is among its stripes (a group's stripes all span the group), so
-    a parity holder finds each data member's stripes, and the segment it serves, in its
-    share."""
+    Every stripe of a group is among its nodes' stripes (a group's stripes all span the
+    group), so a parity holder finds each data member's stripes, and the segment it serves,
+    in its share."""
     n = len(plan.nodes)
-    stripes = stripes_of.get(index, [])
-    members = {index, *((index + d) % n for d in range(1, min(n, REFERENCE_NODES + 1)))}
+    members = set(read)
+    stripes: set[int] = set()
+    for node in ([index] if index is not None else []) + list(rebuilt):
+        members.add(node)
+        members.update((node + d) % n for d in range(1, min(n, REFERENCE_NODES + 1)))
+        stripes.update(stripes_of.get(node, []))
     for j in stripes:
         members.update(plan.stripes[j][0])
         members.update(plan.stripes[j][1])
@@ -448,7 +456,7 @@ def protection_share_to_proto(plan: ProtectionPlan, index: int,
                                         ranks=plan.nodes[i].ranks, index=i)
                for i in sorted(members)],
         stripes=[checkpoint_pb2.Stripe(data=plan.stripes[j][0], parity=plan.stripes[j][1],
-                                       index=j) for j in stripes],
+                                       index=j) for j in sorted(stripes)],
     )
 
 
@@ -459,13 +467,14 @@ class _EncodedLayouts:
     Merging the bytes parses in C. A launch carries the node's share of it
     (:func:`protection_share_to_proto`; the whole layout to every node was still O(nodes^2)
     bytes: a third of the controller's CPU over a 2,000-node launch, merging and writing
-    them); a restore plan the whole of it."""
+    them), and so does a restore plan (:meth:`restore_share`)."""
 
     def __init__(self, size: int = 4) -> None:
         self._size = size
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[ProtectionPlan, bytes]] = {}
-        self._stripes: dict[int, tuple[ProtectionPlan, dict[str, int], dict[int, list[int]]]] = {}
+        self._stripes: dict[int, tuple[ProtectionPlan, dict[str, int], dict[int, list[int]],
+                                       dict[int, int]]] = {}
 
     def get(self, plan: ProtectionPlan) -> bytes:
         with self._lock:
@@ -479,9 +488,9 @@ class _EncodedLayouts:
             self._entries[id(plan)] = (plan, data)  # holding the plan keeps its id unique
         return data
 
-    def share(self, plan: ProtectionPlan, node: str) -> bytes:
-        """The serialized share of ``plan`` for ``node`` (the whole layout for a node that is
-        not in it)."""
+    def _index(self, plan: ProtectionPlan) -> tuple[dict[str, int], dict[int, list[int]],
+                                                    dict[int, int]]:
+        """Node name -> index, node index -> its stripes, rank -> its node's index."""
         with self._lock:
             hit = self._stripes.get(id(plan))
         if hit is None or hit[0] is not plan:
@@ -490,25 +499,47 @@ class _EncodedLayouts:
             for j, (data, parity) in enumerate(plan.stripes):
                 for i in (*data, *parity):
                     stripes_of.setdefault(i, []).append(j)
-            hit = (plan, index, stripes_of)
+            owners = {r: i for i, n in enumerate(plan.nodes) for r in n.ranks}
+            hit = (plan, index, stripes_of, owners)
             with self._lock:
                 if len(self._stripes) >= self._size:
                     self._stripes.pop(next(iter(self._stripes)))
                 self._stripes[id(plan)] = hit
-        i = hit[1].get(node)
+        return hit[1], hit[2], hit[3]
+
+    def share(self, plan: ProtectionPlan, node: str) -> bytes:
+        """The serialized share of ``plan`` a launch on ``node`` carries (the whole layout for
+        a node that is not in it)."""
+        index, stripes_of, _ = self._index(plan)
+        i = index.get(node)
         if i is None:
             return self.get(plan)
-        return protection_share_to_proto(plan, i, hit[2]).SerializeToString()
+        return protection_share_to_proto(plan, i, stripes_of).SerializeToString()
+
+    def restore_share(self, plan: ProtectionPlan, node: str, need: Iterable[int]) -> bytes:
+        """The serialized share of the old attempt's ``plan`` a restore on ``node`` reads:
+        the nodes that ran the old ranks it needs, and what their blobs are decoded from (a
+        lost node's; a live one's too when it cannot serve). At the same world size that is
+        a node's group and its neighbours; after a resize, which may need every old rank, the
+        whole layout."""
+        index, stripes_of, owners = self._index(plan)
+        read = {owners[r] for r in need if r in owners}
+        return protection_share_to_proto(plan, index.get(node), stripes_of, rebuilt=read,
+                                         read=read).SerializeToString()
 
 
 _LAYOUTS = _EncodedLayouts()
 
 
 def restore_to_proto(cmd: RestoreCommand, into: checkpoint_pb2.RestorePlan | None = None,
-                     ) -> checkpoint_pb2.RestorePlan:
+                     node: str = "") -> checkpoint_pb2.RestorePlan:
+    """``cmd`` as ``node`` receives it: with the share of the old layout its restore reads
+    (the whole layout without a node)."""
     msg = into if into is not None else checkpoint_pb2.RestorePlan()
     msg.step, msg.attempt, msg.world_size = cmd.step, cmd.attempt, cmd.world_size
-    msg.layout.MergeFromString(_LAYOUTS.get(cmd.layout))
+    msg.layout.MergeFromString(
+        _LAYOUTS.restore_share(cmd.layout, node, cmd.need_ranks) if node
+        else _LAYOUTS.get(cmd.layout))
     msg.lost.extend(cmd.lost)
     msg.need_ranks.extend(cmd.need_ranks)
     msg.replicated = cmd.replicated
@@ -530,5 +561,5 @@ def launch_to_proto(cmd: LaunchCommand, into: agent_pb2.Launch | None = None,
         msg.protection.MergeFromString(_LAYOUTS.share(cmd.protection, node) if node
                                        else _LAYOUTS.get(cmd.protection))
     if cmd.restore is not None:
-        restore_to_proto(cmd.restore, msg.restore)
+        restore_to_proto(cmd.restore, msg.restore, node)
     return msg

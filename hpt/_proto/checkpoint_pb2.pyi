@@ -184,11 +184,11 @@ class RestorePlan(_message.Message):
     """
     @_builtins.property
     def layout(self) -> Global___ProtectionLayout:
-        """that attempt's layout"""
+        """that attempt's layout: the share this node's restore reads"""
 
     @_builtins.property
     def lost(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """indices of layout.nodes whose memory is gone"""
+        """indices of the old nodes whose memory is gone"""
 
     @_builtins.property
     def need_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

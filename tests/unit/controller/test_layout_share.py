@@ -83,3 +83,41 @@ def test_a_share_naming_an_index_out_of_range_twice_or_missing_is_refused() -> N
 
 def test_the_share_holds_as_many_reference_nodes_as_the_agent_asks() -> None:
     assert convert.REFERENCE_NODES == protect._REFERENCE_NODES
+
+
+@pytest.mark.parametrize("world_changes", [False, True])
+def test_a_restore_share_answers_what_rebuilding_the_ranks_it_needs_asks(
+        world_changes: bool) -> None:
+    # a restore reads the old ranks its node needs from the nodes that ran them, or decodes
+    # them (a lost node's, or a live one's that cannot serve): those nodes' stripes, their
+    # members, and the replicas their thin blobs name are in its share
+    plan = _plan(400, per_node=2)
+    whole = Layout.from_proto(convert.protection_to_proto(plan))
+    node = plan.nodes[200].node
+    need = list(range(800)) if world_changes else [400, 401]
+    msg = checkpoint_pb2.ProtectionLayout.FromString(
+        convert._LAYOUTS.restore_share(plan, node, need))
+    share = Layout.from_proto(msg)
+    owners = share.owners()
+    assert {r: owners[r] for r in need} == {r: whole.owners()[r] for r in need}
+    for owner in sorted({owners[r] for r in need})[:4]:  # (a resize: the first few do)
+        assert share.data_stripes(owner) == whole.data_stripes(owner)
+        for j in share.data_stripes(owner):
+            for member in share.stripes[j][1]:
+                assert share.nodes[member] == whole.nodes[member]
+            for member in share.stripes[j][0]:
+                assert share.nodes[member] == whole.nodes[member]
+                assert share.segment_request("j", 1, 5, member, j) == \
+                    whole.segment_request("j", 1, 5, member, j)
+        for rank in share.nodes[owner].ranks:
+            assert share.references(owner, rank) == whole.references(owner, rank)
+    full = len(convert._LAYOUTS.get(plan))
+    assert (len(msg.SerializeToString()) * 10 < full) != world_changes  # a resize reads all
+    assert len(convert.restore_to_proto(_restore(plan, need)).layout.nodes) == 400  # no node
+
+
+def _restore(plan, need):  # type: ignore[no-untyped-def]
+    from hpt.controller.model import RestoreCommand
+
+    return RestoreCommand(step=5, attempt=1, world_size=800, layout=plan, lost=(200,),
+                          need_ranks=tuple(need))
