@@ -277,6 +277,7 @@ class Agent:
             warm_ready=self._warm.ready() if self._warm else 0,
             instance_id=self.ownership.instance_id,
             peer_address=self.peer_address,
+            layout_shares=True,
             **self.monitoring.register_fields(),
         )
 

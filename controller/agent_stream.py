@@ -66,8 +66,10 @@ class _Link:
 
     _CLOSE = object()
 
-    def __init__(self, node: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, node: str, loop: asyncio.AbstractEventLoop, *,
+                 layout_shares: bool = False) -> None:
         self.node = node
+        self._share_for = node if layout_shares else ""  # "": the whole layout
         self._loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.last_received = 0.0
@@ -77,7 +79,7 @@ class _Link:
         """The protection pieces this stream's last heartbeat reported (intake thread only)."""
 
     def send(self, command: Command) -> None:
-        self.put(_command_to_proto(command, self.node))
+        self.put(_command_to_proto(command, self._share_for))
 
     def put(self, message: object) -> None:
         # RuntimeError: the loop is closed (the server stopped, and the stream with it)
@@ -219,7 +221,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             log.warning("[-/-/%s/-] registration refused: %s", node.name, denied)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
         loop = asyncio.get_running_loop()
-        link = _Link(node.name, loop)
+        link = _Link(node.name, loop, layout_shares=reg.layout_shares)
         cfg = self._rec.cfg
         # registered before the answer, so an agent told "Registered" can be placed; commands
         # the registration queues (stop a stale rank) wait in the link until after it

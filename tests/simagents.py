@@ -115,7 +115,8 @@ class SimAgent:
         async def requests():  # type: ignore[no-untyped-def]
             yield agent_pb2.AgentMessage(register=agent_pb2.Register(
                 node=self.name, address="127.0.0.1", slots=self.fleet.cfg.slots,
-                hostname=self.name, free_port=20000 + (hash(self.name) % 30000)))
+                hostname=self.name, free_port=20000 + (hash(self.name) % 30000),
+                layout_shares=True))
             while True:
                 msg = await self._outbox.get()
                 if msg is None:

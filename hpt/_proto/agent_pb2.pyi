@@ -158,6 +158,7 @@ class Register(_message.Message):
     WARM_READY_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PEER_ADDRESS_FIELD_NUMBER: _builtins.int
+    LAYOUT_SHARES_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
@@ -172,6 +173,10 @@ class Register(_message.Message):
     """
     peer_address: _builtins.str
     """host:port of this node's PeerService (snapshot protection)"""
+    layout_shares: _builtins.bool
+    """The agent reads a share of a protection layout (ProtectionLayout.num_nodes): its launches
+    and restore plans carry one. An agent that does not say so gets the whole layout.
+    """
     @_builtins.property
     def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankReport]:
         """ranks still alive or not yet acknowledged"""
@@ -192,11 +197,12 @@ class Register(_message.Message):
         warm_ready: _builtins.int = ...,
         instance_id: _builtins.str = ...,
         peer_address: _builtins.str = ...,
+        layout_shares: _builtins.bool = ...,
         health: Global___HealthReport | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "instance_id", b"instance_id", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "free_port", b"free_port", "health", b"health", "hostname", b"hostname", "instance_id", b"instance_id", "layout_shares", b"layout_shares", "node", b"node", "peer_address", b"peer_address", "ranks", b"ranks", "slots", b"slots", "warm_ready", b"warm_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

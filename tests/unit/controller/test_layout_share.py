@@ -121,3 +121,25 @@ def _restore(plan, need):  # type: ignore[no-untyped-def]
 
     return RestoreCommand(step=5, attempt=1, world_size=800, layout=plan, lost=(200,),
                           need_ranks=tuple(need))
+
+
+@pytest.mark.parametrize("shares", [True, False])
+def test_an_agent_that_does_not_say_it_reads_shares_gets_the_whole_layout(shares: bool) -> None:
+    import asyncio
+
+    from hpt.controller.agent_stream import _Link
+
+    plan = _plan(40)
+    cmd = LaunchCommand(job_id="j", attempt=1, spec=JobSpec(command=("x",), nodes=40),
+                        ranks=((6, 0), (7, 1)), world_size=80, local_world_size=2,
+                        master_addr="h", master_port=1, node_rank=3, num_nodes=40,
+                        restore_step=0, protection=plan)
+    loop = asyncio.new_event_loop()
+    try:
+        link = _Link(plan.nodes[3].node, loop, layout_shares=shares)
+        link.send(cmd)
+        msg = loop.run_until_complete(asyncio.wait_for(link.queue.get(), 5))
+    finally:
+        loop.close()
+    layout = msg.launch.protection
+    assert (layout.num_nodes, len(layout.nodes) < 40) == ((40, True) if shares else (0, False))
