@@ -203,6 +203,9 @@ def run_control_plane(
             if started:
                 controller.stop(grace_s=CONTROLLER_STOP_GRACE_S)
         restore()
+        # with SERVER_GC_THRESHOLDS more is left for the interpreter's final collection; the
+        # controller has released what it owns: exit without walking it (as the agent does)
+        gc.freeze()
     if not signalled:
         raise CliError("the controller stopped")
     click.echo("stopped")
