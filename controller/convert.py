@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -358,12 +360,14 @@ _JOB_ATTEMPTS = pb.Job.DESCRIPTOR.fields_by_name["attempts"].number
 _ATTEMPT_RANKS = pb.Attempt.DESCRIPTOR.fields_by_name["ranks"].number
 
 
+_RANK_KEY = operator.attrgetter(*(f.name for f in dataclasses.fields(Rank) if f.name != "wire"))
+"""Every field of a Rank but its kept bytes, as one tuple (read in C)."""
+
+
 def _rank_bytes(rank: Rank) -> bytes:
     """``rank_to_proto(rank)`` serialized, made again only when one of its fields changed
     (ExitInfo is replaced, never changed in place)."""
-    key = (rank.rank, rank.local_rank, rank.node, rank.pid, rank.state, rank.exit, rank.step,
-           rank.step_at, rank.first_step_at, rank.exit_reason, rank.snapshot_steps,
-           rank.persisted_steps, rank.snapshot_bytes, rank.snapshot_replicated, rank.end_cause)
+    key = _RANK_KEY(rank)
     wire = rank.wire
     if wire is None or wire[0] != key:
         wire = rank.wire = (key, rank_to_proto(rank).SerializeToString())

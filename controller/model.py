@@ -398,12 +398,12 @@ class Attempt:
     parity_bytes: int = 0
     """Protection bytes of the newest protected step, all nodes together (the memory the
     protection of one snapshot generation costs; m/k of the state when balanced)."""
+    _by_node: dict[str, list[Rank]] | None = field(default=None, init=False, repr=False,
+                                                   compare=False)  # see ranks_on
+    _started_through: int = field(default=0, init=False, repr=False, compare=False)
 
     def set_state(self, new: AttemptState, reason: str, now: float) -> AttemptState:
         return _transition(self, ATTEMPT_TRANSITIONS, new, reason, now)
-
-    _by_node: dict[str, list[Rank]] | None = field(default=None, init=False, repr=False,
-                                                   compare=False)
 
     def ranks_on(self, node: str) -> list[Rank]:
         """The attempt's ranks on ``node``, from an index built on the first call: callers ask
@@ -417,8 +417,6 @@ class Attempt:
                 by_node.setdefault(r.node, []).append(r)
             self._by_node = by_node
         return list(by_node.get(node, ()))
-
-    _started_through: int = field(default=0, init=False, repr=False, compare=False)
 
     def none_pending(self) -> bool:
         """Whether every rank left PENDING. No rank goes back to it, so the scan resumes where

@@ -55,6 +55,7 @@ def timing_stride(world_size: int) -> int:
     attempt cuts the same windows and no message carries it."""
     return max(1, -(-world_size // TIMING_RANKS))
 
+
 EvidenceValue = float | int | str
 
 

@@ -135,11 +135,6 @@ talking nodes were declared lost. With these thresholds the same run made one fu
 collection, and 4,000 agents ran on a core where 3,000 did not (docs/benchmarks.md)."""
 
 
-def tune_server_gc() -> None:
-    """Set :data:`SERVER_GC_THRESHOLDS` (the process is a long-lived server)."""
-    gc.set_threshold(*SERVER_GC_THRESHOLDS)
-
-
 def run_control_plane(
     cfg: Any,
     *,
@@ -173,7 +168,7 @@ def run_control_plane(
     agents: list[tuple[str, subprocess.Popen[bytes]]] = []
     started = False
     try:
-        tune_server_gc()
+        gc.set_threshold(*SERVER_GC_THRESHOLDS)  # a long-lived server
         try:
             port = controller.start()
         except (OSError, RuntimeError) as e:

@@ -250,8 +250,9 @@ def test_only_the_wanted_ranks_of_a_lost_node_are_written(cluster) -> None:
     assert rank2.files() == []  # rank 2's bytes were not decoded, nor written
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sharded) -> None:
+def _three_saved_one_lost(cluster, sharded: bool):  # type: ignore[no-untyped-def]
+    """Three nodes, one rank each, step 7 of a 192-row ``w`` (each rank's 64 rows when
+    ``sharded``, else the whole of it), protected; node 2 lost. (layout, survivor node 0)."""
     from hpt.ckpt.layout import ShardInfo
 
     nodes = cluster(3)
@@ -262,7 +263,12 @@ def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sha
     layout = _layout(nodes)
     _protect_all(nodes, layout, 7)
     nodes[2].close()
-    survivor = nodes[0]
+    return layout, nodes[0]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sharded) -> None:
+    layout, survivor = _three_saved_one_lost(cluster, sharded)
     # the controller's plan for a resize 3 -> 2: every old rank; survivor n0 runs new rank 1
     got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
                       lambda *a: None, new_ranks=[1], world_size=2)
@@ -276,17 +282,7 @@ def test_a_resize_rebuilds_the_lost_node_only_when_state_is_sharded(cluster, sha
 
 
 def test_a_sharded_resize_leaves_the_slices_no_new_rank_here_overlaps(cluster) -> None:
-    from hpt.ckpt.layout import ShardInfo
-
-    nodes = cluster(3)
-    for i, node in enumerate(nodes):
-        node.save_state(i, 7, {"w": torch.full((64,), float(i)), "step": 7},
-                        {"w": ShardInfo(global_shape=(192,), global_offset=(64 * i,),
-                                        local_shape=(64,))})
-    layout = _layout(nodes)
-    _protect_all(nodes, layout, 7)
-    nodes[2].close()
-    survivor = nodes[0]
+    layout, survivor = _three_saved_one_lost(cluster, sharded=True)
     # new rank 0 takes rows 0..95: old ranks 0 and 1; the lost node's slice is not decoded
     got = materialise(survivor.protector, JOB, _plan(layout, 7, [2], [0, 1, 2]),
                       lambda *a: None, new_ranks=[0], world_size=2)
