@@ -236,7 +236,7 @@ class Agent:
                                                 for t in msg.ack.protect])
                     self.snapshots.pin_rounds([(t.job_id, t.step, t.protected_step)
                                                for t in msg.ack.protect])
-                elif kind in ("launch", "stop", "release"):
+                elif kind in ("launch", "stop", "release", "cadence"):
                     self._commands.put(msg)
                 if self._stop.is_set():
                     break
@@ -334,6 +334,11 @@ class Agent:
             self.protector.release(msg.release.job_id)
             self.launcher.close_store(msg.release.job_id)
             self.snapshots.release_later(msg.release.job_id)
+        elif kind == "cadence":
+            c = msg.cadence
+            applied = self.snapshots.set_persist_every(c.job_id, c.persist_every)
+            log.info("[%s/%d/%s/-] persist cadence now every %d steps (%d ranks): %s",
+                     c.job_id, c.attempt, self.cfg.name, c.persist_every, applied, c.reason)
         elif kind == "stop":
             s = msg.stop
             if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:
@@ -365,10 +370,11 @@ class Agent:
 
     def _report(self, proc: RankProcess) -> agent_pb2.RankReport:
         report = convert.rank_report(proc)
-        held, persisted, nbytes = self.snapshots.steps(proc.job_id, proc.rank)
+        held, persisted, nbytes, persist_s = self.snapshots.steps(proc.job_id, proc.rank)
         report.status.snapshot_steps.extend(held)
         report.status.persisted_steps.extend(persisted)
         report.status.snapshot_bytes = nbytes
+        report.status.persist_s = persist_s
         report.status.snapshot_replicated = self.snapshots.replicated(proc.job_id, proc.rank)
         return report
 

@@ -64,6 +64,7 @@ class _RankSnapshots:
     attempt: int = 0  # the attempt whose ranks write this rank's persisted parts
     nbytes: int = 0
     persist_started: dict[int, float] = field(default_factory=dict)  # step -> monotonic
+    persist_s: float = 0.0  # the newest persist, copy-out to verified manifest (0: none yet)
     pinned: list[int] = field(default_factory=list)  # generations in the rank's pin file
     replicated: bool | None = None  # every tensor whole (None: not read yet this attempt)
 
@@ -200,14 +201,28 @@ class SnapshotKeeper:
             if entry is not None:
                 entry.generations.pop(generation, None)
 
-    def steps(self, job_id: str, rank: int) -> tuple[list[int], list[int], int]:
-        """(in-memory steps, persisted steps, bytes of one snapshot) of the rank, ascending."""
+    def steps(self, job_id: str, rank: int) -> tuple[list[int], list[int], int, float]:
+        """(in-memory steps, persisted steps, bytes of one snapshot, seconds of the newest
+        persist) of the rank, steps ascending."""
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
-                return [], [], 0
+                return [], [], 0, 0.0
             held = sorted(set(entry.generations.values()))
-            return held, sorted(entry.persisted), entry.nbytes
+            return held, sorted(entry.persisted), entry.nbytes, entry.persist_s
+
+    def set_persist_every(self, job_id: str, persist_every: int) -> int:
+        """The controller retuned the job's persist cadence: complete snapshots of steps
+        divisible by ``persist_every`` are persisted from now on. Returns the ranks it applies
+        to (those that persist at all)."""
+        if persist_every < 1:
+            raise ValueError(f"persist_every ({persist_every}) must be >= 1")
+        with self._lock:
+            entries = [e for (job, _), e in self._ranks.items()
+                       if job == job_id and e.persister is not None]
+            for entry in entries:
+                entry.persist_every = persist_every
+        return len(entries)
 
     def replicated(self, job_id: str, rank: int) -> bool:
         """Every tensor of the rank's snapshots is whole (a data-parallel replica); False
@@ -275,9 +290,12 @@ class SnapshotKeeper:
         with self._lock:
             entry.persisted = set(_verified_steps(root, trust_newest=step))
         started = entry.persist_started.pop(step, None)
-        if self.on_persisted is not None and started is not None and path is not None:
-            nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            self.on_persisted(time.monotonic() - started, nbytes)
+        if started is not None and path is not None:
+            seconds = time.monotonic() - started
+            entry.persist_s = seconds
+            if self.on_persisted is not None:
+                nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                self.on_persisted(seconds, nbytes)
 
     def persist_newest(self, job_id: str | None) -> None:
         """Offer the newest complete snapshot of every rank (of ``job_id``, or of every job) to

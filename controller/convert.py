@@ -179,6 +179,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         snapshot_steps=list(rank.snapshot_steps),
         persisted_steps=list(rank.persisted_steps),
         snapshot_bytes=rank.snapshot_bytes,
+        persist_s=rank.persist_s,
         snapshot_replicated=rank.snapshot_replicated,
         end_cause=_END_CAUSE[rank.end_cause],
     )
@@ -202,6 +203,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_steps=tuple(msg.snapshot_steps),
         persisted_steps=tuple(msg.persisted_steps),
         snapshot_bytes=msg.snapshot_bytes,
+        persist_s=msg.persist_s,
         snapshot_replicated=msg.snapshot_replicated,
         end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
@@ -264,6 +266,7 @@ def job_to_proto(job: Job, *, attempts: bool = True) -> pb.Job:
         deadline_at=job.deadline_at,
         cancel_requested=job.cancel_requested,
         excluded_nodes=job.excluded_nodes,
+        persist_every=job.persist_every,
     )
     if job.root_cause is not None:
         msg.root_cause.CopyFrom(fault_to_proto(job.root_cause))
@@ -284,6 +287,7 @@ def job_from_proto(msg: pb.Job) -> Job:
         deadline_at=msg.deadline_at,
         cancel_requested=msg.cancel_requested,
         excluded_nodes=list(msg.excluded_nodes),
+        persist_every=msg.persist_every,
     )
 
 

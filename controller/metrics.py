@@ -168,7 +168,7 @@ class ControllerMetrics:
                 m.observe("hpt_fault_detection_seconds", max(0.0, detection_s), kind=kind)
             ledger["detection"] += max(0.0, detection_s)
             if cause.steps_lost > 0:
-                redone_s = min(cause.steps_lost * _mean_step_s(attempt), ledger["productive"])
+                redone_s = min(cause.steps_lost * mean_step_s(attempt), ledger["productive"])
                 ledger["redone"] += redone_s
                 ledger["productive"] -= redone_s
             if cause.steps_lost >= 0 and key not in self._lost:
@@ -192,7 +192,7 @@ class ControllerMetrics:
                 self._goodput[(job.id, category)] = total
 
 
-def _mean_step_s(attempt: Attempt) -> float:
+def mean_step_s(attempt: Attempt) -> float:
     """Mean time of the attempt's steps, from its first completed step to its latest report."""
     steps = attempt.progress - attempt.restore_step
     last = max((r.step_at for r in attempt.ranks), default=0.0)

@@ -18,7 +18,7 @@ Job states::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from hpt.controller.elastic import ProtectionPlan
@@ -268,6 +268,8 @@ class EventKind(str, Enum):
     RESTORE_FAILED = "restore_failed"
     SNAPSHOT_REBUILT = "snapshot_rebuilt"
     PERSIST_FAILED = "persist_failed"
+    # the controller's own
+    CADENCE_CHANGED = "cadence_changed"
 
 
 class FaultClass(str, Enum):
@@ -344,6 +346,8 @@ class Rank:
     """Complete in-memory snapshots the rank's agent holds for it (newest reports win)."""
     persisted_steps: tuple[int, ...] = ()
     snapshot_bytes: int = 0
+    persist_s: float = 0.0
+    """Seconds the rank's newest persist took (copy-out to verified manifest); 0: none yet."""
     snapshot_replicated: bool = False
     """Every tensor of the rank's snapshots is whole: a data-parallel replica (any replica of
     the job may stand in for it after a resize)."""
@@ -449,6 +453,16 @@ class Job:
     cancel_requested: bool = False
     excluded_nodes: list[str] = field(default_factory=list)
     """Nodes the straggler policy took this job off; the scheduler skips them."""
+    persist_every: int = 0
+    """The persist cadence the controller set (``spec.adapt_persist``, ``cadence.py``); 0: the
+    spec's. The spec itself stays as submitted."""
+
+    @property
+    def launch_spec(self) -> JobSpec:
+        """The spec the job's launches carry: the submitted one with the cadence in force."""
+        if self.persist_every and self.persist_every != self.spec.persist_every:
+            return replace(self.spec, persist_every=self.persist_every)
+        return self.spec
 
     @property
     def current(self) -> Attempt | None:
@@ -558,7 +572,18 @@ class StopCommand:
     cause: StopCause
 
 
-Command = LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CadenceCommand:
+    """A new persist cadence for the job's running attempt (its later launches carry it in
+    their spec)."""
+
+    job_id: str
+    attempt: int
+    persist_every: int
+    reason: str
+
+
+Command = LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand | CadenceCommand
 """What the controller sends down an agent's stream."""
 
 

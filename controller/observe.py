@@ -162,7 +162,7 @@ class Observe:
         if current and (seen.snapshot_steps, seen.persisted_steps, seen.snapshot_replicated) != (
                 rank.snapshot_steps, rank.persisted_steps, rank.snapshot_replicated):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
-            rank.snapshot_bytes = seen.snapshot_bytes
+            rank.snapshot_bytes, rank.persist_s = seen.snapshot_bytes, seen.persist_s
             rank.snapshot_replicated = seen.snapshot_replicated
             self._progress_jobs.add(job.id)
         if seen.step > rank.step:

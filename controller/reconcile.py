@@ -36,13 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from hpt.controller import catalog, convert, detect, elastic, retention
+from hpt.controller import cadence, catalog, convert, detect, elastic, retention
 from hpt.controller.config import ControllerConfig
 from hpt.controller.crashpoints import crash_point
 from hpt.controller.execute import Execute, _StopSent
 from hpt.controller.model import (
     Attempt,
     AttemptState,
+    CadenceCommand,
     Command,
     Event,
     EventKind,
@@ -77,6 +78,8 @@ from hpt.controller.streams import EventLog, LogBuffer
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_S = 1.0
+_CADENCE_PERIOD_S = 5.0
+"""How often the persist cadence of adapting jobs is re-estimated (``cadence.py``)."""
 _QUIET_PASS_S = 1.0
 """A running job nothing happened to is decided at least this often (``_quiet``)."""
 _SUBMIT_WAIT_S = 30.0
@@ -136,6 +139,7 @@ class Reconciler(Observe, Execute):
         self._unsent: dict[str, list[tuple[str, LaunchCommand]]] = {}  # job -> (node, launch)
         self._launch_sent: dict[tuple[str, int], float] = {}  # (job, attempt) -> monotonic
         self._next_retention = 0.0
+        self._next_cadence = 0.0
         self._clock = clock
         self._dirty_jobs: set[str] = set()
         self._fenced: dict[tuple[str, str, int], float] = {}  # (node, job, attempt) -> mono
@@ -251,6 +255,9 @@ class Reconciler(Observe, Execute):
             if nodes_changed or not self._quiet(job, mono, now):
                 self._stepped[job.id] = (mono, now)
                 self._step(job, now)
+        if mono >= self._next_cadence:
+            self._next_cadence = mono + _CADENCE_PERIOD_S
+            self._retune(now)
         self._flush()
         if mono >= self._next_retention:
             self._next_retention = mono + _RETENTION_PERIOD_S
@@ -561,7 +568,7 @@ class Reconciler(Observe, Execute):
         self, job: Job, attempt: Attempt, restore: int | None = None,
         restores: dict[str, RestoreCommand] | None = None,
     ) -> dict[str, LaunchCommand]:
-        spec = job.spec
+        spec = job.launch_spec  # the cadence in force, if the controller retuned it
         plan = self._plan_of(job, attempt)
         if restore is None:
             restore = catalog.restore_step(job.attempts[: attempt.number - 1],
@@ -635,6 +642,26 @@ class Reconciler(Observe, Execute):
         self.events.emit(Event(kind=kind, at=self._clock(), job_id=job.id,
                                attempt=attempt or (job.current.number if job.current else 0),
                                node=node, rank=rank, message=message))
+
+    def _retune(self, now: float) -> None:
+        """Move the persist cadence of every adapting job whose recommended one moved far
+        enough: the job's record keeps it (its later launches carry it), and the nodes of its
+        running attempt apply it at once; the attempt goes on."""
+        for job in self.jobs.values():
+            est = cadence.retune(job, now)
+            if est is None:
+                continue
+            attempt = job.current
+            assert attempt is not None
+            reason = est.reason(job.persist_every or job.spec.persist_every)
+            job.persist_every = est.persist_every
+            self._dirty_jobs.add(job.id)
+            self._emit(EventKind.CADENCE_CHANGED, job, attempt=attempt.number, message=reason)
+            log.info("[%s/%d/-/-] %s", job.id, attempt.number, reason)
+            command = CadenceCommand(job_id=job.id, attempt=attempt.number,
+                                     persist_every=est.persist_every, reason=reason)
+            for node in attempt.nodes:
+                self._send(node, command)
 
     def _release(self, job: Job) -> None:
         """A terminal job's agents free its snapshot memory."""

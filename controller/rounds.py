@@ -104,7 +104,7 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
 _STEPS = operator.attrgetter("snapshot_steps")
 
 
-def _survey(attempt: Attempt) -> tuple[set[int], tuple[int, int], int]:
+def survey(attempt: Attempt) -> tuple[set[int], tuple[int, int], int]:
     """What rounds are named from, for every protected job each time (one pass, over the
     distinct step tuples the ranks hold): the steps every rank holds; the lowest and the
     highest of the ranks' newest steps ((-1, -1) without ranks); the cadence, the steps between
@@ -163,7 +163,7 @@ class ProtectionRounds:
             held = self._rounds.get(job.id)
             current = held[1] if held and held[0] == attempt.number else None
             protected = set(attempt.protected_steps)
-            complete, reached, cadence = _survey(attempt)
+            complete, reached, cadence = survey(attempt)
             target = next_target(current, held[1].lead if held else 0, complete, protected,
                                  reached, now, cadence)
             if target is None:

@@ -16,6 +16,7 @@ import grpc
 from hpt._proto import agent_pb2, checkpoint_pb2, jobs_pb2, jobs_pb2_grpc
 from hpt.controller import convert, limits
 from hpt.controller.model import (
+    CadenceCommand,
     Command,
     Event,
     EventKind,
@@ -258,6 +259,10 @@ def _command_to_proto(command: Command, node: str = "") -> agent_pb2.ControllerM
         return agent_pb2.ControllerMessage(release=agent_pb2.Release(job_id=command.job_id))
     if isinstance(command, StopCommand):
         return agent_pb2.ControllerMessage(stop=convert.stop_to_proto(command))
+    if isinstance(command, CadenceCommand):
+        return agent_pb2.ControllerMessage(cadence=agent_pb2.Cadence(
+            job_id=command.job_id, attempt=command.attempt,
+            persist_every=command.persist_every, reason=command.reason))
     msg = agent_pb2.ControllerMessage()
     convert.launch_to_proto(command, msg.launch, node)
     return msg

@@ -154,6 +154,12 @@ class JobSpec:
     persist_every: int = spec_field(
         0, "Persist every Nth complete snapshot (needs --persist-dir).", lo=0, hi=1_000_000,
         default_text="never")
+    adapt_persist: bool = spec_field(
+        False, "Let the controller retune the persist cadence while the job runs: Young/Daly on "
+        "the rate of failures only disk restores (a redundancy group losing more than M "
+        "nodes, corruption), from the failures this job sees and the persist time its agents "
+        "measure, at least hourly; each change is a cadence_changed event. --persist-every is "
+        "the first cadence (0: the controller's). Needs --persist-dir.", default_text="off")
     keep_persisted: int = spec_field(
         3, "Persisted checkpoints kept per rank (older ones are deleted).", lo=1, hi=1000,
         zero_means_default=True)
@@ -227,6 +233,8 @@ class JobSpec:
                 raise ValueError(f"{path_field} ({path!r}) must be an absolute path")
         if self.persist_every and not self.persist_dir:
             raise ValueError(f"persist_every ({self.persist_every}) needs persist_dir")
+        if self.adapt_persist and not self.persist_dir:
+            raise ValueError("adapt_persist needs persist_dir")
         parse_redundancy(self.redundancy, self.nodes)
 
     @property

@@ -565,6 +565,7 @@ class ControllerMessage(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    CADENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -575,6 +576,8 @@ class ControllerMessage(_message.Message):
     def ack(self) -> Global___HeartbeatAck: ...
     @_builtins.property
     def release(self) -> Global___Release: ...
+    @_builtins.property
+    def cadence(self) -> Global___Cadence: ...
     def __init__(
         self,
         *,
@@ -583,16 +586,50 @@ class ControllerMessage(_message.Message):
         stop: Global___Stop | None = ...,
         ack: Global___HeartbeatAck | None = ...,
         release: Global___Release | None = ...,
+        cadence: Global___Cadence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cadence", b"cadence", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cadence", b"cadence", "kind", b"kind", "launch", b"launch", "registered", b"registered", "release", b"release", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "launch", "stop", "ack", "release"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["registered", "launch", "stop", "ack", "release", "cadence"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
+
+@_typing.final
+class Cadence(_message.Message):
+    """A new persist cadence for the running attempt of a job (and every later one it launches):
+    the controller retuned it from the failures the job sees (controller/cadence.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PERSIST_EVERY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    persist_every: _builtins.int
+    """persist the complete snapshots of steps divisible by it"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        persist_every: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "persist_every", b"persist_every", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cadence: _TypeAlias = Cadence  # noqa: Y015
 
 @_typing.final
 class StepTiming(_message.Message):

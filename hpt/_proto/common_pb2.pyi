@@ -242,6 +242,7 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_RESTORE_FAILED: _EventKind.ValueType  # 28
     EVENT_KIND_SNAPSHOT_REBUILT: _EventKind.ValueType  # 29
     EVENT_KIND_PERSIST_FAILED: _EventKind.ValueType  # 30
+    EVENT_KIND_CADENCE_CHANGED: _EventKind.ValueType  # 31
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an event records (model.EventKind). The Event's `kind` string is kept for display."""
@@ -277,6 +278,7 @@ EVENT_KIND_TEARDOWN_CRASH: EventKind.ValueType  # 27
 EVENT_KIND_RESTORE_FAILED: EventKind.ValueType  # 28
 EVENT_KIND_SNAPSHOT_REBUILT: EventKind.ValueType  # 29
 EVENT_KIND_PERSIST_FAILED: EventKind.ValueType  # 30
+EVENT_KIND_CADENCE_CHANGED: EventKind.ValueType  # 31
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -325,6 +327,7 @@ class JobSpec(_message.Message):
     REDUNDANCY_FIELD_NUMBER: _builtins.int
     HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     RANK_LOG_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPT_PERSIST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -342,6 +345,7 @@ class JobSpec(_message.Message):
     redundancy: _builtins.str
     hang_timeout_s: _builtins.float
     rank_log_max_bytes: _builtins.int
+    adapt_persist: _builtins.bool
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -366,10 +370,11 @@ class JobSpec(_message.Message):
         redundancy: _builtins.str = ...,
         hang_timeout_s: _builtins.float = ...,
         rank_log_max_bytes: _builtins.int = ...,
+        adapt_persist: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "adapt_persist", b"adapt_persist", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -441,6 +446,7 @@ class RankStatus(_message.Message):
     SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
     END_CAUSE_FIELD_NUMBER: _builtins.int
     SNAPSHOT_REPLICATED_FIELD_NUMBER: _builtins.int
+    PERSIST_S_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -461,6 +467,10 @@ class RankStatus(_message.Message):
     snapshot_replicated: _builtins.bool
     """Every tensor of the rank's newest snapshot is whole (no shard of a larger tensor): the
     state of a data-parallel replica, which any other replica of the job holds as well.
+    """
+    persist_s: _builtins.float
+    """Seconds the rank's newest persist took, from copying out of shared memory to its verified
+    manifest (0: none yet). The controller's persist cadence reads it (controller/cadence.py).
     """
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
@@ -490,10 +500,11 @@ class RankStatus(_message.Message):
         snapshot_bytes: _builtins.int = ...,
         end_cause: Global___RankEndCause.ValueType = ...,
         snapshot_replicated: _builtins.bool = ...,
+        persist_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persist_s", b"persist_s", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,6 +685,7 @@ class Job(_message.Message):
     DEADLINE_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     EXCLUDED_NODES_FIELD_NUMBER: _builtins.int
+    PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     created_at: _builtins.float
@@ -682,6 +694,10 @@ class Job(_message.Message):
     deadline_at: _builtins.float
     """wall clock: waiting for nodes ends here (0 when not waiting)"""
     cancel_requested: _builtins.bool
+    persist_every: _builtins.int
+    """The persist cadence the controller set for the job (adapt_persist), in steps; 0: the
+    spec's persist_every. Launches carry it as the spec's persist_every.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -709,10 +725,11 @@ class Job(_message.Message):
         deadline_at: _builtins.float = ...,
         cancel_requested: _builtins.bool = ...,
         excluded_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        persist_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root_cause", b"root_cause", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "excluded_nodes", b"excluded_nodes", "history", b"history", "id", b"id", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "excluded_nodes", b"excluded_nodes", "history", b"history", "id", b"id", "persist_every", b"persist_every", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,7 +35,10 @@ def spec_options(*, default_text: dict[str, str] | None = None) -> Callable[[F],
 
     def decorate(fn: F) -> F:
         for f, option in reversed(list(jobspec.options())):
-            if option.cli:
+            if option.cli and f.type == "bool":  # a flag: absent is None, the spec's default
+                fn = click.option(*_flags(f, option), f.name, is_flag=True, default=None,
+                                  help=_help(f, option, overrides.get(f.name, "")))(fn)
+            elif option.cli:
                 fn = click.option(*_flags(f, option), f.name, default=None,
                                   type=_type(f, option), metavar=option.metavar or None,
                                   help=_help(f, option, overrides.get(f.name, "")))(fn)

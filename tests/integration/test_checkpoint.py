@@ -50,6 +50,15 @@ def resumed_steps(cluster: LocalCluster, job_id: str) -> set[int]:
             if (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}
 
 
+def published_steps(persist: Path) -> list[int]:
+    """Steps of the global checkpoints under ``persist`` (one per step, for every rank)."""
+    if not persist.is_dir():
+        return []
+    return sorted(s for p in persist.iterdir()
+                  if (s := fmt.parse_step_dir(p.name)) is not None
+                  and (p / fmt.MANIFEST_NAME).is_file())
+
+
 _CLEAN_SHA: dict[str, str] = {}
 """The clean run's digest, made once per session on the shared cluster."""
 
@@ -135,12 +144,8 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
         first.wait_nodes_ready(2, timeout_s=120)
         first.submit(*job, **spec)
 
-        def published() -> list[int]:  # global checkpoints, one per step for every rank
-            if not persist.is_dir():
-                return []
-            return sorted(s for p in persist.iterdir()
-                          if (s := fmt.parse_step_dir(p.name)) is not None
-                          and (p / fmt.MANIFEST_NAME).is_file())
+        def published() -> list[int]:
+            return published_steps(persist)
 
         wait_for(lambda: len(published()) >= 3, 120, "3 checkpoints persisted")
     finally:
@@ -169,3 +174,26 @@ def test_whole_cluster_restart_restores_persisted_checkpoint_skipping_damaged_on
     assert any(e.rank == 1 and f"disk: step {newest}: CorruptCheckpointError" in e.message
                for e in skipped), [e.message for e in skipped]
     assert not marker.exists(), "hpt unpickled DCP's .metadata"
+
+
+def test_the_controller_retunes_a_running_jobs_persist_cadence_without_restarting_it(
+    shared_cluster, tmp_path
+):
+    # persist every step to start with; a small job with no faults needs disk hourly at most
+    persist = tmp_path / "ckpt"
+    steps = 300
+    job_id = shared_cluster.submit("python", TRAIN, "--steps", str(steps), "--step-time", "0.05",
+                                   persist_dir=str(persist), persist_every=1, adapt_persist=True)
+    changed = wait_for(lambda: [e for e in shared_cluster.events(job_id)
+                                if e.kind == "cadence_changed"], 120, "a cadence change")
+    at_change = max(published_steps(persist), default=0)
+    m = re.match(r"persist every 1 -> (\d+) steps", changed[0].message)
+    assert m is not None, changed[0].message
+    assert int(m.group(1)) >= steps  # an hour of 50 ms steps
+    done = shared_cluster.wait_terminal(job_id)
+    assert state_name(done.state) == "SUCCEEDED", done.reason
+    assert len(done.attempts) == 1  # applied to the running attempt, not by a restart
+    # the agents stopped persisting every step: at most the persists already under way
+    # finished after the change, while the ranks made many more steps
+    assert at_change + 20 <= steps, "the change came too late to tell"
+    assert max(published_steps(persist)) <= at_change + 3, published_steps(persist)

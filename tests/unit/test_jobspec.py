@@ -80,7 +80,8 @@ def test_unset_wire_fields_take_the_specs_defaults_in_one_place():
 def test_spec_round_trips_through_the_wire_with_every_field_changed():
     # fields with rules of their own by hand; every bounded one at the far end of its bounds
     changed = dict(command=("python", "t.py"), nodes=4, min_nodes=2, env=(("A", "1"),),
-                   name="n", workdir="/w", persist_dir="/p", redundancy="2+1")
+                   name="n", workdir="/w", persist_dir="/p", redundancy="2+1",
+                   adapt_persist=True)
     for f, option in jobspec.options():
         if f.name not in changed and option.bounds is not None:
             b = option.bounds
@@ -161,3 +162,9 @@ def test_describe_shows_every_field_as_sent_and_none_for_a_default_left_to_the_c
     assert set(shown) == {f.name for f in dataclasses.fields(JobSpec)}
     assert (shown["command"], shown["env"], shown["stop_grace_s"]) == (["x"], {"A": "1"}, 0.0)
     assert shown["node_wait_timeout_s"] is None and shown["max_restarts"] == 3
+
+
+def test_an_adapting_persist_cadence_needs_a_persist_dir_and_names_the_field():
+    with pytest.raises(ValueError, match="^adapt_persist needs persist_dir"):
+        JobSpec(command=("true",), adapt_persist=True)
+    assert JobSpec(command=("true",), adapt_persist=True, persist_dir="/p").persist_every == 0

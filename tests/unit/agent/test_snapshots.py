@@ -23,9 +23,9 @@ def test_reported_steps_follow_commits_and_discards(tmp_path):
     keeper.prepare("j", 3, world_size=4, persist_dir="", persist_every=0, keep_persisted=3)
     keeper.committed("j", 3, 10, 0, 4096)
     keeper.committed("j", 3, 11, 1, 4096)
-    assert keeper.steps("j", 3) == ([10, 11], [], 4096)
+    assert keeper.steps("j", 3) == ([10, 11], [], 4096, 0.0)
     keeper.discarded("j", 3, 0)
-    assert keeper.steps("j", 3) == ([11], [], 4096)
+    assert keeper.steps("j", 3) == ([11], [], 4096, 0.0)
     with pytest.raises(ValueError, match="unknown rank"):
         keeper.committed("j", 7, 1, 0)
 
@@ -104,8 +104,24 @@ def test_release_later_returns_while_a_persister_closes_and_close_waits_for_it(t
     ShmSink(keeper.prefix("j", 0), directory=str(shm)).pin([0])  # one file of the job
     keeper.release_later("j")  # returns although the persister's close blocks
     assert entered.wait(30)
-    assert keeper.steps("j", 0) == ([], [], 0)  # no longer reported
+    assert keeper.steps("j", 0) == ([], [], 0, 0.0)  # no longer reported
     assert list(shm.iterdir())  # its memory goes once the persister is done
     go.set()
     keeper.close()
     assert not list(shm.iterdir())
+
+
+def test_a_retuned_cadence_applies_to_the_jobs_persisting_ranks_only(tmp_path):
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    try:
+        for rank in (0, 1):
+            keeper.prepare("j", rank, world_size=2, persist_dir=str(tmp_path / "persist"),
+                           persist_every=1, keep_persisted=3)
+        keeper.prepare("k", 0, world_size=1, persist_dir="", persist_every=0, keep_persisted=3)
+        assert keeper.set_persist_every("j", 50) == 2
+        assert keeper.set_persist_every("k", 50) == 0  # it persists nothing: stays so
+        assert keeper.set_persist_every("gone", 50) == 0
+        with pytest.raises(ValueError, match=r"persist_every \(0\)"):
+            keeper.set_persist_every("j", 0)
+    finally:
+        keeper.close()

@@ -7,7 +7,7 @@ import math
 import random
 
 from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, Rank
-from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, _survey, next_target
+from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target, survey
 
 
 def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0):  # type: ignore[no-untyped-def]
@@ -126,7 +126,7 @@ def test_a_missed_round_makes_the_next_attempt_name_steps_ahead_too() -> None:
 
 
 def test_one_pass_over_the_ranks_finds_common_steps_their_spread_and_the_cadence() -> None:
-    # _survey walks the distinct step tuples, not the ranks: it must say what the rank by rank
+    # survey walks the distinct step tuples, not the ranks: it must say what the rank by rank
     # definitions say, on attempts of every shape (no rank, ranks that saved nothing, ...)
     rng = random.Random(7)
     shapes = [[], [()], [(5,)] * 3, [(2, 4, 6), (4, 6, 8)] * 2, [(9, 3, 6)] * 3,
@@ -142,4 +142,4 @@ def test_one_pass_over_the_ranks_finds_common_steps_their_spread_and_the_cadence
         gaps = [b - a for s in steps for a, b in zip(sorted(s), sorted(s)[1:], strict=False)]
         want = (set.intersection(*map(set, steps)) if steps else set(),
                 (min(newest), max(newest)), math.gcd(*gaps) if gaps else 1)
-        assert _survey(attempt) == want, steps
+        assert survey(attempt) == want, steps
