@@ -113,6 +113,8 @@ class ControllerMetrics:
                 nodes[rt.node.state.value.lower()] += 1
             ratios = {j.id: r for j in jobs if j.state == JobState.RUNNING
                       and (r := memory_ratio(j)) is not None}
+            cadences = {j.id: j.persist_every or j.spec.persist_every for j in jobs
+                        if j.state == JobState.RUNNING and j.spec.persist_dir}
             finished = [j.id for j in jobs if j.state.is_terminal and j.id not in self._forgotten]
             health = rec.store_health()
             stalls = rec.stall.num_stalls
@@ -131,6 +133,9 @@ class ControllerMetrics:
         m.clear("hpt_snapshot_memory_ratio")
         for job_id, ratio in ratios.items():
             m.set("hpt_snapshot_memory_ratio", ratio, hpt_job=job_id)
+        m.clear("hpt_job_persist_every_steps")
+        for job_id, every in cadences.items():
+            m.set("hpt_job_persist_every_steps", every, hpt_job=job_id)
         for job_id in finished:
             det.forget(job_id)
             self._forgotten.add(job_id)

@@ -475,6 +475,8 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     d["history"] = _history(job.history)
     d["root_cause"] = fault_to_dict(job.root_cause) if job.HasField("root_cause") else None
     d["faults"] = faults_of(job)
+    d["persist_every"] = job.persist_every or spec.persist_every
+    """The persist cadence in force (the controller's when it retuned it: ``adapt_persist``)."""
     return d
 
 

@@ -274,6 +274,13 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         help="Bytes copied into in-memory snapshots.",
     ),
     MetricDef(
+        name="hpt_job_persist_every_steps",
+        type=_G,
+        help="Steps between persisted checkpoints of a running job that persists: its "
+        "--persist-every, or the cadence the controller retuned it to (--adapt-persist).",
+        labels=("hpt_job",),
+    ),
+    MetricDef(
         name="hpt_snapshot_memory_ratio",
         type=_G,
         help="Memory per snapshot generation over the state itself, protection included "

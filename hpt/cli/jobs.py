@@ -189,6 +189,11 @@ def describe(conn: Conn, job_id: str, output: str) -> None:
         ),
         ("workdir", spec["workdir"]),
     ]
+    if spec["persist_dir"]:
+        every = d["persist_every"]
+        how = "retuned by the controller" if spec["adapt_persist"] else "fixed"
+        rows.append(("persist", f"{spec['persist_dir']}, every {every} steps ({how})"
+                     if every else f"{spec['persist_dir']}, no cadence yet ({how})"))
     if d["root_cause"]:
         rc = d["root_cause"]
         rows.append(

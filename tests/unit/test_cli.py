@@ -96,7 +96,7 @@ def test_cli_surface_is_frozen() -> None:
 # --- the in-test server ----------------------------------------------------------------------
 
 
-def _job(state: int = common_pb2.JOB_STATE_RUNNING) -> common_pb2.Job:
+def _job(state: int = common_pb2.JOB_STATE_RUNNING, *, persisting: bool = False) -> common_pb2.Job:
     spec = common_pb2.JobSpec(
         name="train",
         command=["python", "train.py"],
@@ -107,6 +107,8 @@ def _job(state: int = common_pb2.JOB_STATE_RUNNING) -> common_pb2.Job:
         env={"A": "1"},
         workdir="/w",
     )
+    if persisting:  # submitted with a cadence of 1, which the controller retuned to 600
+        spec.persist_dir, spec.persist_every, spec.adapt_persist = "/ckpt", 1, True
     fault = common_pb2.Fault(
         kind="rank_exit",
         node="node-1",
@@ -168,6 +170,7 @@ def _job(state: int = common_pb2.JOB_STATE_RUNNING) -> common_pb2.Job:
         reason="restarted after rank_exit",
         created_at=T0,
         root_cause=fault,
+        persist_every=600 if persisting else 0,
         history=[
             common_pb2.StateChange(state="PENDING", at=T0, reason="submitted"),
             common_pb2.StateChange(state="RUNNING", at=T0 + 1.0, reason="[launched]"),
@@ -181,6 +184,7 @@ class _FakeJobs(jobs_pb2_grpc.JobServiceServicer):
         self.metadata: list[tuple[str, dict[str, str]]] = []
         self.submit_error: tuple[grpc.StatusCode, str] | None = None
         self.job_states: list[int] = []  # successive GetJob states; the last one repeats
+        self.persisting = False  # GetJob's job persists (its cadence retuned by the controller)
 
     def _record(self, name: str, request: object, context: grpc.ServicerContext) -> None:
         self.requests.append((name, request))
@@ -198,7 +202,7 @@ class _FakeJobs(jobs_pb2_grpc.JobServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not found")
         state = self.job_states.pop(0) if len(self.job_states) > 1 else None
         state = state or (self.job_states[0] if self.job_states else common_pb2.JOB_STATE_RUNNING)
-        return _job(state)
+        return _job(state, persisting=self.persisting)
 
     def ListJobs(self, request, context):
         self._record("ListJobs", request, context)
@@ -436,7 +440,8 @@ def test_status_json_has_the_status_fields(server) -> None:
 
 
 def test_describe_json_has_attempts_ranks_history_and_root_cause(server) -> None:
-    addr, _ = server
+    addr, fake = server
+    fake.persisting = True
     result = _run("describe", "job-1", "--output", "json", "--controller", addr)
     assert result.exit_code == 0
     d = json.loads(result.stdout)
@@ -467,10 +472,12 @@ def test_describe_json_has_attempts_ranks_history_and_root_cause(server) -> None
     assert d["root_cause"]["node"] == "node-1" and d["root_cause"]["rank"] == 1
     (fault,) = d["faults"]
     assert fault["recovery_s"] == pytest.approx(3.5)
+    assert d["persist_every"] == 600 and d["spec"]["persist_every"] == 1  # in force; submitted
 
 
 def test_describe_table_shows_the_fault_and_its_recovery(server) -> None:
-    addr, _ = server
+    addr, fake = server
+    fake.persisting = True
     result = _run("describe", "job-1", "--controller", addr)
     assert result.exit_code == 0
     out = result.stdout
@@ -483,6 +490,7 @@ def test_describe_table_shows_the_fault_and_its_recovery(server) -> None:
         "node-1 rank 1",
         "3.50 s",
         "[launched]",
+        "/ckpt, every 600 steps (retuned by the controller)",
     ):
         assert needle in out, needle
 

@@ -9,6 +9,7 @@ import pytest
 
 from hpt.controller import cadence, convert
 from hpt.controller.config import ControllerConfig
+from hpt.controller.metrics import ControllerMetrics
 from hpt.controller.model import (
     Attempt,
     AttemptState,
@@ -197,6 +198,11 @@ def test_the_reconciler_retunes_a_running_job_in_place_and_its_next_launch_carri
     assert job.launch_spec.persist_every == 3600 and job.launch_spec.adapt_persist
     launches = rec._launch_commands(job, job.current)
     assert {c.spec.persist_every for c in launches.values()} == {3600}
+    metrics = ControllerMetrics(rec)
+    metrics.sync()
+    text = metrics.metrics.render().decode()
+    assert f'hpt_job_persist_every_steps{{hpt_job="{job_id}"}} 3600.0' in text
+    assert f'hpt_job_persist_every_steps{{hpt_job="{fixed}"}} 1.0' in text
     # the next pass recommends the same: nothing more is sent
     for link in links.values():
         link.sent.clear()
