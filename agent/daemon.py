@@ -11,6 +11,8 @@ node lost has restarted the job elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import queue
 import random
@@ -157,11 +159,19 @@ class Agent:
 
     def _shutdown(self) -> None:
         started = time.monotonic()
+        # a shutdown that outlasts what a supervisor waits before SIGKILL (the kubelet's
+        # 30 s grace) says where it is stuck: every thread's stack on stderr, once
+        slow_after = self.cfg.stop_grace_s + 10.0
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # stderr without a file
+            faulthandler.dump_traceback_later(slow_after, repeat=False)
         try:
             self._release_all()
         finally:  # whatever failed above, the lock goes: a later agent need not sweep us
+            faulthandler.cancel_dump_traceback_later()
             self.ownership.release()
-            log.info("[-/-/%s/-] shut down in %.2fs", self.cfg.name, time.monotonic() - started)
+            took = time.monotonic() - started
+            (log.warning if took > slow_after else log.info)(
+                "[-/-/%s/-] shut down in %.2fs", self.cfg.name, took)
 
     def _release_all(self) -> None:
         # the commands already received go first (a launch under way ends before the stop)

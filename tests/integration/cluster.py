@@ -104,6 +104,7 @@ class LocalCluster:
         self.controller: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self._all: list[subprocess.Popen[bytes]] = []
+        self._log_of: dict[int, str] = {}  # pid -> its log file in workdir
         self._rank_pids: set[int] = set()
         self._client: JobClient | None = None
         self._restarts = 0
@@ -119,6 +120,7 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
             )
         self._all.append(proc)
+        self._log_of[proc.pid] = log_name
         return proc
 
     def start_controller(self) -> None:
@@ -254,10 +256,12 @@ class LocalCluster:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
+        stuck = []
         for proc in self._all:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                stuck.append(proc)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         survivors = wait_for_dead(self._rank_pids, 10)
@@ -270,7 +274,17 @@ class LocalCluster:
         for path in shm_files(self._agent_names, self._killed_agents):
             path.unlink(missing_ok=True)
         leaked = [p.name for p in shm_files(self._agent_names, ours)]
-        assert not leaked, f"snapshot memory leaked: {leaked[:5]}"
+        assert not leaked, f"snapshot memory leaked: {leaked[:5]}" + self._stuck_logs(stuck)
+
+    def _stuck_logs(self, stuck: list[subprocess.Popen[bytes]]) -> str:
+        """The end of the log of each process that did not stop on SIGTERM (an agent that
+        outlasts its grace dumps its threads' stacks there)."""
+        out = []
+        for proc in stuck:
+            path = self.workdir / self._log_of[proc.pid]
+            tail = path.read_text(errors="replace")[-6000:] if path.is_file() else "(no log)"
+            out.append(f"\n--- {path.name} (pid {proc.pid}) did not stop on SIGTERM:\n{tail}")
+        return "".join(out)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
