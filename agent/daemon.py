@@ -346,9 +346,13 @@ class Agent:
             self.snapshots.release_later(msg.release.job_id)
         elif kind == "cadence":
             c = msg.cadence
-            applied = self.snapshots.set_persist_every(c.job_id, c.persist_every)
-            log.info("[%s/%d/%s/-] persist cadence now every %d steps (%d ranks): %s",
-                     c.job_id, c.attempt, self.cfg.name, c.persist_every, applied, c.reason)
+            if c.snapshot_every:
+                self.snapshots.set_snapshot_cadence(c.job_id, c.snapshot_every, c.snapshot_from,
+                                                    c.snapshot_before)
+            if c.persist_every:
+                self.snapshots.set_persist_every(c.job_id, c.persist_every)
+            log.info("[%s/%d/%s/-] cadence retuned: %s", c.job_id, c.attempt, self.cfg.name,
+                     c.reason)
         elif kind == "stop":
             s = msg.stop
             if s.cause == agent_pb2.STOP_CAUSE_CANCELLED:

@@ -351,7 +351,7 @@ class Launcher:
         env.update(self._snapshots.prepare(
             spec.job_id, proc.rank, world_size=spec.world_size, persist_dir=spec.job.persist_dir,
             persist_every=spec.job.persist_every, keep_persisted=spec.job.keep_persisted,
-            attempt=spec.attempt))
+            attempt=spec.attempt, snapshot_every=spec.job.snapshot_every))
         argv = list(spec.job.command)
         if argv[0] in _PYTHON_NAMES:
             argv[0] = sys.executable

@@ -24,7 +24,9 @@ the moment a rank reports its commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -112,8 +114,16 @@ class SnapshotKeeper:
         return f"{self.node_prefix}{_SAFE.sub('_', job_id)}-r{rank}"
 
     def prepare(self, job_id: str, rank: int, *, world_size: int, persist_dir: str,
-                persist_every: int, keep_persisted: int, attempt: int = 0) -> dict[str, str]:
-        """Called at launch of each rank; returns the environment the rank's Checkpointer uses."""
+                persist_every: int, keep_persisted: int, attempt: int = 0,
+                snapshot_every: int = 0) -> dict[str, str]:
+        """Called at launch of each rank; returns the environment the rank's Checkpointer uses.
+        ``snapshot_every`` > 0: the rank snapshots the steps divisible by it (the job's
+        ``snapshot_every``, or the cadence the controller set), whatever its script says."""
+        sink = ShmSink(self.prefix(job_id, rank), directory=self.shm_dir)
+        if snapshot_every > 0:
+            sink.set_cadence(snapshot_every)
+        else:  # an earlier attempt's retuned cadence no longer applies
+            sink.clear_cadence()
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
@@ -211,6 +221,18 @@ class SnapshotKeeper:
             held = sorted(set(entry.generations.values()))
             return held, sorted(entry.persisted), entry.nbytes, entry.persist_s
 
+    def set_snapshot_cadence(self, job_id: str, every: int, from_step: int,
+                             before: int = 0) -> int:
+        """The controller retuned the job's snapshot cadence: its ranks snapshot the steps
+        divisible by ``every`` from step ``from_step`` on, those divisible by ``before`` until
+        then (0: the script's own; they read it at their next save). Returns the ranks it was
+        written for."""
+        with self._lock:
+            prefixes = [e.prefix for (job, _), e in self._ranks.items() if job == job_id]
+        for prefix in prefixes:
+            ShmSink(prefix, directory=self.shm_dir).set_cadence(every, from_step, before)
+        return len(prefixes)
+
     def set_persist_every(self, job_id: str, persist_every: int) -> int:
         """The controller retuned the job's persist cadence: complete snapshots of steps
         divisible by ``persist_every`` are persisted from now on. Returns the ranks it applies
@@ -294,8 +316,7 @@ class SnapshotKeeper:
             seconds = time.monotonic() - started
             entry.persist_s = seconds
             if self.on_persisted is not None:
-                nbytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-                self.on_persisted(seconds, nbytes)
+                self.on_persisted(seconds, _tree_bytes(path))
 
     def persist_newest(self, job_id: str | None) -> None:
         """Offer the newest complete snapshot of every rank (of ``job_id``, or of every job) to
@@ -367,3 +388,14 @@ def event_kind(kind: str) -> int:
         return common_pb2.EventKind.Value(f"EVENT_KIND_{kind.upper()}")
     except ValueError:
         raise ValueError(f"event kind ({kind[:70]!r}) is not a known EventKind") from None
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``. The other ranks' parts of the same step are staged
+    and renamed beside it meanwhile: what vanishes while it is walked is not counted."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total

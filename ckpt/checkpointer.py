@@ -110,6 +110,8 @@ class Checkpointer:
         num_generations: snapshot buffers written in turn (>= 2).
         pinned: generations the sink's owner keeps from being overwritten for now
             (``SnapshotEngine``'s ``pinned``).
+        cadence: ``(every, from_step, before)`` the sink's owner asks for now, or None
+            (``due``; the node agent's, ``ShmSink.cadence``).
         timeout_s: deadline of every wait for a previous snapshot.
     """
 
@@ -125,6 +127,7 @@ class Checkpointer:
         num_threads: int = DEFAULT_NUM_THREADS,
         num_generations: int = 2,
         pinned: Callable[[], Collection[int]] | None = None,
+        cadence: Callable[[], tuple[int, int, int] | None] | None = None,
         timeout_s: float = 600.0,
     ) -> None:
         if every < 1:
@@ -138,6 +141,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.extra_state = dict(extra_state or {})
         self.every = every
+        self._cadence = cadence
         self.timeout_s = timeout_s
         self._shards = dict(shards or {})
         self._saved_steps: set[int] = set()
@@ -155,6 +159,16 @@ class Checkpointer:
 
     # -- public ------------------------------------------------------------------------------
 
+    def due(self, step: int) -> bool:
+        """Whether ``save(step)`` snapshots: ``step % every == 0``, or the cadence the sink's
+        owner asks for (``cadence``: its ``every`` from its first step on, its ``before`` up to
+        there, this ``every`` where that is 0)."""
+        asked = self._cadence() if self._cadence is not None else None
+        if asked is None:
+            return step % self.every == 0
+        every, start, before = asked
+        return step % (every if step >= start else before or self.every) == 0
+
     def save(self, step: int) -> bool:
         """Snapshot the state after `step` completed steps if step % every == 0.
 
@@ -163,7 +177,7 @@ class Checkpointer:
         Raises:
             SnapshotError: the previous snapshot failed (reported here, one step late).
         """
-        if step % self.every:
+        if not self.due(step):
             return False
         state, shards = self._capture(step)
         self.engine.save(step, state, shards=shards, timeout_s=self.timeout_s,

@@ -211,6 +211,10 @@ class ShmSink:
 
     - ``{prefix}.pins``: the generations the owner of the memory (the node agent) keeps from
       being overwritten for now, a JSON list of ints (`pin`, `pinned`); written whole by rename.
+    - ``{prefix}.cadence``: the snapshot cadence the owner asks for (the controller retunes
+      it, ``adapt_cadence``): ``{"every": N, "from": S, "before": B}``, snapshot the steps
+      divisible by N from step S on, and before S those divisible by B (0: the writer's own
+      cadence) (`set_cadence`, `cadence`); written whole by rename. Absent: the writer's own.
 
     Plain files rather than `multiprocessing.shared_memory`: on Python 3.11 a SharedMemory segment
     is registered with the creator's resource tracker, which unlinks it when the creator dies; the
@@ -232,8 +236,10 @@ class ShmSink:
             raise ValueError(f"directory ({str(self.directory)!r}) does not exist")
         self._file_re = re.compile(
             rf"^{re.escape(prefix)}\.(?:g(\d+)\.(?:[0-9a-f]{{16}}\.buf|json|json\.tmp|thin|thin\.tmp)"
-            rf"|pins|pins\.tmp)$"
+            rf"|pins|pins\.tmp|cadence|cadence\.tmp)$"
         )
+        self._cadence_key: tuple[int, int, int] | None = None  # the file's (inode, mtime, size)
+        self._cadence: tuple[int, int, int] | None = None
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -269,6 +275,60 @@ class ShmSink:
         if not isinstance(raw, list):
             return set()
         return {g for g in raw if isinstance(g, int) and not isinstance(g, bool) and g >= 0}
+
+    def cadence_path(self) -> Path:
+        return self.directory / f"{self.prefix}.cadence"
+
+    def set_cadence(self, every: int, from_step: int = 0, before: int = 0) -> None:
+        """Ask the writer to snapshot the steps divisible by ``every`` from ``from_step`` on,
+        and before it those divisible by ``before`` (0: its own cadence); replaces an earlier
+        cadence."""
+        if every < 1 or from_step < 0 or before < 0:
+            raise ValueError(f"cadence every {every} from step {from_step} (before: {before}): "
+                             "every must be >= 1, from and before >= 0")
+        path = self.cadence_path()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"every": every, "from": from_step, "before": before}))
+        os.replace(tmp, path)
+
+    def clear_cadence(self) -> None:
+        """The writer's own cadence applies again."""
+        self.cadence_path().unlink(missing_ok=True)
+
+    def cadence(self) -> tuple[int, int, int] | None:
+        """``(every, from_step, before)`` the owner asked for (`set_cadence`), or None: the
+        writer's own. One ``stat`` per call; the file is read again only when it was
+        replaced."""
+        path = self.cadence_path()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._cadence_key = self._cadence = None
+            return None
+        except OSError:
+            return self._cadence
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self._cadence_key:
+            return self._cadence
+        self._cadence_key, self._cadence = key, None
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("[ckpt %s] ignoring unreadable cadence: %s", self.prefix, e)
+            return None
+        got = raw if isinstance(raw, dict) else {}
+        values: list[int] = []
+        for name, lowest in (("every", 1), ("from", 0), ("before", 0)):
+            v = got.get(name, 0 if name == "before" else None)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
+                log.warning("[ckpt %s] ignoring cadence %r: needs every >= 1, from and before "
+                            ">= 0", self.prefix, raw)
+                return None
+            values.append(v)
+        self._cadence = (values[0], values[1], values[2])
+        return self._cadence
 
     def files(self) -> list[Path]:
         """Every file of this prefix in the directory."""

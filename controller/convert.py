@@ -267,6 +267,7 @@ def job_to_proto(job: Job, *, attempts: bool = True) -> pb.Job:
         cancel_requested=job.cancel_requested,
         excluded_nodes=job.excluded_nodes,
         persist_every=job.persist_every,
+        snapshot_every=job.snapshot_every,
     )
     if job.root_cause is not None:
         msg.root_cause.CopyFrom(fault_to_proto(job.root_cause))
@@ -288,6 +289,7 @@ def job_from_proto(msg: pb.Job) -> Job:
         cancel_requested=msg.cancel_requested,
         excluded_nodes=list(msg.excluded_nodes),
         persist_every=msg.persist_every,
+        snapshot_every=msg.snapshot_every,
     )
 
 

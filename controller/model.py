@@ -454,15 +454,18 @@ class Job:
     excluded_nodes: list[str] = field(default_factory=list)
     """Nodes the straggler policy took this job off; the scheduler skips them."""
     persist_every: int = 0
-    """The persist cadence the controller set (``spec.adapt_persist``, ``cadence.py``); 0: the
+    """The persist cadence the controller set (``spec.adapt_cadence``, ``cadence.py``); 0: the
     spec's. The spec itself stays as submitted."""
+    snapshot_every: int = 0
+    """The snapshot cadence the controller set; 0: the spec's (or the script's)."""
 
     @property
     def launch_spec(self) -> JobSpec:
-        """The spec the job's launches carry: the submitted one with the cadence in force."""
-        if self.persist_every and self.persist_every != self.spec.persist_every:
-            return replace(self.spec, persist_every=self.persist_every)
-        return self.spec
+        """The spec the job's launches carry: the submitted one with the cadences in force."""
+        changed = {name: value for name, value in (("persist_every", self.persist_every),
+                                                   ("snapshot_every", self.snapshot_every))
+                   if value and value != getattr(self.spec, name)}
+        return replace(self.spec, **changed) if changed else self.spec
 
     @property
     def current(self) -> Attempt | None:
@@ -574,13 +577,18 @@ class StopCommand:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CadenceCommand:
-    """A new persist cadence for the job's running attempt (its later launches carry it in
-    their spec)."""
+    """New cadences for the job's running attempt (its later launches carry them in their
+    spec); 0: unchanged."""
 
     job_id: str
     attempt: int
     persist_every: int
     reason: str
+    snapshot_every: int = 0
+    snapshot_from: int = 0
+    """The step from which the ranks snapshot at ``snapshot_every`` (ahead of them all)."""
+    snapshot_before: int = 0
+    """The cadence until then: the one the controller or the spec set (0: the script's)."""
 
 
 Command = LaunchCommand | StopCommand | ReleaseCommand | ProtectCommand | CadenceCommand

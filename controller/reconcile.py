@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from hpt.controller import cadence, catalog, convert, detect, elastic, retention
@@ -644,22 +644,30 @@ class Reconciler(Observe, Execute):
                                node=node, rank=rank, message=message))
 
     def _retune(self, now: float) -> None:
-        """Move the persist cadence of every adapting job whose recommended one moved far
-        enough: the job's record keeps it (its later launches carry it), and the nodes of its
-        running attempt apply it at once; the attempt goes on."""
+        """Move the cadences of every adapting job whose recommended ones moved far enough:
+        the job's record keeps them (its later launches carry them), and the nodes of its
+        running attempt apply them at once (a new snapshot cadence from a step ahead of every
+        rank); the attempt goes on."""
         for job in self.jobs.values():
             est = cadence.retune(job, now)
             if est is None:
                 continue
             attempt = job.current
             assert attempt is not None
-            reason = est.reason(job.persist_every or job.spec.persist_every)
-            job.persist_every = est.persist_every
+            reason = est.reason()
+            command = CadenceCommand(job_id=job.id, attempt=attempt.number,
+                                     persist_every=est.persist_every if est.persist_changed
+                                     else 0, reason=reason)
+            if est.snapshot_changed:
+                command = replace(command, snapshot_every=est.snapshot_every,
+                                  snapshot_from=est.snapshot_from,
+                                  snapshot_before=job.snapshot_every or job.spec.snapshot_every)
+                job.snapshot_every = est.snapshot_every
+            if est.persist_changed:
+                job.persist_every = est.persist_every
             self._dirty_jobs.add(job.id)
             self._emit(EventKind.CADENCE_CHANGED, job, attempt=attempt.number, message=reason)
             log.info("[%s/%d/-/-] %s", job.id, attempt.number, reason)
-            command = CadenceCommand(job_id=job.id, attempt=attempt.number,
-                                     persist_every=est.persist_every, reason=reason)
             for node in attempt.nodes:
                 self._send(node, command)
 

@@ -262,7 +262,9 @@ def _command_to_proto(command: Command, node: str = "") -> agent_pb2.ControllerM
     if isinstance(command, CadenceCommand):
         return agent_pb2.ControllerMessage(cadence=agent_pb2.Cadence(
             job_id=command.job_id, attempt=command.attempt,
-            persist_every=command.persist_every, reason=command.reason))
+            persist_every=command.persist_every, reason=command.reason,
+            snapshot_every=command.snapshot_every, snapshot_from=command.snapshot_from,
+            snapshot_before=command.snapshot_before))
     msg = agent_pb2.ControllerMessage()
     convert.launch_to_proto(command, msg.launch, node)
     return msg

@@ -117,6 +117,8 @@ class Checkpointer(_EngineCheckpointer):
             kwargs.setdefault("num_generations", 3)
             # the agent pins the generations its protection rounds read (agent/snapshots.py)
             kwargs.setdefault("pinned", sink.pinned)
+            # and the snapshot cadence the controller set for the job (adapt_cadence)
+            kwargs.setdefault("cadence", sink.cadence)
         super().__init__(model, optimizer, extra_state=extra_state, sink=sink, every=every,
                          **kwargs)
         self._owns_sink = True  # closing an agent sink unmaps; the files stay with the agent

@@ -475,8 +475,9 @@ def job_to_dict(job: common_pb2.Job, *, detail: bool = False) -> dict[str, Any]:
     d["history"] = _history(job.history)
     d["root_cause"] = fault_to_dict(job.root_cause) if job.HasField("root_cause") else None
     d["faults"] = faults_of(job)
+    # the cadences in force (the controller's when it retuned them: ``adapt_cadence``)
     d["persist_every"] = job.persist_every or spec.persist_every
-    """The persist cadence in force (the controller's when it retuned it: ``adapt_persist``)."""
+    d["snapshot_every"] = job.snapshot_every or spec.snapshot_every  # 0: the script's
     return d
 
 

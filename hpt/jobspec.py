@@ -154,12 +154,17 @@ class JobSpec:
     persist_every: int = spec_field(
         0, "Persist every Nth complete snapshot (needs --persist-dir).", lo=0, hi=1_000_000,
         default_text="never")
-    adapt_persist: bool = spec_field(
-        False, "Let the controller retune the persist cadence while the job runs: Young/Daly on "
-        "the rate of failures only disk restores (a redundancy group losing more than M "
-        "nodes, corruption), from the failures this job sees and the persist time its agents "
-        "measure, at least hourly; each change is a cadence_changed event. --persist-every is "
-        "the first cadence (0: the controller's). Needs --persist-dir.", default_text="off")
+    snapshot_every: int = spec_field(
+        0, "Snapshot every N steps, in place of the script's Checkpointer(every=) (hpt's "
+        "Checkpointer and trainer callbacks).", lo=0, hi=1_000_000,
+        default_text="0, the script's")
+    adapt_cadence: bool = spec_field(
+        False, "Let the controller retune the cadences while the job runs, from the failures "
+        "it sees and the costs its agents measure (Young/Daly per tier): how often the ranks "
+        "snapshot (the failures memory and peers restore, at most 5 minutes apart) and, with "
+        "--persist-dir, how often the agents persist (the failures only disk restores, at "
+        "least hourly). Each change is a cadence_changed event; the job goes on.",
+        default_text="off")
     keep_persisted: int = spec_field(
         3, "Persisted checkpoints kept per rank (older ones are deleted).", lo=1, hi=1000,
         zero_means_default=True)
@@ -233,8 +238,6 @@ class JobSpec:
                 raise ValueError(f"{path_field} ({path!r}) must be an absolute path")
         if self.persist_every and not self.persist_dir:
             raise ValueError(f"persist_every ({self.persist_every}) needs persist_dir")
-        if self.adapt_persist and not self.persist_dir:
-            raise ValueError("adapt_persist needs persist_dir")
         parse_redundancy(self.redundancy, self.nodes)
 
     @property

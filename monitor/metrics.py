@@ -277,7 +277,7 @@ METRICS: Final[tuple[MetricDef, ...]] = (
         name="hpt_job_persist_every_steps",
         type=_G,
         help="Steps between persisted checkpoints of a running job that persists: its "
-        "--persist-every, or the cadence the controller retuned it to (--adapt-persist).",
+        "--persist-every, or the one the controller retuned it to (--adapt-cadence).",
         labels=("hpt_job",),
     ),
     MetricDef(

@@ -600,8 +600,8 @@ Global___ControllerMessage: _TypeAlias = ControllerMessage  # noqa: Y015
 
 @_typing.final
 class Cadence(_message.Message):
-    """A new persist cadence for the running attempt of a job (and every later one it launches):
-    the controller retuned it from the failures the job sees (controller/cadence.py).
+    """New cadences for the running attempt of a job (later launches carry them in their spec):
+    the controller retuned them from the failures the job sees (controller/cadence.py).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -610,11 +610,21 @@ class Cadence(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FROM_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BEFORE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     persist_every: _builtins.int
-    """persist the complete snapshots of steps divisible by it"""
+    """persist the complete snapshots of steps divisible by it (0: as is)"""
     reason: _builtins.str
+    snapshot_every: _builtins.int
+    """The ranks snapshot the steps divisible by snapshot_every from step snapshot_from on (a
+    step ahead of them all, so that they switch at the same step); 0: as is.
+    """
+    snapshot_from: _builtins.int
+    snapshot_before: _builtins.int
+    """the cadence until then (0: the script's own)"""
     def __init__(
         self,
         *,
@@ -622,10 +632,13 @@ class Cadence(_message.Message):
         attempt: _builtins.int = ...,
         persist_every: _builtins.int = ...,
         reason: _builtins.str = ...,
+        snapshot_every: _builtins.int = ...,
+        snapshot_from: _builtins.int = ...,
+        snapshot_before: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "persist_every", b"persist_every", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "persist_every", b"persist_every", "reason", b"reason", "snapshot_before", b"snapshot_before", "snapshot_every", b"snapshot_every", "snapshot_from", b"snapshot_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -327,7 +327,8 @@ class JobSpec(_message.Message):
     REDUNDANCY_FIELD_NUMBER: _builtins.int
     HANG_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     RANK_LOG_MAX_BYTES_FIELD_NUMBER: _builtins.int
-    ADAPT_PERSIST_FIELD_NUMBER: _builtins.int
+    ADAPT_CADENCE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     nodes: _builtins.int
     procs_per_node: _builtins.int
@@ -345,7 +346,8 @@ class JobSpec(_message.Message):
     redundancy: _builtins.str
     hang_timeout_s: _builtins.float
     rank_log_max_bytes: _builtins.int
-    adapt_persist: _builtins.bool
+    adapt_cadence: _builtins.bool
+    snapshot_every: _builtins.int
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -370,11 +372,12 @@ class JobSpec(_message.Message):
         redundancy: _builtins.str = ...,
         hang_timeout_s: _builtins.float = ...,
         rank_log_max_bytes: _builtins.int = ...,
-        adapt_persist: _builtins.bool = ...,
+        adapt_cadence: _builtins.bool = ...,
+        snapshot_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "node_wait_timeout_s", b"node_wait_timeout_s", "stop_grace_s", b"stop_grace_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "adapt_persist", b"adapt_persist", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s", "_stop_grace_s", b"_stop_grace_s", "adapt_cadence", b"adapt_cadence", "command", b"command", "env", b"env", "hang_timeout_s", b"hang_timeout_s", "keep_persisted", b"keep_persisted", "max_restarts", b"max_restarts", "min_nodes", b"min_nodes", "name", b"name", "node_wait_timeout_s", b"node_wait_timeout_s", "nodes", b"nodes", "persist_dir", b"persist_dir", "persist_every", b"persist_every", "procs_per_node", b"procs_per_node", "rank_log_max_bytes", b"rank_log_max_bytes", "redundancy", b"redundancy", "snapshot_every", b"snapshot_every", "stop_grace_s", b"stop_grace_s", "straggler_restart_after", b"straggler_restart_after", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__node_wait_timeout_s: _TypeAlias = _typing.Literal["node_wait_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__node_wait_timeout_s: _TypeAlias = _typing.Literal["_node_wait_timeout_s", b"_node_wait_timeout_s"]  # noqa: Y015
@@ -686,6 +689,7 @@ class Job(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     EXCLUDED_NODES_FIELD_NUMBER: _builtins.int
     PERSIST_EVERY_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_EVERY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___JobState.ValueType
     created_at: _builtins.float
@@ -695,8 +699,12 @@ class Job(_message.Message):
     """wall clock: waiting for nodes ends here (0 when not waiting)"""
     cancel_requested: _builtins.bool
     persist_every: _builtins.int
-    """The persist cadence the controller set for the job (adapt_persist), in steps; 0: the
+    """The persist cadence the controller set for the job (adapt_cadence), in steps; 0: the
     spec's persist_every. Launches carry it as the spec's persist_every.
+    """
+    snapshot_every: _builtins.int
+    """The snapshot cadence the controller set (adapt_cadence), in steps; 0: the spec's (or the
+    script's). Launches carry it as the spec's snapshot_every.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
@@ -726,10 +734,11 @@ class Job(_message.Message):
         cancel_requested: _builtins.bool = ...,
         excluded_nodes: _abc.Iterable[_builtins.str] | None = ...,
         persist_every: _builtins.int = ...,
+        snapshot_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root_cause", b"root_cause", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "excluded_nodes", b"excluded_nodes", "history", b"history", "id", b"id", "persist_every", b"persist_every", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "deadline_at", b"deadline_at", "excluded_nodes", b"excluded_nodes", "history", b"history", "id", b"id", "persist_every", b"persist_every", "reason", b"reason", "restarts", b"restarts", "root_cause", b"root_cause", "snapshot_every", b"snapshot_every", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

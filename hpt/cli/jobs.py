@@ -189,9 +189,13 @@ def describe(conn: Conn, job_id: str, output: str) -> None:
         ),
         ("workdir", spec["workdir"]),
     ]
+    how = "retuned by the controller" if spec["adapt_cadence"] else "fixed"
+    if d["snapshot_every"] or spec["adapt_cadence"]:
+        snap = d["snapshot_every"]
+        rows.append(("snapshots", f"every {snap} steps ({how})" if snap
+                     else f"the script's Checkpointer(every=) ({how})"))
     if spec["persist_dir"]:
         every = d["persist_every"]
-        how = "retuned by the controller" if spec["adapt_persist"] else "fixed"
         rows.append(("persist", f"{spec['persist_dir']}, every {every} steps ({how})"
                      if every else f"{spec['persist_dir']}, no cadence yet ({how})"))
     if d["root_cause"]:

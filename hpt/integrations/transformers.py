@@ -313,7 +313,9 @@ class HptCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
-        if step % self.every == 0:
+        # the checkpointer decides: ``every``, or the cadence the controller set (adapt_cadence)
+        if (self.checkpointer.due(step) if self.checkpointer is not None
+                else step % self.every == 0):
             # The snapshot of step s is taken as step s+1 begins, not here: what runs in between
             # (an evaluation, the next epoch's iterator, the next batches drawn) is then behind
             # it, and the RNG it holds is the one the Trainer puts back after drawing them.

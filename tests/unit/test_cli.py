@@ -61,12 +61,12 @@ CLI_SURFACE = {
     "run": ["--env", "--keep-dir", "--max-restarts", "--nproc-per-node", "--nproc_per_node",
             "--procs-per-node", "-p", "COMMAND"],
     "status": ["--controller", "--output", "--tls-ca", "--token-file", "-o", "JOB_ID"],
-    "submit": ["--adapt-persist", "--controller", "--env", "--grace", "--hang-timeout",
+    "submit": ["--adapt-cadence", "--controller", "--env", "--grace", "--hang-timeout",
                "--keep-persisted", "--max-restarts", "--min-nodes", "--name", "--nnodes",
                "--node-wait", "--nodes", "--nproc-per-node", "--nproc_per_node", "--persist-dir",
                "--persist-every", "--procs-per-node", "--rank-log-max-bytes", "--redundancy",
-               "--straggler-restart-after", "--tls-ca", "--token-file", "--wait", "--workdir", "-n",
-               "-p", "COMMAND"],
+               "--snapshot-every", "--straggler-restart-after", "--tls-ca", "--token-file",
+               "--wait", "--workdir", "-n", "-p", "COMMAND"],
     "up": ["--agents", "--host", "--port", "--redis-url", "--slots", "--token-file"],
 }  # fmt: skip
 
@@ -108,7 +108,7 @@ def _job(state: int = common_pb2.JOB_STATE_RUNNING, *, persisting: bool = False)
         workdir="/w",
     )
     if persisting:  # submitted with a cadence of 1, which the controller retuned to 600
-        spec.persist_dir, spec.persist_every, spec.adapt_persist = "/ckpt", 1, True
+        spec.persist_dir, spec.persist_every, spec.adapt_cadence = "/ckpt", 1, True
     fault = common_pb2.Fault(
         kind="rank_exit",
         node="node-1",
@@ -171,6 +171,7 @@ def _job(state: int = common_pb2.JOB_STATE_RUNNING, *, persisting: bool = False)
         created_at=T0,
         root_cause=fault,
         persist_every=600 if persisting else 0,
+        snapshot_every=20 if persisting else 0,
         history=[
             common_pb2.StateChange(state="PENDING", at=T0, reason="submitted"),
             common_pb2.StateChange(state="RUNNING", at=T0 + 1.0, reason="[launched]"),
@@ -473,6 +474,7 @@ def test_describe_json_has_attempts_ranks_history_and_root_cause(server) -> None
     (fault,) = d["faults"]
     assert fault["recovery_s"] == pytest.approx(3.5)
     assert d["persist_every"] == 600 and d["spec"]["persist_every"] == 1  # in force; submitted
+    assert d["snapshot_every"] == 20 and d["spec"]["snapshot_every"] == 0
 
 
 def test_describe_table_shows_the_fault_and_its_recovery(server) -> None:
@@ -491,6 +493,7 @@ def test_describe_table_shows_the_fault_and_its_recovery(server) -> None:
         "3.50 s",
         "[launched]",
         "/ckpt, every 600 steps (retuned by the controller)",
+        "every 20 steps (retuned by the controller)",
     ):
         assert needle in out, needle
 

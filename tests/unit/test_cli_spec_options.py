@@ -48,10 +48,11 @@ def test_a_value_outside_the_specs_bounds_is_a_usage_error_naming_the_option(ser
 
 def test_a_flag_option_is_sent_true_when_given_and_the_specs_default_otherwise(server) -> None:  # noqa: F811
     addr, fake = server
-    result = _run("submit", "--controller", addr, "--persist-dir", "/ckpt", "--adapt-persist",
+    result = _run("submit", "--controller", addr, "--adapt-cadence", "--snapshot-every", "18",
                   "--", "true")
     assert result.exit_code == 0, result.output
-    assert _requests(fake, "SubmitJob")[0].spec.adapt_persist is True
+    assert _requests(fake, "SubmitJob")[0].spec.adapt_cadence is True
+    assert _requests(fake, "SubmitJob")[0].spec.snapshot_every == 18
     assert _run("submit", "--controller", addr, "--", "true").exit_code == 0
-    assert _requests(fake, "SubmitJob")[1].spec.adapt_persist is False
-    assert "--adapt-persist" in _run("submit", "--help").output
+    assert _requests(fake, "SubmitJob")[1].spec.adapt_cadence is False
+    assert "--adapt-cadence" in _run("submit", "--help").output

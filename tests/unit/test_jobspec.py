@@ -81,7 +81,7 @@ def test_spec_round_trips_through_the_wire_with_every_field_changed():
     # fields with rules of their own by hand; every bounded one at the far end of its bounds
     changed = dict(command=("python", "t.py"), nodes=4, min_nodes=2, env=(("A", "1"),),
                    name="n", workdir="/w", persist_dir="/p", redundancy="2+1",
-                   adapt_persist=True)
+                   adapt_cadence=True)
     for f, option in jobspec.options():
         if f.name not in changed and option.bounds is not None:
             b = option.bounds
@@ -164,7 +164,8 @@ def test_describe_shows_every_field_as_sent_and_none_for_a_default_left_to_the_c
     assert shown["node_wait_timeout_s"] is None and shown["max_restarts"] == 3
 
 
-def test_an_adapting_persist_cadence_needs_a_persist_dir_and_names_the_field():
-    with pytest.raises(ValueError, match="^adapt_persist needs persist_dir"):
-        JobSpec(command=("true",), adapt_persist=True)
-    assert JobSpec(command=("true",), adapt_persist=True, persist_dir="/p").persist_every == 0
+def test_cadence_options_are_bounded_and_need_no_persist_dir():
+    assert JobSpec(command=("true",), adapt_cadence=True).persist_every == 0  # snapshots only
+    with pytest.raises(ValueError, match=r"^snapshot_every \(-1\)"):
+        JobSpec(command=("true",), snapshot_every=-1)
+    assert JobSpec(command=("true",), snapshot_every=18).snapshot_every == 18

@@ -125,3 +125,16 @@ def test_a_retuned_cadence_applies_to_the_jobs_persisting_ranks_only(tmp_path):
             keeper.set_persist_every("j", 0)
     finally:
         keeper.close()
+
+
+def test_the_snapshot_cadence_reaches_the_ranks_sinks_at_launch_and_when_retuned(tmp_path):
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    sinks = [ShmSink(keeper.prefix("j", r), directory=str(tmp_path)) for r in (0, 1)]
+    for rank in (0, 1):  # the job's spec (or the controller) sets one: from the first step
+        keeper.prepare("j", rank, world_size=2, persist_dir="", persist_every=0,
+                       keep_persisted=3, snapshot_every=7)
+    assert [s.cadence() for s in sinks] == [(7, 0, 0), (7, 0, 0)]
+    assert keeper.set_snapshot_cadence("j", 300, 420, before=7) == 2
+    assert [s.cadence() for s in sinks] == [(300, 420, 7), (300, 420, 7)]
+    keeper.prepare("j", 0, world_size=2, persist_dir="", persist_every=0, keep_persisted=3)
+    assert sinks[0].cadence() is None  # a launch without one: the script's own again

@@ -77,13 +77,14 @@ class Job:
         self.opt.step()
         self.sched.step()
 
-    def checkpointer(self, sink: SnapshotSink, every: int) -> Checkpointer:
+    def checkpointer(self, sink: SnapshotSink, every: int, **kwargs: Any) -> Checkpointer:
         return Checkpointer(
             self.model,
             self.opt,
             extra_state={"sampler": self.sampler, "sched": self.sched},
             sink=sink,
             every=every,
+            **kwargs,
         )
 
     def digest(self) -> str:
@@ -170,6 +171,22 @@ def test_save_honours_every() -> None:
         assert saved == [s % 4 == 0 for s in range(1, 10)]
         ref = sink.latest()
         assert ref is not None and ref.step == 8
+
+
+def test_the_cadence_the_sinks_owner_asks_for_applies_from_its_first_step() -> None:
+    job = Job(init_seed=0)
+    asked: list[tuple[int, int, int] | None] = [None]
+    with job.checkpointer(MemorySink(), every=4, cadence=lambda: asked[0]) as ckpt:
+        before = [s for s in range(1, 13) if ckpt.due(s)]
+        asked[0] = (3, 10, 0)  # every 3rd step from step 10 on; its own every 4th before it
+        after = [s for s in range(1, 19) if ckpt.due(s)]
+        asked[0] = (3, 10, 5)  # and every 5th before it
+        then = [s for s in range(1, 19) if ckpt.due(s)]
+        saved = [s for s in range(1, 19) if ckpt.save(s)]
+        ckpt.wait()
+    assert before == [4, 8, 12]
+    assert after == [4, 8, 12, 15, 18]
+    assert then == saved == [5, 12, 15, 18]
 
 
 def test_optimizer_state_is_keyed_by_parameter_name() -> None:

@@ -174,3 +174,32 @@ def test_pins_are_read_back_and_removed_with_the_prefix(shm_prefix: str) -> None
     sink.pins_path().write_text("not json")
     assert sink.pinned() == set()  # unreadable pins pin nothing
     assert ShmSink.remove(shm_prefix) == 1
+
+
+def test_a_cadence_is_read_back_once_per_change_and_removed_with_the_prefix(
+        shm_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    owner, writer = ShmSink(shm_prefix), ShmSink(shm_prefix)
+    assert writer.cadence() is None  # none asked: the writer's own
+    owner.set_cadence(18, from_step=300, before=7)
+    assert writer.cadence() == (18, 300, 7)
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or real(
+        self, *a, **k))
+    assert writer.cadence() == (18, 300, 7) and reads == []  # unchanged: a stat, no read
+    owner.set_cadence(1)
+    assert writer.cadence() == (1, 0, 0) and len(reads) == 1  # replaced: read again
+    monkeypatch.undo()
+    for bad in ("not json", '{"every": 0, "from": 0}', '{"every": 2}', "[2, 0]",
+                '{"every": true, "from": 0}', '{"every": 2, "from": 0, "before": -1}'):
+        tmp = owner.cadence_path().with_name("x.tmp")
+        tmp.write_text(bad)
+        os.replace(tmp, owner.cadence_path())
+        assert writer.cadence() is None, bad  # unreadable: the writer's own cadence
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        owner.set_cadence(0)
+    owner.set_cadence(5)
+    owner.clear_cadence()
+    assert writer.cadence() is None
+    owner.set_cadence(5)
+    assert ShmSink.remove(shm_prefix) == 1 and writer.cadence() is None
