@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -186,13 +186,37 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
     return RestoreChoice(0, (), f"nothing recoverable in memory{lost}: {best_reason}")
 
 
-def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int) -> list[int]:
-    """Old ranks a node whose new ranks are ``new_ranks`` must hold: its own rank numbers at
-    the same world size; every old rank when the world size changes (a rank may need a slice
-    of any old shard once state is resharded)."""
+def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: str = "",
+               replicas: Sequence[int] | None = None) -> list[int]:
+    """Old ranks ``node``, whose new ranks are ``new_ranks``, must hold: its own rank numbers
+    at the same world size. After a resize of data-parallel state (no sharded tensor: any old
+    rank serves any new one; ``replicas``: the old ranks whose node survived, from
+    :func:`surviving_ranks`) the agent reads one replica per new rank
+    (``hpt.ckpt.sources.replica_rank``): the node's own old ranks, each new rank's preferred
+    old rank (its own number, or 0) or, where that one's node was lost, one surviving rank
+    spread by the new rank's number, as the agent would pick. That keeps the restore's share
+    of the old layout to the nodes of those ranks: naming every old rank made each node's plan
+    carry the whole layout, O(nodes^2) bytes a resize (175 KB a node at 2,000 nodes). A resize
+    of sharded state (``replicas`` None) may need a slice of any old shard: every old rank."""
     if previous.world_size == world_size:
         return sorted(new_ranks)
-    return list(range(previous.world_size))
+    if replicas is None:
+        return list(range(previous.world_size))
+    alive = set(replicas)
+    need = {r.rank for r in previous.ranks_on(node)} if node else set()
+    for new in new_ranks:
+        pref = new if new < previous.world_size else 0
+        if pref in alive:
+            need.add(pref)
+        elif replicas:
+            need.add(replicas[new % len(replicas)])
+    return sorted(need)
+
+
+def surviving_ranks(previous: Attempt, lost: Iterable[int]) -> list[int]:
+    """The ranks of ``previous`` whose node is not among ``lost`` (indices of its nodes)."""
+    gone = {previous.nodes[i] for i in lost if 0 <= i < len(previous.nodes)}
+    return [r.rank for r in previous.ranks if r.node not in gone]
 
 
 def order_nodes(previous: list[str], chosen: list[str]) -> list[str]:

@@ -57,6 +57,9 @@ class FleetConfig:
     fields (agents before the packed form)."""
     snapshot_every: int = 10
     """A snapshot every N steps; the newest 3 are reported as held in memory."""
+    replicated: bool = False
+    """The ranks report data-parallel snapshots (no sharded tensor: ``snapshot_replicated``),
+    as DDP does; False: sharded state (ZeRO/FSDP), as by default."""
     protect_build_s: float = 0.05
     """Seconds a parity holder takes to build a round's piece; 0: no protection simulated
     (pieces never reported: no round ever completes)."""
@@ -160,7 +163,7 @@ class SimAgent:
             launch = msg.launch
             now = time.time()
             self.launches.append((launch.job_id, launch.attempt, now))
-            self.fleet.on_launch(launch.job_id, launch.attempt, now)
+            self.fleet.on_launch(launch.job_id, launch.attempt, now, msg.ByteSize())
             mono = time.monotonic()
             layout = launch.protection  # this node's share of it (num_nodes set), or whole
             share = layout.num_nodes > 0
@@ -270,7 +273,7 @@ class SimAgent:
                     rank=r.rank, local_rank=r.local_rank, node=self.name, pid=100000 + r.rank,
                     state=r.state, step=r.step if r.step > 0 else -1, step_at=r.last_step_at,
                     first_step_at=r.first_step_at, snapshot_steps=held,
-                    snapshot_bytes=1 << 30)))
+                    snapshot_bytes=1 << 30, snapshot_replicated=cfg.replicated)))
         for key in ended:  # reported once as ended, then forgotten (as the real launcher does)
             del self.ranks[key]
         self._sent[self._seq] = mono
@@ -314,6 +317,7 @@ class Fleet:
         self.agents: list[SimAgent] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._launch_waiters: dict[tuple[str, int], list[float]] = {}
+        self._launch_bytes: dict[tuple[str, int], list[int]] = {}
 
     async def __aenter__(self) -> Fleet:
         options = [("grpc.max_receive_message_length", 64 << 20),
@@ -358,8 +362,13 @@ class Fleet:
     def record_latency(self, seconds: float) -> None:
         self.latencies.append(seconds)
 
-    def on_launch(self, job_id: str, attempt: int, at: float) -> None:
+    def on_launch(self, job_id: str, attempt: int, at: float, nbytes: int = 0) -> None:
         self._launch_waiters.setdefault((job_id, attempt), []).append(at)
+        self._launch_bytes.setdefault((job_id, attempt), []).append(nbytes)
+
+    def launch_bytes(self, job_id: str, attempt: int) -> list[int]:
+        """Serialized size of each Launch of (job, attempt) the agents received."""
+        return list(self._launch_bytes.get((job_id, attempt), []))
 
     def launches(self, job_id: str, attempt: int) -> list[float]:
         """Wall-clock times at which agents received a Launch of (job, attempt)."""

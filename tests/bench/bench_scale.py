@@ -159,7 +159,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                           collectives_per_step=args.collectives_per_step,
                           columns=_timing(args, baseline) != "records",
                           packed=_timing(args, baseline) == "packed columns",
-                          protect_build_s=args.protect_build_s)
+                          protect_build_s=args.protect_build_s,
+                          replicated=args.replicated)
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
             t0 = time.monotonic()
@@ -258,6 +259,10 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                                   and e.node in names), default=None)
                 out["node_lost_to_relaunched_s"] = round(max(relaunched) - first_lost, 3) \
                     if len(relaunched) >= survivors and first_lost else None
+                sizes = sorted(fleet.launch_bytes(job_id, 2))
+                if sizes:  # each carries its node's share of the old layout (a resize)
+                    out.update(relaunch_bytes_p50=sizes[len(sizes) // 2],
+                               relaunch_bytes_max=sizes[-1], relaunch_bytes_total=sum(sizes))
             out["agent_errors"] = fleet.errors()[:3]
             out["simulator_cpu_total_s"] = round(time.process_time() - sim_cpu0, 1)
         watcher.cancel()
@@ -291,6 +296,8 @@ def main() -> None:
     p.add_argument("--py-spy", default="", metavar="PREFIX",
                    help="profile the controller with py-spy over the window into PREFIX-N.txt "
                         "and over the 10 s after the submit into PREFIX-launch-N.txt")
+    p.add_argument("--replicated", action="store_true",
+                   help="the ranks report data-parallel snapshots (DDP); default: sharded")
     p.add_argument("--stop-on-break", action="store_true", default=True)
     p.add_argument("--records", action="store_true",
                    help="agents send one message per timing record (the pre-summary wire form)")

@@ -12,6 +12,7 @@ from hpt.controller.elastic import (
     parse_redundancy,
     protected_steps,
     protection_plan,
+    surviving_ranks,
 )
 from hpt.controller.model import Attempt, Job, JobSpec, Rank
 
@@ -178,6 +179,41 @@ def test_same_world_size_needs_own_ranks_a_resize_needs_every_old_rank() -> None
     prev = _attempt(["a", "b", "c"], {})
     assert need_ranks(prev, [1], 3) == [1]
     assert need_ranks(prev, [0], 2) == [0, 1, 2]
+
+
+def test_a_resize_of_data_parallel_state_names_one_replica_per_new_rank() -> None:
+    # 4 nodes x 2 ranks, c lost: the 3 survivors take new ranks 0..5
+    prev = _attempt(["a", "b", "c", "d"], {}, ppn=2, replicated=True)
+    alive = surviving_ranks(prev, [2])
+    assert alive == [0, 1, 2, 3, 6, 7]
+    # d now runs new ranks 4, 5: it holds its old 6, 7; preferred 4, 5 were on c (lost), so
+    # one surviving replica each, spread by the new rank's number
+    assert need_ranks(prev, [4, 5], 6, "d", alive) == sorted({6, 7, alive[4], alive[5]})
+    # a keeps its ranks: it holds what it reads
+    assert need_ranks(prev, [0, 1], 6, "a", alive) == [0, 1]
+    # a fresh node (grow) holds nothing: the preferred ranks when they survived
+    assert need_ranks(prev, [8, 9], 10, "e", alive) == [0]
+    # sharded state: every old rank, as before
+    assert need_ranks(prev, [4, 5], 6, "d", None) == list(range(8))
+
+
+def test_a_replicated_resize_share_is_a_few_nodes_not_the_whole_layout() -> None:
+    from hpt.controller import convert
+    from hpt.controller.model import RestoreCommand
+
+    nodes = [f"n{i}" for i in range(300)]
+    prev = _attempt(nodes, {}, ppn=2, replicated=True)
+    plan = protection_plan("", nodes, {n: [2 * i, 2 * i + 1] for i, n in enumerate(nodes)},
+                           {n: f"{n}:1" for n in nodes})
+    alive = surviving_ranks(prev, [150])
+    sizes = {}
+    for replicas in (alive, None):
+        need = need_ranks(prev, [300, 301], 598, "n150x", replicas)  # a replacement node
+        cmd = RestoreCommand(step=5, attempt=1, world_size=600, layout=plan, lost=(150,),
+                             need_ranks=tuple(need), replicated=replicas is not None)
+        sizes[replicas is None] = len(convert.restore_to_proto(cmd, node="n150x")
+                                      .SerializeToString())
+    assert sizes[False] * 10 < sizes[True]
 
 
 def test_grow_waits_for_the_hysteresis_and_a_complete_step() -> None:
