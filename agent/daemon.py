@@ -390,6 +390,7 @@ class Agent:
         report.status.snapshot_bytes = nbytes
         report.status.persist_s = persist_s
         report.status.snapshot_replicated = self.snapshots.replicated(proc.job_id, proc.rank)
+        report.status.snapshot_split = self.snapshots.split(proc.job_id, proc.rank)
         return report
 
     def _on_rank_message(self, hello: Hello, msg: RankMessage) -> None:

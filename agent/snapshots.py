@@ -43,6 +43,8 @@ from hpt.agent.ownership import node_prefix
 from hpt.ckpt.checksum import verify
 from hpt.ckpt.errors import CkptError
 from hpt.ckpt.sink import ShmSink, SnapshotRef
+from hpt.ckpt.sources import even_split
+from hpt.splits import MAX_SPLIT_SIZES
 
 if TYPE_CHECKING:
     from hpt.ckpt import fmt  # DCP: ~1.5 s of CPU to import; only jobs that persist need it
@@ -69,6 +71,7 @@ class _RankSnapshots:
     persist_s: float = 0.0  # the newest persist, copy-out to verified manifest (0: none yet)
     pinned: list[int] = field(default_factory=list)  # generations in the rank's pin file
     replicated: bool | None = None  # every tensor whole (None: not read yet this attempt)
+    split: str = ""  # EvenSplit.encode() of its sharded tensors ("": none, or not known)
 
 
 class SnapshotKeeper:
@@ -131,6 +134,7 @@ class SnapshotKeeper:
             entry.world_size = world_size
             entry.attempt = attempt
             entry.replicated = None  # a new attempt may shard its state differently
+            entry.split = ""
             entry.persist_every = persist_every if persist_dir else 0
             if persist_dir and entry.persister is None:
                 # one global checkpoint per step: every rank writes its part under the job's dir
@@ -170,6 +174,10 @@ class SnapshotKeeper:
                 log.debug("[%s/-/%s/%d] layout of step %d not read: %s", job_id, self.node,
                           rank, step, exc)
             else:
+                split = None if layout.is_replica else even_split({rank: layout},
+                                                                  entry.world_size)
+                entry.split = split.encode() if split is not None and 0 < len(
+                    split.sizes) <= MAX_SPLIT_SIZES else ""
                 entry.replicated = layout.is_replica
         if due:
             self._offer(job_id, rank, entry, step, generation)
@@ -252,6 +260,13 @@ class SnapshotKeeper:
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             return bool(entry is not None and entry.replicated)
+
+    def split(self, job_id: str, rank: int) -> str:
+        """``EvenSplit.encode()`` of how the rank's sharded tensors are cut ("": replicated, not
+        an even split on one dim, or no snapshot read yet this attempt)."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            return entry.split if entry is not None else ""
 
     def pin_rounds(self, rounds: Iterable[tuple[str, int, int]]) -> None:
         """The controller's protection rounds now: (job, target step, newest protected step or

@@ -20,7 +20,8 @@ from hpt.ckpt import fmt
 from hpt.ckpt.errors import CorruptCheckpointError
 from hpt.ckpt.layout import build_layout
 from hpt.ckpt.restore import _intersect, assemble
-from hpt.ckpt.sources import RestoreTarget, preferred_rank, unflatten_as
+from hpt.ckpt.sources import RestoreTarget, unflatten_as
+from hpt.splits import preferred_rank
 
 
 class DiskSource:

@@ -45,11 +45,11 @@ from hpt.ckpt.layout import (
     ShardInfo,
     TensorEntry,
     build_layout,
-    dim0_split,
     unflatten,
 )
 from hpt.ckpt.restore import reshard, tensors_of, verify_snapshot
 from hpt.ckpt.sink import ShmSink, Snapshot, SnapshotRef, SnapshotSink
+from hpt.splits import _SPLITS, EvenSplit, preferred_rank
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ class RestoreTarget:
     placement: Placement = keep_placement
 
 
-def preferred_rank(new_rank: int, old_world: int) -> int:
-    """The old rank whose unsharded tensors and plain values a new rank gets back."""
-    return new_rank if new_rank < old_world else 0
-
-
 def replica_rank(new_rank: int, old_world: int, held: Collection[int],
                  alive: Collection[int] = ()) -> int:
     """The old rank a new rank reads after a resize of data-parallel state (no sharded tensor:
@@ -107,30 +102,15 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
     return sorted(alive)[new_rank % len(alive)]
 
 
-_SPLITS: dict[str, Callable[[int, int, int], int]] = {
-    # where rank r's slice of `size` rows starts when a world of w splits them evenly on dim 0
-    "floor": lambda size, r, w: size * r // w,  # FlatShard-style (total * r // world)
-    "tensor_split": lambda size, r, w: dim0_split(size, r, w)[0] if r < w else size,
-    "chunk": lambda size, r, w: min(r * -(-size // w), size),  # torch.chunk, DTensor Shard(0)
-}
-
-
-def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterable[int],
-                new_world: int) -> set[int] | None:
-    """The old ranks that new ranks ``new_ranks`` of ``new_world`` read after a resize of
-    sharded state, predicted before they start (the agent does not know their boxes yet):
-    each one's preferred old rank, and every old rank whose slice of a sharded tensor overlaps
-    the slice the new rank takes under the even split that the old snapshots at hand follow
-    (``_SPLITS``; under each of them when several fit), on the one dim each tensor is cut on
-    (dim 0 for ZeRO/FSDP and DTensor ``Shard(0)``, dim 1 for a row-parallel weight or
-    ``Shard(1)``; tensors may differ). None when they follow none (a tensor cut on two dims,
-    or slices cut some other way): then every old rank is needed, as before.
-
-    A wrong guess costs the restore from memory (the rank finds a box uncovered and goes on to
-    disk), never a wrong state: the rank assembles only what covers its boxes."""
+def even_split(layouts: Mapping[int, Layout], old_world: int) -> EvenSplit | None:
+    """The even split the sharded tensors of ``layouts`` (old rank -> its snapshot's layout)
+    follow, on the one dim each is cut on (dim 0 for ZeRO/FSDP and DTensor ``Shard(0)``,
+    dim 1 for a row-parallel weight or ``Shard(1)``; tensors may differ). None when they
+    follow none (a tensor cut on two dims, or slices cut some other way), or nothing is at
+    hand. A layout with no sharded tensor fits every split, with no size."""
     if not layouts:
         return None
-    sizes: dict[str, int] = {}
+    sizes: set[int] = set()
     fits = set(_SPLITS)
     for rank, layout in layouts.items():
         for e in layout.entries:
@@ -148,18 +128,22 @@ def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterab
                     == (begin, end)}
             if not fits:
                 return None
-            sizes[e.fqn] = size
-    needs = set()
-    for new in new_ranks:
-        needs.add(preferred_rank(new, old_world))
-        for name in fits:
-            start = _SPLITS[name]
-            for size in sizes.values():
-                lo, hi = start(size, new, new_world), start(size, new + 1, new_world)
-                needs.update(old for old in range(old_world)
-                             if start(size, old, old_world) < hi
-                             and lo < start(size, old + 1, old_world))
-    return needs
+            if size > 0:
+                sizes.add(size)
+    return EvenSplit(frozenset(fits), frozenset(sizes))
+
+
+def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterable[int],
+                new_world: int) -> set[int] | None:
+    """The old ranks that new ranks ``new_ranks`` of ``new_world`` read after a resize of
+    sharded state, predicted before they start (the agent does not know their boxes yet):
+    :meth:`EvenSplit.needs` of the split the old snapshots at hand follow (:func:`even_split`).
+    None when they follow none: then every old rank is needed, as before.
+
+    A wrong guess costs the restore from memory (the rank finds a box uncovered and goes on to
+    disk), never a wrong state: the rank assembles only what covers its boxes."""
+    split = even_split(layouts, old_world)
+    return None if split is None else split.needs(old_world, new_ranks, new_world)
 
 
 def _source_rank(layouts: Mapping[int, Layout], old_world: int, target: RestoreTarget) -> int:

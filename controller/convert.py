@@ -181,6 +181,7 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         snapshot_bytes=rank.snapshot_bytes,
         persist_s=rank.persist_s,
         snapshot_replicated=rank.snapshot_replicated,
+        snapshot_split=rank.snapshot_split,
         end_cause=_END_CAUSE[rank.end_cause],
     )
     if rank.exit is not None:
@@ -205,6 +206,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_bytes=msg.snapshot_bytes,
         persist_s=msg.persist_s,
         snapshot_replicated=msg.snapshot_replicated,
+        snapshot_split=msg.snapshot_split,
         end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
 

@@ -18,14 +18,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hpt.jobspec import parse_redundancy
+from hpt.splits import EvenSplit
 
 if TYPE_CHECKING:  # model imports this module: no import cycle at runtime
     from hpt.controller.model import Attempt, Job
+
+log = logging.getLogger(__name__)
 
 GROW_HYSTERESIS_S = 10.0
 """A node must stay free this long before a job grows onto it (no flapping)."""
@@ -187,7 +191,8 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
 
 
 def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: str = "",
-               replicas: Sequence[int] | None = None) -> list[int]:
+               replicas: Sequence[int] | None = None,
+               split: EvenSplit | None = None) -> list[int]:
     """Old ranks ``node``, whose new ranks are ``new_ranks``, must hold: its own rank numbers
     at the same world size. After a resize of data-parallel state (no sharded tensor: any old
     rank serves any new one; ``replicas``: the old ranks whose node survived, from
@@ -197,9 +202,14 @@ def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: s
     spread by the new rank's number, as the agent would pick. That keeps the restore's share
     of the old layout to the nodes of those ranks: naming every old rank made each node's plan
     carry the whole layout, O(nodes^2) bytes a resize (175 KB a node at 2,000 nodes). A resize
-    of sharded state (``replicas`` None) may need a slice of any old shard: every old rank."""
+    of sharded state (``replicas`` None) cut by an even split every rank reported (``split``,
+    :func:`even_split`) needs the old ranks whose slices the new ranks' slices overlap, and the
+    node's own; cut some other way, a slice of any old shard: every old rank."""
     if previous.world_size == world_size:
         return sorted(new_ranks)
+    if replicas is None and split is not None:
+        mine = {r.rank for r in previous.ranks_on(node)} if node else set()
+        return sorted(mine | split.needs(previous.world_size, new_ranks, world_size))
     if replicas is None:
         return list(range(previous.world_size))
     alive = set(replicas)
@@ -211,6 +221,30 @@ def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: s
         elif replicas:
             need.add(replicas[new % len(replicas)])
     return sorted(need)
+
+
+def even_split(attempt: Attempt) -> EvenSplit | None:
+    """The even split every rank of ``attempt`` reported its sharded tensors follow
+    (``Rank.snapshot_split``; over all their sizes), or None: a rank reported none, or one the
+    others do not share, or one that does not read."""
+    seen: set[str] = set()  # ranks mostly report the same few strings: each read once
+    merged: EvenSplit | None = None
+    for r in attempt.ranks:
+        text = r.snapshot_split
+        if text in seen:
+            continue
+        if not text:
+            return None
+        seen.add(text)
+        try:
+            one = EvenSplit.decode(text)
+        except ValueError as exc:
+            log.warning("rank %d of attempt %d: %s", r.rank, attempt.number, exc)
+            return None
+        merged = one if merged is None else merged.merge(one)
+        if merged is None:
+            return None
+    return merged
 
 
 def surviving_ranks(previous: Attempt, lost: Iterable[int]) -> list[int]:

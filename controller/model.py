@@ -351,6 +351,9 @@ class Rank:
     snapshot_replicated: bool = False
     """Every tensor of the rank's snapshots is whole: a data-parallel replica (any replica of
     the job may stand in for it after a resize)."""
+    snapshot_split: str = ""
+    """How its sharded tensors are cut (``hpt.ckpt.sources.EvenSplit.encode``; "": not an
+    even split on one dim, replicated, or not known): which old ranks a resize reads."""
     end_cause: RankEndCause = RankEndCause.NONE
     """Set when the controller ended the rank itself (``exit_reason`` says it in words)."""
     wire: tuple[tuple[object, ...], bytes] | None = field(default=None, repr=False,

@@ -159,11 +159,13 @@ class Observe:
         # that launch's restore was chosen from): an agent reports a dead rank's (job, rank)
         # memory until it forgets the rank, and by then the next attempt's ranks write there.
         current = attempt is job.attempts[-1]
-        if current and (seen.snapshot_steps, seen.persisted_steps, seen.snapshot_replicated) != (
-                rank.snapshot_steps, rank.persisted_steps, rank.snapshot_replicated):
+        if current and (seen.snapshot_steps, seen.persisted_steps, seen.snapshot_replicated,
+                        seen.snapshot_split) != (rank.snapshot_steps, rank.persisted_steps,
+                                                 rank.snapshot_replicated, rank.snapshot_split):
             rank.snapshot_steps, rank.persisted_steps = seen.snapshot_steps, seen.persisted_steps
             rank.snapshot_bytes, rank.persist_s = seen.snapshot_bytes, seen.persist_s
             rank.snapshot_replicated = seen.snapshot_replicated
+            rank.snapshot_split = seen.snapshot_split
             self._progress_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at

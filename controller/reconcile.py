@@ -523,15 +523,17 @@ class Reconciler(Observe, Execute):
         restores: dict[str, RestoreCommand] = {}
         if old_plan is not None and previous is not None:
             replicas = elastic.replicated(previous)
-            alive = (elastic.surviving_ranks(previous, choice.lost)
-                     if replicas and previous.world_size != attempt.world_size else None)
+            resize = previous.world_size != attempt.world_size
+            alive = elastic.surviving_ranks(previous, choice.lost) if replicas and resize \
+                else None
+            split = elastic.even_split(previous) if resize and not replicas else None
             for node in nodes:
                 here = [r.rank for r in attempt.ranks_on(node)]
                 restores[node] = RestoreCommand(
                     step=restore, attempt=previous.number, world_size=previous.world_size,
                     layout=old_plan, lost=choice.lost,
                     need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size,
-                                                        node, alive)),
+                                                        node, alive, split)),
                     replicated=replicas)
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)

@@ -60,6 +60,9 @@ class FleetConfig:
     replicated: bool = False
     """The ranks report data-parallel snapshots (no sharded tensor: ``snapshot_replicated``),
     as DDP does; False: sharded state (ZeRO/FSDP), as by default."""
+    split: str = "chunk:4096,14336,128256"
+    """How sharded state is cut, as the ranks report it (``snapshot_split``: FSDP2's
+    ``Shard(0)`` of a Llama-3-8B-like model's dims); "": not reported (cut some other way)."""
     protect_build_s: float = 0.05
     """Seconds a parity holder takes to build a round's piece; 0: no protection simulated
     (pieces never reported: no round ever completes)."""
@@ -273,7 +276,8 @@ class SimAgent:
                     rank=r.rank, local_rank=r.local_rank, node=self.name, pid=100000 + r.rank,
                     state=r.state, step=r.step if r.step > 0 else -1, step_at=r.last_step_at,
                     first_step_at=r.first_step_at, snapshot_steps=held,
-                    snapshot_bytes=1 << 30, snapshot_replicated=cfg.replicated)))
+                    snapshot_bytes=1 << 30, snapshot_replicated=cfg.replicated,
+                    snapshot_split="" if cfg.replicated else cfg.split)))
         for key in ended:  # reported once as ended, then forgotten (as the real launcher does)
             del self.ranks[key]
         self._sent[self._seq] = mono

@@ -450,6 +450,7 @@ class RankStatus(_message.Message):
     END_CAUSE_FIELD_NUMBER: _builtins.int
     SNAPSHOT_REPLICATED_FIELD_NUMBER: _builtins.int
     PERSIST_S_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_SPLIT_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -474,6 +475,12 @@ class RankStatus(_message.Message):
     persist_s: _builtins.float
     """Seconds the rank's newest persist took, from copying out of shared memory to its verified
     manifest (0: none yet). The controller's persist cadence reads it (controller/cadence.py).
+    """
+    snapshot_split: _builtins.str
+    """How the sharded tensors of the rank's snapshots are cut, when by an even split on one dim
+    ("chunk+floor:4096,11008": the splits of hpt.ckpt.sources that fit, the cut dims' sizes;
+    empty: replicated, not known yet, or cut some other way). After a resize the controller
+    names in each node's restore plan only the old ranks its new ranks read.
     """
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
@@ -504,10 +511,11 @@ class RankStatus(_message.Message):
         end_cause: Global___RankEndCause.ValueType = ...,
         snapshot_replicated: _builtins.bool = ...,
         persist_s: _builtins.float = ...,
+        snapshot_split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persist_s", b"persist_s", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persist_s", b"persist_s", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_split", b"snapshot_split", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

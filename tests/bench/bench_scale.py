@@ -160,7 +160,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                           columns=_timing(args, baseline) != "records",
                           packed=_timing(args, baseline) == "packed columns",
                           protect_build_s=args.protect_build_s,
-                          replicated=args.replicated)
+                          replicated=args.replicated,
+                          **({"split": ""} if args.no_split else {}))
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
             t0 = time.monotonic()
@@ -259,6 +260,12 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                                   and e.node in names), default=None)
                 out["node_lost_to_relaunched_s"] = round(max(relaunched) - first_lost, 3) \
                     if len(relaunched) >= survivors and first_lost else None
+                end = time.monotonic() + 10  # (the event may trail the launches)
+                while not any(e.kind == "restore_source" for e in events) \
+                        and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                out["restore_source"] = next((e.message[:160] for e in events
+                                              if e.kind == "restore_source"), None)
                 sizes = sorted(fleet.launch_bytes(job_id, 2))
                 if sizes:  # each carries its node's share of the old layout (a resize)
                     out.update(relaunch_bytes_p50=sizes[len(sizes) // 2],
@@ -298,6 +305,9 @@ def main() -> None:
                         "and over the 10 s after the submit into PREFIX-launch-N.txt")
     p.add_argument("--replicated", action="store_true",
                    help="the ranks report data-parallel snapshots (DDP); default: sharded")
+    p.add_argument("--no-split", action="store_true",
+                   help="sharded ranks report no even split (state cut some other way): a "
+                   "resize names every old rank")
     p.add_argument("--stop-on-break", action="store_true", default=True)
     p.add_argument("--records", action="store_true",
                    help="agents send one message per timing record (the pre-summary wire form)")

@@ -268,14 +268,14 @@ def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_di
     assert found, source
     step = int(found.group(1))
     # new rank 0 holds old slice 0 and the first half of old slice 1, new rank 1 the rest:
-    # both survivors decode old rank 1, and neither fetches the other survivor's slice
+    # both survivors decode old rank 1, and neither fetches the other survivor's slice: the
+    # ranks reported the even split their shards follow, so the controller's plan for each
+    # survivor names its own old rank and old rank 1 only (no "not needed" for the agent to
+    # skip)
     rebuilt = [e.message for e in cluster.events(job_id)
                if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
     assert len([m for m in rebuilt if f"step {step} " in m and "rank 1 from decoded" in m]) == 2
-    skipped = sorted(hit.group(1) for m in rebuilt if (hit := re.search(
-        r"old rank\(s\) (\d+) not needed \(split evenly on one dim", m)))
-    assert skipped == ["0", "2"], rebuilt
-    assert not [m for m in rebuilt if "from peer" in m], rebuilt
+    assert not [m for m in rebuilt if "from peer" in m or "not needed" in m], rebuilt
     resumed = {int(m.group(1)) for line in cluster.client.logs(job_id)
                if line.attempt == shrunk.number
                and (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}

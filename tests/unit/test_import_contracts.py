@@ -34,8 +34,9 @@ PROMETHEUS_ONLY_IN = {"monitor/export.py"}
 
 # top-level modules of hpt/ that every side may import: they import only the standard library
 # (_rank_protocol: the messages a training rank and its agent exchange, imported by both;
-# jobspec: the one definition of a job's options, read by the CLI, client, controller and agent)
-LEAVES = {"_address", "_pdeathsig", "_rank_protocol", "jobspec"}
+# jobspec: the one definition of a job's options, read by the CLI, client, controller and agent;
+# splits: how sharded snapshots are cut, told by the rank side and agent, read by the controller)
+LEAVES = {"_address", "_pdeathsig", "_rank_protocol", "jobspec", "splits"}
 # what the training API must never import: the CLI and its toolkit, the daemons' code
 TRAINING_API_FORBIDDEN = ("hpt.cli", "click", "rich", "hpt.controller", "hpt.agent")
 

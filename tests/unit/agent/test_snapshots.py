@@ -58,6 +58,38 @@ def test_a_rank_is_reported_a_replica_only_when_no_tensor_of_its_snapshot_is_a_s
     keeper.release("j")
 
 
+def test_a_rank_reports_the_even_split_its_shards_follow(tmp_path):
+    import torch
+
+    from hpt.ckpt.engine import SnapshotEngine
+    from hpt.ckpt.layout import ShardInfo
+    from hpt.splits import EvenSplit
+
+    keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
+    # rank 1 of 2 holds rows 8..15 of 16 and columns 5..9 of a 4 x 10 (cut on dim 1);
+    # rank 1 of 3 holding rows 8..15 of 16 is no even split (6, 5, 5 or 6, 6, 4 or 5, 5, 6)
+    cases = {("a", 2): ({"w": torch.ones(8), "c": torch.ones(4, 5), "step": 3},
+                        {"w": ShardInfo((16,), (8,), (8,)), "c": ShardInfo((4, 10), (0, 5),
+                                                                           (4, 5))}),
+             ("b", 3): ({"w": torch.ones(8)}, {"w": ShardInfo((16,), (8,), (8,))}),
+             ("c", 2): ({"w": torch.ones(8)}, None)}  # a replica: no split to report
+    for (job, world), (state, shards) in cases.items():
+        keeper.prepare(job, 1, world_size=world, persist_dir="", persist_every=0,
+                       keep_persisted=3)
+        assert keeper.split(job, 1) == ""  # nothing read yet
+        engine = SnapshotEngine(ShmSink(keeper.prefix(job, 1), directory=str(tmp_path)))
+        engine.save(3, state, shards=shards)
+        engine.close()
+        keeper.committed(job, 1, 3, 0, 64)
+    assert EvenSplit.decode(keeper.split("a", 1)) == EvenSplit(
+        frozenset({"chunk", "floor", "tensor_split"}), frozenset({10, 16}))
+    assert keeper.split("b", 1) == "" and keeper.split("c", 1) == ""
+    keeper.prepare("a", 1, world_size=2, persist_dir="", persist_every=0, keep_persisted=3)
+    assert keeper.split("a", 1) == ""  # a new attempt is read again
+    for job in ("a", "b", "c"):
+        keeper.release(job)
+
+
 def test_a_round_pins_its_target_and_the_newest_protected_step_on_every_rank(tmp_path):
     keeper = SnapshotKeeper("n", shm_dir=str(tmp_path))
     for rank in (0, 1):

@@ -87,3 +87,58 @@ def test_the_prediction_covers_every_box_a_new_rank_takes(old: int, new: int) ->
         covering = {r for r in range(old)
                     if size * r // old < hi and lo < size * (r + 1) // old}
         assert covering <= needs and len(needs - covering) <= 1  # its preferred rank
+
+
+def test_each_split_finds_the_old_rank_of_any_row_in_constant_time() -> None:
+    from hpt.splits import _SPLITS, _owner
+
+    for name, start in _SPLITS.items():
+        for size in (1, 2, 3, 5, 7, 10, 64, 100, 1000, 4097):
+            for world in (1, 2, 3, 4, 7, 8, 16, 56, 64, 100):
+                for row in range(size):
+                    r = _owner(name, size, row, world)
+                    assert start(size, r, world) <= row < start(size, r + 1, world), (
+                        name, size, world, row, r)
+
+
+@pytest.mark.parametrize("split", ["chunk", "floor", "tensor_split"])
+def test_an_even_split_names_exactly_the_old_slices_a_new_one_overlaps(split: str) -> None:
+    # small tensors too (fewer rows than ranks: empty slices), where a proportional guess fails
+    from hpt.splits import _SPLITS, EvenSplit
+
+    start = _SPLITS[split]
+    for sizes in ((100,), (3, 10), (1000, 4097, 7)):
+        even = EvenSplit(frozenset({split}), frozenset(sizes))
+        for old, new in ((64, 56), (56, 64), (8, 3), (3, 8), (16, 15), (5, 5)):
+            for rank in range(new):
+                needs = even.needs(old, [rank], new)
+                overlapping = {o for size in sizes for o in range(old)
+                               if max(start(size, o, old), start(size, rank, new))
+                               < min(start(size, o + 1, old), start(size, rank + 1, new))}
+                assert overlapping <= needs
+                extra = needs - overlapping - {rank if rank < old else 0}
+                # only old ranks with nothing of a tensor, between two that are read
+                assert all(any(start(s, o, old) == start(s, o + 1, old) for s in sizes)
+                           for o in extra), (split, sizes, old, new, rank, extra)
+
+
+def test_an_even_split_travels_as_a_short_string_and_bad_ones_name_the_field() -> None:
+    from hpt.ckpt.sources import even_split
+    from hpt.splits import EvenSplit
+
+    layouts = {0: _flat(0, 3), 2: _flat(2, 3)}
+    split = even_split(layouts, 3)
+    assert split is not None and split.sizes == {30_000}
+    assert split.splits == {"floor", "chunk", "tensor_split"}  # 30,000 / 3: alike under all
+    text = split.encode()
+    assert EvenSplit.decode(text) == split
+    assert split.needs(3, [0], 2) == split_needs(layouts, 3, [0], 2) == {0, 1}
+    replica = build_layout([("w", torch.float32, (4,))])
+    whole = even_split({1: replica}, 3)
+    assert whole is not None and not whole.sizes and whole.needs(2, [1, 2], 3) == {0, 1}
+    for bad in ("", "chunk", "nope:10", "chunk:x", "chunk:-4", ":10"):
+        with pytest.raises(ValueError, match="snapshot_split"):
+            EvenSplit.decode(bad)
+    a, b = EvenSplit.decode("chunk+floor:10"), EvenSplit.decode("floor:12")
+    assert a.merge(b) == EvenSplit(frozenset({"floor"}), frozenset({10, 12}))
+    assert EvenSplit.decode("chunk:10").merge(b) is None

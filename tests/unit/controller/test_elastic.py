@@ -7,6 +7,7 @@ import pytest
 from hpt.controller.elastic import (
     choose_restore,
     decide_grow,
+    even_split,
     need_ranks,
     order_nodes,
     parse_redundancy,
@@ -213,6 +214,53 @@ def test_a_replicated_resize_share_is_a_few_nodes_not_the_whole_layout() -> None
                              need_ranks=tuple(need), replicated=replicas is not None)
         sizes[replicas is None] = len(convert.restore_to_proto(cmd, node="n150x")
                                       .SerializeToString())
+    assert sizes[False] * 10 < sizes[True]
+
+
+def test_a_sharded_resize_names_the_old_slices_the_new_ranks_overlap() -> None:
+    # 4 nodes x 2 ranks of FSDP (torch.chunk of 1,000 and 4,096 rows), node c lost: 3 x 2
+    prev = _attempt(["a", "b", "c", "d"], {}, ppn=2)
+    for r in prev.ranks:
+        r.snapshot_split = "chunk:1000,4096"
+    split = even_split(prev)
+    assert split is not None and split.splits == {"chunk"}
+    # d takes new ranks 4, 5 of 6: rows 668..999 and 2732..4095, old ranks 5..7; it holds 6, 7
+    assert need_ranks(prev, [4, 5], 6, "d", None, split) == [4, 5, 6, 7]
+    # a keeps 0, 1 (rows 0..333): old 0..2, its own among them
+    assert need_ranks(prev, [0, 1], 6, "a", None, split) == [0, 1, 2]
+    # without a split every old rank, as before
+    assert need_ranks(prev, [0, 1], 6, "a", None, None) == list(range(8))
+    # one rank that reported none, or a split the others do not follow: no prediction
+    prev.ranks[3].snapshot_split = ""
+    assert even_split(prev) is None
+    prev.ranks[3].snapshot_split = "floor:1000"
+    assert even_split(prev) is None
+    prev.ranks[3].snapshot_split = "chunk:12,x"  # does not read: logged, no prediction
+    assert even_split(prev) is None
+    prev.ranks[3].snapshot_split = "chunk+floor:12"  # fits both: the common one, all sizes
+    merged = even_split(prev)
+    assert merged is not None and merged.splits == {"chunk"} and merged.sizes == {12, 1000, 4096}
+
+
+def test_a_sharded_resize_share_at_scale_is_a_few_nodes_and_quick() -> None:
+    from hpt.controller import convert
+    from hpt.controller.model import RestoreCommand
+
+    nodes = [f"n{i}" for i in range(500)]
+    prev = _attempt(nodes, {}, ppn=8)
+    for r in prev.ranks:
+        r.snapshot_split = "chunk:4096,11008,32000"
+    plan = protection_plan("", nodes, {n: list(range(8 * i, 8 * i + 8))
+                                       for i, n in enumerate(nodes)},
+                           {n: f"{n}:1" for n in nodes})
+    split = even_split(prev)
+    sizes = {}
+    for given in (split, None):
+        need = need_ranks(prev, list(range(2000, 2008)), 3992, "n250", None, given)
+        cmd = RestoreCommand(step=5, attempt=1, world_size=4000, layout=plan, lost=(250,),
+                             need_ranks=tuple(need), replicated=False)
+        sizes[given is None] = len(convert.restore_to_proto(cmd, node="n250")
+                                   .SerializeToString())
     assert sizes[False] * 10 < sizes[True]
 
 
