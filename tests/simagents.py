@@ -237,7 +237,11 @@ class SimAgent:
         # spread the fleet's beats over the period instead of all at once
         await asyncio.sleep(random.uniform(0, self.period_s))
         while not self.silenced_at:
-            self._send_beat()
+            try:
+                self._send_beat()
+            except Exception as exc:  # a harness bug: say it in the figures, do not go quiet
+                self.error = f"heartbeat not built: {type(exc).__name__}: {exc}"
+                raise
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.period_s)
             self._kick.clear()
