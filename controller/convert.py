@@ -189,6 +189,11 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
     return msg
 
 
+MAX_SPLIT_TEXT = 4096
+"""Longest ``RankStatus.snapshot_split`` kept (``EvenSplit.encode`` of at most
+``MAX_SPLIT_SIZES`` sizes is shorter)."""
+
+
 def rank_from_proto(msg: pb.RankStatus) -> Rank:
     return Rank(
         rank=msg.rank,
@@ -206,7 +211,8 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_bytes=msg.snapshot_bytes,
         persist_s=msg.persist_s,
         snapshot_replicated=msg.snapshot_replicated,
-        snapshot_split=msg.snapshot_split,
+        # (longer than any split an agent sends: not kept, so one agent cannot bloat the record)
+        snapshot_split=msg.snapshot_split if len(msg.snapshot_split) <= MAX_SPLIT_TEXT else "",
         end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
 

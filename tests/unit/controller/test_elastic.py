@@ -290,3 +290,16 @@ def test_piece_book_keeps_each_nodes_newest_report_only() -> None:
     assert book.held(("j", 1)) == {}
     book.forget("j")  # the job ended
     assert book.held(("j", 2)) == {} and book.held(("k", 1)) == {"b": {(0, 3)}}
+
+
+def test_a_reported_split_round_trips_and_an_oversized_one_is_not_kept() -> None:
+    from hpt.controller import convert
+
+    rank = Rank(rank=3, local_rank=1, node="a", snapshot_split="chunk:4096,14336")
+    back = convert.rank_from_proto(convert.rank_to_proto(rank))
+    assert back.snapshot_split == "chunk:4096,14336"
+    # an agent (buggy, or hostile) sending megabytes per rank does not get them stored in the
+    # job record on every write: the rank counts as having reported no split
+    huge = convert.rank_to_proto(rank)
+    huge.snapshot_split = "chunk:" + "1," * 100_000
+    assert convert.rank_from_proto(huge).snapshot_split == ""
