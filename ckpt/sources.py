@@ -49,7 +49,7 @@ from hpt.ckpt.layout import (
 )
 from hpt.ckpt.restore import reshard, tensors_of, verify_snapshot
 from hpt.ckpt.sink import ShmSink, Snapshot, SnapshotRef, SnapshotSink
-from hpt.splits import _SPLITS, EvenSplit, preferred_rank
+from hpt.splits import _SPLITS, EvenSplit, preferred_rank, split_name
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,15 @@ def replica_rank(new_rank: int, old_world: int, held: Collection[int],
 def even_split(layouts: Mapping[int, Layout], old_world: int) -> EvenSplit | None:
     """The even split the sharded tensors of ``layouts`` (old rank -> its snapshot's layout)
     follow, on the one dim each is cut on (dim 0 for ZeRO/FSDP and DTensor ``Shard(0)``,
-    dim 1 for a row-parallel weight or ``Shard(1)``; tensors may differ). None when they
-    follow none (a tensor cut on two dims, or slices cut some other way), or nothing is at
-    hand. A layout with no sharded tensor fits every split, with no size."""
+    dim 1 for a row-parallel weight or ``Shard(1)``; tensors may differ), over the whole
+    world or within groups of consecutive ranks that divide it (HSDP). None when they follow
+    none (a tensor cut on two dims, or slices cut some other way), or nothing is at hand. A
+    layout with no sharded tensor fits every split, with no size."""
     if not layouts:
         return None
     sizes: set[int] = set()
-    fits = set(_SPLITS)
+    groups = [0] + [g for g in range(2, old_world) if old_world % g == 0]
+    fits = {(name, g) for name in _SPLITS for g in groups}  # narrowed by the first tensor
     for rank, layout in layouts.items():
         for e in layout.entries:
             if e.is_replicated:
@@ -123,14 +125,22 @@ def even_split(layouts: Mapping[int, Layout], old_world: int) -> EvenSplit | Non
             dim = cut[0] if cut else 0
             size = e.global_shape[dim]
             begin, end = e.global_offset[dim], e.global_offset[dim] + e.shape[dim]
-            fits = {name for name in fits if (_SPLITS[name](size, rank, old_world),
-                                              _SPLITS[name](size, rank + 1, old_world))
-                    == (begin, end)}
+            fits = {(name, g) for name, g in fits
+                    if _slice(name, g, size, rank, old_world) == (begin, end)}
             if not fits:
                 return None
             if size > 0:
                 sizes.add(size)
-    return EvenSplit(frozenset(fits), frozenset(sizes))
+    return EvenSplit(frozenset(split_name(name, g) for name, g in fits), frozenset(sizes))
+
+
+def _slice(name: str, group: int, size: int, rank: int, world: int) -> tuple[int, int]:
+    """[begin, end) of ``rank``'s slice of ``size`` rows under split ``name`` over the world
+    (``group`` 0) or within its group of ``group`` ranks."""
+    start = _SPLITS[name]
+    if group:
+        return start(size, rank % group, group), start(size, rank % group + 1, group)
+    return start(size, rank, world), start(size, rank + 1, world)
 
 
 def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterable[int],

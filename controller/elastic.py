@@ -203,13 +203,16 @@ def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: s
     of the old layout to the nodes of those ranks: naming every old rank made each node's plan
     carry the whole layout, O(nodes^2) bytes a resize (175 KB a node at 2,000 nodes). A resize
     of sharded state (``replicas`` None) cut by an even split every rank reported (``split``,
-    :func:`even_split`) needs the old ranks whose slices the new ranks' slices overlap, and the
-    node's own; cut some other way, a slice of any old shard: every old rank."""
+    :func:`even_split`) needs each new rank's preferred old rank and the old ranks whose slices
+    its slice overlaps (HSDP: the preferred one's copy of its slice, while the new world keeps
+    the groups); the node's own old snapshots are read where they are, named or not. Cut some
+    other way, a slice of any old shard: every old rank."""
     if previous.world_size == world_size:
         return sorted(new_ranks)
-    if replicas is None and split is not None:
-        mine = {r.rank for r in previous.ranks_on(node)} if node else set()
-        return sorted(mine | split.needs(previous.world_size, new_ranks, world_size))
+    needs = split.needs(previous.world_size, new_ranks, world_size) \
+        if replicas is None and split is not None else None
+    if needs is not None:
+        return sorted(needs)
     if replicas is None:
         return list(range(previous.world_size))
     alive = set(replicas)

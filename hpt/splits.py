@@ -45,20 +45,38 @@ MAX_SPLIT_SIZES = 256
 more, and it is not reported (the controller then names every old rank)."""
 
 
+def split_name(name: str, group: int = 0) -> str:
+    """``name`` of ``_SPLITS`` over the whole world (``group`` 0), or ``name/G``: over groups
+    of ``G`` consecutive ranks, rank r holding slice ``r % G`` (HSDP: a copy of the state
+    sliced within each replica group, ranks numbered replica-major, as a (replicate, shard)
+    device mesh numbers them)."""
+    return f"{name}/{group}" if group else name
+
+
+def parse_split(text: str) -> tuple[str, int]:
+    """(name, group) of :func:`split_name`'s form; ValueError when it is not."""
+    name, sep, group = text.partition("/")
+    if name not in _SPLITS or (sep and (not group.isdigit() or int(group) < 2)):
+        raise ValueError(f"{text[:40]!r} is not SPLIT or SPLIT/G (G >= 2) with SPLIT one of "
+                         f"{sorted(_SPLITS)}")
+    return name, int(group or 0)
+
+
 @dataclass(frozen=True, slots=True)
 class EvenSplit:
-    """How the sharded tensors of some snapshots are cut: the even splits of ``_SPLITS`` they
-    all follow (several when the sizes cannot tell them apart) and the sizes of the dims they
-    are cut on. Enough to tell which old ranks a new rank of another world size reads
-    (:meth:`needs`) without the snapshots: an agent reports it per rank
-    (``RankStatus.snapshot_split``, :meth:`encode`), so the controller names in a restore plan
-    only the old ranks a node's new ranks read, not every one."""
+    """How the sharded tensors of some snapshots are cut: the even splits they all follow
+    (:func:`split_name`: a ``_SPLITS`` convention over the world or within groups; several
+    when the sizes cannot tell them apart) and the sizes of the dims they are cut on. Enough
+    to tell which old ranks a new rank of another world size reads (:meth:`needs`) without
+    the snapshots: an agent reports it per rank (``RankStatus.snapshot_split``,
+    :meth:`encode`), so the controller names in a restore plan only the old ranks a node's
+    new ranks read, not every one."""
 
     splits: frozenset[str]
     sizes: frozenset[int]
 
     def encode(self) -> str:
-        """``"chunk+floor:4096,11008"``; the wire form of :meth:`decode`."""
+        """``"chunk+floor:4096,11008"``, ``"floor/8:30000"``; the wire form of :meth:`decode`."""
         return "+".join(sorted(self.splits)) + ":" + ",".join(map(str, sorted(self.sizes)))
 
     @classmethod
@@ -66,9 +84,14 @@ class EvenSplit:
         """Raises ValueError naming what is wrong when ``text`` is not :meth:`encode`'s form."""
         names, sep, sizes = text.partition(":")
         splits = frozenset(names.split("+")) if names else frozenset()
-        if not sep or not splits or not splits <= set(_SPLITS):
+        try:
+            if not sep or not splits:
+                raise ValueError("no split named")
+            for name in splits:
+                parse_split(name)
+        except ValueError as exc:
             raise ValueError(f"snapshot_split {text[:80]!r}: expected SPLIT[+SPLIT]:SIZE,... "
-                             f"with SPLIT one of {sorted(_SPLITS)}")
+                             f"({exc})") from None
         try:
             values = frozenset(int(v) for v in sizes.split(",")) if sizes else frozenset()
         except ValueError:
@@ -83,15 +106,28 @@ class EvenSplit:
         common = self.splits & other.splits
         return EvenSplit(common, self.sizes | other.sizes) if common else None
 
-    def needs(self, old_world: int, new_ranks: Iterable[int], new_world: int) -> set[int]:
+    def needs(self, old_world: int, new_ranks: Iterable[int],
+              new_world: int) -> set[int] | None:
         """The old ranks of ``old_world`` that new ranks ``new_ranks`` of ``new_world`` read:
         each one's preferred old rank, and every old rank whose slice of a cut dim overlaps
-        the new rank's slice under any of the splits. O(splits x sizes) per new rank."""
+        the new rank's slice under any of the splits. O(splits x sizes) per new rank. Within
+        groups of G (HSDP), the new world keeps G (it must divide it; None otherwise: not
+        known) and a new rank's slice is that of the old ranks of the same ``r % G``: the
+        preferred old rank, and old rank ``r % G`` when the preferred one holds another."""
         out: set[int] = set()
-        for new in new_ranks:
+        ranks = list(new_ranks)
+        for new in ranks:
             out.add(preferred_rank(new, old_world))
-            for name in self.splits:
-                start = _SPLITS[name]
+        for text in self.splits:
+            name, group = parse_split(text)
+            if group:
+                if new_world % group or old_world % group:
+                    return None
+                out.update(new % group for new in ranks
+                           if preferred_rank(new, old_world) % group != new % group)
+                continue
+            start = _SPLITS[name]
+            for new in ranks:
                 for size in self.sizes:
                     lo, hi = start(size, new, new_world), start(size, new + 1, new_world)
                     if lo < hi:

@@ -111,6 +111,7 @@ class ControlPlaneCluster(FaultCluster):
         )
         log.close()
         self._all.append(proc)
+        self._log_of[proc.pid] = log_name  # (a process that outlives SIGTERM: its log is shown)
         return proc
 
     def pause(self, proc: subprocess.Popen[bytes]) -> None:

@@ -281,7 +281,7 @@ class LocalCluster:
         outlasts its grace dumps its threads' stacks there)."""
         out = []
         for proc in stuck:
-            path = self.workdir / self._log_of[proc.pid]
+            path = self.workdir / self._log_of.get(proc.pid, f"(pid {proc.pid}: no log)")
             tail = path.read_text(errors="replace")[-6000:] if path.is_file() else "(no log)"
             out.append(f"\n--- {path.name} (pid {proc.pid}) did not stop on SIGTERM:\n{tail}")
         return "".join(out)

@@ -304,6 +304,53 @@ def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_di
     assert final_sha(cluster, ref) == final_sha(cluster, job_id)
 
 
+def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_disk(
+        shared, tmp_path) -> None:
+    # 3 nodes x 2 ranks, one copy of the state per node sliced over its two ranks; node 1 lost:
+    # the 2 survivors run 4 ranks in groups of 2. The ranks reported "floor/2": each
+    # survivor's plan names its own old ranks and its new ranks' preferred ones, no more
+    cluster = shared
+    job_id = cluster.submit(*HSDP, nodes=3, procs=2, min_nodes=2, redundancy="2+1")
+    job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
+    first = job.attempts[-1]
+    assert all("floor/2" in r.snapshot_split.split(":")[0].split("+") for r in first.ranks), [
+        r.snapshot_split for r in first.ranks]
+    cluster.kill_agent(first.nodes[1])
+    job = cluster.wait_terminal(job_id, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    shrunk = next(a for a in job.attempts[first.number:] if a.world_size == 4)
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == shrunk.number]
+    found = re.search(r"step (\d+): ", source[0])
+    assert found, source
+    step = int(found.group(1))
+    # the node of old ranks 4, 5 runs new ranks 2, 3: it reads their preferred old ranks 2, 3
+    # (the lost node's, decoded) beside its own; the other survivor keeps 0, 1, all local
+    rebuilt = [e.message for e in cluster.events(job_id)
+               if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
+    assert [m for m in rebuilt if re.search(r"rank 2 from decoded, rank 3 from decoded", m)], \
+        rebuilt
+    assert not [m for m in rebuilt if "rank 0 from" in m or "rank 1 from" in m
+                or "not needed" in m], rebuilt
+    assert _first_resume(cluster, job_id) == step
+    # the reference: the same job to that step on 3 nodes, persisted, then on 2 from disk
+    persist = tmp_path / "reference"
+    restore_shape(cluster, ready_timeout_s=240)
+    ref = cluster.submit(*HSDP[:-4], "--steps", str(step + 10), "--step-time", "0.15",
+                         nodes=3, procs=2, persist_dir=str(persist), persist_every=step)
+    assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
+    steps = {s for p in persist.iterdir() if (s := fmt.parse_step_dir(p.name)) is not None
+             and (p / fmt.MANIFEST_NAME).is_file()}
+    assert step in steps, sorted(steps)
+    for newer in steps - {step}:
+        shutil.rmtree(persist / fmt.step_dir_name(newer))
+    ref = cluster.submit(*HSDP[:-1], "0", nodes=2, procs=2, persist_dir=str(persist),
+                         persist_every=10 * STEPS)
+    assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
+    assert resumed_steps(cluster, ref) == {step}
+    assert final_sha(cluster, ref) == final_sha(cluster, job_id)
+
+
 def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_back(
         shared) -> None:
     cluster = shared

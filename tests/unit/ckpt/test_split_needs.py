@@ -136,9 +136,41 @@ def test_an_even_split_travels_as_a_short_string_and_bad_ones_name_the_field() -
     replica = build_layout([("w", torch.float32, (4,))])
     whole = even_split({1: replica}, 3)
     assert whole is not None and not whole.sizes and whole.needs(2, [1, 2], 3) == {0, 1}
-    for bad in ("", "chunk", "nope:10", "chunk:x", "chunk:-4", ":10"):
+    for bad in ("", "chunk", "nope:10", "chunk:x", "chunk:-4", ":10", "chunk/1:10",
+                "chunk/x:10", "chunk/:10"):
         with pytest.raises(ValueError, match="snapshot_split"):
             EvenSplit.decode(bad)
     a, b = EvenSplit.decode("chunk+floor:10"), EvenSplit.decode("floor:12")
     assert a.merge(b) == EvenSplit(frozenset({"floor"}), frozenset({10, 12}))
     assert EvenSplit.decode("chunk:10").merge(b) is None
+    assert EvenSplit.decode("floor/8+chunk/8:30000").merge(EvenSplit.decode("floor/8:30000")) \
+        == EvenSplit(frozenset({"floor/8"}), frozenset({30000}))
+
+
+def _hsdp(rank: int, world: int, group: int, size: int = 30_001) -> Layout:
+    """``examples/train.py --hsdp G``: a copy of the flat state per group of G consecutive
+    ranks, sliced ``total * i // G`` within it (rank r holds slice r % G)."""
+    i = rank % group
+    lo, hi = size * i // group, size * (i + 1) // group
+    box = ShardInfo((size,), (lo,), (hi - lo,))
+    return build_layout([("flat", torch.float32, (hi - lo,))], shards={"flat": box})
+
+
+def test_hsdp_slices_within_groups_are_told_and_a_new_rank_reads_one_copy_of_its_slice() -> None:
+    from hpt.ckpt.sources import even_split
+
+    # 3 replicas x 2 slices: rank 3 holds slice 1 of 2
+    split = even_split({3: _hsdp(3, 6, 2)}, 6)
+    assert split is not None and "floor/2" in split.splits
+    assert not any("/" not in s for s in split.splits)  # no split over the whole world fits
+    # a shrink to 2 replicas: each new rank reads its own old rank (same slice, its RNG)
+    assert split.needs(6, [2, 3], 4) == {2, 3}
+    # a grow to 4 replicas: new ranks 6, 7 prefer old rank 0 (slice 0); 7 also needs slice 1
+    assert split.needs(6, [6, 7], 8) == {0, 1}
+    # a world the groups do not divide: not known (the caller names every old rank)
+    assert split.needs(6, [0], 5) is None
+    assert split_needs({3: _hsdp(3, 6, 2)}, 6, [0], 5) is None
+    # the slices of 4 ranks over a world of 8 (groups of 4) differ from those over 8
+    four = even_split({r: _hsdp(r, 8, 4) for r in (1, 6)}, 8)
+    assert four is not None and four.splits == {"floor/4"}
+    assert four.needs(8, [0, 1, 2, 3], 4) == {0, 1, 2, 3}  # one group left: replica 0

@@ -303,3 +303,18 @@ def test_a_reported_split_round_trips_and_an_oversized_one_is_not_kept() -> None
     huge = convert.rank_to_proto(rank)
     huge.snapshot_split = "chunk:" + "1," * 100_000
     assert convert.rank_from_proto(huge).snapshot_split == ""
+
+
+def test_an_hsdp_resize_names_one_copy_of_each_new_slice_while_the_groups_divide_the_world(
+        ) -> None:
+    # 4 nodes x 2 ranks, one copy of the state per node sliced over its 2 ranks; c lost
+    prev = _attempt(["a", "b", "c", "d"], {}, ppn=2)
+    for r in prev.ranks:
+        r.snapshot_split = "floor/2:30001"
+    split = even_split(prev)
+    # d runs new ranks 4, 5 of 6 and holds old 6, 7 (the same slices): old 4, 5 are its
+    # preferred ones (their RNG and plain values, as a resize from disk reads), enough
+    assert need_ranks(prev, [4, 5], 6, "d", None, split) == [4, 5]
+    assert need_ranks(prev, [0, 1], 6, "a", None, split) == [0, 1]
+    # 7 ranks: not a multiple of the group, the slices are not known: every old rank
+    assert need_ranks(prev, [6], 7, "e", None, split) == list(range(8))
