@@ -282,26 +282,8 @@ def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_di
     assert resumed == {step}, resumed
     # the reference: the same job to that step on 3 nodes, persisted there, then on 2 nodes
     # from that checkpoint (cut into 2 slices from disk): the same state, bit for bit
-    persist = tmp_path / "reference"
-    restore_shape(cluster, ready_timeout_s=240)  # the killed agent back: three nodes again
-
-    def published() -> set[int]:
-        return ({s for p in persist.iterdir() if (s := fmt.parse_step_dir(p.name)) is not None
-                 and (p / fmt.MANIFEST_NAME).is_file()} if persist.is_dir() else set())
-
-    ref = cluster.submit("python", TRAIN, "--shard", "--steps", str(step + 10), "--step-time",
-                         "0.15", nodes=3, procs=1, persist_dir=str(persist),
-                         persist_every=step)
-    done = cluster.wait_terminal(ref, 300)
-    assert state_name(done.state) == "SUCCEEDED", done.reason
-    assert step in published(), sorted(published())
-    for newer in published() - {step}:  # (2 x step may be within its steps too)
-        shutil.rmtree(persist / fmt.step_dir_name(newer))
-    ref = cluster.submit(*SHARDED, "--step-time", "0", nodes=2, procs=1,
-                         persist_dir=str(persist), persist_every=10 * STEPS)
-    assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
-    assert resumed_steps(cluster, ref) == {step}
-    assert final_sha(cluster, ref) == final_sha(cluster, job_id)
+    assert _resized_from_disk(cluster, tmp_path, [*SHARDED[:-2]], step, procs=1) \
+        == final_sha(cluster, job_id)
 
 
 def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_disk(
@@ -334,21 +316,34 @@ def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_d
                 or "not needed" in m], rebuilt
     assert _first_resume(cluster, job_id) == step
     # the reference: the same job to that step on 3 nodes, persisted, then on 2 from disk
+    assert _resized_from_disk(cluster, tmp_path, [*HSDP[:-4]], step, procs=2) \
+        == final_sha(cluster, job_id)
+
+
+def _resized_from_disk(cluster: LocalCluster, tmp_path: Path, argv: list[str], step: int,
+                       procs: int) -> str:
+    """The final digest of ``argv`` (the job without --steps and --step-time) run to ``step``
+    on 3 nodes, persisted there, then from that checkpoint on 2 nodes (resharded from disk):
+    what a resize at ``step`` must give, bit for bit."""
     persist = tmp_path / "reference"
-    restore_shape(cluster, ready_timeout_s=240)
-    ref = cluster.submit(*HSDP[:-4], "--steps", str(step + 10), "--step-time", "0.15",
-                         nodes=3, procs=2, persist_dir=str(persist), persist_every=step)
-    assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
-    steps = {s for p in persist.iterdir() if (s := fmt.parse_step_dir(p.name)) is not None
-             and (p / fmt.MANIFEST_NAME).is_file()}
-    assert step in steps, sorted(steps)
-    for newer in steps - {step}:
+    restore_shape(cluster, ready_timeout_s=240)  # the killed agent back: three nodes again
+
+    def published() -> set[int]:
+        return ({s for p in persist.iterdir() if (s := fmt.parse_step_dir(p.name)) is not None
+                 and (p / fmt.MANIFEST_NAME).is_file()} if persist.is_dir() else set())
+
+    ref = cluster.submit(*argv, "--steps", str(step + 10), "--step-time", "0.15", nodes=3,
+                         procs=procs, persist_dir=str(persist), persist_every=step)
+    done = cluster.wait_terminal(ref, 300)
+    assert state_name(done.state) == "SUCCEEDED", done.reason
+    assert step in published(), sorted(published())
+    for newer in published() - {step}:  # (2 x step may be within its steps too)
         shutil.rmtree(persist / fmt.step_dir_name(newer))
-    ref = cluster.submit(*HSDP[:-1], "0", nodes=2, procs=2, persist_dir=str(persist),
-                         persist_every=10 * STEPS)
+    ref = cluster.submit(*argv, "--steps", str(STEPS), "--step-time", "0", nodes=2,
+                         procs=procs, persist_dir=str(persist), persist_every=10 * STEPS)
     assert state_name(cluster.wait_terminal(ref, 300).state) == "SUCCEEDED"
     assert resumed_steps(cluster, ref) == {step}
-    assert final_sha(cluster, ref) == final_sha(cluster, job_id)
+    return final_sha(cluster, ref)
 
 
 def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_back(
