@@ -161,7 +161,8 @@ async def run_one(n: int, args: argparse.Namespace, workdir: Path,
                           packed=_timing(args, baseline) == "packed columns",
                           protect_build_s=args.protect_build_s,
                           replicated=args.replicated,
-                          **({"split": ""} if args.no_split else {}))
+                          **({"split": ""} if args.no_split else
+                             {"split": args.split} if args.split else {}))
         sim_cpu0 = time.process_time()
         async with Fleet(cfg) as fleet:
             t0 = time.monotonic()
@@ -308,6 +309,9 @@ def main() -> None:
     p.add_argument("--no-split", action="store_true",
                    help="sharded ranks report no even split (state cut some other way): a "
                    "resize names every old rank")
+    p.add_argument("--split", default="", metavar="TEXT",
+                   help="the split sharded ranks report (default: the fleet's FSDP one; "
+                   "'floor/8:30000' for HSDP within each node of 8)")
     p.add_argument("--stop-on-break", action="store_true", default=True)
     p.add_argument("--records", action="store_true",
                    help="agents send one message per timing record (the pre-summary wire form)")
