@@ -120,6 +120,15 @@ def test_fully_shard_snapshot_restores_bitwise_and_reshards_to_one_rank(tmp_path
         assert (entry.global_offset, tuple(entry.shape)) == (((0, 0), (3, 16)) if rank == 0
                                                              else ((3, 0), (2, 16)))
 
+    # the split an agent reports for these ranks (the controller names a resize's old ranks
+    # from it): torch.chunk over the world, as DTensor Shard(0) cuts (5 rows: 3 + 2)
+    from hpt.ckpt.sources import even_split
+
+    for layouts in ({0: sources[0][0]}, {1: sources[1][0]}, dict(enumerate(s[0] for s in sources))):
+        split = even_split(layouts, 2)
+        assert split is not None and "chunk" in split.splits and split.sizes == {5, 16}, split
+        assert "floor" not in split.splits  # (5 * 1 // 2 = 2 would start rank 1's rows at 2)
+
     def whole(e: TensorEntry, rank: int, world: int) -> ShardInfo:
         return ShardInfo(e.global_shape, (0,) * len(e.global_shape), e.global_shape)
 
