@@ -191,6 +191,9 @@ class Protector:
         self.codec = codec or best_codec()
         self._lock = threading.Lock()
         self._thin_lock = threading.Lock()  # one decision per (rank, step), made once
+        # (held across a decision's fetch of a replica's checksums, seconds on a slow link:
+        # what a release or a new attempt clears takes this one, never that one)
+        self._refs_lock = threading.Lock()
         self._served: dict[tuple[str, tuple[int, ...], int, bool],
                            tuple[float, blobs.NodeBlob]] = {}
         """Blobs served within ``_SERVED_S``, verified and cut (thin) once: the k holders of
@@ -242,7 +245,7 @@ class Protector:
                                           for s in range(2)]
         for e in drop:
             self._drop(e)
-        with self._thin_lock:  # replicas found for attempts older than the one before
+        with self._refs_lock:  # replicas found for attempts older than the one before
             for key in [k for k in self._refs if k[0] == job_id and k[1] < attempt - 1]:
                 del self._refs[key]
         self._wake.set()
@@ -263,7 +266,7 @@ class Protector:
     def release(self, job_id: str) -> None:
         with self._lock:
             entry = self._jobs.pop(job_id, None)
-        with self._thin_lock:
+        with self._refs_lock:  # (not the decisions' lock: a fetch may hold it for seconds)
             for key in [k for k in self._refs if k[0] == job_id]:
                 del self._refs[key]
         with self._lock:
@@ -432,8 +435,9 @@ class Protector:
         """The blocks of ``snap`` a replica on another node holds too (None: none, or no
         replica answered). The replica is looked for once per attempt (``_refs``)."""
         key = (entry.job_id, entry.attempt, rank)
-        known = key in self._refs
-        found = self._refs.get(key)
+        with self._refs_lock:
+            known = key in self._refs
+            found = self._refs.get(key)
         candidates = ([found] if found else []) if known else entry.layout.references(me, rank)
         definite = True  # every node asked answered "another layout"
         deadline = time.monotonic() + _SUMS_TIMEOUT_S  # the search, all nodes together
@@ -461,12 +465,14 @@ class Protector:
                          entry.job_id, entry.attempt, self.node, step, other, exc)
                 definite = False
                 continue
-            self._refs[key] = (node, other)
+            with self._refs_lock:
+                self._refs[key] = (node, other)
             return blobs.thin_against(snap.buffer, sums, other,
                                       self._block_sums(entry.job_id, rank, step, snap))
         if not known:
             if definite:
-                self._refs[key] = None  # sharded state: no replica anywhere near, ask no more
+                with self._refs_lock:  # sharded state: no replica anywhere near, ask no more
+                    self._refs[key] = None
             log.info("[%s/%d/%s/-] step %d: no replica of rank %d's snapshot answered%s: its "
                      "blob is served whole", entry.job_id, entry.attempt, self.node, step, rank,
                      " (none holds its layout)" if definite else "")

@@ -698,3 +698,51 @@ def test_recovery_at_the_same_world_size_lists_the_ranks_own_shard(cluster) -> N
     shards = json.loads(got.restore_shards)
     assert (shards["step"], shards["world_size"], sorted(shards["shards"])) == (6, 3, ["0"])
     assert not nodes[0].keeper.take_events()  # everything was local: nothing rebuilt
+
+
+def test_a_release_does_not_wait_for_a_thin_decision_asking_a_slow_replica(
+        cluster, monkeypatch) -> None:
+    # an owner deciding which blocks to leave out asks a replica for its block checksums; on a
+    # slow or dead link that takes until the fetch's deadline. A release of the job (the
+    # agent's shutdown does one) must not queue behind it: it ran on the command thread, and
+    # an agent outlasting its stop deadline was SIGKILLed with its snapshots left in memory
+    import threading
+
+    from hpt.agent import protect
+
+    monkeypatch.setattr(protect, "_SUMS_TIMEOUT_S", 60.0)  # the ask never ends by itself here
+    nodes = cluster(3)
+    weights = torch.randn(400_000, generator=torch.Generator().manual_seed(5))
+    for i, node in enumerate(nodes):
+        _save_replica(node, i, 6, weights)
+    asked, released = threading.Event(), threading.Event()
+    for node in nodes:
+        def slow(req, inner=node.protector.open_piece):  # type: ignore[no-untyped-def]
+            if req.kind == checkpoint_pb2.PIECE_KIND_SUMS:
+                asked.set()
+                released.wait(30)  # answers once the releases are through
+            return inner(req)
+        node.protector.open_piece = slow  # type: ignore[method-assign]
+    layout = _layout(nodes)
+    errors: list[BaseException] = []
+
+    def protect_round() -> None:
+        try:
+            _protect_all(nodes, layout, 6)
+        except BaseException as exc:  # released under it: the round may fail, that is all
+            errors.append(exc)
+
+    rounds = threading.Thread(target=protect_round, daemon=True)
+    rounds.start()
+    assert asked.wait(30), "no thin decision asked a replica"
+    done = []
+    releases = [threading.Thread(target=lambda n=n: (n.protector.release(JOB), done.append(n)),
+                                 daemon=True) for n in nodes]
+    for t in releases:
+        t.start()
+    for t in releases:
+        t.join(20)
+    released.set()  # only now does the replica answer
+    assert len(done) == 3, "a release waited for the decision's fetch"
+    rounds.join(60)
+    assert not rounds.is_alive()
