@@ -320,6 +320,49 @@ def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_d
         == final_sha(cluster, job_id)
 
 
+def test_a_sharded_job_grows_back_onto_a_fresh_node_that_fetches_only_what_it_reads(
+        shared) -> None:
+    # 3 -> 2 (a node lost, decoded from parity) -> 3 (it returns, its memory swept): the
+    # returning node holds nothing to predict from, so what it fetches is what the plan
+    # names. It runs new rank 2 of 3, whose slice of the flat vector lies in old rank 1's of
+    # the world of 2, and prefers old rank 0 (plain values): both, from their peers. (At 2
+    # old ranks that is every one; the plans' narrowing at scale is in test_elastic.)
+    cluster = shared
+    job_id = cluster.submit("python", TRAIN, "--shard", "--steps", "100000", "--step-time",
+                            "0.05", nodes=3, procs=1, min_nodes=2, redundancy="2+1")
+    job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
+    first = job.attempts[-1]
+    victim = first.ranks[1].node
+    cluster.kill_agent(victim)
+    job = cluster.wait_job(job_id, _running(lambda j: any(
+        a.world_size == 2 and a.first_step_at > 0 for a in j.attempts[first.number:])),
+                           180, "shrunk attempt stepping")
+    cluster.start_agent(victim)
+    job = cluster.wait_job(job_id, _running(lambda j: any(
+        a.world_size == 3 for a in j.attempts[first.number:])), 240, "grown attempt")
+    grown = next(a for a in job.attempts[first.number:] if a.world_size == 3)
+    assert grown.nodes[2] == victim and grown.restore_step > 0, grown
+    step = grown.restore_step
+    said = wait_for(lambda: [m for m in _events(cluster, job_id, "snapshot_rebuilt")
+                             if m.startswith(f"{victim}: step {step} of old ")], 60,
+                    f"{victim} saying what it fetched")
+    assert re.match(rf"{victim}: step {step} of old rank 0 from peer, rank 1 from peer "
+                    r"\(verified\)", said[0]), said
+    assert "not needed" not in said[0], said
+    # the grown world restores that step from memory, resharded 2 -> 3 (a slice left out of
+    # the plan would send every rank on to disk, here scratch)
+    cluster.wait_job(job_id, _running(lambda j: j.attempts[grown.number - 1].first_step_at > 0
+                                      or j.attempts[-1].number > grown.number),
+                     240, "grown attempt stepping")
+    resumed = wait_for(lambda: {int(m.group(1)) for line in cluster.client.logs(job_id)
+                                if line.attempt == grown.number
+                                and (m := re.match(r"rank \d+ resumed at step (\d+)",
+                                                   line.text))} or None, 60, "grown resumed")
+    assert resumed == {step}, resumed
+    cluster.client.cancel(job_id, grace_s=1.0)
+    cluster.wait_terminal(job_id)
+
+
 def _resized_from_disk(cluster: LocalCluster, tmp_path: Path, argv: list[str], step: int,
                        procs: int) -> str:
     """The final digest of ``argv`` (the job without --steps and --step-time) run to ``step``
