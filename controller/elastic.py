@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hpt.jobspec import parse_redundancy
-from hpt.splits import EvenSplit
+from hpt.splits import EvenSplit, common_split
 
 if TYPE_CHECKING:  # model imports this module: no import cycle at runtime
     from hpt.controller.model import Attempt, Job
@@ -230,24 +230,11 @@ def even_split(attempt: Attempt) -> EvenSplit | None:
     """The even split every rank of ``attempt`` reported its sharded tensors follow
     (``Rank.snapshot_split``; over all their sizes), or None: a rank reported none, or one the
     others do not share, or one that does not read."""
-    seen: set[str] = set()  # ranks mostly report the same few strings: each read once
-    merged: EvenSplit | None = None
-    for r in attempt.ranks:
-        text = r.snapshot_split
-        if text in seen:
-            continue
-        if not text:
-            return None
-        seen.add(text)
-        try:
-            one = EvenSplit.decode(text)
-        except ValueError as exc:
-            log.warning("rank %d of attempt %d: %s", r.rank, attempt.number, exc)
-            return None
-        merged = one if merged is None else merged.merge(one)
-        if merged is None:
-            return None
-    return merged
+    try:
+        return common_split(r.snapshot_split for r in attempt.ranks)
+    except ValueError as exc:
+        log.warning("attempt %d: %s", attempt.number, exc)
+        return None
 
 
 def surviving_ranks(previous: Attempt, lost: Iterable[int]) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from hpt import jobspec
+from hpt import jobspec, splits
 from hpt._address import DEFAULT_HOST, DEFAULT_PORT
 from hpt._proto import common_pb2, jobs_pb2, jobs_pb2_grpc
 
@@ -532,7 +532,16 @@ def protection_of(job: common_pb2.Job) -> dict[str, Any]:
         "protected_steps": sorted(attempt.protected_steps, reverse=True),
         # every rank a data-parallel replica: a resize reads a survivor's replica, no parity
         "replicated": bool(attempt.ranks) and all(r.snapshot_replicated for r in attempt.ranks),
+        # sharded state cut by an even split every rank reported: what a resize reads
+        "split": sorted(split.splits) if (split := _split_of(attempt)) else None,
     }
+
+
+def _split_of(attempt: common_pb2.Attempt) -> splits.EvenSplit | None:
+    try:
+        return splits.common_split(r.snapshot_split for r in attempt.ranks)
+    except ValueError:  # (the controller logs it; here it is just not known)
+        return None
 
 
 def node_to_dict(node: common_pb2.Node) -> dict[str, Any]:

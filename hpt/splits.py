@@ -134,3 +134,22 @@ class EvenSplit:
                         out.update(range(_owner(name, size, lo, old_world),
                                          _owner(name, size, hi - 1, old_world) + 1))
         return out
+
+
+def common_split(texts: Iterable[str]) -> EvenSplit | None:
+    """The split every one of ``texts`` (the ranks' ``snapshot_split`` reports) follows, over
+    all their sizes; None when one is empty or they share none. Each distinct text is read
+    once (a job's ranks report a few). Raises ValueError (naming it) when one does not read."""
+    seen: set[str] = set()
+    merged: EvenSplit | None = None
+    for text in texts:
+        if text in seen:
+            continue
+        if not text:
+            return None
+        seen.add(text)
+        one = EvenSplit.decode(text)
+        merged = one if merged is None else merged.merge(one)
+        if merged is None:
+            return None
+    return merged

@@ -295,6 +295,15 @@ def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
                        "that differ between replicas (RNG states and the like), a rebuild "
                        "copies the rest from a survivor; a resize reads the survivors' "
                        "replicas, whatever the number of nodes lost while one survives")
+        elif p["split"]:
+            groups = {int(g) for s in p["split"] if (g := s.partition("/")[2])}
+            click.echo(f"sharded, split evenly ({', '.join(p['split'])}): a resize reads "
+                       + (f"one copy of each new rank's slice while {min(groups)} divides "
+                          "the new world" if groups else
+                          "only the old slices each new rank's slice overlaps"))
+        elif p["state_bytes_per_node"]:
+            click.echo("sharded, not split evenly on one dim (or not reported yet): a resize "
+                       "reads every old rank's snapshot")
 
 
 def _warn_store_degraded(store: Any) -> None:

@@ -46,3 +46,33 @@ def test_ckpt_ls_marks_protected_steps_and_reports_memory_per_node() -> None:
         for i, r in enumerate(job.attempts[0].ranks):
             r.snapshot_replicated = i < replicas
         assert hc.protection_of(job)["replicated"] is said
+
+
+def test_ckpt_ls_says_what_a_resize_of_sharded_state_reads(server, monkeypatch) -> None:  # noqa: F811
+    ranks = [common_pb2.RankStatus(rank=i, node=f"n{i}", snapshot_steps=[4],
+                                   snapshot_bytes=1000, snapshot_split="chunk:16,5")
+             for i in range(2)]
+    job = common_pb2.Job(id="j", attempts=[common_pb2.Attempt(
+        number=1, nodes=["n0", "n1"], ranks=ranks, redundancy="mirror")])
+    assert hc.protection_of(job)["split"] == ["chunk"]
+    job.attempts[0].ranks[1].snapshot_split = "chunk+floor:16"  # the common one, all sizes
+    assert hc.protection_of(job)["split"] == ["chunk"]
+    job.attempts[0].ranks[1].snapshot_split = "floor/2:16"
+    assert hc.protection_of(job)["split"] is None  # none in common
+    job.attempts[0].ranks[1].snapshot_split = "chunk:x"
+    assert hc.protection_of(job)["split"] is None  # does not read: not known
+    addr, _ = server
+    said = {}
+    for split, expect in ((["floor/2"], "one copy of each new rank's slice while 2 divides"),
+                          (["chunk"], "only the old slices each new rank's slice overlaps"),
+                          (None, "reads every old rank's snapshot")):
+        p = dict(redundancy="mirror", state_bytes_per_node=1000, parity_bytes_per_node=1000,
+                 memory_ratio=2.0, expected_ratio=2.0, protected_steps=[4], replicated=False,
+                 split=split)
+        monkeypatch.setattr(hc, "protection_of", lambda job, p=p: p)
+        monkeypatch.setattr(hc, "checkpoints_of", lambda job: [dict(
+            step=4, tier="memory", size_bytes=1000, state="complete, protected (mirror)")])
+        result = _run("ckpt", "ls", "--controller", addr, "job-1")
+        assert result.exit_code == 0, result.output
+        said[expect] = expect in " ".join(result.output.split())
+    assert all(said.values()), said
