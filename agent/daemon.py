@@ -391,13 +391,15 @@ class Agent:
         report.status.persist_s = persist_s
         report.status.snapshot_replicated = self.snapshots.replicated(proc.job_id, proc.rank)
         report.status.snapshot_split = self.snapshots.split(proc.job_id, proc.rank)
+        report.status.snapshot_blocked_s = self.snapshots.blocked(proc.job_id, proc.rank)
         return report
 
     def _on_rank_message(self, hello: Hello, msg: RankMessage) -> None:
         self.monitoring.on_rank_message(hello, msg)  # step, records, inflight, sections
         job_id, attempt, rank = hello.job_id, hello.attempt, hello.rank
         if isinstance(msg, SnapshotCommitted):
-            self.snapshots.committed(job_id, rank, msg.step, msg.generation, msg.nbytes)
+            self.snapshots.committed(job_id, rank, msg.step, msg.generation, msg.nbytes,
+                                     msg.blocked_s)
             self.protector.notify()
         elif isinstance(msg, SnapshotDiscarded):
             self.snapshots.discarded(job_id, rank, msg.generation)

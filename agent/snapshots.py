@@ -72,6 +72,7 @@ class _RankSnapshots:
     pinned: list[int] = field(default_factory=list)  # generations in the rank's pin file
     replicated: bool | None = None  # every tensor whole (None: not read yet this attempt)
     split: str = ""  # EvenSplit.encode() of its sharded tensors ("": none, or not known)
+    blocked_s: float = 0.0  # training blocked per snapshot, a moving average (0: not measured)
 
 
 class SnapshotKeeper:
@@ -155,13 +156,16 @@ class SnapshotKeeper:
     # ---------------------------------------------------------------- reports from ranks
 
     def committed(self, job_id: str, rank: int, step: int, generation: int,
-                  nbytes: int = 0) -> None:
+                  nbytes: int = 0, blocked_s: float | None = None) -> None:
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             if entry is None:
                 raise ValueError(f"snapshot report for unknown rank {rank} of job {job_id}")
             entry.generations[generation] = step
             entry.nbytes = nbytes or entry.nbytes
+            if blocked_s is not None:  # one slow save (a page fault storm) moves it a fifth
+                entry.blocked_s = round(blocked_s if not entry.blocked_s else
+                                        0.8 * entry.blocked_s + 0.2 * blocked_s, 4)
             due = (entry.persister is not None and entry.persist_every > 0
                    and step % entry.persist_every == 0)
             self._pin(entry, self._rounds.get(job_id, set()))
@@ -260,6 +264,13 @@ class SnapshotKeeper:
         with self._lock:
             entry = self._ranks.get((job_id, rank))
             return bool(entry is not None and entry.replicated)
+
+    def blocked(self, job_id: str, rank: int) -> float:
+        """Seconds a snapshot holds the rank's training thread, a moving average of what the
+        rank measured (0: not measured)."""
+        with self._lock:
+            entry = self._ranks.get((job_id, rank))
+            return entry.blocked_s if entry is not None else 0.0
 
     def split(self, job_id: str, rank: int) -> str:
         """``EvenSplit.encode()`` of how the rank's sharded tensors are cut ("": replicated, not

@@ -44,6 +44,7 @@ size. Example::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -146,6 +147,12 @@ class Checkpointer:
         self._shards = dict(shards or {})
         self._saved_steps: set[int] = set()
         self._lazy_params: set[str] = set()
+        self.blocked_s: float | None = None
+        """Seconds the training thread was held by the newest snapshot measured: its
+        ``save`` and the next optimizer step's wait for its copies (None: none yet). What a
+        snapshot costs training, beside the copies' interference (the agent reports it, and
+        the controller's snapshot cadence weighs it)."""
+        self._blocking: float | None = None  # the newest save's, until the next step's wait
         self._owns_sink = sink is None
         self.sink: SnapshotSink = MemorySink() if sink is None else sink
         self.engine = SnapshotEngine(
@@ -179,10 +186,16 @@ class Checkpointer:
         """
         if not self.due(step):
             return False
+        started = time.perf_counter()
         state, shards = self._capture(step)
         self.engine.save(step, state, shards=shards, timeout_s=self.timeout_s,
                          copy_now=self._copy_now)
         self._saved_steps.add(step)
+        took = time.perf_counter() - started
+        if self._hook is None:  # nothing waits for the copies on the training thread later
+            self.blocked_s = took
+        else:
+            self._blocking = took
         return True
 
     def restore(self) -> int:
@@ -366,7 +379,11 @@ class Checkpointer:
     # -- capture -----------------------------------------------------------------------------
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        started = time.perf_counter()
         self.engine.wait_copied(self.timeout_s)
+        if self._blocking is not None:
+            self.blocked_s = self._blocking + time.perf_counter() - started
+            self._blocking = None
 
     def _param_names(self) -> list[str] | None:
         """Model names of the optimizer's parameters in state_dict order, or None if some

@@ -158,6 +158,9 @@ class Estimate:
     redundancy: tuple[int, int]
     step_s: float
     snapshot_cost_s: float
+    blocked_s: float
+    """Slowest rank's measured blocking per snapshot (0: none measured; the cost then scales
+    the model's default by the state's size)."""
     snapshot_now: int
     """Steps between snapshots in force (the controller's, the spec's, or what the ranks do)."""
     snapshot_every: int
@@ -192,7 +195,9 @@ class Estimate:
                 f"snapshot every {self.snapshot_now} -> {self.snapshot_every} steps from step "
                 f"{self.snapshot_from} ({self.snapshot_every * self.step_s:.3g} s): "
                 f"{self.memory_per_day:.3g} failures/day that memory or peers restore, "
-                f"snapshot cost {self.snapshot_cost_s:.2g} s (by its size)")
+                f"snapshot cost {self.snapshot_cost_s:.2g} s ("
+                + (f"{self.blocked_s * 1e3:.3g} ms blocking measured, the copies' share by "
+                   "its size)" if self.blocked_s else "by its size)"))
         if self.persist_changed:
             parts.append(
                 f"persist every {self.persist_now or 'never'} -> {self.persist_every} steps "
@@ -210,7 +215,8 @@ def _steps(interval_s: float, step_s: float, most_s: float) -> int:
     return cap if not math.isfinite(interval_s) else max(1, min(round(interval_s / step_s), cap))
 
 
-def estimate(job: Job, now: float) -> Estimate | None:
+def estimate(job: Job, now: float,
+             max_snapshot_s: float = MAX_SNAPSHOT_INTERVAL_S) -> Estimate | None:
     """The recommended cadences of ``job``'s running attempt; None until they are known (the
     attempt has not run ``MIN_STEPS`` steps yet, or its ranks hold no snapshot)."""
     attempt = job.current
@@ -231,6 +237,9 @@ def estimate(job: Job, now: float) -> Estimate | None:
     # a snapshot's cost scales with the state: the model's figures are for 3.88 GB a node
     node_bytes = per_node * max((r.snapshot_bytes for r in attempt.ranks), default=0)
     scale = node_bytes / REFERENCE_NODE_BYTES
+    # what a snapshot holds the training threads, where the ranks measured it (the slowest
+    # rank's: the others wait for it at the next collective)
+    blocked = max((r.snapshot_blocked_s for r in attempt.ranks), default=0.0)
     persist_s = max((r.persist_s for r in attempt.ranks), default=0.0)
     persist_cost = (persist_s * defaults.persist_overhead_s / defaults.persist_latency_s
                     if persist_s else defaults.persist_overhead_s)
@@ -239,7 +248,7 @@ def estimate(job: Job, now: float) -> Estimate | None:
         FailureClass(name=c, count=per_day[c], detect=detect, tier=tier, loses_node=loses)
         for c, (detect, tier, loses) in _CLASSES.items())
     costs = goodput.Costs(
-        step_s=step_s, snapshot_stall_s=defaults.snapshot_stall_s * scale,
+        step_s=step_s, snapshot_stall_s=blocked or defaults.snapshot_stall_s * scale,
         protect_overhead_s=defaults.protect_overhead_s * scale, persist_overhead_s=persist_cost,
         persist_latency_s=persist_s or defaults.persist_latency_s)
     inputs = goodput.Inputs(
@@ -247,7 +256,7 @@ def estimate(job: Job, now: float) -> Estimate | None:
         reference_gpus=per_node * len(attempt.nodes), reference_days=1.0, costs=costs,
         redundancy=(k, m))
     snapshot_now = job.snapshot_every or job.spec.snapshot_every or observed_every
-    snapshot = _steps(goodput.plan(inputs).snapshot_interval_s, step_s, MAX_SNAPSHOT_INTERVAL_S)
+    snapshot = _steps(goodput.plan(inputs).snapshot_interval_s, step_s, max_snapshot_s)
     if not _far(snapshot, snapshot_now):
         snapshot = snapshot_now
     plan = goodput.plan(replace(inputs, snapshot_interval_s=snapshot * step_s))
@@ -271,20 +280,21 @@ def estimate(job: Job, now: float) -> Estimate | None:
     return Estimate(
         exposure_s=exposure, counts=counts, per_day=per_day, memory_per_day=memory_per_day,
         disk_per_day=disk_per_day, redundancy=(k, m), step_s=step_s,
-        snapshot_cost_s=costs.snapshot_stall_s + costs.protect_overhead_s,
+        snapshot_cost_s=costs.snapshot_stall_s + costs.protect_overhead_s, blocked_s=blocked,
         snapshot_now=snapshot_now, snapshot_every=snapshot, persist_s=persist_s,
         persist_cost_s=persist_cost, persist_now=persist_now, interval_s=interval,
         persist_every=int(every), snapshot_from=start)
 
 
-def retune(job: Job, now: float) -> Estimate | None:
+def retune(job: Job, now: float,
+           max_snapshot_s: float = MAX_SNAPSHOT_INTERVAL_S) -> Estimate | None:
     """The estimate to apply to ``job`` now, or None: it does not adapt its cadences, it is
     not running, they are not known yet, or those in force are within ``RETUNE_RATIO``."""
     attempt = job.current
     if (not job.spec.adapt_cadence or job.state != JobState.RUNNING or attempt is None
             or attempt.state != AttemptState.RUNNING):
         return None
-    est = estimate(job, now)
+    est = estimate(job, now, max_snapshot_s)
     if est is None or not (est.snapshot_changed or est.persist_changed):
         return None
     return est

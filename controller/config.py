@@ -69,6 +69,9 @@ class ControllerConfig:
     controllers, :mod:`hpt.controller.leader`); 0: this process always leads."""
     grow_hysteresis_s: float = 10.0
     """A node must stay free this long before a shrunk job grows back onto it."""
+    max_snapshot_interval_s: float = 300.0
+    """The most seconds apart the snapshot cadence of an adapting job is set (a crash of the
+    script, which the failure model does not count, loses at most that)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -118,6 +121,9 @@ class ControllerConfig:
             raise ValueError(f"keep_finished_s ({self.keep_finished_s}) must be > 0")
         if not 1 <= self.max_streams <= 64:
             raise ValueError(f"max_streams ({self.max_streams}) must be in 1..64")
+        if not 1 <= self.max_snapshot_interval_s <= 86400:
+            raise ValueError(f"max_snapshot_interval_s ({self.max_snapshot_interval_s}) must be "
+                             "in 1..86400")
         if not 0 <= self.grow_hysteresis_s <= 86400:
             raise ValueError(f"grow_hysteresis_s ({self.grow_hysteresis_s}) must be in 0..86400")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import threading
 from collections.abc import Iterable, Mapping
@@ -182,11 +183,17 @@ def rank_to_proto(rank: Rank) -> pb.RankStatus:
         persist_s=rank.persist_s,
         snapshot_replicated=rank.snapshot_replicated,
         snapshot_split=rank.snapshot_split,
+        snapshot_blocked_s=rank.snapshot_blocked_s,
         end_cause=_END_CAUSE[rank.end_cause],
     )
     if rank.exit is not None:
         msg.exit.CopyFrom(exit_to_proto(rank.exit))
     return msg
+
+
+def _seconds(value: float) -> float:
+    """A duration an agent reported; 0 (not measured) when it is not one (NaN, negative)."""
+    return value if math.isfinite(value) and value >= 0 else 0.0
 
 
 MAX_SPLIT_TEXT = 4096
@@ -213,6 +220,7 @@ def rank_from_proto(msg: pb.RankStatus) -> Rank:
         snapshot_replicated=msg.snapshot_replicated,
         # (longer than any split an agent sends: not kept, so one agent cannot bloat the record)
         snapshot_split=msg.snapshot_split if len(msg.snapshot_split) <= MAX_SPLIT_TEXT else "",
+        snapshot_blocked_s=_seconds(msg.snapshot_blocked_s),
         end_cause=_END_CAUSE_BACK.get(msg.end_cause, RankEndCause.NONE),
     )
 

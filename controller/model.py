@@ -351,6 +351,9 @@ class Rank:
     snapshot_replicated: bool = False
     """Every tensor of the rank's snapshots is whole: a data-parallel replica (any replica of
     the job may stand in for it after a resize)."""
+    snapshot_blocked_s: float = 0.0
+    """Seconds one snapshot holds the rank's training thread, as its agent measured (0: not
+    yet): the snapshot cost the cadence weighs."""
     snapshot_split: str = ""
     """How its sharded tensors are cut (``hpt.ckpt.sources.EvenSplit.encode``; "": not an
     even split on one dim, replicated, or not known): which old ranks a resize reads."""

@@ -166,6 +166,7 @@ class Observe:
             rank.snapshot_bytes, rank.persist_s = seen.snapshot_bytes, seen.persist_s
             rank.snapshot_replicated = seen.snapshot_replicated
             rank.snapshot_split = seen.snapshot_split
+            rank.snapshot_blocked_s = seen.snapshot_blocked_s
             self._progress_jobs.add(job.id)
         if seen.step > rank.step:
             rank.step, rank.step_at = seen.step, seen.step_at

@@ -654,7 +654,7 @@ class Reconciler(Observe, Execute):
         running attempt apply them at once (a new snapshot cadence from a step ahead of every
         rank); the attempt goes on."""
         for job in self.jobs.values():
-            est = cadence.retune(job, now)
+            est = cadence.retune(job, now, self.cfg.max_snapshot_interval_s)
             if est is None:
                 continue
             attempt = job.current

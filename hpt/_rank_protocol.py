@@ -310,12 +310,16 @@ class SnapshotCommitted(_Message):
     """Bytes of the snapshot."""
     copy_s: float | None = None
     """Seconds from the start of the save to the commit, when the rank timed it."""
+    blocked_s: float | None = None
+    """Seconds the newest snapshot the rank measured held its training thread (its save and
+    the next optimizer step's wait for the copies: ``Checkpointer.blocked_s``)."""
 
     def __post_init__(self) -> None:
         _int(self, "step", 0)
         _int(self, "generation", 0, MAX_GENERATIONS - 1)
         _int(self, "nbytes", 0)
         _float(self, "copy_s", optional=True)
+        _float(self, "blocked_s", optional=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

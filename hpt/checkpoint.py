@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ class _AgentSink(ShmSink):
         self._channel = channel
         self._rank = rank
         self._started: dict[int, float] = {}  # generation -> monotonic start of its save
+        self.blocked_s: Callable[[], float | None] = lambda: None  # the Checkpointer's
 
     def acquire(self, layout: Layout, generation: int) -> torch.Tensor:
         self._started[generation] = time.monotonic()
@@ -83,7 +84,8 @@ class _AgentSink(ShmSink):
             started = self._started.pop(generation, None)
             self._channel.send(SnapshotCommitted(
                 step=step, generation=generation, nbytes=layout.total_bytes,
-                copy_s=None if started is None else time.monotonic() - started))
+                copy_s=None if started is None else time.monotonic() - started,
+                blocked_s=self.blocked_s()))
 
 
 class Checkpointer(_EngineCheckpointer):
@@ -122,6 +124,8 @@ class Checkpointer(_EngineCheckpointer):
         super().__init__(model, optimizer, extra_state=extra_state, sink=sink, every=every,
                          **kwargs)
         self._owns_sink = True  # closing an agent sink unmaps; the files stay with the agent
+        if sink is not None:
+            sink.blocked_s = lambda: self.blocked_s
         self._plan: RestorePlan = restore_plan(env)
         self._prefix = prefix
         self._shm_dir = env.get("HPT_SNAPSHOT_DIR", "/dev/shm")

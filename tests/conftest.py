@@ -40,7 +40,10 @@ class _SharedHolder:
     def __init__(self, workdir: Path) -> None:
         from tests.faults.faults import FaultCluster
 
-        self.cluster = FaultCluster(workdir, metrics=True)  # a LocalCluster serving /metrics
+        # a LocalCluster serving /metrics; an adapting job's snapshots at most 5 s apart (a
+        # small job's optimum is past any cap: the cadence test needs the change within its run)
+        self.cluster = FaultCluster(workdir, metrics=True,
+                                    controller_args=("--max-snapshot-interval", "5"))
         self.closed = False
 
     def close(self) -> None:

@@ -451,6 +451,7 @@ class RankStatus(_message.Message):
     SNAPSHOT_REPLICATED_FIELD_NUMBER: _builtins.int
     PERSIST_S_FIELD_NUMBER: _builtins.int
     SNAPSHOT_SPLIT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BLOCKED_S_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     local_rank: _builtins.int
     node: _builtins.str
@@ -482,6 +483,11 @@ class RankStatus(_message.Message):
     empty: replicated, not known yet, or cut some other way). After a resize the controller
     names in each node's restore plan only the old ranks its new ranks read.
     """
+    snapshot_blocked_s: _builtins.float
+    """Seconds one snapshot holds the rank's training thread (its save and the next optimizer
+    step's wait for the copies), a moving average of what the rank measured (0: not yet).
+    The controller's snapshot cadence weighs it (controller/cadence.py).
+    """
     @_builtins.property
     def exit(self) -> Global___ExitInfo: ...
     @_builtins.property
@@ -512,10 +518,11 @@ class RankStatus(_message.Message):
         snapshot_replicated: _builtins.bool = ...,
         persist_s: _builtins.float = ...,
         snapshot_split: _builtins.str = ...,
+        snapshot_blocked_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persist_s", b"persist_s", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_split", b"snapshot_split", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_cause", b"end_cause", "exit", b"exit", "exit_reason", b"exit_reason", "first_step_at", b"first_step_at", "local_rank", b"local_rank", "node", b"node", "persist_s", b"persist_s", "persisted_steps", b"persisted_steps", "pid", b"pid", "rank", b"rank", "snapshot_blocked_s", b"snapshot_blocked_s", "snapshot_bytes", b"snapshot_bytes", "snapshot_replicated", b"snapshot_replicated", "snapshot_split", b"snapshot_split", "snapshot_steps", b"snapshot_steps", "state", b"state", "step", b"step", "step_at", b"step_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -199,6 +199,13 @@ def up(
     default=None,
     help="Seconds a node must stay free before a shrunk job grows onto it [default: 10].",
 )
+@click.option(
+    "--max-snapshot-interval",
+    type=click.FloatRange(1, 86400),
+    default=None,
+    help="The most seconds apart an --adapt-cadence job's snapshots are set (a crash of the "
+    "script loses at most that) [default: 300].",
+)
 @limit_options
 def controller(
     host: str,
@@ -217,6 +224,7 @@ def controller(
     metrics_port: int | None,
     status_port: int | None,
     grow_after: float | None,
+    max_snapshot_interval: float | None,
     limits: dict[str, Any],
 ) -> None:
     """Run the controller only (as the Helm chart does)."""
@@ -224,7 +232,8 @@ def controller(
 
     kwargs = limits | given(heartbeat_period_s=heartbeat_period, agent_lease_s=agent_lease,
                             metrics_port=metrics_port, status_port=status_port,
-                            grow_hysteresis_s=grow_after)
+                            grow_hysteresis_s=grow_after,
+                            max_snapshot_interval_s=max_snapshot_interval)
     try:
         cfg = ControllerConfig(
             host=host,

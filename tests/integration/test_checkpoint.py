@@ -180,8 +180,9 @@ def test_the_controller_retunes_a_running_jobs_cadences_without_restarting_it(
     shared_cluster, tmp_path
 ):
     # snapshots and persists every 7th step to start with (the spec's, over the script's every
-    # step). A small job with no faults: Young/Daly puts snapshots ~20 s apart even at the tiny
-    # state's cost, and persists an hour apart (the most)
+    # step). A small job with no faults: Young/Daly puts snapshots hours apart at the blocking
+    # the ranks measure, so the cap sets them (this cluster's controller: 5 s, 100 steps), and
+    # persists an hour apart (the most)
     persist = tmp_path / "ckpt"
     steps = 600
     job_id = shared_cluster.submit("python", TRAIN, "--steps", str(steps), "--step-time", "0.05",

@@ -297,6 +297,8 @@ def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_d
     first = job.attempts[-1]
     assert all("floor/2" in r.snapshot_split.split(":")[0].split("+") for r in first.ranks), [
         r.snapshot_split for r in first.ranks]
+    # (and what a snapshot holds each rank's training thread, as the ranks measured it)
+    assert all(r.snapshot_blocked_s > 0 for r in first.ranks), first.ranks
     cluster.kill_agent(first.nodes[1])
     job = cluster.wait_terminal(job_id, 300)
     assert state_name(job.state) == "SUCCEEDED", job.reason

@@ -24,6 +24,12 @@ def test_reported_steps_follow_commits_and_discards(tmp_path):
     keeper.committed("j", 3, 10, 0, 4096)
     keeper.committed("j", 3, 11, 1, 4096)
     assert keeper.steps("j", 3) == ([10, 11], [], 4096, 0.0)
+    assert keeper.blocked("j", 3) == 0.0  # the rank measured nothing
+    keeper.committed("j", 3, 12, 2, 4096, blocked_s=0.010)
+    keeper.committed("j", 3, 13, 3, 4096, blocked_s=0.060)  # one slow save moves it a fifth
+    assert keeper.blocked("j", 3) == pytest.approx(0.020)
+    keeper.discarded("j", 3, 2)
+    keeper.discarded("j", 3, 3)
     keeper.discarded("j", 3, 0)
     assert keeper.steps("j", 3) == ([11], [], 4096, 0.0)
     with pytest.raises(ValueError, match="unknown rank"):

@@ -285,3 +285,26 @@ def test_shards_mark_the_parameter_and_its_optimizer_state() -> None:
         assert (e.global_shape, e.global_offset) == ((10, 3), (3, 0)), fqn
     assert layout.entry("model.bias").is_replicated
     assert layout.entry("optim.state.weight.step").is_replicated
+
+
+def test_the_time_a_snapshot_holds_training_is_measured_up_to_the_next_optimizer_step() -> None:
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(model, opt)
+    try:
+        assert ckpt.blocked_s is None  # nothing saved yet
+        assert ckpt.save(1)
+        assert ckpt.blocked_s is None  # the next step's wait for the copies is part of it
+        model(torch.ones(2, 64)).sum().backward()
+        opt.step()
+        first = ckpt.blocked_s
+        assert first is not None and first > 0
+        opt.step()  # a step with no snapshot before it measures nothing new
+        assert ckpt.blocked_s == first
+    finally:
+        ckpt.close()
+    plain = Checkpointer(model)  # no optimizer: nothing waits later, the save is all of it
+    try:
+        assert plain.save(1) and plain.blocked_s is not None and plain.blocked_s > 0
+    finally:
+        plain.close()

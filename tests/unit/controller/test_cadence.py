@@ -37,7 +37,7 @@ def _job(*, nodes: int = 4, per_node: int = 8, redundancy: str = "2+1", step_s: 
          steps: int = 100, snapshots: tuple[int, ...] = (96, 98, 100), persist_s: float = 0.0,
          faults: tuple[FaultKind, ...] = (), hours: float = 24.0, adapt: bool = True,
          persist_every: int = 10, replicated: bool = False, snapshot_bytes: int = 485_000_000,
-         snapshot_every: int = 0) -> tuple[Job, float]:
+         snapshot_every: int = 0, blocked_s: float = 0.0) -> tuple[Job, float]:
     """A running job whose first attempt started ``hours`` ago; one ended attempt per fault."""
     now = 1_000_000.0
     start = now - hours * HOUR
@@ -48,7 +48,8 @@ def _job(*, nodes: int = 4, per_node: int = 8, redundancy: str = "2+1", step_s: 
                      state=RankState.RUNNING, step=steps, step_at=now - 1.0,
                      snapshot_steps=snapshots, persist_s=persist_s,
                      snapshot_bytes=snapshot_bytes,
-                     snapshot_replicated=replicated)
+                     snapshot_replicated=replicated,
+                     snapshot_blocked_s=blocked_s if i else 0.0)  # (one rank did not measure)
                 for i in range(nodes * per_node)]
 
     attempts = []
@@ -159,6 +160,37 @@ def test_the_snapshot_cadence_follows_the_state_size_and_the_failures_memory_res
     assert plan.snapshot_from > 100 + cadence.APPLY_AHEAD_S / 2.57
     assert "snapshot every 1 -> " in plan.reason() and f"from step {plan.snapshot_from}" in (
         plan.reason())
+
+
+def test_a_measured_blocking_time_replaces_the_size_scaled_default() -> None:
+    big = {"nodes": 2048, "per_node": 8, "redundancy": "8+1", "step_s": 2.57,
+           "snapshots": (99, 100), "hours": 1.0}
+    scaled = _est(**big)
+    assert scaled.blocked_s == 0 and "by its size)" in scaled.reason()
+    # the ranks measured 0.5 s a snapshot (a slow host copy, say): the cost is that plus the
+    # copies' share, and snapshots are taken further apart (Young/Daly: sqrt of the cost)
+    slow = _est(**big, blocked_s=0.5)
+    assert slow.blocked_s == 0.5
+    assert slow.snapshot_cost_s == pytest.approx(0.5 + scaled.snapshot_cost_s - 0.015, rel=0.01)
+    assert slow.snapshot_every > 2 * scaled.snapshot_every
+    assert "500 ms blocking measured" in slow.reason()
+    # measured at 1 ms (hpt's usual): cheaper than the 15 ms default, closer together
+    quick = _est(**big, blocked_s=0.001)
+    assert quick.snapshot_cost_s < scaled.snapshot_cost_s
+    assert quick.snapshot_every <= scaled.snapshot_every
+
+
+def test_the_operator_caps_how_far_apart_snapshots_are_set() -> None:
+    from hpt.controller.config import ControllerConfig
+
+    job, now = _job(nodes=2, per_node=2, snapshots=(90, 95, 100), step_s=2.0, blocked_s=0.003)
+    capped = cadence.estimate(job, now, max_snapshot_s=60.0)
+    default = cadence.estimate(job, now)
+    assert capped is not None and default is not None
+    assert (capped.snapshot_every, default.snapshot_every) == (30, 150)  # 60 s and 300 s
+    assert cadence.retune(job, now, 60.0).snapshot_every == 30  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="max_snapshot_interval_s"):
+        ControllerConfig(max_snapshot_interval_s=0.5)
 
 
 def test_nothing_is_retuned_before_the_step_time_is_known_or_within_the_ratio() -> None:
