@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hpt.jobspec import parse_redundancy
-from hpt.splits import EvenSplit, common_split
+from hpt.splits import EvenSplit, common_split, preferred_rank
 
 if TYPE_CHECKING:  # model imports this module: no import cycle at runtime
     from hpt.controller.model import Attempt, Job
@@ -218,7 +218,7 @@ def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: s
     alive = set(replicas)
     need = {r.rank for r in previous.ranks_on(node)} if node else set()
     for new in new_ranks:
-        pref = new if new < previous.world_size else 0
+        pref = preferred_rank(new, previous.world_size)
         if pref in alive:
             need.add(pref)
         elif replicas:

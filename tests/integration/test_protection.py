@@ -258,26 +258,18 @@ def test_a_sharded_job_losing_a_node_decodes_and_reshards_it_as_a_resize_from_di
                             redundancy="2+1")
     job = cluster.wait_job(job_id, _protected_at_least(6), 90, "a protected step >= 6")
     first = job.attempts[-1]
-    cluster.kill_agent(first.ranks[1].node)  # its slice is on no other node: only parity has it
-    job = cluster.wait_terminal(job_id, 300)
-    assert state_name(job.state) == "SUCCEEDED", job.reason
-    shrunk = next(a for a in job.attempts[first.number:] if a.world_size == 2)
-    source = [e.message for e in cluster.events(job_id)
-              if e.kind == "restore_source" and e.attempt == shrunk.number]
-    found = re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source[0])
-    assert found, source
-    step = int(found.group(1))
+    # its slice is on no other node: only parity has it
+    shrunk, source, step, rebuilt = _shrunk_to(cluster, job_id, first, first.ranks[1].node, 2)
+    assert re.search(r"step (\d+): .* rebuilt from peers \(parity 2\+1\)", source), source
     # new rank 0 holds old slice 0 and the first half of old slice 1, new rank 1 the rest:
     # both survivors decode old rank 1, and neither fetches the other survivor's slice: the
     # ranks reported the even split their shards follow, so the controller's plan for each
     # survivor names its own old rank and old rank 1 only (no "not needed" for the agent to
     # skip)
-    rebuilt = [e.message for e in cluster.events(job_id)
-               if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
     assert len([m for m in rebuilt if f"step {step} " in m and "rank 1 from decoded" in m]) == 2
     assert not [m for m in rebuilt if "from peer" in m or "not needed" in m], rebuilt
     resumed = {int(m.group(1)) for line in cluster.client.logs(job_id)
-               if line.attempt == shrunk.number
+               if line.attempt == shrunk
                and (m := re.match(r"rank \d+ resumed at step (\d+)", line.text))}
     assert resumed == {step}, resumed
     # the reference: the same job to that step on 3 nodes, persisted there, then on 2 nodes
@@ -299,19 +291,9 @@ def test_an_hsdp_shrink_reads_one_copy_of_each_slice_and_matches_a_resize_from_d
         r.snapshot_split for r in first.ranks]
     # (and what a snapshot holds each rank's training thread, as the ranks measured it)
     assert all(r.snapshot_blocked_s > 0 for r in first.ranks), first.ranks
-    cluster.kill_agent(first.nodes[1])
-    job = cluster.wait_terminal(job_id, 300)
-    assert state_name(job.state) == "SUCCEEDED", job.reason
-    shrunk = next(a for a in job.attempts[first.number:] if a.world_size == 4)
-    source = [e.message for e in cluster.events(job_id)
-              if e.kind == "restore_source" and e.attempt == shrunk.number]
-    found = re.search(r"step (\d+): ", source[0])
-    assert found, source
-    step = int(found.group(1))
+    _, _, step, rebuilt = _shrunk_to(cluster, job_id, first, first.nodes[1], 4)
     # the node of old ranks 4, 5 runs new ranks 2, 3: it reads their preferred old ranks 2, 3
     # (the lost node's, decoded) beside its own; the other survivor keeps 0, 1, all local
-    rebuilt = [e.message for e in cluster.events(job_id)
-               if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
     assert [m for m in rebuilt if re.search(r"rank 2 from decoded, rank 3 from decoded", m)], \
         rebuilt
     assert not [m for m in rebuilt if "rank 0 from" in m or "rank 1 from" in m
@@ -363,6 +345,24 @@ def test_a_sharded_job_grows_back_onto_a_fresh_node_that_fetches_only_what_it_re
     assert resumed == {step}, resumed
     cluster.client.cancel(job_id, grace_s=1.0)
     cluster.wait_terminal(job_id)
+
+
+def _shrunk_to(cluster: LocalCluster, job_id: str, first, victim: str,  # type: ignore[no-untyped-def]
+               world: int) -> tuple[int, str, int, list[str]]:
+    """Kill ``victim``'s agent and let the job finish on the survivors: the number of the
+    attempt of ``world`` ranks, its restore source, the step it restored, and its
+    snapshot_rebuilt events."""
+    cluster.kill_agent(victim)
+    job = cluster.wait_terminal(job_id, 300)
+    assert state_name(job.state) == "SUCCEEDED", job.reason
+    shrunk = next(a for a in job.attempts[first.number:] if a.world_size == world)
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == shrunk.number]
+    found = re.search(r"step (\d+): ", source[0])
+    assert found, source
+    rebuilt = [e.message for e in cluster.events(job_id)
+               if e.kind == "snapshot_rebuilt" and e.attempt == shrunk.number]
+    return shrunk.number, source[0], int(found.group(1)), rebuilt
 
 
 def _resized_from_disk(cluster: LocalCluster, tmp_path: Path, argv: list[str], step: int,
