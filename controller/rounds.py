@@ -20,12 +20,23 @@ and from then on the job's targets are named ``lead`` steps AHEAD of the ranks (
 steps the ranks made while the missed round was in flight, doubled after each miss): the
 agents pin a future step the moment their ranks commit it. The same holds from the first
 round when no step is complete on every rank in the reports at hand (each node's report is from
-another moment, and ranks that keep three generations of 50 ms steps share none). A step ahead that
+another moment, and ranks that keep three generations of 50 ms steps share none), and after a
+round done at the newest complete step when none newer is (the protected step stays complete:
+the agents pin it; a restarted controller, whose rounds start over at lead 0, named it and
+then waited for a newer one for the rest of the attempt). A step ahead that
 the ranks stop moving towards for ``AHEAD_WAIT_S`` (slow steps, a pause) gives way to the newest
 complete step, which stays in memory long enough when the ranks move that slowly. A target far
 ahead that the ranks keep moving towards is kept however long they take: giving it up for the
 newest complete step after a fixed time missed again with fast steps, doubled the lead again,
 and on a loaded machine never protected a step at all.
+
+A lead grown by a miss comes back down: each round done ahead of the ranks halves it, to no less
+than one step more than the lead of the newest missed round (``Target.floor``). A miss that
+says nothing about the network, the controller paused or restarted while the ranks ran on,
+grew the lead to the steps they ran meanwhile (50 steps for 4 s paused, 1,024 after a few
+misses in a row) and kept it there: every later round protected a step that far behind, and a
+node lost then lost that many steps. A lead that truly is too short misses again and raises
+the floor, so the lead settles at the shortest that works without probing below it.
 """
 
 from __future__ import annotations
@@ -57,15 +68,20 @@ class Target:
     """The lowest newest snapshot step over the ranks when they last moved towards ``step``."""
     moved_at: float = 0.0
     """Monotonic time of that move (0: when named)."""
+    floor: int = 0
+    """The fewest steps ahead the job's rounds are named: one more than the lead of its newest
+    missed round (0: none missed ahead of the ranks)."""
 
 
 def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
-                reached: tuple[int, int], now: float, cadence: int = 1) -> Target | None:
+                reached: tuple[int, int], now: float, cadence: int = 1,
+                floor: int = 0) -> Target | None:
     """The round now.
 
     Args:
         current: the attempt's current round (None: no round of this attempt yet).
         lead: the job's lead (0: name the newest complete step).
+        floor: the job's floor (``Target.floor``).
         complete: steps complete in memory on every rank.
         protected: steps already protected.
         reached: (lowest, highest) newest snapshot step over the ranks: every rank has saved
@@ -83,22 +99,30 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
             since = max(current.named_at, current.moved_at)
             if now - since < AHEAD_WAIT_S or newest is None or newest in protected:
                 return current
-            return Target(newest, lead, now, reached[0])  # the ranks are slow or paused
+            # the ranks are slow or paused
+            return Target(newest, lead, now, reached[0], floor=floor)
         # every rank went past it and one lost it: name steps at least as far ahead as the
         # ranks went while this one was in flight, and twice as far as the last lead
+        if current.lead:
+            floor = min(current.lead + 1, MAX_LEAD)
         lead = min(max(1, 2 * lead, reached[1] - current.step), MAX_LEAD)
-    if not lead and newest is None and reached[0] >= 0:
-        # every rank saved, yet no step is held by all of them in the reports at hand: they
-        # came from different moments (fast steps, heartbeats out of phase) and a rank keeps
-        # a few generations; naming "the newest complete step" would wait for ever
+    elif current is not None and current.lead and lead > max(1, floor):
+        lead = max(1, floor, lead // 2)  # done ahead of the ranks: come back down
+    done = current.step if current is not None else -1
+    if not lead and reached[0] > done and (newest is None or newest <= done):
+        # every rank saved a step past the last round, yet none is held by all of them in the
+        # reports at hand: they came from different moments (fast steps, heartbeats out of
+        # phase) and a rank keeps a few generations (the protected step among them, pinned,
+        # so "complete" still holds it); naming "the newest complete step" would wait for ever
         lead = min(max(1, reached[1] - reached[0]), MAX_LEAD)
     if lead:
         if reached[1] < 0:
             return None
-        return Target(reached[1] + cadence * -(-lead // cadence), lead, now, reached[0])
+        return Target(reached[1] + cadence * -(-lead // cadence), lead, now, reached[0],
+                      floor=floor)
     if newest is None or (current is not None and newest <= current.step):
         return current if current is not None and current.step in complete else None
-    return Target(newest, 0, now, reached[0])
+    return Target(newest, 0, now, reached[0], floor=floor)
 
 
 _STEPS = operator.attrgetter("snapshot_steps")
@@ -165,7 +189,7 @@ class ProtectionRounds:
             protected = set(attempt.protected_steps)
             complete, reached, cadence = survey(attempt)
             target = next_target(current, held[1].lead if held else 0, complete, protected,
-                                 reached, now, cadence)
+                                 reached, now, cadence, held[1].floor if held else 0)
             if target is None:
                 continue
             self._rounds[job.id] = (attempt.number, target)

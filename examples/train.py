@@ -153,6 +153,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-time", type=float, default=0.1,
                         help="seconds each step takes at least (makes the demo watchable)")
+    parser.add_argument("--pace-file", default="",
+                        help="--step-time holds only while this file exists; once it is gone "
+                        "the steps run unpaced (a harness that needs the job alive for a while, "
+                        "then done)")
     parser.add_argument("--no-ckpt", action="store_true", help="do not snapshot")
     parser.add_argument("--save-every", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
@@ -211,7 +215,7 @@ def main() -> None:
         if ctx.rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
         left = args.step_time - (time.monotonic() - started)
-        if left > 0:
+        if left > 0 and (not args.pace_file or os.path.exists(args.pace_file)):
             time.sleep(left)  # pacing of the demo workload, not a wait on anything
     # After the last step: the final save and teardown take as long as they take, not a step
     # (without the section the agent would call a slow one a hang).

@@ -12,16 +12,26 @@ empty).
 
 A write whose reply was lost may have been applied: a retried ``put`` that then conflicts with
 exactly the version it would have produced, holding exactly its bytes, is our own write and is
-reported as done. An event appended just before a lost reply may be appended twice (events are
-at-least-once across an outage).
+reported as done. A ``put`` that gave up (it raised ``StoreUnavailableError``: Redis paused, a
+reply timed out) may have landed too, once the store answers again: the next ``put`` of that
+key, made from the version before it, then conflicts with the version the lost one produced.
+If that version holds exactly the lost put's bytes (its digest is kept per key until a put of
+the key succeeds), the conflict is our own earlier write and the new put is applied on top of
+it. Without this, a single controller read its own write as another controller's and stepped
+down: one Redis paused for 3 s ended the controller, and the agents killed every rank when
+their lease ran out. A ``delete`` likewise: a retry that finds the record gone is done. An
+event appended just before a lost reply may be appended twice (events are at-least-once across
+an outage).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,6 +41,11 @@ from hpt.controller.store import ConflictError, Store, StoreUnavailableError, Ve
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_UNCERTAIN = 100_000
+"""Keys whose last put gave up that are remembered (oldest forgotten first): 40 bytes each."""
+_DELETED = b"deleted"
+"""What a delete that gave up is remembered as (no SHA-256 digest is this short)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,6 +103,9 @@ class RetryingStore:
         self._next_probe = 0.0
         self._probe_backoff = self.policy.first_backoff_s
         self._sleep = threading.Event()
+        self._uncertain: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        """Key -> (expected version, SHA-256 of the value) of a put that gave up: it may have
+        landed."""
 
     @property
     def health(self) -> StoreHealth:
@@ -107,16 +125,78 @@ class RetryingStore:
             try:
                 return self.inner.put(key, value, expected_version=expected_version)
             except ConflictError as exc:
-                if tries > 1 and expected_version is not None and exc.actual == expected_version + 1:
-                    item = self.inner.get(key)  # our earlier try landed and its reply was lost?
-                    if item is not None and item.version == exc.actual and item.value == value:
-                        return item.version
-                raise
+                if expected_version is None or exc.actual <= expected_version:
+                    raise
+                item = self.inner.get(key)  # our earlier try landed and its reply was lost?
+                if item is None or item.version != exc.actual:
+                    raise
+                if tries > 1 and item.version == expected_version + 1 and item.value == value:
+                    return item.version
+                lost = self._uncertain.get(key)  # or a put of ours that gave up landed?
+                if (lost is None or lost[0] < expected_version or item.version != lost[0] + 1
+                        or lost[1] != hashlib.sha256(item.value).digest()):
+                    raise
+                log.warning("put %r: a put of ours that gave up had landed (version %d); "
+                            "writing on top of it", key, item.version)
+                try:
+                    return self.inner.put(key, value, expected_version=item.version)
+                except StoreUnavailableError:
+                    self._remember(key, item.version, hashlib.sha256(value).digest())
+                    raise
 
-        return self._call("put", once)
+        try:
+            version = self._call("put", once)
+        except StoreUnavailableError:
+            if expected_version is not None:
+                self._remember(key, expected_version, hashlib.sha256(value).digest())
+            raise
+        if self._uncertain:
+            with self._lock:
+                self._uncertain.pop(key, None)
+        return version
 
     def delete(self, key: str, *, expected_version: int | None) -> None:
-        self._call("delete", lambda: self.inner.delete(key, expected_version=expected_version))
+        tries = 0
+
+        def once() -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                self.inner.delete(key, expected_version=expected_version)
+            except ConflictError as exc:
+                # an earlier try (of this call, or one that gave up) landed and its reply was
+                # lost, or a put of ours that gave up left the record one version on: either
+                # way the record is ours to delete
+                lost = self._uncertain.get(key)
+                if exc.actual == 0 and (tries > 1 or lost == (expected_version, _DELETED)):
+                    return
+                if lost is not None and exc.actual == lost[0] + 1:
+                    item = self.inner.get(key)
+                    if item is not None and lost == (expected_version,
+                                                     hashlib.sha256(item.value).digest()):
+                        self.inner.delete(key, expected_version=item.version)
+                        return
+                raise
+
+        try:
+            self._call("delete", once)
+        except StoreUnavailableError:
+            if expected_version is not None:
+                self._remember(key, expected_version, _DELETED)
+            raise
+        if self._uncertain:
+            with self._lock:
+                self._uncertain.pop(key, None)
+
+    def _remember(self, key: str, expected_version: int, digest: bytes) -> None:
+        with self._lock:
+            lost = self._uncertain.get(key)
+            if lost is not None and lost[0] > expected_version:
+                return  # a write on top of a landed one gave up: that one is remembered
+            self._uncertain[key] = (expected_version, digest)
+            self._uncertain.move_to_end(key)
+            while len(self._uncertain) > MAX_UNCERTAIN:
+                self._uncertain.popitem(last=False)
 
     def scan(self, prefix: str) -> dict[str, Versioned]:
         return self._call("scan", lambda: self.inner.scan(prefix))

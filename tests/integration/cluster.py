@@ -7,6 +7,7 @@ reported is checked dead (no orphans).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def rendezvous(world: int) -> Iterator[dict[str, str]]:
+    """The rendezvous of ``world`` ranks a test starts itself, as environment variables: a
+    TCPStore this process hosts on a port the kernel picked, which every rank joins as a
+    client (torchrun's agent store). A port probed free and then bound by rank 0 may be taken
+    in between by anything else on the machine."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                     use_libuv=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True", "USE_LIBUV": "0"}
+    finally:
+        del store
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05):

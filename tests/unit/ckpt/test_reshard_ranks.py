@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from hpt.ckpt import Checkpointer, ShmSink, fmt
-from tests.integration.cluster import free_port
+from tests.integration.cluster import rendezvous
 
 BIN = Path(__file__).resolve().parents[2] / "integration" / "bin"
 sys.path.insert(0, str(BIN))
@@ -77,18 +77,26 @@ def old_world_snapshots(prefixes: list[str], step: int = STEP,
 
 def run_ranks(world: int, out: Path, env: dict[str, str], timeout_s: float = 240) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     procs = []
-    for rank in range(world):
-        rank_env = {**os.environ, **env, "RANK": str(rank), "WORLD_SIZE": str(world),
-                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT), "USE_LIBUV": "0"}
-        for name in ("HPT_AGENT_SOCKET", "HPT_SNAPSHOT_PREFIX"):
-            rank_env.pop(name, None)
-        procs.append(subprocess.Popen([sys.executable, str(BIN / "reshard_rank.py"), str(out)],
-                                      env=rank_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
     logs = []
+    with rendezvous(world) as store_env:
+        for rank in range(world):
+            rank_env = {**os.environ, **env, **store_env, "RANK": str(rank),
+                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                        "PYTHONPATH": str(ROOT)}
+            for name in ("HPT_AGENT_SOCKET", "HPT_SNAPSHOT_PREFIX"):
+                rank_env.pop(name, None)
+            procs.append(subprocess.Popen(
+                [sys.executable, str(BIN / "reshard_rank.py"), str(out)], env=rank_env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        _communicate(procs, logs, timeout_s)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
+
+
+def _communicate(procs: list[subprocess.Popen[str]], logs: list[str], timeout_s: float) -> None:
+    """Each rank's output into ``logs``; every rank reaped, killed at the deadline."""
     try:
         for p in procs:
             logs.append(p.communicate(timeout=timeout_s)[0])
@@ -101,9 +109,6 @@ def run_ranks(world: int, out: Path, env: dict[str, str], timeout_s: float = 240
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log
-    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
 
 
 def gathered(out: Path, world: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from hpt.controller.model import (
 )
 from hpt.controller.reconcile import DuplicateNodeError, Reconciler
 from hpt.controller.stall import StallDetector
-from hpt.controller.store import StoreUnavailableError
+from hpt.controller.store import ConflictError, StoreUnavailableError, Versioned
 from hpt.controller.store.memory import MemoryStore
 from hpt.controller.store.retrying import RetryingStore, RetryPolicy
 
@@ -117,6 +117,70 @@ def test_retried_put_whose_first_try_landed_is_reported_as_done():
 
     store = RetryingStore(LostReply(), RetryPolicy(call_deadline_s=1.0, first_backoff_s=0.01))
     assert store.put("k", b"v", expected_version=0) == 1
+
+
+class LandsThenTimesOut(MemoryStore):
+    """Applies each write, and while ``lost`` raises as a reply that timed out would (Redis
+    paused: the command runs once it resumes, the client has given up by then)."""
+
+    lost = False
+
+    def put(self, key, value, *, expected_version):  # type: ignore[no-untyped-def]
+        version = super().put(key, value, expected_version=expected_version)
+        if self.lost:
+            raise StoreUnavailableError("Timeout reading from redis")
+        return version
+
+    def delete(self, key, *, expected_version):  # type: ignore[no-untyped-def]
+        super().delete(key, expected_version=expected_version)
+        if self.lost:
+            raise StoreUnavailableError("Timeout reading from redis")
+
+
+def _gives_up(store: RetryingStore, call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(StoreUnavailableError):
+        call()
+    store._next_probe = 0.0  # (the next call probes at once instead of after its backoff)
+
+
+def test_a_put_that_gave_up_but_landed_is_not_read_as_another_controllers_write():
+    inner = LandsThenTimesOut()
+    store = RetryingStore(inner, RetryPolicy(call_deadline_s=0.0, first_backoff_s=0.01))
+    assert store.put("jobs/a", b"v1", expected_version=0) == 1
+    inner.lost = True
+    _gives_up(store, lambda: store.put("jobs/a", b"v2", expected_version=1))  # landed: 2
+    inner.lost = False
+    # the controller still holds version 1: its next write of the record lands on top of v2
+    assert store.put("jobs/a", b"v3", expected_version=1) == 3
+    assert inner.get("jobs/a") == Versioned(value=b"v3", version=3)
+    # a write the controller never made (another controller's) is still a conflict
+    inner.put("jobs/a", b"theirs", expected_version=3)
+    with pytest.raises(ConflictError):
+        store.put("jobs/a", b"v4", expected_version=3)
+    # two in a row that gave up, then one that goes through
+    assert store.put("jobs/b", b"w1", expected_version=0) == 1
+    inner.lost = True
+    _gives_up(store, lambda: store.put("jobs/b", b"w2", expected_version=1))
+    inner.lost = False
+    inner_put, calls = inner.put, []
+
+    def on_top_times_out(key, value, *, expected_version):  # type: ignore[no-untyped-def]
+        calls.append(expected_version)  # the first try conflicts; the write on top of w2
+        inner_put(key, value, expected_version=expected_version)  # lands...
+        raise StoreUnavailableError("Timeout reading from redis")  # ...and times out
+
+    inner.put = on_top_times_out  # type: ignore[method-assign]
+    _gives_up(store, lambda: store.put("jobs/b", b"w3", expected_version=1))
+    inner.put = inner_put  # type: ignore[method-assign]
+    assert calls == [1, 2] and inner.get("jobs/b") == Versioned(value=b"w3", version=3)
+    assert store.put("jobs/b", b"w4", expected_version=1) == 4
+    assert inner.get("jobs/b") == Versioned(value=b"w4", version=4)
+    # a delete that gave up but landed, then retried
+    inner.lost = True
+    _gives_up(store, lambda: store.delete("jobs/b", expected_version=4))
+    inner.lost = False
+    store.delete("jobs/b", expected_version=4)
+    assert inner.get("jobs/b") is None
 
 
 def test_controller_keeps_running_while_the_store_is_down_and_writes_everything_after():

@@ -10,9 +10,12 @@ from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, 
 from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target, survey
 
 
-def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0):  # type: ignore[no-untyped-def]
-    held = None if current is None else Target(current, lead, 100.0, seen=reached[0])
-    target = next_target(held, lead, set(complete), set(protected), reached, now, cadence)
+def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0,  # type: ignore[no-untyped-def]
+          floor=0):
+    held = None if current is None else Target(current, lead, 100.0, seen=reached[0],
+                                               floor=floor)
+    target = next_target(held, lead, set(complete), set(protected), reached, now, cadence,
+                         floor)
     return None if target is None else (target.step, target.lead)
 
 
@@ -27,6 +30,13 @@ def test_ranks_that_share_no_step_in_the_reports_at_hand_get_a_step_ahead() -> N
     assert _next(None, set(), set(), (15, 25)) == (35, 10)
     # after a round done at lead 0, the same
     assert _next(6, set(), {6}, (15, 25)) == (35, 10)
+
+
+def test_a_done_round_whose_step_alone_stays_complete_gets_a_step_ahead() -> None:
+    # a restarted controller starts at lead 0: its first round (101) is done, the agents pin
+    # it, so every rank still holds it; the ranks went on out of phase and share no newer step
+    assert _next(101, {85, 101}, {85, 101}, (110, 118)) == (126, 8)
+    assert _next(101, {101}, {101}, (101, 104)) == (101, 0)  # a rank has not gone past it yet
 
 
 def test_a_round_in_progress_keeps_its_step_while_newer_steps_complete() -> None:
@@ -45,10 +55,35 @@ def test_a_round_every_rank_went_past_without_keeping_its_step_names_steps_ahead
     assert _next(6, {7}, set(), (7, 7)) == (8, 1)
     assert _next(12, {10}, set(), (11, 12), lead=1) == (12, 1)  # a rank has yet to save it
     assert _next(12, {13}, set(), (13, 13), lead=1) == (15, 2)  # missed again: twice as far
-    assert _next(17, {17}, {17}, (20, 20), lead=2) == (22, 2)  # done: the next, as far ahead
+    # done: the next, as far ahead (the floor the miss at lead 1 set)
+    assert _next(17, {17}, {17}, (20, 20), lead=2, floor=2) == (22, 2)
     # with a snapshot every 5 steps the target is one the ranks save
     assert _next(20, {25}, set(), (25, 25), lead=2, cadence=5) == (30, 5)
     assert _next(20, {25}, set(), (25, 25), lead=8, cadence=5) == (45, 16)
+
+
+def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_one_above_the_missed_lead():
+    # rounds 9 steps ahead worked; the controller paused 4 s while the ranks ran 58 steps on
+    missed = next_target(Target(101, 9, 100.0, seen=92), 9, {149, 150}, set(), (150, 151),
+                         104.5)
+    assert missed is not None and (missed.step, missed.lead, missed.floor) == (201, 50, 10)
+    # each round done ahead of the ranks halves the lead, down to the floor and no further
+    leads = []
+    current, reached = missed, 201
+    for _ in range(5):
+        nxt = next_target(current, current.lead, {reached}, {reached}, (reached, reached), 110.0,
+                          floor=current.floor)
+        assert nxt is not None and nxt.step == reached + nxt.lead and nxt.floor == 10
+        leads.append(nxt.lead)
+        current, reached = nxt, nxt.step
+    assert leads == [25, 12, 10, 10, 10]
+    # a lead that is too short after all misses again: the floor moves up past it
+    again = next_target(current, 10, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
+                        floor=10)
+    assert again is not None and (again.lead, again.floor) == (20, 11)
+    done = next_target(again, 20, {again.step}, {again.step}, (again.step, again.step), 121.0,
+                       floor=11)
+    assert done is not None and done.lead == 11
 
 
 def test_a_step_ahead_the_ranks_do_not_reach_in_time_gives_way_to_the_newest_complete() -> None:

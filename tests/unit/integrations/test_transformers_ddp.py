@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the hpt[transformers] extra is not installed")
 
-from tests.integration.cluster import free_port  # noqa: E402
+from tests.integration.cluster import rendezvous  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 EPOCHS, BATCHES = 2, 3
@@ -43,27 +43,28 @@ print("all_reduces " + json.dumps(ours), flush=True)
 def test_trainer_ddp_bucket_all_reduces_are_recorded_with_sequence_numbers(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    port = free_port()
     procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "USE_LIBUV": "0", "PYTHONPATH": str(ROOT), "HPT_SNAPSHOT_DIR": str(tmp_path),
-               "HPT_SNAPSHOT_PREFIX": f"hf-ddp-{rank}", "TMPDIR": str(tmp_path)}
-        env.pop("HPT_AGENT_SOCKET", None)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(driver), str(ROOT / "examples" / "hf_train.py"),
-             "--epochs", str(EPOCHS), "--batches", str(BATCHES), "--step-time", "0"],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    with rendezvous(2) as store_env:
+        try:
+            for rank in range(2):
+                env = {**os.environ, **store_env, "RANK": str(rank), "WORLD_SIZE": "2",
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                       "PYTHONPATH": str(ROOT), "HPT_SNAPSHOT_DIR": str(tmp_path),
+                       "HPT_SNAPSHOT_PREFIX": f"hf-ddp-{rank}", "TMPDIR": str(tmp_path)}
+                env.pop("HPT_AGENT_SOCKET", None)
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(driver), str(ROOT / "examples" / "hf_train.py"),
+                     "--epochs", str(EPOCHS), "--batches", str(BATCHES), "--step-time", "0"],
+                    env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True))
+            for p in procs:
+                outs.append(p.communicate(timeout=300)[0])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     per_rank = []
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
