@@ -31,12 +31,14 @@ newest complete step after a fixed time missed again with fast steps, doubled th
 and on a loaded machine never protected a step at all.
 
 A lead grown by a miss comes back down: each round done ahead of the ranks halves it, to no less
-than one step more than the lead of the newest missed round (``Target.floor``). A miss that
-says nothing about the network, the controller paused or restarted while the ranks ran on,
-grew the lead to the steps they ran meanwhile (50 steps for 4 s paused, 1,024 after a few
-misses in a row) and kept it there: every later round protected a step that far behind, and a
-node lost then lost that many steps. A lead that truly is too short misses again and raises
-the floor, so the lead settles at the shortest that works without probing below it.
+than one step more than the lead of the newest missed round (``Target.floor``), and a miss
+after the first doubles the lead rather than naming as many steps ahead as the ranks went
+meanwhile. A miss that says nothing about the network, the controller paused or restarted
+while the ranks ran on, grew the lead to the steps they ran meanwhile (80 steps for 4 s
+paused, 1,024 after a few misses in a row) and kept it there: every later round protected a
+step that far behind, and a node lost then lost that many steps. A lead that truly is too
+short misses again and raises the floor, so the lead settles at the shortest that works
+without probing below it.
 """
 
 from __future__ import annotations
@@ -101,11 +103,13 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
                 return current
             # the ranks are slow or paused
             return Target(newest, lead, now, reached[0], floor=floor)
-        # every rank went past it and one lost it: name steps at least as far ahead as the
-        # ranks went while this one was in flight, and twice as far as the last lead
+        # every rank went past it and one lost it: name steps twice as far ahead as the last
+        # lead, or the first time as far as the ranks went while this one was in flight (not
+        # later: a controller paused or restarted meanwhile would make that every step the
+        # ranks ran while it was gone)
         if current.lead:
             floor = min(current.lead + 1, MAX_LEAD)
-        lead = min(max(1, 2 * lead, reached[1] - current.step), MAX_LEAD)
+        lead = min(max(1, 2 * lead if lead else reached[1] - current.step), MAX_LEAD)
     elif current is not None and current.lead and lead > max(1, floor):
         lead = max(1, floor, lead // 2)  # done ahead of the ranks: come back down
     done = current.step if current is not None else -1

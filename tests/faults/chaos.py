@@ -31,6 +31,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -107,8 +108,9 @@ def total_steps(count: int) -> int:
     return FIRST_AT + count * (ROOM + GAP) + GAP
 
 
-def job_argv(steps: int, step_time_s: float = STEP_TIME_S, pace_file: str = "") -> list[str]:
-    argv = ["python", TRAIN, "--steps", str(steps), "--step-time", str(step_time_s)]
+def job_argv(steps: int, step_time_s: float = STEP_TIME_S, pace_file: str = "",
+             extra: tuple[str, ...] = ()) -> list[str]:
+    argv = ["python", TRAIN, "--steps", str(steps), "--step-time", str(step_time_s), *extra]
     return [*argv, "--pace-file", pace_file] if pace_file else argv
 
 
@@ -335,9 +337,9 @@ def start_cluster(workdir: Path, store: PersistentRedis) -> ControlPlaneCluster:
     return cluster
 
 
-def reference_sha(cluster: ControlPlaneCluster, steps: int) -> str:
+def reference_sha(cluster: ControlPlaneCluster, steps: int, extra: tuple[str, ...] = ()) -> str:
     """The digest of the job run fault-free (unpaced: pacing is a sleep, not arithmetic)."""
-    job_id = cluster.submit(*job_argv(steps, 0.0), nodes=2, procs=2)
+    job_id = cluster.submit(*job_argv(steps, 0.0, extra=extra), nodes=2, procs=2)
     job = cluster.wait_terminal(job_id, 300)
     if state_name(job.state) != "SUCCEEDED":
         raise AssertionError(f"the fault-free run ended {state_name(job.state)}: {job.reason}")
@@ -345,21 +347,26 @@ def reference_sha(cluster: ControlPlaneCluster, steps: int) -> str:
 
 
 def soak(cluster: ControlPlaneCluster, store: PersistentRedis, seed: int, count: int,
-         reference: str | None = None, log: Callable[[str], None] = print) -> dict:
+         reference: str | None = None, log: Callable[[str], None] = print,
+         injected: list[Injected] | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One chaos run of ``count`` faults for ``seed`` on ``cluster``; raises AssertionError on
-    the first broken promise, returns the run's summary."""
+    the first broken promise, returns the run's summary (``injected`` gets each fault).
+    ``extra``: options of the example job (``--shard``: state no other node holds, rebuilt
+    from parity when a node is lost)."""
     steps = total_steps(count)
-    reference = reference or reference_sha(cluster, steps)
+    reference = reference or reference_sha(cluster, steps, extra)
     kinds = plan(seed, count)
     pace = cluster.workdir / f"pace-{seed}"
     pace.touch()
-    job_id = cluster.submit(*job_argv(steps, pace_file=str(pace)), nodes=2, procs=2,
+    job_id = cluster.submit(*job_argv(steps, pace_file=str(pace), extra=extra), nodes=2, procs=2,
                             max_restarts=count + 1)
     chaos = Chaos(cluster, store, job_id, random.Random(seed), log)
     try:
-        injected = chaos.run(kinds)
+        done = chaos.run(kinds)
     finally:
         pace.unlink()  # the faults are over: the job runs to its end unpaced
+        if injected is not None:
+            injected.extend(chaos.injected)
     job = cluster.wait_terminal(job_id, 300)
     if state_name(job.state) != "SUCCEEDED":
         raise AssertionError(f"the job ended {state_name(job.state)}: {job.reason}")
@@ -370,7 +377,7 @@ def soak(cluster: ControlPlaneCluster, store: PersistentRedis, seed: int, count:
     sha = final_sha(cluster, job_id)
     if sha != reference:
         raise AssertionError(f"final digest {sha} differs from the fault-free run's {reference}")
-    lost = {k: max((i.at_step - i.restored_step for i in injected if i.kind == k), default=None)
+    lost = {k: max((i.at_step - i.restored_step for i in done if i.kind == k), default=None)
             for k in KINDS if RESTARTS[k]}
     return {"seed": seed, "faults": kinds, "attempts": len(job.attempts),
             "steps_lost_max": lost, "digest_equal": True}
@@ -388,10 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=_seeds, default=[1], help="N or N-M (default 1)")
     parser.add_argument("--faults", type=int, default=len(KINDS), help="faults per seed")
+    parser.add_argument("--shard", action="store_true",
+                        help="the example job with its state sharded (ZeRO-3) over the ranks")
     args = parser.parse_args(argv)
     if args.faults < 1:
         parser.error("--faults must be >= 1")
     failed = 0
+    injected: list[Injected] = []
     with tempfile.TemporaryDirectory(prefix="hpt-chaos-") as tmp:
         for seed in args.seeds:
             workdir = Path(tmp) / f"seed-{seed}"
@@ -400,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 cluster = start_cluster(workdir, store)
                 try:
-                    print(json.dumps(soak(cluster, store, seed, args.faults)), flush=True)
+                    print(json.dumps(soak(cluster, store, seed, args.faults, injected=injected,
+                                          extra=("--shard",) if args.shard else ())),
+                          flush=True)
                 except AssertionError as exc:
                     failed += 1
                     print(json.dumps({"seed": seed, "failed": str(exc)}), flush=True)
@@ -409,7 +421,31 @@ def main(argv: list[str] | None = None) -> int:
                     cluster.close()
             finally:
                 store.close()
+    for line in summary(injected):
+        print(json.dumps(line), flush=True)
     return 1 if failed else 0
+
+
+def summary(injected: list[Injected]) -> list[dict]:
+    """Per kind of fault: how many, the median and the slowest seconds from injection to the
+    job's next step, and for those that restart, the median and the most steps lost (behind
+    the step the ranks had reported) and behind the newest protected step."""
+    out = []
+    for kind in KINDS:
+        mine = [i for i in injected if i.kind == kind]
+        if not mine:
+            continue
+        line: dict = {"kind": kind, "n": len(mine),
+                      "to_next_step_s_median": round(statistics.median(
+                          i.seconds_to_next_step for i in mine), 2),
+                      "to_next_step_s_max": max(i.seconds_to_next_step for i in mine)}
+        if RESTARTS[kind]:
+            lost = [max(0, i.at_step - i.restored_step) for i in mine]
+            line.update(steps_lost_median=statistics.median(lost), steps_lost_max=max(lost),
+                        behind_protected_max=max(i.protected_step - i.restored_step
+                                                 for i in mine))
+        out.append(line)
+    return out
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, Rank
 from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target, survey
@@ -58,25 +59,27 @@ def test_a_round_every_rank_went_past_without_keeping_its_step_names_steps_ahead
     # done: the next, as far ahead (the floor the miss at lead 1 set)
     assert _next(17, {17}, {17}, (20, 20), lead=2, floor=2) == (22, 2)
     # with a snapshot every 5 steps the target is one the ranks save
-    assert _next(20, {25}, set(), (25, 25), lead=2, cadence=5) == (30, 5)
+    assert _next(20, {25}, set(), (25, 25), lead=2, cadence=5) == (30, 4)
     assert _next(20, {25}, set(), (25, 25), lead=8, cadence=5) == (45, 16)
 
 
 def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_one_above_the_missed_lead():
-    # rounds 9 steps ahead worked; the controller paused 4 s while the ranks ran 58 steps on
+    # rounds 9 steps ahead worked; the controller paused 4 s while the ranks ran 58 steps on:
+    # twice the lead, not the 50 steps the ranks ran past the missed round
     missed = next_target(Target(101, 9, 100.0, seen=92), 9, {149, 150}, set(), (150, 151),
                          104.5)
-    assert missed is not None and (missed.step, missed.lead, missed.floor) == (201, 50, 10)
-    # each round done ahead of the ranks halves the lead, down to the floor and no further
+    assert missed is not None and (missed.step, missed.lead, missed.floor) == (169, 18, 10)
+    # a lead grown further (misses in a row) comes back down: each round done ahead of the
+    # ranks halves it, down to the floor and no further
     leads = []
-    current, reached = missed, 201
+    current, reached = replace(missed, step=201, lead=80), 201
     for _ in range(5):
         nxt = next_target(current, current.lead, {reached}, {reached}, (reached, reached), 110.0,
                           floor=current.floor)
         assert nxt is not None and nxt.step == reached + nxt.lead and nxt.floor == 10
         leads.append(nxt.lead)
         current, reached = nxt, nxt.step
-    assert leads == [25, 12, 10, 10, 10]
+    assert leads == [40, 20, 10, 10, 10]
     # a lead that is too short after all misses again: the floor moves up past it
     again = next_target(current, 10, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
                         floor=10)
