@@ -9,10 +9,11 @@ if [ "$#" -gt 0 ] || [ "${HPT_TEST_SERIAL:-0}" = 1 ]; then
 fi
 # The whole suite as two pytest processes side by side: the tests that start local clusters
 # (agents named node-0, node-1 ... on one /dev/shm and loopback) one after another, and beside
-# them the unit tests, then the control-plane fault tests (clusters of their own that tell their
-# agents' files and locks apart from another cluster's by owner pid) and the TCP proxy's tests.
+# them the unit tests, then the control-plane fault tests and the chaos run (clusters of their
+# own that tell their agents' files and locks apart from another cluster's by owner pid) and the
+# TCP proxy's tests.
 # The second process's report is printed after the first one's.
-SIDE=(tests/faults/test_control_plane.py tests/faults/test_proxy.py)
+SIDE=(tests/faults/test_control_plane.py tests/faults/test_proxy.py tests/faults/test_chaos.py)
 UNIT_LOG=$(mktemp)
 trap 'rm -f "$UNIT_LOG"' EXIT
 "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/unit "${SIDE[@]}" > "$UNIT_LOG" 2>&1 &

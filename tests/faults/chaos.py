@@ -8,8 +8,8 @@ What it holds the runner to, fault after fault:
   snapshot from memory or a peer (never step 0, never older than the newest protected step);
 - a fault of the runner itself that it is built to ride out (the controller killed and started
   again, the controller paused for less than the agents' lease, Redis killed and started again
-  or paused, an agent paused for less than the node lease, an agent's link slowed) costs no
-  attempt at all: a healthy job is never restarted;
+  or paused, an agent paused for less than the node lease, an agent's link slowed, a rank
+  stopped for a second) costs no attempt at all: a healthy job is never restarted;
 - the job ends SUCCEEDED with the SHA-256 of a fault-free run of the same job (the example is
   deterministic, and a node lost is replaced by the spare agent, so the world stays the same);
 - nothing is left behind: no rank process, no snapshot memory (``LocalCluster.close``).
@@ -47,7 +47,7 @@ from tests.integration.cluster import TRAIN, state_name, wait_for
 
 RESTARTS = {"kill_rank": True, "kill_agent": True, "partition_agent": True,
             "kill_controller": False, "pause_controller": False, "kill_redis": False,
-            "pause_redis": False, "pause_agent": False, "slow_link": False}
+            "pause_redis": False, "pause_agent": False, "slow_link": False, "pause_rank": False}
 """Each kind of fault, and whether it costs the job a new attempt."""
 KINDS = tuple(RESTARTS)
 
@@ -65,9 +65,12 @@ agent holds the rank's snapshots). A node lost takes its memory with it: the res
 the newest step protected across nodes, never an older one."""
 CONTROLLER_PAUSE_S = 4.0
 """Less than the agents' lease (10 s): they keep their ranks running and wait."""
-AGENT_PAUSE_S = 0.8
+AGENT_PAUSE_S = 0.6
 """Less than the node lease (2 s at the 0.5 s heartbeat): the node is not declared lost."""
 REDIS_DOWN_S = 2.0
+RANK_PAUSE_S = 1.0
+"""A rank stopped this long holds the others in their next all-reduce; far below the hang
+deadline (the agents run with ``--hang-min 120``: hang detection is tested elsewhere)."""
 REDIS_PAUSE_S = 3.0
 LINK_DELAY_S = 0.2
 """Each way, on every read of an agent's link to the controller, for ``SLOW_LINK_S``."""
@@ -313,6 +316,15 @@ class Chaos:
             proxy.heal()
         return f"{node}'s link +{LINK_DELAY_S:g} s for {SLOW_LINK_S:g} s"
 
+    def _pause_rank(self, attempt: common_pb2.Attempt) -> str:
+        victim = self.rng.choice(list(attempt.ranks))
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            hold(RANK_PAUSE_S)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+        return f"rank {victim.rank} for {RANK_PAUSE_S:g} s"
+
     def _pause_agent(self, attempt: common_pb2.Attempt) -> str:
         node = self.rng.choice(list(attempt.nodes))
         proc = self.cluster.agents[node]
@@ -400,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.faults < 1:
         parser.error("--faults must be >= 1")
+    # stopped from outside: unwind, so that a paused process is resumed and every one reaped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     failed = 0
     injected: list[Injected] = []
     with tempfile.TemporaryDirectory(prefix="hpt-chaos-") as tmp:
