@@ -441,7 +441,9 @@ class Reconciler(Observe, Execute):
         each node in ``nodes`` is told the step with its heartbeat ack (controller/rounds.py).
         The intake asks once per batch of heartbeats."""
         with self.lock:
-            return self.pieces.rounds.all_targets(self.jobs.values(), time.monotonic())
+            mono = time.monotonic()
+            return self.pieces.rounds.all_targets(self.jobs.values(), mono,
+                                                  self.stall.may_judge(mono))
 
     def restore_failed(self, job_id: str, step: int) -> None:
         """An agent could not put ``step`` in place: never choose it again for this job."""
@@ -628,7 +630,8 @@ class Reconciler(Observe, Execute):
             nodes.update(members)
         if not nodes:
             return
-        targets = self.pieces.rounds.all_targets(self.jobs.values(), mono)
+        targets = self.pieces.rounds.all_targets(self.jobs.values(), mono,
+                                                 self.stall.may_judge(mono))
         self.rounds_pushed = targets
         self.rounds_version += 1
         for node in sorted(nodes):

@@ -38,7 +38,8 @@ while the ranks ran on, grew the lead to the steps they ran meanwhile (80 steps 
 paused, 1,024 after a few misses in a row) and kept it there: every later round protected a
 step that far behind, and a node lost then lost that many steps. A lead that truly is too
 short misses again and raises the floor, so the lead settles at the shortest that works
-without probing below it.
+without probing below it; a miss judged in the grace after the controller's own stall
+(``stall.py``: the reports at hand are from before it) does not.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ class Target:
 
 def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
                 reached: tuple[int, int], now: float, cadence: int = 1,
-                floor: int = 0) -> Target | None:
+                floor: int = 0, learn: bool = True) -> Target | None:
     """The round now.
 
     Args:
         current: the attempt's current round (None: no round of this attempt yet).
         lead: the job's lead (0: name the newest complete step).
         floor: the job's floor (``Target.floor``).
+        learn: a miss raises the floor (False right after the controller itself stalled: the
+            reports at hand are from before, and the miss says nothing about the lead).
         complete: steps complete in memory on every rank.
         protected: steps already protected.
         reached: (lowest, highest) newest snapshot step over the ranks: every rank has saved
@@ -107,7 +110,7 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         # lead, or the first time as far as the ranks went while this one was in flight (not
         # later: a controller paused or restarted meanwhile would make that every step the
         # ranks ran while it was gone)
-        if current.lead:
+        if current.lead and learn:
             floor = min(current.lead + 1, MAX_LEAD)
         lead = min(max(1, 2 * lead if lead else reached[1] - current.step), MAX_LEAD)
     elif current is not None and current.lead and lead > max(1, floor):
@@ -173,10 +176,10 @@ class ProtectionRounds:
         return [(j, a, s, p) for j, a, s, p, nodes in self.all_targets(jobs, now)
                 if node in nodes]
 
-    def all_targets(self, jobs: Iterable[Job],
-                    now: float) -> list[tuple[str, int, int, int, frozenset[str]]]:
+    def all_targets(self, jobs: Iterable[Job], now: float,
+                    learn: bool = True) -> list[tuple[str, int, int, int, frozenset[str]]]:
         """(job id, attempt, step, newest protected step or -1, the attempt's nodes) of every
-        live protected attempt (``now``: monotonic clock).
+        live protected attempt (``now``: monotonic clock; ``learn``: see ``next_target``).
 
         O(ranks) per protected job: the heartbeat intake calls it once per batch of
         heartbeats and picks each node's share, never once per heartbeat."""
@@ -193,7 +196,7 @@ class ProtectionRounds:
             protected = set(attempt.protected_steps)
             complete, reached, cadence = survey(attempt)
             target = next_target(current, held[1].lead if held else 0, complete, protected,
-                                 reached, now, cadence, held[1].floor if held else 0)
+                                 reached, now, cadence, held[1].floor if held else 0, learn)
             if target is None:
                 continue
             self._rounds[job.id] = (attempt.number, target)

@@ -69,6 +69,10 @@ def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_one_above_the_mi
     missed = next_target(Target(101, 9, 100.0, seen=92), 9, {149, 150}, set(), (150, 151),
                          104.5)
     assert missed is not None and (missed.step, missed.lead, missed.floor) == (169, 18, 10)
+    # judged on the reports from before the controller's own stall, a miss keeps the floor
+    stale = next_target(Target(101, 9, 100.0, seen=92, floor=4), 9, {149, 150}, set(),
+                        (150, 151), 104.5, floor=4, learn=False)
+    assert stale is not None and (stale.lead, stale.floor) == (18, 4)
     # a lead grown further (misses in a row) comes back down: each round done ahead of the
     # ranks halves it, down to the floor and no further
     leads = []
