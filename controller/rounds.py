@@ -193,10 +193,14 @@ class ProtectionRounds:
                 continue
             held = self._rounds.get(job.id)
             current = held[1] if held and held[0] == attempt.number else None
+            lead = 0
+            if held is not None:  # a new attempt starts at the floor, not at a lead a miss
+                # of the old one grew (it has no protected step until its first round is done)
+                lead = held[1].lead if current is not None else held[1].floor or held[1].lead
             protected = set(attempt.protected_steps)
             complete, reached, cadence = survey(attempt)
-            target = next_target(current, held[1].lead if held else 0, complete, protected,
-                                 reached, now, cadence, held[1].floor if held else 0, learn)
+            target = next_target(current, lead, complete, protected, reached, now, cadence,
+                                 held[1].floor if held else 0, learn)
             if target is None:
                 continue
             self._rounds[job.id] = (attempt.number, target)

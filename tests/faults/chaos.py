@@ -92,6 +92,9 @@ class Injected:
     """The step the new attempt restored (0: the fault cost no attempt)."""
     seconds_to_next_step: float = 0.0
     """From the injection to every rank of the job past the step it was at (or restored)."""
+    unprotected_steps_after: int = -1
+    """``GAP`` steps after that: how many steps the newest protected one is behind the ranks
+    (what a node lost then would lose)."""
 
 
 def plan(seed: int, count: int) -> list[str]:
@@ -197,8 +200,11 @@ class Chaos:
             before.target = getattr(self, f"_{kind}")(attempt)
             job = self._recovered(before, started)
             self.injected.append(before)
-            self.log(json.dumps({"fault": asdict(before)}))
             job = self.wait_step(self._step(job.attempts[-1]) + GAP)
+            attempt = job.attempts[-1]
+            before.unprotected_steps_after = (self._step(attempt)
+                                              - max(attempt.protected_steps, default=0))
+            self.log(json.dumps({"fault": asdict(before)}))
         return self.injected
 
     def _recovered(self, inj: Injected, started: float) -> common_pb2.Job:
@@ -442,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(injected: list[Injected]) -> list[dict]:
     """Per kind of fault: how many, the median and the slowest seconds from injection to the
-    job's next step, and for those that restart, the median and the most steps lost (behind
-    the step the ranks had reported) and behind the newest protected step."""
+    job's next step, how far the newest protected step was behind the ranks ``GAP`` steps
+    after (median, most), and for those that restart, the median and the most steps lost
+    (behind the step the ranks had reported) and behind the newest protected step."""
     out = []
     for kind in KINDS:
         mine = [i for i in injected if i.kind == kind]
@@ -452,7 +459,11 @@ def summary(injected: list[Injected]) -> list[dict]:
         line: dict = {"kind": kind, "n": len(mine),
                       "to_next_step_s_median": round(statistics.median(
                           i.seconds_to_next_step for i in mine), 2),
-                      "to_next_step_s_max": max(i.seconds_to_next_step for i in mine)}
+                      "to_next_step_s_max": max(i.seconds_to_next_step for i in mine),
+                      "unprotected_steps_after_median": statistics.median(
+                          i.unprotected_steps_after for i in mine),
+                      "unprotected_steps_after_max": max(i.unprotected_steps_after
+                                                         for i in mine)}
         if RESTARTS[kind]:
             lost = [max(0, i.at_step - i.restored_step) for i in mine]
             line.update(steps_lost_median=statistics.median(lost), steps_lost_max=max(lost),

@@ -167,6 +167,13 @@ def test_a_missed_round_makes_the_next_attempt_name_steps_ahead_too() -> None:
     assert rounds.targets([job], "b", 0.0) == [("j", 3, 11, -1)]  # the job's lead stays
 
 
+def test_a_new_attempt_starts_at_the_floor_not_at_a_lead_grown_by_the_old_ones_misses() -> None:
+    rounds = ProtectionRounds()
+    job = _job("j", ["a", "b"], (100,))
+    rounds._rounds["j"] = (1, Target(90, 40, 0.0, floor=6))  # attempt 1 ended 40 ahead
+    assert rounds.targets([job], "a", 0.0) == [("j", 2, 106, -1)]  # 6 ahead of step 100
+
+
 def test_one_pass_over_the_ranks_finds_common_steps_their_spread_and_the_cadence() -> None:
     # survey walks the distinct step tuples, not the ranks: it must say what the rank by rank
     # definitions say, on attempts of every shape (no rank, ranks that saved nothing, ...)
