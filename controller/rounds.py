@@ -30,16 +30,16 @@ ahead that the ranks keep moving towards is kept however long they take: giving 
 newest complete step after a fixed time missed again with fast steps, doubled the lead again,
 and on a loaded machine never protected a step at all.
 
-A lead grown by a miss comes back down: each round done ahead of the ranks halves it, to no less
-than one step more than the lead of the newest missed round (``Target.floor``), and a miss
-after the first doubles the lead rather than naming as many steps ahead as the ranks went
-meanwhile. A miss that says nothing about the network, the controller paused or restarted
-while the ranks ran on, grew the lead to the steps they ran meanwhile (80 steps for 4 s
-paused, 1,024 after a few misses in a row) and kept it there: every later round protected a
-step that far behind, and a node lost then lost that many steps. A lead that truly is too
-short misses again and raises the floor, so the lead settles at the shortest that works
-without probing below it; a miss judged in the grace after the controller's own stall
-(``stall.py``: the reports at hand are from before it) does not.
+A miss after the first doubles the lead rather than naming as many steps ahead as the ranks went
+meanwhile, and sets the job's floor (``Target.floor``) to the new lead; each round done ahead
+of the ranks halves a lead above the floor, and a new attempt starts at the floor. A miss
+judged in the grace after the controller's own stall (``stall.py``: the reports at hand are
+from before it) says nothing about the network and leaves the floor as it was, so such a
+lead comes back down. Before, a controller paused or restarted while the ranks ran on grew
+the lead to the steps they ran meanwhile (80 steps for 4 s paused, 1,024 after a few misses
+in a row) and kept it there: every later round protected a step that far behind, and a node
+lost then lost that many steps. (Setting the floor one step above the missed lead instead
+made it creep up a step per miss, each miss a round lost.)
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class Target:
     moved_at: float = 0.0
     """Monotonic time of that move (0: when named)."""
     floor: int = 0
-    """The fewest steps ahead the job's rounds are named: one more than the lead of its newest
-    missed round (0: none missed ahead of the ranks)."""
+    """The fewest steps ahead the job's rounds are named: the lead its newest miss (not judged
+    on reports from before a stall of the controller) set (0: none)."""
 
 
 def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
@@ -110,9 +110,9 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         # lead, or the first time as far as the ranks went while this one was in flight (not
         # later: a controller paused or restarted meanwhile would make that every step the
         # ranks ran while it was gone)
-        if current.lead and learn:
-            floor = min(current.lead + 1, MAX_LEAD)
         lead = min(max(1, 2 * lead if lead else reached[1] - current.step), MAX_LEAD)
+        if learn:
+            floor = lead
     elif current is not None and current.lead and lead > max(1, floor):
         lead = max(1, floor, lead // 2)  # done ahead of the ranks: come back down
     done = current.step if current is not None else -1

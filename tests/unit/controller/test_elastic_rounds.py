@@ -58,39 +58,36 @@ def test_a_round_every_rank_went_past_without_keeping_its_step_names_steps_ahead
     assert _next(12, {13}, set(), (13, 13), lead=1) == (15, 2)  # missed again: twice as far
     # done: the next, as far ahead (the floor the miss at lead 1 set)
     assert _next(17, {17}, {17}, (20, 20), lead=2, floor=2) == (22, 2)
+    assert _next(12, {13}, set(), (13, 13), lead=1, floor=1) == (15, 2)
     # with a snapshot every 5 steps the target is one the ranks save
     assert _next(20, {25}, set(), (25, 25), lead=2, cadence=5) == (30, 4)
     assert _next(20, {25}, set(), (25, 25), lead=8, cadence=5) == (45, 16)
 
 
-def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_one_above_the_missed_lead():
-    # rounds 9 steps ahead worked; the controller paused 4 s while the ranks ran 58 steps on:
-    # twice the lead, not the 50 steps the ranks ran past the missed round
-    missed = next_target(Target(101, 9, 100.0, seen=92), 9, {149, 150}, set(), (150, 151),
-                         104.5)
-    assert missed is not None and (missed.step, missed.lead, missed.floor) == (169, 18, 10)
-    # judged on the reports from before the controller's own stall, a miss keeps the floor
-    stale = next_target(Target(101, 9, 100.0, seen=92, floor=4), 9, {149, 150}, set(),
-                        (150, 151), 104.5, floor=4, learn=False)
-    assert stale is not None and (stale.lead, stale.floor) == (18, 4)
-    # a lead grown further (misses in a row) comes back down: each round done ahead of the
-    # ranks halves it, down to the floor and no further
+def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_the_floor():
+    # rounds 9 steps ahead worked (floor 9); the controller paused 4 s while the ranks ran 58
+    # steps on, and judged the round on the reports from before its stall: the lead doubles
+    # (not the 50 steps the ranks ran past the missed round) and the floor stays
+    stale = next_target(Target(101, 9, 100.0, seen=92, floor=9), 9, {149, 150}, set(),
+                        (150, 151), 104.5, floor=9, learn=False)
+    assert stale is not None and (stale.step, stale.lead, stale.floor) == (169, 18, 9)
+    # each round done ahead of the ranks halves the lead, down to the floor and no further
     leads = []
-    current, reached = replace(missed, step=201, lead=80), 201
+    current, reached = replace(stale, step=201, lead=80), 201
     for _ in range(5):
         nxt = next_target(current, current.lead, {reached}, {reached}, (reached, reached), 110.0,
                           floor=current.floor)
-        assert nxt is not None and nxt.step == reached + nxt.lead and nxt.floor == 10
+        assert nxt is not None and nxt.step == reached + nxt.lead and nxt.floor == 9
         leads.append(nxt.lead)
         current, reached = nxt, nxt.step
-    assert leads == [40, 20, 10, 10, 10]
-    # a lead that is too short after all misses again: the floor moves up past it
-    again = next_target(current, 10, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
-                        floor=10)
-    assert again is not None and (again.lead, again.floor) == (20, 11)
-    done = next_target(again, 20, {again.step}, {again.step}, (again.step, again.step), 121.0,
-                       floor=11)
-    assert done is not None and done.lead == 11
+    assert leads == [40, 20, 10, 9, 9]
+    # a lead that is too short after all misses again: the floor is the doubled lead
+    again = next_target(current, 9, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
+                        floor=9)
+    assert again is not None and (again.lead, again.floor) == (18, 18)
+    done = next_target(again, 18, {again.step}, {again.step}, (again.step, again.step), 121.0,
+                       floor=18)
+    assert done is not None and done.lead == 18
 
 
 def test_a_step_ahead_the_ranks_do_not_reach_in_time_gives_way_to_the_newest_complete() -> None:
