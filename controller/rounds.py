@@ -35,7 +35,10 @@ meanwhile, and sets the job's floor (``Target.floor``) to the new lead; each rou
 of the ranks halves a lead above the floor, and a new attempt starts at the floor. A miss
 judged in the grace after the controller's own stall (``stall.py``: the reports at hand are
 from before it) says nothing about the network and leaves the floor as it was, so such a
-lead comes back down. Before, a controller paused or restarted while the ranks ran on grew
+lead comes back down. A floor comes down too, by a quarter after every ``CALM_ROUNDS`` rounds
+done at it: a miss a passing fault caused (an agent or a rank paused for a moment) otherwise
+kept every later round of the job that far ahead; a floor that comes below what the network
+needs misses once and doubles. Before, a controller paused or restarted while the ranks ran on grew
 the lead to the steps they ran meanwhile (80 steps for 4 s paused, 1,024 after a few misses
 in a row) and kept it there: every later round protected a step that far behind, and a node
 lost then lost that many steps. (Setting the floor one step above the missed lead instead
@@ -54,6 +57,9 @@ from hpt.controller.model import Attempt, AttemptState, Job
 _LIVE = (AttemptState.LAUNCHING, AttemptState.RUNNING)
 MAX_LEAD = 1024
 """Steps ahead of the ranks a target is named at most."""
+CALM_ROUNDS = 4
+"""Rounds done at the floor after which it comes down by a quarter: a miss that a passing
+fault caused (an agent or a rank paused) does not keep every later round that far ahead."""
 AHEAD_WAIT_S = 2.0
 """How long a round waits for the ranks to move towards a step named ahead of them."""
 
@@ -73,7 +79,10 @@ class Target:
     """Monotonic time of that move (0: when named)."""
     floor: int = 0
     """The fewest steps ahead the job's rounds are named: the lead its newest miss (not judged
-    on reports from before a stall of the controller) set (0: none)."""
+    on reports from before a stall of the controller) set, less a quarter for every
+    ``CALM_ROUNDS`` rounds done at it since (0: none)."""
+    calm: int = 0
+    """Rounds done at the floor since the last miss or the floor's last move."""
 
 
 def next_target(current: Target | None, lead: int, complete: set[int], protected: set[int],
@@ -95,6 +104,7 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         cadence: steps between two snapshots (a target ahead of the ranks is one they save).
     """
     newest = max(complete, default=None)
+    calm = current.calm if current is not None else 0
     if current is not None and current.step not in protected:
         if current.step in complete:
             return current  # round in progress
@@ -105,7 +115,7 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
             if now - since < AHEAD_WAIT_S or newest is None or newest in protected:
                 return current
             # the ranks are slow or paused
-            return Target(newest, lead, now, reached[0], floor=floor)
+            return Target(newest, lead, now, reached[0], floor=floor, calm=calm)
         # every rank went past it and one lost it: name steps twice as far ahead as the last
         # lead, or the first time as far as the ranks went while this one was in flight (not
         # later: a controller paused or restarted meanwhile would make that every step the
@@ -113,8 +123,15 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         lead = min(max(1, 2 * lead if lead else reached[1] - current.step), MAX_LEAD)
         if learn:
             floor = lead
-    elif current is not None and current.lead and lead > max(1, floor):
-        lead = max(1, floor, lead // 2)  # done ahead of the ranks: come back down
+        calm = 0
+    elif current is not None and current.lead:  # done ahead of the ranks: come back down
+        if lead > max(1, floor):
+            lead = max(1, floor, lead // 2)
+        else:  # and, slowly, the floor a miss set
+            calm += 1
+            if calm >= CALM_ROUNDS and floor > 1:
+                floor = lead = floor - max(1, floor // 4)
+                calm = 0
     done = current.step if current is not None else -1
     if not lead and reached[0] > done and (newest is None or newest <= done):
         # every rank saved a step past the last round, yet none is held by all of them in the
@@ -126,10 +143,10 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         if reached[1] < 0:
             return None
         return Target(reached[1] + cadence * -(-lead // cadence), lead, now, reached[0],
-                      floor=floor)
+                      floor=floor, calm=calm)
     if newest is None or (current is not None and newest <= current.step):
         return current if current is not None and current.step in complete else None
-    return Target(newest, 0, now, reached[0], floor=floor)
+    return Target(newest, 0, now, reached[0], floor=floor, calm=calm)
 
 
 _STEPS = operator.attrgetter("snapshot_steps")

@@ -8,7 +8,14 @@ import random
 from dataclasses import replace
 
 from hpt.controller.model import Attempt, AttemptState, Job, JobSpec, JobState, Rank
-from hpt.controller.rounds import AHEAD_WAIT_S, ProtectionRounds, Target, next_target, survey
+from hpt.controller.rounds import (
+    AHEAD_WAIT_S,
+    CALM_ROUNDS,
+    ProtectionRounds,
+    Target,
+    next_target,
+    survey,
+)
 
 
 def _next(current, complete, protected, reached=(0, 0), lead=0, cadence=1, now=100.0,  # type: ignore[no-untyped-def]
@@ -81,13 +88,20 @@ def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_the_floor():
         leads.append(nxt.lead)
         current, reached = nxt, nxt.step
     assert leads == [40, 20, 10, 9, 9]
+    # the floor itself comes down by a quarter every CALM_ROUNDS rounds done at it
+    for _ in range(CALM_ROUNDS + 1):
+        nxt = next_target(current, current.lead, {reached}, {reached}, (reached, reached), 110.0,
+                          floor=current.floor)
+        assert nxt is not None
+        current, reached = nxt, nxt.step
+    assert (current.lead, current.floor) == (7, 7)
     # a lead that is too short after all misses again: the floor is the doubled lead
-    again = next_target(current, 9, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
-                        floor=9)
-    assert again is not None and (again.lead, again.floor) == (18, 18)
-    done = next_target(again, 18, {again.step}, {again.step}, (again.step, again.step), 121.0,
-                       floor=18)
-    assert done is not None and done.lead == 18
+    again = next_target(current, 7, {reached + 12}, set(), (reached + 12, reached + 12), 120.0,
+                        floor=7)
+    assert again is not None and (again.lead, again.floor) == (14, 14)
+    done = next_target(again, 14, {again.step}, {again.step}, (again.step, again.step), 121.0,
+                       floor=14)
+    assert done is not None and (done.lead, done.calm) == (14, 1)
 
 
 def test_a_step_ahead_the_ranks_do_not_reach_in_time_gives_way_to_the_newest_complete() -> None:
