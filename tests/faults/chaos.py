@@ -16,10 +16,12 @@ What it holds the runner to, fault after fault:
 
 ``tests/faults/test_chaos.py`` runs one seed with every kind of fault once. Longer soaks::
 
-    .venv/bin/python -m tests.faults.chaos --seeds 1-5 --faults 10
+    .venv/bin/python tests/bench/bench_chaos.py --seeds 1-5 --faults 12 [--shard]
 
-print one JSON line per fault (its kind, the step the job had reached, the attempt it left the
-job in, the step restored and the seconds from injection to the next step) and one per seed.
+print one JSON line per fault (its kind, the step the job had reached and the newest protected
+one, the attempt it left the job in, the step restored, the seconds from injection to the next
+step, and how far protection was behind the ranks ``GAP`` steps later), one per seed, and one
+per kind of fault at the end.
 """
 
 from __future__ import annotations
