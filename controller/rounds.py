@@ -38,11 +38,11 @@ from before it) says nothing about the network and leaves the floor as it was, s
 lead comes back down. A floor comes down too, by a quarter after every ``CALM_ROUNDS`` rounds
 done at it: a miss a passing fault caused (an agent or a rank paused for a moment) otherwise
 kept every later round of the job that far ahead; a floor that comes below what the network
-needs misses once and doubles. Before, a controller paused or restarted while the ranks ran on grew
-the lead to the steps they ran meanwhile (80 steps for 4 s paused, 1,024 after a few misses
-in a row) and kept it there: every later round protected a step that far behind, and a node
-lost then lost that many steps. (Setting the floor one step above the missed lead instead
-made it creep up a step per miss, each miss a round lost.)
+needs misses once and doubles. Before, a controller paused or restarted while the ranks ran
+on grew the lead to the steps they ran meanwhile (80 steps for 4 s paused, 1,024 after a few
+misses in a row) and kept it there: every later round protected a step that far behind, and a
+node lost then lost that many steps. (Setting the floor one step above the missed lead
+instead made it creep up a step per miss, each miss a round lost.)
 """
 
 from __future__ import annotations

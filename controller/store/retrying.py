@@ -44,6 +44,10 @@ T = TypeVar("T")
 
 MAX_UNCERTAIN = 100_000
 """Keys whose last put gave up that are remembered (oldest forgotten first): 40 bytes each."""
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
 _DELETED = b"deleted"
 """What a delete that gave up is remembered as (no SHA-256 digest is this short)."""
 
@@ -134,25 +138,23 @@ class RetryingStore:
                     return item.version
                 lost = self._uncertain.get(key)  # or a put of ours that gave up landed?
                 if (lost is None or lost[0] < expected_version or item.version != lost[0] + 1
-                        or lost[1] != hashlib.sha256(item.value).digest()):
+                        or lost[1] != _digest(item.value)):
                     raise
                 log.warning("put %r: a put of ours that gave up had landed (version %d); "
                             "writing on top of it", key, item.version)
                 try:
                     return self.inner.put(key, value, expected_version=item.version)
                 except StoreUnavailableError:
-                    self._remember(key, item.version, hashlib.sha256(value).digest())
+                    self._remember(key, item.version, _digest(value))
                     raise
 
         try:
             version = self._call("put", once)
         except StoreUnavailableError:
             if expected_version is not None:
-                self._remember(key, expected_version, hashlib.sha256(value).digest())
+                self._remember(key, expected_version, _digest(value))
             raise
-        if self._uncertain:
-            with self._lock:
-                self._uncertain.pop(key, None)
+        self._forget(key)
         return version
 
     def delete(self, key: str, *, expected_version: int | None) -> None:
@@ -173,7 +175,7 @@ class RetryingStore:
                 if lost is not None and exc.actual == lost[0] + 1:
                     item = self.inner.get(key)
                     if item is not None and lost == (expected_version,
-                                                     hashlib.sha256(item.value).digest()):
+                                                     _digest(item.value)):
                         self.inner.delete(key, expected_version=item.version)
                         return
                 raise
@@ -184,6 +186,10 @@ class RetryingStore:
             if expected_version is not None:
                 self._remember(key, expected_version, _DELETED)
             raise
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """A write of ``key`` went through: no earlier one of it is in doubt any more."""
         if self._uncertain:
             with self._lock:
                 self._uncertain.pop(key, None)

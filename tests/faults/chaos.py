@@ -45,7 +45,7 @@ import grpc
 
 from hpt._proto import common_pb2
 from tests.faults.control_plane import CALM_AGENT_ARGS, ControlPlaneCluster, PersistentRedis, hold
-from tests.integration.cluster import TRAIN, state_name, wait_for
+from tests.integration.cluster import TRAIN, final_sha, state_name, wait_for
 
 RESTARTS = {"kill_rank": True, "kill_agent": True, "partition_agent": True,
             "kill_controller": False, "pause_controller": False, "kill_redis": False,
@@ -120,16 +120,6 @@ def job_argv(steps: int, step_time_s: float = STEP_TIME_S, pace_file: str = "",
              extra: tuple[str, ...] = ()) -> list[str]:
     argv = ["python", TRAIN, "--steps", str(steps), "--step-time", str(step_time_s), *extra]
     return [*argv, "--pace-file", pace_file] if pace_file else argv
-
-
-def final_sha(cluster: ControlPlaneCluster, job_id: str) -> str:
-    """Rank 0's final digest (every one it printed must agree: a rank that exited slowly after
-    its last step may have been restarted and printed it again)."""
-    shas = {line.text.split()[-1] for line in cluster.client.logs(job_id, rank=0)
-            if line.text.startswith("final sha256 ")}
-    if len(shas) != 1:
-        raise AssertionError(f"rank 0 printed {len(shas)} different final digests: {shas}")
-    return shas.pop()
 
 
 class Chaos:

@@ -67,6 +67,16 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_
         tick.wait(poll_s)
 
 
+def final_sha(cluster: LocalCluster, job_id: str) -> str:
+    """Rank 0's final digest (``examples/train.py`` prints it). On a loaded machine a rank can
+    take past the hang deadline to exit after its last step; the restart then restores the
+    final step and prints the same digest again, so every digest printed must agree."""
+    shas = {line.text.split()[-1] for line in cluster.client.logs(job_id, rank=0)
+            if line.text.startswith("final sha256 ")}
+    assert len(shas) == 1, shas
+    return shas.pop()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -25,6 +25,7 @@ from tests.integration.cluster import (
     TERMINAL_STATES,
     TRAIN,
     LocalCluster,
+    final_sha,
     restore_shape,
     state_name,
     wait_for,
@@ -44,16 +45,6 @@ SHARDED = ["python", TRAIN, "--shard", "--steps", str(STEPS)]
 """The example with parameters and optimizer state sharded across the ranks (ZeRO-3)."""
 HSDP = ["python", TRAIN, "--hsdp", "2", "--steps", str(STEPS), "--step-time", "0.15"]
 """Sharded across each node's two ranks, replicated across the nodes (HSDP)."""
-
-
-def final_sha(cluster: LocalCluster, job_id: str) -> str:
-    """Rank 0's final digest. On a loaded machine a rank can take past the hang deadline to
-    exit after its last step; the restart then restores the final step and prints the same
-    digest again, so every digest printed must agree."""
-    shas = {line.text.split()[-1] for line in cluster.client.logs(job_id, rank=0)
-            if line.text.startswith("final sha256 ")}
-    assert len(shas) == 1, shas
-    return shas.pop()
 
 
 def _first_resume(cluster: LocalCluster, job_id: str) -> int:
