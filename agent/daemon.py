@@ -90,6 +90,9 @@ class Agent:
         self._next_controller = 0  # index into cfg.controllers; advances after every session
         self._call: Any = None  # the current Connect call, cancelled when it stays silent
         self._session_started = time.monotonic()
+        self._unreached_since: float | None = None
+        """When the stream to the controller last ended, until an agent registers again (the
+        reconnect loop logs the first end at warning, the retries at debug)."""
         self._spawner = Spawner()
         self._warm = (
             WarmPool(cfg.slots, self._spawner, settled=self._ranks_settled,
@@ -255,8 +258,13 @@ class Agent:
                 log.error("[-/-/%s/-] the controller refused this agent: %s (retrying with "
                           "backoff)", self.cfg.name, exc.details())
             elif not self._stop.is_set():
-                log.warning("[-/-/%s/-] controller stream ended: %s", self.cfg.name,
-                            exc.code() if hasattr(exc, "code") else exc)
+                code = exc.code() if hasattr(exc, "code") else exc
+                if self._unreached_since is None:
+                    self._unreached_since = time.monotonic()
+                    log.warning("[-/-/%s/-] controller stream ended: %s (reconnecting with "
+                                "backoff up to %.1fs)", self.cfg.name, code, _BACKOFF_CAP_S)
+                else:
+                    log.debug("[-/-/%s/-] controller stream ended: %s", self.cfg.name, code)
         finally:
             self._call = None
             self._connected.clear()
@@ -273,6 +281,10 @@ class Agent:
             self._lease_s = reg.lease_s
         self._fenced = False
         self._connected.set()
+        if self._unreached_since is not None:
+            log.warning("[-/-/%s/-] the controller answers again after %.1fs", self.cfg.name,
+                        time.monotonic() - self._unreached_since)
+            self._unreached_since = None
         log.info("[-/-/%s/-] registered with %s (heartbeat %.2fs, lease %.1fs)", self.cfg.name,
                  self.controller_address, self._period_s, self._lease_s)
 

@@ -15,9 +15,10 @@ exactly the version it would have produced, holding exactly its bytes, is our ow
 reported as done. A ``put`` that gave up (it raised ``StoreUnavailableError``: Redis paused, a
 reply timed out) may have landed too, once the store answers again: the next ``put`` of that
 key, made from the version before it, then conflicts with the version the lost one produced.
-If that version holds exactly the lost put's bytes (its digest is kept per key until a put of
-the key succeeds), the conflict is our own earlier write and the new put is applied on top of
-it. Without this, a single controller read its own write as another controller's and stepped
+If that version holds exactly the bytes of one of the puts that reached the store from that
+version and gave up (their digests are kept per key until a put of the key succeeds; a put
+refused at once while the store is down never reached it and is not kept), the conflict is our
+own earlier write and the new put is applied on top of it. Without this, a single controller read its own write as another controller's and stepped
 down: one Redis paused for 3 s ended the controller, and the agents killed every rank when
 their lease ran out. A ``delete`` likewise: a retry that finds the record gone is done. An
 event appended just before a lost reply may be appended twice (events are at-least-once across
@@ -44,6 +45,11 @@ T = TypeVar("T")
 
 MAX_UNCERTAIN = 100_000
 """Keys whose last put gave up that are remembered (oldest forgotten first): 40 bytes each."""
+MAX_DIGESTS = 8
+"""Values remembered per key for puts that gave up from the same version (any one may have
+landed; the first to land made the others conflict)."""
+
+
 def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
@@ -107,9 +113,9 @@ class RetryingStore:
         self._next_probe = 0.0
         self._probe_backoff = self.policy.first_backoff_s
         self._sleep = threading.Event()
-        self._uncertain: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
-        """Key -> (expected version, SHA-256 of the value) of a put that gave up: it may have
-        landed."""
+        self._uncertain: OrderedDict[str, tuple[int, frozenset[bytes]]] = OrderedDict()
+        """Key -> (expected version, SHA-256 digests of the values) of the puts that gave up
+        after reaching the store from that version: one of them may have landed."""
 
     @property
     def health(self) -> StoreHealth:
@@ -138,7 +144,7 @@ class RetryingStore:
                     return item.version
                 lost = self._uncertain.get(key)  # or a put of ours that gave up landed?
                 if (lost is None or lost[0] < expected_version or item.version != lost[0] + 1
-                        or lost[1] != _digest(item.value)):
+                        or _digest(item.value) not in lost[1]):
                     raise
                 log.warning("put %r: a put of ours that gave up had landed (version %d); "
                             "writing on top of it", key, item.version)
@@ -151,7 +157,8 @@ class RetryingStore:
         try:
             version = self._call("put", once)
         except StoreUnavailableError:
-            if expected_version is not None:
+            if expected_version is not None and tries:  # (a put refused while the store is
+                # down never reached it: it cannot have landed)
                 self._remember(key, expected_version, _digest(value))
             raise
         self._forget(key)
@@ -170,12 +177,13 @@ class RetryingStore:
                 # lost, or a put of ours that gave up left the record one version on: either
                 # way the record is ours to delete
                 lost = self._uncertain.get(key)
-                if exc.actual == 0 and (tries > 1 or lost == (expected_version, _DELETED)):
+                if exc.actual == 0 and (tries > 1 or (lost is not None and lost[0]
+                                                      == expected_version and _DELETED in lost[1])):
                     return
                 if lost is not None and exc.actual == lost[0] + 1:
                     item = self.inner.get(key)
-                    if item is not None and lost == (expected_version,
-                                                     _digest(item.value)):
+                    if (item is not None and lost[0] == expected_version
+                            and _digest(item.value) in lost[1]):
                         self.inner.delete(key, expected_version=item.version)
                         return
                 raise
@@ -183,7 +191,7 @@ class RetryingStore:
         try:
             self._call("delete", once)
         except StoreUnavailableError:
-            if expected_version is not None:
+            if expected_version is not None and tries:
                 self._remember(key, expected_version, _DELETED)
             raise
         self._forget(key)
@@ -199,7 +207,14 @@ class RetryingStore:
             lost = self._uncertain.get(key)
             if lost is not None and lost[0] > expected_version:
                 return  # a write on top of a landed one gave up: that one is remembered
-            self._uncertain[key] = (expected_version, digest)
+            if lost is not None and lost[0] == expected_version:  # another try from the same
+                # version: whichever landed first, the record holds one of them
+                if len(lost[1]) >= MAX_DIGESTS:
+                    return
+                digests = lost[1] | {digest}
+            else:
+                digests = frozenset((digest,))
+            self._uncertain[key] = (expected_version, digests)
             self._uncertain.move_to_end(key)
             while len(self._uncertain) > MAX_UNCERTAIN:
                 self._uncertain.popitem(last=False)

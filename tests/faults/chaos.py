@@ -143,9 +143,14 @@ class Chaos:
             try:
                 return self.cluster.job(self.job_id)
             except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    return None
-                raise
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            ctl = self.cluster.controller
+            if ctl is not None and ctl.poll() is not None:  # nobody starts it again: say so now
+                raise AssertionError(f"the controller exited ({ctl.returncode}); faults so far: "
+                                     f"{[asdict(i) for i in self.injected]}")
+            return None
         return wait_for(read, 60, "the controller answers")
 
     def _running(self, job: common_pb2.Job) -> common_pb2.Attempt:

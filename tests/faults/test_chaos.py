@@ -33,6 +33,7 @@ def test_every_fault_in_turn_restarts_only_for_the_jobs_own_and_ends_bitwise_equ
             print(summary)
         except BaseException:
             print(cluster.logs())
+            print("faults recovered from before this one:", *lines, sep="\n")
             raise
         finally:
             cluster.close()

@@ -183,6 +183,38 @@ def test_a_put_that_gave_up_but_landed_is_not_read_as_another_controllers_write(
     assert inner.get("jobs/b") is None
 
 
+def test_later_puts_of_a_key_during_the_outage_do_not_hide_the_one_that_landed():
+    # Redis killed just after it applied a put (its reply lost); puts of the same record from
+    # the same version follow while it is down: refused at once, or refused by a dead socket
+    inner = LandsThenTimesOut()
+    store = RetryingStore(inner, RetryPolicy(call_deadline_s=0.0, first_backoff_s=0.01))
+    assert store.put("jobs/c", b"x1", expected_version=0) == 1
+    inner.lost = True
+    with pytest.raises(StoreUnavailableError):
+        store.put("jobs/c", b"x2", expected_version=1)  # landed: version 2
+    inner.lost = False
+    with pytest.raises(StoreUnavailableError, match="store down"):
+        store.put("jobs/c", b"x2-fast", expected_version=1)  # never reached the store
+    inner_put = inner.put
+
+    def refused(key, value, *, expected_version):  # type: ignore[no-untyped-def]
+        raise StoreUnavailableError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    inner.put = refused  # type: ignore[method-assign]
+    _gives_up(store, lambda: store.put("jobs/c", b"x2-refused", expected_version=1))
+    inner.put = inner_put  # type: ignore[method-assign]
+    store._next_probe = 0.0
+    assert store.put("jobs/c", b"x3", expected_version=1) == 3
+    assert inner.get("jobs/c") == Versioned(value=b"x3", version=3)
+    # what none of those puts wrote is still another writer's
+    inner.lost = True
+    _gives_up(store, lambda: store.put("jobs/c", b"x4", expected_version=3))
+    inner.lost = False
+    inner.put("jobs/c", b"theirs", expected_version=4)
+    with pytest.raises(ConflictError):
+        store.put("jobs/c", b"x5", expected_version=4)
+
+
 def test_controller_keeps_running_while_the_store_is_down_and_writes_everything_after():
     from hpt.controller import convert
 
