@@ -33,9 +33,11 @@ and on a loaded machine never protected a step at all.
 A miss after the first doubles the lead rather than naming as many steps ahead as the ranks went
 meanwhile, and sets the job's floor (``Target.floor``) to the new lead; each round done ahead
 of the ranks halves a lead above the floor, and a new attempt starts at the floor. A miss
-judged in the grace after the controller's own stall (``stall.py``: the reports at hand are
-from before it) says nothing about the network and leaves the floor as it was, so such a
-lead comes back down. A floor comes down too, by a quarter after every ``CALM_ROUNDS`` rounds
+judged in the grace after the controller's own stall (``stall.py``: the round was named from
+reports made before it) says nothing about the network: the round is named again, as far
+ahead as before, from the reports at hand, and the floor stays as it was. (Doubling the lead
+there cost a 4 s controller pause 2.3 s without a protected step after it: one miss, then a
+round 36 steps ahead.) A floor comes down too, by a quarter after every ``CALM_ROUNDS`` rounds
 done at it: a miss a passing fault caused (an agent or a rank paused for a moment) otherwise
 kept every later round of the job that far ahead; a floor that comes below what the network
 needs misses once and doubles. Before, a controller paused or restarted while the ranks ran
@@ -47,12 +49,15 @@ instead made it creep up a step per miss, each miss a round lost.)
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from hpt.controller.model import Attempt, AttemptState, Job
+
+log = logging.getLogger(__name__)
 
 _LIVE = (AttemptState.LAUNCHING, AttemptState.RUNNING)
 MAX_LEAD = 1024
@@ -120,10 +125,13 @@ def next_target(current: Target | None, lead: int, complete: set[int], protected
         # lead, or the first time as far as the ranks went while this one was in flight (not
         # later: a controller paused or restarted meanwhile would make that every step the
         # ranks ran while it was gone)
-        lead = min(max(1, 2 * lead if lead else reached[1] - current.step), MAX_LEAD)
         if learn:
-            floor = lead
-        calm = 0
+            lead = floor = min(max(1, 2 * lead if lead else reached[1] - current.step),
+                               MAX_LEAD)
+            calm = 0
+        else:  # judged in the grace after the controller's own stall: the round was named
+            # from reports made before it, and says nothing of the lead the network needs
+            lead = max(1, lead or floor)
     elif current is not None and current.lead:  # done ahead of the ranks: come back down
         if lead > max(1, floor):
             lead = max(1, floor, lead // 2)
@@ -220,6 +228,11 @@ class ProtectionRounds:
                                  held[1].floor if held else 0, learn)
             if target is None:
                 continue
+            if current is None or target.step != current.step:
+                log.debug("job %s attempt %d: round at step %d (lead %d, floor %d; ranks at "
+                          "%d-%d; protected %d)", job.id, attempt.number, target.step,
+                          target.lead, target.floor, reached[0], reached[1],
+                          max(protected, default=-1))
             self._rounds[job.id] = (attempt.number, target)
             out.append((job.id, attempt.number, target.step, max(protected, default=-1),
                         frozenset(attempt.nodes)))

@@ -73,11 +73,15 @@ def test_a_round_every_rank_went_past_without_keeping_its_step_names_steps_ahead
 
 def test_a_lead_grown_by_a_paused_controller_comes_back_down_to_the_floor():
     # rounds 9 steps ahead worked (floor 9); the controller paused 4 s while the ranks ran 58
-    # steps on, and judged the round on the reports from before its stall: the lead doubles
-    # (not the 50 steps the ranks ran past the missed round) and the floor stays
+    # steps on, and judged the round named from the reports before its stall: the round is
+    # named again as far ahead (not the 50 steps the ranks ran past it, nor twice the lead)
     stale = next_target(Target(101, 9, 100.0, seen=92, floor=9), 9, {149, 150}, set(),
                         (150, 151), 104.5, floor=9, learn=False)
-    assert stale is not None and (stale.step, stale.lead, stale.floor) == (169, 18, 9)
+    assert stale is not None and (stale.step, stale.lead, stale.floor) == (160, 9, 9)
+    # a lead grown for good reason before the stall stays where it was, the floor too
+    grown = next_target(Target(101, 30, 100.0, seen=92, floor=9), 30, {149, 150}, set(),
+                        (150, 151), 104.5, floor=9, learn=False)
+    assert grown is not None and (grown.step, grown.lead, grown.floor) == (181, 30, 9)
     # each round done ahead of the ranks halves the lead, down to the floor and no further
     leads = []
     current, reached = replace(stale, step=201, lead=80), 201
