@@ -68,7 +68,8 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     preferred old rank when this node holds it, else one this node holds, else its preferred
     one or another whose node survived, fetched whole. The other old
     ranks, the lost nodes' among them, are neither fetched nor decoded: the replicas that
-    survived are the protection.
+    survived are the protection. The same at the same world size when the controller found no
+    step recoverable rank for rank (``plan.any_replica``).
 
     Raises:
         MaterialiseError: a needed rank is in no source (the caller starts the ranks anyway;
@@ -83,7 +84,7 @@ def materialise(protector: Protector, job_id: str, plan: checkpoint_pb2.RestoreP
     owners = layout.owners()
     read: set[int] | None = None
     why = ""
-    if new_ranks and world_size and world_size != plan.world_size:
+    if new_ranks and world_size and (world_size != plan.world_size or plan.any_replica):
         if plan.replicated or _replicated(protector, job_id, need, step):
             held = {r for r in need if _held(protector, job_id, r, step)}
             alive = {r for r in need if owners.get(r, -1) not in lost}

@@ -206,6 +206,9 @@ class Protector:
         self._jobs: dict[str, _Protected] = {}
         self._targets: dict[str, tuple[int, int]] = {}  # job id -> (attempt, round's step)
         self._wake = threading.Event()
+        self._failed: dict[tuple[str, int, int], int] = {}
+        """(job, attempt, stripe) -> the step whose build last failed: a round retried at
+        every tick until a peer's ranks reach its step is logged once, not at every try."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpt-protect", daemon=True)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hpt-pull")
@@ -248,6 +251,9 @@ class Protector:
         with self._refs_lock:  # replicas found for attempts older than the one before
             for key in [k for k in self._refs if k[0] == job_id and k[1] < attempt - 1]:
                 del self._refs[key]
+        with self._lock:
+            for failed in [k for k in self._failed if k[0] == job_id and k[1] < attempt]:
+                del self._failed[failed]
         self._wake.set()
 
     def set_targets(self, targets: list[tuple[str, int, int]]) -> None:
@@ -274,6 +280,8 @@ class Protector:
                 del self._served[served]
             for taken in [k for k in self._sums if k[0] == job_id]:
                 del self._sums[taken]
+            for failed in [k for k in self._failed if k[0] == job_id]:
+                del self._failed[failed]
         while entry is not None:
             self._drop(entry)
             entry = entry.previous
@@ -513,11 +521,20 @@ class Protector:
             for entry, stripe in work:
                 if self._stop.is_set():
                     return
+                key = (entry.job_id, entry.attempt, stripe)
                 try:
-                    self.build(entry, stripe)
+                    if self.build(entry, stripe) is not None:
+                        with self._lock:
+                            self._failed.pop(key, None)
                 except (PieceUnavailable, blobs.BlobError, OSError, ValueError) as exc:
-                    log.info("[%s/%d/%s/-] stripe %d not protected this round: %s",
-                             entry.job_id, entry.attempt, self.node, stripe, exc)
+                    with self._lock:
+                        step = self._targets.get(entry.job_id, (0, -1))[1]
+                        again = self._failed.get(key) == step
+                        self._failed[key] = step
+                    log.log(logging.DEBUG if again else logging.INFO,
+                            "[%s/%d/%s/-] stripe %d not protected this round: %s%s",
+                            entry.job_id, entry.attempt, self.node, stripe, exc,
+                            "" if again else " (retried until the round moves on)")
 
     def build(self, entry: _Protected, stripe: int) -> int | None:
         """Protect the step of the attempt's current round on ``stripe``; returns it, or None

@@ -25,8 +25,9 @@ new world (its `placement`: the new rank's box of the global tensor); `state_fro
 cuts that box out of the old ranks' pieces with `restore.reshard`. Tensors that are not sharded
 come from the old rank with the same number when there is one, else from old rank 0 (so at the
 same world size every rank gets back exactly its own state, RNG and user state included);
-after a resize of data-parallel state whose preferred old rank was lost, from the replica the
-agent put in its place (`replica_rank`).
+after a resize of data-parallel state whose preferred old rank was lost (or at the same world
+size, when no step was recoverable rank for rank), from the replica the agent put in its place
+(`replica_rank`).
 """
 
 from __future__ import annotations
@@ -159,9 +160,10 @@ def split_needs(layouts: Mapping[int, Layout], old_world: int, new_ranks: Iterab
 def _source_rank(layouts: Mapping[int, Layout], old_world: int, target: RestoreTarget) -> int:
     """The old rank whose unsharded tensors and plain values ``target`` gets back, among the
     snapshots at hand: the preferred one, or after a resize of data-parallel state the
-    replica the agent put here when the preferred one was lost (``replica_rank``)."""
+    replica the agent put here when the preferred one was lost (``replica_rank``): after a
+    resize, or at the same world size when no step was recoverable rank for rank."""
     pref = preferred_rank(target.rank, old_world)
-    if (pref in layouts or not layouts or target.world_size == old_world
+    if (pref in layouts or not layouts
             or not all(lay.is_replica for lay in layouts.values())):
         return pref
     return replica_rank(target.rank, old_world, layouts)

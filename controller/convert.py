@@ -569,6 +569,7 @@ def restore_to_proto(cmd: RestoreCommand, into: checkpoint_pb2.RestorePlan | Non
     msg.lost.extend(cmd.lost)
     msg.need_ranks.extend(cmd.need_ranks)
     msg.replicated = cmd.replicated
+    msg.any_replica = cmd.any_replica
     return msg
 
 

@@ -69,6 +69,10 @@ class RestoreChoice:
     """Indices of the previous attempt's nodes whose memory is gone for ``step``."""
     source: str
     """One line for the event log: where the state comes from and why."""
+    any_replica: bool = False
+    """Same world size, data-parallel state, and no step recoverable rank for rank: the lost
+    nodes' new ranks read a surviving replica (``need_ranks`` and the agents as after a
+    resize), not their own old ranks' state."""
 
 
 DEFAULT_MAX_K = 16
@@ -150,10 +154,20 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
     from a surviving node), so a step one surviving node holds is recoverable however many
     nodes were lost.
 
+    At the same world size each new rank gets back its own old rank's state (RNG streams and
+    all) when some step allows it. When none does (the job is unprotected, more nodes were
+    lost than the code decodes, or a node was lost before the attempt's first protected step)
+    a data-parallel job still restores the newest step one surviving node holds: the lost
+    ranks read a surviving replica, as after a resize (``RestoreChoice.any_replica``), the
+    model and optimizer exact, their RNG streams another rank's. Before, such a job went back
+    to disk or to step 0 while every survivor held the whole model in memory.
+
     Args:
         pieces: node -> {(stripe, step)} of ``previous`` it holds now (its newest report).
     """
-    replicas = world_size and world_size != previous.world_size and replicated(previous)
+    data_parallel = bool(world_size) and replicated(previous)
+    replicas = data_parallel and world_size != previous.world_size
+    stand_in: RestoreChoice | None = None  # the newest step a surviving replica serves
     candidates = sorted({s for r in previous.ranks for s in r.snapshot_steps}
                         - (exclude or set()), reverse=True)
     gone = sorted(n for n in previous.nodes if n not in alive)
@@ -169,6 +183,12 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
             return RestoreChoice(step, tuple(sorted(unavailable)),
                                  f"step {step}: from the surviving replicas (data-parallel "
                                  f"state, no sharded tensor); {names} not needed")
+        if data_parallel and stand_in is None and len(unavailable) < len(previous.nodes):
+            stand_in = RestoreChoice(
+                step, tuple(sorted(unavailable)),
+                f"step {step}: from the surviving replicas (data-parallel state, no sharded "
+                f"tensor): no step is recoverable rank for rank, so the ranks of {names} read "
+                "a survivor's model and optimizer, and its RNG streams", any_replica=True)
         if plan is None or not plan.stripes:
             best_reason = f"{names} lost step {step} and the job is not protected"
             continue
@@ -186,6 +206,8 @@ def choose_restore(previous: Attempt, plan: ProtectionPlan | None,
         return RestoreChoice(step, tuple(sorted(unavailable)),
                              f"step {step}: {names} rebuilt from peers "
                              f"({'replica' if plan.k == 1 else 'parity ' + plan.label})")
+    if stand_in is not None:
+        return stand_in
     lost = f" (lost: {', '.join(gone)})" if gone else ""
     return RestoreChoice(0, (), f"nothing recoverable in memory{lost}: {best_reason}")
 
@@ -206,8 +228,10 @@ def need_ranks(previous: Attempt, new_ranks: list[int], world_size: int, node: s
     :func:`even_split`) needs each new rank's preferred old rank and the old ranks whose slices
     its slice overlaps (HSDP: the preferred one's copy of its slice, while the new world keeps
     the groups); the node's own old snapshots are read where they are, named or not. Cut some
-    other way, a slice of any old shard: every old rank."""
-    if previous.world_size == world_size:
+    other way, a slice of any old shard: every old rank. At the same world size a node needs
+    its new ranks' own old ranks, unless ``replicas`` is given
+    (``RestoreChoice.any_replica``): then as after a resize of data-parallel state."""
+    if previous.world_size == world_size and replicas is None:
         return sorted(new_ranks)
     needs = split.needs(previous.world_size, new_ranks, world_size) \
         if replicas is None and split is not None else None

@@ -552,6 +552,9 @@ class RestoreCommand:
     need_ranks: tuple[int, ...]
     replicated: bool = False
     """Every old rank reported data-parallel state (see ``elastic.choose_restore``)."""
+    any_replica: bool = False
+    """Same world size, yet the new ranks read surviving replicas as after a resize
+    (``elastic.RestoreChoice.any_replica``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

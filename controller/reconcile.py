@@ -526,8 +526,8 @@ class Reconciler(Observe, Execute):
         if old_plan is not None and previous is not None:
             replicas = elastic.replicated(previous)
             resize = previous.world_size != attempt.world_size
-            alive = elastic.surviving_ranks(previous, choice.lost) if replicas and resize \
-                else None
+            alive = elastic.surviving_ranks(previous, choice.lost) \
+                if replicas and (resize or choice.any_replica) else None
             split = elastic.even_split(previous) if resize and not replicas else None
             for node in nodes:
                 here = [r.rank for r in attempt.ranks_on(node)]
@@ -536,7 +536,7 @@ class Reconciler(Observe, Execute):
                     layout=old_plan, lost=choice.lost,
                     need_ranks=tuple(elastic.need_ranks(previous, here, attempt.world_size,
                                                         node, alive, split)),
-                    replicated=replicas)
+                    replicated=replicas, any_replica=choice.any_replica)
         # sent by ``_flush`` once this attempt is in the store (a controller that dies before
         # then relaunches the same attempt from the store, never a second one beside it)
         self._unsent[job.id] = sorted(self._launch_commands(job, attempt, restore, restores).items())

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hpt/v1/checkpoint.proto\x12\x06hpt.v1\"M\n\tGroupNode\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05index\x18\x04 \x01(\r\"5\n\x06Stripe\x12\x0c\n\x04\x64\x61ta\x18\x01 \x03(\r\x12\x0e\n\x06parity\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\"~\n\x10ProtectionLayout\x12\t\n\x01k\x18\x01 \x01(\r\x12\t\n\x01m\x18\x02 \x01(\r\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.hpt.v1.GroupNode\x12\x1f\n\x07stripes\x18\x04 \x03(\x0b\x32\x0e.hpt.v1.Stripe\x12\x11\n\tnum_nodes\x18\x05 \x01(\r\"\xa0\x01\n\x0bRestorePlan\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12(\n\x06layout\x18\x04 \x01(\x0b\x32\x18.hpt.v1.ProtectionLayout\x12\x0c\n\x04lost\x18\x05 \x03(\r\x12\x12\n\nneed_ranks\x18\x06 \x03(\r\x12\x12\n\nreplicated\x18\x07 \x01(\x08\"\xe1\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x1f\n\x04kind\x18\x04 \x01(\x0e\x32\x11.hpt.v1.PieceKind\x12\r\n\x05ranks\x18\x05 \x03(\r\x12\t\n\x01k\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x0e\n\x06stripe\x18\x08 \x01(\r\x12\x0e\n\x06offset\x18\t \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\r\x12\x0c\n\x04thin\x18\x0b \x01(\x08\x12\x15\n\rlayout_digest\x18\x0c \x01(\t\"4\n\nMemberBlob\x12\x12\n\nnode_index\x18\x01 \x01(\r\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\"q\n\x0bPieceHeader\x12\x13\n\x0bpiece_bytes\x18\x01 \x01(\x04\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\x12#\n\x07members\x18\x03 \x03(\x0b\x32\x12.hpt.v1.MemberBlob\x12\x14\n\x0cparity_index\x18\x04 \x01(\r\"l\n\nPieceChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.hpt.v1.PieceHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\"Y\n\tHeldPiece\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06stripe\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\"V\n\rProtectTarget\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x16\n\x0eprotected_step\x18\x04 \x01(\x03*k\n\tPieceKind\x12\x1a\n\x16PIECE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PIECE_KIND_SEGMENT\x10\x01\x12\x15\n\x11PIECE_KIND_PARITY\x10\x02\x12\x13\n\x0fPIECE_KIND_SUMS\x10\x03\x32\x42\n\x0bPeerService\x12\x33\n\x05\x46\x65tch\x12\x14.hpt.v1.FetchRequest\x1a\x12.hpt.v1.PieceChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hpt/v1/checkpoint.proto\x12\x06hpt.v1\"M\n\tGroupNode\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\r\n\x05ranks\x18\x03 \x03(\r\x12\r\n\x05index\x18\x04 \x01(\r\"5\n\x06Stripe\x12\x0c\n\x04\x64\x61ta\x18\x01 \x03(\r\x12\x0e\n\x06parity\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\"~\n\x10ProtectionLayout\x12\t\n\x01k\x18\x01 \x01(\r\x12\t\n\x01m\x18\x02 \x01(\r\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.hpt.v1.GroupNode\x12\x1f\n\x07stripes\x18\x04 \x03(\x0b\x32\x0e.hpt.v1.Stripe\x12\x11\n\tnum_nodes\x18\x05 \x01(\r\"\xb5\x01\n\x0bRestorePlan\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12(\n\x06layout\x18\x04 \x01(\x0b\x32\x18.hpt.v1.ProtectionLayout\x12\x0c\n\x04lost\x18\x05 \x03(\r\x12\x12\n\nneed_ranks\x18\x06 \x03(\r\x12\x12\n\nreplicated\x18\x07 \x01(\x08\x12\x13\n\x0b\x61ny_replica\x18\x08 \x01(\x08\"\xe1\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x1f\n\x04kind\x18\x04 \x01(\x0e\x32\x11.hpt.v1.PieceKind\x12\r\n\x05ranks\x18\x05 \x03(\r\x12\t\n\x01k\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x0e\n\x06stripe\x18\x08 \x01(\r\x12\x0e\n\x06offset\x18\t \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\r\x12\x0c\n\x04thin\x18\x0b \x01(\x08\x12\x15\n\rlayout_digest\x18\x0c \x01(\t\"4\n\nMemberBlob\x12\x12\n\nnode_index\x18\x01 \x01(\r\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\"q\n\x0bPieceHeader\x12\x13\n\x0bpiece_bytes\x18\x01 \x01(\x04\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\x12#\n\x07members\x18\x03 \x03(\x0b\x32\x12.hpt.v1.MemberBlob\x12\x14\n\x0cparity_index\x18\x04 \x01(\r\"l\n\nPieceChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.hpt.v1.PieceHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x0c\n\x04last\x18\x05 \x01(\x08\"Y\n\tHeldPiece\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06stripe\x18\x03 \x01(\r\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x04\"V\n\rProtectTarget\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x16\n\x0eprotected_step\x18\x04 \x01(\x03*k\n\tPieceKind\x12\x1a\n\x16PIECE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PIECE_KIND_SEGMENT\x10\x01\x12\x15\n\x11PIECE_KIND_PARITY\x10\x02\x12\x13\n\x0fPIECE_KIND_SUMS\x10\x03\x32\x42\n\x0bPeerService\x12\x33\n\x05\x46\x65tch\x12\x14.hpt.v1.FetchRequest\x1a\x12.hpt.v1.PieceChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hpt.v1.checkpoint_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIECEKIND']._serialized_start=1146
-  _globals['_PIECEKIND']._serialized_end=1253
+  _globals['_PIECEKIND']._serialized_start=1167
+  _globals['_PIECEKIND']._serialized_end=1274
   _globals['_GROUPNODE']._serialized_start=35
   _globals['_GROUPNODE']._serialized_end=112
   _globals['_STRIPE']._serialized_start=114
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROTECTIONLAYOUT']._serialized_start=169
   _globals['_PROTECTIONLAYOUT']._serialized_end=295
   _globals['_RESTOREPLAN']._serialized_start=298
-  _globals['_RESTOREPLAN']._serialized_end=458
-  _globals['_FETCHREQUEST']._serialized_start=461
-  _globals['_FETCHREQUEST']._serialized_end=686
-  _globals['_MEMBERBLOB']._serialized_start=688
-  _globals['_MEMBERBLOB']._serialized_end=740
-  _globals['_PIECEHEADER']._serialized_start=742
-  _globals['_PIECEHEADER']._serialized_end=855
-  _globals['_PIECECHUNK']._serialized_start=857
-  _globals['_PIECECHUNK']._serialized_end=965
-  _globals['_HELDPIECE']._serialized_start=967
-  _globals['_HELDPIECE']._serialized_end=1056
-  _globals['_PROTECTTARGET']._serialized_start=1058
-  _globals['_PROTECTTARGET']._serialized_end=1144
-  _globals['_PEERSERVICE']._serialized_start=1255
-  _globals['_PEERSERVICE']._serialized_end=1321
+  _globals['_RESTOREPLAN']._serialized_end=479
+  _globals['_FETCHREQUEST']._serialized_start=482
+  _globals['_FETCHREQUEST']._serialized_end=707
+  _globals['_MEMBERBLOB']._serialized_start=709
+  _globals['_MEMBERBLOB']._serialized_end=761
+  _globals['_PIECEHEADER']._serialized_start=763
+  _globals['_PIECEHEADER']._serialized_end=876
+  _globals['_PIECECHUNK']._serialized_start=878
+  _globals['_PIECECHUNK']._serialized_end=986
+  _globals['_HELDPIECE']._serialized_start=988
+  _globals['_HELDPIECE']._serialized_end=1077
+  _globals['_PROTECTTARGET']._serialized_start=1079
+  _globals['_PROTECTTARGET']._serialized_end=1165
+  _globals['_PEERSERVICE']._serialized_start=1276
+  _globals['_PEERSERVICE']._serialized_end=1342
 # @@protoc_insertion_point(module_scope)

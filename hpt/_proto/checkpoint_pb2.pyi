@@ -173,6 +173,7 @@ class RestorePlan(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     NEED_RANKS_FIELD_NUMBER: _builtins.int
     REPLICATED_FIELD_NUMBER: _builtins.int
+    ANY_REPLICA_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     attempt: _builtins.int
     """the attempt whose snapshots are restored"""
@@ -181,6 +182,10 @@ class RestorePlan(_message.Message):
     replicated: _builtins.bool
     """Every old rank reported data-parallel state (no sharded tensor): after a resize any one
     replica serves a new rank, so a node reads one it holds, else fetches one that survived.
+    """
+    any_replica: _builtins.bool
+    """Same world size, yet no step was recoverable rank for rank: the new ranks read surviving
+    replicas as after a resize (their own old rank where it survived, else another's).
     """
     @_builtins.property
     def layout(self) -> Global___ProtectionLayout:
@@ -204,10 +209,11 @@ class RestorePlan(_message.Message):
         lost: _abc.Iterable[_builtins.int] | None = ...,
         need_ranks: _abc.Iterable[_builtins.int] | None = ...,
         replicated: _builtins.bool = ...,
+        any_replica: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "layout", b"layout", "lost", b"lost", "need_ranks", b"need_ranks", "replicated", b"replicated", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_replica", b"any_replica", "attempt", b"attempt", "layout", b"layout", "lost", b"lost", "need_ranks", b"need_ranks", "replicated", b"replicated", "step", b"step", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -294,7 +294,9 @@ def ckpt_ls(conn: Conn, job_id: str, output: str) -> None:
             click.echo("data parallel (no sharded tensor): parity covers only the blocks "
                        "that differ between replicas (RNG states and the like), a rebuild "
                        "copies the rest from a survivor; a resize reads the survivors' "
-                       "replicas, whatever the number of nodes lost while one survives")
+                       "replicas, whatever the number of nodes lost while one survives, and "
+                       "so does a restart onto spares when no step is recoverable rank for "
+                       "rank (the lost ranks then take a survivor's RNG streams)")
         elif p["split"]:
             groups = {int(g) for s in p["split"] if (g := s.partition("/")[2])}
             click.echo(f"sharded, split evenly ({', '.join(p['split'])}): a resize reads "

@@ -463,6 +463,57 @@ def test_shrink_of_a_data_parallel_job_reads_the_survivors_replicas_then_grows_b
     cluster.wait_terminal(job_id)
 
 
+def test_an_unprotected_data_parallel_job_moved_onto_a_spare_reads_a_survivors_replica(
+        shared) -> None:
+    cluster = shared
+    # no parity, no mirror: nothing rebuilds the lost node's own ranks, yet the survivor holds
+    # the whole model and optimizer; at the same world size (the spare takes the lost node's
+    # place) its replica stands in rather than disk or step 0
+    job_id = cluster.submit(*ENDLESS, nodes=2, procs=1, redundancy="off")
+
+    def saved(job) -> bool:  # type: ignore[no-untyped-def]
+        return bool(job.attempts) and len(job.attempts[-1].ranks) == 2 and all(
+            max(r.snapshot_steps, default=0) >= 6 for r in job.attempts[-1].ranks)
+
+    job = cluster.wait_job(job_id, _running(saved), 120, "a snapshot >= 6 on every rank")
+    first = job.attempts[-1]
+    victim, survivor = first.ranks[0].node, first.ranks[1].node
+    cluster.kill_agent(victim)
+    job = cluster.wait_job(job_id, _running(lambda j: len(j.attempts) > first.number
+                                            and j.attempts[first.number].first_step_at > 0),
+                           180, "the attempt on the spare stepping")
+    second = job.attempts[first.number]
+    spare = next(n for n in second.nodes if n != survivor)
+    assert second.world_size == 2 and victim not in second.nodes and survivor in second.nodes
+    source = [e.message for e in cluster.events(job_id)
+              if e.kind == "restore_source" and e.attempt == second.number]
+    found = re.match(rf"step (\d+): from the surviving replicas .*the ranks of {victim} read a "
+                     r"survivor's model and optimizer", source[0])
+    assert found, source
+    step = int(found.group(1))
+    assert step >= 6 and second.restore_step == step
+    # the spare runs new rank 0, whose own old rank was lost: its plan named old rank 1 only,
+    # fetched from the survivor, verified
+    said = wait_for(lambda: [m for m in _events(cluster, job_id, "snapshot_rebuilt")
+                             if m.startswith(f"{spare}: step {step} of old rank")], 30,
+                    f"{spare} saying which replica it fetched")
+    assert re.match(rf"{spare}: step {step} of old rank 1 from peer \(verified\) in ",
+                    said[0]), said
+    got = _snapshot_files(spare, job_id, 1, step)
+    want = _snapshot_files(survivor, job_id, 1, step)
+    assert got is not None and (want is None or got[1] == want[1])
+    for rank in (0, 1):  # both ranks restored that step from memory: no disk, no step 0
+        wait_for(lambda rank=rank: [e for e in cluster.events(job_id)
+                                    if e.kind == "restored" and e.attempt == second.number
+                                    and e.rank == rank
+                                    and e.message == f"restored step {step} from peers"], 30,
+                 f"new rank {rank} restored step {step}")
+    cluster.wait_step(job_id, second.number, step + 3)
+    cluster.client.cancel(job_id, grace_s=1.0)
+    cluster.wait_terminal(job_id)
+    cluster.start_agent(victim)
+
+
 def test_losing_two_of_three_nodes_of_a_data_parallel_job_restores_the_last_replica(
         shared, tmp_path) -> None:
     cluster = shared  # the last test of the module: it leaves one agent of three

@@ -8,6 +8,9 @@ snapshot, which must equal the lost one bit for bit.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -319,15 +322,29 @@ def test_a_data_parallel_resize_reads_a_surviving_replica_when_the_preferred_one
     assert (bytes(_record(nodes[3], 2, 7).buffer.numpy())
             == bytes(_record(nodes[2], 2, 7).buffer.numpy()))
     # the rank side picks the same replica from what this node now holds
-    from hpt.ckpt.sources import RestoreTarget, ShardRef, ShardSetSource, SourceUnavailable
+    from hpt.ckpt.sources import RestoreTarget, ShardRef, ShardSetSource
     source = ShardSetSource(7, 3, str(nodes[3].dir), {2: ShardRef(
         nodes[3].keeper.prefix(JOB, 2), blobs.find_generation(ShmSink(
             nodes[3].keeper.prefix(JOB, 2), directory=str(nodes[3].dir)), 7))})
     state = source.load(7, RestoreTarget(rank=1, world_size=2))
     assert state["rng"].tolist() == [2] and state["w"].eq(3.0).all()
-    # at the same world size a replica never stands in: new rank 0 needs old rank 0 itself
-    with pytest.raises(SourceUnavailable, match=r"old rank\(s\) \[0\]"):
-        source.load(7, RestoreTarget(rank=0, world_size=3))
+    # at the same world size a rank reads its own old rank where it is at hand...
+    assert source.load(7, RestoreTarget(rank=2, world_size=3))["rng"].tolist() == [2]
+    # ...and when no step was recoverable rank for rank (the controller's any_replica), a new
+    # rank on a fresh node in a lost one's place reads the surviving replica the agent fetched
+    n3 = nodes[3]
+    for f in n3.dir.glob(f"*{JOB}*"):  # (a fresh agent: nothing of the old attempt here)
+        f.unlink()
+    same = checkpoint_pb2.RestorePlan(step=7, attempt=1, world_size=3, layout=layout,
+                                      lost=[0, 1], need_ranks=[0, 2], replicated=True,
+                                      any_replica=True)
+    got = materialise(n3.protector, JOB, same, lambda *a: None, new_ranks=[0], world_size=3)
+    assert got.sources == {2: "peer"} and got.not_needed == (0,)
+    prefix = n3.keeper.prefix(JOB, 2)
+    source = ShardSetSource(7, 3, str(n3.dir), {2: ShardRef(prefix, blobs.find_generation(
+        ShmSink(prefix, directory=str(n3.dir)), 7))})
+    state = source.load(7, RestoreTarget(rank=0, world_size=3))
+    assert state["rng"].tolist() == [2] and state["w"].eq(3.0).all()
 
 
 def test_mirror_two_nodes_restores_the_other_node(cluster) -> None:
@@ -746,3 +763,32 @@ def test_a_release_does_not_wait_for_a_thin_decision_asking_a_slow_replica(
     assert len(done) == 3, "a release waited for the decision's fetch"
     rounds.join(60)
     assert not rounds.is_alive()
+
+
+def test_a_round_a_peer_has_not_reached_is_retried_and_logged_once(cluster, caplog) -> None:
+    nodes = cluster(2)  # a mirror: n0 holds the parity of n1's rank 1, which never saves step 5
+    nodes[0].save(0, 5, seed=1)
+    layout = _layout(nodes)
+    nodes[0].protector.protect(JOB, 1, layout)
+    caplog.set_level(logging.DEBUG, logger="hpt.agent.protect")
+    nodes[0].protector.set_targets([(JOB, 1, 5)])
+    nodes[0].protector.start()
+
+    def tries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "not protected this round" in r.getMessage()]
+
+    deadline = time.monotonic() + 30
+    while len(tries()) < 4:  # the protector retries at every tick (and every rank commit)
+        assert time.monotonic() < deadline, tries()
+        nodes[0].protector.notify()
+        threading.Event().wait(0.05)
+    first, *again = tries()
+    assert first.levelno == logging.INFO and "holds no snapshot of step 5" in first.getMessage()
+    assert {r.levelno for r in again} == {logging.DEBUG}
+    # the round moves on to a step that fails too: said once more at info
+    nodes[0].save(0, 6, seed=2)
+    nodes[0].protector.set_targets([(JOB, 1, 6)])
+    while not [r for r in tries() if "step 6" in r.getMessage()]:
+        assert time.monotonic() < deadline, tries()
+        threading.Event().wait(0.05)
+    assert [r.levelno for r in tries() if "step 6" in r.getMessage()][0] == logging.INFO

@@ -164,6 +164,30 @@ def test_replicas_do_not_stand_in_at_the_same_world_size_or_for_sharded_state() 
     assert choose_restore(prev, None, {}, set(), world_size=1).step == 0
 
 
+def test_at_the_same_world_size_a_replica_stands_in_only_when_no_step_is_exact() -> None:
+    # a spare takes b's place: exact (b decoded from parity) wins, even for an older step
+    prev = _attempt(["a", "b", "c"], {n: (4, 5) for n in "abc"}, replicated=True)
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4}), {"a", "c", "d"}, world_size=3)
+    assert (choice.step, choice.any_replica) == (4, False)
+    # b lost before the attempt's first protected step (or the job is unprotected): the
+    # newest step a survivor holds, b's ranks reading a survivor's replica
+    for plan, held in ((_plan(prev.nodes), {}), (None, {})):
+        choice = choose_restore(prev, plan, held, {"a", "c", "d"}, world_size=3)
+        assert (choice.step, choice.lost, choice.any_replica) == (5, (1,), True)
+        assert "the ranks of b read a survivor's model and optimizer" in choice.source
+    # two of three lost, one survivor: still its newest step
+    choice = choose_restore(prev, _plan(prev.nodes), _held({4, 5}), {"c", "d", "e"},
+                            world_size=3)
+    assert (choice.step, choice.lost, choice.any_replica) == (5, (0, 1), True)
+    # every node of the step lost, or a sharded rank: nothing stands in
+    assert choose_restore(prev, None, {}, {"d", "e", "f"}, world_size=3).step == 0
+    prev.ranks[0].snapshot_replicated = False
+    assert choose_restore(prev, None, {}, {"a", "c", "d"}, world_size=3).step == 0
+    # without the new world size (no resize known) nothing changes either
+    prev.ranks[0].snapshot_replicated = True
+    assert choose_restore(prev, None, {}, {"a", "c", "d"}).step == 0
+
+
 def test_unprotected_job_losing_a_node_restarts_without_memory() -> None:
     prev = _attempt(["a", "b"], {"a": (5,), "b": (5,)})
     choice = choose_restore(prev, None, {}, {"a"})
@@ -196,6 +220,11 @@ def test_a_resize_of_data_parallel_state_names_one_replica_per_new_rank() -> Non
     assert need_ranks(prev, [8, 9], 10, "e", alive) == [0]
     # sharded state: every old rank, as before
     assert need_ranks(prev, [4, 5], 6, "d", None) == list(range(8))
+    # same world size, a replica standing in for the lost c (RestoreChoice.any_replica): a
+    # survivor reads its own old ranks, c's replacement one surviving replica per new rank
+    assert need_ranks(prev, [6, 7], 8, "d", alive) == [6, 7]
+    assert need_ranks(prev, [4, 5], 8, "e", alive) == sorted({alive[4], alive[5]})
+    assert need_ranks(prev, [4, 5], 8, "e") == [4, 5]  # exact: its own old ranks
 
 
 def test_a_replicated_resize_share_is_a_few_nodes_not_the_whole_layout() -> None:
