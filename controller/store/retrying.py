@@ -18,9 +18,9 @@ key, made from the version before it, then conflicts with the version the lost o
 If that version holds exactly the bytes of one of the puts that reached the store from that
 version and gave up (their digests are kept per key until a put of the key succeeds; a put
 refused at once while the store is down never reached it and is not kept), the conflict is our
-own earlier write and the new put is applied on top of it. Without this, a single controller read its own write as another controller's and stepped
-down: one Redis paused for 3 s ended the controller, and the agents killed every rank when
-their lease ran out. A ``delete`` likewise: a retry that finds the record gone is done. An
+own earlier write and the new put is applied on top of it. Without this, a single controller
+read its own write as another controller's and stepped down: one Redis paused for 3 s ended
+the controller, and the agents killed every rank when their lease ran out. A ``delete`` likewise: a retry that finds the record gone is done. An
 event appended just before a lost reply may be appended twice (events are at-least-once across
 an outage).
 """
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_UNCERTAIN = 100_000
-"""Keys whose last put gave up that are remembered (oldest forgotten first): 40 bytes each."""
+"""Keys whose last put gave up that are remembered (oldest forgotten first): 40 bytes for
+each put remembered."""
 MAX_DIGESTS = 8
 """Values remembered per key for puts that gave up from the same version (any one may have
 landed; the first to land made the others conflict)."""
@@ -142,10 +143,8 @@ class RetryingStore:
                     raise
                 if tries > 1 and item.version == expected_version + 1 and item.value == value:
                     return item.version
-                lost = self._uncertain.get(key)  # or a put of ours that gave up landed?
-                if (lost is None or lost[0] < expected_version or item.version != lost[0] + 1
-                        or _digest(item.value) not in lost[1]):
-                    raise
+                if not self._landed(key, item.version - 1, _digest(item.value)):
+                    raise  # nor a put of ours that gave up: another writer's
                 log.warning("put %r: a put of ours that gave up had landed (version %d); "
                             "writing on top of it", key, item.version)
                 try:
@@ -176,14 +175,14 @@ class RetryingStore:
                 # an earlier try (of this call, or one that gave up) landed and its reply was
                 # lost, or a put of ours that gave up left the record one version on: either
                 # way the record is ours to delete
-                lost = self._uncertain.get(key)
-                if exc.actual == 0 and (tries > 1 or (lost is not None and lost[0]
-                                                      == expected_version and _DELETED in lost[1])):
+                if exc.actual == 0 and (tries > 1 or self._landed(key, expected_version,
+                                                                   _DELETED)):
                     return
-                if lost is not None and exc.actual == lost[0] + 1:
+                if (expected_version is not None and exc.actual == expected_version + 1
+                        and key in self._uncertain):
                     item = self.inner.get(key)
-                    if (item is not None and lost[0] == expected_version
-                            and _digest(item.value) in lost[1]):
+                    if item is not None and self._landed(key, expected_version,
+                                                         _digest(item.value)):
                         self.inner.delete(key, expected_version=item.version)
                         return
                 raise
@@ -195,6 +194,12 @@ class RetryingStore:
                 self._remember(key, expected_version, _DELETED)
             raise
         self._forget(key)
+
+    def _landed(self, key: str, version: int | None, digest: bytes) -> bool:
+        """A write of ``key`` from ``version`` whose value has ``digest`` gave up after
+        reaching the store: it may be what the store holds now."""
+        lost = self._uncertain.get(key)
+        return lost is not None and lost[0] == version and digest in lost[1]
 
     def _forget(self, key: str) -> None:
         """A write of ``key`` went through: no earlier one of it is in doubt any more."""
